@@ -1,0 +1,63 @@
+//! Images: a recipe becomes a reproducible OCI image layout, blobs named by sha256.
+//!
+//! The same recipe and the same input files always give the same image digest: tar entries
+//! are sorted, owners are numeric 0, mtimes are clamped to one fixed time, gzip carries no
+//! name or timestamp, and every JSON document is written with sorted keys and no spaces.
+
+mod layer;
+mod oci;
+mod recipe;
+mod store;
+
+pub use oci::{ImageConfig, Manifest};
+pub use recipe::{CopyStep, From, Recipe};
+pub use store::{BakeOptions, BakedImage, ImageStore};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while baking, storing or unpacking an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("copy source {path} does not exist (paths are relative to {context})")]
+    MissingSource { path: PathBuf, context: PathBuf },
+    #[error("invalid image path {path:?}: {why}")]
+    BadPath { path: String, why: &'static str },
+    #[error("recipe has no entrypoint: add `entrypoint = [\"/bin/app\"]` to the image")]
+    NoEntrypoint,
+    #[error("image {0} is not in the store (bake it first)")]
+    NotFound(String),
+    #[error("blob {digest} is corrupt: its content hashes to {actual}")]
+    Corrupt { digest: String, actual: String },
+    #[error("malformed {what} in image store: {source}")]
+    Json { what: &'static str, source: serde_json::Error },
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl ImageError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| ImageError::Io { action, path, source }
+    }
+}
+
+/// Lower-case hex of a byte string.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// `sha256:` followed by the hex digest of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)))
+}
+
+/// The short form used in listings: the first 12 hex digits.
+pub fn short_digest(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}

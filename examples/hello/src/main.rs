@@ -1,0 +1,139 @@
+//! `hello`: the example app Phoenix deploys.
+//!
+//! - `GET /` answers `hello from INSTANCE version VERSION`.
+//! - `GET /healthz` answers 200, or 503 when started with `--fail-health` or `FAIL_HEALTH=1`.
+//! - `GET /slow/MS` answers after MS milliseconds (to watch requests finish during a drain).
+//!
+//! It listens on 127.0.0.1:`PORT`, takes its instance name from `PHOENIX_INSTANCE` and its
+//! version from `VERSION`. On SIGTERM it stops accepting and lets in-flight requests finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+struct App {
+    instance: String,
+    version: String,
+    fail_health: bool,
+}
+
+fn env_flag(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref(), Ok("1" | "true" | "yes"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH)");
+        return;
+    }
+    if let Some(bad) = args.iter().find(|a| *a != "--fail-health") {
+        eprintln!("hello: unknown argument {bad:?} (try --help)");
+        std::process::exit(2);
+    }
+    let port: u16 = match std::env::var("PORT").map(|p| p.parse()) {
+        Ok(Ok(port)) => port,
+        _ => {
+            eprintln!("hello: PORT must be set to a port number");
+            std::process::exit(2);
+        }
+    };
+    let app = Arc::new(App {
+        instance: std::env::var("PHOENIX_INSTANCE").unwrap_or_else(|_| "local".into()),
+        version: std::env::var("VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
+        fail_health: args.iter().any(|a| a == "--fail-health") || env_flag("FAIL_HEALTH"),
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hello: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "hello {} version {} listening on {addr} (healthy: {})",
+        app.instance, app.version, !app.fail_health
+    );
+    serve(listener, app).await;
+    println!("hello: stopped");
+}
+
+async fn serve(listener: TcpListener, app: Arc<App>) {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let app = app.clone();
+                let mut stop = stop_rx.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| handle(app.clone(), req));
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = stop.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    println!("hello: SIGTERM, finishing {} connection(s)", connections.len());
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path();
+    let (status, body) = if path == "/healthz" {
+        if app.fail_health {
+            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy (--fail-health)\n".to_string())
+        } else {
+            (StatusCode::OK, "ok\n".to_string())
+        }
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
+        match ms.parse::<u64>() {
+            Ok(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                (StatusCode::OK, greeting(&app))
+            }
+            Err(_) => (StatusCode::BAD_REQUEST, "usage: /slow/MILLISECONDS\n".to_string()),
+        }
+    } else if path == "/" {
+        (StatusCode::OK, greeting(&app))
+    } else {
+        (StatusCode::NOT_FOUND, "not found\n".to_string())
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        "x-instance",
+        http::HeaderValue::from_str(&app.instance).unwrap_or(http::HeaderValue::from_static("?")),
+    );
+    Ok(response)
+}
+
+fn greeting(app: &App) -> String {
+    format!("hello from {} version {}\n", app.instance, app.version)
+}
