@@ -1,1 +1,314 @@
+//! Durable state: images, generations, instances, deploys and an append-only event journal,
+//! in one SQLite file (WAL mode, so the CLI can read while `phoenix up` writes).
+//!
+//! Every time is a Unix timestamp in milliseconds supplied by the caller, so that the
+//! controller's clock stays injectable.
 
+mod rows;
+mod schema;
+
+pub use rows::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// A failure of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("state store {path}: {what} (the file was written by another version of Phoenix?)")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("state store {path}: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The state store. Cheap to share behind an `Arc`; calls are short and serialized.
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the SQLite file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "wal").map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "normal").map_err(wrap)?;
+        conn.pragma_update(None, "foreign_keys", "on").map_err(wrap)?;
+        schema::migrate(&conn).map_err(wrap)?;
+        Ok(Store { path, conn: Mutex::new(conn) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt { path: self.path.clone(), what }
+    }
+
+    // ---- images ----
+
+    /// Records a baked image; baking the same digest again only refreshes nothing.
+    pub fn record_image(&self, name: &str, digest: &str, size: u64, now: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO images (digest, name, size, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (digest, name) DO NOTHING",
+                params![digest, name, size as i64, now],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Every image, newest first.
+    pub fn images(&self) -> Result<Vec<ImageRow>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT digest, name, size, created_at FROM images ORDER BY created_at DESC, rowid DESC")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt.query_map([], ImageRow::from_row).map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// Resolves `reference`: an image name (its newest bake), `name@PREFIX`, a digest or a
+    /// unique digest prefix of at least 6 hex digits.
+    pub fn find_image(&self, reference: &str) -> Result<Option<ImageRow>> {
+        let images = self.images()?;
+        let (name, prefix) = match reference.split_once('@') {
+            Some((name, digest)) => (Some(name), Some(digest)),
+            None if images.iter().any(|i| i.name == reference) => (Some(reference), None),
+            None => (None, Some(reference)),
+        };
+        let prefix = prefix.map(|p| p.strip_prefix("sha256:").unwrap_or(p));
+        if prefix.is_some_and(|p| p.len() < 6) {
+            return Ok(None);
+        }
+        let mut matches = images.into_iter().filter(|i| {
+            name.is_none_or(|n| i.name == n) && prefix.is_none_or(|p| i.digest["sha256:".len()..].starts_with(p))
+        });
+        let first = matches.next();
+        let ambiguous = prefix.is_some() && matches.any(|i| Some(&i.digest) != first.as_ref().map(|f| &f.digest));
+        Ok(if ambiguous { None } else { first })
+    }
+
+    // ---- generations ----
+
+    /// Creates a generation of `role` running `image` in state `starting`.
+    pub fn create_generation(&self, role: &str, image: &str, now: i64) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO generations (role, image, status, created_at) VALUES (?1, ?2, 'starting', ?3)",
+            params![role, image, now],
+        )
+        .map_err(|e| self.sql(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn set_generation_status(&self, id: i64, status: GenerationStatus, now: i64) -> Result<()> {
+        let column = match status {
+            GenerationStatus::Live => "switched_at",
+            GenerationStatus::Retired | GenerationStatus::Aborted => "ended_at",
+            GenerationStatus::Starting | GenerationStatus::Draining => "updated_at",
+        };
+        let sql = format!("UPDATE generations SET status = ?1, {column} = ?2 WHERE id = ?3");
+        self.conn().execute(&sql, params![status.as_str(), now, id]).map(drop).map_err(|e| self.sql(e))
+    }
+
+    pub fn generation(&self, id: i64) -> Result<Option<GenerationRow>> {
+        self.query_generations("WHERE id = ?1", params![id]).map(|mut v| v.pop())
+    }
+
+    /// The generations of `role` (all roles when `None`), newest first.
+    pub fn generations(&self, role: Option<&str>) -> Result<Vec<GenerationRow>> {
+        match role {
+            Some(role) => self.query_generations("WHERE role = ?1 ORDER BY id DESC", params![role]),
+            None => self.query_generations("ORDER BY id DESC", params![]),
+        }
+    }
+
+    /// The generation of `role` that serves traffic, if any.
+    pub fn live_generation(&self, role: &str) -> Result<Option<GenerationRow>> {
+        self.query_generations("WHERE role = ?1 AND status = 'live' ORDER BY id DESC LIMIT 1", params![role])
+            .map(|mut v| v.pop())
+    }
+
+    /// The newest generation of `role` that once served and was replaced: the rollback target.
+    pub fn previous_generation(&self, role: &str, before: i64) -> Result<Option<GenerationRow>> {
+        self.query_generations(
+            "WHERE role = ?1 AND id < ?2 AND status = 'retired' AND switched_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+            params![role, before],
+        )
+        .map(|mut v| v.pop())
+    }
+
+    fn query_generations(&self, tail: &str, params: impl rusqlite::Params) -> Result<Vec<GenerationRow>> {
+        let conn = self.conn();
+        let sql = format!("SELECT id, role, image, status, created_at, switched_at, ended_at FROM generations {tail}");
+        let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
+        let raw = stmt.query_map(params, GenerationRow::from_row).map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
+        raw.into_iter().map(|r| r.map_err(|what| self.corrupt(what))).collect()
+    }
+
+    // ---- instances ----
+
+    pub fn insert_instance(&self, instance: &InstanceRow) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO instances (name, role, generation, image, status, pid, pid_start, port, log_path, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    instance.name,
+                    instance.role,
+                    instance.generation,
+                    instance.image,
+                    instance.status.as_str(),
+                    instance.pid,
+                    instance.pid_start.map(|v| v as i64),
+                    instance.port,
+                    instance.log_path,
+                    instance.started_at
+                ],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Records the process of a started instance.
+    pub fn set_instance_process(&self, name: &str, pid: u32, pid_start: u64) -> Result<()> {
+        self.conn()
+            .execute("UPDATE instances SET pid = ?1, pid_start = ?2 WHERE name = ?3", params![pid, pid_start as i64, name])
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    pub fn set_instance_status(&self, name: &str, status: InstanceStatus, now: i64) -> Result<()> {
+        let ended = if status.is_final() { Some(now) } else { None };
+        self.conn()
+            .execute(
+                "UPDATE instances SET status = ?1, ended_at = COALESCE(?2, ended_at) WHERE name = ?3",
+                params![status.as_str(), ended, name],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Instances whose process may still exist (not stopped, died or lost).
+    pub fn active_instances(&self) -> Result<Vec<InstanceRow>> {
+        self.query_instances("WHERE status NOT IN ('stopped', 'died', 'lost') ORDER BY started_at, name", params![])
+    }
+
+    pub fn instances_of_generation(&self, generation: i64) -> Result<Vec<InstanceRow>> {
+        self.query_instances("WHERE generation = ?1 ORDER BY started_at, name", params![generation])
+    }
+
+    fn query_instances(&self, tail: &str, params: impl rusqlite::Params) -> Result<Vec<InstanceRow>> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at FROM instances {tail}"
+        );
+        let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
+        let raw = stmt.query_map(params, InstanceRow::from_row).map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
+        raw.into_iter().map(|r| r.map_err(|what| self.corrupt(what))).collect()
+    }
+
+    // ---- deploys ----
+
+    pub fn start_deploy(&self, role: &str, from: Option<i64>, to: i64, now: i64) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO deploys (role, from_generation, to_generation, status, started_at) VALUES (?1, ?2, ?3, 'running', ?4)",
+            params![role, from, to, now],
+        )
+        .map_err(|e| self.sql(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn finish_deploy(&self, id: i64, status: DeployStatus, reason: Option<&str>, now: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE deploys SET status = ?1, reason = ?2, ended_at = ?3 WHERE id = ?4",
+                params![status.as_str(), reason, now, id],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Deploys that were running when the controller last stopped.
+    pub fn running_deploys(&self) -> Result<Vec<DeployRow>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, role, from_generation, to_generation, started_at FROM deploys WHERE status = 'running'")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt.query_map([], DeployRow::from_row).map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    // ---- journal ----
+
+    /// Appends an event to the journal and returns its sequence number.
+    pub fn journal(&self, now: i64, role: Option<&str>, kind: &str, detail: &serde_json::Value) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO journal (at, role, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![now, role, kind, detail.to_string()],
+        )
+        .map_err(|e| self.sql(e))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The journal of `role` (everything when `None`), oldest first; at most the last `limit` events.
+    pub fn history(&self, role: Option<&str>, limit: u32) -> Result<Vec<JournalRow>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, at, role, kind, detail FROM (
+                   SELECT * FROM journal WHERE ?1 IS NULL OR role = ?1 OR role IS NULL ORDER BY seq DESC LIMIT ?2
+                 ) ORDER BY seq",
+            )
+            .map_err(|e| self.sql(e))?;
+        let raw = stmt.query_map(params![role, limit], JournalRow::from_row).map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
+        raw.into_iter()
+            .map(|r| r.map_err(|source| StoreError::Json { path: self.path.clone(), source }))
+            .collect()
+    }
+
+    /// The journal entry with sequence number `seq`, if any.
+    pub fn journal_entry(&self, seq: i64) -> Result<Option<JournalRow>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row("SELECT seq, at, role, kind, detail FROM journal WHERE seq = ?1", params![seq], JournalRow::from_row)
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        row.transpose().map_err(|source| StoreError::Json { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests;

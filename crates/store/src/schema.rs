@@ -1,0 +1,70 @@
+//! The schema, versioned with SQLite's `user_version`.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE images (
+    digest     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (digest, name)
+);
+CREATE TABLE generations (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    role        TEXT NOT NULL,
+    image       TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER,
+    switched_at INTEGER,
+    ended_at    INTEGER
+);
+CREATE INDEX generations_by_role ON generations (role, status);
+CREATE TABLE instances (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL,
+    generation INTEGER NOT NULL REFERENCES generations (id),
+    image      TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    pid        INTEGER,
+    pid_start  INTEGER,
+    port       INTEGER NOT NULL,
+    log_path   TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at   INTEGER
+);
+CREATE INDEX instances_by_status ON instances (status);
+CREATE TABLE deploys (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    role            TEXT NOT NULL,
+    from_generation INTEGER,
+    to_generation   INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    reason          TEXT,
+    started_at      INTEGER NOT NULL,
+    ended_at        INTEGER
+);
+CREATE TABLE journal (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    role   TEXT,
+    kind   TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX journal_by_role ON journal (role, seq);
+-- The journal is append-only: history is never rewritten.
+CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+"#];
+
+pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
