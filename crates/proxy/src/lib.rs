@@ -1,1 +1,216 @@
+//! The proxy: one HTTP frontend per role, round-robin over the role's live backends.
+//!
+//! The backend set is replaced atomically ([`RoleProxy::set_backends`]). A request picks its
+//! backend and raises that backend's in-flight count under the same read lock that the switch
+//! takes for writing, so once a switch returns, [`drain`] sees every request still bound for
+//! an old backend: none can slip through and land on an instance that is being stopped.
 
+mod body;
+mod forward;
+mod pool;
+
+pub use forward::ProxyService;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// One instance the proxy can send requests to.
+#[derive(Debug)]
+pub struct Backend {
+    /// The instance name, for logs and status.
+    pub id: String,
+    pub addr: SocketAddr,
+    in_flight: AtomicUsize,
+    /// Set when a connection was refused (passive health); cleared by a passing health check.
+    down: AtomicBool,
+    pool: pool::Pool,
+}
+
+impl Backend {
+    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Backend {
+            id: id.into(),
+            addr,
+            in_flight: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            pool: pool::Pool::default(),
+        })
+    }
+
+    /// Requests sent to this backend whose response has not been fully delivered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Marks the backend reachable again (after a passing active health check).
+    pub fn mark_up(&self) {
+        self.down.store(false, Ordering::Release);
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+}
+
+/// Counters of one role's frontend.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub requests: AtomicU64,
+    /// Responses the proxy made itself because no backend could answer (502, 503, 504).
+    pub proxy_errors: AtomicU64,
+    /// Attempts moved to another backend after a connection failure.
+    pub retries: AtomicU64,
+}
+
+/// Settings of one frontend.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyConfig {
+    /// How long to wait for a backend's TCP connection.
+    pub connect_timeout: Duration,
+    /// How long to wait for a backend's response head before answering 504.
+    pub request_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The frontend state of one role.
+#[derive(Debug)]
+pub struct RoleProxy {
+    pub role: String,
+    pub config: ProxyConfig,
+    backends: RwLock<Vec<Arc<Backend>>>,
+    next: AtomicUsize,
+    pub stats: ProxyStats,
+}
+
+impl RoleProxy {
+    pub fn new(role: impl Into<String>, config: ProxyConfig) -> Arc<Self> {
+        Arc::new(RoleProxy {
+            role: role.into(),
+            config,
+            backends: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            stats: ProxyStats::default(),
+        })
+    }
+
+    /// Replaces the backend set in one step. When this returns, every request bound for a
+    /// backend that is no longer in the set is already counted in that backend's in-flight.
+    pub fn set_backends(&self, backends: Vec<Arc<Backend>>) {
+        *self.backends.write().unwrap_or_else(|p| p.into_inner()) = backends;
+    }
+
+    /// A snapshot of the current backend set.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Picks the next backend round-robin, skipping `tried` ones and, while others remain,
+    /// ones marked down. The in-flight count is raised before the lock is released.
+    fn pick(&self, tried: &[Arc<Backend>]) -> Option<InFlight> {
+        let backends = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        let candidates: Vec<&Arc<Backend>> =
+            backends.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b))).collect();
+        let up: Vec<&Arc<Backend>> = candidates.iter().copied().filter(|b| !b.is_down()).collect();
+        let pool = if up.is_empty() { &candidates } else { &up };
+        if pool.is_empty() {
+            return None;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
+        Some(InFlight::new(pool[index].clone()))
+    }
+}
+
+/// Holds one request's claim on a backend; dropping it lowers the in-flight count.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(backend)
+    }
+
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a drain found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub waited: Duration,
+    /// Requests still in flight when the deadline passed (0 when all finished).
+    pub abandoned: usize,
+}
+
+/// Waits until `backends` (already removed from every set) hold no request, or `deadline`.
+pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport {
+    let start = Instant::now();
+    loop {
+        let in_flight: usize = backends.iter().map(|b| b.in_flight()).sum();
+        if in_flight == 0 || start.elapsed() >= deadline {
+            for backend in backends {
+                backend.pool.clear();
+            }
+            return DrainReport { waited: start.elapsed(), abandoned: in_flight };
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Serves `proxy` on `listener` until `shutdown` turns true; then stops accepting, lets open
+/// connections finish their current request, and returns when they are closed or after `grace`.
+pub async fn serve(listener: TcpListener, proxy: Arc<RoleProxy>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => {
+                let Ok((stream, client)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(ProxyService::new(proxy.clone(), client));
+                let mut stop = shutdown.clone();
+                connections.spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = stopped(&mut stop) => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+}
+
+/// Resolves once `flag` turns true (or its sender is gone).
+pub async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+
+/// A real HTTP backend on loopback answering `NAME PATH`; `/slow/MS` waits first.
+/// `close_after_each` makes it close keep-alive connections after every response.
+async fn backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
+                        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri().path())))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback address where nothing listens.
+async fn refusing() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+async fn frontend(proxy: Arc<RoleProxy>) -> (SocketAddr, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(serve(listener, proxy, stopped, Duration::from_secs(1)));
+    (addr, stop)
+}
+
+/// One request on a fresh connection: (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn round_robin_over_the_backends() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let names = ["a", "b", "c"];
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(Backend::new(name, backend(name).await));
+    }
+    proxy.set_backends(backends);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = get(addr, "/x").await;
+        assert_eq!(status, 200);
+        seen.push(body);
+    }
+    seen.sort();
+    assert_eq!(seen, ["a /x", "a /x", "b /x", "b /x", "c /x", "c /x"]);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_backend_and_marked_down() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let dead = Backend::new("dead", refusing().await);
+    proxy.set_backends(vec![dead.clone(), Backend::new("live", backend("live").await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").await, (200, "live /".to_string()));
+    }
+    assert!(dead.is_down());
+    assert_eq!(proxy.stats.proxy_errors.load(Ordering::Relaxed), 0);
+    assert!(proxy.stats.retries.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn no_backend_gives_503_and_all_refusing_gives_502() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (status, body) = get(addr, "/").await;
+    assert_eq!((status, body.as_str()), (503, "503 no healthy instance of role web\n"));
+    proxy.set_backends(vec![Backend::new("dead", refusing().await)]);
+    let (status, body) = get(addr, "/").await;
+    assert_eq!(status, 502);
+    assert!(body.contains("could answer"), "{body}");
+}
+
+#[tokio::test]
+async fn switch_is_immediate_and_drain_waits_for_in_flight_requests() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let old = Backend::new("old", backend("old").await);
+    proxy.set_backends(vec![old.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let slow = tokio::spawn(get(addr, "/slow/300"));
+    while old.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    proxy.set_backends(vec![Backend::new("new", backend("new").await)]);
+    assert_eq!(get(addr, "/").await.1, "new /", "new requests go to the new generation at once");
+    let report = drain(std::slice::from_ref(&old), Duration::from_secs(5)).await;
+    assert_eq!(report.abandoned, 0);
+    assert!(report.waited >= Duration::from_millis(100), "drain returned before the slow request finished: {report:?}");
+    assert_eq!(slow.await.unwrap(), (200, "old /slow/300".to_string()));
+    assert_eq!(old.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn drain_gives_up_at_the_deadline() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let old = Backend::new("old", backend("old").await);
+    proxy.set_backends(vec![old.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let _slow = tokio::spawn(get(addr, "/slow/5000"));
+    while old.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    proxy.set_backends(vec![]);
+    let report = drain(std::slice::from_ref(&old), Duration::from_millis(100)).await;
+    assert_eq!(report.abandoned, 1);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let only = Backend::new("a", backend("a").await);
+    proxy.set_backends(vec![only.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/").await.0, 200);
+    }
+    assert_eq!(only.pool.idle.lock().unwrap().len(), 1, "sequential requests share one backend connection");
+}
+
+#[tokio::test]
+async fn request_timeout_gives_504() {
+    let config = ProxyConfig { request_timeout: Duration::from_millis(100), ..ProxyConfig::default() };
+    let proxy = RoleProxy::new("web", config);
+    proxy.set_backends(vec![Backend::new("slow", backend("slow").await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    assert_eq!(get(addr, "/slow/2000").await.0, 504);
+}
