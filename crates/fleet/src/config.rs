@@ -1,0 +1,287 @@
+//! The fleet file (`phoenix.toml`): image recipes and roles.
+//!
+//! Parsing rejects unknown keys and bad values with `file:line:column`, the table and the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use phoenix_image::Recipe;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// An invalid or unreadable fleet file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read fleet file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+/// A parsed, validated fleet file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetFile {
+    pub path: PathBuf,
+    /// `copy` sources are relative to this directory.
+    pub dir: PathBuf,
+    pub images: BTreeMap<String, Recipe>,
+    pub roles: BTreeMap<String, RoleConfig>,
+}
+
+/// One `[role.NAME]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleConfig {
+    /// The `[image.NAME]` recipe the role runs.
+    pub image: String,
+    pub instances: u32,
+    /// Where the role's proxy frontend listens.
+    pub listen: SocketAddr,
+    /// Grace between SIGTERM and SIGKILL when an instance is stopped.
+    pub stop_timeout: Duration,
+    pub health: HealthConfig,
+    pub deploy: DeployConfig,
+}
+
+/// `[role.NAME.health]`: the active HTTP health check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive passes before an instance counts as healthy.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures before a healthy instance counts as unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// `[role.NAME.deploy]`: how a new generation replaces the live one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// How long a new generation may take to become healthy before the deploy is aborted.
+    #[serde(default = "default_healthy_timeout", deserialize_with = "duration")]
+    pub healthy_timeout: Duration,
+    /// How long in-flight requests on the old generation may take to finish after the switch.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain: Duration,
+}
+
+/// Deploy strategies. Rolling and canary come with their own issue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Strategy {
+    #[default]
+    #[serde(rename = "blue-green")]
+    BlueGreen,
+}
+
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_healthy_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: default_health_path(),
+            interval: default_interval(),
+            timeout: default_health_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+        }
+    }
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig { strategy: Strategy::BlueGreen, healthy_timeout: default_healthy_timeout(), drain: default_drain() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    #[serde(default)]
+    image: BTreeMap<Spanned<String>, Recipe>,
+    #[serde(default)]
+    role: BTreeMap<Spanned<String>, RawRole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    image: Spanned<String>,
+    #[serde(default = "one")]
+    instances: Spanned<u32>,
+    listen: SocketAddr,
+    #[serde(default = "default_stop_timeout", deserialize_with = "duration")]
+    stop_timeout: Duration,
+    #[serde(default = "default_health")]
+    health: Spanned<HealthConfig>,
+    #[serde(default)]
+    deploy: DeployConfig,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+fn default_health() -> Spanned<HealthConfig> {
+    Spanned::new(0..0, HealthConfig::default())
+}
+
+/// The largest role this version runs on one host.
+const MAX_INSTANCES: u32 = 256;
+
+impl FleetFile {
+    /// Reads and validates the fleet file at `path`.
+    pub fn load(path: &Path) -> Result<FleetFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+        FleetFile::parse(path, &text)
+    }
+
+    /// Parses `text` as the fleet file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<FleetFile, ConfigError> {
+        let at = |span: std::ops::Range<usize>, message: String| invalid(path, text, span.start, message);
+        let raw: RawFleet = toml::from_str(text).map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        let mut images = BTreeMap::new();
+        for (name, recipe) in raw.image {
+            check_name(name.get_ref()).map_err(|why| at(name.span(), format!("image name {:?} {why}", name.get_ref())))?;
+            images.insert(name.into_inner(), recipe);
+        }
+        let mut roles = BTreeMap::new();
+        for (name, role) in raw.role {
+            check_name(name.get_ref()).map_err(|why| at(name.span(), format!("role name {:?} {why}", name.get_ref())))?;
+            let role_name = name.get_ref().clone();
+            if !images.contains_key(role.image.get_ref()) {
+                let known: Vec<_> = images.keys().map(String::as_str).collect();
+                return Err(at(
+                    role.image.span(),
+                    format!(
+                        "[role.{role_name}] key `image`: no [image.{}] in this file (images: {})",
+                        role.image.get_ref(),
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            let instances = *role.instances.get_ref();
+            if !(1..=MAX_INSTANCES).contains(&instances) {
+                return Err(at(
+                    role.instances.span(),
+                    format!("[role.{role_name}] key `instances`: must be between 1 and {MAX_INSTANCES}, not {instances}"),
+                ));
+            }
+            let health = role.health.get_ref();
+            if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 || !health.path.starts_with('/') {
+                return Err(at(
+                    role.health.span(),
+                    format!("[role.{role_name}.health]: thresholds must be at least 1 and `path` must start with `/`"),
+                ));
+            }
+            let config = RoleConfig {
+                image: role.image.into_inner(),
+                instances,
+                listen: role.listen,
+                stop_timeout: role.stop_timeout,
+                health: role.health.into_inner(),
+                deploy: role.deploy,
+            };
+            roles.insert(name.into_inner(), config);
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        Ok(FleetFile { path: path.to_path_buf(), dir, images, roles })
+    }
+}
+
+/// Names become parts of instance names and paths: keep them plain.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    let plain = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    match (name.is_empty(), plain, name.len() > 40) {
+        (true, _, _) => Err("is empty"),
+        (_, false, _) => Err("may only hold a-z, 0-9 and `-`"),
+        (_, _, true) => Err("is longer than 40 characters"),
+        _ => Ok(()),
+    }
+}
+
+/// An error at byte `offset` of `text`, with the enclosing table and key when they can be found.
+fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigError {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = text[line_start..offset].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let mut context = String::new();
+    if !message.starts_with('[') {
+        if let Some(table) = before.lines().rev().map(str::trim).find(|l| l.starts_with('[')) {
+            context.push_str(table);
+            context.push(' ');
+        }
+        if let Some((key, _)) = line_text.split_once('=')
+            && !line_text.trim_start().starts_with('[')
+        {
+            context.push_str(&format!("key `{}`", key.trim()));
+        }
+    }
+    let message = if context.is_empty() { message } else { format!("{}: {message}", context.trim_end()) };
+    ConfigError::Invalid { path: path.to_path_buf(), line, column, message }
+}
+
+/// Parses a duration string: an integer and a unit (`ms`, `s`, `m`, `h`), e.g. `"500ms"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &text[digits.len()..];
+    let value: u64 = digits.parse().map_err(|_| bad_duration(text))?;
+    let millis = match unit {
+        "ms" => value,
+        "s" => value.saturating_mul(1_000),
+        "m" => value.saturating_mul(60_000),
+        "h" => value.saturating_mul(3_600_000),
+        _ => return Err(bad_duration(text)),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+fn bad_duration(text: &str) -> String {
+    format!("invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\"")
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+use super::*;
+
+fn parse(text: &str) -> Result<FleetFile, ConfigError> {
+    FleetFile::parse(Path::new("fleet/phoenix.toml"), text)
+}
+
+fn error(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+const GOOD: &str = r#"
+[image.hello]
+from = "scratch"
+copy = [{ src = "hello", dst = "/bin/hello" }]
+entrypoint = ["/bin/hello"]
+
+[role.web]
+image = "hello"
+listen = "127.0.0.1:8080"
+"#;
+
+#[test]
+fn the_example_fleet_file_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/phoenix.toml");
+    let fleet = FleetFile::load(&path).unwrap();
+    let web = &fleet.roles["web"];
+    assert_eq!(web.instances, 3);
+    assert_eq!(web.health.interval, Duration::from_millis(500));
+    assert_eq!(web.deploy.drain, Duration::from_secs(30));
+    assert_eq!(fleet.images["hello"].env["VERSION"], "v1");
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let fleet = parse(GOOD).unwrap();
+    let web = &fleet.roles["web"];
+    assert_eq!(web.instances, 1);
+    assert_eq!(web.health, HealthConfig::default());
+    assert_eq!(web.deploy, DeployConfig::default());
+    assert_eq!(fleet.dir, Path::new("fleet"));
+}
+
+#[test]
+fn unknown_keys_name_file_line_column_and_key() {
+    let text = format!("{GOOD}instancs = 3\n");
+    assert_eq!(
+        error(&text),
+        "fleet/phoenix.toml:10:1: [role.web] key `instancs`: unknown field `instancs`, expected one of \
+         `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`"
+    );
+    let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
+    let message = error(&text);
+    assert!(message.starts_with("fleet/phoenix.toml:4:1: [image.hello] key `entrypiont`: unknown field `entrypiont`"), "{message}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let text = format!("{GOOD}\n[role.web.health]\ninterval = \"5 seconds\"\n");
+    assert_eq!(
+        error(&text),
+        "fleet/phoenix.toml:12:12: [role.web.health] key `interval`: invalid duration \"5 seconds\": \
+         write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
+    );
+    let text = GOOD.replace("127.0.0.1:8080", "localhost");
+    assert!(error(&text).starts_with("fleet/phoenix.toml:9:10: [role.web] key `listen`: invalid socket address"), "{}", error(&text));
+    let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\n");
+    assert!(error(&text).contains("key `strategy`: unknown variant `rolling`, expected `blue-green`"), "{}", error(&text));
+    let text = GOOD.replace("from = \"scratch\"", "from = \"debian\"");
+    assert!(error(&text).contains("key `from`: unsupported base \"debian\""), "{}", error(&text));
+}
+
+#[test]
+fn cross_references_and_ranges_are_checked() {
+    let text = GOOD.replace("image = \"hello\"", "image = \"helo\"");
+    assert_eq!(
+        error(&text),
+        "fleet/phoenix.toml:8:9: [role.web] key `image`: no [image.helo] in this file (images: hello)"
+    );
+    let text = GOOD.replace("listen =", "instances = 0\nlisten =");
+    assert!(error(&text).starts_with("fleet/phoenix.toml:9:13: [role.web] key `instances`: must be between 1 and 256"), "{}", error(&text));
+    let text = GOOD.replace("[role.web]", "[role.Web]");
+    assert!(error(&text).contains("role name \"Web\" may only hold a-z, 0-9 and `-`"), "{}", error(&text));
+    let text = format!("{GOOD}\n[role.web.health]\nhealthy_threshold = 0\n");
+    assert!(error(&text).contains("thresholds must be at least 1"), "{}", error(&text));
+}
+
+#[test]
+fn syntax_errors_have_positions_too() {
+    let message = error("[role.web\nimage = 1");
+    assert!(message.starts_with("fleet/phoenix.toml:1:"), "{message}");
+}
+
+#[test]
+fn durations_parse_with_units() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+    assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    for bad in ["", "5", "ms", "1.5s", "-1s", "2 s", "1d"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+    }
+}
