@@ -30,9 +30,17 @@ pub struct InstanceSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("instance {name}: entrypoint {path:?} {why}")]
-    Entrypoint { name: String, path: String, why: &'static str },
+    Entrypoint {
+        name: String,
+        path: String,
+        why: &'static str,
+    },
     #[error("instance {name}: cannot {action}: {source}")]
-    Io { name: String, action: &'static str, source: std::io::Error },
+    Io {
+        name: String,
+        action: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Runs instances. Implemented by the process driver; the `oci` and `docker` drivers follow.

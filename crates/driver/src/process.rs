@@ -22,13 +22,29 @@ impl Driver for ProcessDriver {
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
         let io = |action| {
             let name = spec.name.clone();
-            move |source| DriverError::Io { name, action, source }
+            move |source| DriverError::Io {
+                name,
+                action,
+                source,
+            }
         };
-        let program = resolve_inside(&spec.root, spec.argv.first().map(String::as_str).unwrap_or(""))
-            .map_err(|why| DriverError::Entrypoint { name: spec.name.clone(), path: spec.argv.first().cloned().unwrap_or_default(), why })?;
-        let workdir = resolve_inside(&spec.root, &spec.workdir).unwrap_or_else(|_| spec.root.clone());
+        let program = resolve_inside(
+            &spec.root,
+            spec.argv.first().map(String::as_str).unwrap_or(""),
+        )
+        .map_err(|why| DriverError::Entrypoint {
+            name: spec.name.clone(),
+            path: spec.argv.first().cloned().unwrap_or_default(),
+            why,
+        })?;
+        let workdir =
+            resolve_inside(&spec.root, &spec.workdir).unwrap_or_else(|_| spec.root.clone());
         let port = free_port().map_err(io("find a free port"))?;
-        let log = OpenOptions::new().create(true).append(true).open(&spec.log_path).map_err(io("open log file"))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+            .map_err(io("open log file"))?;
         let log_err = log.try_clone().map_err(io("open log file"))?;
         let mut command = Command::new(&program);
         command
@@ -58,7 +74,14 @@ impl Driver for ProcessDriver {
         let pid = child.id().unwrap_or(0);
         let start_time = process_start_time(pid).unwrap_or(0);
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        Ok((Process { pid, start_time, child }, address))
+        Ok((
+            Process {
+                pid,
+                start_time,
+                child,
+            },
+            address,
+        ))
     }
 }
 
@@ -83,7 +106,9 @@ fn resolve_inside(root: &Path, path: &str) -> Result<PathBuf, &'static str> {
 
 /// A free TCP port on 127.0.0.1, found by binding port 0.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// How a process ended.

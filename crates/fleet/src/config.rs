@@ -17,7 +17,12 @@ pub enum ConfigError {
     #[error("cannot read fleet file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("{path}:{line}:{column}: {message}")]
-    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 /// A parsed, validated fleet file.
@@ -123,7 +128,11 @@ impl Default for HealthConfig {
 
 impl Default for DeployConfig {
     fn default() -> Self {
-        DeployConfig { strategy: Strategy::BlueGreen, healthy_timeout: default_healthy_timeout(), drain: default_drain() }
+        DeployConfig {
+            strategy: Strategy::BlueGreen,
+            healthy_timeout: default_healthy_timeout(),
+            drain: default_drain(),
+        }
     }
 }
 
@@ -165,23 +174,34 @@ const MAX_INSTANCES: u32 = 256;
 impl FleetFile {
     /// Reads and validates the fleet file at `path`.
     pub fn load(path: &Path) -> Result<FleetFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         FleetFile::parse(path, &text)
     }
 
     /// Parses `text` as the fleet file at `path`.
     pub fn parse(path: &Path, text: &str) -> Result<FleetFile, ConfigError> {
-        let at = |span: std::ops::Range<usize>, message: String| invalid(path, text, span.start, message);
-        let raw: RawFleet = toml::from_str(text).map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        let at = |span: std::ops::Range<usize>, message: String| {
+            invalid(path, text, span.start, message)
+        };
+        let raw: RawFleet = toml::from_str(text)
+            .map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
         let mut images = BTreeMap::new();
         for (name, recipe) in raw.image {
-            check_name(name.get_ref()).map_err(|why| at(name.span(), format!("image name {:?} {why}", name.get_ref())))?;
+            check_name(name.get_ref()).map_err(|why| {
+                at(
+                    name.span(),
+                    format!("image name {:?} {why}", name.get_ref()),
+                )
+            })?;
             images.insert(name.into_inner(), recipe);
         }
         let mut roles = BTreeMap::new();
         for (name, role) in raw.role {
-            check_name(name.get_ref()).map_err(|why| at(name.span(), format!("role name {:?} {why}", name.get_ref())))?;
+            check_name(name.get_ref())
+                .map_err(|why| at(name.span(), format!("role name {:?} {why}", name.get_ref())))?;
             let role_name = name.get_ref().clone();
             if !images.contains_key(role.image.get_ref()) {
                 let known: Vec<_> = images.keys().map(String::as_str).collect();
@@ -190,7 +210,11 @@ impl FleetFile {
                     format!(
                         "[role.{role_name}] key `image`: no [image.{}] in this file (images: {})",
                         role.image.get_ref(),
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 ));
             }
@@ -198,14 +222,21 @@ impl FleetFile {
             if !(1..=MAX_INSTANCES).contains(&instances) {
                 return Err(at(
                     role.instances.span(),
-                    format!("[role.{role_name}] key `instances`: must be between 1 and {MAX_INSTANCES}, not {instances}"),
+                    format!(
+                        "[role.{role_name}] key `instances`: must be between 1 and {MAX_INSTANCES}, not {instances}"
+                    ),
                 ));
             }
             let health = role.health.get_ref();
-            if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 || !health.path.starts_with('/') {
+            if health.healthy_threshold == 0
+                || health.unhealthy_threshold == 0
+                || !health.path.starts_with('/')
+            {
                 return Err(at(
                     role.health.span(),
-                    format!("[role.{role_name}.health]: thresholds must be at least 1 and `path` must start with `/`"),
+                    format!(
+                        "[role.{role_name}.health]: thresholds must be at least 1 and `path` must start with `/`"
+                    ),
                 ));
             }
             let config = RoleConfig {
@@ -219,14 +250,25 @@ impl FleetFile {
             roles.insert(name.into_inner(), config);
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        Ok(FleetFile { path: path.to_path_buf(), dir, images, roles })
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        Ok(FleetFile {
+            path: path.to_path_buf(),
+            dir,
+            images,
+            roles,
+        })
     }
 }
 
 /// Names become parts of instance names and paths: keep them plain.
 fn check_name(name: &str) -> Result<(), &'static str> {
-    let plain = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     match (name.is_empty(), plain, name.len() > 40) {
         (true, _, _) => Err("is empty"),
         (_, false, _) => Err("may only hold a-z, 0-9 and `-`"),
@@ -245,7 +287,12 @@ fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
     let line_text = text[line_start..].lines().next().unwrap_or("");
     let mut context = String::new();
     if !message.starts_with('[') {
-        if let Some(table) = before.lines().rev().map(str::trim).find(|l| l.starts_with('[')) {
+        if let Some(table) = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+        {
             context.push_str(table);
             context.push(' ');
         }
@@ -255,8 +302,17 @@ fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
             context.push_str(&format!("key `{}`", key.trim()));
         }
     }
-    let message = if context.is_empty() { message } else { format!("{}: {message}", context.trim_end()) };
-    ConfigError::Invalid { path: path.to_path_buf(), line, column, message }
+    let message = if context.is_empty() {
+        message
+    } else {
+        format!("{}: {message}", context.trim_end())
+    };
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    }
 }
 
 /// Parses a duration string: an integer and a unit (`ms`, `s`, `m`, `h`), e.g. `"500ms"`.
@@ -275,7 +331,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn bad_duration(text: &str) -> String {
-    format!("invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\"")
+    format!(
+        "invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
+    )
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {

@@ -1,5 +1,69 @@
-//! The fleet: the fleet file, and the controller that converges to it.
+//! The fleet: the fleet file, and the controller that converges to it — blue-green deploys,
+//! rollback, crash replacement and recovery after a restart.
 
+mod bake;
+mod clock;
 pub mod config;
+mod controller;
+mod deploy;
+mod health;
+mod instance;
+mod recover;
+mod status;
 
-pub use config::{ConfigError, DeployConfig, FleetFile, HealthConfig, RoleConfig, Strategy};
+pub use bake::{BakeOutcome, bake_image};
+pub use clock::{Clock, Namer, SystemClock};
+pub use config::{
+    ConfigError, DeployConfig, FleetFile, HealthConfig, RoleConfig, Strategy, parse_duration,
+};
+pub use controller::{Controller, Options};
+pub use deploy::{DeployOptions, DeployReport, Progress};
+pub use status::{FleetStatus, GenerationView, InstanceView, RoleStatus};
+
+/// What can go wrong in the fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Image(#[from] phoenix_image::ImageError),
+    #[error(transparent)]
+    Store(#[from] phoenix_store::StoreError),
+    #[error(transparent)]
+    Driver(#[from] phoenix_driver::DriverError),
+    #[error("no role {role:?} (roles: {known})")]
+    UnknownRole { role: String, known: String },
+    #[error("no [image.{name}] in {file} (images: {known})")]
+    UnknownImage {
+        name: String,
+        file: String,
+        known: String,
+    },
+    #[error("role {role} is no longer in the fleet file; restart `phoenix up` to remove it")]
+    RoleNotInFile { role: String },
+    #[error("no instance {0} in a live generation")]
+    UnknownInstance(String),
+    #[error("no image matches {0:?}: see `phoenix images`")]
+    ImageNotFound(String),
+    #[error("role {role} has no earlier generation to roll back to")]
+    NoPrevious { role: String },
+    #[error("a deploy of role {role} is already running; wait for it to finish")]
+    Busy { role: String },
+    #[error("deploy of {role} aborted, the live generation keeps serving: {reason}")]
+    DeployAborted { role: String, reason: String },
+    #[error("role {role}: cannot listen on {addr}: {source}")]
+    Listen {
+        role: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("phoenix is shutting down")]
+    ShuttingDown,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}

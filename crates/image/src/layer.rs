@@ -46,12 +46,21 @@ impl LayerPlan {
     }
 
     pub(crate) fn contains(&self, path: &str) -> bool {
-        matches!(self.entries.get(path), Some(Entry::File { .. } | Entry::Symlink { .. }))
+        matches!(
+            self.entries.get(path),
+            Some(Entry::File { .. } | Entry::Symlink { .. })
+        )
     }
 
     fn add_parents(&mut self, path: &str) {
         let mut prefix = String::new();
-        for part in path.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or(&[]) {
+        for part in path
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|(_, p)| p)
+            .unwrap_or(&[])
+        {
             if !prefix.is_empty() {
                 prefix.push('/');
             }
@@ -75,8 +84,13 @@ impl LayerPlan {
                 path: child.path().display().to_string(),
                 why: "file names must be UTF-8",
             })?;
-            let child_dst = if dst.is_empty() { name.to_string() } else { format!("{dst}/{name}") };
-            let meta = fs::symlink_metadata(child.path()).map_err(ImageError::io("stat", child.path()))?;
+            let child_dst = if dst.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dst}/{name}")
+            };
+            let meta =
+                fs::symlink_metadata(child.path()).map_err(ImageError::io("stat", child.path()))?;
             if meta.is_dir() {
                 self.add_tree(&child.path(), &child_dst, mode)?;
             } else {
@@ -86,7 +100,13 @@ impl LayerPlan {
         Ok(())
     }
 
-    fn add_one(&mut self, src: &Path, dst: String, meta: &fs::Metadata, mode: Option<u32>) -> Result<(), ImageError> {
+    fn add_one(
+        &mut self,
+        src: &Path,
+        dst: String,
+        meta: &fs::Metadata,
+        mode: Option<u32>,
+    ) -> Result<(), ImageError> {
         let entry = if meta.file_type().is_symlink() {
             let target = fs::read_link(src).map_err(ImageError::io("read link", src))?;
             Entry::Symlink { target }
@@ -94,7 +114,10 @@ impl LayerPlan {
             // Only the executable bit of the source matters: the rest is normalized.
             let executable = meta.permissions().mode() & 0o111 != 0;
             let mode = mode.unwrap_or(if executable { 0o755 } else { 0o644 });
-            Entry::File { src: src.to_path_buf(), mode }
+            Entry::File {
+                src: src.to_path_buf(),
+                mode,
+            }
         } else {
             return Err(ImageError::BadPath {
                 path: src.display().to_string(),
@@ -138,7 +161,9 @@ impl LayerPlan {
             };
             written.map_err(ImageError::io("write layer entry", path))?;
         }
-        builder.into_inner().map_err(ImageError::io("finish layer", "<layer>"))
+        builder
+            .into_inner()
+            .map_err(ImageError::io("finish layer", "<layer>"))
     }
 }
 
@@ -153,7 +178,10 @@ pub(crate) fn image_path(dst: &str) -> Result<String, ImageError> {
                 why: "paths must be UTF-8",
             })?),
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(ImageError::BadPath { path: dst.to_string(), why: "`..` is not allowed" });
+                return Err(ImageError::BadPath {
+                    path: dst.to_string(),
+                    why: "`..` is not allowed",
+                });
             }
         }
     }
@@ -169,12 +197,20 @@ pub(crate) struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256::new(), written: 0 }
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
     }
 
     /// Returns the inner writer, the `sha256:` digest and the byte count.
     pub(crate) fn finish(self) -> (W, String, u64) {
-        (self.inner, format!("sha256:{}", crate::hex(&self.hasher.finalize())), self.written)
+        (
+            self.inner,
+            format!("sha256:{}", crate::hex(&self.hasher.finalize())),
+            self.written,
+        )
     }
 }
 
@@ -199,6 +235,9 @@ mod tests {
     fn image_paths_are_normalized_and_dotdot_refused() {
         assert_eq!(image_path("/bin/hello").unwrap(), "bin/hello");
         assert_eq!(image_path("./a/./b").unwrap(), "a/b");
-        assert!(matches!(image_path("/a/../../etc"), Err(ImageError::BadPath { .. })));
+        assert!(matches!(
+            image_path("/a/../../etc"),
+            Err(ImageError::BadPath { .. })
+        ));
     }
 }

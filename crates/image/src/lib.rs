@@ -9,7 +9,7 @@ mod oci;
 mod recipe;
 mod store;
 
-pub use oci::{ImageConfig, Manifest};
+pub use oci::{ImageConfig, Manifest, rfc3339};
 pub use recipe::{CopyStep, From, Recipe};
 pub use store::{BakeOptions, BakedImage, ImageStore};
 
@@ -29,25 +29,41 @@ pub enum ImageError {
     #[error("blob {digest} is corrupt: its content hashes to {actual}")]
     Corrupt { digest: String, actual: String },
     #[error("malformed {what} in image store: {source}")]
-    Json { what: &'static str, source: serde_json::Error },
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ImageError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| ImageError::Io { action, path, source }
+        move |source| ImageError::Io {
+            action,
+            path,
+            source,
+        }
     }
 }
 
 /// Lower-case hex of a byte string.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// `sha256:` followed by the hex digest of `bytes`.

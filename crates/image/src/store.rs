@@ -79,7 +79,12 @@ impl ImageStore {
 
     /// Bakes `recipe`, reading `copy` sources relative to `context`. Writing is idempotent:
     /// blobs that already exist are left as they are.
-    pub fn bake(&self, recipe: &Recipe, context: &Path, options: BakeOptions) -> Result<BakedImage, ImageError> {
+    pub fn bake(
+        &self,
+        recipe: &Recipe,
+        context: &Path,
+        options: BakeOptions,
+    ) -> Result<BakedImage, ImageError> {
         let entry = recipe.entrypoint.first().ok_or(ImageError::NoEntrypoint)?;
         if !entry.starts_with('/') {
             return Err(ImageError::BadPath {
@@ -106,7 +111,10 @@ impl ImageStore {
             config: config.clone(),
             created: oci::rfc3339(options.mtime),
             os: "linux".into(),
-            rootfs: RootFs { diff_ids: vec![layer.diff_id.clone()], kind: "layers".into() },
+            rootfs: RootFs {
+                diff_ids: vec![layer.diff_id.clone()],
+                kind: "layers".into(),
+            },
         };
         let config_bytes = to_json(&document)?;
         let config_desc = self.write_blob(&config_bytes, oci::MEDIA_CONFIG)?;
@@ -118,12 +126,20 @@ impl ImageStore {
         };
         let manifest_bytes = to_json(&manifest)?;
         let manifest_desc = self.write_blob(&manifest_bytes, oci::MEDIA_MANIFEST)?;
-        let size = manifest_desc.size + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
-        Ok(BakedImage { digest: manifest_desc.digest, config, size })
+        let size = manifest_desc.size
+            + manifest.config.size
+            + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+        Ok(BakedImage {
+            digest: manifest_desc.digest,
+            config,
+            size,
+        })
     }
 
     fn write_layer(&self, plan: &LayerPlan, mtime: u64) -> Result<LayerBlob, ImageError> {
-        let tmp = self.blobs_dir().join(format!(".tmp-layer-{}-{}", std::process::id(), unique()));
+        let tmp = self
+            .blobs_dir()
+            .join(format!(".tmp-layer-{}-{}", std::process::id(), unique()));
         let file = fs::File::create(&tmp).map_err(ImageError::io("create", &tmp))?;
         let compressed = HashingWriter::new(BufWriter::new(file));
         let gzip = flate2::GzBuilder::new().write(compressed, Compression::new(6));
@@ -135,8 +151,16 @@ impl ImageStore {
         drop(file);
         let path = self.blob_path(&digest)?;
         fs::rename(&tmp, &path).map_err(ImageError::io("store", &path))?;
-        let descriptor = Descriptor { digest, media_type: oci::MEDIA_LAYER.into(), size, annotations: Default::default() };
-        Ok(LayerBlob { descriptor, diff_id })
+        let descriptor = Descriptor {
+            digest,
+            media_type: oci::MEDIA_LAYER.into(),
+            size,
+            annotations: Default::default(),
+        };
+        Ok(LayerBlob {
+            descriptor,
+            diff_id,
+        })
     }
 
     fn write_blob(&self, bytes: &[u8], media_type: &str) -> Result<Descriptor, ImageError> {
@@ -145,18 +169,30 @@ impl ImageStore {
         if !path.exists() {
             write_atomic(&path, bytes)?;
         }
-        Ok(Descriptor { digest, media_type: media_type.into(), size: bytes.len() as u64, annotations: Default::default() })
+        Ok(Descriptor {
+            digest,
+            media_type: media_type.into(),
+            size: bytes.len() as u64,
+            annotations: Default::default(),
+        })
     }
 
     fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(digest)?;
         let bytes = fs::read(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ImageError::NotFound(digest.to_string()),
-            _ => ImageError::Io { action: "read", path: path.clone(), source: e },
+            _ => ImageError::Io {
+                action: "read",
+                path: path.clone(),
+                source: e,
+            },
         })?;
         let actual = crate::sha256_digest(&bytes);
         if actual != digest {
-            return Err(ImageError::Corrupt { digest: digest.into(), actual });
+            return Err(ImageError::Corrupt {
+                digest: digest.into(),
+                actual,
+            });
         }
         Ok(bytes)
     }
@@ -164,7 +200,10 @@ impl ImageStore {
     /// The manifest of image `digest`.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, ImageError> {
         let bytes = self.read_blob(digest)?;
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { what: "manifest", source })
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+            what: "manifest",
+            source,
+        })
     }
 
     /// The run configuration of image `digest`.
@@ -172,7 +211,10 @@ impl ImageStore {
         let manifest = self.manifest(digest)?;
         let bytes = self.read_blob(&manifest.config.digest)?;
         let document: ConfigDocument =
-            serde_json::from_slice(&bytes).map_err(|source| ImageError::Json { what: "config", source })?;
+            serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+                what: "config",
+                source,
+            })?;
         Ok(document.config)
     }
 
@@ -184,11 +226,18 @@ impl ImageStore {
             return Ok(target);
         }
         let manifest = self.manifest(digest)?;
-        let tmp = self.roots_dir().join(format!(".tmp-{}-{}", std::process::id(), unique()));
+        let tmp = self
+            .roots_dir()
+            .join(format!(".tmp-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&tmp).map_err(ImageError::io("create", &tmp))?;
-        let unpacked = manifest.layers.iter().try_for_each(|layer| self.unpack_layer(&layer.digest, &tmp));
+        let unpacked = manifest
+            .layers
+            .iter()
+            .try_for_each(|layer| self.unpack_layer(&layer.digest, &tmp));
         let result = unpacked.and_then(|()| make_read_only(&tmp)).and_then(|()| {
-            fs::rename(&tmp, &target).or_else(|e| if target.exists() { Ok(()) } else { Err(e) }).map_err(ImageError::io("store", &target))
+            fs::rename(&tmp, &target)
+                .or_else(|e| if target.exists() { Ok(()) } else { Err(e) })
+                .map_err(ImageError::io("store", &target))
         });
         if tmp.exists() {
             remove_tree(&tmp);
@@ -199,15 +248,23 @@ impl ImageStore {
     fn unpack_layer(&self, digest: &str, into: &Path) -> Result<(), ImageError> {
         let path = self.blob_path(digest)?;
         let file = fs::File::open(&path).map_err(|_| ImageError::NotFound(digest.to_string()))?;
-        let mut reader = HashingReader { inner: io::BufReader::new(file), hasher: Sha256::new() };
+        let mut reader = HashingReader {
+            inner: io::BufReader::new(file),
+            hasher: Sha256::new(),
+        };
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&mut reader));
         archive.set_preserve_permissions(true);
         archive.set_overwrite(true);
-        archive.unpack(into).map_err(ImageError::io("unpack layer into", into))?;
+        archive
+            .unpack(into)
+            .map_err(ImageError::io("unpack layer into", into))?;
         io::copy(&mut reader, &mut io::sink()).map_err(ImageError::io("read", &path))?;
         let actual = format!("sha256:{}", crate::hex(&reader.hasher.finalize()));
         if actual != digest {
-            return Err(ImageError::Corrupt { digest: digest.into(), actual });
+            return Err(ImageError::Corrupt {
+                digest: digest.into(),
+                actual,
+            });
         }
         Ok(())
     }
@@ -216,11 +273,26 @@ impl ImageStore {
     pub fn write_index(&self, refs: &[(String, String)]) -> Result<(), ImageError> {
         let mut manifests = Vec::new();
         for (name, digest) in refs {
-            let size = fs::metadata(self.blob_path(digest)?).map(|m| m.len()).unwrap_or(0);
-            let annotations = [("org.opencontainers.image.ref.name".to_string(), name.clone())].into();
-            manifests.push(Descriptor { digest: digest.clone(), media_type: oci::MEDIA_MANIFEST.into(), size, annotations });
+            let size = fs::metadata(self.blob_path(digest)?)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let annotations = [(
+                "org.opencontainers.image.ref.name".to_string(),
+                name.clone(),
+            )]
+            .into();
+            manifests.push(Descriptor {
+                digest: digest.clone(),
+                media_type: oci::MEDIA_MANIFEST.into(),
+                size,
+                annotations,
+            });
         }
-        let index = Index { manifests, media_type: "application/vnd.oci.image.index.v1+json".into(), schema_version: 2 };
+        let index = Index {
+            manifests,
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            schema_version: 2,
+        };
         write_atomic(&self.root.join("index.json"), &to_json(&index)?)
     }
 }
@@ -246,12 +318,18 @@ impl<R: Read> Read for HashingReader<R> {
 fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(hex),
-        _ => Err(ImageError::BadPath { path: digest.into(), why: "not a sha256 digest" }),
+        _ => Err(ImageError::BadPath {
+            path: digest.into(),
+            why: "not a sha256 digest",
+        }),
     }
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
-    serde_json::to_vec(value).map_err(|source| ImageError::Json { what: "document", source })
+    serde_json::to_vec(value).map_err(|source| ImageError::Json {
+        what: "document",
+        source,
+    })
 }
 
 fn unique() -> u64 {
@@ -270,16 +348,19 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 fn make_read_only(dir: &Path) -> Result<(), ImageError> {
     for entry in fs::read_dir(dir).map_err(ImageError::io("read directory", dir))? {
         let entry = entry.map_err(ImageError::io("read directory", dir))?;
-        let meta = fs::symlink_metadata(entry.path()).map_err(ImageError::io("stat", entry.path()))?;
+        let meta =
+            fs::symlink_metadata(entry.path()).map_err(ImageError::io("stat", entry.path()))?;
         if meta.is_dir() {
             make_read_only(&entry.path())?;
         }
         if !meta.file_type().is_symlink() {
             let mode = meta.permissions().mode() & !0o222;
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode)).map_err(ImageError::io("chmod", entry.path()))?;
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))
+                .map_err(ImageError::io("chmod", entry.path()))?;
         }
     }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).map_err(ImageError::io("chmod", dir))
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))
+        .map_err(ImageError::io("chmod", dir))
 }
 
 /// Removes a read-only tree, restoring write permission on its directories first.

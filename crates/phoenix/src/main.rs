@@ -1,1 +1,87 @@
-fn main() {}
+//! `phoenix`: immutable infrastructure in one binary.
+
+mod client;
+mod commands;
+mod demo;
+mod load;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "phoenix",
+    version,
+    about = "Bake images, run fleets, deploy blue-green: immutable infrastructure in one binary"
+)]
+struct Cli {
+    /// State directory: SQLite state, image store, instance logs.
+    #[arg(long, global = true, default_value = ".phoenix", env = "PHOENIX_STATE")]
+    state: PathBuf,
+    /// Log verbosity for `up` and `demo` (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn")]
+    log: tracing::Level,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run controller, agent and proxy in the foreground and converge to the fleet file.
+    Up(up::UpArgs),
+    /// Deploy a new generation of a role blue-green (bakes first if the recipe changed).
+    Deploy(commands::DeployArgs),
+    /// Deploy the image of the generation that served before the live one.
+    Rollback(commands::RollbackArgs),
+    /// Roles, generations, instances, health and image digests.
+    Status(commands::StatusArgs),
+    /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
+    History(commands::HistoryArgs),
+    /// Bake image recipes of the fleet file into the image store.
+    Bake(commands::BakeArgs),
+    /// List baked images.
+    Images(commands::ImagesArgs),
+    /// Tell the whole story in about a minute, in a temporary state directory.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(&cli.state, args).await,
+            Command::Deploy(args) => commands::deploy(&cli.state, args).await,
+            Command::Rollback(args) => commands::rollback(&cli.state, args).await,
+            Command::Status(args) => commands::status(&cli.state, args).await,
+            Command::History(args) => commands::history(&cli.state, args).await,
+            Command::Bake(args) => commands::bake(&cli.state, args).await,
+            Command::Images(args) => commands::images(&cli.state, args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

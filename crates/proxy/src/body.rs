@@ -22,7 +22,12 @@ pub(crate) struct UpstreamResponse {
 
 impl UpstreamResponse {
     pub(crate) fn new(inner: Incoming, sender: Sender, claim: InFlight) -> Self {
-        UpstreamResponse { inner, sender: Some(sender), claim, done: false }
+        UpstreamResponse {
+            inner,
+            sender: Some(sender),
+            claim,
+            done: false,
+        }
     }
 }
 
@@ -30,7 +35,10 @@ impl Body for UpstreamResponse {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.done = true,

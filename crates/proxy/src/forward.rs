@@ -56,18 +56,31 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 /// Why one attempt on one backend failed.
 enum Failure {
     /// The request never left: it can go to another backend whatever its method.
-    NotSent { request: Request<UpstreamBody>, error: String, refused: bool },
+    NotSent {
+        request: Request<UpstreamBody>,
+        error: String,
+        refused: bool,
+    },
     /// The request may have reached the backend.
     Sent(String),
 }
 
-async fn forward(proxy: &RoleProxy, client: SocketAddr, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn forward(
+    proxy: &RoleProxy,
+    client: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     let (mut parts, body) = request.into_parts();
     // Without a body, an idempotent request can be sent again even after a backend failed mid-way.
     let replayable = is_idempotent(&parts.method) && body.is_end_stream();
     prepare_upstream(&mut parts.headers, &mut parts.uri, client);
-    let template = (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone());
+    let template = (
+        parts.method.clone(),
+        parts.uri.clone(),
+        parts.version,
+        parts.headers.clone(),
+    );
     let mut request = Some(Request::from_parts(parts, body.boxed()));
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_error = None;
@@ -80,18 +93,33 @@ async fn forward(proxy: &RoleProxy, client: SocketAddr, request: Request<Incomin
             Some(request) => request,
             None => rebuild(&template),
         };
-        let attempt = tokio::time::timeout(proxy.config.request_timeout, send(claim.backend(), proxy, outgoing)).await;
+        let attempt = tokio::time::timeout(
+            proxy.config.request_timeout,
+            send(claim.backend(), proxy, outgoing),
+        )
+        .await;
         match attempt {
             Err(_) => {
-                let message = format!("backend {} did not answer within {:?}", claim.backend().id, proxy.config.request_timeout);
+                let message = format!(
+                    "backend {} did not answer within {:?}",
+                    claim.backend().id,
+                    proxy.config.request_timeout
+                );
                 return error_response(proxy, StatusCode::GATEWAY_TIMEOUT, &message);
             }
             Ok(Ok((response, sender))) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(parts, UpstreamResponse::new(body, sender, claim).boxed());
+                return Response::from_parts(
+                    parts,
+                    UpstreamResponse::new(body, sender, claim).boxed(),
+                );
             }
-            Ok(Err(Failure::NotSent { request: unsent, error, refused })) => {
+            Ok(Err(Failure::NotSent {
+                request: unsent,
+                error,
+                refused,
+            })) => {
                 if refused {
                     claim.backend().down.store(true, Ordering::Release);
                 }
@@ -104,18 +132,34 @@ async fn forward(proxy: &RoleProxy, client: SocketAddr, request: Request<Incomin
                 last_error = Some(error);
             }
             Ok(Err(Failure::Sent(error))) => {
-                return error_response(proxy, StatusCode::BAD_GATEWAY, &format!("backend {} failed: {error}", claim.backend().id));
+                return error_response(
+                    proxy,
+                    StatusCode::BAD_GATEWAY,
+                    &format!("backend {} failed: {error}", claim.backend().id),
+                );
             }
         }
     }
     match last_error {
-        None => error_response(proxy, StatusCode::SERVICE_UNAVAILABLE, &format!("no healthy instance of role {}", proxy.role)),
-        Some(error) => error_response(proxy, StatusCode::BAD_GATEWAY, &format!("no instance of role {} could answer: {error}", proxy.role)),
+        None => error_response(
+            proxy,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no healthy instance of role {}", proxy.role),
+        ),
+        Some(error) => error_response(
+            proxy,
+            StatusCode::BAD_GATEWAY,
+            &format!("no instance of role {} could answer: {error}", proxy.role),
+        ),
     }
 }
 
 /// One attempt on one backend: pooled connections first, then a new one.
-async fn send(backend: &Backend, proxy: &RoleProxy, mut request: Request<UpstreamBody>) -> Result<(Response<Incoming>, Sender), Failure> {
+async fn send(
+    backend: &Backend,
+    proxy: &RoleProxy,
+    mut request: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Sender), Failure> {
     while let Some(mut sender) = backend.pool.checkout() {
         if sender.ready().await.is_err() {
             continue;
@@ -131,24 +175,41 @@ async fn send(backend: &Backend, proxy: &RoleProxy, mut request: Request<Upstrea
     }
     let mut sender = match pool::connect(backend.addr, proxy.config.connect_timeout).await {
         Ok(sender) => sender,
-        Err(error) => return Err(Failure::NotSent { request, error: format!("connect to {}: {error}", backend.addr), refused: true }),
+        Err(error) => {
+            return Err(Failure::NotSent {
+                request,
+                error: format!("connect to {}: {error}", backend.addr),
+                refused: true,
+            });
+        }
     };
     match sender.try_send_request(request).await {
         Ok(response) => Ok((response, sender)),
         Err(mut error) => match error.take_message() {
-            Some(request) => Err(Failure::NotSent { request, error: error.into_error().to_string(), refused: false }),
+            Some(request) => Err(Failure::NotSent {
+                request,
+                error: error.into_error().to_string(),
+                refused: false,
+            }),
             None => Err(Failure::Sent(error.into_error().to_string())),
         },
     }
 }
 
 fn is_idempotent(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 fn rebuild(template: &(Method, Uri, http::Version, HeaderMap)) -> Request<UpstreamBody> {
     let (method, uri, version, headers) = template;
-    let mut request = Request::new(Empty::<Bytes>::new().map_err(|never| match never {}).boxed());
+    let mut request = Request::new(
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri.clone();
     *request.version_mut() = *version;
@@ -184,7 +245,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
         headers.remove(name);
     }
 }
@@ -195,6 +264,9 @@ fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Respo
     let body = Full::new(Bytes::from(format!("{} {message}\n", status.as_u16())));
     let mut response = Response::new(body.map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

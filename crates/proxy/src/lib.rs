@@ -80,7 +80,10 @@ pub struct ProxyConfig {
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(30) }
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -113,16 +116,25 @@ impl RoleProxy {
 
     /// A snapshot of the current backend set.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
-        self.backends.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Picks the next backend round-robin, skipping `tried` ones and, while others remain,
     /// ones marked down. The in-flight count is raised before the lock is released.
     fn pick(&self, tried: &[Arc<Backend>]) -> Option<InFlight> {
         let backends = self.backends.read().unwrap_or_else(|p| p.into_inner());
-        let candidates: Vec<&Arc<Backend>> =
-            backends.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b))).collect();
-        let up: Vec<&Arc<Backend>> = candidates.iter().copied().filter(|b| !b.is_down()).collect();
+        let candidates: Vec<&Arc<Backend>> = backends
+            .iter()
+            .filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)))
+            .collect();
+        let up: Vec<&Arc<Backend>> = candidates
+            .iter()
+            .copied()
+            .filter(|b| !b.is_down())
+            .collect();
         let pool = if up.is_empty() { &candidates } else { &up };
         if pool.is_empty() {
             return None;
@@ -170,7 +182,10 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
             for backend in backends {
                 backend.pool.clear();
             }
-            return DrainReport { waited: start.elapsed(), abandoned: in_flight };
+            return DrainReport {
+                waited: start.elapsed(),
+                abandoned: in_flight,
+            };
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -178,7 +193,12 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
 
 /// Serves `proxy` on `listener` until `shutdown` turns true; then stops accepting, lets open
 /// connections finish their current request, and returns when they are closed or after `grace`.
-pub async fn serve(listener: TcpListener, proxy: Arc<RoleProxy>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<RoleProxy>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -204,7 +224,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<RoleProxy>, mut shutdown: w
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// Resolves once `flag` turns true (or its sender is gone).

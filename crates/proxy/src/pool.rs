@@ -25,7 +25,9 @@ pub(crate) struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle", &self.idle.lock().map(|i| i.len()).unwrap_or(0)).finish()
+        f.debug_struct("Pool")
+            .field("idle", &self.idle.lock().map(|i| i.len()).unwrap_or(0))
+            .finish()
     }
 }
 
@@ -59,7 +61,12 @@ impl Pool {
 pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Sender> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            )
+        })??;
     stream.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

@@ -19,13 +19,19 @@ async fn backend(name: &'static str) -> SocketAddr {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
-                        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
-                    }
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri().path())))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
+                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "{name} {}",
+                            req.uri().path()
+                        )))))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -34,7 +40,11 @@ async fn backend(name: &'static str) -> SocketAddr {
 
 /// A loopback address where nothing listens.
 async fn refusing() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 async fn frontend(proxy: Arc<RoleProxy>) -> (SocketAddr, watch::Sender<bool>) {
@@ -53,7 +63,10 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.unwrap();
     let status = raw[9..12].parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -81,7 +94,10 @@ async fn round_robin_over_the_backends() {
 async fn a_refused_connection_is_retried_on_another_backend_and_marked_down() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let dead = Backend::new("dead", refusing().await);
-    proxy.set_backends(vec![dead.clone(), Backend::new("live", backend("live").await)]);
+    proxy.set_backends(vec![
+        dead.clone(),
+        Backend::new("live", backend("live").await),
+    ]);
     let (addr, _stop) = frontend(proxy.clone()).await;
     for _ in 0..10 {
         assert_eq!(get(addr, "/").await, (200, "live /".to_string()));
@@ -96,7 +112,10 @@ async fn no_backend_gives_503_and_all_refusing_gives_502() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let (addr, _stop) = frontend(proxy.clone()).await;
     let (status, body) = get(addr, "/").await;
-    assert_eq!((status, body.as_str()), (503, "503 no healthy instance of role web\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "503 no healthy instance of role web\n")
+    );
     proxy.set_backends(vec![Backend::new("dead", refusing().await)]);
     let (status, body) = get(addr, "/").await;
     assert_eq!(status, 502);
@@ -114,10 +133,17 @@ async fn switch_is_immediate_and_drain_waits_for_in_flight_requests() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     proxy.set_backends(vec![Backend::new("new", backend("new").await)]);
-    assert_eq!(get(addr, "/").await.1, "new /", "new requests go to the new generation at once");
+    assert_eq!(
+        get(addr, "/").await.1,
+        "new /",
+        "new requests go to the new generation at once"
+    );
     let report = drain(std::slice::from_ref(&old), Duration::from_secs(5)).await;
     assert_eq!(report.abandoned, 0);
-    assert!(report.waited >= Duration::from_millis(100), "drain returned before the slow request finished: {report:?}");
+    assert!(
+        report.waited >= Duration::from_millis(100),
+        "drain returned before the slow request finished: {report:?}"
+    );
     assert_eq!(slow.await.unwrap(), (200, "old /slow/300".to_string()));
     assert_eq!(old.in_flight(), 0);
 }
@@ -146,12 +172,19 @@ async fn keep_alive_connections_are_reused() {
     for _ in 0..5 {
         assert_eq!(get(addr, "/").await.0, 200);
     }
-    assert_eq!(only.pool.idle.lock().unwrap().len(), 1, "sequential requests share one backend connection");
+    assert_eq!(
+        only.pool.idle.lock().unwrap().len(),
+        1,
+        "sequential requests share one backend connection"
+    );
 }
 
 #[tokio::test]
 async fn request_timeout_gives_504() {
-    let config = ProxyConfig { request_timeout: Duration::from_millis(100), ..ProxyConfig::default() };
+    let config = ProxyConfig {
+        request_timeout: Duration::from_millis(100),
+        ..ProxyConfig::default()
+    };
     let proxy = RoleProxy::new("web", config);
     proxy.set_backends(vec![Backend::new("slow", backend("slow").await)]);
     let (addr, _stop) = frontend(proxy.clone()).await;

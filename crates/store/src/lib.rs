@@ -19,11 +19,17 @@ use rusqlite::{Connection, OptionalExtension, params};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("state store {path}: {what} (the file was written by another version of Phoenix?)")]
     Corrupt { path: PathBuf, what: String },
     #[error("state store {path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -44,14 +50,23 @@ impl Store {
     /// Opens (creating and migrating if needed) the SQLite file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "wal").map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "normal").map_err(wrap)?;
-        conn.pragma_update(None, "foreign_keys", "on").map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "normal")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(wrap)?;
         schema::migrate(&conn).map_err(wrap)?;
-        Ok(Store { path, conn: Mutex::new(conn) })
+        Ok(Store {
+            path,
+            conn: Mutex::new(conn),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -59,15 +74,23 @@ impl Store {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn sql(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn corrupt(&self, what: String) -> StoreError {
-        StoreError::Corrupt { path: self.path.clone(), what }
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
     }
 
     // ---- images ----
@@ -90,8 +113,11 @@ impl Store {
         let mut stmt = conn
             .prepare("SELECT digest, name, size, created_at FROM images ORDER BY created_at DESC, rowid DESC")
             .map_err(|e| self.sql(e))?;
-        let rows = stmt.query_map([], ImageRow::from_row).map_err(|e| self.sql(e))?;
-        rows.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))
+        let rows = stmt
+            .query_map([], ImageRow::from_row)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
     }
 
     /// Resolves `reference`: an image name (its newest bake), `name@PREFIX`, a digest or a
@@ -108,10 +134,12 @@ impl Store {
             return Ok(None);
         }
         let mut matches = images.into_iter().filter(|i| {
-            name.is_none_or(|n| i.name == n) && prefix.is_none_or(|p| i.digest["sha256:".len()..].starts_with(p))
+            name.is_none_or(|n| i.name == n)
+                && prefix.is_none_or(|p| i.digest["sha256:".len()..].starts_with(p))
         });
         let first = matches.next();
-        let ambiguous = prefix.is_some() && matches.any(|i| Some(&i.digest) != first.as_ref().map(|f| &f.digest));
+        let ambiguous = prefix.is_some()
+            && matches.any(|i| Some(&i.digest) != first.as_ref().map(|f| &f.digest));
         Ok(if ambiguous { None } else { first })
     }
 
@@ -135,11 +163,15 @@ impl Store {
             GenerationStatus::Starting | GenerationStatus::Draining => "updated_at",
         };
         let sql = format!("UPDATE generations SET status = ?1, {column} = ?2 WHERE id = ?3");
-        self.conn().execute(&sql, params![status.as_str(), now, id]).map(drop).map_err(|e| self.sql(e))
+        self.conn()
+            .execute(&sql, params![status.as_str(), now, id])
+            .map(drop)
+            .map_err(|e| self.sql(e))
     }
 
     pub fn generation(&self, id: i64) -> Result<Option<GenerationRow>> {
-        self.query_generations("WHERE id = ?1", params![id]).map(|mut v| v.pop())
+        self.query_generations("WHERE id = ?1", params![id])
+            .map(|mut v| v.pop())
     }
 
     /// The generations of `role` (all roles when `None`), newest first.
@@ -152,8 +184,11 @@ impl Store {
 
     /// The generation of `role` that serves traffic, if any.
     pub fn live_generation(&self, role: &str) -> Result<Option<GenerationRow>> {
-        self.query_generations("WHERE role = ?1 AND status = 'live' ORDER BY id DESC LIMIT 1", params![role])
-            .map(|mut v| v.pop())
+        self.query_generations(
+            "WHERE role = ?1 AND status = 'live' ORDER BY id DESC LIMIT 1",
+            params![role],
+        )
+        .map(|mut v| v.pop())
     }
 
     /// The newest generation of `role` that once served and was replaced: the rollback target.
@@ -165,13 +200,25 @@ impl Store {
         .map(|mut v| v.pop())
     }
 
-    fn query_generations(&self, tail: &str, params: impl rusqlite::Params) -> Result<Vec<GenerationRow>> {
+    fn query_generations(
+        &self,
+        tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<GenerationRow>> {
         let conn = self.conn();
-        let sql = format!("SELECT id, role, image, status, created_at, switched_at, ended_at FROM generations {tail}");
+        let sql = format!(
+            "SELECT id, role, image, status, created_at, switched_at, ended_at FROM generations {tail}"
+        );
         let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
-        let raw = stmt.query_map(params, GenerationRow::from_row).map_err(|e| self.sql(e))?;
-        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
-        raw.into_iter().map(|r| r.map_err(|what| self.corrupt(what))).collect()
+        let raw = stmt
+            .query_map(params, GenerationRow::from_row)
+            .map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
+        raw.into_iter()
+            .map(|r| r.map_err(|what| self.corrupt(what)))
+            .collect()
     }
 
     // ---- instances ----
@@ -201,7 +248,10 @@ impl Store {
     /// Records the process of a started instance.
     pub fn set_instance_process(&self, name: &str, pid: u32, pid_start: u64) -> Result<()> {
         self.conn()
-            .execute("UPDATE instances SET pid = ?1, pid_start = ?2 WHERE name = ?3", params![pid, pid_start as i64, name])
+            .execute(
+                "UPDATE instances SET pid = ?1, pid_start = ?2 WHERE name = ?3",
+                params![pid, pid_start as i64, name],
+            )
             .map(drop)
             .map_err(|e| self.sql(e))
     }
@@ -219,22 +269,38 @@ impl Store {
 
     /// Instances whose process may still exist (not stopped, died or lost).
     pub fn active_instances(&self) -> Result<Vec<InstanceRow>> {
-        self.query_instances("WHERE status NOT IN ('stopped', 'died', 'lost') ORDER BY started_at, name", params![])
+        self.query_instances(
+            "WHERE status NOT IN ('stopped', 'died', 'lost') ORDER BY started_at, name",
+            params![],
+        )
     }
 
     pub fn instances_of_generation(&self, generation: i64) -> Result<Vec<InstanceRow>> {
-        self.query_instances("WHERE generation = ?1 ORDER BY started_at, name", params![generation])
+        self.query_instances(
+            "WHERE generation = ?1 ORDER BY started_at, name",
+            params![generation],
+        )
     }
 
-    fn query_instances(&self, tail: &str, params: impl rusqlite::Params) -> Result<Vec<InstanceRow>> {
+    fn query_instances(
+        &self,
+        tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<InstanceRow>> {
         let conn = self.conn();
         let sql = format!(
             "SELECT name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at FROM instances {tail}"
         );
         let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
-        let raw = stmt.query_map(params, InstanceRow::from_row).map_err(|e| self.sql(e))?;
-        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
-        raw.into_iter().map(|r| r.map_err(|what| self.corrupt(what))).collect()
+        let raw = stmt
+            .query_map(params, InstanceRow::from_row)
+            .map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
+        raw.into_iter()
+            .map(|r| r.map_err(|what| self.corrupt(what)))
+            .collect()
     }
 
     // ---- deploys ----
@@ -249,7 +315,13 @@ impl Store {
         Ok(conn.last_insert_rowid())
     }
 
-    pub fn finish_deploy(&self, id: i64, status: DeployStatus, reason: Option<&str>, now: i64) -> Result<()> {
+    pub fn finish_deploy(
+        &self,
+        id: i64,
+        status: DeployStatus,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
         self.conn()
             .execute(
                 "UPDATE deploys SET status = ?1, reason = ?2, ended_at = ?3 WHERE id = ?4",
@@ -265,14 +337,23 @@ impl Store {
         let mut stmt = conn
             .prepare("SELECT id, role, from_generation, to_generation, started_at FROM deploys WHERE status = 'running'")
             .map_err(|e| self.sql(e))?;
-        let rows = stmt.query_map([], DeployRow::from_row).map_err(|e| self.sql(e))?;
-        rows.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))
+        let rows = stmt
+            .query_map([], DeployRow::from_row)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
     }
 
     // ---- journal ----
 
     /// Appends an event to the journal and returns its sequence number.
-    pub fn journal(&self, now: i64, role: Option<&str>, kind: &str, detail: &serde_json::Value) -> Result<i64> {
+    pub fn journal(
+        &self,
+        now: i64,
+        role: Option<&str>,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> Result<i64> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO journal (at, role, kind, detail) VALUES (?1, ?2, ?3, ?4)",
@@ -292,10 +373,19 @@ impl Store {
                  ) ORDER BY seq",
             )
             .map_err(|e| self.sql(e))?;
-        let raw = stmt.query_map(params![role, limit], JournalRow::from_row).map_err(|e| self.sql(e))?;
-        let raw: Vec<_> = raw.collect::<std::result::Result<_, _>>().map_err(|e| self.sql(e))?;
+        let raw = stmt
+            .query_map(params![role, limit], JournalRow::from_row)
+            .map_err(|e| self.sql(e))?;
+        let raw: Vec<_> = raw
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
         raw.into_iter()
-            .map(|r| r.map_err(|source| StoreError::Json { path: self.path.clone(), source }))
+            .map(|r| {
+                r.map_err(|source| StoreError::Json {
+                    path: self.path.clone(),
+                    source,
+                })
+            })
             .collect()
     }
 
@@ -303,10 +393,17 @@ impl Store {
     pub fn journal_entry(&self, seq: i64) -> Result<Option<JournalRow>> {
         let conn = self.conn();
         let row = conn
-            .query_row("SELECT seq, at, role, kind, detail FROM journal WHERE seq = ?1", params![seq], JournalRow::from_row)
+            .query_row(
+                "SELECT seq, at, role, kind, detail FROM journal WHERE seq = ?1",
+                params![seq],
+                JournalRow::from_row,
+            )
             .optional()
             .map_err(|e| self.sql(e))?;
-        row.transpose().map_err(|source| StoreError::Json { path: self.path.clone(), source })
+        row.transpose().map_err(|source| StoreError::Json {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

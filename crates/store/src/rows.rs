@@ -1,7 +1,7 @@
 //! Typed rows and statuses.
 
 use rusqlite::Row;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 macro_rules! status_enum {
     ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
@@ -49,11 +49,14 @@ status_enum! {
 impl InstanceStatus {
     /// True once the instance's process is gone for good.
     pub fn is_final(self) -> bool {
-        matches!(self, InstanceStatus::Stopped | InstanceStatus::Died | InstanceStatus::Lost)
+        matches!(
+            self,
+            InstanceStatus::Stopped | InstanceStatus::Died | InstanceStatus::Lost
+        )
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRow {
     pub digest: String,
     pub name: String,
@@ -63,7 +66,12 @@ pub struct ImageRow {
 
 impl ImageRow {
     pub(crate) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(ImageRow { digest: row.get(0)?, name: row.get(1)?, size: row.get::<_, i64>(2)? as u64, created_at: row.get(3)? })
+        Ok(ImageRow {
+            digest: row.get(0)?,
+            name: row.get(1)?,
+            size: row.get::<_, i64>(2)? as u64,
+            created_at: row.get(3)?,
+        })
     }
 }
 
@@ -156,7 +164,7 @@ impl DeployRow {
 }
 
 /// One event of the journal.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalRow {
     pub seq: i64,
     pub at: i64,
@@ -172,6 +180,12 @@ impl JournalRow {
         let at = row.get(1)?;
         let role = row.get(2)?;
         let kind = row.get(3)?;
-        Ok(serde_json::from_str(&detail).map(|detail| JournalRow { seq, at, role, kind, detail }))
+        Ok(serde_json::from_str(&detail).map(|detail| JournalRow {
+            seq,
+            at,
+            role,
+            kind,
+            detail,
+        }))
     }
 }

@@ -18,11 +18,26 @@ fn images_resolve_by_name_digest_and_prefix() {
     store.record_image("web", D2, 20, 2).unwrap();
     store.record_image("web", D2, 20, 3).unwrap();
     assert_eq!(store.images().unwrap().len(), 2);
-    assert_eq!(store.find_image("web").unwrap().unwrap().digest, D2, "a name means its newest bake");
+    assert_eq!(
+        store.find_image("web").unwrap().unwrap().digest,
+        D2,
+        "a name means its newest bake"
+    );
     assert_eq!(store.find_image("111111").unwrap().unwrap().digest, D1);
     assert_eq!(store.find_image(D1).unwrap().unwrap().digest, D1);
-    assert_eq!(store.find_image("web@sha256:1111111").unwrap().unwrap().digest, D1);
-    assert_eq!(store.find_image("11").unwrap(), None, "prefixes under 6 digits are refused");
+    assert_eq!(
+        store
+            .find_image("web@sha256:1111111")
+            .unwrap()
+            .unwrap()
+            .digest,
+        D1
+    );
+    assert_eq!(
+        store.find_image("11").unwrap(),
+        None,
+        "prefixes under 6 digits are refused"
+    );
     assert_eq!(store.find_image("worker").unwrap(), None);
 }
 
@@ -33,7 +48,9 @@ fn generations_instances_and_deploys_survive_reopening() {
     {
         let store = Store::open(&path).unwrap();
         let g1 = store.create_generation("web", D1, 10).unwrap();
-        store.set_generation_status(g1, GenerationStatus::Live, 11).unwrap();
+        store
+            .set_generation_status(g1, GenerationStatus::Live, 11)
+            .unwrap();
         let g2 = store.create_generation("web", D2, 20).unwrap();
         let deploy = store.start_deploy("web", Some(g1), g2, 20).unwrap();
         store
@@ -59,10 +76,14 @@ fn generations_instances_and_deploys_survive_reopening() {
     let active = store.active_instances().unwrap();
     assert_eq!(active.len(), 1);
     assert_eq!((active[0].pid, active[0].pid_start), (Some(42), Some(777)));
-    store.set_instance_status("web-abc123", InstanceStatus::Lost, 30).unwrap();
+    store
+        .set_instance_status("web-abc123", InstanceStatus::Lost, 30)
+        .unwrap();
     assert!(store.active_instances().unwrap().is_empty());
     let deploy = store.running_deploys().unwrap().remove(0);
-    store.finish_deploy(deploy.id, DeployStatus::Interrupted, Some("restart"), 31).unwrap();
+    store
+        .finish_deploy(deploy.id, DeployStatus::Interrupted, Some("restart"), 31)
+        .unwrap();
     assert!(store.running_deploys().unwrap().is_empty());
 }
 
@@ -70,27 +91,62 @@ fn generations_instances_and_deploys_survive_reopening() {
 fn previous_generation_is_the_last_one_that_served() {
     let (_dir, store) = store();
     let g1 = store.create_generation("web", D1, 1).unwrap();
-    store.set_generation_status(g1, GenerationStatus::Live, 2).unwrap();
-    store.set_generation_status(g1, GenerationStatus::Retired, 5).unwrap();
+    store
+        .set_generation_status(g1, GenerationStatus::Live, 2)
+        .unwrap();
+    store
+        .set_generation_status(g1, GenerationStatus::Retired, 5)
+        .unwrap();
     let aborted = store.create_generation("web", D2, 3).unwrap();
-    store.set_generation_status(aborted, GenerationStatus::Aborted, 4).unwrap();
+    store
+        .set_generation_status(aborted, GenerationStatus::Aborted, 4)
+        .unwrap();
     let g3 = store.create_generation("web", D2, 5).unwrap();
-    store.set_generation_status(g3, GenerationStatus::Live, 6).unwrap();
-    assert_eq!(store.previous_generation("web", g3).unwrap().unwrap().id, g1);
+    store
+        .set_generation_status(g3, GenerationStatus::Live, 6)
+        .unwrap();
+    assert_eq!(
+        store.previous_generation("web", g3).unwrap().unwrap().id,
+        g1
+    );
     assert_eq!(store.previous_generation("web", g1).unwrap(), None);
 }
 
 #[test]
 fn journal_is_append_only_and_filtered_by_role() {
     let (_dir, store) = store();
-    store.journal(1, Some("web"), "deploy.started", &json!({"to": D1})).unwrap();
-    store.journal(2, Some("worker"), "deploy.started", &json!({})).unwrap();
-    let seq = store.journal(3, None, "up.started", &json!({"pid": 1})).unwrap();
-    let web: Vec<_> = store.history(Some("web"), 100).unwrap().into_iter().map(|e| e.kind).collect();
+    store
+        .journal(1, Some("web"), "deploy.started", &json!({"to": D1}))
+        .unwrap();
+    store
+        .journal(2, Some("worker"), "deploy.started", &json!({}))
+        .unwrap();
+    let seq = store
+        .journal(3, None, "up.started", &json!({"pid": 1}))
+        .unwrap();
+    let web: Vec<_> = store
+        .history(Some("web"), 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     assert_eq!(web, ["deploy.started", "up.started"]);
-    assert_eq!(store.history(None, 2).unwrap().len(), 2, "limit keeps the newest");
-    assert_eq!(store.journal_entry(seq).unwrap().unwrap().detail, json!({"pid": 1}));
+    assert_eq!(
+        store.history(None, 2).unwrap().len(),
+        2,
+        "limit keeps the newest"
+    );
+    assert_eq!(
+        store.journal_entry(seq).unwrap().unwrap().detail,
+        json!({"pid": 1})
+    );
     let conn = store.conn();
-    assert!(conn.execute("DELETE FROM journal", []).is_err(), "deletes are refused");
-    assert!(conn.execute("UPDATE journal SET kind = 'x'", []).is_err(), "updates are refused");
+    assert!(
+        conn.execute("DELETE FROM journal", []).is_err(),
+        "deletes are refused"
+    );
+    assert!(
+        conn.execute("UPDATE journal SET kind = 'x'", []).is_err(),
+        "updates are refused"
+    );
 }

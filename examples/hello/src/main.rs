@@ -37,7 +37,9 @@ fn env_flag(name: &str) -> bool {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH)");
+        println!(
+            "usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH)"
+        );
         return;
     }
     if let Some(bad) = args.iter().find(|a| *a != "--fail-health") {
@@ -98,17 +100,26 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
             }
         }
     }
-    println!("hello: SIGTERM, finishing {} connection(s)", connections.len());
+    println!(
+        "hello: SIGTERM, finishing {} connection(s)",
+        connections.len()
+    );
     drop(listener);
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
     let (status, body) = if path == "/healthz" {
         if app.fail_health {
-            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy (--fail-health)\n".to_string())
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unhealthy (--fail-health)\n".to_string(),
+            )
         } else {
             (StatusCode::OK, "ok\n".to_string())
         }
@@ -118,7 +129,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
                 tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
                 (StatusCode::OK, greeting(&app))
             }
-            Err(_) => (StatusCode::BAD_REQUEST, "usage: /slow/MILLISECONDS\n".to_string()),
+            Err(_) => (
+                StatusCode::BAD_REQUEST,
+                "usage: /slow/MILLISECONDS\n".to_string(),
+            ),
         }
     } else if path == "/" {
         (StatusCode::OK, greeting(&app))

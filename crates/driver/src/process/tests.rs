@@ -19,7 +19,10 @@ fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
         name: "web-abc123".into(),
         root,
         argv: vec!["/bin/app".into(), "one".into()],
-        env: vec![("VERSION".into(), "v7".into()), ("PATH".into(), "/usr/bin:/bin".into())],
+        env: vec![
+            ("VERSION".into(), "v7".into()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ],
         workdir: "/srv".into(),
         log_path: dir.join("web-abc123.log"),
     }
@@ -28,7 +31,10 @@ fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
 #[tokio::test]
 async fn runs_inside_the_root_with_only_its_own_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let root = root_with_script(dir.path(), r#"echo "args=$1 port=$PORT name=$PHOENIX_INSTANCE v=$VERSION home=${HOME:-none} cwd=$(pwd)"; echo oops >&2"#);
+    let root = root_with_script(
+        dir.path(),
+        r#"echo "args=$1 port=$PORT name=$PHOENIX_INSTANCE v=$VERSION home=${HOME:-none} cwd=$(pwd)"; echo oops >&2"#,
+    );
     let spec = spec(dir.path(), root.clone());
     let (mut process, address) = ProcessDriver.start(&spec).unwrap();
     assert!(address.ip().is_loopback());
@@ -45,16 +51,31 @@ async fn runs_inside_the_root_with_only_its_own_environment() {
 #[tokio::test]
 async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let polite = root_with_script(dir.path(), "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.05; done");
+    let polite = root_with_script(
+        dir.path(),
+        "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.05; done",
+    );
     let (mut process, _) = ProcessDriver.start(&spec(dir.path(), polite)).unwrap();
     assert!(process_alive(process.pid, process.start_time));
     wait_for_log(&dir.path().join("web-abc123.log"), "ready").await;
-    assert_eq!(process.stop(Duration::from_secs(5)).await, Exit("exit code 0".into()));
-    assert!(std::fs::read_to_string(dir.path().join("web-abc123.log")).unwrap().contains("got TERM"));
+    assert_eq!(
+        process.stop(Duration::from_secs(5)).await,
+        Exit("exit code 0".into())
+    );
+    assert!(
+        std::fs::read_to_string(dir.path().join("web-abc123.log"))
+            .unwrap()
+            .contains("got TERM")
+    );
 
     let stubborn_dir = tempfile::tempdir().unwrap();
-    let stubborn = root_with_script(stubborn_dir.path(), "trap '' TERM; echo ready; while true; do sleep 0.05; done");
-    let (mut process, _) = ProcessDriver.start(&spec(stubborn_dir.path(), stubborn)).unwrap();
+    let stubborn = root_with_script(
+        stubborn_dir.path(),
+        "trap '' TERM; echo ready; while true; do sleep 0.05; done",
+    );
+    let (mut process, _) = ProcessDriver
+        .start(&spec(stubborn_dir.path(), stubborn))
+        .unwrap();
     wait_for_log(&stubborn_dir.path().join("web-abc123.log"), "ready").await;
     let exit = process.stop(Duration::from_millis(200)).await;
     assert!(exit.0.starts_with("killed by signal 9"), "{exit}");
@@ -67,17 +88,33 @@ async fn a_missing_entrypoint_is_a_clear_error() {
     let mut spec = spec(dir.path(), root);
     spec.argv = vec!["/bin/nope".into()];
     let error = ProcessDriver.start(&spec).unwrap_err().to_string();
-    assert_eq!(error, "instance web-abc123: entrypoint \"/bin/nope\" does not exist in the image");
+    assert_eq!(
+        error,
+        "instance web-abc123: entrypoint \"/bin/nope\" does not exist in the image"
+    );
     spec.argv = vec!["/../bin/app".into()];
-    assert!(ProcessDriver.start(&spec).unwrap_err().to_string().contains("`..`"));
+    assert!(
+        ProcessDriver
+            .start(&spec)
+            .unwrap_err()
+            .to_string()
+            .contains("`..`")
+    );
 }
 
 #[tokio::test]
 async fn kill_recorded_kills_only_the_recorded_process() {
-    let mut child = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let start = process_start_time(pid).unwrap();
-    assert!(!kill_recorded(pid, start + 1).await, "a different start time means a reused pid");
+    assert!(
+        !kill_recorded(pid, start + 1).await,
+        "a different start time means a reused pid"
+    );
     assert!(process_alive(pid, start));
     assert!(kill_recorded(pid, start).await);
     let _ = child.wait();
@@ -86,7 +123,10 @@ async fn kill_recorded_kills_only_the_recorded_process() {
 
 async fn wait_for_log(path: &Path, needle: &str) {
     for _ in 0..500 {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

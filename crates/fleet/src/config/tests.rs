@@ -50,7 +50,12 @@ fn unknown_keys_name_file_line_column_and_key() {
     );
     let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
     let message = error(&text);
-    assert!(message.starts_with("fleet/phoenix.toml:4:1: [image.hello] key `entrypiont`: unknown field `entrypiont`"), "{message}");
+    assert!(
+        message.starts_with(
+            "fleet/phoenix.toml:4:1: [image.hello] key `entrypiont`: unknown field `entrypiont`"
+        ),
+        "{message}"
+    );
 }
 
 #[test]
@@ -62,11 +67,25 @@ fn bad_values_name_the_key() {
          write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
     );
     let text = GOOD.replace("127.0.0.1:8080", "localhost");
-    assert!(error(&text).starts_with("fleet/phoenix.toml:9:10: [role.web] key `listen`: invalid socket address"), "{}", error(&text));
+    assert!(
+        error(&text).starts_with(
+            "fleet/phoenix.toml:9:10: [role.web] key `listen`: invalid socket address"
+        ),
+        "{}",
+        error(&text)
+    );
     let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\n");
-    assert!(error(&text).contains("key `strategy`: unknown variant `rolling`, expected `blue-green`"), "{}", error(&text));
+    assert!(
+        error(&text).contains("key `strategy`: unknown variant `rolling`, expected `blue-green`"),
+        "{}",
+        error(&text)
+    );
     let text = GOOD.replace("from = \"scratch\"", "from = \"debian\"");
-    assert!(error(&text).contains("key `from`: unsupported base \"debian\""), "{}", error(&text));
+    assert!(
+        error(&text).contains("key `from`: unsupported base \"debian\""),
+        "{}",
+        error(&text)
+    );
 }
 
 #[test]
@@ -77,11 +96,25 @@ fn cross_references_and_ranges_are_checked() {
         "fleet/phoenix.toml:8:9: [role.web] key `image`: no [image.helo] in this file (images: hello)"
     );
     let text = GOOD.replace("listen =", "instances = 0\nlisten =");
-    assert!(error(&text).starts_with("fleet/phoenix.toml:9:13: [role.web] key `instances`: must be between 1 and 256"), "{}", error(&text));
+    assert!(
+        error(&text).starts_with(
+            "fleet/phoenix.toml:9:13: [role.web] key `instances`: must be between 1 and 256"
+        ),
+        "{}",
+        error(&text)
+    );
     let text = GOOD.replace("[role.web]", "[role.Web]");
-    assert!(error(&text).contains("role name \"Web\" may only hold a-z, 0-9 and `-`"), "{}", error(&text));
+    assert!(
+        error(&text).contains("role name \"Web\" may only hold a-z, 0-9 and `-`"),
+        "{}",
+        error(&text)
+    );
     let text = format!("{GOOD}\n[role.web.health]\nhealthy_threshold = 0\n");
-    assert!(error(&text).contains("thresholds must be at least 1"), "{}", error(&text));
+    assert!(
+        error(&text).contains("thresholds must be at least 1"),
+        "{}",
+        error(&text)
+    );
 }
 
 #[test]

@@ -15,7 +15,11 @@ fn recipe(copy: Vec<CopyStep>) -> Recipe {
 }
 
 fn copy(src: &str, dst: &str) -> CopyStep {
-    CopyStep { src: src.into(), dst: dst.into(), mode: None }
+    CopyStep {
+        src: src.into(),
+        dst: dst.into(),
+        mode: None,
+    }
 }
 
 /// Writes the same small tree into `dir`; `touch` varies the files' mtimes and permissions noise.
@@ -25,7 +29,11 @@ fn write_context(dir: &Path, touch: u32) {
     fs::set_permissions(dir.join("app"), fs::Permissions::from_mode(0o700 + touch)).unwrap();
     fs::write(dir.join("static/index.html"), b"<h1>hi</h1>").unwrap();
     fs::write(dir.join("static/css/site.css"), b"h1{}").unwrap();
-    fs::set_permissions(dir.join("static/index.html"), fs::Permissions::from_mode(0o600 + touch)).unwrap();
+    fs::set_permissions(
+        dir.join("static/index.html"),
+        fs::Permissions::from_mode(0o600 + touch),
+    )
+    .unwrap();
 }
 
 fn steps() -> Vec<CopyStep> {
@@ -40,8 +48,20 @@ fn two_bakes_of_the_same_inputs_give_the_same_digest_and_blobs() {
     write_context(&b.path().join("ctx"), 0o44);
     let store_a = ImageStore::open(a.path().join("store")).unwrap();
     let store_b = ImageStore::open(b.path().join("store")).unwrap();
-    let one = store_a.bake(&recipe(steps()), &a.path().join("ctx"), BakeOptions::default()).unwrap();
-    let two = store_b.bake(&recipe(steps()), &b.path().join("ctx"), BakeOptions::default()).unwrap();
+    let one = store_a
+        .bake(
+            &recipe(steps()),
+            &a.path().join("ctx"),
+            BakeOptions::default(),
+        )
+        .unwrap();
+    let two = store_b
+        .bake(
+            &recipe(steps()),
+            &b.path().join("ctx"),
+            BakeOptions::default(),
+        )
+        .unwrap();
     assert_eq!(one.digest, two.digest);
     let manifest = store_a.manifest(&one.digest).unwrap();
     for layer in &manifest.layers {
@@ -50,7 +70,13 @@ fn two_bakes_of_the_same_inputs_give_the_same_digest_and_blobs() {
         assert_eq!(bytes_a, bytes_b, "layer blobs differ");
     }
     // Baking again into the same store is a no-op that yields the same digest.
-    let again = store_a.bake(&recipe(steps()), &a.path().join("ctx"), BakeOptions::default()).unwrap();
+    let again = store_a
+        .bake(
+            &recipe(steps()),
+            &a.path().join("ctx"),
+            BakeOptions::default(),
+        )
+        .unwrap();
     assert_eq!(again, one);
 }
 
@@ -60,13 +86,34 @@ fn content_env_and_mtime_change_the_digest() {
     let ctx = dir.path().join("ctx");
     write_context(&ctx, 0);
     let store = ImageStore::open(dir.path().join("store")).unwrap();
-    let base = store.bake(&recipe(steps()), &ctx, BakeOptions::default()).unwrap().digest;
+    let base = store
+        .bake(&recipe(steps()), &ctx, BakeOptions::default())
+        .unwrap()
+        .digest;
     let mut other_env = recipe(steps());
     other_env.env.insert("VERSION".into(), "v2".into());
-    assert_ne!(store.bake(&other_env, &ctx, BakeOptions::default()).unwrap().digest, base);
-    assert_ne!(store.bake(&recipe(steps()), &ctx, BakeOptions { mtime: 1 }).unwrap().digest, base);
+    assert_ne!(
+        store
+            .bake(&other_env, &ctx, BakeOptions::default())
+            .unwrap()
+            .digest,
+        base
+    );
+    assert_ne!(
+        store
+            .bake(&recipe(steps()), &ctx, BakeOptions { mtime: 1 })
+            .unwrap()
+            .digest,
+        base
+    );
     fs::write(ctx.join("static/css/site.css"), b"h2{}").unwrap();
-    assert_ne!(store.bake(&recipe(steps()), &ctx, BakeOptions::default()).unwrap().digest, base);
+    assert_ne!(
+        store
+            .bake(&recipe(steps()), &ctx, BakeOptions::default())
+            .unwrap()
+            .digest,
+        base
+    );
 }
 
 #[test]
@@ -75,16 +122,39 @@ fn unpacked_root_holds_the_files_read_only() {
     let ctx = dir.path().join("ctx");
     write_context(&ctx, 0);
     let store = ImageStore::open(dir.path().join("store")).unwrap();
-    let image = store.bake(&recipe(steps()), &ctx, BakeOptions::default()).unwrap();
+    let image = store
+        .bake(&recipe(steps()), &ctx, BakeOptions::default())
+        .unwrap();
     let root = store.unpack(&image.digest).unwrap();
-    assert_eq!(fs::read(root.join("bin/app")).unwrap(), b"#!/bin/sh\necho hi\n");
-    assert_eq!(fs::read(root.join("srv/www/css/site.css")).unwrap(), b"h1{}");
-    let app_mode = fs::metadata(root.join("bin/app")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        fs::read(root.join("bin/app")).unwrap(),
+        b"#!/bin/sh\necho hi\n"
+    );
+    assert_eq!(
+        fs::read(root.join("srv/www/css/site.css")).unwrap(),
+        b"h1{}"
+    );
+    let app_mode = fs::metadata(root.join("bin/app"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(app_mode, 0o555, "executable, not writable");
-    let page_mode = fs::metadata(root.join("srv/www/index.html")).unwrap().permissions().mode() & 0o777;
+    let page_mode = fs::metadata(root.join("srv/www/index.html"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(page_mode, 0o444);
-    assert_eq!(fs::metadata(root.join("srv")).unwrap().permissions().mode() & 0o777, 0o555);
-    assert_eq!(store.unpack(&image.digest).unwrap(), root, "second unpack reuses the root");
+    assert_eq!(
+        fs::metadata(root.join("srv")).unwrap().permissions().mode() & 0o777,
+        0o555
+    );
+    assert_eq!(
+        store.unpack(&image.digest).unwrap(),
+        root,
+        "second unpack reuses the root"
+    );
     let config = store.config(&image.digest).unwrap();
     assert_eq!(config.entrypoint, vec!["/bin/app"]);
     assert_eq!(config.env, vec!["VERSION=v1"]);
@@ -97,13 +167,34 @@ fn bad_recipes_are_refused_with_the_reason() {
     let ctx = dir.path().join("ctx");
     write_context(&ctx, 0);
     let store = ImageStore::open(dir.path().join("store")).unwrap();
-    let missing = store.bake(&recipe(vec![copy("nope", "/bin/app")]), &ctx, BakeOptions::default());
-    assert!(matches!(missing, Err(ImageError::MissingSource { .. })), "{missing:?}");
-    let no_entry = store.bake(&recipe(vec![copy("static", "/srv")]), &ctx, BakeOptions::default());
+    let missing = store.bake(
+        &recipe(vec![copy("nope", "/bin/app")]),
+        &ctx,
+        BakeOptions::default(),
+    );
+    assert!(
+        matches!(missing, Err(ImageError::MissingSource { .. })),
+        "{missing:?}"
+    );
+    let no_entry = store.bake(
+        &recipe(vec![copy("static", "/srv")]),
+        &ctx,
+        BakeOptions::default(),
+    );
     let message = no_entry.unwrap_err().to_string();
-    assert!(message.contains("/bin/app") && message.contains("not in the image"), "{message}");
-    let escape = store.bake(&recipe(vec![copy("app", "/../bin/app")]), &ctx, BakeOptions::default());
-    assert!(matches!(escape, Err(ImageError::BadPath { .. })), "{escape:?}");
+    assert!(
+        message.contains("/bin/app") && message.contains("not in the image"),
+        "{message}"
+    );
+    let escape = store.bake(
+        &recipe(vec![copy("app", "/../bin/app")]),
+        &ctx,
+        BakeOptions::default(),
+    );
+    assert!(
+        matches!(escape, Err(ImageError::BadPath { .. })),
+        "{escape:?}"
+    );
 }
 
 #[test]
@@ -112,8 +203,12 @@ fn a_corrupt_blob_is_detected() {
     let ctx = dir.path().join("ctx");
     write_context(&ctx, 0);
     let store = ImageStore::open(dir.path().join("store")).unwrap();
-    let image = store.bake(&recipe(steps()), &ctx, BakeOptions::default()).unwrap();
-    let layer = store.manifest(&image.digest).unwrap().layers[0].digest.clone();
+    let image = store
+        .bake(&recipe(steps()), &ctx, BakeOptions::default())
+        .unwrap();
+    let layer = store.manifest(&image.digest).unwrap().layers[0]
+        .digest
+        .clone();
     let path = store.blob_path(&layer).unwrap();
     let mut bytes = fs::read(&path).unwrap();
     let last = bytes.len() - 9;
@@ -121,5 +216,10 @@ fn a_corrupt_blob_is_detected() {
     fs::write(&path, bytes).unwrap();
     let result = store.unpack(&image.digest);
     assert!(result.is_err(), "corrupt layer must not unpack");
-    assert!(!store.roots_dir().join(digest_hex(&image.digest).unwrap()).exists());
+    assert!(
+        !store
+            .roots_dir()
+            .join(digest_hex(&image.digest).unwrap())
+            .exists()
+    );
 }

@@ -1,0 +1,61 @@
+//! Injectable time and randomness.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Wall-clock time for records and the journal.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Generates instance names like `web-3f9a1c` from a seedable RNG.
+#[derive(Debug)]
+pub struct Namer {
+    rng: Mutex<fastrand::Rng>,
+}
+
+impl Namer {
+    pub fn new(rng: fastrand::Rng) -> Self {
+        Namer {
+            rng: Mutex::new(rng),
+        }
+    }
+
+    pub fn instance_name(&self, role: &str) -> String {
+        let n = self
+            .rng
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .u32(..0x100_0000);
+        format!("{role}-{n:06x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_deterministic_for_a_seed() {
+        let a = Namer::new(fastrand::Rng::with_seed(7));
+        let b = Namer::new(fastrand::Rng::with_seed(7));
+        let name = a.instance_name("web");
+        assert_eq!(name, b.instance_name("web"));
+        assert!(name.starts_with("web-") && name.len() == 10, "{name}");
+        assert!(name[4..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,513 @@
+//! The controller: owns the roles, their generations and instances, and converges to the fleet file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use phoenix_driver::{Driver, ProcessDriver};
+use phoenix_image::{BakeOptions, ImageStore};
+use phoenix_proxy::{ProxyConfig, RoleProxy};
+use phoenix_store::{GenerationStatus, Store, StoreError};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::clock::{Clock, Namer, SystemClock};
+use crate::instance::Instance;
+use crate::{FleetError, FleetFile, RoleConfig, bake};
+
+/// How to open a controller.
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub fleet_path: PathBuf,
+    pub clock: Arc<dyn Clock>,
+    /// Seed for instance names; `None` seeds from the OS.
+    pub seed: Option<u64>,
+    pub bake: BakeOptions,
+    pub driver: Arc<dyn Driver>,
+}
+
+impl Options {
+    pub fn new(state_dir: PathBuf, fleet_path: PathBuf) -> Self {
+        Options {
+            state_dir,
+            fleet_path,
+            clock: Arc::new(SystemClock),
+            seed: None,
+            bake: BakeOptions::default(),
+            driver: Arc::new(ProcessDriver),
+        }
+    }
+}
+
+/// What the supervisors tell the controller.
+#[derive(Debug)]
+pub(crate) enum Event {
+    HealthChanged {
+        role: String,
+    },
+    Died {
+        role: String,
+        generation: i64,
+        instance: String,
+    },
+}
+
+/// A set of instances of one role running one image.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub id: i64,
+    pub image: String,
+    pub instances: Mutex<Vec<Arc<Instance>>>,
+    pub status: Mutex<GenerationStatus>,
+}
+
+impl Generation {
+    pub fn new(id: i64, image: String, status: GenerationStatus) -> Arc<Self> {
+        Arc::new(Generation {
+            id,
+            image,
+            instances: Mutex::new(Vec::new()),
+            status: Mutex::new(status),
+        })
+    }
+
+    pub fn instances(&self) -> Vec<Arc<Instance>> {
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn status(&self) -> GenerationStatus {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_status(&self, status: GenerationStatus) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+}
+
+/// One role at run time.
+#[derive(Debug)]
+pub(crate) struct Role {
+    pub name: String,
+    config: RwLock<RoleConfig>,
+    pub proxy: Arc<RoleProxy>,
+    pub listen: SocketAddr,
+    pub deploy_lock: tokio::sync::Mutex<()>,
+    pub live: Mutex<Option<Arc<Generation>>>,
+    /// Generations starting (in a deploy) or draining.
+    pub others: Mutex<Vec<Arc<Generation>>>,
+    /// Recent unexpected deaths, for crash-loop backoff.
+    deaths: Mutex<Vec<Instant>>,
+}
+
+impl Role {
+    pub fn config(&self) -> RoleConfig {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_config(&self, config: RoleConfig) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    pub fn live(&self) -> Option<Arc<Generation>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Points the proxy at the healthy instances of the live generation, in one step.
+    pub fn refresh_backends(&self) {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        self.proxy.set_backends(healthy_backends(live.as_ref()));
+    }
+
+    /// Makes `generation` the live one and moves traffic to it atomically; returns the old one.
+    pub fn switch_to(&self, generation: Arc<Generation>) -> Option<Arc<Generation>> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let old = live.replace(generation);
+        self.proxy.set_backends(healthy_backends(live.as_ref()));
+        old
+    }
+
+    pub fn add_other(&self, generation: Arc<Generation>) {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(generation);
+    }
+
+    pub fn remove_other(&self, id: i64) {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|g| g.id != id);
+    }
+
+    /// Delay before replacing a crashed instance: none for the first crash in a minute,
+    /// then doubling from 500 ms up to 30 s, so a crash loop does not spin.
+    fn replacement_delay(&self) -> Duration {
+        let mut deaths = self.deaths.lock().unwrap_or_else(|p| p.into_inner());
+        deaths.retain(|t| t.elapsed() < Duration::from_secs(60));
+        deaths.push(Instant::now());
+        match deaths.len() {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_millis(500u64.saturating_mul(1 << (n - 2).min(6)))
+                .min(Duration::from_secs(30)),
+        }
+    }
+}
+
+fn healthy_backends(generation: Option<&Arc<Generation>>) -> Vec<Arc<phoenix_proxy::Backend>> {
+    generation
+        .iter()
+        .flat_map(|g| g.instances())
+        .filter(|i| i.is_healthy())
+        .map(|i| i.backend.clone())
+        .collect()
+}
+
+/// Shared state of the controller.
+pub(crate) struct Inner {
+    pub state_dir: PathBuf,
+    pub fleet_path: PathBuf,
+    pub store: Arc<Store>,
+    pub images: ImageStore,
+    pub driver: Arc<dyn Driver>,
+    pub clock: Arc<dyn Clock>,
+    pub namer: Namer,
+    pub bake: BakeOptions,
+    pub roles: BTreeMap<String, Arc<Role>>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub shutdown: watch::Sender<bool>,
+    frontends: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub fn role(&self, name: &str) -> Result<&Arc<Role>, FleetError> {
+        self.roles.get(name).ok_or_else(|| FleetError::UnknownRole {
+            role: name.into(),
+            known: self.roles.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Runs a store call off the async runtime.
+    pub async fn db<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, FleetError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&store))
+            .await
+            .map_err(|e| FleetError::Internal(e.to_string()))?
+            .map_err(FleetError::from)
+    }
+
+    /// Appends to the journal; a failure is logged, never fatal to the work it describes.
+    pub async fn journal(&self, role: Option<&str>, kind: &'static str, detail: serde_json::Value) {
+        let now = self.clock.now_ms();
+        let role = role.map(str::to_string);
+        tracing::info!(role = role.as_deref().unwrap_or("-"), "{kind} {detail}");
+        if let Err(error) = self
+            .db(move |s| s.journal(now, role.as_deref(), kind, &detail))
+            .await
+        {
+            tracing::error!(%error, "writing the journal");
+        }
+    }
+
+    /// Reads the fleet file again (deploys pick up edits).
+    pub fn reload_fleet(&self) -> Result<FleetFile, FleetError> {
+        Ok(FleetFile::load(&self.fleet_path)?)
+    }
+}
+
+/// The controller of one state directory.
+#[derive(Clone)]
+pub struct Controller {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Controller {
+    /// Opens the state, recovers from a previous crash, and binds every role's frontend.
+    /// Call [`Controller::converge`] next to bring the roles up.
+    pub async fn open(options: Options) -> Result<Controller, FleetError> {
+        let fleet = FleetFile::load(&options.fleet_path)?;
+        let state_dir = options.state_dir.clone();
+        for dir in [state_dir.clone(), state_dir.join("logs")] {
+            std::fs::create_dir_all(&dir).map_err(|e| FleetError::Io {
+                what: format!("create {}", dir.display()),
+                source: e,
+            })?;
+        }
+        let store = Arc::new(Store::open(state_dir.join("state.db"))?);
+        let images = ImageStore::open(state_dir.join("images"))?;
+        let rng = options
+            .seed
+            .map(fastrand::Rng::with_seed)
+            .unwrap_or_default();
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (shutdown, _) = watch::channel(false);
+        let mut roles = BTreeMap::new();
+        let mut listeners = Vec::new();
+        for (name, config) in &fleet.roles {
+            let listener =
+                TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|source| FleetError::Listen {
+                        role: name.clone(),
+                        addr: config.listen,
+                        source,
+                    })?;
+            let listen = listener.local_addr().map_err(|source| FleetError::Listen {
+                role: name.clone(),
+                addr: config.listen,
+                source,
+            })?;
+            let role = Arc::new(Role {
+                name: name.clone(),
+                config: RwLock::new(config.clone()),
+                proxy: RoleProxy::new(name.clone(), ProxyConfig::default()),
+                listen,
+                deploy_lock: tokio::sync::Mutex::new(()),
+                live: Mutex::new(None),
+                others: Mutex::new(Vec::new()),
+                deaths: Mutex::new(Vec::new()),
+            });
+            listeners.push((listener, role.clone()));
+            roles.insert(name.clone(), role);
+        }
+        let inner = Arc::new(Inner {
+            state_dir,
+            fleet_path: options.fleet_path,
+            store,
+            images,
+            driver: options.driver,
+            clock: options.clock,
+            namer: Namer::new(rng),
+            bake: options.bake,
+            roles,
+            events,
+            shutdown,
+            frontends: Mutex::new(Vec::new()),
+        });
+        crate::recover::recover(&inner).await?;
+        inner
+            .journal(
+                None,
+                "up.started",
+                json!({"pid": std::process::id(), "fleet": inner.fleet_path.display().to_string()}),
+            )
+            .await;
+        for (listener, role) in listeners {
+            let grace = role.config().deploy.drain;
+            let task = tokio::spawn(phoenix_proxy::serve(
+                listener,
+                role.proxy.clone(),
+                inner.shutdown.subscribe(),
+                grace,
+            ));
+            inner
+                .frontends
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
+        tokio::spawn(event_loop(Arc::downgrade(&inner), events_rx));
+        Ok(Controller { inner })
+    }
+
+    /// Brings every role to its desired state: the live generation recorded in the state is
+    /// started again; a role without one gets its first deploy. Returns per-role failures.
+    pub async fn converge(&self) -> Vec<(String, FleetError)> {
+        let mut failures = Vec::new();
+        for role in self.inner.roles.values() {
+            let live = match self
+                .inner
+                .db({
+                    let name = role.name.clone();
+                    move |s| s.live_generation(&name)
+                })
+                .await
+            {
+                Ok(live) => live,
+                Err(error) => {
+                    failures.push((role.name.clone(), error));
+                    continue;
+                }
+            };
+            let result = match live {
+                Some(generation) => {
+                    crate::deploy::restart_live(&self.inner, role, generation).await
+                }
+                None => self
+                    .deploy(
+                        &role.name,
+                        crate::DeployOptions::default(),
+                        &crate::Progress::none(),
+                    )
+                    .await
+                    .map(drop),
+            };
+            if let Err(error) = result {
+                tracing::error!(role = %role.name, %error, "role did not come up");
+                failures.push((role.name.clone(), error));
+            }
+        }
+        failures
+    }
+
+    /// The address each role's frontend listens on.
+    pub fn listen_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.inner
+            .roles
+            .iter()
+            .map(|(name, role)| (name.clone(), role.listen))
+            .collect()
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.inner.state_dir
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// Bakes the image `name` of the current fleet file.
+    pub async fn bake(&self, name: &str) -> Result<bake::BakeOutcome, FleetError> {
+        let fleet = self.inner.reload_fleet()?;
+        bake::bake_in_background(&self.inner, fleet, name.to_string()).await
+    }
+
+    /// Kills one instance's process with SIGKILL, as a crash would (used by `phoenix demo`).
+    pub fn kill_instance(&self, name: &str) -> Result<u32, FleetError> {
+        for role in self.inner.roles.values() {
+            if let Some(instance) = role
+                .live()
+                .into_iter()
+                .flat_map(|g| g.instances())
+                .find(|i| i.name == name)
+            {
+                // SAFETY: kill(2) on a pid our supervisor still owns (it has not been reaped).
+                unsafe { libc::kill(instance.pid as libc::pid_t, libc::SIGKILL) };
+                return Ok(instance.pid);
+            }
+        }
+        Err(FleetError::UnknownInstance(name.to_string()))
+    }
+
+    /// Stops accepting, lets in-flight requests finish, stops every instance, and records it.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.shutdown.send_replace(true);
+        let frontends: Vec<_> = inner
+            .frontends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for frontend in frontends {
+            let _ = frontend.await;
+        }
+        let mut stopping = Vec::new();
+        for role in inner.roles.values() {
+            let generations = role.live().into_iter().chain(
+                role.others
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            );
+            for instance in generations.flat_map(|g| g.instances()) {
+                stopping.push(async move { instance.stop().await });
+            }
+        }
+        let stopped = stopping.len();
+        for stop in stopping {
+            stop.await;
+        }
+        inner
+            .journal(None, "up.stopped", json!({"instances_stopped": stopped}))
+            .await;
+    }
+}
+
+/// Reacts to supervisors: health changes refresh the backend set; deaths are replaced.
+async fn event_loop(inner: std::sync::Weak<Inner>, mut events: mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = events.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        match event {
+            Event::HealthChanged { role } => {
+                if let Ok(role) = inner.role(&role) {
+                    role.refresh_backends();
+                }
+            }
+            Event::Died {
+                role,
+                generation,
+                instance,
+            } => {
+                if let Ok(role) = inner.role(&role) {
+                    role.refresh_backends();
+                    tokio::spawn(replace(inner.clone(), role.clone(), generation, instance));
+                }
+            }
+        }
+    }
+}
+
+/// Replaces a crashed instance of the live generation, retrying with backoff until it works
+/// or the generation is no longer live.
+async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: String) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let delay = role.replacement_delay();
+        if !delay.is_zero() {
+            tracing::warn!(role = %role.name, ?delay, "instances keep crashing; waiting before the next replacement");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = phoenix_proxy::stopped(&mut shutdown) => return,
+            }
+        }
+        let Some(live) = role.live().filter(|g| g.id == generation) else {
+            return;
+        };
+        if inner.is_shutting_down() {
+            return;
+        }
+        live.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| i.name != dead);
+        match crate::deploy::start_instance(&inner, &role.name, &live).await {
+            Ok(new) => {
+                live.instances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(new.clone());
+                let detail =
+                    json!({"instance": dead, "replacement": new.name, "generation": generation});
+                inner
+                    .journal(Some(&role.name), "instance.replaced", detail)
+                    .await;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(role = %role.name, %error, "cannot replace instance {dead}");
+                let detail = json!({"instance": dead, "error": error.to_string()});
+                inner
+                    .journal(Some(&role.name), "instance.replace_failed", detail)
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! Blue-green deploys: boot a new generation, gate on health, switch atomically, drain the old.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phoenix_image::short_digest;
+use phoenix_store::{DeployStatus, GenerationRow, GenerationStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::controller::{Controller, Generation, Inner, Role};
+use crate::instance::{self, Instance, log_tail};
+use crate::{FleetError, bake};
+
+/// What to deploy.
+#[derive(Debug, Clone, Default)]
+pub struct DeployOptions {
+    /// An image reference (name, digest or digest prefix) instead of baking the role's recipe.
+    pub image: Option<String>,
+    /// Deploy the image of the generation that served before the live one.
+    pub rollback: bool,
+}
+
+/// The outcome and timings of a successful deploy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployReport {
+    pub role: String,
+    pub generation: i64,
+    pub image: String,
+    pub previous_image: Option<String>,
+    /// True when this deploy baked a new image.
+    pub baked: bool,
+    pub instances: u32,
+    pub bake_ms: u64,
+    pub boot_to_healthy_ms: u64,
+    /// Time to swap the proxy's backend set.
+    pub switch_us: u64,
+    pub drain_ms: u64,
+    pub stop_ms: u64,
+    /// Requests still running on the old generation when the drain deadline passed.
+    pub abandoned_requests: usize,
+    pub total_ms: u64,
+}
+
+/// Where progress lines of long work go (the API streams them to the CLI).
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Option<mpsc::UnboundedSender<String>>);
+
+impl Progress {
+    pub fn none() -> Self {
+        Progress(None)
+    }
+
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Progress(Some(tx)), rx)
+    }
+
+    pub fn say(&self, line: impl Into<String>) {
+        let line = line.into();
+        tracing::debug!("{line}");
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(line);
+        }
+    }
+}
+
+impl Controller {
+    /// Deploys a new generation of `role` blue-green. On failure the live generation keeps
+    /// serving and the error says why (the last health error and the instance's log tail).
+    pub async fn deploy(
+        &self,
+        role: &str,
+        options: DeployOptions,
+        progress: &Progress,
+    ) -> Result<DeployReport, FleetError> {
+        deploy(&self.inner, role, options, progress).await
+    }
+}
+
+async fn deploy(
+    inner: &Arc<Inner>,
+    role_name: &str,
+    options: DeployOptions,
+    progress: &Progress,
+) -> Result<DeployReport, FleetError> {
+    let started = Instant::now();
+    let role = inner.role(role_name)?.clone();
+    let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
+        role: role_name.into(),
+    })?;
+    if inner.is_shutting_down() {
+        return Err(FleetError::ShuttingDown);
+    }
+    let live = role.live();
+    let (image, baked) = choose_image(inner, &role, live.as_ref(), &options, progress).await?;
+    let bake_ms = started.elapsed().as_millis() as u64;
+    let config = role.config();
+    let previous_image = live.as_ref().map(|g| g.image.clone());
+    progress.say(format!(
+        "deploying {role_name}: {} -> {} ({} instances)",
+        previous_image
+            .as_deref()
+            .map(short_digest)
+            .unwrap_or("nothing"),
+        short_digest(&image),
+        config.instances
+    ));
+
+    let now = inner.clock.now_ms();
+    let (role_key, image_key, from) = (
+        role_name.to_string(),
+        image.clone(),
+        live.as_ref().map(|g| g.id),
+    );
+    let (generation_id, deploy_id) = inner
+        .db(move |s| {
+            let generation = s.create_generation(&role_key, &image_key, now)?;
+            Ok((
+                generation,
+                s.start_deploy(&role_key, from, generation, now)?,
+            ))
+        })
+        .await?;
+    let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": config.instances, "rollback": options.rollback});
+    inner
+        .journal(Some(role_name), "deploy.started", detail)
+        .await;
+    let generation = Generation::new(generation_id, image.clone(), GenerationStatus::Starting);
+    role.add_other(generation.clone());
+
+    let boot = Instant::now();
+    if let Err(reason) = boot_generation(
+        inner,
+        &role,
+        &generation,
+        config.instances,
+        config.deploy.healthy_timeout,
+        progress,
+    )
+    .await
+    {
+        progress.say(format!(
+            "aborting: {}",
+            reason.lines().next().unwrap_or_default()
+        ));
+        stop_all(&generation.instances()).await;
+        generation.set_status(GenerationStatus::Aborted);
+        role.remove_other(generation_id);
+        let (now, why) = (inner.clock.now_ms(), reason.clone());
+        inner
+            .db(move |s| {
+                s.set_generation_status(generation_id, GenerationStatus::Aborted, now)?;
+                s.finish_deploy(deploy_id, DeployStatus::Aborted, Some(&why), now)
+            })
+            .await?;
+        inner
+            .journal(
+                Some(role_name),
+                "deploy.aborted",
+                json!({"deploy": deploy_id, "generation": generation_id, "reason": reason}),
+            )
+            .await;
+        return Err(FleetError::DeployAborted {
+            role: role_name.into(),
+            reason,
+        });
+    }
+    let boot_to_healthy_ms = boot.elapsed().as_millis() as u64;
+
+    let switch = Instant::now();
+    let old = role.switch_to(generation.clone());
+    let switch_us = switch.elapsed().as_micros() as u64;
+    role.remove_other(generation_id);
+    let now = inner.clock.now_ms();
+    let old_id = old.as_ref().map(|g| g.id);
+    inner
+        .db(move |s| {
+            s.set_generation_status(generation_id, GenerationStatus::Live, now)?;
+            old_id.map_or(Ok(()), |id| {
+                s.set_generation_status(id, GenerationStatus::Draining, now)
+            })
+        })
+        .await?;
+    inner
+        .journal(
+            Some(role_name),
+            "deploy.switched",
+            json!({"deploy": deploy_id, "generation": generation_id, "switch_us": switch_us}),
+        )
+        .await;
+    progress.say(format!(
+        "switched {role_name} to generation {generation_id} in {switch_us} µs"
+    ));
+
+    let (mut drain_ms, mut stop_ms, mut abandoned_requests) = (0, 0, 0);
+    if let Some(old) = old {
+        old.set_status(GenerationStatus::Draining);
+        role.add_other(old.clone());
+        let instances = old.instances();
+        let backends: Vec<_> = instances.iter().map(|i| i.backend.clone()).collect();
+        let report = phoenix_proxy::drain(&backends, config.deploy.drain).await;
+        drain_ms = report.waited.as_millis() as u64;
+        abandoned_requests = report.abandoned;
+        progress.say(format!(
+            "drained generation {} in {drain_ms} ms ({} requests cut at the deadline)",
+            old.id, report.abandoned
+        ));
+        let stopping = Instant::now();
+        stop_all(&instances).await;
+        stop_ms = stopping.elapsed().as_millis() as u64;
+        old.set_status(GenerationStatus::Retired);
+        role.remove_other(old.id);
+        let (now, id) = (inner.clock.now_ms(), old.id);
+        inner
+            .db(move |s| s.set_generation_status(id, GenerationStatus::Retired, now))
+            .await?;
+    }
+    let now = inner.clock.now_ms();
+    inner
+        .db(move |s| s.finish_deploy(deploy_id, DeployStatus::Succeeded, None, now))
+        .await?;
+    let report = DeployReport {
+        role: role_name.into(),
+        generation: generation_id,
+        image,
+        previous_image: old_id.and(live.map(|g| g.image.clone())),
+        baked,
+        instances: config.instances,
+        bake_ms,
+        boot_to_healthy_ms,
+        switch_us,
+        drain_ms,
+        stop_ms,
+        abandoned_requests,
+        total_ms: started.elapsed().as_millis() as u64,
+    };
+    inner
+        .journal(
+            Some(role_name),
+            "deploy.finished",
+            json!({"deploy": deploy_id, "report": report}),
+        )
+        .await;
+    Ok(report)
+}
+
+/// Picks the image to deploy: the rollback target, the given reference, or a fresh bake of the
+/// role's recipe from the (re-read) fleet file. Returns the digest and whether it was newly baked.
+async fn choose_image(
+    inner: &Arc<Inner>,
+    role: &Role,
+    live: Option<&Arc<Generation>>,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> Result<(String, bool), FleetError> {
+    if options.rollback {
+        let no_previous = || FleetError::NoPrevious {
+            role: role.name.clone(),
+        };
+        let live_id = live.ok_or_else(no_previous)?.id;
+        let name = role.name.clone();
+        let previous = inner
+            .db(move |s| s.previous_generation(&name, live_id))
+            .await?
+            .ok_or_else(no_previous)?;
+        progress.say(format!(
+            "rolling back to the image of generation {}",
+            previous.id
+        ));
+        return Ok((previous.image, false));
+    }
+    if let Some(reference) = &options.image {
+        let key = reference.clone();
+        let found = inner.db(move |s| s.find_image(&key)).await?;
+        let image = found.ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
+        return Ok((image.digest, false));
+    }
+    let fleet = inner.reload_fleet()?;
+    let config = fleet
+        .roles
+        .get(&role.name)
+        .cloned()
+        .ok_or_else(|| FleetError::RoleNotInFile {
+            role: role.name.clone(),
+        })?;
+    role.set_config(config.clone());
+    progress.say(format!("baking image {}", config.image));
+    let outcome = bake::bake_in_background(inner, fleet, config.image).await?;
+    let state = if outcome.new { "baked" } else { "unchanged" };
+    progress.say(format!(
+        "image {} {state}: {} ({} ms)",
+        outcome.name,
+        short_digest(&outcome.digest),
+        outcome.millis
+    ));
+    Ok((outcome.digest, outcome.new))
+}
+
+/// Starts `count` instances of `generation` and waits until every one is healthy.
+/// Returns the reason when one dies or the timeout passes.
+async fn boot_generation(
+    inner: &Arc<Inner>,
+    role: &Role,
+    generation: &Arc<Generation>,
+    count: u32,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), String> {
+    for _ in 0..count {
+        let instance = start_instance(inner, &role.name, generation)
+            .await
+            .map_err(|e| e.to_string())?;
+        progress.say(format!(
+            "started {} (pid {}, {})",
+            instance.name, instance.pid, instance.backend.addr
+        ));
+        generation
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut announced = Vec::new();
+    loop {
+        if inner.is_shutting_down() {
+            return Err("phoenix is shutting down".into());
+        }
+        let instances = generation.instances();
+        for instance in &instances {
+            if let Some(exit) = instance.ended() {
+                return Err(startup_failure(
+                    instance,
+                    &format!("exited during startup ({exit})"),
+                ));
+            }
+            if instance.is_healthy() && !announced.contains(&instance.name) {
+                progress.say(format!(
+                    "{} is healthy after {} ms",
+                    instance.name,
+                    instance.started.elapsed().as_millis()
+                ));
+                announced.push(instance.name.clone());
+            }
+        }
+        if instances.iter().all(|i| i.is_healthy()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let sick = instances
+                .iter()
+                .find(|i| !i.is_healthy())
+                .expect("one instance is not healthy");
+            let error = sick
+                .last_error()
+                .unwrap_or_else(|| "no health check has passed yet".into());
+            return Err(startup_failure(
+                sick,
+                &format!("not healthy within {timeout:?}: last health check: {error}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn startup_failure(instance: &Instance, what: &str) -> String {
+    let tail = log_tail(&instance.log_path, 10);
+    let mut reason = format!("instance {} {what}", instance.name);
+    if !tail.is_empty() {
+        reason.push_str(&format!(
+            "\nlast lines of {}:\n  {}",
+            instance.log_path.display(),
+            tail.join("\n  ")
+        ));
+    }
+    reason
+}
+
+/// Starts one instance of `generation` (the image is unpacked once and reused).
+pub(crate) async fn start_instance(
+    inner: &Arc<Inner>,
+    role: &str,
+    generation: &Generation,
+) -> Result<Arc<Instance>, FleetError> {
+    let (images, digest) = (inner.images.clone(), generation.image.clone());
+    let (root, config) = tokio::task::spawn_blocking(move || {
+        Ok::<_, FleetError>((images.unpack(&digest)?, images.config(&digest)?))
+    })
+    .await
+    .map_err(|e| FleetError::Internal(e.to_string()))??;
+    instance::start(inner, role, generation.id, &generation.image, root, &config).await
+}
+
+async fn stop_all(instances: &[Arc<Instance>]) {
+    let stops: Vec<_> = instances.iter().map(|i| i.stop()).collect();
+    for stop in stops {
+        stop.await;
+    }
+}
+
+/// Starts the recorded live generation of `role` again (after a restart of Phoenix) and waits
+/// for it to become healthy.
+pub(crate) async fn restart_live(
+    inner: &Arc<Inner>,
+    role: &Arc<Role>,
+    row: GenerationRow,
+) -> Result<(), FleetError> {
+    let _lock = role.deploy_lock.lock().await;
+    if !inner.images.contains(&row.image) {
+        return Err(FleetError::ImageNotFound(row.image));
+    }
+    let config = role.config();
+    let generation = Generation::new(row.id, row.image.clone(), GenerationStatus::Live);
+    for _ in 0..config.instances {
+        let instance = start_instance(inner, &role.name, &generation).await?;
+        generation
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance);
+    }
+    role.switch_to(generation.clone());
+    let detail = json!({"generation": row.id, "image": row.image, "instances": config.instances});
+    inner
+        .journal(Some(&role.name), "role.restarted", detail)
+        .await;
+    let deadline = Instant::now() + config.deploy.healthy_timeout;
+    while Instant::now() < deadline && !generation.instances().iter().all(|i| i.is_healthy()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

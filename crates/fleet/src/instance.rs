@@ -1,0 +1,313 @@
+//! One running instance and the task that supervises it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use phoenix_driver::{Exit, InstanceSpec, Process};
+use phoenix_proxy::Backend;
+use phoenix_store::{InstanceRow, InstanceStatus};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::controller::{Event, Inner};
+use crate::{FleetError, HealthConfig, health};
+
+/// A running instance, as the controller sees it.
+#[derive(Debug)]
+pub(crate) struct Instance {
+    pub name: String,
+    pub role: String,
+    pub generation: i64,
+    pub backend: Arc<Backend>,
+    pub pid: u32,
+    pub log_path: PathBuf,
+    pub started: Instant,
+    state: Mutex<HealthState>,
+    stop: watch::Sender<bool>,
+    ended: watch::Receiver<Option<String>>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    status: InstanceStatus,
+    passes: u32,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+impl Instance {
+    pub fn status(&self) -> InstanceStatus {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).status
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.status() == InstanceStatus::Healthy
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .clone()
+    }
+
+    /// How the process ended, once it has.
+    pub fn ended(&self) -> Option<String> {
+        self.ended.borrow().clone()
+    }
+
+    /// Stops the instance (SIGTERM, then SIGKILL after the role's grace) and waits for the end.
+    pub async fn stop(&self) -> String {
+        self.stop.send_replace(true);
+        let mut ended = self.ended.clone();
+        let exit = ended
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| e.clone().unwrap_or_default());
+        exit.unwrap_or_else(|_| "supervisor gone".into())
+    }
+
+    /// Counts one probe result; returns the new status when it changed.
+    fn record_probe(
+        &self,
+        result: Result<(), String>,
+        health: &HealthConfig,
+    ) -> Option<InstanceStatus> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = state.status;
+        match result {
+            Ok(()) => {
+                state.passes += 1;
+                state.failures = 0;
+                if state.passes >= health.healthy_threshold {
+                    state.status = InstanceStatus::Healthy;
+                }
+            }
+            Err(error) => {
+                state.failures += 1;
+                state.passes = 0;
+                state.last_error = Some(error);
+                if before == InstanceStatus::Healthy && state.failures >= health.unhealthy_threshold
+                {
+                    state.status = InstanceStatus::Unhealthy;
+                }
+            }
+        }
+        (state.status != before).then_some(state.status)
+    }
+
+    fn set_status(&self, status: InstanceStatus) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).status = status;
+    }
+}
+
+/// Starts one instance of `generation` from the unpacked image at `root` and supervises it.
+pub(crate) async fn start(
+    inner: &Arc<Inner>,
+    role: &str,
+    generation: i64,
+    image: &str,
+    root: PathBuf,
+    config: &phoenix_image::ImageConfig,
+) -> Result<Arc<Instance>, FleetError> {
+    let role_config = inner.role(role)?.config();
+    let name = inner.namer.instance_name(role);
+    let log_path = inner.state_dir.join("logs").join(format!("{name}.log"));
+    let mut env: Vec<(String, String)> = config
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    env.push(("PHOENIX_ROLE".into(), role.into()));
+    env.push(("PHOENIX_GENERATION".into(), generation.to_string()));
+    let spec = InstanceSpec {
+        name: name.clone(),
+        root,
+        argv: config
+            .entrypoint
+            .iter()
+            .chain(&config.cmd)
+            .cloned()
+            .collect(),
+        env,
+        workdir: config.working_dir.clone(),
+        log_path: log_path.clone(),
+    };
+    let (process, addr) = inner.driver.start(&spec)?;
+    let started_at_ms = inner.clock.now_ms();
+    let row = InstanceRow {
+        name: name.clone(),
+        role: role.into(),
+        generation,
+        image: image.into(),
+        status: InstanceStatus::Starting,
+        pid: Some(process.pid),
+        pid_start: Some(process.start_time),
+        port: addr.port(),
+        log_path: log_path.display().to_string(),
+        started_at: started_at_ms,
+        ended_at: None,
+    };
+    inner.db(move |s| s.insert_instance(&row)).await?;
+    let detail = json!({"instance": name, "generation": generation, "image": image, "pid": process.pid, "port": addr.port()});
+    inner.journal(Some(role), "instance.started", detail).await;
+    let (stop, stop_rx) = watch::channel(false);
+    let (ended_tx, ended) = watch::channel(None);
+    let instance = Arc::new(Instance {
+        name: name.clone(),
+        role: role.into(),
+        generation,
+        backend: Backend::new(name, addr),
+        pid: process.pid,
+        log_path,
+        started: Instant::now(),
+        state: Mutex::new(HealthState {
+            status: InstanceStatus::Starting,
+            passes: 0,
+            failures: 0,
+            last_error: None,
+        }),
+        stop,
+        ended,
+    });
+    let supervisor = Supervisor {
+        inner: inner.clone(),
+        instance: instance.clone(),
+        health: role_config.health,
+        grace: role_config.stop_timeout,
+    };
+    tokio::spawn(supervisor.run(process, stop_rx, ended_tx));
+    Ok(instance)
+}
+
+struct Supervisor {
+    inner: Arc<Inner>,
+    instance: Arc<Instance>,
+    health: HealthConfig,
+    grace: std::time::Duration,
+}
+
+enum End {
+    Stopped(Exit),
+    Died(Exit),
+}
+
+impl Supervisor {
+    async fn run(
+        self,
+        mut process: Process,
+        mut stop: watch::Receiver<bool>,
+        ended: watch::Sender<Option<String>>,
+    ) {
+        let mut ticker = tokio::time::interval(self.health.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = phoenix_proxy::stopped(&mut stop) => {
+                    self.instance.set_status(InstanceStatus::Stopping);
+                    self.inner.events.send(Event::HealthChanged { role: self.instance.role.clone() }).ok();
+                    break End::Stopped(process.stop(self.grace).await);
+                }
+                exit = process.exited() => break End::Died(exit),
+                _ = ticker.tick() => self.probe().await,
+            }
+        };
+        let instance = &self.instance;
+        let (status, kind, exit) = match end {
+            End::Stopped(exit) => (InstanceStatus::Stopped, "instance.stopped", exit),
+            End::Died(exit) => (InstanceStatus::Died, "instance.died", exit),
+        };
+        instance.set_status(status);
+        let name = instance.name.clone();
+        let now = self.inner.clock.now_ms();
+        if let Err(error) = self
+            .inner
+            .db(move |s| s.set_instance_status(&name, status, now))
+            .await
+        {
+            tracing::error!(%error, "recording the end of an instance");
+        }
+        let mut detail =
+            json!({"instance": instance.name, "generation": instance.generation, "exit": exit.0});
+        if status == InstanceStatus::Died {
+            detail["log_tail"] = json!(log_tail(&instance.log_path, 10));
+            tracing::warn!(instance = %instance.name, exit = %exit, "instance died");
+        }
+        self.inner.journal(Some(&instance.role), kind, detail).await;
+        ended.send_replace(Some(exit.0));
+        if status == InstanceStatus::Died {
+            let event = Event::Died {
+                role: instance.role.clone(),
+                generation: instance.generation,
+                instance: instance.name.clone(),
+            };
+            self.inner.events.send(event).ok();
+        }
+    }
+
+    async fn probe(&self) {
+        let instance = &self.instance;
+        let result = health::probe(
+            instance.backend.addr,
+            &self.health.path,
+            self.health.timeout,
+        )
+        .await;
+        if result.is_ok() {
+            instance.backend.mark_up();
+        }
+        let error = result.as_ref().err().cloned();
+        let Some(status) = instance.record_probe(result, &self.health) else {
+            return;
+        };
+        let name = instance.name.clone();
+        let now = self.inner.clock.now_ms();
+        if let Err(error) = self
+            .inner
+            .db(move |s| s.set_instance_status(&name, status, now))
+            .await
+        {
+            tracing::error!(%error, "recording instance health");
+        }
+        let kind = if status == InstanceStatus::Healthy {
+            "instance.healthy"
+        } else {
+            "instance.unhealthy"
+        };
+        let mut detail = json!({"instance": instance.name, "generation": instance.generation});
+        if let Some(error) = error {
+            detail["error"] = json!(error);
+        }
+        self.inner.journal(Some(&instance.role), kind, detail).await;
+        self.inner
+            .events
+            .send(Event::HealthChanged {
+                role: instance.role.clone(),
+            })
+            .ok();
+    }
+}
+
+/// The last `lines` lines of a log file.
+pub(crate) fn log_tail(path: &std::path::Path, lines: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut bytes = Vec::new();
+    let _ = file.take(4096).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}

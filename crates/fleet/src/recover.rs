@@ -1,0 +1,75 @@
+//! Recovery after Phoenix was killed: no orphaned process, no deploy left half-recorded.
+
+use std::sync::Arc;
+
+use phoenix_store::{DeployStatus, GenerationStatus, InstanceStatus};
+use serde_json::json;
+
+use crate::FleetError;
+use crate::controller::Inner;
+
+/// Kills every instance process a previous run left behind (checked by pid and start time),
+/// marks interrupted deploys and their generations, and journals what it did.
+pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), FleetError> {
+    let instances = inner.db(|s| s.active_instances()).await?;
+    let mut killed = 0;
+    for instance in &instances {
+        let was_running = match (instance.pid, instance.pid_start) {
+            (Some(pid), Some(start)) => phoenix_driver::kill_recorded(pid, start).await,
+            _ => false,
+        };
+        killed += usize::from(was_running);
+        let (name, now) = (instance.name.clone(), inner.clock.now_ms());
+        inner
+            .db(move |s| s.set_instance_status(&name, InstanceStatus::Lost, now))
+            .await?;
+        let detail = json!({"instance": instance.name, "generation": instance.generation, "pid": instance.pid, "killed": was_running});
+        inner
+            .journal(Some(&instance.role), "instance.lost", detail)
+            .await;
+    }
+    let deploys = inner.db(|s| s.running_deploys()).await?;
+    for deploy in &deploys {
+        let (id, to, now) = (deploy.id, deploy.to_generation, inner.clock.now_ms());
+        inner
+            .db(move |s| {
+                s.finish_deploy(
+                    id,
+                    DeployStatus::Interrupted,
+                    Some("phoenix stopped during the deploy"),
+                    now,
+                )?;
+                match s.generation(to)? {
+                    Some(g) if g.status == GenerationStatus::Starting => {
+                        s.set_generation_status(to, GenerationStatus::Aborted, now)
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await?;
+        inner
+            .journal(
+                Some(&deploy.role),
+                "deploy.interrupted",
+                json!({"deploy": deploy.id, "generation": deploy.to_generation}),
+            )
+            .await;
+    }
+    let generations = inner.db(|s| s.generations(None)).await?;
+    for generation in generations {
+        let status = match generation.status {
+            GenerationStatus::Starting => GenerationStatus::Aborted,
+            GenerationStatus::Draining => GenerationStatus::Retired,
+            _ => continue,
+        };
+        let (id, now) = (generation.id, inner.clock.now_ms());
+        inner
+            .db(move |s| s.set_generation_status(id, status, now))
+            .await?;
+    }
+    if !instances.is_empty() || !deploys.is_empty() {
+        let detail = json!({"instances_lost": instances.len(), "processes_killed": killed, "deploys_interrupted": deploys.len()});
+        inner.journal(None, "up.recovered", detail).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! A snapshot of the fleet for `phoenix status`.
+
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{Controller, Generation};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub state_dir: String,
+    pub roles: Vec<RoleStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleStatus {
+    pub name: String,
+    pub listen: String,
+    pub desired_instances: u32,
+    pub live_generation: Option<i64>,
+    pub image: Option<String>,
+    pub deploying: bool,
+    pub requests: u64,
+    pub proxy_errors: u64,
+    pub retries: u64,
+    pub generations: Vec<GenerationView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationView {
+    pub id: i64,
+    pub status: String,
+    pub image: String,
+    pub instances: Vec<InstanceView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub name: String,
+    pub status: String,
+    pub address: String,
+    pub pid: u32,
+    pub in_flight: usize,
+    pub uptime_ms: u64,
+    pub last_error: Option<String>,
+}
+
+impl Controller {
+    pub fn status(&self) -> FleetStatus {
+        let roles = self
+            .inner
+            .roles
+            .values()
+            .map(|role| {
+                let live = role.live();
+                let others = role
+                    .others
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let stats = &role.proxy.stats;
+                RoleStatus {
+                    name: role.name.clone(),
+                    listen: role.listen.to_string(),
+                    desired_instances: role.config().instances,
+                    live_generation: live.as_ref().map(|g| g.id),
+                    image: live.as_ref().map(|g| g.image.clone()),
+                    deploying: role.deploy_lock.try_lock().is_err(),
+                    requests: stats.requests.load(Ordering::Relaxed),
+                    proxy_errors: stats.proxy_errors.load(Ordering::Relaxed),
+                    retries: stats.retries.load(Ordering::Relaxed),
+                    generations: live.iter().chain(others.iter()).map(|g| view(g)).collect(),
+                }
+            })
+            .collect();
+        FleetStatus {
+            state_dir: self.inner.state_dir.display().to_string(),
+            roles,
+        }
+    }
+}
+
+fn view(generation: &Generation) -> GenerationView {
+    GenerationView {
+        id: generation.id,
+        status: generation.status().to_string(),
+        image: generation.image.clone(),
+        instances: generation
+            .instances()
+            .iter()
+            .map(|i| InstanceView {
+                name: i.name.clone(),
+                status: i.status().to_string(),
+                address: i.backend.addr.to_string(),
+                pid: i.pid,
+                in_flight: i.backend.in_flight(),
+                uptime_ms: i.started.elapsed().as_millis() as u64,
+                last_error: i.last_error(),
+            })
+            .collect(),
+    }
+}

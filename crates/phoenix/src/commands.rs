@@ -1,0 +1,368 @@
+//! The commands that talk to a running `phoenix up`, and the local image commands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use http_body_util::BodyExt;
+use phoenix_api::StreamLine;
+use phoenix_fleet::{Clock, DeployReport, FleetFile, FleetStatus};
+use phoenix_image::{ImageStore, short_digest};
+use phoenix_store::{ImageRow, JournalRow, Store};
+
+use crate::client::{ApiArgs, Client};
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The role to deploy.
+    pub role: String,
+    /// Deploy this image (name, digest or digest prefix) instead of baking the role's recipe.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    pub role: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The role (all roles when left out).
+    pub role: Option<String>,
+    /// The newest N events.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BakeArgs {
+    /// Recipes to bake (all when left out).
+    pub names: Vec<String>,
+    /// The fleet file.
+    #[arg(short = 'f', long = "file", default_value = "phoenix.toml")]
+    pub file: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImagesArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn deploy(state: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(state, &args.api)?;
+    let body = serde_json::json!({ "image": args.image });
+    stream_deploy(
+        &client,
+        &format!("/v1/roles/{}/deploy", args.role),
+        Some(body),
+        args.json,
+    )
+    .await
+}
+
+pub async fn rollback(state: &Path, args: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(state, &args.api)?;
+    stream_deploy(
+        &client,
+        &format!("/v1/roles/{}/rollback", args.role),
+        None,
+        args.json,
+    )
+    .await
+}
+
+/// Prints a deploy's progress lines as they arrive, then its summary line.
+async fn stream_deploy(
+    client: &Client,
+    path: &str,
+    body: Option<serde_json::Value>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let response = client.send("POST", path, body).await?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await?.to_bytes();
+        let message = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&text).trim().to_string());
+        anyhow::bail!("{message}");
+    }
+    let mut buffer = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let line: StreamLine =
+                serde_json::from_slice(&line).context("unexpected deploy stream")?;
+            match line {
+                StreamLine::Progress(text) => {
+                    if !json {
+                        println!("[{:>6.1}s] {text}", started.elapsed().as_secs_f64());
+                    }
+                }
+                StreamLine::Done(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        let report: DeployReport = serde_json::from_value(report)?;
+                        println!("{}", summary(&report));
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                StreamLine::Error(message) => {
+                    eprintln!("deploy failed: {message}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    anyhow::bail!("the API closed the deploy stream without a result; see `phoenix history`")
+}
+
+/// The one-line summary of a deploy.
+pub fn summary(report: &DeployReport) -> String {
+    format!(
+        "deployed {} generation {} ({}) in {:.1} s: bake {} ms, boot to healthy {} ms, switch {} µs, drain {} ms, stop {} ms",
+        report.role,
+        report.generation,
+        short_digest(&report.image),
+        report.total_ms as f64 / 1000.0,
+        report.bake_ms,
+        report.boot_to_healthy_ms,
+        report.switch_us,
+        report.drain_ms,
+        report.stop_ms
+    )
+}
+
+pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(state, &args.api)?;
+    let status: FleetStatus = client.get_json("/v1/status").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for role in &status.roles {
+        let live = role
+            .generations
+            .iter()
+            .find(|g| Some(g.id) == role.live_generation);
+        let healthy = live
+            .map(|g| g.instances.iter().filter(|i| i.status == "healthy").count())
+            .unwrap_or(0);
+        println!(
+            "role {}  proxy {}  live generation {}  image {}  healthy {healthy}/{}  requests {}  proxy errors {}{}",
+            role.name,
+            role.listen,
+            role.live_generation
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "none".into()),
+            role.image.as_deref().map(short_digest).unwrap_or("-"),
+            role.desired_instances,
+            role.requests,
+            role.proxy_errors,
+            if role.deploying { "  (deploying)" } else { "" }
+        );
+        for generation in &role.generations {
+            println!(
+                "  generation {} {} {}",
+                generation.id, generation.status, generation.image
+            );
+            for instance in &generation.instances {
+                println!(
+                    "    {:<14} {:<10} {:<21} pid {:<7} up {:>6}s  in-flight {}{}",
+                    instance.name,
+                    instance.status,
+                    instance.address,
+                    instance.pid,
+                    instance.uptime_ms / 1000,
+                    instance.in_flight,
+                    instance
+                        .last_error
+                        .as_deref()
+                        .map(|e| format!("  last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let mut query = format!("/v1/history?limit={}", args.limit);
+    if let Some(role) = &args.role {
+        query.push_str(&format!("&role={role}"));
+    }
+    // Through the API when `phoenix up` runs; straight from the state file when it does not.
+    let rows: Vec<JournalRow> = match Client::new(state, &args.api) {
+        Ok(client) => client.get_json(&query).await?,
+        Err(_) => {
+            let path = state.join("state.db");
+            anyhow::ensure!(
+                path.exists(),
+                "no state in {} (run `phoenix up` first)",
+                state.display()
+            );
+            Store::open(&path)?.history(args.role.as_deref(), args.limit)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for row in rows {
+        println!(
+            "{:>5}  {}  {:<8} {:<22} {}",
+            row.seq,
+            clock_time(row.at),
+            row.role.as_deref().unwrap_or("-"),
+            row.kind,
+            describe(&row.detail)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A journal detail as `key=value` pairs, digests shortened.
+fn describe(detail: &serde_json::Value) -> String {
+    let Some(map) = detail.as_object() else {
+        return detail.to_string();
+    };
+    map.iter()
+        .map(|(key, value)| {
+            let text = match value {
+                serde_json::Value::String(s) if s.starts_with("sha256:") => {
+                    short_digest(s).to_string()
+                }
+                serde_json::Value::String(s) => s.replace('\n', " | "),
+                other => other.to_string(),
+            };
+            format!("{key}={text}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` UTC of a Unix time in milliseconds.
+fn clock_time(ms: i64) -> String {
+    let seconds = (ms / 1000).max(0) as u64;
+    let stamp = phoenix_image::rfc3339(seconds);
+    format!(
+        "{} {}.{:03}",
+        &stamp[..10],
+        &stamp[11..19],
+        ms.rem_euclid(1000)
+    )
+}
+
+pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
+    let fleet = FleetFile::load(&args.file)?;
+    let names: Vec<String> = if args.names.is_empty() {
+        fleet.images.keys().cloned().collect()
+    } else {
+        args.names.clone()
+    };
+    anyhow::ensure!(
+        !names.is_empty(),
+        "{} has no [image.NAME] recipes",
+        args.file.display()
+    );
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+    let options = crate::up::bake_options()?;
+    let state = state.to_path_buf();
+    let outcomes =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<phoenix_fleet::BakeOutcome>> {
+            let store = Store::open(state.join("state.db"))?;
+            let images = ImageStore::open(state.join("images"))?;
+            let now = phoenix_fleet::SystemClock.now_ms();
+            names
+                .iter()
+                .map(|name| {
+                    Ok(phoenix_fleet::bake_image(
+                        &store, &images, &fleet, name, options, now,
+                    )?)
+                })
+                .collect()
+        })
+        .await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        for outcome in outcomes {
+            let state = if outcome.new { "baked" } else { "unchanged" };
+            println!(
+                "{:<16} {}  {:>9}  {state} in {} ms",
+                outcome.name,
+                outcome.digest,
+                human_size(outcome.size),
+                outcome.millis
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn images(state: &Path, args: ImagesArgs) -> anyhow::Result<ExitCode> {
+    let path = state.join("state.db");
+    let rows: Vec<ImageRow> = if path.exists() {
+        Store::open(&path)?.images()?
+    } else {
+        Vec::new()
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<16} {:<12}  {:>9}  BAKED", "NAME", "DIGEST", "SIZE");
+    for row in rows {
+        println!(
+            "{:<16} {:<12}  {:>9}  {}",
+            row.name,
+            short_digest(&row.digest),
+            human_size(row.size),
+            clock_time(row.created_at)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
