@@ -130,6 +130,7 @@ impl Role {
     /// Makes `generation` the live one and moves traffic to it atomically; returns the old one.
     pub fn switch_to(&self, generation: Arc<Generation>) -> Option<Arc<Generation>> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        generation.set_status(GenerationStatus::Live);
         let old = live.replace(generation);
         self.proxy.set_backends(healthy_backends(live.as_ref()));
         old
@@ -242,7 +243,14 @@ impl Controller {
     /// Call [`Controller::converge`] next to bring the roles up.
     pub async fn open(options: Options) -> Result<Controller, FleetError> {
         let fleet = FleetFile::load(&options.fleet_path)?;
-        let state_dir = options.state_dir.clone();
+        let absolute = |path: &PathBuf| {
+            std::path::absolute(path).map_err(|e| FleetError::Io {
+                what: format!("resolve {}", path.display()),
+                source: e,
+            })
+        };
+        let state_dir = absolute(&options.state_dir)?;
+        let fleet_path = absolute(&options.fleet_path)?;
         for dir in [state_dir.clone(), state_dir.join("logs")] {
             std::fs::create_dir_all(&dir).map_err(|e| FleetError::Io {
                 what: format!("create {}", dir.display()),
@@ -288,7 +296,7 @@ impl Controller {
         }
         let inner = Arc::new(Inner {
             state_dir,
-            fleet_path: options.fleet_path,
+            fleet_path,
             store,
             images,
             driver: options.driver,

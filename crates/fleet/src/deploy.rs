@@ -165,6 +165,7 @@ async fn deploy(
         return Err(FleetError::DeployAborted {
             role: role_name.into(),
             reason,
+            serving: live.as_ref().map(|g| g.id),
         });
     }
     let boot_to_healthy_ms = boot.elapsed().as_millis() as u64;

@@ -81,6 +81,7 @@ impl Instance {
             Ok(()) => {
                 state.passes += 1;
                 state.failures = 0;
+                state.last_error = None;
                 if state.passes >= health.healthy_threshold {
                     state.status = InstanceStatus::Healthy;
                 }

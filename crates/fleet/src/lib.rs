@@ -49,8 +49,12 @@ pub enum FleetError {
     NoPrevious { role: String },
     #[error("a deploy of role {role} is already running; wait for it to finish")]
     Busy { role: String },
-    #[error("deploy of {role} aborted, the live generation keeps serving: {reason}")]
-    DeployAborted { role: String, reason: String },
+    #[error("deploy of {role} aborted ({}): {reason}", match .serving { Some(g) => format!("generation {g} keeps serving"), None => "no generation was serving".into() })]
+    DeployAborted {
+        role: String,
+        reason: String,
+        serving: Option<i64>,
+    },
     #[error("role {role}: cannot listen on {addr}: {source}")]
     Listen {
         role: String,

@@ -39,7 +39,9 @@ pub struct ImageStore {
 impl ImageStore {
     /// Opens (creating if needed) the store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        // Absolute, because instances resolve their entrypoint after changing directory.
         let root = root.into();
+        let root = std::path::absolute(&root).map_err(ImageError::io("resolve", &root))?;
         let store = ImageStore { root };
         for dir in [store.blobs_dir(), store.roots_dir()] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;

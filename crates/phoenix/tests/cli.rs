@@ -1,0 +1,162 @@
+//! CLI behaviour that needs no running fleet, and the API's token.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Fleet, Phoenix, phoenix_bin, text};
+
+fn phoenix(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(phoenix_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn two_bakes_in_two_places_give_the_same_digest() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(a.path().join("phoenix.toml"), Fleet::version("v1").toml()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::fs::write(b.path().join("phoenix.toml"), Fleet::version("v1").toml()).unwrap();
+    let bake = |dir: &std::path::Path| {
+        let output = phoenix(dir, &["--state", "s", "bake", "--json"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let outcomes: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        outcomes[0]["digest"].as_str().unwrap().to_string()
+    };
+    let digest = bake(a.path());
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert_eq!(bake(b.path()), digest);
+
+    let images: serde_json::Value =
+        serde_json::from_slice(&phoenix(a.path(), &["--state", "s", "images", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(images[0]["digest"], digest.as_str());
+    assert_eq!(images[0]["name"], "hello");
+    let index = std::fs::read_to_string(a.path().join("s/images/index.json")).unwrap();
+    assert!(
+        index.contains(&digest) && index.contains("org.opencontainers.image.ref.name"),
+        "{index}"
+    );
+
+    let later = Command::new(phoenix_bin())
+        .args(["--state", "s", "bake", "--json"])
+        .current_dir(a.path())
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .unwrap();
+    let later: serde_json::Value = serde_json::from_slice(&later.stdout).unwrap();
+    assert_ne!(
+        later[0]["digest"],
+        digest.as_str(),
+        "SOURCE_DATE_EPOCH is part of the image"
+    );
+}
+
+#[test]
+fn config_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = Fleet::version("v1")
+        .toml()
+        .replace("instances = 3", "instancs = 3");
+    std::fs::write(dir.path().join("bad.toml"), &bad).unwrap();
+    let line = bad.lines().position(|l| l.starts_with("instancs")).unwrap() + 1;
+    for args in [
+        &["up", "-f", "bad.toml"][..],
+        &["bake", "-f", "bad.toml"][..],
+    ] {
+        let output = phoenix(dir.path(), args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = text(&output.stderr);
+        let expected = format!(
+            "error: bad.toml:{line}:1: [role.web] key `instancs`: unknown field `instancs`"
+        );
+        assert!(stderr.starts_with(&expected), "{args:?}: {stderr}");
+    }
+    let missing = phoenix(dir.path(), &["up", "-f", "nope.toml"]);
+    assert!(
+        text(&missing.stderr).contains("cannot read fleet file nope.toml"),
+        "{}",
+        text(&missing.stderr)
+    );
+    let usage = phoenix(dir.path(), &["deploy"]);
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn commands_without_a_running_phoenix_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = phoenix(dir.path(), &["--state", "s", "status"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("no `phoenix up` is running for state directory s"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn the_api_refuses_non_loopback_without_a_token_and_checks_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("phoenix.toml"), Fleet::version("v1").toml()).unwrap();
+    let open = phoenix(
+        dir.path(),
+        &["--state", "s", "up", "--api-listen", "0.0.0.0:0"],
+    );
+    assert_eq!(open.status.code(), Some(1));
+    assert!(
+        text(&open.stderr).contains("without a token"),
+        "{}",
+        text(&open.stderr)
+    );
+
+    let guarded = Phoenix::start_with(
+        &Fleet {
+            instances: 1,
+            ..Fleet::version("v1")
+        },
+        &["--token", "s3cret"],
+    );
+    let output = Command::new(phoenix_bin())
+        .arg("--state")
+        .arg(guarded.state())
+        .args(["status"])
+        .env_remove("PHOENIX_API_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("401 Unauthorized: missing or wrong API token"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(
+        guarded.status()["roles"][0]["live_generation"],
+        1,
+        "the right token works"
+    );
+}
+
+#[test]
+fn a_second_phoenix_up_on_the_same_state_is_refused() {
+    let first = Phoenix::start(&Fleet {
+        instances: 1,
+        ..Fleet::version("v1")
+    });
+    let output = phoenix(
+        first.dir.path(),
+        &["--state", "state", "up", "-f", "phoenix.toml"],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("another `phoenix up` is running"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -1,0 +1,441 @@
+//! Test harness: the real `phoenix` binary, the real hello app, real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn phoenix_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_phoenix"))
+}
+
+/// The hello example app, built beside `phoenix` (its own integration tests make cargo build it).
+pub fn hello_bin() -> PathBuf {
+    let path = phoenix_bin().with_file_name("hello");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the whole workspace's tests (cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Fleet file options for tests.
+#[derive(Clone)]
+pub struct Fleet {
+    pub version: String,
+    pub fail_health: bool,
+    pub instances: u32,
+    pub healthy_timeout: &'static str,
+    pub drain: &'static str,
+}
+
+impl Fleet {
+    pub fn version(version: &str) -> Fleet {
+        Fleet {
+            version: version.into(),
+            fail_health: false,
+            instances: 3,
+            healthy_timeout: "20s",
+            drain: "10s",
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let fail = if self.fail_health {
+            ", FAIL_HEALTH = \"1\""
+        } else {
+            ""
+        };
+        format!(
+            r#"[image.hello]
+from = "scratch"
+copy = [{{ src = "{app}", dst = "/bin/hello" }}]
+env = {{ VERSION = "{version}"{fail} }}
+entrypoint = ["/bin/hello"]
+
+[role.web]
+image = "hello"
+instances = {instances}
+listen = "127.0.0.1:0"
+stop_timeout = "5s"
+
+[role.web.health]
+interval = "100ms"
+timeout = "1s"
+healthy_threshold = 2
+unhealthy_threshold = 2
+
+[role.web.deploy]
+healthy_timeout = "{healthy_timeout}"
+drain = "{drain}"
+"#,
+            app = hello_bin().display(),
+            version = self.version,
+            instances = self.instances,
+            healthy_timeout = self.healthy_timeout,
+            drain = self.drain,
+        )
+    }
+}
+
+/// A running `phoenix up` in a temporary directory.
+pub struct Phoenix {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    extra_args: Vec<String>,
+}
+
+impl Phoenix {
+    /// Starts `phoenix up` on `fleet` and waits until its role serves.
+    pub fn start(fleet: &Fleet) -> Phoenix {
+        Phoenix::start_with(fleet, &[])
+    }
+
+    pub fn start_with(fleet: &Fleet, extra_args: &[&str]) -> Phoenix {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("phoenix.toml"), fleet.toml()).unwrap();
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let child = spawn_up(dir.path(), &extra_args);
+        let phoenix = Phoenix {
+            dir,
+            child,
+            extra_args,
+        };
+        phoenix.wait_serving(fleet.instances);
+        phoenix
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn fleet_path(&self) -> PathBuf {
+        self.dir.path().join("phoenix.toml")
+    }
+
+    pub fn write_fleet(&self, fleet: &Fleet) {
+        std::fs::write(self.fleet_path(), fleet.toml()).unwrap();
+    }
+
+    /// Starts `phoenix up` again on the same state (after a crash).
+    pub fn restart(&mut self, instances: u32) {
+        self.child = spawn_up(self.dir.path(), &self.extra_args);
+        self.wait_serving(instances);
+    }
+
+    /// Runs a `phoenix` CLI command against this state directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(phoenix_bin());
+        command
+            .arg("--state")
+            .arg(self.state())
+            .args(args)
+            .current_dir(self.dir.path());
+        if let Some(at) = self.extra_args.iter().position(|a| a == "--token") {
+            command.env("PHOENIX_API_TOKEN", &self.extra_args[at + 1]);
+        }
+        command.output().unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "phoenix {args:?} failed:\n{}\n{}",
+            text(&output.stdout),
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.cli_ok(&["status", "--json"])).unwrap()
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.status()["roles"][0]["listen"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn history(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(
+            &self.cli_ok(&["history", "web", "--json", "--limit", "100000"]),
+        )
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    /// Waits until the live generation has `instances` healthy instances.
+    pub fn wait_serving(&self, instances: u32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.try_status() {
+                let role = &status["roles"][0];
+                let live = role["generations"].as_array().and_then(|g| {
+                    g.iter()
+                        .find(|g| g["id"] == role["live_generation"])
+                        .cloned()
+                });
+                let healthy = live
+                    .map(|g| {
+                        g["instances"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter(|i| i["status"] == "healthy")
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if healthy == instances as usize {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phoenix did not serve {instances} healthy instances in time"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        if !self.state().join("api.addr").exists() {
+            return None;
+        }
+        let output = self.cli(&["status", "--json"]);
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).ok())
+            .flatten()
+    }
+
+    /// Sends SIGKILL to `phoenix up` and waits for it.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Ctrl-C: SIGINT and wait for a clean exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), 2);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Phoenix {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.child.id(), 2);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn spawn_up(dir: &Path, extra_args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("up.log"))
+        .unwrap();
+    Command::new(phoenix_bin())
+        .args([
+            "--state",
+            "state",
+            "--log",
+            "info",
+            "up",
+            "-f",
+            "phoenix.toml",
+        ])
+        .args(extra_args)
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid as i32, sig) };
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every process whose executable lies under `dir` (instances run from the image roots).
+pub fn processes_under(dir: &Path) -> Vec<u32> {
+    let dir = dir.canonicalize().unwrap();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        if exe.starts_with(&dir) && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                .unwrap_or(true)
+        })
+        .unwrap_or(true)
+}
+
+/// One response seen by the load.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub started: Instant,
+    pub result: Result<String, String>,
+}
+
+/// Concurrent keep-alive clients sending `GET /` in a loop, recording every response.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, samples) = (stop.clone(), samples.clone());
+                std::thread::spawn(move || client_loop(addr, &stop, &samples))
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            samples,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.samples.lock().unwrap().len()
+    }
+
+    pub fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        Arc::try_unwrap(self.samples).unwrap().into_inner().unwrap()
+    }
+}
+
+fn client_loop(addr: SocketAddr, stop: &AtomicBool, samples: &Mutex<Vec<Sample>>) {
+    let mut connection: Option<BufReader<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let result = get_version(addr, &mut connection);
+        if result.is_err() {
+            connection = None;
+        }
+        samples.lock().unwrap().push(Sample { started, result });
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One keep-alive `GET /`; returns the version in `hello from NAME version V`.
+fn get_version(
+    addr: SocketAddr,
+    connection: &mut Option<BufReader<TcpStream>>,
+) -> Result<String, String> {
+    if connection.is_none() {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        *connection = Some(BufReader::new(stream));
+    }
+    let reader = connection.as_mut().unwrap();
+    reader
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut status_line = String::new();
+    reader
+        .read_line(&mut status_line)
+        .map_err(|e| format!("read: {e}"))?;
+    if status_line.is_empty() {
+        return Err("connection closed".into());
+    }
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value
+                .trim()
+                .parse()
+                .map_err(|_| "bad content-length".to_string())?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    let body = text(&body);
+    if !status_line.starts_with("HTTP/1.1 200") {
+        return Err(format!("{} {}", status_line.trim(), body.trim()));
+    }
+    body.trim()
+        .rsplit_once(" version ")
+        .map(|(_, v)| v.to_string())
+        .ok_or(format!("unexpected body {body:?}"))
+}
+
+/// The failures among `samples`, for assertion messages.
+pub fn failures(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .filter_map(|s| s.result.clone().err())
+        .collect()
+}
