@@ -279,7 +279,10 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 
 /// An error at byte `offset` of `text`, with the enclosing table and key when they can be found.
 fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigError {
-    let offset = offset.min(text.len());
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);

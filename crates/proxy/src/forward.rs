@@ -57,7 +57,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 enum Failure {
     /// The request never left: it can go to another backend whatever its method.
     NotSent {
-        request: Request<UpstreamBody>,
+        request: Box<Request<UpstreamBody>>,
         error: String,
         refused: bool,
     },
@@ -125,7 +125,7 @@ async fn forward(
                 }
                 tracing::debug!(role = %proxy.role, backend = %claim.backend().id, %error, "request not delivered, trying another backend");
                 last_error = Some(error);
-                request = Some(unsent);
+                request = Some(*unsent);
             }
             Ok(Err(Failure::Sent(error))) if replayable => {
                 tracing::debug!(role = %proxy.role, backend = %claim.backend().id, %error, "idempotent request failed, trying another backend");
@@ -177,7 +177,7 @@ async fn send(
         Ok(sender) => sender,
         Err(error) => {
             return Err(Failure::NotSent {
-                request,
+                request: Box::new(request),
                 error: format!("connect to {}: {error}", backend.addr),
                 refused: true,
             });
@@ -187,7 +187,7 @@ async fn send(
         Ok(response) => Ok((response, sender)),
         Err(mut error) => match error.take_message() {
             Some(request) => Err(Failure::NotSent {
-                request,
+                request: Box::new(request),
                 error: error.into_error().to_string(),
                 refused: false,
             }),

@@ -133,3 +133,45 @@ fn durations_parse_with_units() {
         assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
     }
 }
+
+/// Seeded mutation fuzzing: whatever bytes the file holds, parsing returns a value or an error
+/// pointing inside the file, and never panics.
+#[test]
+fn mutated_fleet_files_never_panic_and_errors_point_inside_the_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/phoenix.toml");
+    let seed_text = std::fs::read_to_string(path).unwrap();
+    let alphabet: Vec<char> = "[]{}=\".,:#\n 0123456789abcxyz_-é\u{1F525}\\'"
+        .chars()
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(0x9e0e);
+    for _ in 0..3000 {
+        let mut chars: Vec<char> = seed_text.chars().collect();
+        for _ in 0..rng.usize(1..6) {
+            let at = rng.usize(..=chars.len());
+            match rng.u8(..3) {
+                0 if at < chars.len() => {
+                    chars.remove(at);
+                }
+                1 => chars.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                _ if at < chars.len() => chars[at] = alphabet[rng.usize(..alphabet.len())],
+                _ => {}
+            }
+        }
+        let text: String = chars.into_iter().collect();
+        if let Err(ConfigError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        }) = FleetFile::parse(Path::new("f.toml"), &text)
+        {
+            let lines = text.split('\n').count();
+            assert!(
+                (1..=lines).contains(&line),
+                "line {line} outside the file ({lines} lines): {message}"
+            );
+            assert!(column >= 1, "column {column}: {message}");
+            assert!(!message.is_empty());
+        }
+    }
+}
