@@ -104,7 +104,7 @@ stop_load() {
     kill "$load"; wait "$load" || true
     load=""
     read -r sent failed < "$work/load.txt"
-    echo "   under load: $sent requests, $failed failed"
+    load_line="   under load the whole time: $sent requests, $failed failed"
 }
 
 echo "phoenix deploy benchmark: $(nproc) cores; health checks every 100 ms, 2 passes to healthy"
@@ -120,7 +120,7 @@ for size in 3 10; do
         deploy_json | tr -d '\n' >> "$work/reports.jsonl"
         echo >> "$work/reports.jsonl"
     done
-    stop_load_line=$(stop_load)
+    stop_load
     stop_up
     python3 - "$work/reports.jsonl" "$size" <<'PY'
 import json, statistics, sys
@@ -130,7 +130,7 @@ print(f"{sys.argv[2]:>2} instances, {len(rows)} deploys (medians): "
       f"total {med('total_ms'):.0f} ms = bake {med('bake_ms'):.0f} ms + boot to healthy {med('boot_to_healthy_ms'):.0f} ms"
       f" + switch {med('switch_us'):.0f} us + drain {med('drain_ms'):.0f} ms + stop {med('stop_ms'):.0f} ms")
 PY
-    echo "$stop_load_line"
+    echo "$load_line"
 done
 
 echo

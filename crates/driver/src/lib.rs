@@ -35,11 +35,11 @@ pub enum DriverError {
         path: String,
         why: &'static str,
     },
-    #[error("instance {name}: cannot {action}: {source}")]
+    #[error("instance {name}: cannot {action}: {cause}")]
     Io {
         name: String,
         action: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

@@ -22,10 +22,10 @@ impl Driver for ProcessDriver {
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
         let io = |action| {
             let name = spec.name.clone();
-            move |source| DriverError::Io {
+            move |cause| DriverError::Io {
                 name,
                 action,
-                source,
+                cause,
             }
         };
         let program = resolve_inside(

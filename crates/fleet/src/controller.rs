@@ -246,7 +246,7 @@ impl Controller {
         let absolute = |path: &PathBuf| {
             std::path::absolute(path).map_err(|e| FleetError::Io {
                 what: format!("resolve {}", path.display()),
-                source: e,
+                cause: e,
             })
         };
         let state_dir = absolute(&options.state_dir)?;
@@ -254,7 +254,7 @@ impl Controller {
         for dir in [state_dir.clone(), state_dir.join("logs")] {
             std::fs::create_dir_all(&dir).map_err(|e| FleetError::Io {
                 what: format!("create {}", dir.display()),
-                source: e,
+                cause: e,
             })?;
         }
         let store = Arc::new(Store::open(state_dir.join("state.db"))?);
@@ -271,15 +271,15 @@ impl Controller {
             let listener =
                 TcpListener::bind(config.listen)
                     .await
-                    .map_err(|source| FleetError::Listen {
+                    .map_err(|cause| FleetError::Listen {
                         role: name.clone(),
                         addr: config.listen,
-                        source,
+                        cause,
                     })?;
-            let listen = listener.local_addr().map_err(|source| FleetError::Listen {
+            let listen = listener.local_addr().map_err(|cause| FleetError::Listen {
                 role: name.clone(),
                 addr: config.listen,
-                source,
+                cause,
             })?;
             let role = Arc::new(Role {
                 name: name.clone(),
@@ -502,6 +502,13 @@ async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: Stri
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(new.clone());
+                // A deploy may have switched away while the instance started. Pushed first and
+                // checked second: either the deploy's drain saw it, or it is stopped here.
+                let still_live = role.live().is_some_and(|g| Arc::ptr_eq(&g, &live));
+                if !still_live || inner.is_shutting_down() {
+                    new.stop().await;
+                    return;
+                }
                 let detail =
                     json!({"instance": dead, "replacement": new.name, "generation": generation});
                 inner

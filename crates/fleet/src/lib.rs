@@ -55,19 +55,16 @@ pub enum FleetError {
         reason: String,
         serving: Option<i64>,
     },
-    #[error("role {role}: cannot listen on {addr}: {source}")]
+    #[error("role {role}: cannot listen on {addr}: {cause}")]
     Listen {
         role: String,
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("phoenix is shutting down")]
     ShuttingDown,
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
     #[error("internal error: {0}")]
     Internal(String),
 }

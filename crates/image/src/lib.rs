@@ -28,16 +28,16 @@ pub enum ImageError {
     NotFound(String),
     #[error("blob {digest} is corrupt: its content hashes to {actual}")]
     Corrupt { digest: String, actual: String },
-    #[error("malformed {what} in image store: {source}")]
+    #[error("malformed {what} in image store: {cause}")]
     Json {
         what: &'static str,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -47,10 +47,10 @@ impl ImageError {
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| ImageError::Io {
+        move |cause| ImageError::Io {
             action,
             path,
-            source,
+            cause,
         }
     }
 }

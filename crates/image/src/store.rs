@@ -186,7 +186,7 @@ impl ImageStore {
             _ => ImageError::Io {
                 action: "read",
                 path: path.clone(),
-                source: e,
+                cause: e,
             },
         })?;
         let actual = crate::sha256_digest(&bytes);
@@ -202,9 +202,9 @@ impl ImageStore {
     /// The manifest of image `digest`.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, ImageError> {
         let bytes = self.read_blob(digest)?;
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+        serde_json::from_slice(&bytes).map_err(|cause| ImageError::Json {
             what: "manifest",
-            source,
+            cause,
         })
     }
 
@@ -213,9 +213,9 @@ impl ImageStore {
         let manifest = self.manifest(digest)?;
         let bytes = self.read_blob(&manifest.config.digest)?;
         let document: ConfigDocument =
-            serde_json::from_slice(&bytes).map_err(|source| ImageError::Json {
+            serde_json::from_slice(&bytes).map_err(|cause| ImageError::Json {
                 what: "config",
-                source,
+                cause,
             })?;
         Ok(document.config)
     }
@@ -328,9 +328,9 @@ fn digest_hex(digest: &str) -> Result<&str, ImageError> {
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
-    serde_json::to_vec(value).map_err(|source| ImageError::Json {
+    serde_json::to_vec(value).map_err(|cause| ImageError::Json {
         what: "document",
-        source,
+        cause,
     })
 }
 

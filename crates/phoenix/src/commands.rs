@@ -97,7 +97,8 @@ pub async fn rollback(state: &Path, args: RollbackArgs) -> anyhow::Result<ExitCo
     .await
 }
 
-/// Prints a deploy's progress lines as they arrive, then its summary line.
+/// Prints a deploy's progress as it arrives (a spinner with the current step on a terminal,
+/// plain lines otherwise), then its summary line.
 async fn stream_deploy(
     client: &Client,
     path: &str,
@@ -116,6 +117,7 @@ async fn stream_deploy(
             .unwrap_or_else(|| String::from_utf8_lossy(&text).trim().to_string());
         anyhow::bail!("{message}");
     }
+    let progress = ProgressOutput::new(json);
     let mut buffer = Vec::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
@@ -126,12 +128,9 @@ async fn stream_deploy(
             let line: StreamLine =
                 serde_json::from_slice(&line).context("unexpected deploy stream")?;
             match line {
-                StreamLine::Progress(text) => {
-                    if !json {
-                        println!("[{:>6.1}s] {text}", started.elapsed().as_secs_f64());
-                    }
-                }
+                StreamLine::Progress(text) => progress.line(started, &text),
                 StreamLine::Done(report) => {
+                    progress.finish();
                     if json {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
@@ -141,13 +140,55 @@ async fn stream_deploy(
                     return Ok(ExitCode::SUCCESS);
                 }
                 StreamLine::Error(message) => {
+                    progress.finish();
                     eprintln!("deploy failed: {message}");
                     return Ok(ExitCode::FAILURE);
                 }
             }
         }
     }
+    progress.finish();
     anyhow::bail!("the API closed the deploy stream without a result; see `phoenix history`")
+}
+
+/// Progress lines: kept above a spinner on a terminal, printed plainly otherwise, hidden with --json.
+enum ProgressOutput {
+    Hidden,
+    Plain,
+    Spinner(indicatif::ProgressBar),
+}
+
+impl ProgressOutput {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal;
+        if json {
+            return ProgressOutput::Hidden;
+        }
+        if !std::io::stdout().is_terminal() {
+            return ProgressOutput::Plain;
+        }
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+        ProgressOutput::Spinner(spinner)
+    }
+
+    fn line(&self, started: Instant, text: &str) {
+        let line = format!("[{:>6.1}s] {text}", started.elapsed().as_secs_f64());
+        match self {
+            ProgressOutput::Hidden => {}
+            ProgressOutput::Plain => println!("{line}"),
+            ProgressOutput::Spinner(spinner) => {
+                spinner.println(&line);
+                spinner.set_message(text.to_string());
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let ProgressOutput::Spinner(spinner) = self {
+            spinner.finish_and_clear();
+        }
+    }
 }
 
 /// The one-line summary of a deploy.

@@ -18,17 +18,17 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state store {path}: {source}")]
+    #[error("state store {path}: {cause}")]
     Sqlite {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     #[error("state store {path}: {what} (the file was written by another version of Phoenix?)")]
     Corrupt { path: PathBuf, what: String },
-    #[error("state store {path}: {source}")]
+    #[error("state store {path}: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 }
 
@@ -50,9 +50,9 @@ impl Store {
     /// Opens (creating and migrating if needed) the SQLite file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let wrap = |source| StoreError::Sqlite {
+        let wrap = |cause| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            cause,
         };
         let conn = Connection::open(&path).map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
@@ -79,10 +79,10 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn sql(&self, source: rusqlite::Error) -> StoreError {
+    fn sql(&self, cause: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.clone(),
-            source,
+            cause,
         }
     }
 
@@ -381,9 +381,9 @@ impl Store {
             .map_err(|e| self.sql(e))?;
         raw.into_iter()
             .map(|r| {
-                r.map_err(|source| StoreError::Json {
+                r.map_err(|cause| StoreError::Json {
                     path: self.path.clone(),
-                    source,
+                    cause,
                 })
             })
             .collect()
@@ -400,9 +400,9 @@ impl Store {
             )
             .optional()
             .map_err(|e| self.sql(e))?;
-        row.transpose().map_err(|source| StoreError::Json {
+        row.transpose().map_err(|cause| StoreError::Json {
             path: self.path.clone(),
-            source,
+            cause,
         })
     }
 }
