@@ -225,15 +225,7 @@ impl Supervisor {
             End::Died(exit) => (InstanceStatus::Died, "instance.died", exit),
         };
         instance.set_status(status);
-        let name = instance.name.clone();
-        let now = self.inner.clock.now_ms();
-        if let Err(error) = self
-            .inner
-            .db(move |s| s.set_instance_status(&name, status, now))
-            .await
-        {
-            tracing::error!(%error, "recording the end of an instance");
-        }
+        self.record_status(status).await;
         let mut detail =
             json!({"instance": instance.name, "generation": instance.generation, "exit": exit.0});
         if status == InstanceStatus::Died {
@@ -252,6 +244,19 @@ impl Supervisor {
         }
     }
 
+    /// Writes the instance's status to the state; a failure is logged, the instance goes on.
+    async fn record_status(&self, status: InstanceStatus) {
+        let name = self.instance.name.clone();
+        let now = self.inner.clock.now_ms();
+        if let Err(error) = self
+            .inner
+            .db(move |s| s.set_instance_status(&name, status, now))
+            .await
+        {
+            tracing::error!(%error, instance = %self.instance.name, "recording instance status {status}");
+        }
+    }
+
     async fn probe(&self) {
         let instance = &self.instance;
         let result = health::probe(
@@ -267,15 +272,7 @@ impl Supervisor {
         let Some(status) = instance.record_probe(result, &self.health) else {
             return;
         };
-        let name = instance.name.clone();
-        let now = self.inner.clock.now_ms();
-        if let Err(error) = self
-            .inner
-            .db(move |s| s.set_instance_status(&name, status, now))
-            .await
-        {
-            tracing::error!(%error, "recording instance health");
-        }
+        self.record_status(status).await;
         let kind = if status == InstanceStatus::Healthy {
             "instance.healthy"
         } else {

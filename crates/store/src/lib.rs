@@ -205,14 +205,25 @@ impl Store {
         tail: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<GenerationRow>> {
+        let columns = "id, role, image, status, created_at, switched_at, ended_at";
+        self.query_checked(
+            &format!("SELECT {columns} FROM generations {tail}"),
+            params,
+            GenerationRow::from_row,
+        )
+    }
+
+    /// Runs `sql` and maps each row with `from_row`, whose inner error names a value this
+    /// version does not understand.
+    fn query_checked<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        from_row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<T, String>>,
+    ) -> Result<Vec<T>> {
         let conn = self.conn();
-        let sql = format!(
-            "SELECT id, role, image, status, created_at, switched_at, ended_at FROM generations {tail}"
-        );
-        let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
-        let raw = stmt
-            .query_map(params, GenerationRow::from_row)
-            .map_err(|e| self.sql(e))?;
+        let mut stmt = conn.prepare(sql).map_err(|e| self.sql(e))?;
+        let raw = stmt.query_map(params, from_row).map_err(|e| self.sql(e))?;
         let raw: Vec<_> = raw
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| self.sql(e))?;
@@ -287,20 +298,12 @@ impl Store {
         tail: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<InstanceRow>> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at FROM instances {tail}"
-        );
-        let mut stmt = conn.prepare(&sql).map_err(|e| self.sql(e))?;
-        let raw = stmt
-            .query_map(params, InstanceRow::from_row)
-            .map_err(|e| self.sql(e))?;
-        let raw: Vec<_> = raw
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| self.sql(e))?;
-        raw.into_iter()
-            .map(|r| r.map_err(|what| self.corrupt(what)))
-            .collect()
+        let columns = "name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at";
+        self.query_checked(
+            &format!("SELECT {columns} FROM instances {tail}"),
+            params,
+            InstanceRow::from_row,
+        )
     }
 
     // ---- deploys ----
