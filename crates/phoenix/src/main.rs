@@ -4,6 +4,7 @@ mod client;
 mod commands;
 mod demo;
 mod load;
+mod proxy_cmd;
 mod up;
 
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Command {
     Images(commands::ImagesArgs),
     /// Tell the whole story in about a minute, in a temporary state directory.
     Demo(demo::DemoArgs),
+    /// Run the proxy alone in front of a fixed list of backends.
+    Proxy(proxy_cmd::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
             Command::Bake(args) => commands::bake(&cli.state, args).await,
             Command::Images(args) => commands::images(&cli.state, args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Proxy(args) => proxy_cmd::run(args).await,
         }
     });
     match result {
