@@ -58,10 +58,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `phoenix proxy --threads 1` is one event loop, as HAProxy's nbthread 1 and one nginx worker.
+    let mut builder = match &cli.command {
+        Command::Proxy(proxy_cmd::ProxyArgs {
+            threads: Some(1), ..
+        }) => tokio::runtime::Builder::new_current_thread(),
+        Command::Proxy(proxy_cmd::ProxyArgs {
+            threads: Some(threads),
+            ..
+        }) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(*threads);
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

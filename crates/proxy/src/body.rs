@@ -1,4 +1,6 @@
-//! The response body streamed back from a backend.
+//! Bodies: what goes to a backend, and what comes back to the client.
+//!
+//! Plain enums rather than boxed trait objects: no allocation per request for the body.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,9 +12,97 @@ use hyper::body::Incoming;
 use crate::InFlight;
 use crate::pool::Sender;
 
+/// The body sent to a backend: the client's, or none for a replayed request.
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(body) => body.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(body) => body.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The body returned to the client: a backend's response, or a short message of the proxy's own.
+#[derive(Debug)]
+pub struct ResponseBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    Upstream(UpstreamResponse),
+    Message(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub(crate) fn upstream(response: UpstreamResponse) -> Self {
+        ResponseBody(Kind::Upstream(response))
+    }
+
+    pub(crate) fn message(text: Bytes) -> Self {
+        ResponseBody(Kind::Message(Some(text)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Message(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Message(text) => text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Upstream(body) => body.size_hint(),
+            Kind::Message(text) => {
+                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+        }
+    }
+}
+
 /// Streams a backend's response body to the client. Until it is done (or dropped) it keeps the
 /// backend's in-flight count raised, so a drain waits for it; at its end the connection goes
 /// back to the backend's pool.
+#[derive(Debug)]
 pub(crate) struct UpstreamResponse {
     inner: Incoming,
     sender: Option<Sender>,

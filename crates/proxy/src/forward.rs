@@ -13,27 +13,27 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::body::UpstreamResponse;
-use crate::pool::{self, Sender, UpstreamBody};
+use crate::body::{ResponseBody, UpstreamBody, UpstreamResponse};
+use crate::pool::{self, Sender};
 use crate::{Backend, RoleProxy};
 
-/// The body type returned to clients.
-pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The proxy as a `tower::Service`, one per client connection.
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     proxy: Arc<RoleProxy>,
-    client: SocketAddr,
+    /// The client's address, rendered once per connection for `X-Forwarded-For`.
+    client_ip: HeaderValue,
 }
 
 impl ProxyService {
     pub fn new(proxy: Arc<RoleProxy>, client: SocketAddr) -> Self {
-        ProxyService { proxy, client }
+        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ProxyService { proxy, client_ip }
     }
 }
 
@@ -48,8 +48,8 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let proxy = self.proxy.clone();
-        let client = self.client;
-        Box::pin(async move { Ok(forward(&proxy, client, request).await) })
+        let client_ip = self.client_ip.clone();
+        Box::pin(async move { Ok(forward(&proxy, client_ip, request).await) })
     }
 }
 
@@ -65,40 +65,63 @@ enum Failure {
     Sent(String),
 }
 
+/// What is needed to send a body-less request again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody::Empty);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
 async fn forward(
     proxy: &RoleProxy,
-    client: SocketAddr,
+    client_ip: HeaderValue,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     let (mut parts, body) = request.into_parts();
+    prepare_upstream(&mut parts.headers, &mut parts.uri, client_ip);
     // Without a body, an idempotent request can be sent again even after a backend failed mid-way.
-    let replayable = is_idempotent(&parts.method) && body.is_end_stream();
-    prepare_upstream(&mut parts.headers, &mut parts.uri, client);
-    let template = (
-        parts.method.clone(),
-        parts.uri.clone(),
-        parts.version,
-        parts.headers.clone(),
-    );
-    let mut request = Some(Request::from_parts(parts, body.boxed()));
+    let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let mut request = Some(Request::from_parts(parts, UpstreamBody::Client(body)));
+    // Backends that failed this request; empty (no allocation) on the usual path.
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_error = None;
     while let Some(claim) = proxy.pick(&tried) {
-        tried.push(claim.backend().clone());
-        if tried.len() > 1 {
-            proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        let outgoing = match request.take() {
-            Some(request) => request,
-            None => rebuild(&template),
+        let outgoing = match (request.take(), &replay) {
+            (Some(request), _) => request,
+            (None, Some(replay)) => replay.request(),
+            (None, None) => break,
         };
         let attempt = tokio::time::timeout(
             proxy.config.request_timeout,
             send(claim.backend(), proxy, outgoing),
         )
         .await;
-        match attempt {
+        let failure = match attempt {
+            Ok(Ok((response, sender))) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = ResponseBody::upstream(UpstreamResponse::new(body, sender, claim));
+                return Response::from_parts(parts, body);
+            }
+            Ok(Err(failure)) => failure,
             Err(_) => {
                 let message = format!(
                     "backend {} did not answer within {:?}",
@@ -107,38 +130,33 @@ async fn forward(
                 );
                 return error_response(proxy, StatusCode::GATEWAY_TIMEOUT, &message);
             }
-            Ok(Ok((response, sender))) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(
-                    parts,
-                    UpstreamResponse::new(body, sender, claim).boxed(),
-                );
-            }
-            Ok(Err(Failure::NotSent {
+        };
+        let backend = claim.backend();
+        let error = match failure {
+            Failure::NotSent {
                 request: unsent,
                 error,
                 refused,
-            })) => {
+            } => {
                 if refused {
-                    claim.backend().down.store(true, Ordering::Release);
+                    backend.down.store(true, Ordering::Release);
                 }
-                tracing::debug!(role = %proxy.role, backend = %claim.backend().id, %error, "request not delivered, trying another backend");
-                last_error = Some(error);
                 request = Some(*unsent);
+                error
             }
-            Ok(Err(Failure::Sent(error))) if replayable => {
-                tracing::debug!(role = %proxy.role, backend = %claim.backend().id, %error, "idempotent request failed, trying another backend");
-                last_error = Some(error);
-            }
-            Ok(Err(Failure::Sent(error))) => {
+            Failure::Sent(error) if replay.is_some() => error,
+            Failure::Sent(error) => {
                 return error_response(
                     proxy,
                     StatusCode::BAD_GATEWAY,
-                    &format!("backend {} failed: {error}", claim.backend().id),
+                    &format!("backend {} failed: {error}", backend.id),
                 );
             }
-        }
+        };
+        tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
+        proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tried.push(backend.clone());
+        last_error = Some(error);
     }
     match last_error {
         None => error_response(
@@ -176,9 +194,10 @@ async fn send(
     let mut sender = match pool::connect(backend.addr, proxy.config.connect_timeout).await {
         Ok(sender) => sender,
         Err(error) => {
+            let error = format!("connect to {}: {error}", backend.addr);
             return Err(Failure::NotSent {
                 request: Box::new(request),
-                error: format!("connect to {}: {error}", backend.addr),
+                error,
                 refused: true,
             });
         }
@@ -203,47 +222,38 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn rebuild(template: &(Method, Uri, http::Version, HeaderMap)) -> Request<UpstreamBody> {
-    let (method, uri, version, headers) = template;
-    let mut request = Request::new(
-        Empty::<Bytes>::new()
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri.clone();
-    *request.version_mut() = *version;
-    *request.headers_mut() = headers.clone();
-    request
-}
-
 /// Rewrites the request for the backend: origin-form URI, no hop-by-hop headers, and the
 /// client's address appended to `X-Forwarded-For`.
-fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client: SocketAddr) {
+fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderValue) {
     if uri.scheme().is_some() || uri.authority().is_some() {
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         *uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
     strip_hop_by_hop(headers);
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", client.ip()),
-        None => client.ip().to_string(),
+    let forwarded = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => HeaderValue::from_str(&format!(
+            "{earlier}, {}",
+            client_ip.to_str().unwrap_or_default()
+        ))
+        .ok(),
+        None => Some(client_ip),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    if let Some(value) = forwarded {
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
     for name in [
         "connection",
@@ -261,8 +271,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Response<ResponseBody> {
     proxy.stats.proxy_errors.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(role = %proxy.role, status = status.as_u16(), "{message}");
-    let body = Full::new(Bytes::from(format!("{} {message}\n", status.as_u16())));
-    let mut response = Response::new(body.map_err(|never| match never {}).boxed());
+    let body = ResponseBody::message(Bytes::from(format!("{} {message}\n", status.as_u16())));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

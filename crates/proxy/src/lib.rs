@@ -9,6 +9,7 @@ mod body;
 mod forward;
 mod pool;
 
+pub use body::ResponseBody;
 pub use forward::ProxyService;
 
 use std::net::SocketAddr;
@@ -126,21 +127,16 @@ impl RoleProxy {
     /// ones marked down. The in-flight count is raised before the lock is released.
     fn pick(&self, tried: &[Arc<Backend>]) -> Option<InFlight> {
         let backends = self.backends.read().unwrap_or_else(|p| p.into_inner());
-        let candidates: Vec<&Arc<Backend>> = backends
-            .iter()
-            .filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)))
-            .collect();
-        let up: Vec<&Arc<Backend>> = candidates
-            .iter()
-            .copied()
-            .filter(|b| !b.is_down())
-            .collect();
-        let pool = if up.is_empty() { &candidates } else { &up };
-        if pool.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
-        Some(InFlight::new(pool[index].clone()))
+        let count = backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        // Round-robin from `start`: an untried backend that is up, else any untried one.
+        let in_turn = || (0..count).map(|i| &backends[(start + i) % count]);
+        let chosen = in_turn()
+            .filter(untried)
+            .find(|b| !b.is_down())
+            .or_else(|| in_turn().find(untried))?;
+        Some(InFlight::new(chosen.clone()))
     }
 }
 
@@ -210,6 +206,7 @@ pub async fn serve(
                 let mut stop = shutdown.clone();
                 connections.spawn(async move {
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .writev(false)
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
                     tokio::select! {
