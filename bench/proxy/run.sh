@@ -3,7 +3,8 @@
 #
 # Three nginx backends answer a small body on loopback. Each proxy in turn gets CPU 0 alone
 # and one thread (HAProxy nbthread 1, nginx worker_processes 1, phoenix proxy --threads 1);
-# wrk and the backends share CPU 1. The direct row is wrk straight to one backend.
+# wrk and the backends share CPU 1. The direct row is wrk straight to one backend. All three
+# proxies do the same work: keep-alive both sides, round-robin, X-Forwarded-For added.
 #
 # Usage: bench/proxy/run.sh [SECONDS] [CONNECTIONS] [ROUNDS]
 set -euo pipefail
@@ -51,6 +52,7 @@ global
 defaults
     mode http
     option http-keep-alive
+    option forwardfor
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -85,6 +87,7 @@ http {
             proxy_pass http://be;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         }
     }
 }

@@ -47,12 +47,17 @@ pub struct RoleConfig {
     pub stop_timeout: Duration,
     pub health: HealthConfig,
     pub deploy: DeployConfig,
+    pub proxy: ProxySettings,
 }
 
 /// `[role.NAME.health]`: the active HTTP health check.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
+    /// `http` (GET `path`, 2xx or 3xx passes) or `tcp` (a connection is accepted). Default:
+    /// `http`, or `tcp` for roles in TCP mode.
+    #[serde(default)]
+    pub check: Option<CheckKind>,
     #[serde(default = "default_health_path")]
     pub path: String,
     #[serde(default = "default_interval", deserialize_with = "duration")]
@@ -65,6 +70,83 @@ pub struct HealthConfig {
     /// Consecutive failures before a healthy instance counts as unhealthy.
     #[serde(default = "default_unhealthy_threshold")]
     pub unhealthy_threshold: u32,
+}
+
+/// How an instance's health is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+/// `[role.NAME.proxy]`: the role's frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// `http` (default) or `tcp` (layer 4: bytes spliced both ways).
+    #[serde(default)]
+    pub mode: ProxyMode,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a backend may take to answer with a response head (then 504).
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// How long a client connection may idle between requests (or dawdle over headers).
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// The largest request body, in bytes or with a unit (`"16MiB"`); larger ones get 413.
+    #[serde(default = "default_max_body", deserialize_with = "size")]
+    pub max_body: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            mode: ProxyMode::Http,
+            connect_timeout: default_connect_timeout(),
+            request_timeout: default_request_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_body: default_max_body(),
+        }
+    }
+}
+
+impl ProxySettings {
+    /// The proxy crate's view of these settings.
+    pub fn to_proxy_config(&self) -> phoenix_proxy::ProxyConfig {
+        phoenix_proxy::ProxyConfig {
+            mode: match self.mode {
+                ProxyMode::Http => phoenix_proxy::Mode::Http,
+                ProxyMode::Tcp => phoenix_proxy::Mode::Tcp,
+            },
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            idle_timeout: self.idle_timeout,
+            max_body: self.max_body,
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_body() -> u64 {
+    16 << 20
 }
 
 /// `[role.NAME.deploy]`: how a new generation replaces the live one.
@@ -117,6 +199,7 @@ fn default_stop_timeout() -> Duration {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
+            check: None,
             path: default_health_path(),
             interval: default_interval(),
             timeout: default_health_timeout(),
@@ -158,6 +241,8 @@ struct RawRole {
     health: Spanned<HealthConfig>,
     #[serde(default)]
     deploy: DeployConfig,
+    #[serde(default)]
+    proxy: ProxySettings,
 }
 
 fn one() -> Spanned<u32> {
@@ -239,13 +324,18 @@ impl FleetFile {
                     ),
                 ));
             }
+            let mut health = role.health.into_inner();
+            if health.check.is_none() && role.proxy.mode == ProxyMode::Tcp {
+                health.check = Some(CheckKind::Tcp);
+            }
             let config = RoleConfig {
                 image: role.image.into_inner(),
                 instances,
                 listen: role.listen,
                 stop_timeout: role.stop_timeout,
-                health: role.health.into_inner(),
+                health,
                 deploy: role.deploy,
+                proxy: role.proxy,
             };
             roles.insert(name.into_inner(), config);
         }
@@ -337,6 +427,40 @@ fn bad_duration(text: &str) -> String {
     format!(
         "invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
     )
+}
+
+/// Parses a byte size: a whole number of bytes, or a number and `B`, `KiB`, `MiB` or `GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &text[digits.len()..];
+    let value: u64 = digits.parse().map_err(|_| bad_size(text))?;
+    let scale = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad_size(text)),
+    };
+    value.checked_mul(scale).ok_or_else(|| bad_size(text))
+}
+
+fn bad_size(text: &str) -> String {
+    format!(
+        "invalid size {text:?}: write a whole number of bytes, or a number and KiB, MiB or GiB, like \"16MiB\""
+    )
+}
+
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(deserializer)? {
+        Size::Bytes(bytes) => Ok(bytes),
+        Size::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use phoenix_driver::{Driver, ProcessDriver};
 use phoenix_image::{BakeOptions, ImageStore};
-use phoenix_proxy::{ProxyConfig, RoleProxy};
+use phoenix_proxy::RoleProxy;
 use phoenix_store::{GenerationStatus, Store, StoreError};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -284,7 +284,7 @@ impl Controller {
             let role = Arc::new(Role {
                 name: name.clone(),
                 config: RwLock::new(config.clone()),
-                proxy: RoleProxy::new(name.clone(), ProxyConfig::default()),
+                proxy: RoleProxy::new(name.clone(), config.proxy.to_proxy_config()),
                 listen,
                 deploy_lock: tokio::sync::Mutex::new(()),
                 live: Mutex::new(None),

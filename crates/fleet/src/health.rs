@@ -8,6 +8,23 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// Runs the configured check once.
+pub async fn check(addr: SocketAddr, health: &crate::HealthConfig) -> Result<(), String> {
+    match health.check {
+        Some(crate::CheckKind::Tcp) => connect(addr, health.timeout).await,
+        Some(crate::CheckKind::Http) | None => probe(addr, &health.path, health.timeout).await,
+    }
+}
+
+/// Ok when `addr` accepts a TCP connection within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("connect to {addr}: {e}")),
+        Err(_) => Err(format!("connect to {addr}: no answer within {timeout:?}")),
+    }
+}
+
 /// GETs `path` on `addr` over a fresh connection; Ok for 2xx and 3xx, else a one-line reason.
 pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, get(addr, path)).await {

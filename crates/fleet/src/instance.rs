@@ -259,12 +259,7 @@ impl Supervisor {
 
     async fn probe(&self) {
         let instance = &self.instance;
-        let result = health::probe(
-            instance.backend.addr,
-            &self.health.path,
-            self.health.timeout,
-        )
-        .await;
+        let result = health::check(instance.backend.addr, &self.health).await;
         if result.is_ok() {
             instance.backend.mark_up();
         }

@@ -14,7 +14,8 @@ mod status;
 pub use bake::{BakeOutcome, bake_image};
 pub use clock::{Clock, Namer, SystemClock};
 pub use config::{
-    ConfigError, DeployConfig, FleetFile, HealthConfig, RoleConfig, Strategy, parse_duration,
+    CheckKind, ConfigError, DeployConfig, FleetFile, HealthConfig, ProxyMode, ProxySettings,
+    RoleConfig, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress};

@@ -12,37 +12,60 @@ use hyper::body::Incoming;
 use crate::InFlight;
 use crate::pool::Sender;
 
-/// The body sent to a backend: the client's, or none for a replayed request.
+/// The request body grew past the role's `max_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub(crate) struct BodyTooLarge {
+    pub(crate) limit: u64,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body sent to a backend: the client's (counted against `max_body`), or none for a
+/// replayed request.
 #[derive(Debug)]
 pub(crate) enum UpstreamBody {
-    Client(Incoming),
+    Client {
+        body: Incoming,
+        seen: u64,
+        limit: u64,
+    },
     Empty,
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Client { body, seen, limit } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    *seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if *seen > *limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *limit }))));
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map(|frame| frame.map(|result| result.map_err(Into::into))),
+            },
             UpstreamBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Client(body) => body.is_end_stream(),
+            UpstreamBody::Client { body, .. } => body.is_end_stream(),
             UpstreamBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Client(body) => body.size_hint(),
+            UpstreamBody::Client { body, .. } => body.size_hint(),
             UpstreamBody::Empty => SizeHint::with_exact(0),
         }
     }

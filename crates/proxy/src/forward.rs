@@ -15,11 +15,13 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
-use crate::body::{ResponseBody, UpstreamBody, UpstreamResponse};
+use crate::body::{BodyTooLarge, ResponseBody, UpstreamBody, UpstreamResponse};
 use crate::pool::{self, Sender};
 use crate::{Backend, RoleProxy};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const VIA: HeaderValue = HeaderValue::from_static("1.1 phoenix");
 
 /// The proxy as a `tower::Service`, one per client connection.
 #[derive(Debug, Clone)]
@@ -62,7 +64,7 @@ enum Failure {
         refused: bool,
     },
     /// The request may have reached the backend.
-    Sent(String),
+    Sent(hyper::Error),
 }
 
 /// What is needed to send a body-less request again.
@@ -91,6 +93,10 @@ async fn forward(
 ) -> Response<ResponseBody> {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     let (mut parts, body) = request.into_parts();
+    let limit = proxy.config.max_body;
+    if body.size_hint().lower() > limit {
+        return too_large(proxy, limit);
+    }
     prepare_upstream(&mut parts.headers, &mut parts.uri, client_ip);
     // Without a body, an idempotent request can be sent again even after a backend failed mid-way.
     let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| Replay {
@@ -99,7 +105,12 @@ async fn forward(
         version: parts.version,
         headers: parts.headers.clone(),
     });
-    let mut request = Some(Request::from_parts(parts, UpstreamBody::Client(body)));
+    let body = UpstreamBody::Client {
+        body,
+        seen: 0,
+        limit,
+    };
+    let mut request = Some(Request::from_parts(parts, body));
     // Backends that failed this request; empty (no allocation) on the usual path.
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_error = None;
@@ -118,6 +129,7 @@ async fn forward(
             Ok(Ok((response, sender))) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                parts.headers.append(header::VIA, VIA);
                 let body = ResponseBody::upstream(UpstreamResponse::new(body, sender, claim));
                 return Response::from_parts(parts, body);
             }
@@ -144,7 +156,10 @@ async fn forward(
                 request = Some(*unsent);
                 error
             }
-            Failure::Sent(error) if replay.is_some() => error,
+            Failure::Sent(error) if caused_by::<BodyTooLarge>(&error) => {
+                return too_large(proxy, limit);
+            }
+            Failure::Sent(error) if replay.is_some() => error.to_string(),
             Failure::Sent(error) => {
                 return error_response(
                     proxy,
@@ -187,7 +202,7 @@ async fn send(
             Err(mut error) => match error.take_message() {
                 // A stale keep-alive connection: nothing was written, use another one.
                 Some(unsent) => request = unsent,
-                None => return Err(Failure::Sent(error.into_error().to_string())),
+                None => return Err(Failure::Sent(error.into_error())),
             },
         }
     }
@@ -210,7 +225,7 @@ async fn send(
                 error: error.into_error().to_string(),
                 refused: false,
             }),
-            None => Err(Failure::Sent(error.into_error().to_string())),
+            None => Err(Failure::Sent(error.into_error())),
         },
     }
 }
@@ -222,8 +237,8 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Rewrites the request for the backend: origin-form URI, no hop-by-hop headers, and the
-/// client's address appended to `X-Forwarded-For`.
+/// Rewrites the request for the backend: origin-form URI, no hop-by-hop headers, the client's
+/// address appended to `X-Forwarded-For`, `X-Forwarded-Proto` when absent, and `Via`.
 fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderValue) {
     if uri.scheme().is_some() || uri.authority().is_some() {
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -241,6 +256,10 @@ fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderVal
     if let Some(value) = forwarded {
         headers.insert(X_FORWARDED_FOR, value);
     }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    headers.append(header::VIA, VIA);
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -266,6 +285,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// True when `error` or one of its sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<E>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+fn too_large(proxy: &RoleProxy, limit: u64) -> Response<ResponseBody> {
+    let message = format!(
+        "request body larger than the {limit} bytes allowed (max_body of role {})",
+        proxy.role
+    );
+    error_response(proxy, StatusCode::PAYLOAD_TOO_LARGE, &message)
 }
 
 fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Response<ResponseBody> {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -70,20 +70,39 @@ pub struct ProxyStats {
     pub retries: AtomicU64,
 }
 
+/// What a frontend speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// HTTP/1.1 reverse proxy (keep-alive, retries, `X-Forwarded-*`, upgrades).
+    #[default]
+    Http,
+    /// Layer 4: each client connection is spliced to one backend connection.
+    Tcp,
+}
+
 /// Settings of one frontend.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxyConfig {
+    pub mode: Mode,
     /// How long to wait for a backend's TCP connection.
     pub connect_timeout: Duration,
     /// How long to wait for a backend's response head before answering 504.
     pub request_timeout: Duration,
+    /// How long a client connection may sit without sending a complete request head
+    /// (between keep-alive requests, and while sending headers) before it is closed.
+    pub idle_timeout: Duration,
+    /// The largest request body accepted; larger ones get 413.
+    pub max_body: u64,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
+            mode: Mode::Http,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_body: 16 << 20,
         }
     }
 }
@@ -196,6 +215,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let mut connections = tokio::task::JoinSet::new();
+    let idle_timeout = proxy.config.idle_timeout;
     loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break,
@@ -207,6 +227,8 @@ pub async fn serve(
                 connections.spawn(async move {
                     let conn = hyper::server::conn::http1::Builder::new()
                         .writev(false)
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(idle_timeout)
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
                     tokio::select! {

@@ -24,10 +24,17 @@ async fn backend(name: &'static str) -> SocketAddr {
                         if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
                         }
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                            "{name} {}",
-                            req.uri().path()
-                        )))))
+                        let text = if req.uri().path() == "/headers" {
+                            let get = |n: &str| {
+                                let value = req.headers().get(n).map(|v| v.to_str().unwrap());
+                                value.unwrap_or_default().to_string()
+                            };
+                            let (xff, proto) = (get("x-forwarded-for"), get("x-forwarded-proto"));
+                            format!("xff={xff} proto={proto} via={}", get("via"))
+                        } else {
+                            format!("{name} {}", req.uri().path())
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                     });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -189,4 +196,129 @@ async fn request_timeout_gives_504() {
     proxy.set_backends(vec![Backend::new("slow", backend("slow").await)]);
     let (addr, _stop) = frontend(proxy.clone()).await;
     assert_eq!(get(addr, "/slow/2000").await.0, 504);
+}
+
+/// A backend that reads a request head and closes the connection without answering,
+/// as an instance killed mid-request would.
+async fn dropping() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends raw bytes on a fresh connection and returns the whole answer.
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn forwarded_headers_and_via_are_set() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let request = b"GET /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.9.8.7\r\nConnection: close\r\n\r\n";
+    let answer = raw(addr, request).await;
+    assert!(
+        answer.contains("xff=10.9.8.7, 127.0.0.1 proto=http via=1.1 phoenix"),
+        "{answer}"
+    );
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nvia: 1.1 phoenix\r\n"),
+        "the response carries Via: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413_declared_or_streamed() {
+    let config = ProxyConfig {
+        max_body: 10,
+        ..ProxyConfig::default()
+    };
+    let proxy = RoleProxy::new("web", config);
+    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let declared =
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\nConnection: close\r\n\r\n01234567890";
+    let declared = raw(addr, declared).await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(
+        declared.contains("larger than the 10 bytes allowed (max_body of role web)"),
+        "{declared}"
+    );
+    let chunked = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\n012345\r\n6\r\n678901\r\n0\r\n\r\n";
+    let streamed = raw(addr, chunked).await;
+    assert!(streamed.starts_with("HTTP/1.1 413"), "{streamed}");
+    let fits =
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789";
+    let fits = raw(addr, fits).await;
+    assert!(fits.starts_with("HTTP/1.1 200"), "{fits}");
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_after_the_idle_timeout() {
+    let config = ProxyConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let proxy = RoleProxy::new("web", config);
+    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle: the proxy closes the keep-alive connection (EOF) long before this bound.
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was not closed: {closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_after_a_backend_fails_mid_request() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    for _ in 0..4 {
+        // The dropping backend comes first in turn, then the good one.
+        let dropper = Backend::new("dropper", dropping().await);
+        proxy.set_backends(vec![dropper, Backend::new("good", backend("good").await)]);
+        proxy.next.store(0, Ordering::Relaxed);
+        let get = raw(
+            addr,
+            b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            get.starts_with("HTTP/1.1 200") && get.ends_with("good /x"),
+            "GET is retried: {get}"
+        );
+        proxy.next.store(0, Ordering::Relaxed);
+        let post =
+            b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+        let post = raw(addr, post).await;
+        assert!(
+            post.starts_with("HTTP/1.1 502"),
+            "POST is not retried once sent: {post}"
+        );
+    }
 }
