@@ -86,6 +86,10 @@ impl ResponseBody {
         ResponseBody(Kind::Upstream(response))
     }
 
+    pub(crate) fn empty() -> Self {
+        ResponseBody(Kind::Message(None))
+    }
+
     pub(crate) fn message(text: Bytes) -> Self {
         ResponseBody(Kind::Message(Some(text)))
     }

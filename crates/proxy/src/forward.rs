@@ -14,9 +14,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::body::{BodyTooLarge, ResponseBody, UpstreamBody, UpstreamResponse};
 use crate::pool::{self, Sender};
+use crate::tunnel;
 use crate::{Backend, RoleProxy};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -89,17 +91,28 @@ impl Replay {
 async fn forward(
     proxy: &RoleProxy,
     client_ip: HeaderValue,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
+    // An upgrade (WebSocket): the protocol asked for, and the client side of the future tunnel.
+    let upgrade = upgrade_protocol(request.headers())
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
     let (mut parts, body) = request.into_parts();
     let limit = proxy.config.max_body;
     if body.size_hint().lower() > limit {
         return too_large(proxy, limit);
     }
     prepare_upstream(&mut parts.headers, &mut parts.uri, client_ip);
+    if let Some((protocol, _)) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
+    let mut upgrade = upgrade.map(|(_, client_side)| client_side);
     // Without a body, an idempotent request can be sent again even after a backend failed mid-way.
-    let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| Replay {
+    let replayable = upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream();
+    let replay = replayable.then(|| Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         version: parts.version,
@@ -126,6 +139,29 @@ async fn forward(
         )
         .await;
         let failure = match attempt {
+            Ok(Ok((mut response, _sender)))
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                let Some(client_side) = upgrade.take() else {
+                    return error_response(
+                        proxy,
+                        StatusCode::BAD_GATEWAY,
+                        "backend switched protocols unasked",
+                    );
+                };
+                let backend_side = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_side, backend_side) {
+                        Ok((client, backend)) => {
+                            tunnel::splice(TokioIo::new(client), TokioIo::new(backend), claim).await
+                        }
+                        Err(error) => tracing::debug!(%error, "upgrade failed"),
+                    }
+                });
+                let (mut parts, _) = response.into_parts();
+                parts.headers.append(header::VIA, VIA);
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
             Ok(Ok((response, sender))) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -228,6 +264,16 @@ async fn send(
             None => Err(Failure::Sent(error.into_error())),
         },
     }
+}
+
+/// The `Upgrade` protocol when the request asks for one (`Connection: upgrade`).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection = headers.get(header::CONNECTION)?.to_str().ok()?;
+    let asks = connection
+        .split(',')
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 fn is_idempotent(method: &Method) -> bool {

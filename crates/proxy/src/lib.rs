@@ -8,6 +8,7 @@
 mod body;
 mod forward;
 mod pool;
+mod tunnel;
 
 pub use body::ResponseBody;
 pub use forward::ProxyService;
@@ -32,6 +33,8 @@ pub struct Backend {
     /// Set when a connection was refused (passive health); cleared by a passing health check.
     down: AtomicBool,
     pool: pool::Pool,
+    /// Turned true at a drain's deadline: upgraded and TCP tunnels to this backend close.
+    close_tunnels: watch::Sender<bool>,
 }
 
 impl Backend {
@@ -42,6 +45,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             pool: pool::Pool::default(),
+            close_tunnels: watch::channel(false).0,
         })
     }
 
@@ -196,6 +200,7 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
         if in_flight == 0 || start.elapsed() >= deadline {
             for backend in backends {
                 backend.pool.clear();
+                backend.close_tunnels.send_replace(true);
             }
             return DrainReport {
                 waited: start.elapsed(),
@@ -215,30 +220,17 @@ pub async fn serve(
     grace: Duration,
 ) {
     let mut connections = tokio::task::JoinSet::new();
-    let idle_timeout = proxy.config.idle_timeout;
     loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break,
             accepted = listener.accept() => {
                 let Ok((stream, client)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(ProxyService::new(proxy.clone(), client));
-                let mut stop = shutdown.clone();
-                connections.spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .writev(false)
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(idle_timeout)
-                        .serve_connection(TokioIo::new(stream), service);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = stopped(&mut stop) => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
-                });
+                let stop = shutdown.clone();
+                match proxy.config.mode {
+                    Mode::Http => connections.spawn(serve_http(stream, client, proxy.clone(), stop)),
+                    Mode::Tcp => connections.spawn(tunnel::serve_tcp(stream, proxy.clone())),
+                };
             }
         }
     }
@@ -247,6 +239,31 @@ pub async fn serve(
         while connections.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// One HTTP/1.1 client connection, with keep-alive, upgrades and the idle timeout.
+async fn serve_http(
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    proxy: Arc<RoleProxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idle_timeout = proxy.config.idle_timeout;
+    let service = TowerToHyperService::new(ProxyService::new(proxy, client));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Resolves once `flag` turns true (or its sender is gone).

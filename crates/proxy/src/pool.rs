@@ -73,7 +73,8 @@ pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Res
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        // With upgrades: a 101 answer hands the connection over to a tunnel.
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%addr, %error, "backend connection closed");
         }
     });

@@ -322,3 +322,134 @@ async fn only_idempotent_requests_are_retried_after_a_backend_fails_mid_request(
         );
     }
 }
+
+/// A backend that answers `101 Switching Protocols` to `Upgrade: echo` and then echoes bytes.
+async fn upgrade_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                    let upgraded = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(upgraded.await.unwrap());
+                        let (mut reader, mut writer) = tokio::io::split(&mut io);
+                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                    });
+                    let mut response = Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    response
+                        .headers_mut()
+                        .insert("connection", "upgrade".parse().unwrap());
+                    response
+                        .headers_mut()
+                        .insert("upgrade", "echo".parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = conn.with_upgrades().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A raw TCP echo server.
+async fn echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo_round_trip(stream: &mut TcpStream, text: &[u8]) {
+    stream.write_all(text).await.unwrap();
+    let mut buf = vec![0; text.len()];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf, text);
+}
+
+async fn assert_closed(stream: &mut TcpStream) {
+    let mut buf = [0; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the tunnel is still open: {read:?}"
+    );
+}
+
+#[tokio::test]
+async fn upgraded_connections_pass_through_and_close_at_the_drain_deadline() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let old = Backend::new("old", upgrade_backend().await);
+    proxy.set_backends(vec![old.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0; 1];
+        client.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 101") && head.contains("upgrade: echo"),
+        "{head}"
+    );
+    echo_round_trip(&mut client, b"ping").await;
+    assert_eq!(old.in_flight(), 1, "the tunnel holds its backend");
+
+    proxy.set_backends(vec![Backend::new("new", backend("new").await)]);
+    echo_round_trip(&mut client, b"still open after the switch").await;
+    let report = drain(std::slice::from_ref(&old), Duration::from_millis(300)).await;
+    assert_eq!(report.abandoned, 1);
+    assert!(report.waited >= Duration::from_millis(300));
+    assert_closed(&mut client).await;
+}
+
+#[tokio::test]
+async fn tcp_mode_forwards_bytes_both_ways_and_skips_refusing_backends() {
+    let config = ProxyConfig {
+        mode: Mode::Tcp,
+        ..ProxyConfig::default()
+    };
+    let proxy = RoleProxy::new("db", config);
+    let dead = Backend::new("dead", refusing().await);
+    let live = Backend::new("live", echo_backend().await);
+    proxy.set_backends(vec![dead.clone(), live.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        echo_round_trip(&mut client, b"\x00binary\xffbytes\r\n").await;
+        echo_round_trip(&mut client, &[7u8; 100_000]).await;
+    }
+    assert!(dead.is_down());
+
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    echo_round_trip(&mut held, b"hold").await;
+    proxy.set_backends(vec![]);
+    let report = drain(std::slice::from_ref(&live), Duration::from_millis(200)).await;
+    assert_eq!(
+        report.abandoned, 1,
+        "the open TCP connection was counted in flight"
+    );
+    assert_closed(&mut held).await;
+}

@@ -35,6 +35,8 @@ pub struct Fleet {
     pub instances: u32,
     pub healthy_timeout: &'static str,
     pub drain: &'static str,
+    /// Run the role's proxy in TCP mode (with its default TCP health check).
+    pub tcp: bool,
 }
 
 impl Fleet {
@@ -45,6 +47,7 @@ impl Fleet {
             instances: 3,
             healthy_timeout: "20s",
             drain: "10s",
+            tcp: false,
         }
     }
 
@@ -76,12 +79,17 @@ unhealthy_threshold = 2
 [role.web.deploy]
 healthy_timeout = "{healthy_timeout}"
 drain = "{drain}"
-"#,
+{proxy}"#,
             app = hello_bin().display(),
             version = self.version,
             instances = self.instances,
             healthy_timeout = self.healthy_timeout,
             drain = self.drain,
+            proxy = if self.tcp {
+                "\n[role.web.proxy]\nmode = \"tcp\"\n"
+            } else {
+                ""
+            },
         )
     }
 }
