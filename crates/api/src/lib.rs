@@ -65,6 +65,7 @@ pub fn router(controller: Controller, token: Option<String>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/images", get(images))
         .route("/v1/history", get(history))
         .route("/v1/roles/{role}/deploy", post(deploy))
@@ -107,6 +108,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn status(State(state): State<AppState>) -> Json<phoenix_fleet::FleetStatus> {
     Json(state.controller.status())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.controller.metrics_text().into_response();
+    let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response
 }
 
 async fn images(State(state): State<AppState>) -> Response {

@@ -8,6 +8,7 @@ mod controller;
 mod deploy;
 mod health;
 mod instance;
+mod metrics;
 mod recover;
 mod status;
 

@@ -160,3 +160,59 @@ fn a_second_phoenix_up_on_the_same_state_is_refused() {
         text(&output.stderr)
     );
 }
+
+#[test]
+fn metrics_are_exposed_per_role_and_instance_on_the_api() {
+    use std::io::{Read, Write};
+    let phoenix = Phoenix::start(&Fleet {
+        instances: 2,
+        ..Fleet::version("v1")
+    });
+    let proxy = phoenix.proxy_addr();
+    for _ in 0..10 {
+        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let api = std::fs::read_to_string(phoenix.state().join("api.addr")).unwrap();
+    let mut stream = std::net::TcpStream::connect(api.trim()).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.contains("content-type: text/plain; version=0.0.4"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("phoenix_role_responses_total{role=\"web\",class=\"2xx\"} 10"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("phoenix_role_live_generation{role=\"web\"} 1"),
+        "{answer}"
+    );
+    let per_instance: u64 = answer
+        .lines()
+        .filter(|l| {
+            l.starts_with("phoenix_backend_responses_total{") && l.contains("class=\"2xx\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        per_instance, 10,
+        "the instances' counts add up to the role's"
+    );
+    assert_eq!(answer.matches("phoenix_instance_healthy{").count(), 2);
+    assert!(
+        answer
+            .lines()
+            .filter(|l| l.starts_with("phoenix_instance_healthy{"))
+            .all(|l| l.ends_with(" 1"))
+    );
+}

@@ -1,16 +1,18 @@
 //! Bodies: what goes to a backend, and what comes back to the client.
 //!
 //! Plain enums rather than boxed trait objects: no allocation per request for the body.
+//! Both count their bytes into the role's and the backend's metrics as they stream.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::InFlight;
 use crate::pool::Sender;
+use crate::{Backend, InFlight, TrafficMetrics};
 
 /// The request body grew past the role's `max_body`.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,14 @@ pub(crate) struct BodyTooLarge {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a request body's bytes are counted.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    pub(crate) role: Arc<TrafficMetrics>,
+    /// The backend of the current attempt.
+    pub(crate) backend: Option<Arc<Backend>>,
+}
+
 /// The body sent to a backend: the client's (counted against `max_body`), or none for a
 /// replayed request.
 #[derive(Debug)]
@@ -29,8 +39,20 @@ pub(crate) enum UpstreamBody {
         body: Incoming,
         seen: u64,
         limit: u64,
+        meter: Meter,
     },
     Empty,
+}
+
+impl UpstreamBody {
+    /// Counts the bytes of this attempt against `backend`.
+    pub(crate) fn meter_for(&mut self, backend: &Arc<Backend>) {
+        if let UpstreamBody::Client { body, meter, .. } = self
+            && !body.is_end_stream()
+        {
+            meter.backend = Some(backend.clone());
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -42,11 +64,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Client { body, seen, limit } => match Pin::new(body).poll_frame(cx) {
+            UpstreamBody::Client {
+                body,
+                seen,
+                limit,
+                meter,
+            } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    *seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    *seen += bytes;
                     if *seen > *limit {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *limit }))));
+                    }
+                    meter.role.add_received(bytes);
+                    if let Some(backend) = &meter.backend {
+                        backend.metrics.add_received(bytes);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -134,15 +166,22 @@ pub(crate) struct UpstreamResponse {
     inner: Incoming,
     sender: Option<Sender>,
     claim: InFlight,
+    role: Arc<TrafficMetrics>,
     done: bool,
 }
 
 impl UpstreamResponse {
-    pub(crate) fn new(inner: Incoming, sender: Sender, claim: InFlight) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        sender: Sender,
+        claim: InFlight,
+        role: Arc<TrafficMetrics>,
+    ) -> Self {
         UpstreamResponse {
             inner,
             sender: Some(sender),
             claim,
+            role,
             done: false,
         }
     }
@@ -158,9 +197,14 @@ impl Body for UpstreamResponse {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
+                self.role.add_sent(bytes);
+                self.claim.backend().metrics.add_sent(bytes);
+            }
             Poll::Ready(None) => self.done = true,
             Poll::Ready(Some(Err(_))) => self.sender = None,
-            _ => {}
+            Poll::Pending => {}
         }
         polled
     }

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -16,7 +17,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{BodyTooLarge, ResponseBody, UpstreamBody, UpstreamResponse};
+use crate::body::{BodyTooLarge, Meter, ResponseBody, UpstreamBody, UpstreamResponse};
 use crate::pool::{self, Sender};
 use crate::tunnel;
 use crate::{Backend, RoleProxy};
@@ -91,7 +92,21 @@ impl Replay {
 async fn forward(
     proxy: &RoleProxy,
     client_ip: HeaderValue,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let response = forward_to_backend(proxy, client_ip, request, started).await;
+    proxy
+        .metrics
+        .record_response(response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn forward_to_backend(
+    proxy: &RoleProxy,
+    client_ip: HeaderValue,
     mut request: Request<Incoming>,
+    started: Instant,
 ) -> Response<ResponseBody> {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     // An upgrade (WebSocket): the protocol asked for, and the client side of the future tunnel.
@@ -122,6 +137,10 @@ async fn forward(
         body,
         seen: 0,
         limit,
+        meter: Meter {
+            role: proxy.metrics.clone(),
+            backend: None,
+        },
     };
     let mut request = Some(Request::from_parts(parts, body));
     // Backends that failed this request; empty (no allocation) on the usual path.
@@ -133,6 +152,8 @@ async fn forward(
             (None, Some(replay)) => replay.request(),
             (None, None) => break,
         };
+        let mut outgoing = outgoing;
+        outgoing.body_mut().meter_for(claim.backend());
         let attempt = tokio::time::timeout(
             proxy.config.request_timeout,
             send(claim.backend(), proxy, outgoing),
@@ -150,10 +171,16 @@ async fn forward(
                     );
                 };
                 let backend_side = hyper::upgrade::on(&mut response);
+                claim
+                    .backend()
+                    .metrics
+                    .record_response(101, started.elapsed());
+                let role = proxy.metrics.clone();
                 tokio::spawn(async move {
                     match tokio::try_join!(client_side, backend_side) {
                         Ok((client, backend)) => {
-                            tunnel::splice(TokioIo::new(client), TokioIo::new(backend), claim).await
+                            tunnel::splice(TokioIo::new(client), TokioIo::new(backend), claim, role)
+                                .await
                         }
                         Err(error) => tracing::debug!(%error, "upgrade failed"),
                     }
@@ -163,10 +190,19 @@ async fn forward(
                 return Response::from_parts(parts, ResponseBody::empty());
             }
             Ok(Ok((response, sender))) => {
+                claim
+                    .backend()
+                    .metrics
+                    .record_response(response.status().as_u16(), started.elapsed());
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.headers.append(header::VIA, VIA);
-                let body = ResponseBody::upstream(UpstreamResponse::new(body, sender, claim));
+                let body = ResponseBody::upstream(UpstreamResponse::new(
+                    body,
+                    sender,
+                    claim,
+                    proxy.metrics.clone(),
+                ));
                 return Response::from_parts(parts, body);
             }
             Ok(Err(failure)) => failure,

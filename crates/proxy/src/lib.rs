@@ -7,11 +7,13 @@
 
 mod body;
 mod forward;
+mod metrics;
 mod pool;
 mod tunnel;
 
 pub use body::ResponseBody;
 pub use forward::ProxyService;
+pub use metrics::{Exposition, LATENCY_BUCKETS, Scope, TrafficMetrics, label};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,6 +37,7 @@ pub struct Backend {
     pool: pool::Pool,
     /// Turned true at a drain's deadline: upgraded and TCP tunnels to this backend close.
     close_tunnels: watch::Sender<bool>,
+    pub metrics: TrafficMetrics,
 }
 
 impl Backend {
@@ -46,6 +49,7 @@ impl Backend {
             down: AtomicBool::new(false),
             pool: pool::Pool::default(),
             close_tunnels: watch::channel(false).0,
+            metrics: TrafficMetrics::default(),
         })
     }
 
@@ -119,6 +123,8 @@ pub struct RoleProxy {
     backends: RwLock<Vec<Arc<Backend>>>,
     next: AtomicUsize,
     pub stats: ProxyStats,
+    /// Every response of the role, the proxy's own error answers included.
+    pub metrics: Arc<TrafficMetrics>,
 }
 
 impl RoleProxy {
@@ -129,6 +135,7 @@ impl RoleProxy {
             backends: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             stats: ProxyStats::default(),
+            metrics: Arc::default(),
         })
     }
 

@@ -453,3 +453,92 @@ async fn tcp_mode_forwards_bytes_both_ways_and_skips_refusing_backends() {
     );
     assert_closed(&mut held).await;
 }
+
+#[tokio::test]
+async fn metrics_count_responses_latency_and_bytes_per_role_and_backend() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let a = Backend::new("a", backend("a").await);
+    proxy.set_backends(vec![a.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/x").await, (200, "a /x".to_string()));
+    }
+    let post = raw(
+        addr,
+        b"POST /y HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(post.ends_with("a /y"), "{post}");
+    proxy.set_backends(vec![]);
+    assert_eq!(get(addr, "/").await.0, 503);
+
+    assert_eq!(proxy.metrics.responses(2), 4);
+    assert_eq!(
+        proxy.metrics.responses(5),
+        1,
+        "the proxy's own 503 counts for the role"
+    );
+    assert_eq!(a.metrics.responses(2), 4);
+    assert_eq!(a.metrics.responses(5), 0, "but not for any backend");
+    let mut exposition = Exposition::default();
+    exposition.traffic(Scope::Role, "role=\"web\"", &proxy.metrics, 0);
+    exposition.traffic(
+        Scope::Backend,
+        "role=\"web\",instance=\"a\"",
+        &a.metrics,
+        a.in_flight(),
+    );
+    let text = exposition.render();
+    for line in [
+        "phoenix_role_responses_total{role=\"web\",class=\"2xx\"} 4",
+        "phoenix_role_responses_total{role=\"web\",class=\"5xx\"} 1",
+        "phoenix_role_response_seconds_bucket{role=\"web\",le=\"+Inf\"} 5",
+        "phoenix_role_response_seconds_count{role=\"web\"} 5",
+        "phoenix_role_received_bytes_total{role=\"web\"} 5",
+        "phoenix_role_sent_bytes_total{role=\"web\"} 16",
+        "phoenix_backend_responses_total{role=\"web\",instance=\"a\",class=\"2xx\"} 4",
+        "phoenix_backend_received_bytes_total{role=\"web\",instance=\"a\"} 5",
+        "phoenix_backend_sent_bytes_total{role=\"web\",instance=\"a\"} 16",
+        "phoenix_backend_in_flight{role=\"web\",instance=\"a\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert_valid_exposition(&text);
+}
+
+/// Every family has one HELP and one TYPE before its samples, samples of a family are together,
+/// and histogram buckets never decrease.
+fn assert_valid_exposition(text: &str) {
+    let mut seen = std::collections::HashSet::new();
+    let mut current = String::new();
+    let mut last_bucket: Option<(String, u64)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let family = rest.split(' ').next().unwrap().to_string();
+            assert!(seen.insert(family.clone()), "family {family} appears twice");
+            current = family;
+            continue;
+        }
+        if line.starts_with("# TYPE ") {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert!(
+            name.starts_with(current.as_str()),
+            "{name} outside its family block {current}"
+        );
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if name.ends_with("_bucket") {
+            let series = line.split(",le=").next().unwrap().to_string();
+            if let Some((previous, count)) = &last_bucket
+                && *previous == series
+            {
+                assert!(value as u64 >= *count, "histogram buckets decrease: {line}");
+            }
+            last_bucket = Some((series, value as u64));
+        }
+    }
+}

@@ -8,21 +8,29 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::{Backend, InFlight, RoleProxy, stopped};
+use crate::{Backend, InFlight, RoleProxy, TrafficMetrics, stopped};
 
 /// Copies bytes both ways until either side closes or the backend's tunnels are closed.
-pub(crate) async fn splice<A, B>(mut client: A, mut backend: B, claim: InFlight)
-where
+pub(crate) async fn splice<A, B>(
+    mut client: A,
+    mut backend: B,
+    claim: InFlight,
+    role: Arc<TrafficMetrics>,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut closing = claim.backend().close_tunnels.subscribe();
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-            if let Err(error) = result {
-                tracing::debug!(backend = %claim.backend().id, %error, "tunnel ended");
+        result = tokio::io::copy_bidirectional(&mut client, &mut backend) => match result {
+            Ok((received, sent)) => {
+                for metrics in [&*role, &claim.backend().metrics] {
+                    metrics.add_received(received);
+                    metrics.add_sent(sent);
+                }
             }
-        }
+            Err(error) => tracing::debug!(backend = %claim.backend().id, %error, "tunnel ended"),
+        },
         _ = stopped(&mut closing) => {
             tracing::debug!(backend = %claim.backend().id, "tunnel closed at the drain deadline");
         }
@@ -44,7 +52,7 @@ pub(crate) async fn serve_tcp(client: TcpStream, proxy: Arc<RoleProxy>) {
         {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                splice(client, stream, claim).await;
+                splice(client, stream, claim, proxy.metrics.clone()).await;
                 return;
             }
             Ok(Err(error)) => {

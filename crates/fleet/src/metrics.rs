@@ -1,0 +1,87 @@
+//! Prometheus exposition of the fleet: traffic per role and per instance, and health.
+
+use std::sync::atomic::Ordering;
+
+use phoenix_proxy::{Exposition, Scope, label};
+
+use crate::controller::Controller;
+
+impl Controller {
+    /// Every role's and every instance's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut out = Exposition::default();
+        for role in self.inner.roles.values() {
+            let role_label = format!("role=\"{}\"", label(&role.name));
+            let generations: Vec<_> = role
+                .live()
+                .into_iter()
+                .chain(
+                    role.others
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                )
+                .collect();
+            let instances: Vec<_> = generations
+                .iter()
+                .flat_map(|g| g.instances().into_iter().map(move |i| (g.clone(), i)))
+                .collect();
+            let in_flight = instances.iter().map(|(_, i)| i.backend.in_flight()).sum();
+            out.traffic(Scope::Role, &role_label, &role.proxy.metrics, in_flight);
+            let stats = &role.proxy.stats;
+            let retries = stats.retries.load(Ordering::Relaxed);
+            out.sample(
+                "phoenix_role_retries_total",
+                "counter",
+                "Attempts moved to another instance.",
+                "",
+                &role_label,
+                retries,
+            );
+            let errors = stats.proxy_errors.load(Ordering::Relaxed);
+            let help =
+                "Answers the proxy made itself (no instance could answer: 413, 502, 503, 504).";
+            out.sample(
+                "phoenix_role_proxy_errors_total",
+                "counter",
+                help,
+                "",
+                &role_label,
+                errors,
+            );
+            let live = role.live().map_or(0, |g| g.id);
+            out.sample(
+                "phoenix_role_live_generation",
+                "gauge",
+                "The generation serving the role.",
+                "",
+                &role_label,
+                live,
+            );
+            for (generation, instance) in &instances {
+                let labels = format!(
+                    "{role_label},instance=\"{}\",generation=\"{}\",image=\"{}\"",
+                    label(&instance.name),
+                    generation.id,
+                    phoenix_image::short_digest(&generation.image)
+                );
+                out.traffic(
+                    Scope::Backend,
+                    &labels,
+                    &instance.backend.metrics,
+                    instance.backend.in_flight(),
+                );
+                let healthy = u8::from(instance.is_healthy());
+                out.sample(
+                    "phoenix_instance_healthy",
+                    "gauge",
+                    "1 when the instance passes its health check.",
+                    "",
+                    &labels,
+                    healthy,
+                );
+            }
+        }
+        out.render()
+    }
+}

@@ -1,0 +1,219 @@
+//! Traffic metrics of a role and of each backend, and their Prometheus text exposition.
+//!
+//! Plain atomics, recorded on the request path without locks or label lookups.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the response-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Counters of traffic through a role or to one backend.
+#[derive(Debug, Default)]
+pub struct TrafficMetrics {
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    responses: [AtomicU64; 5],
+    /// Responses per latency bucket (not cumulative); the last slot is +Inf.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_micros: AtomicU64,
+    /// Request body bytes received from clients.
+    received_bytes: AtomicU64,
+    /// Response body bytes sent to clients.
+    sent_bytes: AtomicU64,
+}
+
+impl TrafficMetrics {
+    /// Counts one response head: its status class and the time it took to arrive.
+    pub fn record_response(&self, status: u16, latency: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        let seconds = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_received(&self, bytes: u64) {
+        self.received_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_sent(&self, bytes: u64) {
+        self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Responses of status class `class` (1 to 5).
+    pub fn responses(&self, class: usize) -> u64 {
+        self.responses[class - 1].load(Ordering::Relaxed)
+    }
+
+    pub fn total_responses(&self) -> u64 {
+        self.responses
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Collects samples by metric family so that each family's lines come together, after its
+/// `# HELP` and `# TYPE`, as the Prometheus text format requires.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    families: BTreeMap<&'static str, (&'static str, &'static str, String)>,
+}
+
+impl Exposition {
+    /// Adds one sample; `labels` is already rendered (`role="web",class="2xx"`).
+    pub fn sample(
+        &mut self,
+        family: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        suffix: &str,
+        labels: &str,
+        value: impl std::fmt::Display,
+    ) {
+        let entry = self
+            .families
+            .entry(family)
+            .or_insert((kind, help, String::new()));
+        let _ = writeln!(entry.2, "{family}{suffix}{{{labels}}} {value}");
+    }
+
+    /// Adds the counters, histogram, in-flight gauge and bytes of one role or backend,
+    /// with metric names starting `prefix` (`phoenix_role` or `phoenix_backend`).
+    pub fn traffic(
+        &mut self,
+        scope: Scope,
+        labels: &str,
+        metrics: &TrafficMetrics,
+        in_flight: usize,
+    ) {
+        let names = scope.names();
+        for (class, counter) in metrics.responses.iter().enumerate() {
+            let labels = format!("{labels},class=\"{}xx\"", class + 1);
+            self.sample(
+                names.responses,
+                "counter",
+                "Responses by status class.",
+                "",
+                &labels,
+                counter.load(Ordering::Relaxed),
+            );
+        }
+        let mut cumulative = 0;
+        for (bucket, count) in metrics.latency.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS
+                .get(bucket)
+                .map_or("+Inf".to_string(), |le| le.to_string());
+            let help = "Time from receiving a request to the response head, in seconds.";
+            self.sample(
+                names.latency,
+                "histogram",
+                help,
+                "_bucket",
+                &format!("{labels},le=\"{le}\""),
+                cumulative,
+            );
+        }
+        let help = "Time from receiving a request to the response head, in seconds.";
+        let sum = metrics.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        self.sample(names.latency, "histogram", help, "_sum", labels, sum);
+        self.sample(
+            names.latency,
+            "histogram",
+            help,
+            "_count",
+            labels,
+            cumulative,
+        );
+        self.sample(
+            names.in_flight,
+            "gauge",
+            "Requests and tunnels in flight.",
+            "",
+            labels,
+            in_flight,
+        );
+        let received = metrics.received_bytes.load(Ordering::Relaxed);
+        self.sample(
+            names.received,
+            "counter",
+            "Request body bytes received from clients.",
+            "",
+            labels,
+            received,
+        );
+        let sent = metrics.sent_bytes.load(Ordering::Relaxed);
+        self.sample(
+            names.sent,
+            "counter",
+            "Response body bytes sent to clients.",
+            "",
+            labels,
+            sent,
+        );
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (family, (kind, help, samples)) in &self.families {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+            out.push_str(samples);
+        }
+        out
+    }
+}
+
+/// Whose traffic a set of samples describes.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    Role,
+    Backend,
+}
+
+struct Names {
+    responses: &'static str,
+    latency: &'static str,
+    in_flight: &'static str,
+    received: &'static str,
+    sent: &'static str,
+}
+
+impl Scope {
+    fn names(self) -> Names {
+        match self {
+            Scope::Role => Names {
+                responses: "phoenix_role_responses_total",
+                latency: "phoenix_role_response_seconds",
+                in_flight: "phoenix_role_in_flight",
+                received: "phoenix_role_received_bytes_total",
+                sent: "phoenix_role_sent_bytes_total",
+            },
+            Scope::Backend => Names {
+                responses: "phoenix_backend_responses_total",
+                latency: "phoenix_backend_response_seconds",
+                in_flight: "phoenix_backend_in_flight",
+                received: "phoenix_backend_received_bytes_total",
+                sent: "phoenix_backend_sent_bytes_total",
+            },
+        }
+    }
+}
+
+/// Escapes a label value for the text format.
+pub fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
