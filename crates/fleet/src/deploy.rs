@@ -40,6 +40,9 @@ pub struct DeployReport {
     pub stop_ms: u64,
     /// Requests still running on the old generation when the drain deadline passed.
     pub abandoned_requests: usize,
+    /// Microseconds from the switch to the first request routed to the new generation
+    /// (none when no request came during the deploy).
+    pub first_request_after_switch_us: Option<u64>,
     pub total_ms: u64,
 }
 
@@ -235,6 +238,12 @@ async fn deploy(
         drain_ms,
         stop_ms,
         abandoned_requests,
+        first_request_after_switch_us: generation
+            .instances()
+            .iter()
+            .filter_map(|i| i.backend.first_routed_after())
+            .min()
+            .map(|d| d.as_micros() as u64),
         total_ms: started.elapsed().as_millis() as u64,
     };
     inner

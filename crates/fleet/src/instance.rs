@@ -267,6 +267,7 @@ impl Supervisor {
         let Some(status) = instance.record_probe(result, &self.health) else {
             return;
         };
+        instance.backend.note_change();
         self.record_status(status).await;
         let kind = if status == InstanceStatus::Healthy {
             "instance.healthy"

@@ -50,6 +50,13 @@ impl Controller {
                 errors,
             );
             let live = role.live().map_or(0, |g| g.id);
+            let help = "From a membership or health change to the first request routed accordingly, in seconds.";
+            out.histogram(
+                "phoenix_role_reconfiguration_seconds",
+                help,
+                &role_label,
+                &role.proxy.reconfiguration,
+            );
             out.sample(
                 "phoenix_role_live_generation",
                 "gauge",

@@ -194,7 +194,7 @@ impl ProgressOutput {
 /// The one-line summary of a deploy.
 pub fn summary(report: &DeployReport) -> String {
     format!(
-        "deployed {} generation {} ({}) in {:.1} s: bake {} ms, boot to healthy {} ms, switch {} µs, drain {} ms, stop {} ms",
+        "deployed {} generation {} ({}) in {:.1} s: bake {} ms, boot to healthy {} ms, switch {} µs{}, drain {} ms, stop {} ms",
         report.role,
         report.generation,
         short_digest(&report.image),
@@ -202,6 +202,10 @@ pub fn summary(report: &DeployReport) -> String {
         report.bake_ms,
         report.boot_to_healthy_ms,
         report.switch_us,
+        report
+            .first_request_after_switch_us
+            .map(|us| format!(" (first request on the new generation {us} µs later)"))
+            .unwrap_or_default(),
         report.drain_ms,
         report.stop_ms
     )

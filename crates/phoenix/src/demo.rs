@@ -242,6 +242,12 @@ fn print_summary(s: &Summary) {
         ),
     );
     row(
+        "first request on v2 after the switch",
+        s.upgrade
+            .first_request_after_switch_us
+            .map_or("-".into(), |us| format!("{us} µs")),
+    );
+    row(
         "broken v3 deploy",
         format!(
             "aborted after {:.2} s, v2 kept serving",

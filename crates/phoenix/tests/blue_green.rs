@@ -27,6 +27,10 @@ fn twenty_blue_green_deploys_under_load_fail_no_request_and_switch_to_the_new_ve
             output.contains(&format!("deployed web generation {}", i + 1)),
             "{output}"
         );
+        assert!(
+            output.contains("(first request on the new generation "),
+            "the switch's reconfiguration latency is reported: {output}"
+        );
         deploys.push((i, started, Instant::now(), load.count() - before));
     }
     std::thread::sleep(Duration::from_millis(300));

@@ -13,7 +13,7 @@ mod tunnel;
 
 pub use body::ResponseBody;
 pub use forward::ProxyService;
-pub use metrics::{Exposition, LATENCY_BUCKETS, Scope, TrafficMetrics, label};
+pub use metrics::{Exposition, Histogram, LATENCY_BUCKETS, Scope, TrafficMetrics, label};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +38,12 @@ pub struct Backend {
     /// Turned true at a drain's deadline: upgraded and TCP tunnels to this backend close.
     close_tunnels: watch::Sender<bool>,
     pub metrics: TrafficMetrics,
+    /// When its health last changed (see [`now_mark`]; 0 when nothing is pending).
+    changed_at: AtomicU64,
+    /// When it entered a backend set and has not been routed a request since (0 otherwise).
+    eligible_since: AtomicU64,
+    /// Microseconds from becoming eligible to its first routed request (`u64::MAX`: not yet).
+    first_routed_micros: AtomicU64,
 }
 
 impl Backend {
@@ -50,6 +56,9 @@ impl Backend {
             pool: pool::Pool::default(),
             close_tunnels: watch::channel(false).0,
             metrics: TrafficMetrics::default(),
+            changed_at: AtomicU64::new(0),
+            eligible_since: AtomicU64::new(0),
+            first_routed_micros: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -65,6 +74,20 @@ impl Backend {
 
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
+    }
+
+    /// Records that the backend's health just changed; the next backend-set update that adds
+    /// or removes it measures its reconfiguration latency from this moment.
+    pub fn note_change(&self) {
+        let _ =
+            self.changed_at
+                .compare_exchange(0, now_mark(), Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Time from entering the backend set (or its health change) to its first routed request.
+    pub fn first_routed_after(&self) -> Option<Duration> {
+        let micros = self.first_routed_micros.load(Ordering::Acquire);
+        (micros != u64::MAX).then(|| Duration::from_micros(micros))
     }
 }
 
@@ -125,6 +148,8 @@ pub struct RoleProxy {
     pub stats: ProxyStats,
     /// Every response of the role, the proxy's own error answers included.
     pub metrics: Arc<TrafficMetrics>,
+    /// From a membership or health change to the first request routed accordingly.
+    pub reconfiguration: Histogram,
 }
 
 impl RoleProxy {
@@ -136,13 +161,36 @@ impl RoleProxy {
             next: AtomicUsize::new(0),
             stats: ProxyStats::default(),
             metrics: Arc::default(),
+            reconfiguration: Histogram::default(),
         })
     }
 
     /// Replaces the backend set in one step. When this returns, every request bound for a
     /// backend that is no longer in the set is already counted in that backend's in-flight.
     pub fn set_backends(&self, backends: Vec<Arc<Backend>>) {
-        *self.backends.write().unwrap_or_else(|p| p.into_inner()) = backends;
+        let mut current = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        let now = now_mark();
+        for added in backends
+            .iter()
+            .filter(|b| !current.iter().any(|c| Arc::ptr_eq(c, b)))
+        {
+            let changed = added.changed_at.swap(0, Ordering::AcqRel);
+            added
+                .eligible_since
+                .store(if changed == 0 { now } else { changed }, Ordering::Release);
+        }
+        for removed in current
+            .iter()
+            .filter(|c| !backends.iter().any(|b| Arc::ptr_eq(c, b)))
+        {
+            removed.eligible_since.store(0, Ordering::Release);
+            let changed = removed.changed_at.swap(0, Ordering::AcqRel);
+            if changed != 0 {
+                self.reconfiguration
+                    .record(Duration::from_nanos(now.saturating_sub(changed)));
+            }
+        }
+        *current = backends;
     }
 
     /// A snapshot of the current backend set.
@@ -166,6 +214,19 @@ impl RoleProxy {
             .filter(untried)
             .find(|b| !b.is_down())
             .or_else(|| in_turn().find(untried))?;
+        let since = chosen.eligible_since.load(Ordering::Acquire);
+        if since != 0
+            && chosen
+                .eligible_since
+                .compare_exchange(since, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            let latency = Duration::from_nanos(now_mark().saturating_sub(since));
+            self.reconfiguration.record(latency);
+            chosen
+                .first_routed_micros
+                .store(latency.as_micros() as u64, Ordering::Release);
+        }
         Some(InFlight::new(chosen.clone()))
     }
 }
@@ -271,6 +332,12 @@ async fn serve_http(
             let _ = conn.await;
         }
     }
+}
+
+/// Nanoseconds since the first call in this process, plus one (so 0 can mean "unset").
+fn now_mark() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
 /// Resolves once `flag` turns true (or its sender is gone).

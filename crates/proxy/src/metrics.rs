@@ -7,19 +7,65 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the response-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+/// Upper bounds (seconds) of every histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+
+/// A latency histogram with the fixed [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The upper bound of the bucket holding the `q`-quantile (e.g. 0.99), if any observation.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bucket, count) in self.buckets.iter().enumerate() {
+            seen += count.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(
+                    LATENCY_BUCKETS
+                        .get(bucket)
+                        .copied()
+                        .unwrap_or(f64::INFINITY),
+                );
+            }
+        }
+        None
+    }
+}
 
 /// Counters of traffic through a role or to one backend.
 #[derive(Debug, Default)]
 pub struct TrafficMetrics {
     /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
     responses: [AtomicU64; 5],
-    /// Responses per latency bucket (not cumulative); the last slot is +Inf.
-    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    latency_sum_micros: AtomicU64,
+    /// Time from receiving a request to the response head.
+    latency: Histogram,
     /// Request body bytes received from clients.
     received_bytes: AtomicU64,
     /// Response body bytes sent to clients.
@@ -31,14 +77,7 @@ impl TrafficMetrics {
     pub fn record_response(&self, status: u16, latency: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
-        let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|le| seconds <= *le)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
-            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        self.latency.record(latency);
     }
 
     pub fn add_received(&self, bytes: u64) {
@@ -87,8 +126,35 @@ impl Exposition {
         let _ = writeln!(entry.2, "{family}{suffix}{{{labels}}} {value}");
     }
 
-    /// Adds the counters, histogram, in-flight gauge and bytes of one role or backend,
-    /// with metric names starting `prefix` (`phoenix_role` or `phoenix_backend`).
+    /// Adds a histogram's cumulative buckets, sum and count.
+    pub fn histogram(
+        &mut self,
+        family: &'static str,
+        help: &'static str,
+        labels: &str,
+        histogram: &Histogram,
+    ) {
+        let mut cumulative = 0;
+        for (bucket, count) in histogram.buckets.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS
+                .get(bucket)
+                .map_or("+Inf".to_string(), |le| le.to_string());
+            self.sample(
+                family,
+                "histogram",
+                help,
+                "_bucket",
+                &format!("{labels},le=\"{le}\""),
+                cumulative,
+            );
+        }
+        let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        self.sample(family, "histogram", help, "_sum", labels, sum);
+        self.sample(family, "histogram", help, "_count", labels, cumulative);
+    }
+
+    /// Adds the counters, histogram, in-flight gauge and bytes of one role or backend.
     pub fn traffic(
         &mut self,
         scope: Scope,
@@ -99,42 +165,18 @@ impl Exposition {
         let names = scope.names();
         for (class, counter) in metrics.responses.iter().enumerate() {
             let labels = format!("{labels},class=\"{}xx\"", class + 1);
+            let value = counter.load(Ordering::Relaxed);
             self.sample(
                 names.responses,
                 "counter",
                 "Responses by status class.",
                 "",
                 &labels,
-                counter.load(Ordering::Relaxed),
-            );
-        }
-        let mut cumulative = 0;
-        for (bucket, count) in metrics.latency.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
-            let le = LATENCY_BUCKETS
-                .get(bucket)
-                .map_or("+Inf".to_string(), |le| le.to_string());
-            let help = "Time from receiving a request to the response head, in seconds.";
-            self.sample(
-                names.latency,
-                "histogram",
-                help,
-                "_bucket",
-                &format!("{labels},le=\"{le}\""),
-                cumulative,
+                value,
             );
         }
         let help = "Time from receiving a request to the response head, in seconds.";
-        let sum = metrics.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        self.sample(names.latency, "histogram", help, "_sum", labels, sum);
-        self.sample(
-            names.latency,
-            "histogram",
-            help,
-            "_count",
-            labels,
-            cumulative,
-        );
+        self.histogram(names.latency, help, labels, &metrics.latency);
         self.sample(
             names.in_flight,
             "gauge",

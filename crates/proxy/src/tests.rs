@@ -542,3 +542,36 @@ fn assert_valid_exposition(text: &str) {
         }
     }
 }
+
+#[tokio::test]
+async fn reconfiguration_latency_is_measured_from_the_change_to_the_first_routed_request() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let a = Backend::new("a", backend("a").await);
+    proxy.set_backends(vec![a.clone()]);
+    assert_eq!(a.first_routed_after(), None, "no request yet");
+    assert_eq!(get(addr, "/").await.0, 200);
+    assert!(a.first_routed_after().is_some());
+    assert_eq!(
+        proxy.reconfiguration.count(),
+        1,
+        "one addition, routed once"
+    );
+    assert_eq!(get(addr, "/").await.0, 200);
+    assert_eq!(
+        proxy.reconfiguration.count(),
+        1,
+        "only the first request after a change counts"
+    );
+
+    // A health change that removes the backend is measured up to its removal.
+    a.note_change();
+    proxy.set_backends(vec![]);
+    assert_eq!(proxy.reconfiguration.count(), 2);
+    // A removal without a noted change (a plain switch) measures nothing.
+    let b = Backend::new("b", backend("b").await);
+    proxy.set_backends(vec![b.clone()]);
+    proxy.set_backends(vec![]);
+    assert_eq!(proxy.reconfiguration.count(), 2);
+    assert_eq!(b.first_routed_after(), None);
+}
