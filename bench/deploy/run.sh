@@ -68,35 +68,7 @@ deploy_json() {
 start_load() {
     local addr
     addr=$("$phoenix" --state "$work/state" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["roles"][0]["listen"])')
-    python3 - "$addr" > "$work/load.txt" <<'PY' &
-import http.client, signal, sys, threading
-host, port = sys.argv[1].rsplit(":", 1)
-sent = failed = 0
-lock, stop = threading.Lock(), threading.Event()
-def client():
-    global sent, failed
-    conn = None
-    while not stop.is_set():
-        ok = False
-        try:
-            conn = conn or http.client.HTTPConnection(host, int(port), timeout=10)
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            ok = response.status == 200 and b"version" in response.read()
-        except Exception:
-            conn = None
-        with lock:
-            sent += 1
-            failed += not ok
-def finish(*_):
-    stop.set()
-signal.signal(signal.SIGTERM, finish)
-threads = [threading.Thread(target=client) for _ in range(4)]
-for t in threads: t.start()
-stop.wait()
-for t in threads: t.join()
-print(sent, failed)
-PY
+    python3 bench/load.py "$addr" 4 > "$work/load.txt" &
     load=$!
 }
 
