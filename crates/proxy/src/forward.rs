@@ -117,6 +117,16 @@ async fn forward_to_backend(
     if body.size_hint().lower() > limit {
         return too_large(proxy, limit);
     }
+    // Backends speak HTTP/1.1, whatever the client spoke (HTTP/2 gives the host as :authority).
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    parts.version = http::Version::HTTP_11;
     prepare_upstream(&mut parts.headers, &mut parts.uri, client_ip);
     if let Some((protocol, _)) = &upgrade {
         parts

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -309,7 +310,7 @@ pub async fn serve(
     .await;
 }
 
-/// One HTTP/1.1 client connection, with keep-alive, upgrades and the idle timeout.
+/// One HTTP client connection: HTTP/1.1 with keep-alive, upgrades and the idle timeout, or h2c.
 async fn serve_http(
     stream: tokio::net::TcpStream,
     client: SocketAddr,
@@ -318,12 +319,15 @@ async fn serve_http(
 ) {
     let idle_timeout = proxy.config.idle_timeout;
     let service = TowerToHyperService::new(ProxyService::new(proxy, client));
-    let conn = hyper::server::conn::http1::Builder::new()
+    // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .writev(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
+        .header_read_timeout(idle_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

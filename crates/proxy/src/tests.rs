@@ -575,3 +575,53 @@ async fn reconfiguration_latency_is_measured_from_the_change_to_the_first_routed
     assert_eq!(proxy.reconfiguration.count(), 2);
     assert_eq!(b.first_routed_after(), None);
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_over_h2c_with_requests_spread_over_backends() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    proxy.set_backends(vec![
+        Backend::new("a", backend("a").await),
+        Backend::new("b", backend("b").await),
+    ]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut answers = Vec::new();
+    let requests: Vec<_> = (0..10)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let uri = format!("http://web.test/h2/{i}");
+                let request = Request::get(uri)
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.version(), http::Version::HTTP_2);
+                let status = response.status();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            })
+        })
+        .collect();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    let from_a = answers
+        .iter()
+        .filter(|(_, body)| body.starts_with("a /h2/"))
+        .count();
+    assert_eq!(from_a, 5, "round-robin over both backends: {answers:?}");
+}
