@@ -13,7 +13,7 @@ seconds=${1:-10}
 connections=${2:-50}
 rounds=${3:-3}
 
-need() { command -v "$1" >/dev/null || { apt-get update -q && apt-get install -y -q "$2"; }; }
+source bench/lib.sh
 need haproxy haproxy
 need nginx nginx
 need wrk wrk

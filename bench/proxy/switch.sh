@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 switches=${1:-100}
 
-need() { command -v "$1" >/dev/null || { apt-get update -q && apt-get install -y -q "$2"; }; }
+source bench/lib.sh
 need haproxy haproxy
 need nginx nginx
 cargo build --release --workspace --quiet
