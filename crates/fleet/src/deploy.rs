@@ -229,7 +229,7 @@ async fn deploy(
         role: role_name.into(),
         generation: generation_id,
         image,
-        previous_image: old_id.and(live.map(|g| g.image.clone())),
+        previous_image,
         baked,
         instances: config.instances,
         bake_ms,

@@ -129,16 +129,26 @@ async fn no_backend_gives_503_and_all_refusing_gives_502() {
     assert!(body.contains("could answer"), "{body}");
 }
 
+/// Starts `GET /slow/MS` through the proxy and waits until `old` counts it in flight.
+async fn slow_request_in_flight(
+    addr: SocketAddr,
+    old: &Backend,
+    ms: u64,
+) -> tokio::task::JoinHandle<(u16, String)> {
+    let slow = tokio::spawn(async move { get(addr, &format!("/slow/{ms}")).await });
+    while old.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    slow
+}
+
 #[tokio::test]
 async fn switch_is_immediate_and_drain_waits_for_in_flight_requests() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let old = Backend::new("old", backend("old").await);
     proxy.set_backends(vec![old.clone()]);
     let (addr, _stop) = frontend(proxy.clone()).await;
-    let slow = tokio::spawn(get(addr, "/slow/300"));
-    while old.in_flight() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let slow = slow_request_in_flight(addr, &old, 300).await;
     proxy.set_backends(vec![Backend::new("new", backend("new").await)]);
     assert_eq!(
         get(addr, "/").await.1,
@@ -161,10 +171,7 @@ async fn drain_gives_up_at_the_deadline() {
     let old = Backend::new("old", backend("old").await);
     proxy.set_backends(vec![old.clone()]);
     let (addr, _stop) = frontend(proxy.clone()).await;
-    let _slow = tokio::spawn(get(addr, "/slow/5000"));
-    while old.in_flight() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let _slow = slow_request_in_flight(addr, &old, 5000).await;
     proxy.set_backends(vec![]);
     let report = drain(std::slice::from_ref(&old), Duration::from_millis(100)).await;
     assert_eq!(report.abandoned, 1);

@@ -109,15 +109,8 @@ impl Store {
 
     /// Every image, newest first.
     pub fn images(&self) -> Result<Vec<ImageRow>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT digest, name, size, created_at FROM images ORDER BY created_at DESC, rowid DESC")
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], ImageRow::from_row)
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(|e| self.sql(e))
+        let sql = "SELECT digest, name, size, created_at FROM images ORDER BY created_at DESC, rowid DESC";
+        self.query(sql, [], ImageRow::from_row)
     }
 
     /// Resolves `reference`: an image name (its newest bake), `name@PREFIX`, a digest or a
@@ -221,15 +214,24 @@ impl Store {
         params: impl rusqlite::Params,
         from_row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<T, String>>,
     ) -> Result<Vec<T>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(sql).map_err(|e| self.sql(e))?;
-        let raw = stmt.query_map(params, from_row).map_err(|e| self.sql(e))?;
-        let raw: Vec<_> = raw
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| self.sql(e))?;
+        let raw = self.query(sql, params, from_row)?;
         raw.into_iter()
             .map(|r| r.map_err(|what| self.corrupt(what)))
             .collect()
+    }
+
+    /// Runs `sql` and maps each row with `from_row`.
+    fn query<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        from_row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql).map_err(|e| self.sql(e))?;
+        let rows = stmt.query_map(params, from_row).map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
     }
 
     // ---- instances ----
@@ -336,15 +338,8 @@ impl Store {
 
     /// Deploys that were running when the controller last stopped.
     pub fn running_deploys(&self) -> Result<Vec<DeployRow>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT id, role, from_generation, to_generation, started_at FROM deploys WHERE status = 'running'")
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], DeployRow::from_row)
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(|e| self.sql(e))
+        let sql = "SELECT id, role, from_generation, to_generation, started_at FROM deploys WHERE status = 'running'";
+        self.query(sql, [], DeployRow::from_row)
     }
 
     // ---- journal ----
