@@ -139,22 +139,36 @@ pub(crate) async fn start(
         workdir: config.working_dir.clone(),
         log_path: log_path.clone(),
     };
-    let (process, addr) = inner.driver.start(&spec)?;
-    let started_at_ms = inner.clock.now_ms();
+    // The row is written before the process exists, so a crash of Phoenix at any moment after
+    // the start leaves a record that recovery accounts for.
     let row = InstanceRow {
         name: name.clone(),
         role: role.into(),
         generation,
         image: image.into(),
         status: InstanceStatus::Starting,
-        pid: Some(process.pid),
-        pid_start: Some(process.start_time),
-        port: addr.port(),
+        pid: None,
+        pid_start: None,
+        port: 0,
         log_path: log_path.display().to_string(),
-        started_at: started_at_ms,
+        started_at: inner.clock.now_ms(),
         ended_at: None,
     };
     inner.db(move |s| s.insert_instance(&row)).await?;
+    let (process, addr) = match inner.driver.start(&spec) {
+        Ok(started) => started,
+        Err(error) => {
+            let (key, now) = (name.clone(), inner.clock.now_ms());
+            inner
+                .db(move |s| s.set_instance_status(&key, InstanceStatus::Died, now))
+                .await?;
+            return Err(error.into());
+        }
+    };
+    let (key, pid, start_time, port) = (name.clone(), process.pid, process.start_time, addr.port());
+    inner
+        .db(move |s| s.set_instance_process(&key, pid, start_time, port))
+        .await?;
     let detail = json!({"instance": name, "generation": generation, "image": image, "pid": process.pid, "port": addr.port()});
     inner.journal(Some(role), "instance.started", detail).await;
     let (stop, stop_rx) = watch::channel(false);

@@ -259,11 +259,18 @@ impl Store {
     }
 
     /// Records the process of a started instance.
-    pub fn set_instance_process(&self, name: &str, pid: u32, pid_start: u64) -> Result<()> {
+    /// Records the process of an instance whose row was written before it was started.
+    pub fn set_instance_process(
+        &self,
+        name: &str,
+        pid: u32,
+        pid_start: u64,
+        port: u16,
+    ) -> Result<()> {
         self.conn()
             .execute(
-                "UPDATE instances SET pid = ?1, pid_start = ?2 WHERE name = ?3",
-                params![pid, pid_start as i64, name],
+                "UPDATE instances SET pid = ?1, pid_start = ?2, port = ?3 WHERE name = ?4",
+                params![pid, pid_start as i64, port, name],
             )
             .map(drop)
             .map_err(|e| self.sql(e))

@@ -68,14 +68,19 @@ fn generations_instances_and_deploys_survive_reopening() {
                 ended_at: None,
             })
             .unwrap();
-        store.set_instance_process("web-abc123", 42, 777).unwrap();
+        store
+            .set_instance_process("web-abc123", 42, 777, 4001)
+            .unwrap();
         assert_eq!(store.running_deploys().unwrap()[0].id, deploy);
     }
     let store = Store::open(&path).unwrap();
     assert_eq!(store.live_generation("web").unwrap().unwrap().image, D1);
     let active = store.active_instances().unwrap();
     assert_eq!(active.len(), 1);
-    assert_eq!((active[0].pid, active[0].pid_start), (Some(42), Some(777)));
+    assert_eq!(
+        (active[0].pid, active[0].pid_start, active[0].port),
+        (Some(42), Some(777), 4001)
+    );
     store
         .set_instance_status("web-abc123", InstanceStatus::Lost, 30)
         .unwrap();
