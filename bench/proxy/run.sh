@@ -104,6 +104,8 @@ measure() {
     python3 - "$out" <<'PY'
 import re, sys
 out = sys.argv[1]
+if "Requests/sec" not in out or not re.search(r"99%\s+[\d.]", out):
+    sys.exit(f"wrk gave no usable result:\n{out}")
 def ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
     return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]

@@ -395,17 +395,26 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 }
 
 fn too_large(proxy: &RoleProxy, limit: u64) -> Response<ResponseBody> {
-    let message = format!(
-        "request body larger than the {limit} bytes allowed (max_body of role {})",
-        proxy.role
-    );
+    let message = too_large_message(proxy, limit);
     error_response(proxy, StatusCode::PAYLOAD_TOO_LARGE, &message)
 }
 
-fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Response<ResponseBody> {
+pub(crate) fn too_large_message(proxy: &RoleProxy, limit: u64) -> String {
+    format!(
+        "request body larger than the {limit} bytes allowed (max_body of role {})",
+        proxy.role
+    )
+}
+
+/// The body of one of the proxy's own answers; counts and logs it.
+pub(crate) fn error_text(proxy: &RoleProxy, status: StatusCode, message: &str) -> Bytes {
     proxy.stats.proxy_errors.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(role = %proxy.role, status = status.as_u16(), "{message}");
-    let body = ResponseBody::message(Bytes::from(format!("{} {message}\n", status.as_u16())));
+    Bytes::from(format!("{} {message}\n", status.as_u16()))
+}
+
+fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let body = ResponseBody::message(error_text(proxy, status, message));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response.headers_mut().insert(

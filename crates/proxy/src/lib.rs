@@ -6,7 +6,9 @@
 //! an old backend: none can slip through and land on an instance that is being stopped.
 
 mod body;
+mod chunked;
 mod forward;
+mod h1;
 mod metrics;
 mod pool;
 mod tunnel;
@@ -35,7 +37,10 @@ pub struct Backend {
     in_flight: AtomicUsize,
     /// Set when a connection was refused (passive health); cleared by a passing health check.
     down: AtomicBool,
-    pool: pool::Pool,
+    /// Keep-alive connections of the general (hyper) path.
+    pool: pool::Pool<pool::Sender>,
+    /// Keep-alive connections of the HTTP/1.1 fast path.
+    raw: pool::Pool<pool::Upstream>,
     /// Turned true at a drain's deadline: upgraded and TCP tunnels to this backend close.
     close_tunnels: watch::Sender<bool>,
     pub metrics: TrafficMetrics,
@@ -55,6 +60,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             pool: pool::Pool::default(),
+            raw: pool::Pool::default(),
             close_tunnels: watch::channel(false).0,
             metrics: TrafficMetrics::default(),
             changed_at: AtomicU64::new(0),
@@ -269,6 +275,7 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
         if in_flight == 0 || start.elapsed() >= deadline {
             for backend in backends {
                 backend.pool.clear();
+                backend.raw.clear();
                 backend.close_tunnels.send_replace(true);
             }
             return DrainReport {
@@ -297,7 +304,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let stop = shutdown.clone();
                 match proxy.config.mode {
-                    Mode::Http => connections.spawn(serve_http(stream, client, proxy.clone(), stop)),
+                    Mode::Http => connections.spawn(h1::serve(stream, client, proxy.clone(), stop)),
                     Mode::Tcp => connections.spawn(tunnel::serve_tcp(stream, proxy.clone())),
                 };
             }
@@ -310,13 +317,16 @@ pub async fn serve(
     .await;
 }
 
-/// One HTTP client connection: HTTP/1.1 with keep-alive, upgrades and the idle timeout, or h2c.
-async fn serve_http(
-    stream: tokio::net::TcpStream,
+/// One HTTP client connection served by hyper (the general path): HTTP/1.x with keep-alive,
+/// upgrades and the idle timeout, or h2c.
+async fn serve_hyper<I>(
+    io: I,
     client: SocketAddr,
     proxy: Arc<RoleProxy>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let idle_timeout = proxy.config.idle_timeout;
     let service = TowerToHyperService::new(ProxyService::new(proxy, client));
     // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
@@ -327,7 +337,7 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout);
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

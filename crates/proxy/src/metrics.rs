@@ -88,6 +88,11 @@ impl TrafficMetrics {
         self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Request body bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes.load(Ordering::Relaxed)
+    }
+
     /// Responses of status class `class` (1 to 5).
     pub fn responses(&self, class: usize) -> u64 {
         self.responses[class - 1].load(Ordering::Relaxed)

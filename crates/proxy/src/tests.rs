@@ -3,15 +3,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::*;
 
-/// A real HTTP backend on loopback answering `NAME PATH`; `/slow/MS` waits first.
-/// `close_after_each` makes it close keep-alive connections after every response.
+mod fast_path;
+
+/// A real HTTP backend on loopback answering `NAME PATH`; `/slow/MS` waits first, `/echo`
+/// answers the request body and `/headers` the forwarding headers it received.
 async fn backend(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -21,6 +23,10 @@ async fn backend(name: &'static str) -> SocketAddr {
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        if req.uri().path() == "/echo" {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            return Ok::<_, Infallible>(Response::new(Full::new(body)));
+                        }
                         if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
                         }
@@ -187,7 +193,7 @@ async fn keep_alive_connections_are_reused() {
         assert_eq!(get(addr, "/").await.0, 200);
     }
     assert_eq!(
-        only.pool.idle.lock().unwrap().len(),
+        only.raw.idle.lock().unwrap().len(),
         1,
         "sequential requests share one backend connection"
     );

@@ -1,0 +1,861 @@
+//! The HTTP/1.1 fast path: the common request served without hyper, the way HAProxy does it.
+//!
+//! A request head is parsed in place (httparse) and rewritten straight into the bytes sent to
+//! the backend; the response head is rewritten the same way and the body is passed through
+//! as it comes, chunked or not. No header map, no per-request task or channel: one read and
+//! one write on each side for a small exchange. Backend connections are raw streams kept in
+//! the backend's pool.
+//!
+//! Anything unusual — HTTP/1.0, HTTP/2 (h2c), upgrades, chunked request bodies,
+//! `Expect`, absolute-form targets, a malformed head — hands the connection, with the bytes
+//! already read, to the general hyper path ([`crate::serve_hyper`]) for the rest of its life.
+
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::chunked::Chunked;
+use crate::pool::{self, Upstream};
+use crate::{Backend, InFlight, RoleProxy, forward, stopped};
+
+/// Longest request or response head accepted on the fast path.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head (as hyper).
+const MAX_HEADERS: usize = 100;
+/// Free space kept in a read buffer before each read.
+const READ_RESERVE: usize = 8 * 1024;
+
+/// Headers that describe one connection, never forwarded (RFC 9110, 7.6.1). Transfer-Encoding
+/// is handled apart: a chunked response body is passed through as it is.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// One client connection and its buffers, reused from request to request.
+struct Client {
+    stream: TcpStream,
+    /// Bytes read from the client and not yet used (a pipelined request may wait here).
+    buf: BytesMut,
+    /// The request as it goes to the backend.
+    upstream_head: BytesMut,
+    /// The response as it goes to the client.
+    downstream: BytesMut,
+    client_ip: String,
+}
+
+/// A request head the fast path can forward, already rewritten into `Client::upstream_head`.
+#[derive(Debug, Clone, Copy)]
+struct RequestHead {
+    /// Length of the client's head in `Client::buf`.
+    len: usize,
+    /// The declared body length (0 without one).
+    body: u64,
+    /// A HEAD request: its response has no body whatever its headers say.
+    head_method: bool,
+    idempotent: bool,
+    /// The client asked to close the connection after this response.
+    close: bool,
+}
+
+enum ParsedRequest {
+    Forward(RequestHead),
+    Partial,
+    Fallback,
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// A final response head, already rewritten into `Client::downstream`.
+#[derive(Debug, Clone, Copy)]
+struct ResponseHead {
+    /// Length of the backend's head in its read buffer.
+    len: usize,
+    status: u16,
+    framing: Framing,
+    /// The backend keeps the connection open after this response.
+    reusable: bool,
+}
+
+enum ParsedResponse {
+    Final(ResponseHead),
+    /// A 1xx answer of `len` bytes to skip (the final one follows).
+    Interim(usize),
+    Partial,
+}
+
+/// Why one attempt on one backend failed.
+enum Failure {
+    /// Nothing reached the backend: any request can go to another one.
+    NotSent { error: String, refused: bool },
+    /// The request may have reached the backend.
+    Sent(String),
+    /// The client went away while its body was being forwarded.
+    Client,
+}
+
+/// What to do with the client connection after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one HTTP client connection: the fast path while requests fit it, then hyper.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<RoleProxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conn = Client {
+        stream,
+        buf: BytesMut::with_capacity(READ_RESERVE),
+        upstream_head: BytesMut::with_capacity(1024),
+        downstream: BytesMut::with_capacity(READ_RESERVE),
+        client_ip: client.ip().to_string(),
+    };
+    loop {
+        let head = match next_request(&mut conn, &proxy, &mut stop).await {
+            Some(ParsedRequest::Forward(head)) => head,
+            Some(ParsedRequest::Fallback) => break,
+            Some(ParsedRequest::Partial) | None => return,
+        };
+        if exchange(&mut conn, &proxy, head).await == After::Close {
+            let _ = conn.stream.shutdown().await;
+            return;
+        }
+    }
+    let io = Rewind {
+        prefix: conn.buf.freeze(),
+        inner: conn.stream,
+    };
+    crate::serve_hyper(io, client, proxy, stop).await;
+}
+
+/// Reads until a complete request head is buffered; `None` when the client closed, stayed
+/// idle past the idle timeout, or the proxy is stopping.
+async fn next_request(
+    conn: &mut Client,
+    proxy: &RoleProxy,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<ParsedRequest> {
+    let deadline = tokio::time::Instant::now() + proxy.config.idle_timeout;
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_request(&conn.buf, &conn.client_ip, &mut conn.upstream_head) {
+                ParsedRequest::Partial => {}
+                parsed => return Some(parsed),
+            }
+        }
+        conn.buf.reserve(READ_RESERVE);
+        tokio::select! {
+            biased;
+            read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)) => {
+                match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+            _ = stopped(stop) => return None,
+        }
+    }
+}
+
+/// Forwards one request and relays its response.
+async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> After {
+    let started = Instant::now();
+    proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
+    conn.buf.advance(head.len);
+    let limit = proxy.config.max_body;
+    if head.body > limit {
+        let message = forward::too_large_message(proxy, limit);
+        return respond_error(
+            conn,
+            proxy,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &message,
+            true,
+            started,
+        )
+        .await;
+    }
+    // The body bytes already read go out with the head, in the same write.
+    let buffered = head.body.min(conn.buf.len() as u64) as usize;
+    conn.upstream_head.extend_from_slice(&conn.buf[..buffered]);
+    conn.buf.advance(buffered);
+    proxy.metrics.add_received(buffered as u64);
+    let mut unread = head.body - buffered as u64;
+    // A request whose every byte is in hand can be sent again, when its method allows.
+    let replayable = unread == 0 && head.idempotent;
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut last_error = None;
+    while let Some(claim) = proxy.pick(&tried) {
+        let backend = claim.backend().clone();
+        backend.metrics.add_received(buffered as u64);
+        let attempt = tokio::time::timeout(
+            proxy.config.request_timeout,
+            send(
+                conn,
+                proxy,
+                &backend,
+                &mut unread,
+                head.head_method,
+                head.close,
+            ),
+        )
+        .await;
+        let error = match attempt {
+            Ok(Ok((upstream, response))) => {
+                return relay(conn, proxy, claim, upstream, response, started, head.close).await;
+            }
+            Ok(Err(Failure::Client)) => return After::Close,
+            Ok(Err(Failure::NotSent { error, refused })) => {
+                if refused {
+                    backend.down.store(true, Ordering::Release);
+                }
+                error
+            }
+            Ok(Err(Failure::Sent(error))) if replayable => error,
+            Ok(Err(Failure::Sent(error))) => {
+                let message = format!("backend {} failed: {error}", backend.id);
+                let close = head.close || unread > 0;
+                return respond_error(
+                    conn,
+                    proxy,
+                    StatusCode::BAD_GATEWAY,
+                    &message,
+                    close,
+                    started,
+                )
+                .await;
+            }
+            Err(_) => {
+                let message = format!(
+                    "backend {} did not answer within {:?}",
+                    backend.id, proxy.config.request_timeout
+                );
+                let close = head.close || unread > 0;
+                return respond_error(
+                    conn,
+                    proxy,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &message,
+                    close,
+                    started,
+                )
+                .await;
+            }
+        };
+        tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
+        proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tried.push(backend);
+        last_error = Some(error);
+    }
+    let close = head.close || unread > 0;
+    let (status, message) = match last_error {
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy instance of role {}", proxy.role),
+        ),
+        Some(error) => (
+            StatusCode::BAD_GATEWAY,
+            format!("no instance of role {} could answer: {error}", proxy.role),
+        ),
+    };
+    respond_error(conn, proxy, status, &message, close, started).await
+}
+
+/// One attempt on one backend: a pooled connection or a new one, the request, and the
+/// response head.
+async fn send(
+    conn: &mut Client,
+    proxy: &RoleProxy,
+    backend: &Backend,
+    unread: &mut u64,
+    head_method: bool,
+    client_close: bool,
+) -> Result<(Upstream, ResponseHead), Failure> {
+    let mut upstream = match backend.raw.checkout() {
+        Some(upstream) => upstream,
+        None => match pool::connect_tcp(backend.addr, proxy.config.connect_timeout).await {
+            Ok(stream) => Upstream {
+                stream,
+                buf: BytesMut::with_capacity(READ_RESERVE),
+            },
+            Err(error) => {
+                return Err(Failure::NotSent {
+                    error: format!("connect to {}: {error}", backend.addr),
+                    refused: true,
+                });
+            }
+        },
+    };
+    if let Err(error) = upstream.stream.write_all(&conn.upstream_head).await {
+        return Err(Failure::Sent(error.to_string()));
+    }
+    forward_body(conn, &mut upstream, backend, proxy, unread).await?;
+    loop {
+        match parse_response(
+            &upstream.buf,
+            head_method,
+            client_close,
+            &mut conn.downstream,
+        ) {
+            Ok(ParsedResponse::Final(response)) => {
+                upstream.buf.advance(response.len);
+                return Ok((upstream, response));
+            }
+            Ok(ParsedResponse::Interim(len)) => {
+                upstream.buf.advance(len);
+                continue;
+            }
+            Ok(ParsedResponse::Partial) => {}
+            Err(error) => return Err(Failure::Sent(error.to_string())),
+        }
+        upstream.buf.reserve(READ_RESERVE);
+        match upstream.stream.read_buf(&mut upstream.buf).await {
+            Ok(0) => {
+                return Err(Failure::Sent(
+                    "closed the connection before answering".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(error) => return Err(Failure::Sent(error.to_string())),
+        }
+    }
+}
+
+/// Streams the part of a request body the client has not sent yet.
+async fn forward_body(
+    conn: &mut Client,
+    upstream: &mut Upstream,
+    backend: &Backend,
+    proxy: &RoleProxy,
+    unread: &mut u64,
+) -> Result<(), Failure> {
+    while *unread > 0 {
+        if conn.buf.is_empty() {
+            conn.buf.reserve(READ_RESERVE);
+            match conn.stream.read_buf(&mut conn.buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(Failure::Client),
+            }
+        }
+        let take = (*unread).min(conn.buf.len() as u64) as usize;
+        if let Err(error) = upstream.stream.write_all(&conn.buf[..take]).await {
+            return Err(Failure::Sent(error.to_string()));
+        }
+        conn.buf.advance(take);
+        *unread -= take as u64;
+        proxy.metrics.add_received(take as u64);
+        backend.metrics.add_received(take as u64);
+    }
+    Ok(())
+}
+
+/// Sends the response head (already in `Client::downstream`) and its body to the client.
+/// The claim is held until the body is through, so a drain waits for it.
+async fn relay(
+    conn: &mut Client,
+    proxy: &RoleProxy,
+    claim: InFlight,
+    mut upstream: Upstream,
+    response: ResponseHead,
+    started: Instant,
+    client_close: bool,
+) -> After {
+    let backend = claim.backend();
+    let elapsed = started.elapsed();
+    proxy.metrics.record_response(response.status, elapsed);
+    backend.metrics.record_response(response.status, elapsed);
+    let mut framing = response.framing;
+    let mut sent = 0u64;
+    let complete = loop {
+        let Ok(take) = body_bytes(&mut framing, &upstream.buf) else {
+            break false;
+        };
+        conn.downstream.extend_from_slice(&upstream.buf[..take]);
+        upstream.buf.advance(take);
+        sent += take as u64;
+        if !conn.downstream.is_empty() {
+            if conn.stream.write_all(&conn.downstream).await.is_err() {
+                break false;
+            }
+            conn.downstream.clear();
+        }
+        if body_done(framing) {
+            break true;
+        }
+        upstream.buf.reserve(READ_RESERVE);
+        match upstream.stream.read_buf(&mut upstream.buf).await {
+            Ok(0) => break framing == Framing::UntilClose,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    conn.downstream.clear();
+    proxy.metrics.add_sent(sent);
+    backend.metrics.add_sent(sent);
+    let reusable = complete && response.reusable && upstream.buf.is_empty();
+    if reusable {
+        backend.raw.checkin(upstream);
+    }
+    drop(claim);
+    if complete && !client_close && framing != Framing::UntilClose {
+        After::KeepAlive
+    } else {
+        After::Close
+    }
+}
+
+/// How many bytes at the start of `buf` belong to the body, advancing `framing`.
+fn body_bytes(framing: &mut Framing, buf: &[u8]) -> Result<usize, crate::chunked::Malformed> {
+    Ok(match framing {
+        Framing::Length(left) => {
+            let take = (*left).min(buf.len() as u64);
+            *left -= take;
+            take as usize
+        }
+        Framing::Chunked(scanner) => scanner.scan(buf)?,
+        Framing::UntilClose => buf.len(),
+    })
+}
+
+fn body_done(framing: Framing) -> bool {
+    match framing {
+        Framing::Length(left) => left == 0,
+        Framing::Chunked(scanner) => scanner.is_done(),
+        Framing::UntilClose => false,
+    }
+}
+
+/// Answers with the proxy's own short message.
+async fn respond_error(
+    conn: &mut Client,
+    proxy: &RoleProxy,
+    status: StatusCode,
+    message: &str,
+    close: bool,
+    started: Instant,
+) -> After {
+    let text = forward::error_text(proxy, status, message);
+    proxy
+        .metrics
+        .record_response(status.as_u16(), started.elapsed());
+    let out = &mut conn.downstream;
+    out.clear();
+    out.extend_from_slice(format!("HTTP/1.1 {status}\r\n").as_bytes());
+    out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
+    out.extend_from_slice(format!("content-length: {}\r\n", text.len()).as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&text);
+    let written = conn.stream.write_all(out).await;
+    out.clear();
+    if close || written.is_err() {
+        After::Close
+    } else {
+        After::KeepAlive
+    }
+}
+
+/// What the `Connection` header fields of a head say.
+#[derive(Default)]
+struct ConnectionTokens<'a> {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    /// Other header names listed: hop-by-hop for this message.
+    listed: Vec<&'a str>,
+}
+
+impl<'a> ConnectionTokens<'a> {
+    fn of(headers: &[httparse::Header<'a>]) -> Self {
+        let mut tokens = ConnectionTokens::default();
+        for header in headers {
+            if !header.name.eq_ignore_ascii_case("connection") {
+                continue;
+            }
+            let value = std::str::from_utf8(header.value).unwrap_or_default();
+            for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if token.eq_ignore_ascii_case("close") {
+                    tokens.close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    tokens.keep_alive = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    tokens.upgrade = true;
+                } else {
+                    tokens.listed.push(token);
+                }
+            }
+        }
+        tokens
+    }
+
+    /// True when `name` must not be forwarded.
+    fn is_hop_by_hop(&self, name: &str) -> bool {
+        HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+            || self.listed.iter().any(|l| l.eq_ignore_ascii_case(name))
+    }
+}
+
+fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// A `Content-Length` value: digits only.
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Parses a request head at the start of `buf` and, when the fast path can take it, writes
+/// the head for the backend into `out`: origin-form, hop-by-hop fields removed, the client's
+/// address appended to `X-Forwarded-For`, `X-Forwarded-Proto` when absent, and `Via`.
+fn parse_request(buf: &[u8], client_ip: &str, out: &mut BytesMut) -> ParsedRequest {
+    let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return ParsedRequest::Partial,
+        // Too long, too many fields or malformed: hyper answers it properly.
+        _ => return ParsedRequest::Fallback,
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
+    else {
+        return ParsedRequest::Fallback;
+    };
+    if !target.starts_with('/') {
+        return ParsedRequest::Fallback;
+    }
+    let tokens = ConnectionTokens::of(request.headers);
+    if tokens.upgrade {
+        return ParsedRequest::Fallback;
+    }
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut host, mut proto, mut body) = (false, false, None);
+    let mut forwarded_for: Option<&[u8]> = None;
+    for field in request.headers.iter() {
+        let name = field.name;
+        if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("expect") {
+            return ParsedRequest::Fallback;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            match (body, content_length(field.value)) {
+                (None, Some(length)) => body = Some(length),
+                _ => return ParsedRequest::Fallback,
+            }
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            if forwarded_for.replace(field.value).is_some() {
+                return ParsedRequest::Fallback;
+            }
+            continue;
+        } else if tokens.is_hop_by_hop(name) {
+            continue;
+        } else if name.eq_ignore_ascii_case("host") {
+            host = true;
+        } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
+            proto = true;
+        }
+        push_field(out, name.as_bytes(), field.value);
+    }
+    if !host {
+        return ParsedRequest::Fallback;
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(earlier) = forwarded_for {
+        out.extend_from_slice(earlier);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !proto {
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    }
+    out.extend_from_slice(b"via: 1.1 phoenix\r\n\r\n");
+    ParsedRequest::Forward(RequestHead {
+        len,
+        body: body.unwrap_or(0),
+        head_method: method == "HEAD",
+        idempotent: is_idempotent(method),
+        close: tokens.close,
+    })
+}
+
+/// Parses a response head at the start of `buf` and writes the head for the client into
+/// `out`: hop-by-hop fields removed (a chunked `Transfer-Encoding` stays, the body passes
+/// through as it is), `Via` added, and `Connection: close` when the connection ends after it.
+fn parse_response(
+    buf: &[u8],
+    head_method: bool,
+    client_close: bool,
+    out: &mut BytesMut,
+) -> Result<ParsedResponse, &'static str> {
+    let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+            return Ok(ParsedResponse::Partial);
+        }
+        Ok(httparse::Status::Partial) => return Err("sent a response head over 64 KiB"),
+        Err(_) => return Err("sent a malformed response head"),
+    };
+    let status = response.code.unwrap_or(0);
+    if status == 101 {
+        return Err("switched protocols unasked");
+    }
+    if (100..200).contains(&status) {
+        return Ok(ParsedResponse::Interim(len));
+    }
+    let tokens = ConnectionTokens::of(response.headers);
+    let mut chunked = None;
+    let mut length = None;
+    for field in response.headers.iter() {
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked must be the last coding; otherwise the body runs to the close.
+            let value = std::str::from_utf8(field.value).unwrap_or_default();
+            let last = value.rsplit(',').next().unwrap_or_default().trim();
+            chunked = Some(last.eq_ignore_ascii_case("chunked"));
+        } else if field.name.eq_ignore_ascii_case("content-length") {
+            let value = content_length(field.value).ok_or("sent an invalid Content-Length")?;
+            if length.is_some_and(|l| l != value) {
+                return Err("sent conflicting Content-Length fields");
+            }
+            length = Some(value);
+        }
+    }
+    let no_body = head_method || status == 204 || status == 304;
+    let framing = match (no_body, chunked, length) {
+        (true, _, _) => Framing::Length(0),
+        (false, Some(true), _) => Framing::Chunked(Chunked::default()),
+        (false, Some(false), _) | (false, None, None) => Framing::UntilClose,
+        (false, None, Some(length)) => Framing::Length(length),
+    };
+    let keep_alive = if response.version == Some(1) {
+        !tokens.close
+    } else {
+        tokens.keep_alive
+    };
+    let reusable = keep_alive && framing != Framing::UntilClose;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&status_digits(status));
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for field in response.headers.iter() {
+        // With a Transfer-Encoding, Content-Length is meaningless (RFC 9112, 6.3).
+        let stale_length = chunked.is_some() && field.name.eq_ignore_ascii_case("content-length");
+        if stale_length || tokens.is_hop_by_hop(field.name) {
+            continue;
+        }
+        push_field(out, field.name.as_bytes(), field.value);
+    }
+    out.extend_from_slice(b"via: 1.1 phoenix\r\n");
+    if client_close || framing == Framing::UntilClose {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ParsedResponse::Final(ResponseHead {
+        len,
+        status,
+        framing,
+        reusable,
+    }))
+}
+
+/// The three digits of a status code (httparse accepts exactly three).
+fn status_digits(status: u16) -> [u8; 3] {
+    let digit = |n: u16| b'0' + (n % 10) as u8;
+    [digit(status / 100), digit(status / 10), digit(status)]
+}
+
+fn push_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A client connection handed to hyper, with the bytes the fast path already read from it.
+pub(crate) struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let take = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(take));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUEST: &[u8] = b"POST /a?b=c HTTP/1.1\r\nHost: example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 10.0.0.1\r\nContent-Length: 4\r\n\r\nbody";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: X-Hop\r\nX-Hop: 1\r\nServer: s\r\n\r\nabc";
+
+    fn forwarded(buf: &[u8]) -> Option<(RequestHead, BytesMut)> {
+        let mut out = BytesMut::new();
+        match parse_request(buf, "127.0.0.1", &mut out) {
+            ParsedRequest::Forward(head) => Some((head, out)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_rewritten_for_the_backend() {
+        let (head, out) = forwarded(REQUEST).unwrap();
+        assert_eq!(
+            (head.len, head.body, head.idempotent),
+            (REQUEST.len() - 4, 4, false)
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "POST /a?b=c HTTP/1.1\r\nHost: example\r\nContent-Length: 4\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-forwarded-proto: http\r\nvia: 1.1 phoenix\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_response_head_is_rewritten_for_the_client() {
+        let mut out = BytesMut::new();
+        let Ok(ParsedResponse::Final(head)) = parse_response(RESPONSE, false, true, &mut out)
+        else {
+            panic!("a final response");
+        };
+        assert_eq!(
+            (head.status, head.framing, head.reusable),
+            (200, Framing::Length(3), true)
+        );
+        assert_eq!(head.len, RESPONSE.len() - 3);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nServer: s\r\nvia: 1.1 phoenix\r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    /// Seeded fuzz: mutated heads never panic; whatever the fast path forwards is a valid
+    /// head with exactly one `X-Forwarded-For` and `Via`, and no `Transfer-Encoding`.
+    #[test]
+    fn fuzz_mutated_heads() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet = b"\r\n :,;-0aZ\t\x00\xff";
+        for _ in 0..20_000 {
+            let mut request = REQUEST.to_vec();
+            let mut response = RESPONSE.to_vec();
+            for bytes in [&mut request, &mut response] {
+                for _ in 0..=next() % 4 {
+                    let at = (next() as usize) % bytes.len();
+                    match next() % 3 {
+                        0 => bytes[at] = alphabet[(next() as usize) % alphabet.len()],
+                        1 => {
+                            bytes.remove(at);
+                        }
+                        _ => bytes.insert(at, alphabet[(next() as usize) % alphabet.len()]),
+                    }
+                }
+            }
+            if let Some((head, out)) = forwarded(&request) {
+                assert!(head.len <= request.len());
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
+                let mut parsed = httparse::Request::new(&mut fields);
+                assert!(
+                    matches!(parsed.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len())
+                );
+                let count = |name: &str| {
+                    parsed
+                        .headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case(name))
+                        .count()
+                };
+                assert_eq!((count("x-forwarded-for"), count("via")), (1, 1));
+                assert_eq!(count("transfer-encoding"), 0);
+            }
+            let mut out = BytesMut::new();
+            if let Ok(ParsedResponse::Final(head)) =
+                parse_response(&response, false, false, &mut out)
+            {
+                assert!(head.len <= response.len());
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
+                let mut parsed = httparse::Response::new(&mut fields);
+                assert!(
+                    matches!(parsed.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len())
+                );
+            }
+        }
+    }
+}
