@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_load() { python3 bench/load.py "$1" 4 > "$work/load.txt" & load=$!; sleep 1; }
+start_load() { python3 bench/load.py "$1" 4 > "$work/load.txt" & load=$!; pids+=($load); sleep 1; }
 stop_load() { kill "$load"; wait "$load" || true; read -r sent failed < "$work/load.txt"; }
 
 # ---- Phoenix: real deploys alternating between two baked images ----

@@ -104,11 +104,36 @@ fn resolve_inside(root: &Path, path: &str) -> Result<PathBuf, &'static str> {
     Ok(resolved)
 }
 
-/// A free TCP port on 127.0.0.1, found by binding port 0.
+/// Ports handed to instances: below Linux's ephemeral range (32768-60999), as Nomad's dynamic
+/// ports. A port found by binding port 0 would come from the ephemeral range, where any
+/// outgoing connection (the proxy's own, to the instances) can take it before the instance
+/// binds it.
+const INSTANCE_PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A free TCP port on 127.0.0.1 for an instance. Ports are handed out in turn from a start
+/// that differs between processes, so a port just released by a stopped instance (or taken by
+/// another Phoenix on this host) is not the next one tried.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(INSTANCE_PORTS.end - INSTANCE_PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = INSTANCE_PORTS.start + offset as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {INSTANCE_PORTS:?}"),
+    ))
 }
 
 /// How a process ended.

@@ -133,3 +133,22 @@ async fn wait_for_log(path: &Path, needle: &str) {
     }
     panic!("{needle:?} never appeared in {}", path.display());
 }
+
+#[test]
+fn instance_ports_come_from_outside_the_ephemeral_range_and_skip_taken_ones() {
+    let first = free_port().unwrap();
+    assert!(INSTANCE_PORTS.contains(&first), "{first}");
+    // Hold the next port in turn: it is skipped, not handed out.
+    let next_in_turn = if first + 1 == INSTANCE_PORTS.end {
+        INSTANCE_PORTS.start
+    } else {
+        first + 1
+    };
+    let held = TcpListener::bind((Ipv4Addr::LOCALHOST, next_in_turn));
+    let second = free_port().unwrap();
+    assert!(INSTANCE_PORTS.contains(&second), "{second}");
+    assert_ne!(second, first, "a port is not handed out twice in a row");
+    if held.is_ok() {
+        assert_ne!(second, next_in_turn, "a taken port is skipped");
+    }
+}
