@@ -1,0 +1,589 @@
+//! The agent: one task that owns foca, the UDP socket and the timers, driven by packets,
+//! timers and commands from [`Agent`] handles. Membership changes and user events go out on a
+//! broadcast channel, so handlers and streams never sit on the gossip path.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, State, Timer};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::GossipError;
+use crate::broadcast::{EventLog, Handler, MAX_EVENT_SIZE, UserEvent};
+use crate::identity::NodeId;
+use crate::keyring::Keyring;
+use crate::packet::{self, Kind};
+
+/// How an agent starts.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node name, unique in the cluster.
+    pub node: String,
+    pub bind: SocketAddr,
+    /// The address others reach this agent at (default: `bind`).
+    pub advertise: Option<SocketAddr>,
+    pub tags: BTreeMap<String, String>,
+    /// Encrypts every packet when set.
+    pub keyring: Option<Keyring>,
+    /// Seeds foca's randomness (member selection): fixed in tests, random otherwise.
+    pub seed: u64,
+    /// Probe, suspicion and dissemination settings (memberlist's LAN defaults by default).
+    pub swim: foca::Config,
+    /// How long failed and left members are listed before they are forgotten.
+    pub reap_after: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node: impl Into<String>, bind: SocketAddr) -> Self {
+        AgentConfig {
+            node: node.into(),
+            bind,
+            advertise: None,
+            tags: BTreeMap::new(),
+            keyring: None,
+            seed: 0,
+            swim: foca::Config::new_lan(
+                std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN),
+            ),
+            reap_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A member's state as this agent sees it (Serf's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Alive,
+    Suspect,
+    Failed,
+    Left,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Alive => "alive",
+            Status::Suspect => "suspect",
+            Status::Failed => "failed",
+            Status::Left => "left",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tags: BTreeMap<String, String>,
+    pub status: Status,
+}
+
+/// What subscribers hear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    MemberJoin(Member),
+    MemberUpdate(Member),
+    MemberLeave(Member),
+    MemberFailed(Member),
+    MemberReap(Member),
+    User(UserEvent),
+}
+
+/// Counters of one agent.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub packets_received: AtomicU64,
+    pub packets_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Packets dropped before foca saw them (garbage, truncated, wrong key…).
+    pub packets_dropped: AtomicU64,
+    /// Packets foca refused (malformed SWIM message).
+    pub messages_rejected: AtomicU64,
+}
+
+enum Command {
+    Join(SocketAddr, oneshot::Sender<()>),
+    Members(oneshot::Sender<Vec<Member>>),
+    Event(
+        String,
+        Vec<u8>,
+        bool,
+        oneshot::Sender<Result<u64, GossipError>>,
+    ),
+    SetTags(BTreeMap<String, String>, oneshot::Sender<()>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// A handle on a running agent. Dropping every handle stops the agent without a leave
+/// (others see it fail), as a crash would.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    commands: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<Event>,
+    stats: Arc<Stats>,
+    local: SocketAddr,
+    name: String,
+}
+
+impl Agent {
+    /// Binds the socket and starts the agent's task.
+    pub async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
+        let socket = UdpSocket::bind(config.bind)
+            .await
+            .map_err(|e| GossipError::Bind(config.bind, e))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| GossipError::Bind(config.bind, e))?;
+        let advertise = match config.advertise {
+            Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local.port()),
+            Some(addr) => addr,
+            None => local,
+        };
+        let identity = NodeId {
+            name: config.node.clone(),
+            addr: advertise,
+            bump: now_bump(),
+            tags: config.tags.clone(),
+            leaving: false,
+        };
+        let log = Arc::new(Mutex::new(EventLog::default()));
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            config.swim.clone(),
+            SmallRng::seed_from_u64(config.seed),
+            PostcardCodec,
+            Handler(log.clone()),
+        );
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let stats = Arc::new(Stats::default());
+        let actor = Actor {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            socket,
+            keyring: config.keyring,
+            timers: BinaryHeap::new(),
+            timer_events: HashMap::new(),
+            next_timer: 0,
+            members: BTreeMap::new(),
+            log,
+            events: events.clone(),
+            stats: stats.clone(),
+            reap_after: config.reap_after,
+            joins: Vec::new(),
+            outbox: Vec::new(),
+        };
+        tokio::spawn(actor.run(inbox));
+        Ok(Agent {
+            commands,
+            events,
+            stats,
+            local,
+            name: config.node,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bound gossip address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Announces this agent to `addr`; true once a member at that address answered within
+    /// `timeout`.
+    pub async fn join(&self, addr: SocketAddr, timeout: Duration) -> Result<bool, GossipError> {
+        let (reply, answered) = oneshot::channel();
+        self.send(Command::Join(addr, reply))?;
+        Ok(tokio::time::timeout(timeout, answered).await.is_ok())
+    }
+
+    /// Every member known, this one included.
+    pub async fn members(&self) -> Result<Vec<Member>, GossipError> {
+        let (reply, members) = oneshot::channel();
+        self.send(Command::Members(reply))?;
+        members.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Fires a user event to the whole cluster; returns its Lamport time.
+    pub async fn event(
+        &self,
+        name: &str,
+        payload: &[u8],
+        coalesce: bool,
+    ) -> Result<u64, GossipError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Event(name.into(), payload.into(), coalesce, reply))?;
+        done.await.map_err(|_| GossipError::Stopped)?
+    }
+
+    /// Replaces this agent's tags; the cluster sees a member update.
+    pub async fn set_tags(&self, tags: BTreeMap<String, String>) -> Result<(), GossipError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::SetTags(tags, reply))?;
+        done.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Leaves gracefully: others list this member as `left`, not `failed`. The agent stops.
+    pub async fn leave(&self) -> Result<(), GossipError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Leave(reply))?;
+        done.await.map_err(|_| GossipError::Stopped)
+    }
+
+    fn send(&self, command: Command) -> Result<(), GossipError> {
+        self.commands
+            .send(command)
+            .map_err(|_| GossipError::Stopped)
+    }
+}
+
+/// A fresh identity's bump: later restarts of the same node win over earlier ones.
+fn now_bump() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+type Swim = Foca<NodeId, PostcardCodec, SmallRng, Handler>;
+
+struct Known {
+    id: NodeId,
+    status: Status,
+    since: Instant,
+}
+
+struct Actor {
+    foca: Swim,
+    runtime: AccumulatingRuntime<NodeId>,
+    socket: UdpSocket,
+    keyring: Option<Keyring>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_events: HashMap<u64, Timer<NodeId>>,
+    next_timer: u64,
+    members: BTreeMap<String, Known>,
+    log: Arc<Mutex<EventLog>>,
+    events: broadcast::Sender<Event>,
+    stats: Arc<Stats>,
+    reap_after: Duration,
+    /// Joins waiting for a member at their address.
+    joins: Vec<(SocketAddr, oneshot::Sender<()>)>,
+    /// Packets to send once foca is done.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Actor {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
+        let mut buf = vec![0u8; 65536];
+        let mut reap = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => {
+                    if let Ok((len, _)) = received {
+                        self.on_packet(&buf[..len]);
+                    }
+                }
+                command = inbox.recv() => match command {
+                    Some(Command::Leave(reply)) => {
+                        self.leave().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    // Every handle is gone: stop without a word, as a crash would.
+                    None => return,
+                },
+                _ = sleep_until(next_timer) => self.on_timers(),
+                _ = reap.tick() => self.reap(),
+            }
+            self.drain();
+            self.flush().await;
+        }
+    }
+
+    /// Sends the packets foca produced.
+    async fn flush(&mut self) {
+        for (to, packet) in self.outbox.drain(..) {
+            if self.socket.send_to(&packet, to).await.is_ok() {
+                self.stats.packets_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_sent
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn on_packet(&mut self, bytes: &[u8]) {
+        self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        match packet::decode(bytes, self.keyring.as_ref()) {
+            Ok((Kind::Swim, body)) => {
+                if let Err(error) = self.foca.handle_data(&body, &mut self.runtime) {
+                    self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, "SWIM message rejected");
+                }
+            }
+            Ok((Kind::Direct, _)) => {}
+            Err(reason) => {
+                self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%reason, "packet dropped");
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Join(addr, reply) => {
+                let placeholder = NodeId {
+                    name: String::new(),
+                    addr,
+                    bump: 0,
+                    tags: BTreeMap::new(),
+                    leaving: false,
+                };
+                if self
+                    .members
+                    .values()
+                    .any(|k| k.id.addr == addr && k.status == Status::Alive)
+                {
+                    let _ = reply.send(());
+                } else {
+                    self.joins.push((addr, reply));
+                }
+                let _ = self.foca.announce(placeholder, &mut self.runtime);
+            }
+            Command::Members(reply) => {
+                let _ = reply.send(self.member_list());
+            }
+            Command::Event(name, payload, coalesce, reply) => {
+                let _ = reply.send(self.fire(name, payload, coalesce));
+            }
+            Command::SetTags(tags, reply) => {
+                let mut id = self.foca.identity().next();
+                id.tags = tags;
+                if let Err(error) = self.foca.change_identity(id, &mut self.runtime) {
+                    tracing::warn!(%error, "could not change tags");
+                }
+                let _ = reply.send(());
+            }
+            Command::Leave(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn fire(&mut self, name: String, payload: Vec<u8>, coalesce: bool) -> Result<u64, GossipError> {
+        if name.len() + payload.len() > MAX_EVENT_SIZE {
+            return Err(GossipError::EventTooLarge(name.len() + payload.len()));
+        }
+        let ltime = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clock
+            .tick();
+        let event = UserEvent {
+            ltime,
+            name,
+            payload,
+            coalesce,
+            origin: self.foca.identity().name.clone(),
+        };
+        let data = postcard::to_allocvec(&event).map_err(|e| GossipError::Encode(e.to_string()))?;
+        self.foca
+            .add_broadcast(&data)
+            .map_err(|e| GossipError::Encode(e.to_string()))?;
+        // Send it now rather than at the next gossip round.
+        let _ = self.foca.gossip(&mut self.runtime);
+        Ok(ltime)
+    }
+
+    /// Marks this identity as leaving, lets that spread, then leaves the cluster.
+    async fn leave(&mut self) {
+        let mut id = self.foca.identity().next();
+        id.leaving = true;
+        let _ = self.foca.change_identity(id, &mut self.runtime);
+        let _ = self.foca.gossip(&mut self.runtime);
+        self.drain();
+        self.flush().await;
+        let _ = self.foca.leave_cluster(&mut self.runtime);
+        self.drain();
+        self.flush().await;
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(timer) = self.timer_events.remove(&key)
+                && let Err(error) = self.foca.handle_timer(timer, &mut self.runtime)
+            {
+                tracing::debug!(%error, "timer");
+            }
+        }
+    }
+
+    /// Acts on everything foca asked for: packets, timers, notifications; then delivers the
+    /// user events the broadcast handler accepted.
+    fn drain(&mut self) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            let packet = packet::encode(Kind::Swim, &data, self.keyring.as_ref());
+            self.outbox.push((to.addr, packet));
+        }
+        let now = Instant::now();
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.next_timer += 1;
+            self.timers.push(Reverse((now + after, self.next_timer)));
+            self.timer_events.insert(self.next_timer, timer);
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            self.on_notification(notification);
+        }
+        let delivered =
+            std::mem::take(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()).delivered);
+        for event in delivered {
+            let _ = self.events.send(Event::User(event));
+        }
+    }
+
+    fn on_notification(&mut self, notification: OwnedNotification<NodeId>) {
+        match notification {
+            OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => self.up(id),
+            OwnedNotification::MemberDown(id) => self.down(id),
+            _ => {}
+        }
+    }
+
+    fn up(&mut self, id: NodeId) {
+        let joins = std::mem::take(&mut self.joins);
+        self.joins = joins
+            .into_iter()
+            .filter_map(|(addr, reply)| {
+                if addr == id.addr {
+                    let _ = reply.send(());
+                    None
+                } else {
+                    Some((addr, reply))
+                }
+            })
+            .collect();
+        let previous = self.members.insert(
+            id.name.clone(),
+            Known {
+                id: id.clone(),
+                status: Status::Alive,
+                since: Instant::now(),
+            },
+        );
+        let member = member_of(&id, Status::Alive);
+        let event = match previous {
+            Some(known) if known.status == Status::Alive && known.id.tags == id.tags => return,
+            Some(known) if known.status == Status::Alive => Event::MemberUpdate(member),
+            _ => Event::MemberJoin(member),
+        };
+        let _ = self.events.send(event);
+    }
+
+    fn down(&mut self, id: NodeId) {
+        let Some(known) = self.members.get_mut(&id.name) else {
+            return;
+        };
+        // A stale identity (renamed since) going down says nothing about the member.
+        if known.id.bump > id.bump || known.status != Status::Alive {
+            return;
+        }
+        let leaving = id.leaving || known.id.leaving;
+        known.status = if leaving {
+            Status::Left
+        } else {
+            Status::Failed
+        };
+        known.since = Instant::now();
+        let member = member_of(&known.id, known.status);
+        let event = if leaving {
+            Event::MemberLeave(member)
+        } else {
+            Event::MemberFailed(member)
+        };
+        let _ = self.events.send(event);
+    }
+
+    fn member_list(&self) -> Vec<Member> {
+        let suspects: Vec<&str> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| m.id().name.as_str())
+            .collect();
+        let me = self.foca.identity();
+        let mut list = vec![member_of(me, Status::Alive)];
+        for known in self.members.values().filter(|k| k.id.name != me.name) {
+            let status =
+                if known.status == Status::Alive && suspects.contains(&known.id.name.as_str()) {
+                    Status::Suspect
+                } else {
+                    known.status
+                };
+            list.push(member_of(&known.id, status));
+        }
+        list
+    }
+
+    fn reap(&mut self) {
+        let reap_after = self.reap_after;
+        let expired: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, k)| k.status != Status::Alive && k.since.elapsed() >= reap_after)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            if let Some(known) = self.members.remove(&name) {
+                let _ = self
+                    .events
+                    .send(Event::MemberReap(member_of(&known.id, known.status)));
+            }
+        }
+    }
+}
+
+fn member_of(id: &NodeId, status: Status) -> Member {
+    Member {
+        name: id.name.clone(),
+        addr: id.addr,
+        tags: id.tags.clone(),
+        status,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,147 @@
+//! User events, disseminated on foca's custom broadcasts: Lamport-timed, deduplicated, and
+//! bounded in size.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// Most bytes of an event's name and payload together (Serf's limit is 512).
+pub const MAX_EVENT_SIZE: usize = 512;
+/// How many recent events are remembered for duplicate suppression.
+const REMEMBERED: usize = 1024;
+
+/// A user event as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEvent {
+    pub ltime: u64,
+    pub name: String,
+    pub payload: Vec<u8>,
+    pub coalesce: bool,
+    /// The node that fired it (for logs; not part of its identity).
+    pub origin: String,
+}
+
+/// A Lamport clock.
+#[derive(Debug, Default)]
+pub struct LamportClock(u64);
+
+impl LamportClock {
+    /// The time for a new local event.
+    pub fn tick(&mut self) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+
+    /// Moves past a time seen from another node.
+    pub fn witness(&mut self, seen: u64) {
+        self.0 = self.0.max(seen.saturating_add(1));
+    }
+}
+
+/// State shared between foca's broadcast handler and the agent.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    pub clock: LamportClock,
+    seen: BTreeSet<(u64, String, Vec<u8>)>,
+    order: VecDeque<(u64, String, Vec<u8>)>,
+    /// Events accepted since the agent last looked.
+    pub delivered: Vec<UserEvent>,
+    pub duplicates: u64,
+    pub malformed: u64,
+}
+
+impl EventLog {
+    /// Records an event; false when it was seen before (or is too old to tell).
+    fn accept(&mut self, event: &UserEvent) -> bool {
+        let oldest = self.order.front().map_or(0, |(ltime, ..)| *ltime);
+        let key = (event.ltime, event.name.clone(), event.payload.clone());
+        if (self.order.len() == REMEMBERED && event.ltime < oldest) || self.seen.contains(&key) {
+            self.duplicates += 1;
+            return false;
+        }
+        self.seen.insert(key.clone());
+        self.order.push_back(key);
+        if self.order.len() > REMEMBERED
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        self.clock.witness(event.ltime);
+        self.delivered.push(event.clone());
+        true
+    }
+}
+
+/// The key foca keeps while disseminating an event: only an identical event replaces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventKey(u64, String, Vec<u8>);
+
+impl foca::Invalidates for EventKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed user event")]
+pub struct Malformed;
+
+/// Foca's handler of custom broadcasts.
+pub struct Handler(pub Arc<Mutex<EventLog>>);
+
+impl<T> foca::BroadcastHandler<T> for Handler {
+    type Key = EventKey;
+    type Error = Malformed;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&T>,
+    ) -> Result<Option<EventKey>, Malformed> {
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let event: UserEvent = match postcard::from_bytes(data) {
+            Ok(event) if data.len() <= MAX_EVENT_SIZE + 64 => event,
+            _ => {
+                log.malformed += 1;
+                return Err(Malformed);
+            }
+        };
+        let fresh = log.accept(&event);
+        Ok(fresh.then_some(EventKey(event.ltime, event.name, event.payload)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ltime: u64, name: &str) -> UserEvent {
+        UserEvent {
+            ltime,
+            name: name.into(),
+            payload: b"p".to_vec(),
+            coalesce: true,
+            origin: "n".into(),
+        }
+    }
+
+    #[test]
+    fn duplicates_are_suppressed_and_the_clock_moves_past_what_it_saw() {
+        let mut log = EventLog::default();
+        assert!(log.accept(&event(5, "deploy")));
+        assert!(!log.accept(&event(5, "deploy")));
+        assert!(log.accept(&event(5, "other")));
+        assert_eq!((log.delivered.len(), log.duplicates), (2, 1));
+        assert_eq!(log.clock.tick(), 7);
+    }
+
+    #[test]
+    fn the_window_forgets_the_oldest_and_refuses_older_ones() {
+        let mut log = EventLog::default();
+        for ltime in 10..10 + REMEMBERED as u64 + 5 {
+            assert!(log.accept(&event(ltime, "e")));
+        }
+        assert!(!log.accept(&event(3, "e")), "older than the window");
+    }
+}

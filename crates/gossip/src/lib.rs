@@ -1,0 +1,27 @@
+//! Gossip membership on foca (SWIM with suspicion): agents join by gossip over UDP, carry
+//! tags, fire Lamport-timed user events, and tell a graceful leave from a failure. Every
+//! packet can be sealed with AES-GCM from a rotating keyring.
+
+mod agent;
+mod broadcast;
+mod identity;
+pub mod keyring;
+pub mod packet;
+
+pub use agent::{Agent, AgentConfig, Event, Member, Stats, Status};
+pub use broadcast::{MAX_EVENT_SIZE, UserEvent};
+pub use keyring::{Key, KeyError, Keyring};
+
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("cannot bind the gossip socket on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("the agent has stopped")]
+    Stopped,
+    #[error("user event of {0} bytes is over the {MAX_EVENT_SIZE}-byte limit")]
+    EventTooLarge(usize),
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+}

@@ -1,0 +1,200 @@
+//! Real agents on loopback UDP sockets: join, tags, user events, graceful leave, failure,
+//! encryption and hostile packets.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use phoenix_gossip::{Agent, AgentConfig, Event, Key, Keyring, Member, Status};
+
+/// SWIM timings scaled down so a test sees failures in about a second.
+fn config(name: &str, seed: u64) -> AgentConfig {
+    let mut config = AgentConfig::new(name, "127.0.0.1:0".parse().unwrap());
+    config.seed = seed;
+    config.swim.probe_period = Duration::from_millis(200);
+    config.swim.probe_rtt = Duration::from_millis(80);
+    config.swim.suspect_to_down_after = Duration::from_millis(800);
+    config.tags = BTreeMap::from([("role".to_string(), format!("role-{seed}"))]);
+    config
+}
+
+async fn start(configs: Vec<AgentConfig>) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    for config in configs {
+        let agent = Agent::start(config).await.unwrap();
+        if let Some(first) = agents.first() {
+            let first: &Agent = first;
+            assert!(
+                agent
+                    .join(first.local_addr(), Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+                "{} joins",
+                agent.name()
+            );
+        }
+        agents.push(agent);
+    }
+    agents
+}
+
+/// Waits (up to 10 s) until `agent` lists members that satisfy `check`.
+async fn until(agent: &Agent, what: &str, check: impl Fn(&[Member]) -> bool) -> Vec<Member> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = agent.members().await.unwrap();
+        if check(&members) {
+            return members;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {what}; members: {members:?}",
+            agent.name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn status_of(members: &[Member], name: &str) -> Option<Status> {
+    members.iter().find(|m| m.name == name).map(|m| m.status)
+}
+
+#[tokio::test]
+async fn members_join_see_tags_events_updates_leaves_and_failures() {
+    let agents = start((0..5).map(|i| config(&format!("n{i}"), i)).collect()).await;
+    for agent in &agents {
+        let members = until(agent, "all five alive", |m| {
+            m.len() == 5 && m.iter().all(|m| m.status == Status::Alive)
+        })
+        .await;
+        let n3 = members.iter().find(|m| m.name == "n3").unwrap();
+        assert_eq!(n3.tags["role"], "role-3");
+    }
+
+    // A user event reaches every agent once.
+    let mut streams: Vec<_> = agents.iter().map(Agent::subscribe).collect();
+    let ltime = agents[2].event("deploy", b"v2", false).await.unwrap();
+    for stream in &mut streams {
+        let event = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Event::User(event) = stream.recv().await.unwrap() {
+                    return event;
+                }
+            }
+        })
+        .await
+        .expect("the event arrives");
+        assert_eq!(
+            (event.name.as_str(), &event.payload[..], event.ltime),
+            ("deploy", &b"v2"[..], ltime)
+        );
+    }
+    // The clock moved everywhere: a later event from elsewhere has a later time.
+    assert!(agents[4].event("next", b"", true).await.unwrap() > ltime);
+
+    // Tags change at runtime.
+    agents[1]
+        .set_tags(BTreeMap::from([("role".to_string(), "db".to_string())]))
+        .await
+        .unwrap();
+    until(&agents[0], "n1's new tag", |m| {
+        m.iter()
+            .any(|m| m.name == "n1" && m.tags.get("role").map(String::as_str) == Some("db"))
+    })
+    .await;
+
+    // A graceful leave is `left`; a crash is `failed`.
+    agents[3].leave().await.unwrap();
+    let mut agents = agents;
+    let crashed = agents.pop().unwrap();
+    drop(crashed);
+    for agent in &agents[..3] {
+        until(agent, "n3 left and n4 failed", |m| {
+            status_of(m, "n3") == Some(Status::Left) && status_of(m, "n4") == Some(Status::Failed)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn an_encrypted_cluster_refuses_wrong_keys_and_survives_garbage() {
+    let key = Key::from_bytes(vec![7; 32]).unwrap();
+    let keyed = |name: &str, seed| {
+        let mut config = config(name, seed);
+        config.keyring = Some(Keyring::new(key.clone()));
+        config
+    };
+    let agents = start(vec![keyed("a", 1), keyed("b", 2), keyed("c", 3)]).await;
+    until(&agents[2], "three alive", |m| m.len() == 3).await;
+
+    let mut wrong = config("intruder", 4);
+    wrong.keyring = Some(Keyring::new(Key::from_bytes(vec![8; 32]).unwrap()));
+    let intruder = Agent::start(wrong).await.unwrap();
+    assert!(
+        !intruder
+            .join(agents[0].local_addr(), Duration::from_millis(700))
+            .await
+            .unwrap()
+    );
+    let plain = Agent::start(config("plain", 5)).await.unwrap();
+    assert!(
+        !plain
+            .join(agents[0].local_addr(), Duration::from_millis(700))
+            .await
+            .unwrap()
+    );
+
+    // Garbage straight at the socket: dropped and counted, never fatal.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target: SocketAddr = agents[0].local_addr();
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    for len in 0..300 {
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        socket.send_to(&junk, target).unwrap();
+        // Paced, so the kernel's receive buffer never overflows: every packet must be seen.
+        if len % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    socket.send_to(&[0xF1; 40], target).unwrap();
+    let dropped = || {
+        agents[0]
+            .stats()
+            .packets_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let members = until(&agents[0], "still three alive", |m| {
+        m.len() == 3 && m.iter().all(|m| m.status == Status::Alive)
+    })
+    .await;
+    assert!(
+        members
+            .iter()
+            .all(|m| m.name != "intruder" && m.name != "plain")
+    );
+    // Wait for the junk to be read, then check it was counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dropped() < 301 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped only {}",
+            dropped()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Still gossiping: an event still goes round.
+    let mut stream = agents[2].subscribe();
+    agents[0].event("after-junk", b"", false).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(stream.recv().await, Ok(Event::User(e)) if e.name == "after-junk") {}
+    })
+    .await
+    .expect("events still arrive");
+}
