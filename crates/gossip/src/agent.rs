@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::GossipError;
 use crate::broadcast::{EventLog, Handler, MAX_EVENT_SIZE, UserEvent};
 use crate::identity::NodeId;
-use crate::keyring::Keyring;
+use crate::keyring::{Key, Keyring};
 use crate::packet::{self, Kind};
 
 /// How an agent starts.
@@ -123,6 +123,16 @@ enum Command {
     ),
     SetTags(BTreeMap<String, String>, oneshot::Sender<()>),
     Leave(oneshot::Sender<()>),
+    Keys(KeyOp, oneshot::Sender<Result<Vec<String>, GossipError>>),
+}
+
+/// A change to (or a look at) this agent's keyring.
+#[derive(Debug, Clone)]
+pub enum KeyOp {
+    Install(Key),
+    Use(Key),
+    Remove(Key),
+    List,
 }
 
 /// A handle on a running agent. Dropping every handle stops the agent without a leave
@@ -250,6 +260,13 @@ impl Agent {
         let (reply, done) = oneshot::channel();
         self.send(Command::Leave(reply))?;
         done.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Changes or lists the keyring; returns the installed keys (base64, primary first).
+    pub async fn keys(&self, op: KeyOp) -> Result<Vec<String>, GossipError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Keys(op, reply))?;
+        done.await.map_err(|_| GossipError::Stopped)?
     }
 
     fn send(&self, command: Command) -> Result<(), GossipError> {
@@ -390,8 +407,22 @@ impl Actor {
                 }
                 let _ = reply.send(());
             }
+            Command::Keys(op, reply) => {
+                let _ = reply.send(self.change_keys(op));
+            }
             Command::Leave(_) => unreachable!("handled by the loop"),
         }
+    }
+
+    fn change_keys(&mut self, op: KeyOp) -> Result<Vec<String>, GossipError> {
+        let keyring = self.keyring.as_mut().ok_or(GossipError::NotEncrypted)?;
+        match op {
+            KeyOp::Install(key) => keyring.install(key),
+            KeyOp::Use(key) => keyring.use_key(&key)?,
+            KeyOp::Remove(key) => keyring.remove(&key)?,
+            KeyOp::List => {}
+        }
+        Ok(keyring.keys().iter().map(Key::to_base64).collect())
     }
 
     fn fire(&mut self, name: String, payload: Vec<u8>, coalesce: bool) -> Result<u64, GossipError> {

@@ -7,8 +7,9 @@ mod broadcast;
 mod identity;
 pub mod keyring;
 pub mod packet;
+pub mod rpc;
 
-pub use agent::{Agent, AgentConfig, Event, Member, Stats, Status};
+pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Stats, Status};
 pub use broadcast::{MAX_EVENT_SIZE, UserEvent};
 pub use keyring::{Key, KeyError, Keyring};
 
@@ -24,4 +25,8 @@ pub enum GossipError {
     EventTooLarge(usize),
     #[error("cannot encode a message: {0}")]
     Encode(String),
+    #[error("encryption is not enabled on this agent (start it with a key)")]
+    NotEncrypted,
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }

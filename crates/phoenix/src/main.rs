@@ -1,5 +1,6 @@
 //! `phoenix`: immutable infrastructure in one binary.
 
+mod agent_cmd;
 mod client;
 mod commands;
 mod demo;
@@ -49,6 +50,22 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the proxy alone in front of a fixed list of backends.
     Proxy(proxy_cmd::ProxyArgs),
+    /// Run a gossip agent (Serf-compatible RPC; handlers get Serf's environment).
+    Agent(agent_cmd::AgentArgs),
+    /// Members of the cluster, as a running agent sees them.
+    Members(agent_cmd::MembersArgs),
+    /// Fire a user event through a running agent.
+    Event(agent_cmd::EventArgs),
+    /// Make a running agent join other agents.
+    Join(agent_cmd::JoinArgs),
+    /// Make a running agent leave the cluster gracefully and stop.
+    Leave(agent_cmd::RpcArgs),
+    /// Set or delete a running agent's tags.
+    Tags(agent_cmd::TagsArgs),
+    /// Install, use, remove or list gossip encryption keys.
+    Keys(agent_cmd::KeysArgs),
+    /// Stream a running agent's log of membership changes and events.
+    Monitor(agent_cmd::RpcArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +108,14 @@ fn main() -> ExitCode {
             Command::Images(args) => commands::images(&cli.state, args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::run(args).await,
+            Command::Members(args) => agent_cmd::members(args).await,
+            Command::Event(args) => agent_cmd::event(args).await,
+            Command::Join(args) => agent_cmd::join(args).await,
+            Command::Leave(args) => agent_cmd::leave(args).await,
+            Command::Tags(args) => agent_cmd::tags(args).await,
+            Command::Keys(args) => agent_cmd::keys(args).await,
+            Command::Monitor(args) => agent_cmd::monitor(args).await,
         }
     });
     match result {

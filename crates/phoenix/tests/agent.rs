@@ -1,0 +1,266 @@
+//! `phoenix agent` processes on loopback: membership through the CLI, Serf-style handlers,
+//! graceful leave, and the stock `serf` CLI against a Phoenix agent (when installed).
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{phoenix_bin, text};
+use serde_json::Value;
+
+/// A running `phoenix agent`, killed when dropped.
+struct AgentProcess {
+    child: Child,
+    rpc: SocketAddr,
+    gossip: SocketAddr,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    // A UDP port free now, and its TCP twin is free too in practice on loopback.
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn agent(name: &str, extra: &[&str], log: &Path) -> AgentProcess {
+    let (gossip, rpc) = (free_addr(), free_addr());
+    let mut command = Command::new(phoenix_bin());
+    command
+        .args(["agent", "--node", name])
+        .args([
+            "--bind",
+            &gossip.to_string(),
+            "--rpc-addr",
+            &rpc.to_string(),
+        ])
+        .args(extra)
+        .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
+        .stderr(std::fs::File::create(log).unwrap());
+    let child = command.spawn().unwrap();
+    let agent = AgentProcess { child, rpc, gossip };
+    wait(&format!("{name}'s RPC listens"), || {
+        std::net::TcpStream::connect(agent.rpc).is_ok()
+    });
+    agent
+}
+
+fn wait(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli(program: &Path, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap()
+}
+
+fn members(agent: &AgentProcess) -> Vec<Value> {
+    let out = cli(
+        &phoenix_bin(),
+        &["members", "--json", "--rpc-addr", &agent.rpc.to_string()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn status_of(members: &[Value], name: &str) -> Option<String> {
+    members
+        .iter()
+        .find(|m| m["name"] == name)
+        .map(|m| m["status"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn agents_gossip_run_serf_handlers_and_leave_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("handled");
+    // A Serf handler script: it sees Serf's environment and the event on stdin.
+    let script = format!(
+        "printf '%s|%s|%s|%s|%s|%s|%s|' \"$SERF_EVENT\" \"$SERF_SELF_NAME\" \"$SERF_SELF_ROLE\" \
+         \"$SERF_TAG_ZONE\" \"$SERF_USER_EVENT\" \"$SERF_USER_LTIME\" \"$PHOENIX_USER_EVENT\" >> {0}; \
+         cat >> {0}; echo >> {0}",
+        record.display()
+    );
+    let handler = format!("member-join,user:deploy={script}");
+    let a = agent(
+        "a",
+        &[
+            "--tag",
+            "role=web",
+            "--tag",
+            "zone=z1",
+            "--event-handler",
+            &handler,
+        ],
+        &dir.path().join("a.log"),
+    );
+    let b = agent(
+        "b",
+        &["--tag", "role=db", "--join", &a.gossip.to_string()],
+        &dir.path().join("b.log"),
+    );
+    wait("a and b see each other alive", || {
+        [&a, &b].iter().all(|agent| {
+            let list = members(agent);
+            status_of(&list, "a").as_deref() == Some("alive")
+                && status_of(&list, "b").as_deref() == Some("alive")
+        })
+    });
+
+    let out = cli(
+        &phoenix_bin(),
+        &["event", "--rpc-addr", &b.rpc.to_string(), "deploy", "v2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait("a's handler ran for the join and the event", || {
+        let seen = std::fs::read_to_string(&record).unwrap_or_default();
+        seen.contains("member-join|a|web|z1||||b\t127.0.0.1\tdb\trole=db")
+            && seen.contains("|deploy|v2\n")
+    });
+    let seen = std::fs::read_to_string(&record).unwrap();
+    let line = seen.lines().find(|l| l.starts_with("user|")).unwrap();
+    let fields: Vec<&str> = line.split('|').collect();
+    assert!(
+        fields[5].parse::<u64>().unwrap() >= 1,
+        "SERF_USER_LTIME: {line}"
+    );
+    assert_eq!(
+        (fields[6], fields[7]),
+        ("deploy", "v2"),
+        "PHOENIX_ alias and payload: {line}"
+    );
+
+    let tags = cli(
+        &phoenix_bin(),
+        &[
+            "tags",
+            "--rpc-addr",
+            &b.rpc.to_string(),
+            "--set",
+            "version=2",
+            "--delete",
+            "role",
+        ],
+    );
+    assert!(tags.status.success(), "{}", text(&tags.stderr));
+    wait("a sees b's new tags", || {
+        members(&a).iter().any(|m| {
+            m["name"] == "b" && m["tags"]["version"] == "2" && m["tags"].get("role").is_none()
+        })
+    });
+
+    let out = cli(&phoenix_bin(), &["leave", "--rpc-addr", &b.rpc.to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait("a lists b as left, not failed", || {
+        status_of(&members(&a), "b").as_deref() == Some("left")
+    });
+}
+
+/// The stock `serf` CLI from Debian's package, unchanged, against a Phoenix agent.
+#[test]
+fn the_serf_cli_works_against_a_phoenix_agent() {
+    let Some(serf) = which("serf") else {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
+            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
+        );
+        eprintln!("skipped: serf not installed (apt-get install serf)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = text(&cli(&serf, &["keygen"]).stdout).trim().to_string();
+    let a = agent(
+        "a",
+        &["--tag", "role=web", "--encrypt", &key],
+        &dir.path().join("a.log"),
+    );
+    let b = agent(
+        "b",
+        &[
+            "--tag",
+            "role=db",
+            "--encrypt",
+            &key,
+            "--join",
+            &a.gossip.to_string(),
+        ],
+        &dir.path().join("b.log"),
+    );
+    let rpc_a = format!("-rpc-addr={}", a.rpc);
+    let rpc_b = format!("-rpc-addr={}", b.rpc);
+    let serf_ok = |args: &[&str]| {
+        let out = cli(&serf, args);
+        assert!(
+            out.status.success(),
+            "serf {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    wait("serf members lists both alive", || {
+        let out = text(&cli(&serf, &["members", &rpc_a]).stdout);
+        out.lines().filter(|l| l.contains("alive")).count() == 2
+    });
+    let filtered = serf_ok(&["members", &rpc_a, "-tag", "role=db"]);
+    assert!(
+        filtered.starts_with("b ") && !filtered.contains("a "),
+        "{filtered}"
+    );
+    assert!(serf_ok(&["event", &rpc_a, "deploy", "v2"]).contains("Event 'deploy' dispatched"));
+    assert!(serf_ok(&["event", &rpc_a, "no-payload"]).contains("dispatched"));
+    serf_ok(&["tags", &rpc_b, "-set", "version=2"]);
+    wait("serf sees b's new tag", || {
+        text(&cli(&serf, &["members", &rpc_a, "-tag", "version=2"]).stdout).starts_with("b ")
+    });
+    // Key rotation through serf keys: install, use, remove the old one.
+    let new_key = text(&cli(&serf, &["keygen"]).stdout).trim().to_string();
+    for rpc in [&rpc_a, &rpc_b] {
+        serf_ok(&["keys", rpc, "-install", &new_key]);
+        serf_ok(&["keys", rpc, "-use", &new_key]);
+    }
+    for rpc in [&rpc_a, &rpc_b] {
+        serf_ok(&["keys", rpc, "-remove", &key]);
+    }
+    let listed = serf_ok(&["keys", &rpc_a, "-list"]);
+    assert!(
+        listed.contains(&new_key) && !listed.contains(&key),
+        "{listed}"
+    );
+    assert!(serf_ok(&["event", &rpc_b, "after-rotation"]).contains("dispatched"));
+    wait("both still alive after the rotation", || {
+        text(&cli(&serf, &["members", &rpc_a, "-status", "alive"]).stdout)
+            .lines()
+            .count()
+            == 2
+    });
+    serf_ok(&["leave", &rpc_b]);
+    wait("serf lists b as left", || {
+        text(&cli(&serf, &["members", &rpc_a, "-status", "left"]).stdout).starts_with("b ")
+    });
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}
