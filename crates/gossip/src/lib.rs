@@ -4,6 +4,7 @@
 
 mod agent;
 mod broadcast;
+pub mod coalesce;
 mod identity;
 pub mod keyring;
 pub mod packet;

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{ExitCode, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use phoenix_gossip::coalesce::{Batch, Coalescer};
 use phoenix_gossip::rpc::{self, Client, EventFilter, KeyRequest, KeyResponse, MembersResponse};
-use phoenix_gossip::{Agent, AgentConfig, Event, Key, Keyring};
+use phoenix_gossip::{Agent, AgentConfig, Key, Keyring};
 use tokio::io::AsyncWriteExt;
 
 /// Serf's default RPC address.
@@ -177,48 +178,63 @@ impl Handler {
     }
 }
 
-/// Runs handler scripts one event at a time, off the gossip path: a slow script delays only
-/// the handlers, never the agent.
+/// Runs handler scripts off the gossip path, with Serf's coalescing (1 s quiet, 3 s at most;
+/// user events fired with `--coalesce=false` pass at once). A slow script delays only the
+/// handlers, never the agent.
 async fn run_handlers(agent: Agent, handlers: Vec<Handler>) {
     let mut events = agent.subscribe();
+    let mut coalescer = Coalescer::serf();
     loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "event handlers fell behind; events skipped");
-                continue;
-            }
-            Err(_) => return,
-        };
-        let Ok(members) = agent.members().await else {
-            return;
-        };
-        let Some(me) = members.into_iter().find(|m| m.name == agent.name()) else {
-            continue;
-        };
-        let (kind, name) = match &event {
-            Event::User(user) => ("user", Some(user.name.as_str())),
-            other => match rpc::member_event_parts(other) {
-                Some((kind, _)) => (kind, None),
-                None => continue,
+        let deadline = coalescer.deadline();
+        let batches = tokio::select! {
+            received = events.recv() => match received {
+                Ok(event) => coalescer.push(event, Instant::now()).into_iter().collect(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "event handlers fell behind; events skipped");
+                    continue;
+                }
+                Err(_) => return,
             },
+            _ = sleep_until(deadline) => coalescer.flush(Instant::now()),
         };
-        for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
-            if let Err(error) = invoke(&handler.script, &event, kind, &me.name, &me.tags).await {
-                tracing::warn!(script = %handler.script, %error, "event handler failed");
+        for batch in batches {
+            let Ok(members) = agent.members().await else {
+                return;
+            };
+            let Some(me) = members.into_iter().find(|m| m.name == agent.name()) else {
+                continue;
+            };
+            let (kind, name) = match &batch {
+                Batch::User(user) => ("user", Some(user.name.as_str())),
+                Batch::Members(kind, _) => (*kind, None),
+            };
+            for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
+                if let Err(error) = invoke(&handler.script, &batch, &me.name, &me.tags).await {
+                    tracing::warn!(script = %handler.script, %error, "event handler failed");
+                }
             }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
 /// Runs one handler with Serf's environment (and `PHOENIX_*` aliases) and stdin.
 async fn invoke(
     script: &str,
-    event: &Event,
-    kind: &str,
+    batch: &Batch,
     self_name: &str,
     tags: &BTreeMap<String, String>,
 ) -> Result<()> {
+    let kind = match batch {
+        Batch::User(_) => "user",
+        Batch::Members(kind, _) => kind,
+    };
     let mut env: Vec<(String, String)> = vec![
         ("SERF_EVENT".into(), kind.into()),
         ("SERF_SELF_NAME".into(), self_name.into()),
@@ -230,15 +246,16 @@ async fn invoke(
     for (key, value) in tags {
         env.push((format!("SERF_TAG_{}", key.to_uppercase()), value.clone()));
     }
-    let stdin = match event {
-        Event::User(user) => {
+    let stdin = match batch {
+        Batch::User(user) => {
             env.push(("SERF_USER_EVENT".into(), user.name.clone()));
             env.push(("SERF_USER_LTIME".into(), user.ltime.to_string()));
             user.payload.clone()
         }
-        other => match rpc::member_event_parts(other) {
-            // Serf's member line: name, address, role, tags.
-            Some((_, member)) => {
+        // Serf's member lines: name, address, role, tags.
+        Batch::Members(_, members) => members
+            .iter()
+            .map(|member| {
                 let tags: Vec<String> = member
                     .tags
                     .iter()
@@ -252,10 +269,9 @@ async fn invoke(
                     role,
                     tags.join(",")
                 )
-                .into_bytes()
-            }
-            None => Vec::new(),
-        },
+            })
+            .collect::<String>()
+            .into_bytes(),
     };
     let aliases: Vec<(String, String)> = env
         .iter()

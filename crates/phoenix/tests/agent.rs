@@ -147,6 +147,22 @@ fn agents_gossip_run_serf_handlers_and_leave_gracefully() {
         "PHOENIX_ alias and payload: {line}"
     );
 
+    // A burst of coalescing events reaches the handler once, as its latest.
+    for payload in ["v3", "v4"] {
+        let out = cli(
+            &phoenix_bin(),
+            &["event", "--rpc-addr", &b.rpc.to_string(), "deploy", payload],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    wait("the latest of the burst is handled", || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .contains("|deploy|v4\n")
+    });
+    let seen = std::fs::read_to_string(&record).unwrap();
+    assert!(!seen.contains("|deploy|v3"), "coalesced away: {seen}");
+
     let tags = cli(
         &phoenix_bin(),
         &[
