@@ -40,6 +40,10 @@ pub struct AgentConfig {
     pub swim: foca::Config,
     /// How long failed and left members are listed before they are forgotten.
     pub reap_after: Duration,
+    /// Suspicion lasts `suspicion_mult × max(1, log10 N) × probe_period` for N members, and
+    /// updates are retransmitted `4 × log10(N + 1)` times: both follow the cluster's size as
+    /// it changes, as memberlist does (`swim` holds the values for a lone agent).
+    pub suspicion_mult: f64,
 }
 
 impl AgentConfig {
@@ -55,6 +59,7 @@ impl AgentConfig {
                 std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN),
             ),
             reap_after: Duration::from_secs(24 * 3600),
+            suspicion_mult: 4.0,
         }
     }
 }
@@ -193,6 +198,9 @@ impl Agent {
             reap_after: config.reap_after,
             joins: Vec::new(),
             outbox: Vec::new(),
+            swim: config.swim,
+            suspicion_mult: config.suspicion_mult,
+            sized_for: 0,
         };
         tokio::spawn(actor.run(inbox));
         Ok(Agent {
@@ -308,6 +316,10 @@ struct Actor {
     joins: Vec<(SocketAddr, oneshot::Sender<()>)>,
     /// Packets to send once foca is done.
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    swim: foca::Config,
+    suspicion_mult: f64,
+    /// The cluster size the SWIM settings were last scaled for.
+    sized_for: usize,
 }
 
 impl Actor {
@@ -464,6 +476,26 @@ impl Actor {
         self.flush().await;
     }
 
+    /// Rescales suspicion and retransmissions when the cluster's size changed by a tenth.
+    fn scale_to_cluster(&mut self) {
+        let size = self.foca.num_members() + 1;
+        if size.abs_diff(self.sized_for) * 10 < self.sized_for.max(10) {
+            return;
+        }
+        self.sized_for = size;
+        let log = (size as f64).log10();
+        let mut config = self.swim.clone();
+        config.suspect_to_down_after = config
+            .probe_period
+            .mul_f64(self.suspicion_mult * log.max(1.0));
+        let transmissions = ((size + 1) as f64).log10() * 4.0;
+        config.max_transmissions = std::num::NonZeroU8::new(transmissions.clamp(1.0, 255.0) as u8)
+            .unwrap_or(std::num::NonZeroU8::MIN);
+        if self.foca.set_config(config).is_err() {
+            tracing::warn!(size, "could not rescale SWIM settings");
+        }
+    }
+
     fn on_timers(&mut self) {
         let now = Instant::now();
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {
@@ -482,6 +514,18 @@ impl Actor {
     /// Acts on everything foca asked for: packets, timers, notifications; then delivers the
     /// user events the broadcast handler accepted.
     fn drain(&mut self) {
+        // A new user event goes on at once rather than at the next gossip round: each hop
+        // costs a packet's flight, not a gossip interval.
+        let fresh = !self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivered
+            .is_empty();
+        if fresh {
+            let _ = self.foca.gossip(&mut self.runtime);
+        }
+        self.scale_to_cluster();
         while let Some((to, data)) = self.runtime.to_send() {
             let packet = packet::encode(Kind::Swim, &data, self.keyring.as_ref());
             self.outbox.push((to.addr, packet));
