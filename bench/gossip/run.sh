@@ -68,11 +68,17 @@ run() { # kind n
         if [ $waited -gt 240 ]; then echo "$kind $n: never converged ($(alive_count "$kind") alive)" >&2; stop_all; return 1; fi
     done
     sleep 2
+    local before after
+    before=$(cat /sys/class/net/lo/statistics/tx_bytes)
+    sleep "${REST:-20}"
+    after=$(cat /sys/class/net/lo/statistics/tx_bytes)
+    local rest_bps=$(( (after - before) / n / ${REST:-20} ))
     local rpcs=()
     for i in $(seq 0 $((n - 1))); do rpcs+=("$(ip_of "$i"):7373"); done
     local victim=${pids[$((n - 1))]}
     local result
     result=$("$probe" "$events" "$victim" "n$((n - 1))" "${rpcs[@]}")
+    result="${result%\}}, \"rest_bytes_per_agent_s\": $rest_bps}"
     echo "$kind $n $result" | tee -a "$work/results"
     stop_all
     sleep 1
@@ -94,11 +100,12 @@ def f(v, unit="s"):
     return "—" if v is None else f"{v:.3f}"
 def ratio(p, s):
     return "—" if p is None or s in (None, 0) else f"{p / s:.2f}x"
-print(f"{'N':>4} | {'event p50 serf/phoenix':>24} | {'event max serf/phoenix (ratio)':>32} | {'failure detection serf/phoenix (ratio)':>40} | false failures serf/phoenix")
+print(f"{'N':>4} | {'event p50 serf/phoenix':>24} | {'event max serf/phoenix (ratio)':>32} | {'failure detection serf/phoenix (ratio)':>40} | {'bytes/agent/s at rest (ratio)':>30} | false failures serf/phoenix")
 for n in sorted({n for _, n in rows}):
     s, p = rows.get(("serf", n), {}), rows.get(("phoenix", n), {})
     print(f"{n:>4} | {f(s.get('event_p50_s')):>11} / {f(p.get('event_p50_s')):<10} | "
           f"{f(s.get('event_max_s')):>9} / {f(p.get('event_max_s')):<9} ({ratio(p.get('event_max_s'), s.get('event_max_s')):>6}) | "
           f"{f(s.get('failure_detection_s')):>12} / {f(p.get('failure_detection_s')):<12} ({ratio(p.get('failure_detection_s'), s.get('failure_detection_s')):>6}) | "
+          f"{s.get('rest_bytes_per_agent_s', '—'):>9} / {p.get('rest_bytes_per_agent_s', '—'):<9} ({ratio(p.get('rest_bytes_per_agent_s'), s.get('rest_bytes_per_agent_s')):>6}) | "
           f"{s.get('false_failures', '—')} / {p.get('false_failures', '—')}")
 PY
