@@ -27,6 +27,10 @@ pub struct UserEvent {
 pub struct LamportClock(u64);
 
 impl LamportClock {
+    pub fn now(&self) -> u64 {
+        self.0
+    }
+
     /// The time for a new local event.
     pub fn tick(&mut self) -> u64 {
         self.0 += 1;
@@ -49,14 +53,30 @@ pub struct EventLog {
     pub delivered: Vec<UserEvent>,
     pub duplicates: u64,
     pub malformed: u64,
+    /// Events at or before this time were handled before a restart: never again.
+    floor: u64,
 }
 
 impl EventLog {
+    /// A log that takes only events after `clock` (the clock of the last snapshot).
+    pub fn after(clock: u64) -> Self {
+        let mut log = EventLog {
+            floor: clock,
+            ..EventLog::default()
+        };
+        if clock > 0 {
+            log.clock.witness(clock);
+        }
+        log
+    }
+
     /// Records an event; false when it was seen before (or is too old to tell).
     fn accept(&mut self, event: &UserEvent) -> bool {
         let oldest = self.order.front().map_or(0, |(ltime, ..)| *ltime);
         let key = (event.ltime, event.name.clone(), event.payload.clone());
-        if (self.order.len() == REMEMBERED && event.ltime < oldest) || self.seen.contains(&key) {
+        let stale =
+            event.ltime <= self.floor || (self.order.len() == REMEMBERED && event.ltime < oldest);
+        if stale || self.seen.contains(&key) {
             self.duplicates += 1;
             return false;
         }

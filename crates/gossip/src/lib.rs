@@ -9,6 +9,7 @@ mod identity;
 pub mod keyring;
 pub mod packet;
 pub mod rpc;
+pub mod snapshot;
 
 pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Stats, Status};
 pub use broadcast::{MAX_EVENT_SIZE, UserEvent};

@@ -198,3 +198,63 @@ async fn an_encrypted_cluster_refuses_wrong_keys_and_survives_garbage() {
     .await
     .expect("events still arrive");
 }
+
+#[tokio::test]
+async fn a_restarted_agent_rejoins_from_its_snapshot_unless_it_left() {
+    let dir = std::env::temp_dir().join(format!("phoenix-rejoin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snapshot = dir.join("c.snapshot");
+    let agents = start(vec![config("a", 1), config("b", 2)]).await;
+    let with_snapshot = |seed| {
+        let mut c = config("c", seed);
+        c.snapshot = Some(snapshot.clone());
+        c
+    };
+    let c = Agent::start(with_snapshot(3)).await.unwrap();
+    assert!(
+        c.join(agents[0].local_addr(), Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    until(&c, "c sees a and b", |m| m.len() == 3).await;
+    // The snapshot is written within a second of the change.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&snapshot)
+        .unwrap_or_default()
+        .contains("alive a ")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(c);
+    until(&agents[0], "c failed", |m| {
+        status_of(m, "c") == Some(Status::Failed)
+    })
+    .await;
+
+    // Restarted with no --join: back through the snapshot.
+    let c = Agent::start(with_snapshot(4)).await.unwrap();
+    until(&agents[0], "c alive again", |m| {
+        status_of(m, "c") == Some(Status::Alive)
+    })
+    .await;
+
+    // After a graceful leave it stays out.
+    c.leave().await.unwrap();
+    until(&agents[0], "c left", |m| {
+        status_of(m, "c") == Some(Status::Left)
+    })
+    .await;
+    assert!(std::fs::read_to_string(&snapshot).unwrap().contains("left"));
+    let c = Agent::start(with_snapshot(5)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.members().await.unwrap().len(),
+        1,
+        "a left agent does not rejoin by itself"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

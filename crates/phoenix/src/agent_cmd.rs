@@ -40,6 +40,10 @@ pub struct AgentArgs {
     /// Encrypt gossip with this base64 AES key (16, 24 or 32 bytes, as `serf keygen` prints).
     #[arg(long)]
     encrypt: Option<String>,
+    /// Keep members and the event clock here, to rejoin by itself after a restart (unless it
+    /// left gracefully).
+    #[arg(long)]
+    snapshot: Option<std::path::PathBuf>,
     /// Address of the RPC (Serf's protocol).
     #[arg(long, default_value = DEFAULT_RPC)]
     rpc_addr: SocketAddr,
@@ -69,6 +73,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     config.advertise = args.advertise;
     config.tags = args.tags.into_iter().collect();
     config.seed = std::process::id() as u64 ^ now_nanos();
+    config.snapshot = args.snapshot;
     if let Some(key) = &args.encrypt {
         let key = Key::from_base64(key).context("--encrypt")?;
         config.keyring = Some(Keyring::new(key));
