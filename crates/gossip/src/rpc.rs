@@ -697,7 +697,8 @@ fn body_of<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
         .ok_or_else(|| "truncated request body".to_string())
 }
 
-fn resolve(address: &str) -> Result<SocketAddr, String> {
+/// An agent address: `host:port`, or a host on Serf's default port 7946.
+pub fn resolve(address: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     let with_port = if address.contains(':') {
         address.to_string()

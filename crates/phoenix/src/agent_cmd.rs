@@ -115,7 +115,7 @@ async fn join_with_retries(agent: &Agent, addresses: &[String]) -> Result<()> {
     }
     for attempt in 1..=60 {
         for address in addresses {
-            let addr = resolve(address)?;
+            let addr = rpc::resolve(address).map_err(|e| anyhow!(e))?;
             if agent.join(addr, Duration::from_secs(1)).await? {
                 eprintln!("phoenix agent: joined through {addr}");
                 return Ok(());
@@ -131,20 +131,6 @@ async fn join_with_retries(agent: &Agent, addresses: &[String]) -> Result<()> {
         "could not join through {} within a minute",
         addresses.join(", ")
     )
-}
-
-fn resolve(address: &str) -> Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    let with_port = if address.contains(':') {
-        address.to_string()
-    } else {
-        format!("{address}:7946")
-    };
-    with_port
-        .to_socket_addrs()
-        .with_context(|| format!("resolve {address}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{address} resolves to nothing"))
 }
 
 fn hostname() -> String {
