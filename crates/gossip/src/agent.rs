@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::GossipError;
-use crate::broadcast::{EventLog, Handler, MAX_EVENT_SIZE, UserEvent};
+use crate::broadcast::{EventLog, Handler, MAX_EVENT_SIZE, RateLimit, UserEvent};
 use crate::identity::NodeId;
 use crate::keyring::{Key, Keyring};
 use crate::packet::{self, Kind};
@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub suspicion_mult: f64,
     /// Where to keep the snapshot (members and clock) for rejoining after a restart.
     pub snapshot: Option<std::path::PathBuf>,
+    /// User events this agent may fire: per second on average, and in a burst.
+    pub event_rate: (f64, u32),
 }
 
 impl AgentConfig {
@@ -64,6 +66,7 @@ impl AgentConfig {
             reap_after: Duration::from_secs(24 * 3600),
             suspicion_mult: 4.0,
             snapshot: None,
+            event_rate: (50.0, 100),
         }
     }
 }
@@ -212,6 +215,7 @@ impl Agent {
             sized_for: 0,
             snapshot: config.snapshot,
             snapshot_dirty: false,
+            event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),
         };
         tokio::spawn(actor.run(inbox));
         let agent = Agent {
@@ -353,6 +357,7 @@ struct Actor {
     snapshot: Option<std::path::PathBuf>,
     /// Membership changed since the snapshot was last written.
     snapshot_dirty: bool,
+    event_limit: RateLimit,
 }
 
 impl Actor {
@@ -473,6 +478,9 @@ impl Actor {
     fn fire(&mut self, name: String, payload: Vec<u8>, coalesce: bool) -> Result<u64, GossipError> {
         if name.len() + payload.len() > MAX_EVENT_SIZE {
             return Err(GossipError::EventTooLarge(name.len() + payload.len()));
+        }
+        if !self.event_limit.take(std::time::Instant::now()) {
+            return Err(GossipError::RateLimited);
         }
         let ltime = self
             .log

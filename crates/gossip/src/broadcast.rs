@@ -22,6 +22,42 @@ pub struct UserEvent {
     pub origin: String,
 }
 
+/// Limits how fast this agent fires user events: `rate` a second on average, bursts of
+/// `burst`. Time is passed in, so tests are deterministic.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<std::time::Instant>,
+}
+
+impl RateLimit {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        RateLimit {
+            rate,
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: None,
+        }
+    }
+
+    /// Takes one token; false when the limit is reached.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A Lamport clock.
 #[derive(Debug, Default)]
 pub struct LamportClock(u64);
@@ -154,6 +190,20 @@ mod tests {
         assert!(log.accept(&event(5, "other")));
         assert_eq!((log.delivered.len(), log.duplicates), (2, 1));
         assert_eq!(log.clock.tick(), 7);
+    }
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_the_rate() {
+        let t0 = std::time::Instant::now();
+        let mut limit = RateLimit::new(10.0, 3);
+        assert!((0..3).all(|_| limit.take(t0)), "a burst of three");
+        assert!(!limit.take(t0), "then nothing");
+        assert!(!limit.take(t0 + std::time::Duration::from_millis(50)));
+        assert!(
+            limit.take(t0 + std::time::Duration::from_millis(100)),
+            "one per 100 ms"
+        );
+        assert!(!limit.take(t0 + std::time::Duration::from_millis(100)));
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum GossipError {
     Bind(SocketAddr, std::io::Error),
     #[error("the agent has stopped")]
     Stopped,
+    #[error("user events are fired faster than this agent's limit allows; try again shortly")]
+    RateLimited,
     #[error("user event of {0} bytes is over the {MAX_EVENT_SIZE}-byte limit")]
     EventTooLarge(usize),
     #[error("cannot encode a message: {0}")]

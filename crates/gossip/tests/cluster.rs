@@ -89,6 +89,9 @@ async fn members_join_see_tags_events_updates_leaves_and_failures() {
             ("deploy", &b"v2"[..], ltime)
         );
     }
+    // Events past the size limit are refused before they cost the cluster anything.
+    let too_big = vec![0u8; 600];
+    assert!(agents[0].event("big", &too_big, false).await.is_err());
     // The clock moved everywhere: a later event from elsewhere has a later time.
     assert!(agents[4].event("next", b"", true).await.unwrap() > ltime);
 
@@ -197,6 +200,21 @@ async fn an_encrypted_cluster_refuses_wrong_keys_and_survives_garbage() {
     })
     .await
     .expect("events still arrive");
+}
+
+#[tokio::test]
+async fn user_events_past_the_rate_limit_are_refused() {
+    let mut limited = config("limited", 9);
+    limited.event_rate = (1.0, 3);
+    let agent = Agent::start(limited).await.unwrap();
+    for _ in 0..3 {
+        agent.event("burst", b"", false).await.unwrap();
+    }
+    let refused = agent.event("burst", b"", false).await.unwrap_err();
+    assert!(
+        matches!(refused, phoenix_gossip::GossipError::RateLimited),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
