@@ -560,13 +560,9 @@ impl Actor {
     fn drain(&mut self) {
         // A new user event goes on at once rather than at the next gossip round: each hop
         // costs a packet's flight, not a gossip interval.
-        let fresh = !self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .delivered
-            .is_empty();
-        if fresh {
+        let delivered =
+            std::mem::take(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()).delivered);
+        if !delivered.is_empty() {
             let _ = self.foca.gossip(&mut self.runtime);
         }
         self.scale_to_cluster();
@@ -583,8 +579,6 @@ impl Actor {
         while let Some(notification) = self.runtime.to_notify() {
             self.on_notification(notification);
         }
-        let delivered =
-            std::mem::take(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()).delivered);
         for event in delivered {
             let _ = self.events.send(Event::User(event));
         }
@@ -599,18 +593,14 @@ impl Actor {
     }
 
     fn up(&mut self, id: NodeId) {
-        let joins = std::mem::take(&mut self.joins);
-        self.joins = joins
+        // Joins waiting for this address are answered.
+        let (answered, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.joins)
             .into_iter()
-            .filter_map(|(addr, reply)| {
-                if addr == id.addr {
-                    let _ = reply.send(());
-                    None
-                } else {
-                    Some((addr, reply))
-                }
-            })
-            .collect();
+            .partition(|(addr, _)| *addr == id.addr);
+        self.joins = waiting;
+        for (_, reply) in answered {
+            let _ = reply.send(());
+        }
         self.snapshot_dirty = true;
         let previous = self.members.insert(
             id.name.clone(),

@@ -369,12 +369,7 @@ impl Session {
     ) {
         let seq = header.seq;
         let reply = |error: String, body: Option<Vec<u8>>| {
-            let mut frame = Vec::new();
-            encode(&mut frame, &ResponseHeader { seq, error });
-            if let Some(body) = body {
-                frame.extend_from_slice(&body);
-            }
-            let _ = out.send(frame);
+            let _ = out.send(response(seq, error, body.as_deref()));
         };
         if header.command != "handshake" && !self.handshaken {
             return reply("Handshake required".into(), None);
@@ -390,6 +385,29 @@ impl Session {
         }
     }
 
+    /// Streams events as responses to `seq` (what `record` makes of each), until `stop`.
+    fn forward_events(
+        &mut self,
+        seq: u64,
+        out: &mpsc::UnboundedSender<Vec<u8>>,
+        record: impl Fn(&Event) -> Option<Vec<u8>> + Send + 'static,
+    ) {
+        let mut events = self.agent.subscribe();
+        let out = out.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                if let Some(record) = record(&event)
+                    && out
+                        .send(response(seq, String::new(), Some(&record)))
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        self.streams.insert(seq, task);
+    }
+
     /// Runs one command: `Ok(Some(body))` for commands that answer with a body.
     async fn dispatch(
         &mut self,
@@ -399,11 +417,6 @@ impl Session {
         out: &mpsc::UnboundedSender<Vec<u8>>,
     ) -> Result<Option<Vec<u8>>, String> {
         let agent = &self.agent;
-        let encoded = |value: &dyn erased::Encode| {
-            let mut buf = Vec::new();
-            value.encode_into(&mut buf);
-            Some(buf)
-        };
         match command {
             "handshake" => {
                 let request: HandshakeRequest = body_of(body)?;
@@ -527,55 +540,16 @@ impl Session {
             "stream" => {
                 let request: StreamRequest = body_of(body)?;
                 let filter = EventFilter::parse(&request.kind)?;
-                let mut events = agent.subscribe();
-                let out = out.clone();
-                let task = tokio::spawn(async move {
-                    while let Ok(event) = events.recv().await {
-                        if let Some(record) = filter.record(&event) {
-                            let mut frame = Vec::new();
-                            encode(
-                                &mut frame,
-                                &ResponseHeader {
-                                    seq,
-                                    error: String::new(),
-                                },
-                            );
-                            frame.extend_from_slice(&record);
-                            if out.send(frame).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                });
-                self.streams.insert(seq, task);
+                self.forward_events(seq, out, move |event| filter.record(event));
                 Ok(None)
             }
             "monitor" => {
                 let _: MonitorRequest = body_of(body)?;
-                let mut events = agent.subscribe();
-                let out = out.clone();
-                let task = tokio::spawn(async move {
-                    while let Ok(event) = events.recv().await {
-                        let mut frame = Vec::new();
-                        encode(
-                            &mut frame,
-                            &ResponseHeader {
-                                seq,
-                                error: String::new(),
-                            },
-                        );
-                        encode(
-                            &mut frame,
-                            &LogRecord {
-                                log: log_line(&event),
-                            },
-                        );
-                        if out.send(frame).is_err() {
-                            break;
-                        }
-                    }
+                self.forward_events(seq, out, |event| {
+                    encoded(&LogRecord {
+                        log: log_line(event),
+                    })
                 });
-                self.streams.insert(seq, task);
                 Ok(None)
             }
             "stop" => {
@@ -678,17 +652,28 @@ mod rmpv_skip {
 
 /// The empty response body of commands that always answer with one.
 fn empty_body(command: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
     match command {
-        "members" | "members-filtered" => encode(&mut out, &MembersResponse::default()),
-        "join" => encode(&mut out, &JoinResponse::default()),
-        "install-key" | "use-key" | "remove-key" | "list-keys" => {
-            encode(&mut out, &KeyResponse::default())
-        }
-        "stats" => encode(&mut out, &BTreeMap::<String, String>::new()),
-        _ => return None,
+        "members" | "members-filtered" => encoded(&MembersResponse::default()),
+        "join" => encoded(&JoinResponse::default()),
+        "install-key" | "use-key" | "remove-key" | "list-keys" => encoded(&KeyResponse::default()),
+        "stats" => encoded(&BTreeMap::<String, String>::new()),
+        _ => None,
     }
+}
+
+/// A response body: one encoded value.
+fn encoded(value: &impl Serialize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    encode(&mut out, value);
     Some(out)
+}
+
+/// A response frame: its header, then its body if any.
+fn response(seq: u64, error: String, body: Option<&[u8]>) -> Vec<u8> {
+    let mut frame = Vec::new();
+    encode(&mut frame, &ResponseHeader { seq, error });
+    frame.extend_from_slice(body.unwrap_or_default());
+    frame
 }
 
 fn body_of<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
