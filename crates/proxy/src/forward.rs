@@ -228,12 +228,8 @@ async fn forward_to_backend(
             }
             Ok(Err(failure)) => failure,
             Err(_) => {
-                let message = format!(
-                    "backend {} did not answer within {:?}",
-                    claim.backend().id,
-                    proxy.config.request_timeout
-                );
-                return error_response(proxy, StatusCode::GATEWAY_TIMEOUT, &message);
+                let (status, message) = timed_out(proxy, claim.backend());
+                return error_response(proxy, status, &message);
             }
         };
         let backend = claim.backend();
@@ -254,11 +250,8 @@ async fn forward_to_backend(
             }
             Failure::Sent(error) if replay.is_some() => error.to_string(),
             Failure::Sent(error) => {
-                return error_response(
-                    proxy,
-                    StatusCode::BAD_GATEWAY,
-                    &format!("backend {} failed: {error}", backend.id),
-                );
+                let (status, message) = failed(backend, &error);
+                return error_response(proxy, status, &message);
             }
         };
         tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
@@ -266,16 +259,35 @@ async fn forward_to_backend(
         tried.push(backend.clone());
         last_error = Some(error);
     }
+    let (status, message) = exhausted(proxy, last_error);
+    error_response(proxy, status, &message)
+}
+
+/// The answer when `backend` did not answer within the request timeout.
+pub(crate) fn timed_out(proxy: &RoleProxy, backend: &Backend) -> (StatusCode, String) {
+    let message = format!(
+        "backend {} did not answer within {:?}",
+        backend.id, proxy.config.request_timeout
+    );
+    (StatusCode::GATEWAY_TIMEOUT, message)
+}
+
+/// The answer when a request that cannot be sent again failed on `backend`.
+pub(crate) fn failed(backend: &Backend, error: &dyn std::fmt::Display) -> (StatusCode, String) {
+    let message = format!("backend {} failed: {error}", backend.id);
+    (StatusCode::BAD_GATEWAY, message)
+}
+
+/// The answer when no backend is left to try; `last_error` is why the last one failed.
+pub(crate) fn exhausted(proxy: &RoleProxy, last_error: Option<String>) -> (StatusCode, String) {
     match last_error {
-        None => error_response(
-            proxy,
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no healthy instance of role {}", proxy.role),
+            format!("no healthy instance of role {}", proxy.role),
         ),
-        Some(error) => error_response(
-            proxy,
+        Some(error) => (
             StatusCode::BAD_GATEWAY,
-            &format!("no instance of role {} could answer: {error}", proxy.role),
+            format!("no instance of role {} could answer: {error}", proxy.role),
         ),
     }
 }

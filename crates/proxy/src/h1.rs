@@ -210,7 +210,10 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
     let replayable = unread == 0 && head.idempotent;
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_error = None;
-    while let Some(claim) = proxy.pick(&tried) {
+    let (status, message) = loop {
+        let Some(claim) = proxy.pick(&tried) else {
+            break forward::exhausted(proxy, last_error);
+        };
         let backend = claim.backend().clone();
         backend.metrics.add_received(buffered as u64);
         let attempt = tokio::time::timeout(
@@ -237,52 +240,16 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
                 error
             }
             Ok(Err(Failure::Sent(error))) if replayable => error,
-            Ok(Err(Failure::Sent(error))) => {
-                let message = format!("backend {} failed: {error}", backend.id);
-                let close = head.close || unread > 0;
-                return respond_error(
-                    conn,
-                    proxy,
-                    StatusCode::BAD_GATEWAY,
-                    &message,
-                    close,
-                    started,
-                )
-                .await;
-            }
-            Err(_) => {
-                let message = format!(
-                    "backend {} did not answer within {:?}",
-                    backend.id, proxy.config.request_timeout
-                );
-                let close = head.close || unread > 0;
-                return respond_error(
-                    conn,
-                    proxy,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &message,
-                    close,
-                    started,
-                )
-                .await;
-            }
+            Ok(Err(Failure::Sent(error))) => break forward::failed(&backend, &error),
+            Err(_) => break forward::timed_out(proxy, &backend),
         };
         tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
         proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
         tried.push(backend);
         last_error = Some(error);
-    }
-    let close = head.close || unread > 0;
-    let (status, message) = match last_error {
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no healthy instance of role {}", proxy.role),
-        ),
-        Some(error) => (
-            StatusCode::BAD_GATEWAY,
-            format!("no instance of role {} could answer: {error}", proxy.role),
-        ),
     };
+    // A body the client is still sending cannot be skipped: the connection ends.
+    let close = head.close || unread > 0;
     respond_error(conn, proxy, status, &message, close, started).await
 }
 
