@@ -449,7 +449,7 @@ impl Session {
             "members-filtered" => {
                 let request: MembersFilteredRequest = body_of(body)?;
                 let members = agent.members().await.map_err(|e| e.to_string())?;
-                let filter = MemberFilter::new(&request.tags, &request.status, &request.name)?;
+                let filter = MemberFilter::new(&request.tags, &request.status, &request.name);
                 let members = members
                     .iter()
                     .filter(|m| filter.matches(m))
@@ -706,12 +706,8 @@ pub struct MemberFilter<'a> {
 }
 
 impl<'a> MemberFilter<'a> {
-    pub fn new(
-        tags: &'a BTreeMap<String, String>,
-        status: &'a str,
-        name: &'a str,
-    ) -> Result<Self, String> {
-        Ok(MemberFilter { tags, status, name })
+    pub fn new(tags: &'a BTreeMap<String, String>, status: &'a str, name: &'a str) -> Self {
+        MemberFilter { tags, status, name }
     }
 
     pub fn matches(&self, member: &Member) -> bool {
