@@ -68,6 +68,18 @@ async fn frontend(proxy: Arc<RoleProxy>) -> (SocketAddr, watch::Sender<bool>) {
     (addr, stop)
 }
 
+/// A frontend for role `web` with `config`, in front of one backend named `name`.
+async fn serving(
+    config: ProxyConfig,
+    name: &'static str,
+    addr: SocketAddr,
+) -> (Arc<RoleProxy>, SocketAddr, watch::Sender<bool>) {
+    let proxy = RoleProxy::new("web", config);
+    proxy.set_backends(vec![Backend::new(name, addr)]);
+    let (frontend_addr, stop) = frontend(proxy.clone()).await;
+    (proxy, frontend_addr, stop)
+}
+
 /// One request on a fresh connection: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -205,9 +217,7 @@ async fn request_timeout_gives_504() {
         request_timeout: Duration::from_millis(100),
         ..ProxyConfig::default()
     };
-    let proxy = RoleProxy::new("web", config);
-    proxy.set_backends(vec![Backend::new("slow", backend("slow").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(config, "slow", backend("slow").await).await;
     assert_eq!(get(addr, "/slow/2000").await.0, 504);
 }
 
@@ -239,9 +249,7 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 
 #[tokio::test]
 async fn forwarded_headers_and_via_are_set() {
-    let proxy = RoleProxy::new("web", ProxyConfig::default());
-    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
     let request = b"GET /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.9.8.7\r\nConnection: close\r\n\r\n";
     let answer = raw(addr, request).await;
     assert!(
@@ -262,9 +270,7 @@ async fn oversize_bodies_get_413_declared_or_streamed() {
         max_body: 10,
         ..ProxyConfig::default()
     };
-    let proxy = RoleProxy::new("web", config);
-    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(config, "a", backend("a").await).await;
     let declared =
         b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\nConnection: close\r\n\r\n01234567890";
     let declared = raw(addr, declared).await;
@@ -288,9 +294,7 @@ async fn idle_client_connections_are_closed_after_the_idle_timeout() {
         idle_timeout: Duration::from_millis(200),
         ..ProxyConfig::default()
     };
-    let proxy = RoleProxy::new("web", config);
-    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(config, "a", backend("a").await).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")

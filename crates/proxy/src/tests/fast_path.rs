@@ -156,9 +156,7 @@ async fn request_bodies_reach_the_backend_whole_small_or_streamed() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let proxy = RoleProxy::new("web", ProxyConfig::default());
-    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
     let answer = raw(
         addr,
         b"GET /first HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -178,9 +176,8 @@ fn closes_silently(_: &str, _: &str) -> (&'static [u8], bool) {
 
 #[tokio::test]
 async fn backend_connections_closed_while_idle_are_not_reused() {
-    let proxy = RoleProxy::new("web", ProxyConfig::default());
-    proxy.set_backends(vec![Backend::new("a", scripted(closes_silently).await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (proxy, addr, _stop) =
+        serving(ProxyConfig::default(), "a", scripted(closes_silently).await).await;
     let mut sender = client(addr).await;
     for method in ["GET", "POST", "GET", "POST"] {
         let (status, _, body) = exchange(&mut sender, method, "/", b"x").await;
@@ -195,9 +192,7 @@ async fn backend_connections_closed_while_idle_are_not_reused() {
 
 #[tokio::test]
 async fn unusual_requests_are_handed_to_the_general_path_mid_connection() {
-    let proxy = RoleProxy::new("web", ProxyConfig::default());
-    proxy.set_backends(vec![Backend::new("a", backend("a").await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
     let answer = raw(addr, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert!(
         answer.starts_with("HTTP/1.") && answer.ends_with("a /old"),
@@ -241,9 +236,7 @@ async fn a_backend_with_a_malformed_answer_gives_502() {
     fn malformed(_: &str, _: &str) -> (&'static [u8], bool) {
         (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", true)
     }
-    let proxy = RoleProxy::new("web", ProxyConfig::default());
-    proxy.set_backends(vec![Backend::new("bad", scripted(malformed).await)]);
-    let (addr, _stop) = frontend(proxy.clone()).await;
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "bad", scripted(malformed).await).await;
     let answer = raw(
         addr,
         b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
