@@ -1,5 +1,5 @@
-//! User events, disseminated on foca's custom broadcasts: Lamport-timed, deduplicated, and
-//! bounded in size.
+//! User events, queries and force-leaves, disseminated on foca's custom broadcasts:
+//! Lamport-timed, deduplicated, and bounded in size.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 /// Most bytes of an event's name and payload together (Serf's limit is 512).
 pub const MAX_EVENT_SIZE: usize = 512;
+/// Most bytes of a query's name and payload together, and of a response (Serf's limits).
+pub const MAX_QUERY_SIZE: usize = 1024;
+/// Most bytes of an encoded broadcast: a query at its limit with room for its filters.
+const MAX_BROADCAST: usize = MAX_QUERY_SIZE + 512;
 /// How many recent events are remembered for duplicate suppression.
 const REMEMBERED: usize = 1024;
 
@@ -79,41 +83,58 @@ impl LamportClock {
     }
 }
 
-/// State shared between foca's broadcast handler and the agent.
+/// What travels on foca's custom broadcasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Event(UserEvent),
+    Query(Query),
+    /// Serf's force-leave: whoever lists `name` as failed lists it as left instead.
+    ForceLeave {
+        ltime: u64,
+        name: String,
+    },
+}
+
+/// A query as it travels: disseminated like a user event, answered directly to `reply_to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    pub ltime: u64,
+    /// Random, so two queries at the same Lamport time stay apart.
+    pub id: u32,
+    pub name: String,
+    pub payload: Vec<u8>,
+    pub origin: String,
+    /// Where acks and responses go.
+    pub reply_to: std::net::SocketAddr,
+    /// Only these nodes answer (all when empty).
+    pub filter_nodes: Vec<String>,
+    /// Only nodes whose tags match these patterns answer.
+    pub filter_tags: std::collections::BTreeMap<String, String>,
+    pub ack: bool,
+    /// Responders send their answer through this many other members too.
+    pub relay_factor: u8,
+    /// Answers after this long are refused.
+    pub timeout_ms: u64,
+}
+
+/// A remembered message: its Lamport time and what tells it apart from others at that time.
+type Seen = (u64, String, Vec<u8>);
+
+/// The recent messages of one kind, for duplicate suppression.
 #[derive(Debug, Default)]
-pub struct EventLog {
-    pub clock: LamportClock,
-    seen: BTreeSet<(u64, String, Vec<u8>)>,
-    order: VecDeque<(u64, String, Vec<u8>)>,
-    /// Events accepted since the agent last looked.
-    pub delivered: Vec<UserEvent>,
-    pub duplicates: u64,
-    pub malformed: u64,
-    /// Events at or before this time were handled before a restart: never again.
+struct Window {
+    seen: BTreeSet<Seen>,
+    order: VecDeque<Seen>,
+    /// Messages at or before this time were handled before a restart: never again.
     floor: u64,
 }
 
-impl EventLog {
-    /// A log that takes only events after `clock` (the clock of the last snapshot).
-    pub fn after(clock: u64) -> Self {
-        let mut log = EventLog {
-            floor: clock,
-            ..EventLog::default()
-        };
-        if clock > 0 {
-            log.clock.witness(clock);
-        }
-        log
-    }
-
-    /// Records an event; false when it was seen before (or is too old to tell).
-    fn accept(&mut self, event: &UserEvent) -> bool {
+impl Window {
+    /// Records a message; false when it was seen before (or is too old to tell).
+    fn accept(&mut self, key: Seen) -> bool {
         let oldest = self.order.front().map_or(0, |(ltime, ..)| *ltime);
-        let key = (event.ltime, event.name.clone(), event.payload.clone());
-        let stale =
-            event.ltime <= self.floor || (self.order.len() == REMEMBERED && event.ltime < oldest);
+        let stale = key.0 <= self.floor || (self.order.len() == REMEMBERED && key.0 < oldest);
         if stale || self.seen.contains(&key) {
-            self.duplicates += 1;
             return false;
         }
         self.seen.insert(key.clone());
@@ -123,48 +144,104 @@ impl EventLog {
         {
             self.seen.remove(&old);
         }
-        self.clock.witness(event.ltime);
-        self.delivered.push(event.clone());
         true
     }
 }
 
-/// The key foca keeps while disseminating an event: only an identical event replaces it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventKey(u64, String, Vec<u8>);
+/// State shared between foca's broadcast handler and the agent. Events and queries keep
+/// separate Lamport clocks, as in Serf.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    pub clock: LamportClock,
+    pub query_clock: LamportClock,
+    events: Window,
+    queries: Window,
+    leaves: Window,
+    /// Messages accepted since the agent last looked.
+    pub delivered: Vec<Message>,
+    pub duplicates: u64,
+    pub malformed: u64,
+}
 
-impl foca::Invalidates for EventKey {
+impl EventLog {
+    /// A log that takes only events and queries after the clocks of the last snapshot.
+    pub fn after(clock: u64, query_clock: u64) -> Self {
+        let mut log = EventLog::default();
+        log.events.floor = clock;
+        log.queries.floor = query_clock;
+        if clock > 0 {
+            log.clock.witness(clock);
+        }
+        if query_clock > 0 {
+            log.query_clock.witness(query_clock);
+        }
+        log
+    }
+
+    /// Records a message; the key foca keeps while disseminating it, or `None` for a
+    /// duplicate (which foca then stops spreading).
+    fn accept(&mut self, message: &Message) -> Option<BroadcastKey> {
+        let (kind, key) = match message {
+            Message::Event(event) => (0, (event.ltime, event.name.clone(), event.payload.clone())),
+            Message::Query(query) => (
+                1,
+                (
+                    query.ltime,
+                    query.origin.clone(),
+                    query.id.to_le_bytes().to_vec(),
+                ),
+            ),
+            Message::ForceLeave { ltime, name } => (2, (*ltime, name.clone(), Vec::new())),
+        };
+        let (window, clock) = match kind {
+            0 => (&mut self.events, &mut self.clock),
+            1 => (&mut self.queries, &mut self.query_clock),
+            _ => (&mut self.leaves, &mut self.clock),
+        };
+        if !window.accept(key.clone()) {
+            self.duplicates += 1;
+            return None;
+        }
+        clock.witness(key.0);
+        self.delivered.push(message.clone());
+        Some(BroadcastKey(kind, key))
+    }
+}
+
+/// The key foca keeps while disseminating a message: only an identical one replaces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastKey(u8, Seen);
+
+impl foca::Invalidates for BroadcastKey {
     fn invalidates(&self, other: &Self) -> bool {
         self == other
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("malformed user event")]
+#[error("malformed broadcast")]
 pub struct Malformed;
 
 /// Foca's handler of custom broadcasts.
 pub struct Handler(pub Arc<Mutex<EventLog>>);
 
 impl<T> foca::BroadcastHandler<T> for Handler {
-    type Key = EventKey;
+    type Key = BroadcastKey;
     type Error = Malformed;
 
     fn receive_item(
         &mut self,
         data: &[u8],
         _sender: Option<&T>,
-    ) -> Result<Option<EventKey>, Malformed> {
+    ) -> Result<Option<BroadcastKey>, Malformed> {
         let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let event: UserEvent = match postcard::from_bytes(data) {
-            Ok(event) if data.len() <= MAX_EVENT_SIZE + 64 => event,
+        match postcard::from_bytes::<Message>(data) {
+            Ok(message) if data.len() <= MAX_BROADCAST => Ok(log.accept(&message)),
             _ => {
                 log.malformed += 1;
-                return Err(Malformed);
+                Err(Malformed)
             }
-        };
-        let fresh = log.accept(&event);
-        Ok(fresh.then_some(EventKey(event.ltime, event.name, event.payload)))
+        }
     }
 }
 
@@ -172,24 +249,55 @@ impl<T> foca::BroadcastHandler<T> for Handler {
 mod tests {
     use super::*;
 
-    fn event(ltime: u64, name: &str) -> UserEvent {
-        UserEvent {
+    fn event(ltime: u64, name: &str) -> Message {
+        Message::Event(UserEvent {
             ltime,
             name: name.into(),
             payload: b"p".to_vec(),
             coalesce: true,
             origin: "n".into(),
-        }
+        })
     }
 
     #[test]
     fn duplicates_are_suppressed_and_the_clock_moves_past_what_it_saw() {
         let mut log = EventLog::default();
-        assert!(log.accept(&event(5, "deploy")));
-        assert!(!log.accept(&event(5, "deploy")));
-        assert!(log.accept(&event(5, "other")));
+        assert!(log.accept(&event(5, "deploy")).is_some());
+        assert!(log.accept(&event(5, "deploy")).is_none());
+        assert!(log.accept(&event(5, "other")).is_some());
         assert_eq!((log.delivered.len(), log.duplicates), (2, 1));
         assert_eq!(log.clock.tick(), 7);
+        assert_eq!(log.query_clock.now(), 0, "queries keep their own clock");
+    }
+
+    #[test]
+    fn queries_are_told_apart_by_origin_and_id() {
+        let query = |id: u32, origin: &str| {
+            Message::Query(Query {
+                ltime: 3,
+                id,
+                name: "uptime".into(),
+                payload: Vec::new(),
+                origin: origin.into(),
+                reply_to: "127.0.0.1:1".parse().unwrap(),
+                filter_nodes: Vec::new(),
+                filter_tags: Default::default(),
+                ack: true,
+                relay_factor: 0,
+                timeout_ms: 1000,
+            })
+        };
+        let mut log = EventLog::after(0, 2);
+        assert!(log.accept(&query(1, "a")).is_some());
+        assert!(log.accept(&query(1, "a")).is_none());
+        assert!(log.accept(&query(2, "a")).is_some());
+        assert!(log.accept(&query(1, "b")).is_some());
+        assert_eq!(log.query_clock.now(), 4);
+        let mut restarted = EventLog::after(0, 3);
+        assert!(
+            restarted.accept(&query(1, "a")).is_none(),
+            "handled before the restart"
+        );
     }
 
     #[test]
@@ -210,8 +318,11 @@ mod tests {
     fn the_window_forgets_the_oldest_and_refuses_older_ones() {
         let mut log = EventLog::default();
         for ltime in 10..10 + REMEMBERED as u64 + 5 {
-            assert!(log.accept(&event(ltime, "e")));
+            assert!(log.accept(&event(ltime, "e")).is_some());
         }
-        assert!(!log.accept(&event(3, "e")), "older than the window");
+        assert!(
+            log.accept(&event(3, "e")).is_none(),
+            "older than the window"
+        );
     }
 }

@@ -1,19 +1,22 @@
 //! Gossip membership on foca (SWIM with suspicion): agents join by gossip over UDP, carry
-//! tags, fire Lamport-timed user events, and tell a graceful leave from a failure. Every
+//! tags, fire Lamport-timed user events, ask queries, and tell a graceful leave from a failure. Every
 //! packet can be sealed with AES-GCM from a rotating keyring.
 
 mod agent;
 mod broadcast;
 pub mod coalesce;
+pub mod filter;
 mod identity;
 pub mod keyring;
 pub mod packet;
+pub mod query;
 pub mod rpc;
 pub mod snapshot;
 
 pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Stats, Status};
-pub use broadcast::{MAX_EVENT_SIZE, UserEvent};
+pub use broadcast::{MAX_EVENT_SIZE, MAX_QUERY_SIZE, UserEvent};
 pub use keyring::{Key, KeyError, Keyring};
+pub use query::{KeyAnswer, KeyReport, QueryEvent, QueryHandle, QueryParams, QueryReply};
 
 use std::net::SocketAddr;
 
@@ -27,6 +30,22 @@ pub enum GossipError {
     RateLimited,
     #[error("user event of {0} bytes is over the {MAX_EVENT_SIZE}-byte limit")]
     EventTooLarge(usize),
+    #[error("query of {0} bytes is over the {MAX_QUERY_SIZE}-byte limit")]
+    QueryTooLarge(usize),
+    #[error("response of {0} bytes is over the {MAX_QUERY_SIZE}-byte limit")]
+    ResponseTooLarge(usize),
+    #[error("no pending query with id {0}")]
+    UnknownQuery(u64),
+    #[error("query {0} was answered already")]
+    AlreadyResponded(u64),
+    #[error("query {0} is past its deadline")]
+    PastDeadline(u64),
+    #[error("no member named {0}")]
+    UnknownMember(String),
+    #[error("{0} is alive: force-leave is for failed members")]
+    MemberAlive(String),
+    #[error("{0}")]
+    BadInternalQuery(String),
     #[error("cannot encode a message: {0}")]
     Encode(String),
     #[error("encryption is not enabled on this agent (start it with a key)")]

@@ -14,8 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::GossipError;
 use crate::agent::{Agent, Event, KeyOp, Member, Status};
+use crate::filter::{glob, tags_match};
 use crate::keyring::Key;
+use crate::query::{QueryHandle, QueryParams, QueryReply};
 
 /// Protocol versions this agent reports, as Serf 0.8 does (memberlist 2, Serf 2 to 5).
 const PROTOCOL: [u8; 6] = [1, 5, 2, 2, 5, 4];
@@ -202,6 +205,56 @@ pub struct UserEventRecord {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
+pub struct QueryEventRecord {
+    pub event: String,
+    /// The agent's handle on the query, for `respond`.
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    pub name: String,
+    #[serde(with = "nil_or_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct QueryRequest {
+    #[serde(deserialize_with = "nil_default")]
+    pub filter_nodes: Vec<String>,
+    #[serde(deserialize_with = "nil_default")]
+    pub filter_tags: BTreeMap<String, String>,
+    pub request_ack: bool,
+    pub relay_factor: u8,
+    /// Nanoseconds, as Go's `time.Duration`; 0 for the agent's default.
+    pub timeout: i64,
+    pub name: String,
+    #[serde(with = "nil_or_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RespondRequest {
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(with = "nil_or_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// One record of a running query: `ack`, `response`, then `done`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct QueryRecord {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub from: String,
+    #[serde(with = "nil_or_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct MemberEventRecord {
     pub event: String,
     #[serde(deserialize_with = "nil_default")]
@@ -284,8 +337,10 @@ struct Session {
     auth_key: Option<String>,
     handshaken: bool,
     authenticated: bool,
-    /// Open streams and monitors by the `Seq` that started them.
+    /// Open streams, monitors and queries by the `Seq` that started them.
     streams: HashMap<u64, tokio::task::JoinHandle<()>>,
+    /// The command just run sent its own response header (it goes on streaming records).
+    replied: bool,
 }
 
 impl Session {
@@ -297,6 +352,7 @@ impl Session {
             handshaken: false,
             authenticated,
             streams: HashMap::new(),
+            replied: false,
         }
     }
 
@@ -378,11 +434,20 @@ impl Session {
             return reply("Authentication required".into(), None);
         }
         let result = self.dispatch(&header.command, seq, body, out).await;
+        if std::mem::take(&mut self.replied) {
+            return;
+        }
         match result {
             Ok(body) => reply(String::new(), body),
             // Serf's clients read a body after the header of these commands, error or not.
             Err(error) => reply(error, empty_body(&header.command)),
         }
+    }
+
+    /// Answers `seq` now: the records that follow must come after this header.
+    fn reply_now(&mut self, seq: u64, out: &mpsc::UnboundedSender<Vec<u8>>) {
+        let _ = out.send(response(seq, String::new(), None));
+        self.replied = true;
     }
 
     /// Streams events as responses to `seq` (what `record` makes of each), until `stop`.
@@ -393,6 +458,7 @@ impl Session {
         record: impl Fn(&Event) -> Option<Vec<u8>> + Send + 'static,
     ) {
         let mut events = self.agent.subscribe();
+        self.reply_now(seq, out);
         let out = out.clone();
         let task = tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
@@ -404,6 +470,38 @@ impl Session {
                     break;
                 }
             }
+        });
+        self.streams.insert(seq, task);
+    }
+
+    /// Streams a query's acks and responses as records answering `seq`, then `done`.
+    fn forward_replies(
+        &mut self,
+        seq: u64,
+        out: &mpsc::UnboundedSender<Vec<u8>>,
+        mut handle: QueryHandle,
+    ) {
+        self.reply_now(seq, out);
+        let out = out.clone();
+        let task = tokio::spawn(async move {
+            let record = |kind: &str, from: String, payload: Vec<u8>| {
+                let record = QueryRecord {
+                    kind: kind.into(),
+                    from,
+                    payload,
+                };
+                response(seq, String::new(), encoded(&record).as_deref())
+            };
+            while let Some(reply) = handle.next().await {
+                let frame = match reply {
+                    QueryReply::Ack(from) => record("ack", from, Vec::new()),
+                    QueryReply::Response(from, payload) => record("response", from, payload),
+                };
+                if out.send(frame).is_err() {
+                    return;
+                }
+            }
+            let _ = out.send(record("done", String::new(), Vec::new()));
         });
         self.streams.insert(seq, task);
     }
@@ -484,10 +582,40 @@ impl Session {
             }
             "force-leave" => {
                 let request: ForceLeaveRequest = body_of(body)?;
-                Err(format!(
-                    "force-leave of {} is not supported yet: failed members are reaped after the reap time",
-                    request.node
-                ))
+                agent
+                    .force_leave(&request.node)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            "query" => {
+                let request: QueryRequest = body_of(body)?;
+                let params = QueryParams {
+                    name: request.name,
+                    payload: request.payload,
+                    filter_nodes: request.filter_nodes,
+                    filter_tags: request.filter_tags,
+                    ack: request.request_ack,
+                    relay_factor: request.relay_factor,
+                    timeout: u64::try_from(request.timeout)
+                        .ok()
+                        .filter(|&nanos| nanos > 0)
+                        .map(Duration::from_nanos),
+                };
+                let handle = agent.query(params).await.map_err(|e| e.to_string())?;
+                self.forward_replies(seq, out, handle);
+                Ok(None)
+            }
+            "respond" => {
+                let request: RespondRequest = body_of(body)?;
+                agent
+                    .respond(request.id, request.payload)
+                    .await
+                    .map_err(|e| match e {
+                        GossipError::UnknownQuery(_) => "No pending queries matching ID".into(),
+                        other => other.to_string(),
+                    })?;
+                Ok(None)
             }
             "event" => {
                 let request: EventRequest = body_of(body)?;
@@ -527,15 +655,35 @@ impl Session {
                     ("remove-key", Some(key)) => KeyOp::Remove(key),
                     _ => KeyOp::List,
                 };
-                let keys = agent.keys(op).await.map_err(|e| e.to_string())?;
-                let total = keys.len();
-                Ok(encoded(&KeyResponse {
-                    messages: BTreeMap::new(),
-                    keys: keys.into_iter().map(|k| (k, 1)).collect(),
-                    num_nodes: 1,
-                    num_err: 0,
-                    num_resp: i32::from(total > 0),
-                }))
+                let report = agent
+                    .change_keys_everywhere(op)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let answer = KeyResponse {
+                    messages: report
+                        .errors()
+                        .map(|(node, error)| (node.clone(), error.clone()))
+                        .collect(),
+                    keys: report
+                        .key_counts()
+                        .into_iter()
+                        .map(|(key, count)| (key, count as i32))
+                        .collect(),
+                    num_nodes: report.members as i32,
+                    num_err: report.errors().count() as i32,
+                    num_resp: report.answers.len() as i32,
+                };
+                if answer.num_err > 0 {
+                    // Serf's clients print the body's messages after this error.
+                    let error = format!(
+                        "{}/{} nodes reported failure",
+                        answer.num_err, answer.num_nodes
+                    );
+                    let _ = out.send(response(seq, error, encoded(&answer).as_deref()));
+                    self.replied = true;
+                    return Ok(None);
+                }
+                Ok(encoded(&answer))
             }
             "stream" => {
                 let request: StreamRequest = body_of(body)?;
@@ -698,7 +846,7 @@ pub fn resolve(address: &str) -> Result<SocketAddr, String> {
 }
 
 /// `members-filtered`: tags and name are anchored regular expressions in Serf; here they
-/// match whole values, with `*` as a wildcard.
+/// match whole values, with `*` as a wildcard (see [`crate::filter`]).
 pub struct MemberFilter<'a> {
     tags: &'a BTreeMap<String, String>,
     status: &'a str,
@@ -713,35 +861,8 @@ impl<'a> MemberFilter<'a> {
     pub fn matches(&self, member: &Member) -> bool {
         (self.status.is_empty() || glob(self.status, member.status.as_str()))
             && (self.name.is_empty() || glob(self.name, &member.name))
-            && self.tags.iter().all(|(key, pattern)| {
-                member
-                    .tags
-                    .get(key)
-                    .is_some_and(|value| glob(pattern, value))
-            })
+            && tags_match(self.tags, &member.tags)
     }
-}
-
-/// Whole-string match where `*` (or the regex `.*`) stands for any run of characters.
-fn glob(pattern: &str, value: &str) -> bool {
-    let pattern = pattern.replace(".*", "*");
-    let pattern = pattern.trim_start_matches('^').trim_end_matches('$');
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == value;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !value.starts_with(first) || !value[first.len()..].ends_with(last) {
-        return false;
-    }
-    let mut rest = &value[first.len()..value.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// Serf's event filter: `*`, or a comma list of `member-join`, `member-leave`,
@@ -803,6 +924,21 @@ impl EventFilter {
                     },
                 );
             }
+            Event::Query(query) => {
+                if !self.allows("query", Some(&query.name)) {
+                    return None;
+                }
+                encode(
+                    &mut out,
+                    &QueryEventRecord {
+                        event: "query".into(),
+                        id: query.id,
+                        ltime: query.ltime,
+                        name: query.name.clone(),
+                        payload: query.payload.clone(),
+                    },
+                );
+            }
             member_event => {
                 let (kind, member) = member_event_parts(member_event)?;
                 if !self.allows(kind, None) {
@@ -829,7 +965,7 @@ pub fn member_event_parts(event: &Event) -> Option<(&'static str, &Member)> {
         Event::MemberFailed(m) => ("member-failed", m),
         Event::MemberUpdate(m) => ("member-update", m),
         Event::MemberReap(m) => ("member-reap", m),
-        Event::User(_) => return None,
+        Event::User(_) | Event::Query(_) => return None,
     })
 }
 
@@ -839,6 +975,10 @@ fn log_line(event: &Event) -> String {
         Event::User(user) => format!(
             "[INFO] phoenix: received user event: {} (ltime {})",
             user.name, user.ltime
+        ),
+        Event::Query(query) => format!(
+            "[INFO] phoenix: received query: {} from {} (ltime {})",
+            query.name, query.origin, query.ltime
         ),
         other => match member_event_parts(other) {
             Some((kind, member)) => {
@@ -1000,7 +1140,5 @@ mod tests {
         assert!(!filter.allows("member-failed", None));
         assert!(EventFilter::parse("*").unwrap().allows("query", Some("x")));
         assert!(EventFilter::parse("bogus").is_err());
-        assert!(glob("web*", "web-1") && glob("^web-.*$", "web-1") && !glob("web", "web-1"));
-        assert!(glob("*-1", "web-1") && glob("a*c*e", "abcde") && !glob("a*c*e", "abcd"));
     }
 }

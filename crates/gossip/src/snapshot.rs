@@ -1,5 +1,5 @@
 //! The agent's snapshot (`--snapshot PATH`), as Serf keeps one: the members alive when it was
-//! written and the user-event Lamport clock, so a restarted agent rejoins by itself and does
+//! written and the Lamport clocks of user events and queries, so a restarted agent rejoins by itself and does
 //! not take old events for new ones. A graceful leave is recorded too: an agent that left on
 //! purpose does not rejoin on its next start.
 
@@ -10,6 +10,7 @@ use std::path::Path;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub clock: u64,
+    pub query_clock: u64,
     pub alive: Vec<(String, SocketAddr)>,
     pub left: bool,
 }
@@ -26,6 +27,7 @@ impl Snapshot {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let parsed = match fields.as_slice() {
                 ["clock", time] => time.parse().map(|t| snapshot.clock = t).is_ok(),
+                ["query-clock", time] => time.parse().map(|t| snapshot.query_clock = t).is_ok(),
                 ["alive", name, addr] => addr
                     .parse()
                     .map(|addr| snapshot.alive.push((name.to_string(), addr)))
@@ -50,7 +52,7 @@ impl Snapshot {
 
     /// Writes the snapshot atomically (a temporary file renamed over the old one).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let mut text = format!("clock {}\n", self.clock);
+        let mut text = format!("clock {}\nquery-clock {}\n", self.clock, self.query_clock);
         for (name, addr) in &self.alive {
             text.push_str(&format!("alive {name} {addr}\n"));
         }
@@ -74,6 +76,7 @@ mod tests {
         let path = dir.join("snapshot");
         let snapshot = Snapshot {
             clock: 42,
+            query_clock: 7,
             alive: vec![("a".into(), "127.0.0.1:7946".parse().unwrap())],
             left: false,
         };

@@ -3,15 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use phoenix_gossip::coalesce::{Batch, Coalescer};
-use phoenix_gossip::rpc::{self, Client, EventFilter, KeyRequest, KeyResponse, MembersResponse};
+use phoenix_gossip::rpc::{self, Client, KeyRequest, KeyResponse, MembersResponse};
 use phoenix_gossip::{Agent, AgentConfig, Key, Keyring};
-use tokio::io::AsyncWriteExt;
+
+use crate::handlers::{self, Handler};
 
 /// Serf's default RPC address.
 const DEFAULT_RPC: &str = "127.0.0.1:7373";
@@ -94,7 +94,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     );
     tokio::spawn(rpc::serve(listener, agent.clone(), args.rpc_auth.clone()));
     if !handlers.is_empty() {
-        tokio::spawn(run_handlers(agent.clone(), handlers));
+        tokio::spawn(handlers::run(agent.clone(), handlers));
     }
     join_with_retries(&agent, &args.join).await?;
     let mut events = agent.subscribe();
@@ -143,149 +143,6 @@ fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// One `--event-handler`.
-struct Handler {
-    filter: EventFilter,
-    script: String,
-}
-
-impl Handler {
-    fn parse(spec: &str) -> Result<Handler> {
-        // `TYPE=SCRIPT` when the part before `=` is a valid filter; else the whole is a script.
-        if let Some((kinds, script)) = spec.split_once('=')
-            && let Ok(filter) = EventFilter::parse(kinds)
-        {
-            return Ok(Handler {
-                filter,
-                script: script.to_string(),
-            });
-        }
-        Ok(Handler {
-            filter: EventFilter::parse("*").map_err(|e| anyhow!(e))?,
-            script: spec.to_string(),
-        })
-    }
-}
-
-/// Runs handler scripts off the gossip path, with Serf's coalescing (1 s quiet, 3 s at most;
-/// user events fired with `--coalesce=false` pass at once). A slow script delays only the
-/// handlers, never the agent.
-async fn run_handlers(agent: Agent, handlers: Vec<Handler>) {
-    let mut events = agent.subscribe();
-    let mut coalescer = Coalescer::serf();
-    loop {
-        let deadline = coalescer.deadline();
-        let batches = tokio::select! {
-            received = events.recv() => match received {
-                Ok(event) => coalescer.push(event, Instant::now()).into_iter().collect(),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "event handlers fell behind; events skipped");
-                    continue;
-                }
-                Err(_) => return,
-            },
-            _ = sleep_until(deadline) => coalescer.flush(Instant::now()),
-        };
-        for batch in batches {
-            let Ok(members) = agent.members().await else {
-                return;
-            };
-            let Some(me) = members.into_iter().find(|m| m.name == agent.name()) else {
-                continue;
-            };
-            let (kind, name) = match &batch {
-                Batch::User(user) => ("user", Some(user.name.as_str())),
-                Batch::Members(kind, _) => (*kind, None),
-            };
-            for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
-                if let Err(error) = invoke(&handler.script, &batch, &me.name, &me.tags).await {
-                    tracing::warn!(script = %handler.script, %error, "event handler failed");
-                }
-            }
-        }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Runs one handler with Serf's environment (and `PHOENIX_*` aliases) and stdin.
-async fn invoke(
-    script: &str,
-    batch: &Batch,
-    self_name: &str,
-    tags: &BTreeMap<String, String>,
-) -> Result<()> {
-    let kind = match batch {
-        Batch::User(_) => "user",
-        Batch::Members(kind, _) => kind,
-    };
-    let mut env: Vec<(String, String)> = vec![
-        ("SERF_EVENT".into(), kind.into()),
-        ("SERF_SELF_NAME".into(), self_name.into()),
-        (
-            "SERF_SELF_ROLE".into(),
-            tags.get("role").cloned().unwrap_or_default(),
-        ),
-    ];
-    for (key, value) in tags {
-        env.push((format!("SERF_TAG_{}", key.to_uppercase()), value.clone()));
-    }
-    let stdin = match batch {
-        Batch::User(user) => {
-            env.push(("SERF_USER_EVENT".into(), user.name.clone()));
-            env.push(("SERF_USER_LTIME".into(), user.ltime.to_string()));
-            user.payload.clone()
-        }
-        // Serf's member lines: name, address, role, tags.
-        Batch::Members(_, members) => members
-            .iter()
-            .map(|member| {
-                let tags: Vec<String> = member
-                    .tags
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                let role = member.tags.get("role").cloned().unwrap_or_default();
-                format!(
-                    "{}\t{}\t{}\t{}\n",
-                    member.name,
-                    member.addr.ip(),
-                    role,
-                    tags.join(",")
-                )
-            })
-            .collect::<String>()
-            .into_bytes(),
-    };
-    let aliases: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.replacen("SERF_", "PHOENIX_", 1), v.clone()))
-        .collect();
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
-        .envs(env.into_iter().chain(aliases))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("start {script}"))?;
-    if let Some(mut input) = child.stdin.take() {
-        // A handler that does not read its stdin is fine.
-        let _ = input.write_all(&stdin).await;
-    }
-    let status = child.wait().await?;
-    if !status.success() {
-        bail!("{script} exited with {status}");
-    }
-    Ok(())
 }
 
 #[derive(Args)]
@@ -480,6 +337,8 @@ pub struct KeysArgs {
     list: bool,
 }
 
+/// Changes (or lists) the keyring on every member: the agent asks the cluster with an
+/// internal query and reports each member's answer.
 pub async fn keys(args: KeysArgs) -> Result<ExitCode> {
     let mut client = args.rpc.client().await?;
     let (command, key) = match (args.install, args.use_key, args.remove) {
@@ -490,14 +349,126 @@ pub async fn keys(args: KeysArgs) -> Result<ExitCode> {
         _ => bail!("give --install, --use, --remove or --list"),
     };
     let request = key.map(|key| KeyRequest { key });
-    let response: KeyResponse = match &request {
-        Some(request) => client.call(command, Some(request)).await,
-        None => client.call(command, None).await,
+    let body = request.as_ref().map(|r| r as &dyn rpc::erased::Encode);
+    client.send(command, body).await.map_err(|e| anyhow!(e))?;
+    // These commands answer with a body even on error: it names the members that failed.
+    let header: rpc::ResponseHeader = client.read().await.map_err(|e| anyhow!(e))?;
+    let response: KeyResponse = client.read().await.map_err(|e| anyhow!(e))?;
+    for (node, message) in &response.messages {
+        eprintln!("{node}: {message}");
     }
-    .map_err(|e| anyhow!(e))?;
-    for key in response.keys.keys() {
-        println!("{key}");
+    if !header.error.is_empty() {
+        bail!("{command} failed: {}", header.error);
     }
+    if command == "list-keys" {
+        for (key, count) in &response.keys {
+            println!("{key}  {count}/{}", response.num_nodes);
+        }
+    } else {
+        println!(
+            "{command}: done on {}/{} members",
+            response.num_resp, response.num_nodes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    rpc: RpcArgs,
+    /// Only this node answers; repeatable.
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Only nodes with this tag KEY=PATTERN answer (`*` matches any run); repeatable.
+    #[arg(long = "tag", value_parser = key_value)]
+    tags: Vec<(String, String)>,
+    /// How long to wait for answers, e.g. `5s` or `500ms` (default: the agent's, which grows
+    /// with the cluster).
+    #[arg(long, value_parser = phoenix_fleet::config::parse_duration)]
+    timeout: Option<Duration>,
+    /// Do not ask members to ack.
+    #[arg(long)]
+    no_ack: bool,
+    /// Send each answer through this many other members too.
+    #[arg(long, default_value_t = 0)]
+    relay_factor: u8,
+    #[arg(long)]
+    json: bool,
+    name: String,
+    payload: Option<String>,
+}
+
+/// Asks a query and prints each ack and response as it arrives, then the counts.
+pub async fn query(args: QueryArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client().await?;
+    let request = rpc::QueryRequest {
+        filter_nodes: args.nodes,
+        filter_tags: args.tags.into_iter().collect(),
+        request_ack: !args.no_ack,
+        relay_factor: args.relay_factor,
+        timeout: args.timeout.map_or(0, |t| t.as_nanos() as i64),
+        name: args.name.clone(),
+        payload: args.payload.unwrap_or_default().into_bytes(),
+    };
+    let seq = client
+        .send("query", Some(&request))
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let header: rpc::ResponseHeader = client.read().await.map_err(|e| anyhow!(e))?;
+    if !header.error.is_empty() {
+        bail!("query {}: {}", args.name, header.error);
+    }
+    if !args.json {
+        println!("Query '{}' dispatched", args.name);
+    }
+    let (mut acks, mut responses) = (Vec::new(), BTreeMap::new());
+    loop {
+        let header: rpc::ResponseHeader = client.read().await.map_err(|e| anyhow!(e))?;
+        let record: rpc::QueryRecord = client.read().await.map_err(|e| anyhow!(e))?;
+        if header.seq != seq {
+            continue;
+        }
+        let payload = String::from_utf8_lossy(&record.payload).into_owned();
+        match record.kind.as_str() {
+            "ack" if !args.json => println!("Ack from '{}'", record.from),
+            "response" if !args.json => println!("Response from '{}': {payload}", record.from),
+            "done" => break,
+            _ => {}
+        }
+        match record.kind.as_str() {
+            "ack" => acks.push(record.from),
+            "response" => {
+                responses.insert(record.from, payload);
+            }
+            _ => {}
+        }
+    }
+    if args.json {
+        let value = serde_json::json!({ "acks": acks, "responses": responses });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("Total Acks: {}", acks.len());
+        println!("Total Responses: {}", responses.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ForceLeaveArgs {
+    #[command(flatten)]
+    rpc: RpcArgs,
+    /// The failed member to list as left.
+    node: String,
+}
+
+pub async fn force_leave(args: ForceLeaveArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client().await?;
+    let request = rpc::ForceLeaveRequest { node: args.node };
+    client
+        .call::<()>("force-leave", Some(&request))
+        .await
+        .map_err(|e| anyhow!(e))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,6 +4,7 @@ mod agent_cmd;
 mod client;
 mod commands;
 mod demo;
+mod handlers;
 mod load;
 mod proxy_cmd;
 mod up;
@@ -62,10 +63,14 @@ enum Command {
     Leave(agent_cmd::RpcArgs),
     /// Set or delete a running agent's tags.
     Tags(agent_cmd::TagsArgs),
-    /// Install, use, remove or list gossip encryption keys.
+    /// Install, use, remove or list gossip encryption keys on every member.
     Keys(agent_cmd::KeysArgs),
     /// Stream a running agent's log of membership changes and events.
     Monitor(agent_cmd::RpcArgs),
+    /// Ask the cluster a query and print each ack and answer.
+    Query(agent_cmd::QueryArgs),
+    /// List a failed member as left, everywhere.
+    ForceLeave(agent_cmd::ForceLeaveArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +121,8 @@ fn main() -> ExitCode {
             Command::Tags(args) => agent_cmd::tags(args).await,
             Command::Keys(args) => agent_cmd::keys(args).await,
             Command::Monitor(args) => agent_cmd::monitor(args).await,
+            Command::Query(args) => agent_cmd::query(args).await,
+            Command::ForceLeave(args) => agent_cmd::force_leave(args).await,
         }
     });
     match result {

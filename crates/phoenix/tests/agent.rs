@@ -202,23 +202,35 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     };
     let dir = tempfile::tempdir().unwrap();
     let key = text(&cli(&serf, &["keygen"]).stdout).trim().to_string();
+    // A Serf query handler: what it prints is the answer.
+    let answer = r#"query=printf '%s:%s:%s' "$SERF_SELF_NAME" "$SERF_QUERY_NAME" "$(cat)""#;
     let a = agent(
         "a",
-        &["--tag", "role=web", "--encrypt", &key],
-        &dir.path().join("a.log"),
-    );
-    let b = agent(
-        "b",
         &[
             "--tag",
-            "role=db",
+            "role=web",
             "--encrypt",
             &key,
-            "--join",
-            &a.gossip.to_string(),
+            "--event-handler",
+            answer,
         ],
-        &dir.path().join("b.log"),
+        &dir.path().join("a.log"),
     );
+    let with_role = |role: &str| {
+        vec![
+            "--tag".to_string(),
+            format!("role={role}"),
+            "--encrypt".to_string(),
+            key.clone(),
+            "--join".to_string(),
+            a.gossip.to_string(),
+            "--event-handler".to_string(),
+            answer.to_string(),
+        ]
+    };
+    let (b_args, c_args) = (with_role("db"), with_role("cache"));
+    let b = agent("b", &strs(&b_args), &dir.path().join("b.log"));
+    let c = agent("c", &strs(&c_args), &dir.path().join("c.log"));
     let rpc_a = format!("-rpc-addr={}", a.rpc);
     let rpc_b = format!("-rpc-addr={}", b.rpc);
     let serf_ok = |args: &[&str]| {
@@ -231,9 +243,9 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
         );
         text(&out.stdout)
     };
-    wait("serf members lists both alive", || {
+    wait("serf members lists all three alive", || {
         let out = text(&cli(&serf, &["members", &rpc_a]).stdout);
-        out.lines().filter(|l| l.contains("alive")).count() == 2
+        out.lines().filter(|l| l.contains("alive")).count() == 3
     });
     let filtered = serf_ok(&["members", &rpc_a, "-tag", "role=db"]);
     assert!(
@@ -246,31 +258,93 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     wait("serf sees b's new tag", || {
         text(&cli(&serf, &["members", &rpc_a, "-tag", "version=2"]).stdout).starts_with("b ")
     });
-    // Key rotation through serf keys: install, use, remove the old one.
-    let new_key = text(&cli(&serf, &["keygen"]).stdout).trim().to_string();
-    for rpc in [&rpc_a, &rpc_b] {
-        serf_ok(&["keys", rpc, "-install", &new_key]);
-        serf_ok(&["keys", rpc, "-use", &new_key]);
+    // Queries: every member's handler answers; filters pick who does.
+    let asked = serf_ok(&["query", &rpc_a, "-timeout=2s", "uptime", "hello"]);
+    for name in ["a", "b", "c"] {
+        assert!(
+            asked.contains(&format!("Ack from '{name}'"))
+                && asked.contains(&format!("Response from '{name}': {name}:uptime:hello")),
+            "{asked}"
+        );
     }
-    for rpc in [&rpc_a, &rpc_b] {
-        serf_ok(&["keys", rpc, "-remove", &key]);
-    }
-    let listed = serf_ok(&["keys", &rpc_a, "-list"]);
     assert!(
-        listed.contains(&new_key) && !listed.contains(&key),
+        asked.contains("Total Acks: 3") && asked.contains("Total Responses: 3"),
+        "{asked}"
+    );
+    let by_tag = serf_ok(&["query", &rpc_b, "-timeout=2s", "-tag", "role=db", "who"]);
+    assert!(by_tag.contains("Total Responses: 1"), "{by_tag}");
+    assert!(by_tag.contains("Response from 'b': b:who:"), "{by_tag}");
+    let by_node = serf_ok(&[
+        "query",
+        &rpc_b,
+        "-timeout=2s",
+        "-node",
+        "c",
+        "-no-ack",
+        "who",
+    ]);
+    assert!(by_node.contains("Response from 'c': c:who:"), "{by_node}");
+    assert!(
+        !by_node.contains("Ack from") && by_node.contains("Total Responses: 1"),
+        "{by_node}"
+    );
+    // Phoenix's own CLI, same protocol.
+    let ours = cli(
+        &phoenix_bin(),
+        &[
+            "query",
+            "--rpc-addr",
+            &a.rpc.to_string(),
+            "--timeout",
+            "2s",
+            "--json",
+            "uptime",
+            "x",
+        ],
+    );
+    let ours: Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(ours["responses"]["c"], "c:uptime:x", "{ours}");
+    assert_eq!(ours["acks"].as_array().unwrap().len(), 3, "{ours}");
+
+    // Key rotation through serf keys against one agent reaches every member.
+    let new_key = text(&cli(&serf, &["keygen"]).stdout).trim().to_string();
+    serf_ok(&["keys", &rpc_a, "-install", &new_key]);
+    serf_ok(&["keys", &rpc_b, "-use", &new_key]);
+    serf_ok(&["keys", &rpc_a, "-remove", &key]);
+    let listed = serf_ok(&["keys", &rpc_b, "-list"]);
+    assert!(
+        listed.contains(&new_key) && !listed.contains(&key) && listed.contains("[3/3]"),
         "{listed}"
     );
+    let refused = cli(&serf, &["keys", &rpc_a, "-remove", &new_key]);
+    assert!(
+        !refused.status.success(),
+        "the key in use cannot be removed"
+    );
     assert!(serf_ok(&["event", &rpc_b, "after-rotation"]).contains("dispatched"));
-    wait("both still alive after the rotation", || {
+    wait("all still alive after the rotation", || {
         text(&cli(&serf, &["members", &rpc_a, "-status", "alive"]).stdout)
             .lines()
             .count()
-            == 2
+            == 3
+    });
+    // A crashed member is failed until force-leave lists it as left.
+    drop(c);
+    wait("serf lists c as failed", || {
+        text(&cli(&serf, &["members", &rpc_a, "-status", "failed"]).stdout).starts_with("c ")
+    });
+    serf_ok(&["force-leave", &rpc_b, "c"]);
+    wait("serf lists c as left", || {
+        text(&cli(&serf, &["members", &rpc_a, "-status", "left"]).stdout).starts_with("c ")
     });
     serf_ok(&["leave", &rpc_b]);
     wait("serf lists b as left", || {
         text(&cli(&serf, &["members", &rpc_a, "-status", "left"]).stdout).starts_with("b ")
     });
+}
+
+fn strs(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {

@@ -1,0 +1,243 @@
+//! Event handler scripts (`--event-handler [TYPE=]SCRIPT`), run as Serf runs them: Serf's
+//! environment (with `PHOENIX_*` aliases), member lines or the payload on stdin, and for a
+//! query, the script's stdout as the answer. Scripts run off the gossip path: a slow one
+//! delays other scripts, never the agent; queries run at once, each in its own task, since
+//! their answers have a deadline.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use phoenix_gossip::coalesce::{Batch, Coalescer};
+use phoenix_gossip::rpc::EventFilter;
+use phoenix_gossip::{Agent, Event, Member, QueryEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Most bytes of a script's stdout kept for a query's answer (Serf keeps 8 KiB; the answer
+/// itself must fit the response limit).
+const MAX_OUTPUT: usize = 8 * 1024;
+
+/// One `--event-handler`.
+pub struct Handler {
+    filter: EventFilter,
+    script: String,
+}
+
+impl Handler {
+    pub fn parse(spec: &str) -> Result<Handler> {
+        // `TYPE=SCRIPT` when the part before `=` is a valid filter; else the whole is a script.
+        if let Some((kinds, script)) = spec.split_once('=')
+            && let Ok(filter) = EventFilter::parse(kinds)
+        {
+            return Ok(Handler {
+                filter,
+                script: script.to_string(),
+            });
+        }
+        Ok(Handler {
+            filter: EventFilter::parse("*").map_err(|e| anyhow!(e))?,
+            script: spec.to_string(),
+        })
+    }
+}
+
+/// Runs the handlers for every event, with Serf's coalescing (1 s quiet, 3 s at most; user
+/// events fired with `--coalesce=false` pass at once).
+pub async fn run(agent: Agent, handlers: Vec<Handler>) {
+    let handlers = Arc::new(handlers);
+    let mut events = agent.subscribe();
+    let mut coalescer = Coalescer::serf();
+    loop {
+        let deadline = coalescer.deadline();
+        let batches = tokio::select! {
+            received = events.recv() => match received {
+                Ok(Event::Query(query)) => {
+                    tokio::spawn(answer(agent.clone(), handlers.clone(), query));
+                    continue;
+                }
+                Ok(event) => coalescer.push(event, Instant::now()).into_iter().collect(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "event handlers fell behind; events skipped");
+                    continue;
+                }
+                Err(_) => return,
+            },
+            _ = sleep_until(deadline) => coalescer.flush(Instant::now()),
+        };
+        for batch in batches {
+            let Some(me) = myself(&agent).await else {
+                return;
+            };
+            let (kind, name) = match &batch {
+                Batch::User(user) => ("user", Some(user.name.as_str())),
+                Batch::Members(kind, _) => (*kind, None),
+            };
+            let (env, stdin) = batch_input(&batch, &me);
+            for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
+                if let Err(error) = invoke(&handler.script, &env, &stdin).await {
+                    tracing::warn!(script = %handler.script, %error, "event handler failed");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the query's handlers; the first one that prints something answers it.
+async fn answer(agent: Agent, handlers: Arc<Vec<Handler>>, query: QueryEvent) {
+    let Some(me) = myself(&agent).await else {
+        return;
+    };
+    let mut env = serf_env("query", &me);
+    env.push(("SERF_QUERY_NAME".into(), query.name.clone()));
+    env.push(("SERF_QUERY_LTIME".into(), query.ltime.to_string()));
+    let mut answered = false;
+    for handler in handlers
+        .iter()
+        .filter(|h| h.filter.allows("query", Some(&query.name)))
+    {
+        match invoke(&handler.script, &env, &query.payload).await {
+            Ok(output) if !output.is_empty() && !answered => {
+                answered = true;
+                if let Err(error) = agent.respond(query.id, output).await {
+                    tracing::warn!(script = %handler.script, query = %query.name, %error, "cannot answer the query");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(script = %handler.script, %error, "query handler failed"),
+        }
+    }
+}
+
+async fn myself(agent: &Agent) -> Option<Member> {
+    let members = agent.members().await.ok()?;
+    members.into_iter().find(|m| m.name == agent.name())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serf's environment common to every event.
+fn serf_env(kind: &str, me: &Member) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("SERF_EVENT".to_string(), kind.to_string()),
+        ("SERF_SELF_NAME".to_string(), me.name.clone()),
+        (
+            "SERF_SELF_ROLE".to_string(),
+            me.tags.get("role").cloned().unwrap_or_default(),
+        ),
+    ];
+    for (key, value) in &me.tags {
+        env.push((format!("SERF_TAG_{}", key.to_uppercase()), value.clone()));
+    }
+    env
+}
+
+/// The environment and stdin of a batch: the payload of a user event, Serf's member lines
+/// (name, address, role, tags) for member events.
+fn batch_input(batch: &Batch, me: &Member) -> (Vec<(String, String)>, Vec<u8>) {
+    match batch {
+        Batch::User(user) => {
+            let mut env = serf_env("user", me);
+            env.push(("SERF_USER_EVENT".into(), user.name.clone()));
+            env.push(("SERF_USER_LTIME".into(), user.ltime.to_string()));
+            (env, user.payload.clone())
+        }
+        Batch::Members(kind, members) => {
+            let lines: String = members.iter().map(member_line).collect();
+            (serf_env(kind, me), lines.into_bytes())
+        }
+    }
+}
+
+fn member_line(member: &Member) -> String {
+    let tags: Vec<String> = member
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let role = member.tags.get("role").cloned().unwrap_or_default();
+    format!(
+        "{}\t{}\t{}\t{}\n",
+        member.name,
+        member.addr.ip(),
+        role,
+        tags.join(",")
+    )
+}
+
+/// Runs one script with `env` (and its `PHOENIX_*` aliases) and `stdin`; returns what it
+/// printed (at most [`MAX_OUTPUT`] bytes).
+async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<Vec<u8>> {
+    let aliases: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.replacen("SERF_", "PHOENIX_", 1), v.clone()))
+        .collect();
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .envs(env.iter().cloned().chain(aliases))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {script}"))?;
+    let mut input = child.stdin.take();
+    let stdin = stdin.to_vec();
+    let feed = async move {
+        if let Some(input) = input.as_mut() {
+            // A handler that does not read its stdin is fine.
+            let _ = input.write_all(&stdin).await;
+        }
+        drop(input);
+    };
+    let mut stdout = child.stdout.take().context("the script's stdout")?;
+    let read = async move {
+        let mut output = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            let room = MAX_OUTPUT.saturating_sub(output.len());
+            output.extend_from_slice(&chunk[..n.min(room)]);
+        }
+        output
+    };
+    let ((), output) = tokio::join!(feed, read);
+    let status = child.wait().await?;
+    if !status.success() {
+        bail!("{script} exited with {status}");
+    }
+    Ok(output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_lines_follow_serf() {
+        let member = Member {
+            name: "web-1".into(),
+            addr: "127.0.0.1:7946".parse().unwrap(),
+            tags: std::collections::BTreeMap::from([
+                ("role".to_string(), "web".to_string()),
+                ("dc".to_string(), "east".to_string()),
+            ]),
+            status: phoenix_gossip::Status::Alive,
+        };
+        assert_eq!(
+            member_line(&member),
+            "web-1\t127.0.0.1\tweb\tdc=east,role=web\n"
+        );
+        let env = serf_env("member-join", &member);
+        assert!(env.contains(&("SERF_SELF_ROLE".into(), "web".into())));
+        assert!(env.contains(&("SERF_TAG_DC".into(), "east".into())));
+    }
+}
