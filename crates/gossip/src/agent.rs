@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, State, Timer};
+use foca::{Foca, OwnedNotification, PostcardCodec, State, Timer};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::Serialize;
@@ -21,6 +21,7 @@ use crate::GossipError;
 use crate::broadcast::{
     EventLog, Handler, MAX_EVENT_SIZE, MAX_QUERY_SIZE, Message, Query, RateLimit, UserEvent,
 };
+use crate::health::{Io, LocalHealth};
 use crate::identity::NodeId;
 use crate::keyring::{Key, Keyring};
 use crate::packet::{self, Kind};
@@ -57,6 +58,8 @@ pub struct AgentConfig {
     pub event_rate: (f64, u32),
     /// Queries this agent may ask: per second on average, and in a burst.
     pub query_rate: (f64, u32),
+    /// How often failed members are contacted again, so a healed partition merges.
+    pub reconnect_interval: Duration,
 }
 
 impl AgentConfig {
@@ -76,6 +79,7 @@ impl AgentConfig {
             snapshot: None,
             event_rate: (50.0, 100),
             query_rate: (20.0, 40),
+            reconnect_interval: Duration::from_secs(30),
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct Stats {
     pub packets_dropped: AtomicU64,
     /// Packets foca refused (malformed SWIM message).
     pub messages_rejected: AtomicU64,
+    /// Lifeguard's local health score: 0 is healthy, up to 8 when this agent's own probes
+    /// go unanswered (see [`crate::health`]).
+    pub health_score: AtomicU64,
 }
 
 enum Command {
@@ -237,9 +244,14 @@ impl Agent {
             previous.clock,
             previous.query_clock,
         )));
+        let mut swim = config.swim.clone();
+        swim.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: config.reconnect_interval,
+            num_members: std::num::NonZeroUsize::new(2).unwrap_or(std::num::NonZeroUsize::MIN),
+        });
         let foca = Foca::with_custom_broadcast(
             identity,
-            config.swim.clone(),
+            swim.clone(),
             SmallRng::seed_from_u64(config.seed),
             PostcardCodec,
             Handler(log.clone()),
@@ -249,7 +261,8 @@ impl Agent {
         let stats = Arc::new(Stats::default());
         let actor = Actor {
             foca,
-            runtime: AccumulatingRuntime::new(),
+            runtime: Io::default(),
+            health: LocalHealth::default(),
             socket,
             keyring: config.keyring,
             timers: BinaryHeap::new(),
@@ -262,7 +275,7 @@ impl Agent {
             reap_after: config.reap_after,
             joins: Vec::new(),
             outbox: Vec::new(),
-            swim: config.swim,
+            swim,
             suspicion_mult: config.suspicion_mult,
             sized_for: 0,
             snapshot: config.snapshot,
@@ -435,7 +448,7 @@ fn now_bump() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-type Swim = Foca<NodeId, PostcardCodec, SmallRng, Handler>;
+pub(crate) type Swim = Foca<NodeId, PostcardCodec, SmallRng, Handler>;
 
 struct Known {
     id: NodeId,
@@ -445,7 +458,8 @@ struct Known {
 
 struct Actor {
     foca: Swim,
-    runtime: AccumulatingRuntime<NodeId>,
+    runtime: Io,
+    health: LocalHealth,
     socket: UdpSocket,
     keyring: Option<Keyring>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -527,20 +541,18 @@ impl Actor {
         self.stats
             .bytes_received
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        match packet::decode(bytes, self.keyring.as_ref()) {
-            Ok((Kind::Swim, body)) => {
+        match unframe(bytes, self.keyring.as_ref()) {
+            Unframed::Swim(body) => {
                 if let Err(error) = self.foca.handle_data(&body, &mut self.runtime) {
                     self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%error, "SWIM message rejected");
                 }
             }
-            Ok((Kind::Direct, body)) => match postcard::from_bytes::<Direct>(&body) {
-                Ok(message) => self.on_direct(message),
-                Err(_) => {
-                    self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-            Err(reason) => {
+            Unframed::Direct(message) => self.on_direct(message),
+            Unframed::Malformed => {
+                self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Unframed::Dropped(reason) => {
                 self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%reason, "packet dropped");
             }
@@ -946,17 +958,22 @@ impl Actor {
             let _ = self.foca.gossip(&mut self.runtime);
         }
         self.scale_to_cluster();
-        while let Some((to, data)) = self.runtime.to_send() {
+        self.health.observe(&mut self.runtime);
+        self.stats
+            .health_score
+            .store(u64::from(self.health.score()), Ordering::Relaxed);
+        for (to, data) in std::mem::take(&mut self.runtime.sends) {
             let packet = packet::encode(Kind::Swim, &data, self.keyring.as_ref());
-            self.outbox.push((to.addr, packet));
+            self.outbox.push((to, packet));
         }
         let now = Instant::now();
-        while let Some((after, timer)) = self.runtime.to_schedule() {
+        for (after, timer) in std::mem::take(&mut self.runtime.timers) {
+            let after = self.health.scale(&timer, after);
             self.next_timer += 1;
             self.timers.push(Reverse((now + after, self.next_timer)));
             self.timer_events.insert(self.next_timer, timer);
         }
-        while let Some(notification) = self.runtime.to_notify() {
+        for notification in std::mem::take(&mut self.runtime.notifications) {
             self.on_notification(notification);
         }
         for message in delivered {
@@ -1098,6 +1115,27 @@ impl Actor {
                     .send(Event::MemberReap(member_of(&known.id, known.status)));
             }
         }
+    }
+}
+
+/// A packet from the network, unframed (and opened): every byte is hostile until here.
+pub(crate) enum Unframed {
+    /// For foca, which decodes it further.
+    Swim(Vec<u8>),
+    Direct(Direct),
+    /// A direct message that does not decode.
+    Malformed,
+    Dropped(packet::Dropped),
+}
+
+pub(crate) fn unframe(bytes: &[u8], keyring: Option<&Keyring>) -> Unframed {
+    match packet::decode(bytes, keyring) {
+        Ok((Kind::Swim, body)) => Unframed::Swim(body),
+        Ok((Kind::Direct, body)) => match postcard::from_bytes::<Direct>(&body) {
+            Ok(message) => Unframed::Direct(message),
+            Err(_) => Unframed::Malformed,
+        },
+        Err(reason) => Unframed::Dropped(reason),
     }
 }
 

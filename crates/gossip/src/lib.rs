@@ -6,6 +6,9 @@ mod agent;
 mod broadcast;
 pub mod coalesce;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod health;
 mod identity;
 pub mod keyring;
 pub mod packet;

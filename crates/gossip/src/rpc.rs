@@ -735,6 +735,7 @@ impl Session {
                         ("packets_received", load(&stats.packets_received)),
                         ("packets_sent", load(&stats.packets_sent)),
                         ("packets_dropped", load(&stats.packets_dropped)),
+                        ("health_score", load(&stats.health_score)),
                         (
                             "encrypted",
                             agent.keys(KeyOp::List).await.is_ok().to_string(),

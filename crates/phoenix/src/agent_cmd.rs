@@ -50,6 +50,13 @@ pub struct AgentArgs {
     /// Require this token from RPC clients (needed to bind the RPC beyond loopback).
     #[arg(long)]
     rpc_auth: Option<String>,
+    /// How often to try failed members again, so a healed partition merges (Serf's
+    /// reconnect_interval).
+    #[arg(long, default_value = "30s", value_parser = phoenix_fleet::config::parse_duration)]
+    reconnect_interval: Duration,
+    /// How long failed and left members stay listed before they are forgotten.
+    #[arg(long, default_value = "24h", value_parser = phoenix_fleet::config::parse_duration)]
+    reap_after: Duration,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -74,6 +81,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     config.tags = args.tags.into_iter().collect();
     config.seed = std::process::id() as u64 ^ now_nanos();
     config.snapshot = args.snapshot;
+    config.reap_after = args.reap_after;
+    config.reconnect_interval = args.reconnect_interval;
     if let Some(key) = &args.encrypt {
         let key = Key::from_base64(key).context("--encrypt")?;
         config.keyring = Some(Keyring::new(key));
