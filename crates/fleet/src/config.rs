@@ -1,4 +1,4 @@
-//! The fleet file (`phoenix.toml`): image recipes and roles.
+//! The fleet file (`phoenix.toml`): image recipes, roles and the gossip agent.
 //!
 //! Parsing rejects unknown keys and bad values with `file:line:column`, the table and the key.
 
@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use phoenix_image::Recipe;
+
+mod agent;
+pub use agent::AgentSettings;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -33,6 +36,8 @@ pub struct FleetFile {
     pub dir: PathBuf,
     pub images: BTreeMap<String, Recipe>,
     pub roles: BTreeMap<String, RoleConfig>,
+    /// `[agent]`, when the file has one.
+    pub agent: Option<AgentSettings>,
 }
 
 /// One `[role.NAME]` section.
@@ -226,6 +231,8 @@ struct RawFleet {
     image: BTreeMap<Spanned<String>, Recipe>,
     #[serde(default)]
     role: BTreeMap<Spanned<String>, RawRole>,
+    #[serde(default)]
+    agent: Option<Spanned<AgentSettings>>,
 }
 
 #[derive(Deserialize)]
@@ -345,11 +352,19 @@ impl FleetFile {
         } else {
             dir
         };
+        let agent = match raw.agent {
+            Some(agent) => match agent.get_ref().problem() {
+                Some(problem) => return Err(at(agent.span(), problem)),
+                None => Some(agent.into_inner()),
+            },
+            None => None,
+        };
         Ok(FleetFile {
             path: path.to_path_buf(),
             dir,
             images,
             roles,
+            agent,
         })
     }
 }

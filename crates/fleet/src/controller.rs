@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, Namer, SystemClock};
 use crate::instance::Instance;
-use crate::{FleetError, FleetFile, RoleConfig, bake};
+use crate::membership::Membership;
+use crate::{AgentSettings, FleetError, FleetFile, RoleConfig, bake};
 
 /// How to open a controller.
 pub struct Options {
@@ -27,6 +28,8 @@ pub struct Options {
     pub seed: Option<u64>,
     pub bake: BakeOptions,
     pub driver: Arc<dyn Driver>,
+    /// The gossip agent; the fleet file's `[agent]` when `None`, or a lone agent without it.
+    pub agent: Option<AgentSettings>,
 }
 
 impl Options {
@@ -38,6 +41,7 @@ impl Options {
             seed: None,
             bake: BakeOptions::default(),
             driver: Arc::new(ProcessDriver),
+            agent: None,
         }
     }
 }
@@ -103,6 +107,10 @@ pub(crate) struct Role {
     pub others: Mutex<Vec<Arc<Generation>>>,
     /// Recent unexpected deaths, for crash-loop backoff.
     deaths: Mutex<Vec<Instant>>,
+    /// Live, healthy instances of this role on other hosts (from gossip).
+    remote: Mutex<Vec<Arc<phoenix_proxy::Backend>>>,
+    /// Tells the membership task that instances or their health changed.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Role {
@@ -121,10 +129,12 @@ impl Role {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Points the proxy at the healthy instances of the live generation, in one step.
+    /// Points the proxy at the healthy instances of the live generation (and other hosts'
+    /// live ones), in one step.
     pub fn refresh_backends(&self) {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        self.proxy.set_backends(healthy_backends(live.as_ref()));
+        self.proxy.set_backends(self.backends(live.as_ref()));
+        self.changed.notify_one();
     }
 
     /// Makes `generation` the live one and moves traffic to it atomically; returns the old one.
@@ -132,8 +142,28 @@ impl Role {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         generation.set_status(GenerationStatus::Live);
         let old = live.replace(generation);
-        self.proxy.set_backends(healthy_backends(live.as_ref()));
+        self.proxy.set_backends(self.backends(live.as_ref()));
+        self.changed.notify_one();
         old
+    }
+
+    /// Replaces the instances other hosts serve this role with.
+    pub fn set_remote(&self, remote: Vec<Arc<phoenix_proxy::Backend>>) {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = remote;
+        self.proxy.set_backends(self.backends(live.as_ref()));
+    }
+
+    fn backends(&self, live: Option<&Arc<Generation>>) -> Vec<Arc<phoenix_proxy::Backend>> {
+        let mut backends = healthy_backends(live);
+        backends.extend(
+            self.remote
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        backends
     }
 
     pub fn add_other(&self, generation: Arc<Generation>) {
@@ -141,6 +171,7 @@ impl Role {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(generation);
+        self.changed.notify_one();
     }
 
     pub fn remove_other(&self, id: i64) {
@@ -148,6 +179,7 @@ impl Role {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|g| g.id != id);
+        self.changed.notify_one();
     }
 
     /// Delay before replacing a crashed instance: none for the first crash in a minute,
@@ -187,6 +219,9 @@ pub(crate) struct Inner {
     pub events: mpsc::UnboundedSender<Event>,
     pub shutdown: watch::Sender<bool>,
     frontends: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    membership: Arc<Membership>,
+    /// Ends when the instance members have left, at shutdown.
+    members_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -265,6 +300,11 @@ impl Controller {
             .unwrap_or_default();
         let (events, events_rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
+        let agent = options
+            .agent
+            .or_else(|| fleet.agent.clone())
+            .unwrap_or_else(AgentSettings::lone);
+        let membership = Membership::start(&agent, &state_dir).await?;
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
@@ -290,6 +330,8 @@ impl Controller {
                 live: Mutex::new(None),
                 others: Mutex::new(Vec::new()),
                 deaths: Mutex::new(Vec::new()),
+                remote: Mutex::new(Vec::new()),
+                changed: membership.wake.clone(),
             });
             listeners.push((listener, role.clone()));
             roles.insert(name.clone(), role);
@@ -307,6 +349,8 @@ impl Controller {
             events,
             shutdown,
             frontends: Mutex::new(Vec::new()),
+            membership: membership.clone(),
+            members_task: Mutex::new(None),
         });
         crate::recover::recover(&inner).await?;
         inner
@@ -331,6 +375,13 @@ impl Controller {
                 .push(task);
         }
         tokio::spawn(event_loop(Arc::downgrade(&inner), events_rx));
+        let weak = Arc::downgrade(&inner);
+        let members_task = tokio::spawn(crate::membership::keep_members(
+            weak.clone(),
+            membership.clone(),
+        ));
+        *inner.members_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(members_task);
+        tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
     }
 
@@ -381,6 +432,11 @@ impl Controller {
             .iter()
             .map(|(name, role)| (name.clone(), role.listen))
             .collect()
+    }
+
+    /// This host's gossip agent (for the RPC and event handlers).
+    pub fn agent(&self) -> phoenix_gossip::Agent {
+        self.inner.membership.host().clone()
     }
 
     pub fn state_dir(&self) -> &std::path::Path {
@@ -443,6 +499,16 @@ impl Controller {
         for stop in stopping {
             stop.await;
         }
+        // Instance members leave, then the host's member.
+        let members_task = inner
+            .members_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = members_task {
+            let _ = task.await;
+        }
+        let _ = inner.membership.host().leave().await;
         inner
             .journal(None, "up.stopped", json!({"instances_stopped": stopped}))
             .await;

@@ -1,5 +1,5 @@
 //! The fleet: the fleet file, and the controller that converges to it — blue-green deploys,
-//! rollback, crash replacement and recovery after a restart.
+//! rollback, crash replacement, recovery after a restart, and membership by gossip.
 
 mod bake;
 mod clock;
@@ -8,6 +8,7 @@ mod controller;
 mod deploy;
 mod health;
 mod instance;
+mod membership;
 mod metrics;
 mod recover;
 mod status;
@@ -15,8 +16,8 @@ mod status;
 pub use bake::{BakeOutcome, bake_image};
 pub use clock::{Clock, Namer, SystemClock};
 pub use config::{
-    CheckKind, ConfigError, DeployConfig, FleetFile, HealthConfig, ProxyMode, ProxySettings,
-    RoleConfig, Strategy, parse_duration, parse_size,
+    AgentSettings, CheckKind, ConfigError, DeployConfig, FleetFile, HealthConfig, ProxyMode,
+    ProxySettings, RoleConfig, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress};
@@ -63,6 +64,8 @@ pub enum FleetError {
         addr: std::net::SocketAddr,
         cause: std::io::Error,
     },
+    #[error("gossip agent: {0}")]
+    Agent(String),
     #[error("phoenix is shutting down")]
     ShuttingDown,
     #[error("{what}: {cause}")]

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use foca::{Message, Notification, OwnedNotification, Runtime, Timer};
+use foca::{Message, Notification, OwnedNotification, ProbeNumber, Runtime, Timer};
 
 use crate::identity::NodeId;
 
@@ -27,23 +27,29 @@ pub(crate) struct Io {
     /// Membership notifications (per-packet ones are only counted).
     pub notifications: Vec<OwnedNotification<NodeId>>,
     pub probes_failed: u32,
-    /// Acks of this agent's own probes, direct or forwarded.
-    pub acks: u32,
+    /// Probe numbers of this agent's pings sent (a probe's first one starts it).
+    pub probes_sent: Vec<ProbeNumber>,
+    /// Probe numbers of acks received, direct or forwarded.
+    pub acks: Vec<ProbeNumber>,
 }
 
 impl Runtime<NodeId> for Io {
     fn notify(&mut self, notification: Notification<'_, NodeId>) {
         match notification {
             Notification::ProbeFailed(..) => self.probes_failed += 1,
-            Notification::DataReceived(header) => {
-                if matches!(
-                    header.message,
-                    Message::Ack(_) | Message::ForwardedAck { .. }
-                ) {
-                    self.acks += 1;
+            Notification::DataReceived(header) => match header.message {
+                Message::Ack(probe)
+                | Message::ForwardedAck {
+                    probe_number: probe,
+                    ..
+                } => self.acks.push(probe),
+                _ => {}
+            },
+            Notification::DataSent(header) => {
+                if let Message::Ping(probe) = header.message {
+                    self.probes_sent.push(probe);
                 }
             }
-            Notification::DataSent(_) => {}
             other => self.notifications.push(other.to_owned()),
         }
     }
@@ -61,8 +67,9 @@ impl Runtime<NodeId> for Io {
 #[derive(Debug, Default)]
 pub(crate) struct LocalHealth {
     score: u32,
-    /// The current probe was answered and counted already.
-    credited: bool,
+    /// The probe under way, and whether its answer was counted already. Acks of earlier
+    /// probes arrive late, after the probe was given up: they say nothing good.
+    current: Option<(ProbeNumber, bool)>,
 }
 
 impl LocalHealth {
@@ -72,18 +79,28 @@ impl LocalHealth {
 
     /// Takes what one input to foca told about this agent's probes.
     pub fn observe(&mut self, io: &mut Io) {
-        for timer in &io.timers {
-            // A new probe round starts: its first ack counts.
-            if matches!(timer.1, Timer::ProbeRandomMember(_)) {
-                self.credited = false;
+        let failed = std::mem::take(&mut io.probes_failed);
+        if failed > 0 {
+            self.score = (self.score + failed).min(MAX_SCORE);
+            // The probe was given up: an ack arriving now is too late to count.
+            if let Some((_, counted)) = &mut self.current {
+                *counted = true;
             }
         }
-        if io.acks > 0 && !self.credited {
-            self.score = self.score.saturating_sub(1);
-            self.credited = true;
+        for probe in io.probes_sent.drain(..) {
+            if self.current.is_none_or(|(current, _)| current != probe) {
+                self.current = Some((probe, false));
+            }
         }
-        self.score = (self.score + std::mem::take(&mut io.probes_failed)).min(MAX_SCORE);
-        io.acks = 0;
+        for probe in io.acks.drain(..) {
+            if let Some((current, counted)) = &mut self.current
+                && *current == probe
+                && !*counted
+            {
+                *counted = true;
+                self.score = self.score.saturating_sub(1);
+            }
+        }
     }
 
     /// How long to wait for `timer`, given the score.
@@ -101,17 +118,18 @@ impl LocalHealth {
 mod tests {
     use super::*;
 
-    fn probe_round(health: &mut LocalHealth, failed: bool) {
+    fn probe_round(health: &mut LocalHealth, probe: ProbeNumber, failed: bool) {
         let mut io = Io::default();
-        io.timers
-            .push((Duration::from_secs(1), Timer::ProbeRandomMember(0)));
+        io.probes_sent.push(probe);
         health.observe(&mut io);
         let mut outcome = Io::default();
         if failed {
             outcome.probes_failed = 1;
+            // Its ack, too late: it was given up already.
+            outcome.acks.push(probe);
         } else {
             // A direct ack and a forwarded one for the same probe count once.
-            outcome.acks = 2;
+            outcome.acks.extend([probe, probe]);
         }
         health.observe(&mut outcome);
     }
@@ -120,7 +138,7 @@ mod tests {
     fn failed_probes_raise_the_score_and_answered_ones_lower_it() {
         let mut health = LocalHealth::default();
         for _ in 0..3 {
-            probe_round(&mut health, true);
+            probe_round(&mut health, 1, true);
         }
         assert_eq!(health.score(), 3);
         let probe = Timer::ProbeRandomMember(0);
@@ -134,14 +152,14 @@ mod tests {
             Duration::from_millis(200),
             "gossip keeps its pace"
         );
-        probe_round(&mut health, false);
+        probe_round(&mut health, 2, false);
         assert_eq!(health.score(), 2, "one answered probe, one step down");
         for _ in 0..20 {
-            probe_round(&mut health, true);
+            probe_round(&mut health, 1, true);
         }
         assert_eq!(health.score(), MAX_SCORE);
-        for _ in 0..20 {
-            probe_round(&mut health, false);
+        for probe in 20..40 {
+            probe_round(&mut health, probe, false);
         }
         assert_eq!(health.score(), 0);
     }

@@ -23,6 +23,15 @@ pub use query::{KeyAnswer, KeyReport, QueryEvent, QueryHandle, QueryParams, Quer
 
 use std::net::SocketAddr;
 
+/// This machine's host name: the default member name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "phoenix".into())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GossipError {
     #[error("cannot bind the gossip socket on {0}: {1}")]
@@ -43,10 +52,12 @@ pub enum GossipError {
     AlreadyResponded(u64),
     #[error("query {0} is past its deadline")]
     PastDeadline(u64),
+    #[error("{0}")]
+    BadAddress(String),
+    #[error("no agent answered at {0}")]
+    NobodyAnswered(String),
     #[error("no member named {0}")]
     UnknownMember(String),
-    #[error("{0} is alive: force-leave is for failed members")]
-    MemberAlive(String),
     #[error("{0}")]
     BadInternalQuery(String),
     #[error("cannot encode a message: {0}")]

@@ -202,11 +202,8 @@ async fn keys_rotate_on_every_member_without_losing_the_cluster() {
 async fn force_leave_turns_a_failed_member_into_a_left_one_everywhere() {
     let mut agents = start((0..3).map(|i| config(&format!("f{i}"), i)).collect()).await;
     until(&agents[0], "three alive", |m| m.len() == 3).await;
-    let refused = agents[0].force_leave("f1").await;
-    assert!(
-        matches!(refused, Err(GossipError::MemberAlive(_))),
-        "{refused:?}"
-    );
+    // An alive member ignores the intent.
+    agents[0].force_leave("f1").await.unwrap();
     assert!(matches!(
         agents[0].force_leave("nobody").await,
         Err(GossipError::UnknownMember(_))

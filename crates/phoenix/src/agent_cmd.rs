@@ -74,7 +74,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     let node = match args.node {
         Some(node) => node,
-        None => hostname(),
+        None => phoenix_gossip::host_name(),
     };
     let mut config = AgentConfig::new(node.clone(), args.bind);
     config.advertise = args.advertise;
@@ -105,7 +105,10 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     if !handlers.is_empty() {
         tokio::spawn(handlers::run(agent.clone(), handlers));
     }
-    join_with_retries(&agent, &args.join).await?;
+    if !args.join.is_empty() {
+        let through = agent.join_any(&args.join, Duration::from_secs(60)).await?;
+        eprintln!("phoenix agent: joined through {through}");
+    }
     let mut events = agent.subscribe();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
@@ -115,37 +118,6 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         _ = async { while events.recv().await.is_ok() {} } => {}
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Joins through any of `addresses`, retrying every second for a minute.
-async fn join_with_retries(agent: &Agent, addresses: &[String]) -> Result<()> {
-    if addresses.is_empty() {
-        return Ok(());
-    }
-    for attempt in 1..=60 {
-        for address in addresses {
-            let addr = rpc::resolve(address).map_err(|e| anyhow!(e))?;
-            if agent.join(addr, Duration::from_secs(1)).await? {
-                eprintln!("phoenix agent: joined through {addr}");
-                return Ok(());
-            }
-        }
-        tracing::warn!(
-            attempt,
-            "no member answered at {}; retrying",
-            addresses.join(", ")
-        );
-    }
-    bail!(
-        "could not join through {} within a minute",
-        addresses.join(", ")
-    )
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "phoenix".into())
 }
 
 fn now_nanos() -> u64 {

@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{phoenix_bin, text};
+use common::{free_addr, phoenix_bin, text};
 use serde_json::Value;
 
 /// A running `phoenix agent`, killed when dropped.
@@ -23,14 +23,6 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_addr() -> SocketAddr {
-    // A UDP port free now, and its TCP twin is free too in practice on loopback.
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 fn agent(name: &str, extra: &[&str], log: &Path) -> AgentProcess {
@@ -55,8 +47,10 @@ fn agent(name: &str, extra: &[&str], log: &Path) -> AgentProcess {
     agent
 }
 
+/// Waits for `done`; generous, since failure detection runs on the agent's LAN timings
+/// (about 5 to 10 s) and the whole suite shares two cores.
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(45);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting: {what}");
         std::thread::sleep(Duration::from_millis(50));

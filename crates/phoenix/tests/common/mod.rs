@@ -37,6 +37,8 @@ pub struct Fleet {
     pub drain: &'static str,
     /// Run the role's proxy in TCP mode (with its default TCP health check).
     pub tcp: bool,
+    /// The body of an `[agent]` table.
+    pub agent: Option<String>,
 }
 
 impl Fleet {
@@ -48,6 +50,7 @@ impl Fleet {
             healthy_timeout: "20s",
             drain: "10s",
             tcp: false,
+            agent: None,
         }
     }
 
@@ -79,7 +82,7 @@ unhealthy_threshold = 2
 [role.web.deploy]
 healthy_timeout = "{healthy_timeout}"
 drain = "{drain}"
-{proxy}"#,
+{proxy}{agent}"#,
             app = hello_bin().display(),
             version = self.version,
             instances = self.instances,
@@ -90,6 +93,11 @@ drain = "{drain}"
             } else {
                 ""
             },
+            agent = self
+                .agent
+                .as_ref()
+                .map(|body| format!("\n[agent]\n{body}"))
+                .unwrap_or_default(),
         )
     }
 }
@@ -284,6 +292,14 @@ fn spawn_up(dir: &Path, extra_args: &[String]) -> Child {
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .unwrap()
+}
+
+/// A UDP port free now (its TCP twin is free too in practice on loopback).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
         .unwrap()
 }
 

@@ -1,0 +1,102 @@
+//! `[agent]`: the gossip agent `phoenix up` runs, with the options of `phoenix agent`. Without
+//! the table, `phoenix up` still runs an agent, alone on free loopback ports.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// The host's member name (default: the host name).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Gossip address (UDP). Instances' members bind the same IP on free ports.
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    /// The address others reach this host at (default: `bind`).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Agents to join through, retried for a minute.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Tags of the host's member.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// `[TYPE=]SCRIPT` handlers, as `--event-handler`.
+    #[serde(default)]
+    pub event_handlers: Vec<String>,
+    /// Base64 AES key (16, 24 or 32 bytes) sealing every gossip packet.
+    #[serde(default)]
+    pub encrypt: Option<String>,
+    /// Snapshot for rejoining after a restart (relative paths are under the state directory).
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    /// Serf's RPC protocol, for `phoenix members` and the stock `serf` CLI.
+    #[serde(default = "default_rpc")]
+    pub rpc_addr: SocketAddr,
+    /// Token RPC clients must give (required when `rpc_addr` is not loopback).
+    #[serde(default)]
+    pub rpc_auth: Option<String>,
+    #[serde(default = "default_reconnect", deserialize_with = "duration")]
+    pub reconnect_interval: Duration,
+    #[serde(default = "default_reap", deserialize_with = "duration")]
+    pub reap_after: Duration,
+}
+
+impl AgentSettings {
+    /// The agent of a fleet file without `[agent]`: a lone host on free loopback ports.
+    pub fn lone() -> Self {
+        AgentSettings {
+            node: None,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            join: Vec::new(),
+            tags: BTreeMap::new(),
+            event_handlers: Vec::new(),
+            encrypt: None,
+            snapshot: None,
+            rpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            rpc_auth: None,
+            reconnect_interval: default_reconnect(),
+            reap_after: default_reap(),
+        }
+    }
+
+    /// Why these settings cannot work, if they cannot.
+    pub(super) fn problem(&self) -> Option<String> {
+        if !self.rpc_addr.ip().is_loopback() && self.rpc_auth.is_none() {
+            return Some(format!(
+                "[agent] key `rpc_addr`: {} is not loopback: set `rpc_auth` too",
+                self.rpc_addr
+            ));
+        }
+        if let Some(key) = &self.encrypt
+            && let Err(error) = phoenix_gossip::Key::from_base64(key)
+        {
+            return Some(format!("[agent] key `encrypt`: {error}"));
+        }
+        None
+    }
+}
+
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7946))
+}
+
+fn default_rpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7373))
+}
+
+fn default_reconnect() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_reap() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
