@@ -4,8 +4,9 @@
 # For each N, N agents on 127.1.x.y addresses join the first one; once every agent is listed
 # alive, the probe (crates/gossip/examples/gossip_probe.rs) talks Serf's RPC protocol to all of
 # them: it fires user events without coalescing at the first agent and times the spread from
-# the origin's own delivery to the last agent (p50 and max), then kill -9's the last agent and
-# times until every other agent reports it failed, counting false failures.
+# the origin's own delivery to the last agent (p50 and max), then kill -9's the last KILLS
+# agents one after the other (default 3) and times until every other agent reports each failed
+# (median and max), counting false failures.
 #
 # Usage: bench/gossip/run.sh [EVENTS] [SIZES...]        (default: 10 events; 10 30 100, and
 #        300 for Phoenix alone)
@@ -75,9 +76,10 @@ run() { # kind n
     local rest_bps=$(( (after - before) / n / ${REST:-20} ))
     local rpcs=()
     for i in $(seq 0 $((n - 1))); do rpcs+=("$(ip_of "$i"):7373"); done
-    local victim=${pids[$((n - 1))]}
+    local victims=() kills=${KILLS:-3}
+    for i in $(seq $((n - kills)) $((n - 1))); do victims+=("${pids[$i]}:n$i"); done
     local result
-    result=$("$probe" "$events" "$victim" "n$((n - 1))" "${rpcs[@]}")
+    result=$("$probe" "$events" "$(IFS=,; echo "${victims[*]}")" "${rpcs[@]}")
     result="${result%\}}, \"rest_bytes_per_agent_s\": $rest_bps}"
     echo "$kind $n $result" | tee -a "$work/results"
     stop_all
@@ -100,12 +102,13 @@ def f(v, unit="s"):
     return "—" if v is None else f"{v:.3f}"
 def ratio(p, s):
     return "—" if p is None or s in (None, 0) else f"{p / s:.2f}x"
-print(f"{'N':>4} | {'event p50 serf/phoenix':>24} | {'event max serf/phoenix (ratio)':>32} | {'failure detection serf/phoenix (ratio)':>40} | {'bytes/agent/s at rest (ratio)':>30} | false failures serf/phoenix")
+print(f"{'N':>4} | {'event p50 serf/phoenix':>24} | {'event max serf/phoenix (ratio)':>32} | {'failure detection median serf/phoenix (ratio)':>47} | {'detection max serf/phoenix':>27} | {'bytes/agent/s at rest (ratio)':>30} | false failures serf/phoenix")
 for n in sorted({n for _, n in rows}):
     s, p = rows.get(("serf", n), {}), rows.get(("phoenix", n), {})
     print(f"{n:>4} | {f(s.get('event_p50_s')):>11} / {f(p.get('event_p50_s')):<10} | "
           f"{f(s.get('event_max_s')):>9} / {f(p.get('event_max_s')):<9} ({ratio(p.get('event_max_s'), s.get('event_max_s')):>6}) | "
           f"{f(s.get('failure_detection_s')):>12} / {f(p.get('failure_detection_s')):<12} ({ratio(p.get('failure_detection_s'), s.get('failure_detection_s')):>6}) | "
+          f"{f(s.get('failure_detection_max_s')):>12} / {f(p.get('failure_detection_max_s')):<12} | "
           f"{s.get('rest_bytes_per_agent_s', '—'):>9} / {p.get('rest_bytes_per_agent_s', '—'):<9} ({ratio(p.get('rest_bytes_per_agent_s'), s.get('rest_bytes_per_agent_s')):>6}) | "
           f"{s.get('false_failures', '—')} / {p.get('false_failures', '—')}")
 PY

@@ -3,11 +3,13 @@
 //!
 //! - event propagation: `EVENTS` user events (no coalescing) fired at the first agent; for
 //!   each, the time from the origin's own delivery until the last agent has it;
-//! - failure detection: `kill -9` of the victim, then the time until every other agent
-//!   reports it failed;
+//! - failure detection: `kill -9` of each victim in turn (the next once the last is detected
+//!   everywhere, after a second), then the time until every surviving agent reports it
+//!   failed: median and max over the victims;
 //! - false failures: any other member reported failed meanwhile.
 //!
-//! Usage: gossip_probe EVENTS VICTIM_PID VICTIM_NAME RPC_ADDR...   (prints one JSON object)
+//! Usage: gossip_probe EVENTS PID:NAME[,PID:NAME...] RPC_ADDR...   (prints one JSON object)
+//! The victims are the agents at the last RPC addresses, as many as there are victims.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,13 +43,19 @@ struct Seen {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() < 4 {
-        return Err("usage: gossip_probe EVENTS VICTIM_PID VICTIM_NAME RPC_ADDR...".into());
+    if args.len() < 3 {
+        return Err("usage: gossip_probe EVENTS PID:NAME[,PID:NAME...] RPC_ADDR...".into());
     }
     let events: usize = args[0].parse().map_err(|e| format!("EVENTS: {e}"))?;
-    let victim_pid: i32 = args[1].parse().map_err(|e| format!("VICTIM_PID: {e}"))?;
-    let victim = args[2].clone();
-    let addrs: Vec<SocketAddr> = args[3..]
+    let victims: Vec<(i32, String)> = args[1]
+        .split(',')
+        .map(|v| {
+            let (pid, name) = v.split_once(':').ok_or(format!("victim {v}: PID:NAME"))?;
+            let pid = pid.parse().map_err(|e| format!("victim {v}: {e}"))?;
+            Ok((pid, name.to_string()))
+        })
+        .collect::<Result<_, String>>()?;
+    let addrs: Vec<SocketAddr> = args[2..]
         .iter()
         .map(|a| a.parse().map_err(|e| format!("{a}: {e}")))
         .collect::<Result<_, _>>()?;
@@ -86,8 +94,8 @@ async fn main() -> Result<(), String> {
             }
         });
     }
-    // The victim is the last address: it neither fires nor is waited for.
-    let observers = addrs.len() - 1;
+    // The victims are the last addresses: they neither fire nor are waited for.
+    let observers = addrs.len().saturating_sub(victims.len());
     let mut origin = Client::connect(addrs[0], None).await?;
     let mut spreads = Vec::new();
     for i in 0..events {
@@ -125,43 +133,18 @@ async fn main() -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // Failure detection.
-    let killed = Instant::now();
-    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
-    unsafe { libc_kill(victim_pid, 9) };
-    let deadline = killed + Duration::from_secs(60);
-    let detection = loop {
-        let done = {
-            let seen = seen.lock().unwrap();
-            let mut reported: Vec<&(usize, String, Instant)> = seen
-                .failed
-                .iter()
-                .filter(|(_, name, _)| *name == victim)
-                .collect();
-            reported.sort_by_key(|(_, _, at)| *at);
-            let observers_done = (0..observers).all(|a| reported.iter().any(|(i, ..)| *i == a));
-            observers_done.then(|| {
-                reported
-                    .iter()
-                    .map(|(_, _, at)| at.saturating_duration_since(killed))
-                    .max()
-                    .unwrap_or_default()
-            })
-        };
-        if let Some(detection) = done {
-            break detection.as_secs_f64();
-        }
-        if Instant::now() > deadline {
-            break f64::INFINITY;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    // Failure detection, one victim after the other.
+    let mut detections = Vec::new();
+    for (pid, victim) in &victims {
+        detections.push(detect(&seen, *pid, victim, observers).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let false_failures = {
         let seen = seen.lock().unwrap();
         let mut names: Vec<&str> = seen
             .failed
             .iter()
-            .filter(|(_, name, _)| *name != victim)
+            .filter(|(_, name, _)| !victims.iter().any(|(_, v)| v == name))
             .map(|(_, name, _)| name.as_str())
             .collect();
         names.sort();
@@ -179,13 +162,55 @@ async fn main() -> Result<(), String> {
             "null".into()
         }
     };
+    detections.sort_by(f64::total_cmp);
+    let detection = detections
+        .get(detections.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
+    let detection_max = detections.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{{\"event_p50_s\": {}, \"event_max_s\": {}, \"failure_detection_s\": {}, \"false_failures\": {false_failures}}}",
+        "{{\"event_p50_s\": {}, \"event_max_s\": {}, \"failure_detection_s\": {}, \"failure_detection_max_s\": {}, \"kills\": {}, \"false_failures\": {false_failures}}}",
         json(median),
         json(max),
-        json(detection)
+        json(detection),
+        json(detection_max),
+        detections.len()
     );
     Ok(())
+}
+
+/// Kills `pid` and waits until every observer reported `victim` failed; the seconds that took
+/// (infinite past a minute).
+async fn detect(seen: &Mutex<Seen>, pid: i32, victim: &str, observers: usize) -> f64 {
+    let killed = Instant::now();
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    unsafe { libc_kill(pid, 9) };
+    let deadline = killed + Duration::from_secs(60);
+    loop {
+        let done = {
+            let seen = seen.lock().unwrap();
+            let reported: Vec<&(usize, String, Instant)> = seen
+                .failed
+                .iter()
+                .filter(|(_, name, _)| name == victim)
+                .collect();
+            let observers_done = (0..observers).all(|a| reported.iter().any(|(i, ..)| *i == a));
+            observers_done.then(|| {
+                reported
+                    .iter()
+                    .map(|(_, _, at)| at.saturating_duration_since(killed))
+                    .max()
+                    .unwrap_or_default()
+            })
+        };
+        if let Some(detection) = done {
+            return detection.as_secs_f64();
+        }
+        if Instant::now() > deadline {
+            return f64::INFINITY;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 unsafe extern "C" {

@@ -1,10 +1,12 @@
 //! Lifeguard's local health awareness (memberlist's "awareness"): an agent that cannot get its
 //! own probes answered is more likely slow itself (CPU-starved, paused, losing packets) than
-//! surrounded by dead members. Each failed probe raises its score (up to 8), each answered one
-//! lowers it, and while the score is `s` the agent probes `s + 1` times less often, waits
-//! `s + 1` times longer for acks and lets its suspicions run `s + 1` times longer before it
-//! declares anyone down. A slow agent thus stops accusing healthy members, and a member it
-//! suspects has time to refute.
+//! surrounded by dead members. A failed probe right after another failed one raises its score
+//! (up to 8) — memberlist counts missing nacks instead, which foca does not send; a dead member
+//! fails one probe now and then, a slow agent fails them all — and each answered probe lowers
+//! it. While the score is `s` the agent probes `s + 1` times less often, waits `s + 1` times
+//! longer for acks, and lets the suspicions its own failed probes start run `s + 1` times
+//! longer before it declares anyone down. A slow agent thus stops accusing healthy members,
+//! while a healthy one detects a dead member as fast as ever.
 //!
 //! The score comes from foca's probe notifications, gathered by [`Io`], the agent's foca
 //! runtime.
@@ -26,7 +28,8 @@ pub(crate) struct Io {
     pub timers: Vec<(Duration, Timer<NodeId>)>,
     /// Membership notifications (per-packet ones are only counted).
     pub notifications: Vec<OwnedNotification<NodeId>>,
-    pub probes_failed: u32,
+    /// Members whose probe by this agent failed.
+    pub probes_failed: Vec<String>,
     /// Probe numbers of this agent's pings sent (a probe's first one starts it).
     pub probes_sent: Vec<ProbeNumber>,
     /// Probe numbers of acks received, direct or forwarded.
@@ -36,7 +39,7 @@ pub(crate) struct Io {
 impl Runtime<NodeId> for Io {
     fn notify(&mut self, notification: Notification<'_, NodeId>) {
         match notification {
-            Notification::ProbeFailed(..) => self.probes_failed += 1,
+            Notification::ProbeFailed(_, member) => self.probes_failed.push(member.name.clone()),
             Notification::DataReceived(header) => match header.message {
                 Message::Ack(probe)
                 | Message::ForwardedAck {
@@ -70,6 +73,8 @@ pub(crate) struct LocalHealth {
     /// The probe under way, and whether its answer was counted already. Acks of earlier
     /// probes arrive late, after the probe was given up: they say nothing good.
     current: Option<(ProbeNumber, bool)>,
+    /// The last probe failed.
+    failing: bool,
 }
 
 impl LocalHealth {
@@ -79,9 +84,11 @@ impl LocalHealth {
 
     /// Takes what one input to foca told about this agent's probes.
     pub fn observe(&mut self, io: &mut Io) {
-        let failed = std::mem::take(&mut io.probes_failed);
-        if failed > 0 {
-            self.score = (self.score + failed).min(MAX_SCORE);
+        for _ in &io.probes_failed {
+            if self.failing {
+                self.score = (self.score + 1).min(MAX_SCORE);
+            }
+            self.failing = true;
             // The probe was given up: an ack arriving now is too late to count.
             if let Some((_, counted)) = &mut self.current {
                 *counted = true;
@@ -98,17 +105,29 @@ impl LocalHealth {
                 && !*counted
             {
                 *counted = true;
+                self.failing = false;
                 self.score = self.score.saturating_sub(1);
             }
         }
     }
 
-    /// How long to wait for `timer`, given the score.
-    pub fn scale(&self, timer: &Timer<NodeId>, after: Duration) -> Duration {
+    /// How long to wait for `timer`, given the score; `own_probe_failed` names the members
+    /// whose suspicion this agent's own failed probe just started.
+    pub fn scale(
+        &self,
+        timer: &Timer<NodeId>,
+        after: Duration,
+        own_probe_failed: &[String],
+    ) -> Duration {
         match timer {
-            Timer::ProbeRandomMember(_)
-            | Timer::SendIndirectProbe { .. }
-            | Timer::ChangeSuspectToDown { .. } => after * (self.score + 1),
+            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
+                after * (self.score + 1)
+            }
+            Timer::ChangeSuspectToDown { member_id, .. }
+                if own_probe_failed.contains(&member_id.name) =>
+            {
+                after * (self.score + 1)
+            }
             _ => after,
         }
     }
@@ -124,7 +143,7 @@ mod tests {
         health.observe(&mut io);
         let mut outcome = Io::default();
         if failed {
-            outcome.probes_failed = 1;
+            outcome.probes_failed.push("x".into());
             // Its ack, too late: it was given up already.
             outcome.acks.push(probe);
         } else {
@@ -135,31 +154,58 @@ mod tests {
     }
 
     #[test]
-    fn failed_probes_raise_the_score_and_answered_ones_lower_it() {
+    fn failed_probes_in_a_row_raise_the_score_and_answered_ones_lower_it() {
         let mut health = LocalHealth::default();
-        for _ in 0..3 {
-            probe_round(&mut health, 1, true);
+        for probe in 0..4 {
+            probe_round(&mut health, probe, true);
         }
-        assert_eq!(health.score(), 3);
+        assert_eq!(health.score(), 3, "the first failure alone says nothing");
         let probe = Timer::ProbeRandomMember(0);
         assert_eq!(
-            health.scale(&probe, Duration::from_secs(1)),
+            health.scale(&probe, Duration::from_secs(1), &[]),
             Duration::from_secs(4)
         );
-        let other = Timer::PeriodicGossip(0);
+        let gossip = Timer::PeriodicGossip(0);
         assert_eq!(
-            health.scale(&other, Duration::from_millis(200)),
+            health.scale(&gossip, Duration::from_millis(200), &[]),
             Duration::from_millis(200),
             "gossip keeps its pace"
         );
-        probe_round(&mut health, 2, false);
+        let suspicion = |name: &str| Timer::ChangeSuspectToDown {
+            member_id: NodeId {
+                name: name.into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                bump: 0,
+                tags: Default::default(),
+                leaving: false,
+            },
+            incarnation: 0,
+            token: 0,
+        };
+        let own = ["x".to_string()];
+        assert_eq!(
+            health.scale(&suspicion("x"), Duration::from_secs(1), &own),
+            Duration::from_secs(4),
+            "a suspicion this agent's own failed probe started waits longer"
+        );
+        assert_eq!(
+            health.scale(&suspicion("y"), Duration::from_secs(1), &own),
+            Duration::from_secs(1),
+            "one heard from others does not"
+        );
+        probe_round(&mut health, 9, false);
         assert_eq!(health.score(), 2, "one answered probe, one step down");
-        for _ in 0..20 {
-            probe_round(&mut health, 1, true);
+        for probe in 10..30 {
+            probe_round(&mut health, probe, true);
         }
         assert_eq!(health.score(), MAX_SCORE);
-        for probe in 20..40 {
+        for probe in 30..50 {
             probe_round(&mut health, probe, false);
+        }
+        assert_eq!(health.score(), 0);
+        // A dead member fails one probe in a round now and then: no change.
+        for probe in 50..70 {
+            probe_round(&mut health, probe, probe % 5 == 0);
         }
         assert_eq!(health.score(), 0);
     }

@@ -175,3 +175,37 @@ fn mutated_fleet_files_never_panic_and_errors_point_inside_the_file() {
         }
     }
 }
+
+#[test]
+fn the_agent_table_takes_the_agent_options_and_checks_them() {
+    let fleet = parse(GOOD).unwrap();
+    assert_eq!(fleet.agent, None, "no table: a lone agent is used");
+    let text = format!(
+        "{GOOD}\n[agent]\nnode = \"host-a\"\njoin = [\"10.0.0.2\"]\ntags = {{ dc = \"east\" }}\n\
+         event_handlers = [\"member-join=./on-join.sh\"]\nreconnect_interval = \"10s\"\n"
+    );
+    let agent = parse(&text).unwrap().agent.unwrap();
+    assert_eq!(agent.node.as_deref(), Some("host-a"));
+    assert_eq!(agent.bind, "127.0.0.1:7946".parse().unwrap());
+    assert_eq!(agent.rpc_addr, "127.0.0.1:7373".parse().unwrap());
+    assert_eq!(agent.join, vec!["10.0.0.2".to_string()]);
+    assert_eq!(agent.tags["dc"], "east");
+    assert_eq!(agent.reconnect_interval, Duration::from_secs(10));
+    assert_eq!(agent.reap_after, Duration::from_secs(24 * 3600));
+
+    let typo = format!("{GOOD}\n[agent]\nbnid = \"127.0.0.1:1\"\n");
+    let message = error(&typo);
+    assert!(
+        message.starts_with("fleet/phoenix.toml:12:1: [agent] key `bnid`: unknown field `bnid`"),
+        "{message}"
+    );
+    let open_rpc = format!("{GOOD}\n[agent]\nrpc_addr = \"0.0.0.0:7373\"\n");
+    let message = error(&open_rpc);
+    assert!(
+        message.contains(":11:1: [agent] key `rpc_addr`: 0.0.0.0:7373 is not loopback"),
+        "{message}"
+    );
+    let bad_key = format!("{GOOD}\n[agent]\nencrypt = \"not base64!\"\n");
+    let message = error(&bad_key);
+    assert!(message.contains("[agent] key `encrypt`"), "{message}");
+}

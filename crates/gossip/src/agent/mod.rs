@@ -671,8 +671,9 @@ impl Actor {
             self.outbox.push((to, packet));
         }
         let now = Instant::now();
+        let own_probe_failed = std::mem::take(&mut self.runtime.probes_failed);
         for (after, timer) in std::mem::take(&mut self.runtime.timers) {
-            let after = self.health.scale(&timer, after);
+            let after = self.health.scale(&timer, after, &own_probe_failed);
             self.next_timer += 1;
             self.timers.push(Reverse((now + after, self.next_timer)));
             self.timer_events.insert(self.next_timer, timer);
