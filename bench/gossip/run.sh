@@ -10,6 +10,8 @@
 #
 # Usage: bench/gossip/run.sh [EVENTS] [SIZES...]        (default: 10 events; 10 30 100, and
 #        300 for Phoenix alone)
+# Environment: REST (seconds of the bandwidth window, 20), SETTLE (seconds between convergence
+# and that window, 2), KILLS (agents killed one after the other, 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 events=${1:-10}
@@ -68,7 +70,7 @@ run() { # kind n
         sleep 0.5; waited=$((waited + 1))
         if [ $waited -gt 240 ]; then echo "$kind $n: never converged ($(alive_count "$kind") alive)" >&2; stop_all; return 1; fi
     done
-    sleep 2
+    sleep "${SETTLE:-2}"
     local before after
     before=$(cat /sys/class/net/lo/statistics/tx_bytes)
     sleep "${REST:-20}"

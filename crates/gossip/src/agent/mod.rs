@@ -654,11 +654,23 @@ impl Actor {
     /// Acts on everything foca asked for: packets, timers, notifications; then delivers the
     /// user events the broadcast handler accepted.
     fn drain(&mut self) {
-        // A new user event goes on at once rather than at the next gossip round: each hop
-        // costs a packet's flight, not a gossip interval.
+        // News goes on at once rather than at the next gossip round, so each hop costs a
+        // packet's flight, not a gossip interval: a new user event or query to twice the
+        // usual number of members (so the first wave misses almost nobody), a member declared
+        // down to the usual number.
         let delivered =
             std::mem::take(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()).delivered);
-        if !delivered.is_empty() {
+        let someone_down = self
+            .runtime
+            .notifications
+            .iter()
+            .any(|n| matches!(n, OwnedNotification::MemberDown(_)));
+        let rounds = if !delivered.is_empty() {
+            2
+        } else {
+            usize::from(someone_down)
+        };
+        for _ in 0..rounds {
             let _ = self.foca.gossip(&mut self.runtime);
         }
         self.scale_to_cluster();
