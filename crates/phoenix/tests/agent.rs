@@ -315,7 +315,49 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
         !refused.status.success(),
         "the key in use cannot be removed"
     );
+    // serf monitor streams the agent's log; serf info shows its stats.
+    let mut monitor = Command::new(&serf)
+        .args(["monitor", &rpc_a])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = {
+        let stdout = monitor.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
+    std::thread::sleep(Duration::from_millis(500));
     assert!(serf_ok(&["event", &rpc_b, "after-rotation"]).contains("dispatched"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logged = Vec::new();
+    while !logged
+        .iter()
+        .any(|l: &String| l.contains("received user event: after-rotation"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => logged.push(line),
+            Err(_) => panic!("serf monitor never showed the event: {logged:?}"),
+        }
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let info = serf_ok(&["info", &rpc_a]);
+    assert!(
+        info.contains("health_score") && info.contains("members"),
+        "{info}"
+    );
     wait("all still alive after the rotation", || {
         text(&cli(&serf, &["members", &rpc_a, "-status", "alive"]).stdout)
             .lines()
