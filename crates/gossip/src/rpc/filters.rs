@@ -1,0 +1,152 @@
+//! Which members and events an RPC client asked for.
+
+use std::collections::BTreeMap;
+
+use super::encode;
+use super::messages::{MemberEventRecord, QueryEventRecord, RpcMember, UserEventRecord};
+use crate::agent::{Event, Member};
+use crate::filter::{glob, tags_match};
+
+/// `members-filtered`: tags and name are anchored regular expressions in Serf; here they
+/// match whole values, with `*` as a wildcard (see [`crate::filter`]).
+pub struct MemberFilter<'a> {
+    tags: &'a BTreeMap<String, String>,
+    status: &'a str,
+    name: &'a str,
+}
+
+impl<'a> MemberFilter<'a> {
+    pub fn new(tags: &'a BTreeMap<String, String>, status: &'a str, name: &'a str) -> Self {
+        MemberFilter { tags, status, name }
+    }
+
+    pub fn matches(&self, member: &Member) -> bool {
+        (self.status.is_empty() || glob(self.status, member.status.as_str()))
+            && (self.name.is_empty() || glob(self.name, &member.name))
+            && tags_match(self.tags, &member.tags)
+    }
+}
+
+/// Serf's event filter: `*`, or a comma list of `member-join`, `member-leave`,
+/// `member-failed`, `member-update`, `member-reap`, `user`, `user:NAME`, `query`, `query:NAME`.
+#[derive(Debug, Clone)]
+pub struct EventFilter(Vec<(String, Option<String>)>);
+
+impl EventFilter {
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut filters = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (kind, name) = match part.split_once(':') {
+                Some((kind, name)) => (kind, Some(name.to_string())),
+                None => (part, None),
+            };
+            let known = matches!(
+                kind,
+                "*" | "member-join"
+                    | "member-leave"
+                    | "member-failed"
+                    | "member-update"
+                    | "member-reap"
+                    | "user"
+                    | "query"
+            );
+            if !known {
+                return Err(format!("Invalid event filter: {part}"));
+            }
+            filters.push((kind.to_string(), name));
+        }
+        if filters.is_empty() {
+            filters.push(("*".into(), None));
+        }
+        Ok(EventFilter(filters))
+    }
+
+    pub fn allows(&self, kind: &str, name: Option<&str>) -> bool {
+        self.0
+            .iter()
+            .any(|(k, n)| k == "*" || (k == kind && (n.is_none() || n.as_deref() == name)))
+    }
+
+    /// The stream record of `event`, when the filter lets it through.
+    pub(super) fn record(&self, event: &Event) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        match event {
+            Event::User(user) => {
+                if !self.allows("user", Some(&user.name)) {
+                    return None;
+                }
+                encode(
+                    &mut out,
+                    &UserEventRecord {
+                        event: "user".into(),
+                        ltime: user.ltime,
+                        name: user.name.clone(),
+                        payload: user.payload.clone(),
+                        coalesce: user.coalesce,
+                    },
+                );
+            }
+            Event::Query(query) => {
+                if !self.allows("query", Some(&query.name)) {
+                    return None;
+                }
+                encode(
+                    &mut out,
+                    &QueryEventRecord {
+                        event: "query".into(),
+                        id: query.id,
+                        ltime: query.ltime,
+                        name: query.name.clone(),
+                        payload: query.payload.clone(),
+                    },
+                );
+            }
+            member_event => {
+                let (kind, member) = member_event_parts(member_event)?;
+                if !self.allows(kind, None) {
+                    return None;
+                }
+                encode(
+                    &mut out,
+                    &MemberEventRecord {
+                        event: kind.into(),
+                        members: vec![RpcMember::from(member)],
+                    },
+                );
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Serf's name for a member event, and its member.
+pub fn member_event_parts(event: &Event) -> Option<(&'static str, &Member)> {
+    Some(match event {
+        Event::MemberJoin(m) => ("member-join", m),
+        Event::MemberLeave(m) => ("member-leave", m),
+        Event::MemberFailed(m) => ("member-failed", m),
+        Event::MemberUpdate(m) => ("member-update", m),
+        Event::MemberReap(m) => ("member-reap", m),
+        Event::User(_) | Event::Query(_) => return None,
+    })
+}
+
+/// One line for `monitor`.
+pub(super) fn log_line(event: &Event) -> String {
+    match event {
+        Event::User(user) => format!(
+            "[INFO] phoenix: received user event: {} (ltime {})",
+            user.name, user.ltime
+        ),
+        Event::Query(query) => format!(
+            "[INFO] phoenix: received query: {} from {} (ltime {})",
+            query.name, query.origin, query.ltime
+        ),
+        other => match member_event_parts(other) {
+            Some((kind, member)) => {
+                format!("[INFO] phoenix: {kind}: {} {}", member.name, member.addr)
+            }
+            None => String::new(),
+        },
+    }
+}
