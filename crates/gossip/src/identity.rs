@@ -8,6 +8,18 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+/// Most bytes of tags (keys and values), as Serf: the identity rides in every SWIM packet.
+pub const MAX_TAGS_SIZE: usize = 512;
+
+/// The size tags take against [`MAX_TAGS_SIZE`]; an error past it.
+pub fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), crate::GossipError> {
+    let size: usize = tags.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if size > MAX_TAGS_SIZE {
+        return Err(crate::GossipError::TagsTooLarge(size));
+    }
+    Ok(())
+}
+
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeId {
     pub name: String,

@@ -42,6 +42,8 @@ pub enum GossipError {
     RateLimited,
     #[error("user event of {0} bytes is over the {MAX_EVENT_SIZE}-byte limit")]
     EventTooLarge(usize),
+    #[error("tags of {0} bytes are over the {limit}-byte limit", limit = identity::MAX_TAGS_SIZE)]
+    TagsTooLarge(usize),
     #[error("query of {0} bytes is over the {MAX_QUERY_SIZE}-byte limit")]
     QueryTooLarge(usize),
     #[error("response of {0} bytes is over the {MAX_QUERY_SIZE}-byte limit")]

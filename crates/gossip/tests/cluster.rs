@@ -51,6 +51,12 @@ async fn members_join_see_tags_events_updates_leaves_and_failures() {
         .set_tags(BTreeMap::from([("role".to_string(), "db".to_string())]))
         .await
         .unwrap();
+    // Tags ride in every packet: past 512 bytes they are refused.
+    let huge = BTreeMap::from([("notes".to_string(), "x".repeat(600))]);
+    assert!(matches!(
+        agents[1].set_tags(huge).await,
+        Err(phoenix_gossip::GossipError::TagsTooLarge(_))
+    ));
     until(&agents[0], "n1's new tag", |m| {
         m.iter()
             .any(|m| m.name == "n1" && m.tags.get("role").map(String::as_str) == Some("db"))

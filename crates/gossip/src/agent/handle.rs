@@ -33,6 +33,7 @@ pub struct Agent {
 impl Agent {
     /// Binds the socket and starts the agent's task.
     pub async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
+        crate::identity::check_tags(&config.tags)?;
         let socket = UdpSocket::bind(config.bind)
             .await
             .map_err(|e| GossipError::Bind(config.bind, e))?;
@@ -190,6 +191,7 @@ impl Agent {
 
     /// Replaces this agent's tags; the cluster sees a member update.
     pub async fn set_tags(&self, tags: BTreeMap<String, String>) -> Result<(), GossipError> {
+        crate::identity::check_tags(&tags)?;
         let (reply, done) = oneshot::channel();
         self.send(Command::SetTags(tags, reply))?;
         done.await.map_err(|_| GossipError::Stopped)
