@@ -79,6 +79,19 @@ impl Receiver {
     }
 }
 
+/// `len` pseudo-random bytes (xorshift64, from and advancing `seed`): deterministic junk for
+/// tests that throw garbage at the receive path.
+pub fn junk(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,14 +101,7 @@ mod tests {
         let mut receiver = Receiver::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for len in 0..2000 {
-            let bytes: Vec<u8> = (0..len % 300)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let bytes = junk(&mut seed, len % 300);
             receiver.receive(&bytes, len % 3 == 0);
             receiver.receive_sealed_body(len as u8, &bytes);
         }

@@ -109,14 +109,7 @@ async fn an_encrypted_cluster_refuses_wrong_keys_and_survives_garbage() {
     let target: SocketAddr = agents[0].local_addr();
     let mut seed = 0x1234_5678_9abc_def0u64;
     for len in 0..300 {
-        let junk: Vec<u8> = (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect();
+        let junk = phoenix_gossip::fuzzing::junk(&mut seed, len);
         socket.send_to(&junk, target).unwrap();
         // Paced, so the kernel's receive buffer never overflows: every packet must be seen.
         if len % 20 == 0 {

@@ -165,13 +165,7 @@ mod tests {
     /// Seeded fuzz: random chunked bodies are found whole, and random bytes never panic.
     #[test]
     fn fuzz_random_bodies_and_garbage() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::tests::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..2000 {
             let mut body = Vec::new();
             for _ in 0..next() % 5 {

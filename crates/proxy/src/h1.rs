@@ -772,13 +772,7 @@ mod tests {
     /// head with exactly one `X-Forwarded-For` and `Via`, and no `Transfer-Encoding`.
     #[test]
     fn fuzz_mutated_heads() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::tests::xorshift(0x2545_f491_4f6c_dd1du64);
         let alphabet = b"\r\n :,;-0aZ\t\x00\xff";
         for _ in 0..20_000 {
             let mut request = REQUEST.to_vec();

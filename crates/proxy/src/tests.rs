@@ -12,6 +12,16 @@ use super::*;
 
 mod fast_path;
 
+/// A seeded xorshift64 generator for the decoders' fuzz tests.
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// A real HTTP backend on loopback answering `NAME PATH`; `/slow/MS` waits first, `/echo`
 /// answers the request body and `/headers` the forwarding headers it received.
 async fn backend(name: &'static str) -> SocketAddr {

@@ -110,6 +110,11 @@ struct Actor {
 }
 
 impl Actor {
+    /// The event log shared with foca's broadcast handler.
+    fn log(&self) -> std::sync::MutexGuard<'_, EventLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; 65536];
         let mut reap = tokio::time::interval(Duration::from_secs(1));
@@ -245,12 +250,7 @@ impl Actor {
         if !self.event_limit.take(std::time::Instant::now()) {
             return Err(GossipError::RateLimited);
         }
-        let ltime = self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clock
-            .tick();
+        let ltime = self.log().clock.tick();
         let event = UserEvent {
             ltime,
             name,
@@ -332,8 +332,7 @@ impl Actor {
         // packet's flight, not a gossip interval: a new user event or query to twice the
         // usual number of members (so the first wave misses almost nobody), a member declared
         // down to the usual number.
-        let delivered =
-            std::mem::take(&mut self.log.lock().unwrap_or_else(|p| p.into_inner()).delivered);
+        let delivered = std::mem::take(&mut self.log().delivered);
         let someone_down = self
             .runtime
             .notifications
@@ -473,7 +472,7 @@ impl Actor {
         }
         self.snapshot_dirty = false;
         let (clock, query_clock) = {
-            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let log = self.log();
             (log.clock.now(), log.query_clock.now())
         };
         let snapshot = Snapshot {

@@ -122,12 +122,7 @@ impl Actor {
         let timeout = params.timeout.unwrap_or_else(|| {
             query::default_timeout(self.foca.num_members() + 1, gossip_interval)
         });
-        let ltime = self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .query_clock
-            .tick();
+        let ltime = self.log().query_clock.tick();
         let id = rand::Rng::next_u32(&mut self.rng);
         let (replies, receiver) = mpsc::unbounded_channel();
         self.outgoing.insert(
@@ -318,12 +313,7 @@ impl Actor {
         if !self.members.contains_key(&name) {
             return Err(GossipError::UnknownMember(name));
         }
-        let ltime = self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clock
-            .tick();
+        let ltime = self.log().clock.tick();
         self.broadcast(&Message::ForceLeave { ltime, name })
     }
 
