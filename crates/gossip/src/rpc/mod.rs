@@ -202,7 +202,10 @@ impl Session {
         match result {
             Ok(body) => reply(String::new(), body),
             // Serf's clients read a body after the header of these commands, error or not.
-            Err(error) => reply(error, empty_body(&header.command)),
+            Err(failure) => reply(
+                failure.error,
+                failure.body.or_else(|| empty_body(&header.command)),
+            ),
         }
     }
 
@@ -275,7 +278,7 @@ impl Session {
         seq: u64,
         body: &[u8],
         out: &mpsc::UnboundedSender<Vec<u8>>,
-    ) -> Result<Option<Vec<u8>>, String> {
+    ) -> Result<Option<Vec<u8>>, Failure> {
         let agent = &self.agent;
         match command {
             "handshake" => {
@@ -331,10 +334,9 @@ impl Session {
                     }
                 }
                 if num == 0 && !request.existing.is_empty() {
-                    return Err(format!(
-                        "no member answered at {}",
-                        request.existing.join(", ")
-                    ));
+                    return Err(
+                        format!("no member answered at {}", request.existing.join(", ")).into(),
+                    );
                 }
                 Ok(encoded(&JoinResponse { num }))
             }
@@ -437,13 +439,13 @@ impl Session {
                 };
                 if answer.num_err > 0 {
                     // Serf's clients print the body's messages after this error.
-                    let error = format!(
-                        "{}/{} nodes reported failure",
-                        answer.num_err, answer.num_nodes
-                    );
-                    let _ = out.send(response(seq, error, encoded(&answer).as_deref()));
-                    self.replied = true;
-                    return Ok(None);
+                    return Err(Failure {
+                        error: format!(
+                            "{}/{} nodes reported failure",
+                            answer.num_err, answer.num_nodes
+                        ),
+                        body: encoded(&answer),
+                    });
                 }
                 Ok(encoded(&answer))
             }
@@ -506,7 +508,7 @@ impl Session {
                 );
                 Ok(encoded(&all))
             }
-            other => Err(format!("Unsupported command: {other}")),
+            other => Err(format!("Unsupported command: {other}").into()),
         }
     }
 }
@@ -534,6 +536,24 @@ mod rmpv_skip {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
             IgnoredAny::deserialize(deserializer).map(|_| Any)
         }
+    }
+}
+
+/// Why a command failed, and the body to send after the error when there is one.
+struct Failure {
+    error: String,
+    body: Option<Vec<u8>>,
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Self {
+        Failure { error, body: None }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(error: &str) -> Self {
+        error.to_string().into()
     }
 }
 
