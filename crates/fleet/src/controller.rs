@@ -28,8 +28,6 @@ pub struct Options {
     pub seed: Option<u64>,
     pub bake: BakeOptions,
     pub driver: Arc<dyn Driver>,
-    /// The gossip agent; the fleet file's `[agent]` when `None`, or a lone agent without it.
-    pub agent: Option<AgentSettings>,
 }
 
 impl Options {
@@ -41,7 +39,6 @@ impl Options {
             seed: None,
             bake: BakeOptions::default(),
             driver: Arc::new(ProcessDriver),
-            agent: None,
         }
     }
 }
@@ -127,6 +124,14 @@ impl Role {
 
     pub fn live(&self) -> Option<Arc<Generation>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The generations starting or draining.
+    pub fn others(&self) -> Vec<Arc<Generation>> {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Points the proxy at the healthy instances of the live generation (and other hosts'
@@ -220,6 +225,8 @@ pub(crate) struct Inner {
     pub shutdown: watch::Sender<bool>,
     frontends: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     membership: Arc<Membership>,
+    /// What the host agent was started with (its RPC and handlers are the binary's).
+    agent_settings: AgentSettings,
     /// Ends when the instance members have left, at shutdown.
     members_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -300,11 +307,9 @@ impl Controller {
             .unwrap_or_default();
         let (events, events_rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
-        let agent = options
-            .agent
-            .or_else(|| fleet.agent.clone())
-            .unwrap_or_else(AgentSettings::lone);
-        let membership = Membership::start(&agent, &state_dir).await?;
+        // The fleet file's `[agent]`, or a lone agent without one.
+        let agent_settings = fleet.agent.clone().unwrap_or_else(AgentSettings::lone);
+        let membership = Membership::start(&agent_settings, &state_dir).await?;
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
@@ -350,6 +355,7 @@ impl Controller {
             shutdown,
             frontends: Mutex::new(Vec::new()),
             membership: membership.clone(),
+            agent_settings,
             members_task: Mutex::new(None),
         });
         crate::recover::recover(&inner).await?;
@@ -439,6 +445,11 @@ impl Controller {
         self.inner.membership.host().clone()
     }
 
+    /// The settings the host agent was started with.
+    pub fn agent_settings(&self) -> &AgentSettings {
+        &self.inner.agent_settings
+    }
+
     pub fn state_dir(&self) -> &std::path::Path {
         &self.inner.state_dir
     }
@@ -485,12 +496,7 @@ impl Controller {
         }
         let mut stopping = Vec::new();
         for role in inner.roles.values() {
-            let generations = role.live().into_iter().chain(
-                role.others
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
-            );
+            let generations = role.live().into_iter().chain(role.others());
             for instance in generations.flat_map(|g| g.instances()) {
                 stopping.push(async move { instance.stop().await });
             }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use phoenix_gossip::{Agent, AgentConfig, Key, Keyring, Member, Status};
+use phoenix_gossip::{Agent, AgentConfig, Event, Member, Status};
 use phoenix_proxy::Backend;
 use tokio::sync::Notify;
 
@@ -38,6 +38,8 @@ type Tags = BTreeMap<String, String>;
 pub(crate) struct Membership {
     host: Agent,
     host_name: String,
+    /// Where the host agent is reached: instance members join through it.
+    host_addr: SocketAddr,
     /// What instance members are started from (bind IP, keyring, timings).
     template: AgentConfig,
     instances: tokio::sync::Mutex<HashMap<String, (Agent, Tags)>>,
@@ -51,25 +53,21 @@ impl Membership {
         settings: &AgentSettings,
         state_dir: &Path,
     ) -> Result<Arc<Membership>, FleetError> {
-        let host_name = settings
-            .node
-            .clone()
-            .unwrap_or_else(phoenix_gossip::host_name);
-        let mut config = AgentConfig::new(host_name.clone(), settings.bind);
-        config.advertise = settings.advertise;
-        config.tags = settings.tags.clone();
+        let mut config = settings
+            .agent_config(state_dir)
+            .map_err(|e| FleetError::Agent(e.to_string()))?;
         config.tags.insert(TAG_KIND.into(), "host".into());
-        config.seed = seed();
-        config.reap_after = settings.reap_after;
-        config.reconnect_interval = settings.reconnect_interval;
-        config.snapshot = settings.snapshot.as_ref().map(|p| state_dir.join(p));
-        if let Some(key) = &settings.encrypt {
-            let key = Key::from_base64(key).map_err(|e| FleetError::Agent(e.to_string()))?;
-            config.keyring = Some(Keyring::new(key));
-        }
+        let host_name = config.node.clone();
         let host = Agent::start(config.clone())
             .await
             .map_err(|e| FleetError::Agent(e.to_string()))?;
+        let host_addr = host
+            .members()
+            .await
+            .map_err(|e| FleetError::Agent(e.to_string()))?
+            .into_iter()
+            .find(|m| m.name == host_name)
+            .map_or(host.local_addr(), |m| m.addr);
         if !settings.join.is_empty() {
             let (host, join) = (host.clone(), settings.join.clone());
             tokio::spawn(async move {
@@ -87,6 +85,7 @@ impl Membership {
         Ok(Arc::new(Membership {
             host,
             host_name,
+            host_addr,
             template,
             instances: tokio::sync::Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
@@ -137,16 +136,10 @@ impl Membership {
         let mut config = self.template.clone();
         config.node = name.to_string();
         config.tags = tags;
-        config.seed = seed();
+        // Each member picks whom to probe with its own randomness.
+        config.seed = fastrand::u64(..);
         let agent = Agent::start(config).await?;
-        let host = self
-            .host
-            .members()
-            .await?
-            .into_iter()
-            .find(|m| m.name == self.host_name)
-            .map_or(self.host.local_addr(), |m| m.addr);
-        agent.join(host, Duration::from_secs(2)).await?;
+        agent.join(self.host_addr, Duration::from_secs(2)).await?;
         Ok(agent)
     }
 
@@ -164,11 +157,7 @@ fn desired_members(inner: &Inner, host: &str) -> BTreeMap<String, BTreeMap<Strin
     let mut desired = BTreeMap::new();
     for role in inner.roles.values() {
         let live = role.live();
-        let others = role
-            .others
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let others = role.others();
         for generation in live.iter().chain(others.iter()) {
             let is_live = live.as_ref().is_some_and(|l| Arc::ptr_eq(l, generation));
             for instance in generation.instances() {
@@ -242,10 +231,14 @@ pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membershi
             role.set_remote(remote);
         }
         drop(strong);
-        // Wait for the next change; take every change already queued at once.
-        match events.recv().await {
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(_) => return,
+        // Wait for the next membership change (user events and queries change nothing
+        // here); take every change already queued at once.
+        loop {
+            match events.recv().await {
+                Ok(Event::User(_) | Event::Query(_)) => continue,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(_) => return,
+            }
         }
         while events.try_recv().is_ok() {}
     }
@@ -288,11 +281,6 @@ fn remote_backends(
 
 fn tag<'a>(member: &'a Member, key: &str) -> Option<&'a str> {
     member.tags.get(key).map(String::as_str)
-}
-
-/// Seeds SWIM's member selection.
-fn seed() -> u64 {
-    fastrand::u64(..)
 }
 
 #[cfg(test)]

@@ -12,16 +12,7 @@ impl Controller {
         let mut out = Exposition::default();
         for role in self.inner.roles.values() {
             let role_label = format!("role=\"{}\"", label(&role.name));
-            let generations: Vec<_> = role
-                .live()
-                .into_iter()
-                .chain(
-                    role.others
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone(),
-                )
-                .collect();
+            let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();
             let instances: Vec<_> = generations
                 .iter()
                 .flat_map(|g| g.instances().into_iter().map(move |i| (g.clone(), i)))

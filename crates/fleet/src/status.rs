@@ -53,11 +53,7 @@ impl Controller {
             .values()
             .map(|role| {
                 let live = role.live();
-                let others = role
-                    .others
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let others = role.others();
                 let stats = &role.proxy.stats;
                 RoleStatus {
                     name: role.name.clone(),

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use phoenix_fleet::AgentSettings;
+use phoenix_gossip::Agent;
 use phoenix_gossip::rpc::{self, Client, KeyRequest, KeyResponse, MembersResponse};
-use phoenix_gossip::{Agent, AgentConfig, Key, Keyring};
 
 use crate::handlers::{self, Handler};
 
@@ -65,6 +67,26 @@ fn key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
+impl AgentArgs {
+    /// The options, as the `[agent]` table of a fleet file holds them.
+    fn settings(self) -> AgentSettings {
+        AgentSettings {
+            node: self.node,
+            bind: self.bind,
+            advertise: self.advertise,
+            join: self.join,
+            tags: self.tags.into_iter().collect(),
+            event_handlers: self.handlers,
+            encrypt: self.encrypt,
+            snapshot: self.snapshot,
+            rpc_addr: self.rpc_addr,
+            rpc_auth: self.rpc_auth,
+            reconnect_interval: self.reconnect_interval,
+            reap_after: self.reap_after,
+        }
+    }
+}
+
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     if !args.rpc_addr.ip().is_loopback() && args.rpc_auth.is_none() {
         bail!(
@@ -72,41 +94,19 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             args.rpc_addr
         );
     }
-    let node = match args.node {
-        Some(node) => node,
-        None => phoenix_gossip::host_name(),
-    };
-    let mut config = AgentConfig::new(node.clone(), args.bind);
-    config.advertise = args.advertise;
-    config.tags = args.tags.into_iter().collect();
-    config.seed = std::process::id() as u64 ^ now_nanos();
-    config.snapshot = args.snapshot;
-    config.reap_after = args.reap_after;
-    config.reconnect_interval = args.reconnect_interval;
-    if let Some(key) = &args.encrypt {
-        let key = Key::from_base64(key).context("--encrypt")?;
-        config.keyring = Some(Keyring::new(key));
-    }
-    let handlers = args
-        .handlers
-        .iter()
-        .map(|spec| Handler::parse(spec))
-        .collect::<Result<Vec<_>>>()?;
+    let settings = args.settings();
+    let config = settings.agent_config(Path::new("")).context("--encrypt")?;
     let agent = Agent::start(config).await?;
-    let listener = tokio::net::TcpListener::bind(args.rpc_addr)
-        .await
-        .with_context(|| format!("bind the RPC address {}", args.rpc_addr))?;
+    let rpc = serve(&agent, &settings).await?;
     eprintln!(
-        "phoenix agent: node {node}, gossip {}, RPC {}",
-        agent.local_addr(),
-        listener.local_addr()?
+        "phoenix agent: node {}, gossip {}, RPC {rpc}",
+        agent.name(),
+        agent.local_addr()
     );
-    tokio::spawn(rpc::serve(listener, agent.clone(), args.rpc_auth.clone()));
-    if !handlers.is_empty() {
-        tokio::spawn(handlers::run(agent.clone(), handlers));
-    }
-    if !args.join.is_empty() {
-        let through = agent.join_any(&args.join, Duration::from_secs(60)).await?;
+    if !settings.join.is_empty() {
+        let through = agent
+            .join_any(&settings.join, Duration::from_secs(60))
+            .await?;
         eprintln!("phoenix agent: joined through {through}");
     }
     let mut events = agent.subscribe();
@@ -120,10 +120,27 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn now_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+/// Serves `agent`'s RPC (Serf's protocol) at `settings.rpc_addr` and runs its event handlers
+/// (`phoenix agent` and `phoenix up` alike); returns the RPC address.
+pub async fn serve(agent: &Agent, settings: &AgentSettings) -> Result<SocketAddr> {
+    let handlers = settings
+        .event_handlers
+        .iter()
+        .map(|spec| Handler::parse(spec))
+        .collect::<Result<Vec<_>>>()?;
+    let listener = tokio::net::TcpListener::bind(settings.rpc_addr)
+        .await
+        .with_context(|| format!("bind the agent's RPC address {}", settings.rpc_addr))?;
+    let rpc = listener.local_addr()?;
+    tokio::spawn(rpc::serve(
+        listener,
+        agent.clone(),
+        settings.rpc_auth.clone(),
+    ));
+    if !handlers.is_empty() {
+        tokio::spawn(handlers::run(agent.clone(), handlers));
+    }
+    Ok(rpc)
 }
 
 #[derive(Args)]

@@ -34,15 +34,11 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let _lock = lock_state(state)?;
-    let agent = phoenix_fleet::FleetFile::load(&args.file)?
-        .agent
-        .unwrap_or_else(phoenix_fleet::AgentSettings::lone);
     let mut options = Options::new(state.to_path_buf(), args.file.clone());
     options.seed = args.seed;
     options.bake = bake_options()?;
-    options.agent = Some(agent.clone());
     let controller = Controller::open(options).await?;
-    let rpc = serve_agent(&controller, &agent).await?;
+    let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
     let listener = TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("cannot listen on {} for the API", args.api_listen))?;
@@ -98,33 +94,6 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(state.join(API_ADDR_FILE));
     println!("phoenix up: stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Serves the host agent's RPC (Serf's protocol) and runs its event handlers; returns the
-/// RPC address.
-async fn serve_agent(
-    controller: &Controller,
-    settings: &phoenix_fleet::AgentSettings,
-) -> anyhow::Result<SocketAddr> {
-    let handlers = settings
-        .event_handlers
-        .iter()
-        .map(|spec| crate::handlers::Handler::parse(spec))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let listener = TcpListener::bind(settings.rpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} for the agent's RPC", settings.rpc_addr))?;
-    let rpc = listener.local_addr()?;
-    let agent = controller.agent();
-    tokio::spawn(phoenix_gossip::rpc::serve(
-        listener,
-        agent.clone(),
-        settings.rpc_auth.clone(),
-    ));
-    if !handlers.is_empty() {
-        tokio::spawn(crate::handlers::run(agent, handlers));
-    }
-    Ok(rpc)
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -66,6 +66,27 @@ impl AgentSettings {
             reconnect_interval: default_reconnect(),
             reap_after: default_reap(),
         }
+    }
+
+    /// The gossip agent's configuration; a relative snapshot path is taken under `base`.
+    pub fn agent_config(
+        &self,
+        base: &Path,
+    ) -> Result<phoenix_gossip::AgentConfig, phoenix_gossip::KeyError> {
+        let node = self.node.clone().unwrap_or_else(phoenix_gossip::host_name);
+        let mut config = phoenix_gossip::AgentConfig::new(node, self.bind);
+        config.advertise = self.advertise;
+        config.tags = self.tags.clone();
+        // Seeds SWIM's member selection.
+        config.seed = fastrand::u64(..);
+        config.reap_after = self.reap_after;
+        config.reconnect_interval = self.reconnect_interval;
+        config.snapshot = self.snapshot.as_ref().map(|p| base.join(p));
+        if let Some(key) = &self.encrypt {
+            let key = phoenix_gossip::Key::from_base64(key)?;
+            config.keyring = Some(phoenix_gossip::Keyring::new(key));
+        }
+        Ok(config)
     }
 
     /// Why these settings cannot work, if they cannot.
