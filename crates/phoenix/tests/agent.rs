@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{free_addr, phoenix_bin, text};
+use common::{free_addr, members_json, phoenix_bin, text, wait_for};
 use serde_json::Value;
 
 /// A running `phoenix agent`, killed when dropped.
@@ -49,12 +49,8 @@ fn agent(name: &str, extra: &[&str], log: &Path) -> AgentProcess {
 
 /// Waits for `done`; generous, since failure detection runs on the agent's LAN timings
 /// (about 5 to 10 s) and the whole suite shares two cores.
-fn wait(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait(what: &str, done: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(45), done);
 }
 
 fn cli(program: &Path, args: &[&str]) -> Output {
@@ -62,16 +58,7 @@ fn cli(program: &Path, args: &[&str]) -> Output {
 }
 
 fn members(agent: &AgentProcess) -> Vec<Value> {
-    let out = cli(
-        &phoenix_bin(),
-        &["members", "--json", "--rpc-addr", &agent.rpc.to_string()],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    members_json(agent.rpc, &[])
 }
 
 fn status_of(members: &[Value], name: &str) -> Option<String> {

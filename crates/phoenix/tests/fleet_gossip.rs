@@ -4,51 +4,30 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Load, Phoenix, failures, free_addr, phoenix_bin, text};
+use common::{Fleet, Load, Phoenix, failures, free_addr, members_json, wait_for};
 use serde_json::Value;
 
-fn agent_table(node: &str, join: Option<std::net::SocketAddr>) -> (String, std::net::SocketAddr) {
+/// An `[agent]` table body on free ports; returns it with the gossip and RPC addresses.
+fn agent_table(node: &str, join: Option<SocketAddr>) -> (String, SocketAddr, SocketAddr) {
     let (gossip, rpc) = (free_addr(), free_addr());
     let join = join
         .map(|addr| format!("join = [\"{addr}\"]\n"))
         .unwrap_or_default();
     let table = format!("node = \"{node}\"\nbind = \"{gossip}\"\nrpc_addr = \"{rpc}\"\n{join}");
-    (table, gossip)
+    (table, gossip, rpc)
 }
 
 /// Instance members of role web as host A's agent lists them.
-fn web_members(rpc: &str) -> Vec<Value> {
-    let out = std::process::Command::new(phoenix_bin())
-        .args(["members", "--json", "--rpc-addr", rpc, "--tag", "role=web"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn web_members(rpc: SocketAddr) -> Vec<Value> {
+    members_json(rpc, &["--tag", "role=web"])
 }
 
 #[test]
 fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
-    let (table_a, gossip_a) = agent_table("host-a", None);
-    let rpc_a = table_a
-        .lines()
-        .find_map(|l| l.strip_prefix("rpc_addr = \""))
-        .unwrap()
-        .trim_end_matches('"')
-        .to_string();
+    let (table_a, gossip_a, rpc_a) = agent_table("host-a", None);
     let mut fleet_a = Fleet::version("a");
     fleet_a.instances = 2;
     fleet_a.agent = Some(table_a);
@@ -59,11 +38,11 @@ fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
     let mut b = Phoenix::start(&fleet_b);
 
     // Every instance is a member, tagged with its host, health, generation and liveness.
-    wait(
+    wait_for(
         "four healthy live web instances",
         Duration::from_secs(30),
         || {
-            let members = web_members(&rpc_a);
+            let members = web_members(rpc_a);
             members.len() == 4
                 && members.iter().all(|m| {
                     m["status"] == "alive"
@@ -73,7 +52,7 @@ fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
                 })
         },
     );
-    let on_b: Vec<String> = web_members(&rpc_a)
+    let on_b: Vec<String> = web_members(rpc_a)
         .iter()
         .filter(|m| m["tags"]["host"] == "host-b")
         .map(|m| m["name"].as_str().unwrap().to_string())
@@ -82,7 +61,7 @@ fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
 
     // A's proxy serves B's instances too.
     let load = Load::start(a.proxy_addr(), 4);
-    wait(
+    wait_for(
         "A's proxy reaches B's instances",
         Duration::from_secs(15),
         || {
@@ -95,8 +74,8 @@ fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
     // Host B dies; its instances fail out of A's view and A's pool.
     b.kill9();
     let killed = Instant::now();
-    wait("B's instances failed", Duration::from_secs(30), || {
-        web_members(&rpc_a)
+    wait_for("B's instances failed", Duration::from_secs(30), || {
+        web_members(rpc_a)
             .iter()
             .filter(|m| on_b.contains(&m["name"].as_str().unwrap().to_string()))
             .all(|m| m["status"] == "failed")

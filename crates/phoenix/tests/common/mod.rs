@@ -295,6 +295,30 @@ fn spawn_up(dir: &Path, extra_args: &[String]) -> Child {
         .unwrap()
 }
 
+/// Waits until `done`, checking every 50 ms, failing after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `phoenix members --json` against the agent at `rpc`, with extra `filters`.
+pub fn members_json(rpc: SocketAddr, filters: &[&str]) -> Vec<Value> {
+    let out = Command::new(phoenix_bin())
+        .args(["members", "--json", "--rpc-addr", &rpc.to_string()])
+        .args(filters)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 /// A UDP port free now (its TCP twin is free too in practice on loopback).
 pub fn free_addr() -> std::net::SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0")
