@@ -172,9 +172,7 @@ impl Agent {
 
     /// Every member known, this one included.
     pub async fn members(&self) -> Result<Vec<Member>, GossipError> {
-        let (reply, members) = oneshot::channel();
-        self.send(Command::Members(reply))?;
-        members.await.map_err(|_| GossipError::Stopped)
+        self.request(Command::Members).await
     }
 
     /// Fires a user event to the whole cluster; returns its Lamport time.
@@ -184,34 +182,37 @@ impl Agent {
         payload: &[u8],
         coalesce: bool,
     ) -> Result<u64, GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::Event(name.into(), payload.into(), coalesce, reply))?;
-        done.await.map_err(|_| GossipError::Stopped)?
+        self.request(|reply| Command::Event(name.into(), payload.into(), coalesce, reply))
+            .await?
     }
 
     /// Replaces this agent's tags; the cluster sees a member update.
     pub async fn set_tags(&self, tags: BTreeMap<String, String>) -> Result<(), GossipError> {
         crate::identity::check_tags(&tags)?;
-        let (reply, done) = oneshot::channel();
-        self.send(Command::SetTags(tags, reply))?;
-        done.await.map_err(|_| GossipError::Stopped)
+        self.request(|reply| Command::SetTags(tags, reply)).await
     }
 
     /// Leaves gracefully: others list this member as `left`, not `failed`. The agent stops.
     pub async fn leave(&self) -> Result<(), GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::Leave(reply))?;
-        done.await.map_err(|_| GossipError::Stopped)
+        self.request(Command::Leave).await
     }
 
     /// Changes or lists the keyring; returns the installed keys (base64, primary first).
     pub async fn keys(&self, op: KeyOp) -> Result<Vec<String>, GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::Keys(op, reply))?;
-        done.await.map_err(|_| GossipError::Stopped)?
+        self.request(|reply| Command::Keys(op, reply)).await?
     }
 
-    pub(super) fn send(&self, command: Command) -> Result<(), GossipError> {
+    /// Sends the command `make` builds around a reply channel and waits for the reply.
+    pub(super) async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, GossipError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer.await.map_err(|_| GossipError::Stopped)
+    }
+
+    fn send(&self, command: Command) -> Result<(), GossipError> {
         self.commands
             .send(command)
             .map_err(|_| GossipError::Stopped)

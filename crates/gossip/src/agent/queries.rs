@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Actor, Agent, Command, Event, FORCE_LEAVE_PATIENCE, KeyOp, Status, member_of};
@@ -54,23 +54,19 @@ impl Agent {
     /// Asks the cluster (or the members the filters pick); replies arrive on the handle
     /// until the query's deadline.
     pub async fn query(&self, params: QueryParams) -> Result<QueryHandle, GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::Query(params, reply))?;
-        done.await.map_err(|_| GossipError::Stopped)?
+        self.request(|reply| Command::Query(params, reply)).await?
     }
 
     /// Answers a query delivered to this agent (once, before its deadline).
     pub async fn respond(&self, id: u64, payload: Vec<u8>) -> Result<(), GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::Respond(id, payload, reply))?;
-        done.await.map_err(|_| GossipError::Stopped)?
+        self.request(|reply| Command::Respond(id, payload, reply))
+            .await?
     }
 
     /// Tells the cluster that a failed member has left for good (Serf's force-leave).
     pub async fn force_leave(&self, node: &str) -> Result<(), GossipError> {
-        let (reply, done) = oneshot::channel();
-        self.send(Command::ForceLeave(node.into(), reply))?;
-        done.await.map_err(|_| GossipError::Stopped)?
+        self.request(|reply| Command::ForceLeave(node.into(), reply))
+            .await?
     }
 
     /// Applies a keyring change on every member (an internal query) and reports each one's
