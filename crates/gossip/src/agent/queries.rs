@@ -225,34 +225,37 @@ impl Actor {
             return Err(GossipError::PastDeadline(id));
         }
         incoming.responded = true;
-        let query = incoming.query.clone();
+        let query = &incoming.query;
+        let (reply_to, relay_factor, origin) =
+            (query.reply_to, query.relay_factor, query.origin.clone());
         let response = Direct::Response {
             ltime: query.ltime,
             id: query.id,
             from: self.foca.identity().name.clone(),
             payload,
         };
-        for relay in self.relays(&query) {
+        for relay in self.relays(&origin, relay_factor) {
             let relayed = Direct::Relay {
-                to: query.reply_to,
+                to: reply_to,
                 message: Box::new(response.clone()),
             };
             self.send_direct(relay, relayed);
         }
-        self.send_direct(query.reply_to, response);
+        self.send_direct(reply_to, response);
         Ok(())
     }
 
-    /// Up to `relay_factor` other alive members, picked at random, to relay an answer.
-    pub(super) fn relays(&mut self, query: &Query) -> Vec<SocketAddr> {
+    /// Up to `relay_factor` alive members other than this one and `origin`, picked at
+    /// random, to relay an answer.
+    pub(super) fn relays(&mut self, origin: &str, relay_factor: u8) -> Vec<SocketAddr> {
         let me = self.foca.identity().name.clone();
         let mut candidates: Vec<SocketAddr> = self
             .members
             .values()
-            .filter(|k| k.status == Status::Alive && k.id.name != me && k.id.name != query.origin)
+            .filter(|k| k.status == Status::Alive && k.id.name != me && k.id.name != origin)
             .map(|k| k.id.addr)
             .collect();
-        let wanted = usize::from(query.relay_factor).min(candidates.len());
+        let wanted = usize::from(relay_factor).min(candidates.len());
         for i in 0..wanted {
             let pick = i + rand::Rng::next_u32(&mut self.rng) as usize % (candidates.len() - i);
             candidates.swap(i, pick);
