@@ -1,0 +1,357 @@
+//! Loading a goss file: templates, YAML, the schema of every resource type, and `gossfile`
+//! includes (relative to the including file, globs allowed, loops detected).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use crate::SuiteError;
+use crate::kind::{Kind, Role};
+use crate::matcher::{Invalid, Matcher};
+use crate::template::{self, TemplateData};
+use crate::yaml::{self, Node, Value};
+
+/// Every check of a goss file and the files it includes.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub checks: Vec<Check>,
+    /// Every file read, in order.
+    pub files: Vec<PathBuf>,
+    /// sha256 of the rendered files, to tell which checks a verification ran.
+    pub digest: String,
+}
+
+/// One resource to check (`file: /etc/passwd: {...}`).
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub kind: Kind,
+    /// The resource's key: a path, a name, a URL, `tcp:22`.
+    pub id: String,
+    pub title: String,
+    pub meta: Json,
+    pub skip: bool,
+    pub attributes: Vec<Attribute>,
+    /// Settings that are not checked (`timeout`, `exec`, `request-headers`, `content`).
+    pub options: BTreeMap<&'static str, Json>,
+    pub file: Arc<Path>,
+    pub line: usize,
+}
+
+/// One checked attribute and its expectation.
+#[derive(Debug, Clone)]
+pub struct Attribute {
+    pub name: &'static str,
+    pub matcher: Matcher,
+    /// The expectation as written, for reports.
+    pub expected: Json,
+}
+
+impl Check {
+    pub fn option_str(&self, name: &str) -> Option<&str> {
+        self.options.get(name).and_then(Json::as_str)
+    }
+
+    pub fn option_bool(&self, name: &str) -> bool {
+        self.options
+            .get(name)
+            .and_then(Json::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// A timeout option in milliseconds, or the default.
+    pub fn timeout_ms(&self, default: u64) -> u64 {
+        self.options
+            .get("timeout")
+            .and_then(Json::as_u64)
+            .unwrap_or(default)
+    }
+}
+
+/// Reads a `--vars` file (YAML or JSON).
+pub fn load_vars(path: &Path) -> Result<Json, SuiteError> {
+    let text = read(path)?;
+    let node = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
+    Ok(node.to_json())
+}
+
+/// Loads `path` and everything it includes.
+pub fn load(path: &Path, data: &TemplateData) -> Result<Suite, SuiteError> {
+    let mut loader = Loader {
+        data,
+        suite: Suite {
+            checks: Vec::new(),
+            files: Vec::new(),
+            digest: String::new(),
+        },
+        stack: Vec::new(),
+        hasher: Sha256::new(),
+    };
+    loader.file(path, None)?;
+    let mut suite = loader.suite;
+    suite.digest = format!("sha256:{:x}", loader.hasher.finalize());
+    Ok(suite)
+}
+
+struct Loader<'a> {
+    data: &'a TemplateData,
+    suite: Suite,
+    /// The include chain, to detect loops.
+    stack: Vec<PathBuf>,
+    hasher: Sha256,
+}
+
+impl Loader<'_> {
+    fn file(&mut self, path: &Path, included_at: Option<(&Path, &Node)>) -> Result<(), SuiteError> {
+        let canonical = std::fs::canonicalize(path).map_err(|cause| match included_at {
+            Some((from, node)) => invalid(
+                from,
+                node.line,
+                node.column,
+                format!("cannot include {}: {cause}", path.display()),
+            ),
+            None => SuiteError::Read {
+                path: path.into(),
+                cause,
+            },
+        })?;
+        if let Some(start) = self.stack.iter().position(|p| *p == canonical) {
+            let (from, node) = included_at.expect("the first file cannot loop");
+            let chain: Vec<String> = self.stack[start..]
+                .iter()
+                .chain([&canonical])
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(invalid(
+                from,
+                node.line,
+                node.column,
+                format!("include loop: {}", chain.join(" -> ")),
+            ));
+        }
+        let raw = read(path)?;
+        let text =
+            template::render(&raw, self.data).map_err(|e| invalid(path, e.line, 1, e.message))?;
+        self.hasher.update(canonical.to_string_lossy().as_bytes());
+        self.hasher.update([0]);
+        self.hasher.update(text.as_bytes());
+        self.suite.files.push(path.to_path_buf());
+        let doc = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
+        self.stack.push(canonical);
+        let file: Arc<Path> = Arc::from(path);
+        let result = self.document(&file, &doc);
+        self.stack.pop();
+        result
+    }
+
+    fn document(&mut self, file: &Arc<Path>, doc: &Node) -> Result<(), SuiteError> {
+        let at = |e: Invalid| invalid(file, e.line, e.column, e.message);
+        let Value::Map(sections) = &doc.value else {
+            return Err(at(Invalid::at(
+                doc,
+                format!("a goss file is a map of resource types, not {}", doc.kind()),
+            )));
+        };
+        for (key, resources) in sections {
+            let name = key.as_text().unwrap_or_default();
+            let entries = entries_of(resources).map_err(at)?;
+            if name == "gossfile" {
+                for (include, settings) in entries {
+                    self.include(file, include, settings)?;
+                }
+                continue;
+            }
+            let kind = Kind::from_key(&name).ok_or_else(|| {
+                at(Invalid::at(
+                    key,
+                    format!(
+                        "unknown resource type {name:?}; known: {}",
+                        Kind::names().join(", ")
+                    ),
+                ))
+            })?;
+            for (id, body) in entries {
+                let check = parse_check(kind, id, body, file).map_err(at)?;
+                match self
+                    .suite
+                    .checks
+                    .iter_mut()
+                    .find(|c| c.kind == kind && c.id == check.id)
+                {
+                    Some(earlier) => *earlier = check,
+                    None => self.suite.checks.push(check),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn include(&mut self, from: &Arc<Path>, key: &Node, settings: &Node) -> Result<(), SuiteError> {
+        let at = |e: Invalid| invalid(from, e.line, e.column, e.message);
+        let mut skip = false;
+        for (name, value) in entries_of(settings).map_err(at)? {
+            match name.as_text().as_deref() {
+                Some("skip") => skip = boolean(value).map_err(at)?,
+                other => {
+                    return Err(at(Invalid::at(
+                        name,
+                        format!(
+                            "unknown gossfile attribute {:?}; known: skip",
+                            other.unwrap_or_default()
+                        ),
+                    )));
+                }
+            }
+        }
+        if skip {
+            return Ok(());
+        }
+        let pattern = key.as_text().unwrap_or_default();
+        let dir = from.parent().unwrap_or(Path::new("."));
+        for path in expand(&dir.join(&pattern)).map_err(|m| at(Invalid::at(key, m)))? {
+            self.file(&path, Some((from, key)))?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_check(kind: Kind, id: &Node, body: &Node, file: &Arc<Path>) -> Result<Check, Invalid> {
+    let mut check = Check {
+        kind,
+        id: id.as_text().unwrap_or_default(),
+        title: String::new(),
+        meta: Json::Null,
+        skip: false,
+        attributes: Vec::new(),
+        options: BTreeMap::new(),
+        file: file.clone(),
+        line: id.line,
+    };
+    kind.validate_id(&check.id)
+        .map_err(|m| Invalid::at(id, m))?;
+    for (key, value) in entries_of(body)? {
+        let name = key.as_text().unwrap_or_default();
+        match name.as_str() {
+            "skip" => check.skip = boolean(value)?,
+            "title" => check.title = value.as_text().unwrap_or_default(),
+            "meta" => check.meta = value.to_json(),
+            _ => match kind.role(&name) {
+                Some((name, Role::Checked(shape))) => check.attributes.push(Attribute {
+                    name,
+                    matcher: Matcher::parse(value, shape)?,
+                    expected: value.to_json(),
+                }),
+                Some((name, Role::Setting(setting))) => {
+                    setting.validate(value)?;
+                    check.options.insert(name, value.to_json());
+                }
+                None => {
+                    return Err(Invalid::at(
+                        key,
+                        format!(
+                            "unknown attribute {name:?} of {} {:?}; known: {}",
+                            kind.name(),
+                            check.id,
+                            kind.attribute_names().join(", ")
+                        ),
+                    ));
+                }
+            },
+        }
+    }
+    kind.validate(&check).map_err(|m| Invalid::at(id, m))?;
+    Ok(check)
+}
+
+/// The entries of a map; null (`key:` with nothing after it) is an empty map.
+fn entries_of(node: &Node) -> Result<&[(Node, Node)], Invalid> {
+    match &node.value {
+        Value::Map(entries) => Ok(entries),
+        Value::Null => Ok(&[]),
+        _ => Err(Invalid::at(
+            node,
+            format!("expected a map, found {}", node.kind()),
+        )),
+    }
+}
+
+fn boolean(node: &Node) -> Result<bool, Invalid> {
+    match node.value {
+        Value::Bool(b) => Ok(b),
+        _ => Err(Invalid::at(
+            node,
+            format!("expected true or false, found {}", node.kind()),
+        )),
+    }
+}
+
+/// A path, or the sorted matches of a glob (`*`, `?`) in its last component.
+fn expand(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !name.contains(['*', '?']) {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let listing =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let mut found: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .filter(|entry| glob(&name, &entry.file_name().to_string_lossy()))
+        .map(|entry| entry.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            (pi, ni) = (pi + 1, ni + 1);
+        } else if pi < p.len() && p[pi] == '*' {
+            (star, mark, pi) = (Some(pi), ni, pi + 1);
+        } else if let Some(s) = star {
+            (pi, mark) = (s + 1, mark + 1);
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+fn read(path: &Path) -> Result<String, SuiteError> {
+    std::fs::read_to_string(path).map_err(|cause| SuiteError::Read {
+        path: path.into(),
+        cause,
+    })
+}
+
+fn invalid(path: &Path, line: usize, column: usize, message: String) -> SuiteError {
+    SuiteError::Invalid {
+        path: path.into(),
+        line,
+        column,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.yaml", "a.yaml"));
+        assert!(glob("goss_?.yml", "goss_1.yml"));
+        assert!(!glob("*.yaml", "a.yml"));
+        assert!(glob("a*b*c", "aXXbYc"));
+        assert!(!glob("a*b", "ab/c"));
+    }
+}
