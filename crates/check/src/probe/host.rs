@@ -295,11 +295,7 @@ pub fn process<'a>(
     check: &'a Check,
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
-    move |_| {
-        Ok(json!(
-            system.processes()?.iter().any(|name| *name == check.id)
-        ))
-    }
+    move |_| Ok(json!(system.processes()?.contains(&check.id)))
 }
 
 /// systemd when it runs this machine; otherwise SysV init scripts under the target's root.

@@ -55,6 +55,9 @@ impl Target {
 
 type Table<T> = OnceLock<Result<T, String>>;
 
+/// Reads one attribute's value of a check.
+type Lookup<'a> = Box<dyn Fn(&str) -> Result<Json, String> + 'a>;
+
 /// One run's view of the system. Tables are read on first use, once.
 pub struct System<'a> {
     pub target: &'a Target,
@@ -118,7 +121,7 @@ fn table<T>(cell: &Table<T>, read: impl FnOnce() -> Result<T, String>) -> Result
 /// that could not be read (the attribute fails with that message).
 pub fn observe(check: &Check, system: &System) -> Vec<Result<Json, String>> {
     let names: Vec<&str> = check.attributes.iter().map(|a| a.name).collect();
-    let lookup: Box<dyn Fn(&str) -> Result<Json, String>> = match check.kind {
+    let lookup: Lookup = match check.kind {
         Kind::File => Box::new(file::observe(check, system)),
         Kind::Package => Box::new(host::package(check, system)),
         Kind::Service => Box::new(host::service(check, system)),
