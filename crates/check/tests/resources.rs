@@ -1,0 +1,790 @@
+//! Every resource type, passing and failing, against real files, sockets, processes and an HTTP
+//! server started here; malformed files; include loops.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use phoenix_check::{
+    Format, Report, RunOptions, Status, SuiteError, Target, TemplateData, load, render, run,
+};
+use serde_json::json;
+
+struct Scene {
+    dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        Scene {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn run(&self, goss: &str, target: &Target) -> Report {
+        let file = self.write("goss.yaml", goss);
+        let suite = load(&file, &TemplateData::default()).unwrap_or_else(|e| panic!("{e}"));
+        run(&suite, target, &RunOptions::default())
+    }
+}
+
+fn status(report: &Report, resource: &str, id: &str, property: &str) -> Status {
+    let found = report
+        .outcomes
+        .iter()
+        .find(|o| o.resource_type == resource && o.resource_id == id && o.property == property);
+    found
+        .unwrap_or_else(|| panic!("no outcome {resource} {id} {property} in {report:#?}"))
+        .result
+}
+
+/// Asserts each (type, id, property) has the status, and prints the report when not.
+fn expect(report: &Report, wanted: &[(&str, &str, &str, Status)]) {
+    for (resource, id, property, want) in wanted {
+        let got = status(report, resource, id, property);
+        assert_eq!(
+            got,
+            *want,
+            "{resource} {id} {property}\n{}",
+            render(report, Format::Documentation, false)
+        );
+    }
+}
+
+use Status::{Fail, Pass, Skip};
+
+#[test]
+fn files() {
+    let scene = Scene::new();
+    let file = scene.write("data/app.conf", "listen = 8080\nmode = fast\n");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink(&file, scene.path("data/link")).unwrap();
+    let (f, link, dir) = (
+        file.display(),
+        scene.path("data/link").display().to_string(),
+        scene.path("data").display().to_string(),
+    );
+    let uid = unsafe { libc::geteuid() };
+    let sha = format!("{:x}", sha256(std::fs::read(&file).unwrap()));
+    let goss = format!(
+        r#"
+file:
+  {f}:
+    exists: true
+    mode: "0640"
+    size: 26
+    uid: {uid}
+    filetype: file
+    contents: [listen, "/^mode = (fast|slow)$/", "!debug"]
+    sha256: {sha}
+    md5: {{have-len: 32}}
+  {link}:
+    filetype: symlink
+    linked-to: {f}
+    contents: {{contain-substring: "mode = fast"}}
+  {dir}:
+    filetype: directory
+    mode: {{match-regexp: "^07"}}
+  /nonexistent/phoenix-file:
+    exists: false
+  /nonexistent/phoenix-other:
+    exists: true
+    mode: "0644"
+"#
+    );
+    let report = scene.run(&goss, &Target::host());
+    let f = f.to_string();
+    expect(
+        &report,
+        &[
+            ("File", &f, "exists", Pass),
+            ("File", &f, "mode", Pass),
+            ("File", &f, "size", Pass),
+            ("File", &f, "uid", Pass),
+            ("File", &f, "filetype", Pass),
+            ("File", &f, "contents", Pass),
+            ("File", &f, "sha256", Pass),
+            ("File", &f, "md5", Pass),
+            ("File", &link, "filetype", Pass),
+            ("File", &link, "linked-to", Pass),
+            ("File", &link, "contents", Pass),
+            ("File", &dir, "filetype", Pass),
+            ("File", &dir, "mode", Pass),
+            ("File", "/nonexistent/phoenix-file", "exists", Pass),
+            ("File", "/nonexistent/phoenix-other", "exists", Fail),
+            ("File", "/nonexistent/phoenix-other", "mode", Fail),
+        ],
+    );
+    let changed = scene.run(
+        &format!(
+            "file:\n  {f}:\n    mode: \"0644\"\n    contents: [debug]\n    sha256: {}\n",
+            "0".repeat(64)
+        ),
+        &Target::host(),
+    );
+    expect(
+        &changed,
+        &[
+            ("File", &f, "mode", Fail),
+            ("File", &f, "contents", Fail),
+            ("File", &f, "sha256", Fail),
+        ],
+    );
+}
+
+fn sha256(bytes: Vec<u8>) -> impl std::fmt::LowerHex {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+}
+
+/// A root with the tables an image carries: users, groups, dpkg's database, init scripts.
+fn image_root(scene: &Scene) -> Target {
+    scene.write(
+        "root/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1001:1001:Alice:/home/alice:/bin/bash\n",
+    );
+    scene.write(
+        "root/etc/group",
+        "root:x:0:\nalice:x:1001:\ndocker:x:999:alice,bob\n",
+    );
+    scene.write(
+        "root/var/lib/dpkg/status",
+        "Package: nginx\nStatus: install ok installed\nVersion: 1.22.1-9\n\nPackage: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n",
+    );
+    scene.write("root/etc/init.d/web", "#!/bin/sh\nexit 0\n");
+    std::fs::create_dir_all(scene.path("root/etc/rc2.d")).unwrap();
+    std::os::unix::fs::symlink("../init.d/web", scene.path("root/etc/rc2.d/S01web")).unwrap();
+    scene.write("root/srv/www/index.html", "<h1>hi</h1>\n");
+    std::os::unix::fs::symlink("/srv/www", scene.path("root/var-www")).unwrap();
+    Target {
+        root: scene.path("root"),
+        env: None,
+        workdir: None,
+    }
+}
+
+#[test]
+fn users_groups_packages_and_services_of_an_image_root() {
+    let scene = Scene::new();
+    let target = image_root(&scene);
+    let goss = r#"
+user:
+  alice:
+    exists: true
+    uid: 1001
+    gid: {lt: 2000}
+    groups: {consist-of: [alice, docker]}
+    home: /home/alice
+    shell: {have-suffix: bash}
+  bob:
+    exists: true
+  root:
+    groups: [docker]
+group:
+  docker:
+    exists: true
+    gid: 999
+  wheel:
+    exists: false
+  nogroup:
+    exists: true
+package:
+  nginx:
+    installed: true
+    versions: {contain-element: {have-prefix: "1.22"}}
+  gone:
+    installed: false
+  apache2:
+    installed: true
+service:
+  web:
+    enabled: true
+    running: true
+  db:
+    enabled: true
+file:
+  /var-www/index.html:
+    contents: ["<h1>"]
+  /etc/passwd:
+    contents: [alice]
+"#;
+    let report = scene.run(goss, &target);
+    expect(
+        &report,
+        &[
+            ("User", "alice", "exists", Pass),
+            ("User", "alice", "uid", Pass),
+            ("User", "alice", "gid", Pass),
+            ("User", "alice", "groups", Pass),
+            ("User", "alice", "home", Pass),
+            ("User", "alice", "shell", Pass),
+            ("User", "bob", "exists", Fail),
+            ("User", "root", "groups", Fail),
+            ("Group", "docker", "exists", Pass),
+            ("Group", "docker", "gid", Pass),
+            ("Group", "wheel", "exists", Pass),
+            ("Group", "nogroup", "exists", Fail),
+            ("Package", "nginx", "installed", Pass),
+            ("Package", "nginx", "versions", Pass),
+            ("Package", "gone", "installed", Pass),
+            ("Package", "apache2", "installed", Fail),
+            ("Service", "web", "enabled", Pass),
+            // The running state of an image's service is not knowable from its files.
+            ("Service", "web", "running", Fail),
+            ("Service", "db", "enabled", Fail),
+            // Absolute symlinks resolve inside the root, as they will in the instance.
+            ("File", "/var-www/index.html", "contents", Pass),
+            ("File", "/etc/passwd", "contents", Pass),
+        ],
+    );
+}
+
+#[test]
+fn ports_addresses_and_interfaces() {
+    let scene = Scene::new();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (port, udp_port) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let goss = format!(
+        r#"
+port:
+  tcp:{port}:
+    listening: true
+    ip: [127.0.0.1]
+  udp:{udp_port}:
+    listening: true
+  tcp:{closed}:
+    listening: true
+  tcp6:{port}:
+    listening: false
+addr:
+  tcp://127.0.0.1:{port}:
+    reachable: true
+  tcp://127.0.0.1:{closed}:
+    reachable: true
+    timeout: 300
+interface:
+  lo:
+    exists: true
+    addrs: {{contain-element: 127.0.0.1/8}}
+    mtu: {{gt: 0}}
+  phoenix-nope0:
+    exists: true
+dns:
+  localhost:
+    resolvable: true
+    addrs: {{contain-element: 127.0.0.1}}
+  A:localhost:
+    resolveable: true
+  nonexistent.invalid:
+    resolvable: true
+    timeout: 2000
+"#
+    );
+    let report = scene.run(&goss, &Target::host());
+    let (p, u, c) = (
+        format!("tcp:{port}"),
+        format!("udp:{udp_port}"),
+        format!("tcp:{closed}"),
+    );
+    let (open_addr, closed_addr) = (
+        format!("tcp://127.0.0.1:{port}"),
+        format!("tcp://127.0.0.1:{closed}"),
+    );
+    expect(
+        &report,
+        &[
+            ("Port", &p, "listening", Pass),
+            ("Port", &p, "ip", Pass),
+            ("Port", &u, "listening", Pass),
+            ("Port", &c, "listening", Fail),
+            ("Port", &format!("tcp6:{port}"), "listening", Pass),
+            ("Addr", &open_addr, "reachable", Pass),
+            ("Addr", &closed_addr, "reachable", Fail),
+            ("Interface", "lo", "exists", Pass),
+            ("Interface", "lo", "addrs", Pass),
+            ("Interface", "lo", "mtu", Pass),
+            ("Interface", "phoenix-nope0", "exists", Fail),
+            ("DNS", "localhost", "resolvable", Pass),
+            ("DNS", "localhost", "addrs", Pass),
+            ("DNS", "A:localhost", "resolveable", Pass),
+            ("DNS", "nonexistent.invalid", "resolvable", Fail),
+        ],
+    );
+    drop((tcp, udp));
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn processes_commands_kernel_params_mounts_and_matching() {
+    let scene = Scene::new();
+    let sleeper = scene.path("phxsleeper");
+    std::fs::copy("/bin/sleep", &sleeper).unwrap();
+    let _child = Reaped(Command::new(&sleeper).arg("30").spawn().unwrap());
+    let goss = r#"
+process:
+  phxsleeper:
+    running: true
+  phoenix-never-runs:
+    running: true
+command:
+  greet:
+    exec: "echo hello; echo oops >&2; exit 3"
+    exit-status: 3
+    stdout: [hello]
+    stderr: ["/o+ps/"]
+  whole output:
+    exec: "printf 'a\nb\n'"
+    stdout: "a\nb"
+    exit-status: {lt: 1}
+  wrong:
+    exec: "echo hello"
+    exit-status: 1
+    stdout: ["!hello"]
+  slow:
+    exec: "sleep 5"
+    exit-status: 0
+    timeout: 200
+kernel-param:
+  kernel.ostype:
+    value: Linux
+  kernel.pid_max:
+    value: {gt: 100}
+  kernel.hostname:
+    value: phoenix-not-this-host
+mount:
+  /proc:
+    exists: true
+    filesystem: proc
+    opts: {contain-element: {match-regexp: "^r[wo]$"}}
+  /:
+    usage: {le: 100}
+  /nonexistent-mount:
+    exists: true
+matching:
+  three numbers:
+    content: [1, 2, 3]
+    matches: {and: [{have-len: 3}, {contain-element: 2}, {not: {contain-element: 4}}]}
+  text:
+    content: "phoenix"
+    matches: {or: [{have-prefix: x}, {have-suffix: y}]}
+"#;
+    let started = std::time::Instant::now();
+    let report = scene.run(goss, &Target::host());
+    expect(
+        &report,
+        &[
+            ("Process", "phxsleeper", "running", Pass),
+            ("Process", "phoenix-never-runs", "running", Fail),
+            ("Command", "greet", "exit-status", Pass),
+            ("Command", "greet", "stdout", Pass),
+            ("Command", "greet", "stderr", Pass),
+            ("Command", "whole output", "stdout", Pass),
+            ("Command", "whole output", "exit-status", Pass),
+            ("Command", "wrong", "exit-status", Fail),
+            ("Command", "wrong", "stdout", Fail),
+            ("Command", "slow", "exit-status", Fail),
+            ("KernelParam", "kernel.ostype", "value", Pass),
+            ("KernelParam", "kernel.pid_max", "value", Pass),
+            ("KernelParam", "kernel.hostname", "value", Fail),
+            ("Mount", "/proc", "exists", Pass),
+            ("Mount", "/proc", "filesystem", Pass),
+            ("Mount", "/proc", "opts", Pass),
+            ("Mount", "/", "usage", Pass),
+            ("Mount", "/nonexistent-mount", "exists", Fail),
+            ("Matching", "three numbers", "matches", Pass),
+            ("Matching", "text", "matches", Fail),
+        ],
+    );
+    let slow = report
+        .outcomes
+        .iter()
+        .find(|o| o.resource_id == "slow")
+        .unwrap();
+    assert!(slow.error.contains("timed out after 200 ms"), "{slow:?}");
+    // The 5 s command was killed, not waited for.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A small HTTP/1.1 server: `/ok`, `/redirect`, `/chunked`, `/auth`, anything else 500.
+fn http_server() -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(7) {
+            let mut stream = stream.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let target = head.split(' ').nth(1).unwrap_or("");
+            let path = target.split('?').next().unwrap_or("").to_string();
+            let response = match path.as_str() {
+                "/ok" => {
+                    "HTTP/1.1 200 OK\r\nX-Test: yes\r\nContent-Length: 12\r\n\r\nhello world\n"
+                        .to_string()
+                }
+                "/redirect" => {
+                    "HTTP/1.1 302 Found\r\nLocation: /ok\r\nContent-Length: 0\r\n\r\n".to_string()
+                }
+                "/chunked" => {
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n"
+                        .to_string()
+                }
+                "/auth"
+                    if head.contains("Authorization: Basic dTpw") && head.contains("X-Want: 1") =>
+                {
+                    "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+                }
+                _ => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom"
+                    .to_string(),
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn http() {
+    let scene = Scene::new();
+    let (port, server) = http_server();
+    let base = format!("http://127.0.0.1:{port}");
+    let goss = format!(
+        r#"
+http:
+  {base}/ok:
+    status: 200
+    body: [hello, "/wor.d/"]
+    headers: ["X-Test: yes"]
+  {base}/redirect:
+    status: 200
+    body: [hello]
+  {base}/redirect?again:
+    status: 302
+    no-follow-redirects: true
+  {base}/chunked:
+    status: 200
+    body: {{equal: chunky}}
+  {base}/auth:
+    status: 204
+    username: u
+    password: p
+    request-headers: ["X-Want: 1"]
+  {base}/broken:
+    status: 200
+    body: [hello]
+"#
+    );
+    let report = scene.run(&goss, &Target::host());
+    server.join().unwrap();
+    expect(
+        &report,
+        &[
+            ("HTTP", &format!("{base}/ok"), "status", Pass),
+            ("HTTP", &format!("{base}/ok"), "body", Pass),
+            ("HTTP", &format!("{base}/ok"), "headers", Pass),
+            ("HTTP", &format!("{base}/redirect"), "status", Pass),
+            ("HTTP", &format!("{base}/redirect"), "body", Pass),
+            ("HTTP", &format!("{base}/redirect?again"), "status", Pass),
+            ("HTTP", &format!("{base}/chunked"), "body", Pass),
+            ("HTTP", &format!("{base}/auth"), "status", Pass),
+            ("HTTP", &format!("{base}/broken"), "status", Fail),
+            ("HTTP", &format!("{base}/broken"), "body", Fail),
+        ],
+    );
+}
+
+#[test]
+fn includes_templates_skip_title_meta_and_retries() {
+    let scene = Scene::new();
+    scene.write(
+        "parts/a.yaml",
+        "file:\n  {{.Vars.dir}}/marker:\n    exists: true\n",
+    );
+    scene.write("parts/b.yaml", "command:\n  echo {{.Env.PHOENIX_TEST_WORD}}:\n    stdout: [\"{{.Env.PHOENIX_TEST_WORD}}\"]\n");
+    scene.write("parts/skipped.yml", "this is not: [valid");
+    scene.write("marker", "");
+    let vars = scene.write(
+        "vars.yaml",
+        &format!("dir: {}\n", scene.dir.path().display()),
+    );
+    let main = scene.write(
+        "goss.yaml",
+        "gossfile:\n  parts/*.yaml: {}\n  parts/skipped.yml: {skip: true}\nprocess:\n  phoenix-never:\n    running: true\n    skip: true\n    title: never runs\n    meta: {owner: ops}\n",
+    );
+    let data = TemplateData {
+        vars: phoenix_check::load_vars(&vars).unwrap(),
+        env: BTreeMap::from([("PHOENIX_TEST_WORD".to_string(), "phoenix".to_string())]),
+    };
+    let suite = load(&main, &data).unwrap();
+    assert_eq!(suite.files.len(), 3, "{:?}", suite.files);
+    assert!(suite.digest.starts_with("sha256:"));
+    let report = run(&suite, &Target::host(), &RunOptions::default());
+    let marker = format!("{}/marker", scene.dir.path().display());
+    expect(
+        &report,
+        &[
+            ("File", &marker, "exists", Pass),
+            ("Command", "echo phoenix", "stdout", Pass),
+            ("Process", "phoenix-never", "running", Skip),
+        ],
+    );
+    let skipped = report.outcomes.iter().find(|o| o.result == Skip).unwrap();
+    assert_eq!(
+        (skipped.title.as_str(), skipped.meta.clone()),
+        ("never runs", json!({"owner": "ops"}))
+    );
+
+    // Retries: a file that appears while the runner waits.
+    let late = scene.path("late");
+    let goss = scene.write(
+        "late.yaml",
+        &format!("file:\n  {}:\n    exists: true\n", late.display()),
+    );
+    let suite = load(&goss, &TemplateData::default()).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(late, "").unwrap();
+    });
+    let options = RunOptions {
+        retry_timeout: Duration::from_secs(10),
+        sleep: Duration::from_millis(100),
+        ..RunOptions::default()
+    };
+    let report = run(&suite, &Target::host(), &options);
+    writer.join().unwrap();
+    assert!(report.passed(), "{report:#?}");
+    assert!(report.attempts > 1, "{}", report.attempts);
+}
+
+fn load_error(scene: &Scene, name: &str, text: &str) -> (PathBuf, usize, usize, String) {
+    let path = scene.write(name, text);
+    match load(&path, &TemplateData::default()) {
+        Err(SuiteError::Invalid {
+            path,
+            line,
+            column,
+            message,
+        }) => (path, line, column, message),
+        other => panic!("{name}: expected an invalid file, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_files_name_file_line_and_key() {
+    let scene = Scene::new();
+    let cases = [
+        (
+            "type.yaml",
+            "file:\n  /etc: {exists: true}\nfiles:\n  /x: {}\n",
+            3,
+            "unknown resource type \"files\"",
+        ),
+        (
+            "attr.yaml",
+            "file:\n  /etc:\n    exists: true\n    colour: red\n",
+            4,
+            "unknown attribute \"colour\" of file",
+        ),
+        (
+            "matcher.yaml",
+            "user:\n  root:\n    uid:\n      bigger-than: 1\n",
+            4,
+            "unknown matcher \"bigger-than\"",
+        ),
+        ("syntax.yaml", "file:\n  /etc:\n    exists: [true\n", 0, ""),
+        (
+            "template.yaml",
+            "file:\n\n  {{.Vars.missing}}:\n    exists: true\n",
+            3,
+            "no variable .Vars.missing",
+        ),
+        (
+            "port.yaml",
+            "port:\n  tcp:http:\n    listening: true\n",
+            2,
+            "bad port",
+        ),
+        (
+            "setting.yaml",
+            "command:\n  x:\n    timeout: soon\n",
+            3,
+            "expected a positive number of milliseconds",
+        ),
+        (
+            "dup.yaml",
+            "file:\n  /a: {}\n  /a: {}\n",
+            3,
+            "duplicate key",
+        ),
+    ];
+    for (name, text, line, message) in cases {
+        let (path, got_line, column, got) = load_error(&scene, name, text);
+        assert_eq!(path, scene.path(name));
+        assert!(column >= 1, "{name}: {column}");
+        if line > 0 {
+            assert_eq!(got_line, line, "{name}: {got}");
+            assert!(got.contains(message), "{name}: {got}");
+        }
+    }
+    let error = load(
+        &scene.write("e.yaml", "file:\n  /etc:\n    colour: red\n"),
+        &TemplateData::default(),
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().starts_with(&format!(
+            "{}:3:5: unknown attribute",
+            scene.path("e.yaml").display()
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn include_loops_are_detected() {
+    let scene = Scene::new();
+    scene.write("a.yaml", "gossfile:\n  b.yaml: {}\n");
+    scene.write(
+        "b.yaml",
+        "file:\n  /etc: {exists: true}\ngossfile:\n  sub/c.yaml: {}\n",
+    );
+    scene.write("sub/c.yaml", "gossfile:\n  ../a.yaml: {}\n");
+    let (path, line, _, message) = match load(&scene.path("a.yaml"), &TemplateData::default()) {
+        Err(SuiteError::Invalid {
+            path,
+            line,
+            column,
+            message,
+        }) => (path, line, column, message),
+        other => panic!("expected a loop, got {other:?}"),
+    };
+    assert_eq!((path, line), (scene.path("sub/c.yaml"), 2));
+    assert!(message.starts_with("include loop: "), "{message}");
+    assert!(
+        message.contains("a.yaml -> ") && message.ends_with("a.yaml"),
+        "{message}"
+    );
+    // Including the same file twice without a loop is fine.
+    scene.write("d.yaml", "gossfile:\n  b2.yaml: {}\n  b2.yaml2: {}\n");
+    scene.write("b2.yaml", "file:\n  /etc: {exists: true}\n");
+    std::os::unix::fs::symlink(scene.path("b2.yaml"), scene.path("b2.yaml2")).unwrap();
+    assert_eq!(
+        load(&scene.path("d.yaml"), &TemplateData::default())
+            .unwrap()
+            .checks
+            .len(),
+        1
+    );
+    let missing = load(
+        &scene.write("m.yaml", "gossfile:\n  nope.yaml: {}\n"),
+        &TemplateData::default(),
+    )
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("m.yaml:2:3: cannot include"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn report_formats() {
+    let scene = Scene::new();
+    let report = scene.run("file:\n  /:\n    exists: true\n  /nonexistent-x:\n    exists: true\n  /etc:\n    exists: true\n    skip: true\n", &Target::host());
+    let json: serde_json::Value =
+        serde_json::from_str(&render(&report, Format::Json, false)).unwrap();
+    assert_eq!(json["summary"]["test-count"], 3);
+    assert_eq!(json["summary"]["failed-count"], 1);
+    assert_eq!(json["results"][1]["result"], "fail");
+    let junit = render(&report, Format::Junit, false);
+    assert!(
+        junit.contains("tests=\"3\" failures=\"1\" skipped=\"1\""),
+        "{junit}"
+    );
+    assert_eq!(junit.matches("<testcase ").count(), 3);
+    let tap = render(&report, Format::Tap, false);
+    assert_eq!(
+        tap.lines().collect::<Vec<_>>()[0..2],
+        ["1..3", "ok 1 - File: /: exists: matches expectation: true"]
+    );
+    assert!(
+        tap.contains(
+            "not ok 2 - File: /nonexistent-x: exists: doesn't match, expect: true found: false"
+        ),
+        "{tap}"
+    );
+    assert!(tap.contains("ok 3 - # SKIP"), "{tap}");
+    let rspec = render(&report, Format::Rspecish, false);
+    assert!(
+        rspec.starts_with(".FS\n") && rspec.contains("Count: 3, Failed: 1, Skipped: 1"),
+        "{rspec}"
+    );
+    let colored = render(&report, Format::Documentation, true);
+    assert!(
+        colored.contains("\x1b[31m") && colored.contains("\x1b[32m"),
+        "{colored}"
+    );
+    assert_eq!(render(&report, Format::Silent, false), "");
+    assert!("nagios".parse::<Format>().is_err());
+}
+
+#[test]
+fn hundreds_of_checks_share_the_tables_of_one_run() {
+    // 200 user checks and 200 port checks on the worker pool, all reading the same two tables.
+    let scene = Scene::new();
+    let mut goss = String::from("user:\n");
+    for i in 0..200 {
+        goss.push_str(&format!("  phoenix-nobody-{i}:\n    exists: false\n"));
+    }
+    goss.push_str("port:\n");
+    for i in 0..200 {
+        goss.push_str(&format!(
+            "  tcp:{}:\n    listening: {{or: [true, false]}}\n",
+            1000 + i
+        ));
+    }
+    let report = scene.run(&goss, &Target::host());
+    assert_eq!(report.outcomes.len(), 400);
+    assert!(
+        report.passed(),
+        "{}",
+        render(&report, Format::Rspecish, false)
+    );
+}
