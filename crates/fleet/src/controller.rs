@@ -268,6 +268,16 @@ impl Inner {
         }
     }
 
+    /// What verifying an image needs.
+    pub fn verifier(&self) -> crate::Verifier {
+        crate::Verifier {
+            store: self.store.clone(),
+            images: self.images.clone(),
+            driver: self.driver.clone(),
+            state_dir: self.state_dir.clone(),
+        }
+    }
+
     /// Reads the fleet file again (deploys pick up edits).
     pub fn reload_fleet(&self) -> Result<FleetFile, FleetError> {
         Ok(FleetFile::load(&self.fleet_path)?)

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 
 use crate::controller::{Controller, Generation, Inner, Role};
 use crate::instance::{self, Instance, log_tail};
-use crate::{FleetError, bake};
+use crate::config::RoleConfig;
+use crate::verify::{self, VerifyOptions};
+use crate::{FleetError, FleetFile, bake};
 
 /// What to deploy.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,13 @@ pub struct DeployOptions {
     pub image: Option<String>,
     /// Deploy the image of the generation that served before the live one.
     pub rollback: bool,
+}
+
+/// A verification a deploy ran before booting the image.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Verified {
+    pub checks: u32,
+    pub ms: u64,
 }
 
 /// The outcome and timings of a successful deploy.
@@ -38,6 +47,9 @@ pub struct DeployReport {
     pub switch_us: u64,
     pub drain_ms: u64,
     pub stop_ms: u64,
+    /// The image's verification, when this deploy ran it.
+    #[serde(default)]
+    pub verified: Option<Verified>,
     /// Requests still running on the old generation when the drain deadline passed.
     pub abandoned_requests: usize,
     /// Microseconds from the switch to the first request routed to the new generation
@@ -97,8 +109,9 @@ async fn deploy(
         return Err(FleetError::ShuttingDown);
     }
     let live = role.live();
-    let (image, baked) = choose_image(inner, &role, live.as_ref(), &options, progress).await?;
-    let bake_ms = started.elapsed().as_millis() as u64;
+    let (image, baked, verified) =
+        choose_image(inner, &role, live.as_ref(), &options, progress).await?;
+    let bake_ms = started.elapsed().as_millis() as u64 - verified.map_or(0, |v| v.ms);
     let config = role.config();
     let previous_image = live.as_ref().map(|g| g.image.clone());
     progress.say(format!(
@@ -237,6 +250,7 @@ async fn deploy(
         switch_us,
         drain_ms,
         stop_ms,
+        verified,
         abandoned_requests,
         first_request_after_switch_us: generation
             .instances()
@@ -257,14 +271,15 @@ async fn deploy(
 }
 
 /// Picks the image to deploy: the rollback target, the given reference, or a fresh bake of the
-/// role's recipe from the (re-read) fleet file. Returns the digest and whether it was newly baked.
+/// role's recipe from the (re-read) fleet file. Returns the digest, whether it was newly baked,
+/// and the verification this deploy ran.
 async fn choose_image(
     inner: &Arc<Inner>,
     role: &Role,
     live: Option<&Arc<Generation>>,
     options: &DeployOptions,
     progress: &Progress,
-) -> Result<(String, bool), FleetError> {
+) -> Result<(String, bool, Option<Verified>), FleetError> {
     if options.rollback {
         let no_previous = || FleetError::NoPrevious {
             role: role.name.clone(),
@@ -279,13 +294,15 @@ async fn choose_image(
             "rolling back to the image of generation {}",
             previous.id
         ));
-        return Ok((previous.image, false));
+        return Ok((previous.image, false, None));
     }
     if let Some(reference) = &options.image {
         let key = reference.clone();
         let found = inner.db(move |s| s.find_image(&key)).await?;
         let image = found.ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
-        return Ok((image.digest, false));
+        let fleet = inner.reload_fleet()?;
+        gate(inner, fleet, image.name, image.digest.clone()).await?;
+        return Ok((image.digest, false, None));
     }
     let fleet = inner.reload_fleet()?;
     let config = fleet
@@ -297,7 +314,7 @@ async fn choose_image(
         })?;
     role.set_config(config.clone());
     progress.say(format!("baking image {}", config.image));
-    let outcome = bake::bake_in_background(inner, fleet, config.image).await?;
+    let outcome = bake::bake_in_background(inner, fleet.clone(), config.image.clone()).await?;
     let state = if outcome.new { "baked" } else { "unchanged" };
     progress.say(format!(
         "image {} {state}: {} ({} ms)",
@@ -305,7 +322,59 @@ async fn choose_image(
         short_digest(&outcome.digest),
         outcome.millis
     ));
-    Ok((outcome.digest, outcome.new))
+    let verified =
+        verify_if_needed(inner, &fleet, &outcome.name, &outcome.digest, &config, progress).await?;
+    gate(inner, fleet, outcome.name, outcome.digest.clone()).await?;
+    Ok((outcome.digest, outcome.new, verified))
+}
+
+/// Verifies a freshly baked image whose recipe has checks, unless it already passed: bake,
+/// verify and deploy are one pipeline.
+async fn verify_if_needed(
+    inner: &Arc<Inner>,
+    fleet: &FleetFile,
+    name: &str,
+    digest: &str,
+    config: &RoleConfig,
+    progress: &Progress,
+) -> Result<Option<Verified>, FleetError> {
+    if verify::checks_of(fleet, name).is_none() {
+        return Ok(None);
+    }
+    let key = digest.to_string();
+    let latest = inner.db(move |s| s.latest_verification(&key)).await?;
+    if latest.is_some_and(|row| row.passed) {
+        return Ok(None);
+    }
+    let options = VerifyOptions {
+        stop_timeout: config.stop_timeout,
+        ..VerifyOptions::default()
+    };
+    let started = Instant::now();
+    let verification = inner
+        .verifier()
+        .verify(fleet, name, digest, &options, progress, inner.clock.now_ms())
+        .await?;
+    // Boot, checks and stop: the whole time the deploy spent verifying.
+    let (row, ms) = (&verification.row, started.elapsed().as_millis() as u64);
+    progress.say(format!(
+        "verification {}: {} checks, {} failed ({ms} ms)",
+        if row.passed { "passed" } else { "failed" },
+        row.total,
+        row.failed,
+    ));
+    Ok(Some(Verified {
+        checks: row.total,
+        ms,
+    }))
+}
+
+/// The deploy gate, off the async runtime.
+async fn gate(inner: &Arc<Inner>, fleet: FleetFile, name: String, digest: String) -> Result<(), FleetError> {
+    let store = inner.store.clone();
+    tokio::task::spawn_blocking(move || verify::gate(&store, &fleet, &name, &digest))
+        .await
+        .map_err(|e| FleetError::Internal(e.to_string()))?
 }
 
 /// Starts `count` instances of `generation` and waits until every one is healthy.

@@ -12,6 +12,7 @@ mod membership;
 mod metrics;
 mod recover;
 mod status;
+mod verify;
 
 pub use bake::{BakeOutcome, bake_image};
 pub use clock::{Clock, Namer, SystemClock};
@@ -20,8 +21,9 @@ pub use config::{
     ProxySettings, RoleConfig, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
-pub use deploy::{DeployOptions, DeployReport, Progress};
+pub use deploy::{DeployOptions, DeployReport, Progress, Verified};
 pub use status::{FleetStatus, GenerationView, InstanceView, RoleStatus};
+pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};
 
 /// What can go wrong in the fleet.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,12 @@ pub enum FleetError {
     Store(#[from] phoenix_store::StoreError),
     #[error(transparent)]
     Driver(#[from] phoenix_driver::DriverError),
+    #[error(transparent)]
+    Checks(#[from] phoenix_check::SuiteError),
+    #[error("[image.{name}] in {file} has no `checks = \"PATH\"` to verify with")]
+    NoChecks { name: String, file: String },
+    #[error("image {image} cannot be deployed: {reason}")]
+    NotVerified { image: String, reason: String },
     #[error("no role {role:?} (roles: {known})")]
     UnknownRole { role: String, known: String },
     #[error("no [image.{name}] in {file} (images: {known})")]

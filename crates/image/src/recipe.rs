@@ -23,6 +23,9 @@ pub struct Recipe {
     pub cmd: Vec<String>,
     /// Working directory inside the image (default `/`).
     pub workdir: Option<String>,
+    /// A goss-format check file (relative to the fleet file) that an instance of the image must
+    /// pass before the image can be deployed. Not part of the image: changing it rebakes nothing.
+    pub checks: Option<String>,
 }
 
 /// The base an image starts from.

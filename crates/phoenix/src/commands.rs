@@ -194,12 +194,16 @@ impl ProgressOutput {
 /// The one-line summary of a deploy.
 pub fn summary(report: &DeployReport) -> String {
     format!(
-        "deployed {} generation {} ({}) in {:.1} s: bake {} ms, boot to healthy {} ms, switch {} µs{}, drain {} ms, stop {} ms",
+        "deployed {} generation {} ({}) in {:.1} s: bake {} ms, {}boot to healthy {} ms, switch {} µs{}, drain {} ms, stop {} ms",
         report.role,
         report.generation,
         short_digest(&report.image),
         report.total_ms as f64 / 1000.0,
         report.bake_ms,
+        report
+            .verified
+            .map(|v| format!("verify {} ms ({} checks), ", v.ms, v.checks))
+            .unwrap_or_default(),
         report.boot_to_healthy_ms,
         report.switch_us,
         report

@@ -222,6 +222,12 @@ fn print_summary(s: &Summary) {
         ),
     );
     row(
+        "v2 verified before the deploy",
+        s.upgrade.verified.map_or("not verified".into(), |v| {
+            format!("{} goss checks passed on a throwaway instance ({} ms)", v.checks, v.ms)
+        }),
+    );
+    row(
         "blue-green deploy v1 -> v2",
         format!(
             "{:.2} s: bake {} ms, boot to healthy {} ms, drain {} ms, stop {} ms",
@@ -295,7 +301,8 @@ fn find_app(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(path.canonicalize()?)
 }
 
-/// The demo's fleet file: the hello app at `version`, optionally failing its health check.
+/// The demo's fleet file (and its check file): the hello app at `version`, optionally failing
+/// its health check.
 fn write_fleet(path: &Path, app: &Path, version: &str, fail_health: bool) -> anyhow::Result<()> {
     let app = app
         .display()
@@ -313,6 +320,7 @@ from = "scratch"
 copy = [{{ src = "{app}", dst = "/bin/hello" }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
+checks = "checks.yaml"
 
 [role.web]
 image = "hello"
@@ -333,8 +341,13 @@ healthy_timeout = "5s"
 drain = "10s"
 "#
     );
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    let checks = path.with_file_name("checks.yaml");
+    std::fs::write(&checks, HELLO_CHECKS).with_context(|| format!("cannot write {}", checks.display()))
 }
+
+/// The example's check file: every image the demo deploys is verified with it first.
+const HELLO_CHECKS: &str = include_str!("../../../examples/hello/checks.yaml");
 
 /// Removes the demo directory; unpacked image roots are read-only, so restore write access first.
 fn remove_dir(dir: &Path) {

@@ -8,6 +8,7 @@ mod handlers;
 mod load;
 mod proxy_cmd;
 mod up;
+mod verify_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ enum Command {
     Bake(commands::BakeArgs),
     /// List baked images.
     Images(commands::ImagesArgs),
+    /// Run goss-format checks: on this machine (--host FILE), on a throwaway instance of an
+    /// image (recorded; deploys need a pass), or as a health endpoint (serve FILE).
+    Verify(verify_cmd::VerifyArgs),
     /// Tell the whole story in about a minute, in a temporary state directory.
     Demo(demo::DemoArgs),
     /// Run the proxy alone in front of a fixed list of backends.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
             Command::History(args) => commands::history(&cli.state, args).await,
             Command::Bake(args) => commands::bake(&cli.state, args).await,
             Command::Images(args) => commands::images(&cli.state, args).await,
+            Command::Verify(args) => verify_cmd::run(&cli.state, args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::run(args).await,

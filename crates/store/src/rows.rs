@@ -75,6 +75,41 @@ impl ImageRow {
     }
 }
 
+/// The result of verifying an image with its recipe's checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationRow {
+    /// The image's digest.
+    pub image: String,
+    /// The recipe whose checks ran.
+    pub name: String,
+    /// The digest of the rendered check files.
+    pub checks: String,
+    pub passed: bool,
+    pub total: u32,
+    pub failed: u32,
+    /// One line per failed check (at most the first few dozen).
+    pub failures: Vec<String>,
+    pub at: i64,
+}
+
+impl VerificationRow {
+    pub(crate) fn from_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<Self, String>> {
+        let failures: String = row.get(7)?;
+        Ok(serde_json::from_str(&failures)
+            .map_err(|e| format!("failures {failures:?}: {e}"))
+            .map(|failures| VerificationRow {
+                image: row.get(0).unwrap_or_default(),
+                name: row.get(1).unwrap_or_default(),
+                checks: row.get(2).unwrap_or_default(),
+                passed: row.get::<_, i64>(3).unwrap_or_default() != 0,
+                total: row.get::<_, i64>(4).unwrap_or_default() as u32,
+                failed: row.get::<_, i64>(5).unwrap_or_default() as u32,
+                failures,
+                at: row.get(6).unwrap_or_default(),
+            }))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GenerationRow {
     pub id: i64,

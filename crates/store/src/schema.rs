@@ -56,6 +56,19 @@ CREATE INDEX journal_by_role ON journal (role, seq);
 -- The journal is append-only: history is never rewritten.
 CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
 CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+"#, r#"
+CREATE TABLE verifications (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    image    TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    checks   TEXT NOT NULL,
+    passed   INTEGER NOT NULL,
+    total    INTEGER NOT NULL,
+    failed   INTEGER NOT NULL,
+    failures TEXT NOT NULL,
+    at       INTEGER NOT NULL
+);
+CREATE INDEX verifications_by_image ON verifications (image, id);
 "#];
 
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {

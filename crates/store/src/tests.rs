@@ -155,3 +155,31 @@ fn journal_is_append_only_and_filtered_by_role() {
         "updates are refused"
     );
 }
+
+#[test]
+fn the_latest_verification_of_an_image_counts() {
+    let (_dir, store) = store();
+    assert_eq!(store.latest_verification("sha256:aa").unwrap(), None);
+    let failed = VerificationRow {
+        image: "sha256:aa".into(),
+        name: "web".into(),
+        checks: "sha256:cc".into(),
+        passed: false,
+        total: 3,
+        failed: 1,
+        failures: vec!["File: /x: exists: doesn't match".into()],
+        at: 1,
+    };
+    store.record_verification(&failed).unwrap();
+    assert_eq!(store.latest_verification("sha256:aa").unwrap(), Some(failed.clone()));
+    let passed = VerificationRow {
+        passed: true,
+        failed: 0,
+        failures: Vec::new(),
+        at: 2,
+        ..failed
+    };
+    store.record_verification(&passed).unwrap();
+    assert_eq!(store.latest_verification("sha256:aa").unwrap(), Some(passed));
+    assert_eq!(store.latest_verification("sha256:bb").unwrap(), None);
+}

@@ -11,6 +11,7 @@ fn recipe(copy: Vec<CopyStep>) -> Recipe {
         entrypoint: vec!["/bin/app".into()],
         cmd: vec![],
         workdir: None,
+        checks: None,
     }
 }
 
