@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::config::RoleConfig;
 use crate::controller::{Controller, Generation, Inner, Role};
 use crate::instance::{self, Instance, log_tail};
-use crate::config::RoleConfig;
 use crate::verify::{self, VerifyOptions};
 use crate::{FleetError, FleetFile, bake};
 
@@ -322,8 +322,15 @@ async fn choose_image(
         short_digest(&outcome.digest),
         outcome.millis
     ));
-    let verified =
-        verify_if_needed(inner, &fleet, &outcome.name, &outcome.digest, &config, progress).await?;
+    let verified = verify_if_needed(
+        inner,
+        &fleet,
+        &outcome.name,
+        &outcome.digest,
+        &config,
+        progress,
+    )
+    .await?;
     gate(inner, fleet, outcome.name, outcome.digest.clone()).await?;
     Ok((outcome.digest, outcome.new, verified))
 }
@@ -353,7 +360,14 @@ async fn verify_if_needed(
     let started = Instant::now();
     let verification = inner
         .verifier()
-        .verify(fleet, name, digest, &options, progress, inner.clock.now_ms())
+        .verify(
+            fleet,
+            name,
+            digest,
+            &options,
+            progress,
+            inner.clock.now_ms(),
+        )
         .await?;
     // Boot, checks and stop: the whole time the deploy spent verifying.
     let (row, ms) = (&verification.row, started.elapsed().as_millis() as u64);
@@ -370,7 +384,12 @@ async fn verify_if_needed(
 }
 
 /// The deploy gate, off the async runtime.
-async fn gate(inner: &Arc<Inner>, fleet: FleetFile, name: String, digest: String) -> Result<(), FleetError> {
+async fn gate(
+    inner: &Arc<Inner>,
+    fleet: FleetFile,
+    name: String,
+    digest: String,
+) -> Result<(), FleetError> {
     let store = inner.store.clone();
     tokio::task::spawn_blocking(move || verify::gate(&store, &fleet, &name, &digest))
         .await

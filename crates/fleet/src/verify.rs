@@ -108,7 +108,10 @@ impl Verifier {
         .await
         .map_err(|e| FleetError::Internal(e.to_string()))??;
         let instance = format!("verify-{}", short_digest(digest));
-        let log_path = self.state_dir.join("logs").join(format!("{instance}-{now}.log"));
+        let log_path = self
+            .state_dir
+            .join("logs")
+            .join(format!("{instance}-{now}.log"));
         let mut env: Vec<(String, String)> = config
             .env
             .iter()
@@ -118,7 +121,12 @@ impl Verifier {
         let spec = InstanceSpec {
             name: instance.clone(),
             root: root.clone(),
-            argv: config.entrypoint.iter().chain(&config.cmd).cloned().collect(),
+            argv: config
+                .entrypoint
+                .iter()
+                .chain(&config.cmd)
+                .cloned()
+                .collect(),
             env: env.clone(),
             workdir: config.working_dir.clone(),
             log_path: log_path.clone(),
@@ -136,7 +144,11 @@ impl Verifier {
         let outcome = run_checks(&checks, target, env, options).await;
         process.stop(options.stop_timeout).await;
         let (suite_digest, report) = outcome?;
-        let failures: Vec<String> = report.failures().take(FAILURES_KEPT).map(describe).collect();
+        let failures: Vec<String> = report
+            .failures()
+            .take(FAILURES_KEPT)
+            .map(describe)
+            .collect();
         let row = VerificationRow {
             image: digest.into(),
             name: name.into(),
@@ -160,7 +172,11 @@ impl Verifier {
             true => Vec::new(),
             false => crate::instance::log_tail(&log_path, 10),
         };
-        Ok(Verification { row, report, log_tail })
+        Ok(Verification {
+            row,
+            report,
+            log_tail,
+        })
     }
 }
 
@@ -169,7 +185,10 @@ impl Verifier {
 fn instance_target(root: &Path, workdir: &str, env: &[(String, String)]) -> Target {
     let mut env = env.to_vec();
     if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())));
+        env.push((
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        ));
     }
     Target {
         root: root.to_path_buf(),
@@ -190,7 +209,10 @@ async fn run_checks(
     tokio::task::spawn_blocking(move || {
         let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
         env.extend(instance_env);
-        let data = TemplateData { vars: options.vars, env };
+        let data = TemplateData {
+            vars: options.vars,
+            env,
+        };
         let suite = phoenix_check::load(&checks, &data)?;
         let report = phoenix_check::run(&suite, &target, &options.run);
         Ok((suite.digest, report))

@@ -224,7 +224,10 @@ fn print_summary(s: &Summary) {
     row(
         "v2 verified before the deploy",
         s.upgrade.verified.map_or("not verified".into(), |v| {
-            format!("{} goss checks passed on a throwaway instance ({} ms)", v.checks, v.ms)
+            format!(
+                "{} goss checks passed on a throwaway instance ({} ms)",
+                v.checks, v.ms
+            )
         }),
     );
     row(
@@ -343,7 +346,8 @@ drain = "10s"
     );
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     let checks = path.with_file_name("checks.yaml");
-    std::fs::write(&checks, HELLO_CHECKS).with_context(|| format!("cannot write {}", checks.display()))
+    std::fs::write(&checks, HELLO_CHECKS)
+        .with_context(|| format!("cannot write {}", checks.display()))
 }
 
 /// The example's check file: every image the demo deploys is verified with it first.

@@ -241,7 +241,9 @@ async fn resolve(
     let (store, key) = (store.clone(), reference.to_string());
     let image = tokio::task::spawn_blocking(move || store.find_image(&key))
         .await??
-        .with_context(|| format!("no image or recipe matches {reference:?}: see `phoenix images`"))?;
+        .with_context(|| {
+            format!("no image or recipe matches {reference:?}: see `phoenix images`")
+        })?;
     Ok((image.name, image.digest))
 }
 
@@ -301,7 +303,11 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let (served, endpoint) = (served.clone(), endpoint.clone());
-                async move { Ok::<_, std::convert::Infallible>(answer(&served, &endpoint, format, request).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        answer(&served, &endpoint, format, request).await,
+                    )
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -317,7 +323,11 @@ async fn answer<B>(
     request: Request<B>,
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != endpoint {
-        return reply(StatusCode::NOT_FOUND, "text/plain", format!("not found; try {endpoint}\n"));
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("not found; try {endpoint}\n"),
+        );
     }
     let format = negotiate(request.headers().get(http::header::ACCEPT), default);
     let report = served.report().await;
@@ -326,14 +336,21 @@ async fn answer<B>(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    reply(status, format.media_type(), phoenix_check::render(&report, format, false))
+    reply(
+        status,
+        format.media_type(),
+        phoenix_check::render(&report, format, false),
+    )
 }
 
 /// `Accept: application/json` gives JSON; `application/vnd.goss-FORMAT` (as goss) any format;
 /// anything else the `--format` default.
 fn negotiate(accept: Option<&http::HeaderValue>, default: Format) -> Format {
     let accept = accept.and_then(|v| v.to_str().ok()).unwrap_or("");
-    for media in accept.split(',').map(|m| m.split(';').next().unwrap_or("").trim()) {
+    for media in accept
+        .split(',')
+        .map(|m| m.split(';').next().unwrap_or("").trim())
+    {
         if let Some(name) = media.strip_prefix("application/vnd.goss-") {
             if let Ok(format) = name.parse() {
                 return format;
@@ -352,7 +369,9 @@ fn reply(status: StatusCode, media: &str, body: String) -> Response<Full<Bytes>>
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = http::HeaderValue::from_str(media) {
-        response.headers_mut().insert(http::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
     }
     response
 }

@@ -153,9 +153,12 @@ impl Store {
 
     /// The latest verification of image `digest`, if it was ever verified.
     pub fn latest_verification(&self, digest: &str) -> Result<Option<VerificationRow>> {
-        let sql = "SELECT image, name, checks, passed, total, failed, at, failures FROM verifications
+        let sql =
+            "SELECT image, name, checks, passed, total, failed, at, failures FROM verifications
                    WHERE image = ?1 ORDER BY id DESC LIMIT 1";
-        Ok(self.query_checked(sql, params![digest], VerificationRow::from_row)?.pop())
+        Ok(self
+            .query_checked(sql, params![digest], VerificationRow::from_row)?
+            .pop())
     }
 
     // ---- generations ----

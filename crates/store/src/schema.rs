@@ -2,7 +2,8 @@
 
 use rusqlite::Connection;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE images (
     digest     TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -56,7 +57,8 @@ CREATE INDEX journal_by_role ON journal (role, seq);
 -- The journal is append-only: history is never rewritten.
 CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
 CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
-"#, r#"
+"#,
+    r#"
 CREATE TABLE verifications (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     image    TEXT NOT NULL,
@@ -69,7 +71,8 @@ CREATE TABLE verifications (
     at       INTEGER NOT NULL
 );
 CREATE INDEX verifications_by_image ON verifications (image, id);
-"#];
+"#,
+];
 
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;

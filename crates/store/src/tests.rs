@@ -171,7 +171,10 @@ fn the_latest_verification_of_an_image_counts() {
         at: 1,
     };
     store.record_verification(&failed).unwrap();
-    assert_eq!(store.latest_verification("sha256:aa").unwrap(), Some(failed.clone()));
+    assert_eq!(
+        store.latest_verification("sha256:aa").unwrap(),
+        Some(failed.clone())
+    );
     let passed = VerificationRow {
         passed: true,
         failed: 0,
@@ -180,6 +183,9 @@ fn the_latest_verification_of_an_image_counts() {
         ..failed
     };
     store.record_verification(&passed).unwrap();
-    assert_eq!(store.latest_verification("sha256:aa").unwrap(), Some(passed));
+    assert_eq!(
+        store.latest_verification("sha256:aa").unwrap(),
+        Some(passed)
+    );
     assert_eq!(store.latest_verification("sha256:bb").unwrap(), None);
 }

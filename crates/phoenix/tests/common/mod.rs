@@ -39,6 +39,8 @@ pub struct Fleet {
     pub tcp: bool,
     /// The body of an `[agent]` table.
     pub agent: Option<String>,
+    /// A goss file written beside the fleet file as the recipe's `checks`.
+    pub checks: Option<String>,
 }
 
 impl Fleet {
@@ -51,6 +53,15 @@ impl Fleet {
             drain: "10s",
             tcp: false,
             agent: None,
+            checks: None,
+        }
+    }
+
+    /// Writes the fleet file (and its check file) into `dir`.
+    pub fn write_to(&self, dir: &Path) {
+        std::fs::write(dir.join("phoenix.toml"), self.toml()).unwrap();
+        if let Some(checks) = &self.checks {
+            std::fs::write(dir.join("checks.yaml"), checks).unwrap();
         }
     }
 
@@ -66,7 +77,7 @@ from = "scratch"
 copy = [{{ src = "{app}", dst = "/bin/hello" }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
-
+{checks}
 [role.web]
 image = "hello"
 instances = {instances}
@@ -85,6 +96,11 @@ drain = "{drain}"
 {proxy}{agent}"#,
             app = hello_bin().display(),
             version = self.version,
+            checks = if self.checks.is_some() {
+                "checks = \"checks.yaml\"\n"
+            } else {
+                ""
+            },
             instances = self.instances,
             healthy_timeout = self.healthy_timeout,
             drain = self.drain,
@@ -117,7 +133,7 @@ impl Phoenix {
 
     pub fn start_with(fleet: &Fleet, extra_args: &[&str]) -> Phoenix {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("phoenix.toml"), fleet.toml()).unwrap();
+        fleet.write_to(dir.path());
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let child = spawn_up(dir.path(), &extra_args);
         let phoenix = Phoenix {
@@ -138,7 +154,7 @@ impl Phoenix {
     }
 
     pub fn write_fleet(&self, fleet: &Fleet) {
-        std::fs::write(self.fleet_path(), fleet.toml()).unwrap();
+        fleet.write_to(self.dir.path());
     }
 
     /// Starts `phoenix up` again on the same state (after a crash).

@@ -1,0 +1,345 @@
+//! `phoenix verify` end to end: on the host, on a throwaway instance of an image, as a health
+//! endpoint; and the deploy gate on a running `phoenix up`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn phoenix(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(phoenix_bin())
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn verify_host_reports_in_every_format_with_goss_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("pass.yaml"),
+        "file:\n  /:\n    exists: true\n    filetype: directory\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("fail.yaml"),
+        "file:\n  /:\n    exists: true\n  /phoenix-nonexistent:\n    exists: true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("bad.yaml"),
+        "file:\n  /:\n    exists: true\n    colour: red\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("vars.yaml"), "root: /\n").unwrap();
+    std::fs::write(
+        d.join("templated.yaml"),
+        "file:\n  \"{{.Vars.root}}\":\n    exists: true\n",
+    )
+    .unwrap();
+
+    let pass = phoenix(d, &["verify", "--host", "pass.yaml"]);
+    assert_eq!(pass.status.code(), Some(0), "{}", text(&pass.stderr));
+    let out = text(&pass.stdout);
+    assert!(
+        out.contains("File: /: filetype: matches expectation: \"directory\""),
+        "{out}"
+    );
+    assert!(out.contains("Count: 2, Failed: 0, Skipped: 0"), "{out}");
+    assert!(!out.contains('\x1b'), "no colors off a terminal: {out:?}");
+
+    let fail = phoenix(d, &["verify", "--host", "fail.yaml", "--format", "json"]);
+    assert_eq!(fail.status.code(), Some(1));
+    let json: Value = serde_json::from_slice(&fail.stdout).unwrap();
+    assert_eq!(json["summary"]["failed-count"], 1);
+    for (format, marker) in [
+        ("junit", "<testsuite"),
+        ("tap", "not ok 2 - "),
+        ("rspecish", ".F\n"),
+    ] {
+        let output = phoenix(d, &["verify", "--host", "fail.yaml", "--format", format]);
+        assert_eq!(output.status.code(), Some(1), "{format}");
+        assert!(
+            text(&output.stdout).contains(marker),
+            "{format}: {}",
+            text(&output.stdout)
+        );
+    }
+    let silent = phoenix(d, &["verify", "--host", "fail.yaml", "--format", "silent"]);
+    assert_eq!((silent.status.code(), silent.stdout.len()), (Some(1), 0));
+
+    let bad = phoenix(d, &["verify", "--host", "bad.yaml"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("bad.yaml:4:5: unknown attribute \"colour\" of file"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    let templated = phoenix(
+        d,
+        &["verify", "--host", "templated.yaml", "--vars", "vars.yaml"],
+    );
+    assert_eq!(
+        templated.status.code(),
+        Some(0),
+        "{}",
+        text(&templated.stderr)
+    );
+    let missing = phoenix(d, &["verify", "--host", "templated.yaml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).contains("templated.yaml:2:1: no variable .Vars.root"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    // --retry-timeout: a file that appears while the checks retry.
+    let late = d.join("late");
+    std::fs::write(
+        d.join("late.yaml"),
+        format!("file:\n  {}:\n    exists: true\n", late.display()),
+    )
+    .unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::write(late, "").unwrap();
+    });
+    let retried = phoenix(
+        d,
+        &[
+            "verify",
+            "--host",
+            "late.yaml",
+            "--retry-timeout",
+            "20s",
+            "--sleep",
+            "100ms",
+            "--format",
+            "json",
+        ],
+    );
+    writer.join().unwrap();
+    assert_eq!(retried.status.code(), Some(0), "{}", text(&retried.stdout));
+    let json: Value = serde_json::from_slice(&retried.stdout).unwrap();
+    assert!(json["summary"]["attempts"].as_u64().unwrap() > 1, "{json}");
+}
+
+/// GET `path` with an `Accept` header; returns status, content type and body.
+fn get(addr: std::net::SocketAddr, path: &str, accept: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or("")
+        .to_string();
+    (status, content_type, body.to_string())
+}
+
+#[test]
+fn verify_serve_is_a_health_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("ready");
+    let checks = dir.path().join("health.yaml");
+    std::fs::write(
+        &checks,
+        format!("file:\n  {}:\n    exists: true\n", flag.display()),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let mut child = Command::new(phoenix_bin())
+        .args(["verify", "serve"])
+        .arg(&checks)
+        .args(["--listen", &addr.to_string(), "--cache", "300ms"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("verify serve listening", Duration::from_secs(20), || {
+        TcpStream::connect(addr).is_ok()
+    });
+
+    let (status, content_type, body) = get(addr, "/healthz", "*/*");
+    assert_eq!(status, 503, "{body}");
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert!(body.contains("Count: 1, Failed: 1"), "{body}");
+    std::fs::write(&flag, "").unwrap();
+    // The cached failure is served until the cache expires, then the checks run again.
+    wait_for("a passing result", Duration::from_secs(10), || {
+        get(addr, "/healthz", "*/*").0 == 200
+    });
+    let (status, content_type, body) = get(addr, "/healthz", "application/json");
+    assert_eq!((status, content_type.as_str()), (200, "application/json"));
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["summary"]["failed-count"], 0);
+    let (_, _, tap) = get(addr, "/healthz", "application/vnd.goss-tap");
+    assert!(tap.starts_with("1..1\nok 1 - "), "{tap}");
+    assert_eq!(get(addr, "/other", "*/*").0, 404);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+const PASSING: &str = "file:\n  /bin/hello:\n    exists: true\nport:\n  tcp:{{.Env.PORT}}:\n    listening: true\nhttp:\n  http://127.0.0.1:{{.Env.PORT}}/:\n    status: 200\n    body: [\"version {{.Env.VERSION}}\"]\n";
+
+#[test]
+fn verify_image_boots_a_throwaway_instance_and_records_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    Fleet {
+        checks: Some(PASSING.into()),
+        ..Fleet::version("v1")
+    }
+    .write_to(d);
+    let pass = phoenix(d, &["verify", "hello", "--format", "json"]);
+    assert_eq!(
+        pass.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&pass.stdout),
+        text(&pass.stderr)
+    );
+    let json: Value = serde_json::from_slice(&pass.stdout).unwrap();
+    assert_eq!(json["summary"]["test-count"], 4);
+    assert!(
+        text(&pass.stderr).contains("verification passed"),
+        "{}",
+        text(&pass.stderr)
+    );
+    // The throwaway instance is gone.
+    assert!(
+        processes_under(&d.join("state")).is_empty(),
+        "{:?}",
+        processes_under(&d.join("state"))
+    );
+
+    Fleet {
+        checks: Some(PASSING.replace("version {{.Env.VERSION}}", "version v9")),
+        ..Fleet::version("v1")
+    }
+    .write_to(d);
+    let fail = phoenix(d, &["verify", "hello"]);
+    assert_eq!(fail.status.code(), Some(1), "{}", text(&fail.stderr));
+    assert!(
+        text(&fail.stdout).contains("body: doesn't match"),
+        "{}",
+        text(&fail.stdout)
+    );
+
+    let history = phoenix(d, &["history", "--json"]);
+    let history: Value = serde_json::from_slice(&history.stdout).unwrap();
+    let verified: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "image.verified")
+        .collect();
+    assert_eq!(verified.len(), 2, "{history:#}");
+    assert_eq!(
+        (
+            verified[0]["detail"]["passed"].clone(),
+            verified[1]["detail"]["passed"].clone()
+        ),
+        (true.into(), false.into())
+    );
+    assert_eq!(verified[1]["detail"]["failed"], 1);
+
+    std::fs::write(d.join("checks.yaml"), "port:\n  tcp:nope: {}\n").unwrap();
+    let bad = phoenix(d, &["verify", "hello"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("checks.yaml:2:3: bad port"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let none = Fleet::version("v1");
+    none.write_to(d);
+    let no_checks = phoenix(d, &["verify", "hello"]);
+    assert!(
+        text(&no_checks.stderr).contains("has no `checks = \"PATH\"`"),
+        "{}",
+        text(&no_checks.stderr)
+    );
+}
+
+#[test]
+fn deploys_refuse_images_that_did_not_pass_their_checks() {
+    let fleet = Fleet {
+        checks: Some(PASSING.into()),
+        instances: 2,
+        ..Fleet::version("v1")
+    };
+    let phoenix = Phoenix::start(&fleet);
+    let live_image = |p: &Phoenix| {
+        p.status()["roles"][0]["generations"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let v1 = live_image(&phoenix);
+    // `up`'s first deploy verified v1 before booting it.
+    let first = phoenix
+        .history()
+        .into_iter()
+        .find(|e| e["kind"] == "image.verified")
+        .expect("v1 verified");
+    assert_eq!(first["detail"]["passed"], true);
+
+    // A fresh bake whose checks fail is verified, refused, and v1 keeps serving.
+    phoenix.write_fleet(&Fleet {
+        checks: Some(PASSING.replace("version {{.Env.VERSION}}", "version v1")),
+        ..Fleet::version("v2")
+    });
+    let load = Load::start(phoenix.proxy_addr(), 2);
+    let refused = phoenix.cli(&["deploy", "web"]);
+    assert!(!refused.status.success());
+    let message = text(&refused.stderr);
+    assert!(
+        message.contains("cannot be deployed: its verification failed 1 of 4 checks"),
+        "{message}"
+    );
+    assert!(
+        message.contains("HTTP: http://127.0.0.1:") && message.contains("body: doesn't match"),
+        "{message}"
+    );
+    assert_eq!(live_image(&phoenix), v1);
+    let samples = load.stop();
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+
+    // An image baked but never verified is refused by reference, then deployed once it passes.
+    phoenix.write_fleet(&Fleet {
+        checks: Some(PASSING.into()),
+        ..Fleet::version("v3")
+    });
+    let baked: Value = serde_json::from_str(&phoenix.cli_ok(&["bake", "--json"])).unwrap();
+    let v3 = baked[0]["digest"].as_str().unwrap().to_string();
+    let never = phoenix.cli(&["deploy", "web", "--image", &v3]);
+    assert!(
+        text(&never.stderr).contains("was never verified; run `phoenix verify"),
+        "{}",
+        text(&never.stderr)
+    );
+    assert_eq!(live_image(&phoenix), v1);
+    phoenix.cli_ok(&["verify", &v3[..19]]);
+    phoenix.cli_ok(&["deploy", "web", "--image", &v3]);
+    assert_eq!(live_image(&phoenix), v3);
+}
