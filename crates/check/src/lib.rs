@@ -21,6 +21,31 @@ mod yaml;
 
 use std::path::PathBuf;
 
+/// The parsing entry point for `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use serde_json::json;
+
+    /// Parses arbitrary bytes as a goss file and applies every parsed matcher to a few values.
+    pub fn check_file(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let vars = TemplateData {
+            vars: json!({"port": 80, "name": "x"}),
+            env: [("HOME".to_string(), "/root".to_string())].into(),
+        };
+        let path = std::path::Path::new("/nonexistent/fuzz/goss.yaml");
+        if let Ok(checks) = crate::suite::parse_text(path, &text, &vars) {
+            for attribute in checks.iter().flat_map(|c| &c.attributes) {
+                for value in [json!("a\nb"), json!(3), json!(["a", 1]), json!({"k": true})] {
+                    let _ = attribute.matcher.matches(&value);
+                }
+            }
+        }
+    }
+
+    use crate::TemplateData;
+}
+
 pub use kind::Kind;
 pub use probe::Target;
 pub use report::{Format, describe, render};

@@ -95,6 +95,26 @@ pub fn load(path: &Path, data: &TemplateData) -> Result<Suite, SuiteError> {
     Ok(suite)
 }
 
+/// Parses `text` as a goss file named `path` without reading anything: for the fuzzer.
+/// Includes are followed only if `path`'s directory exists.
+#[doc(hidden)]
+pub fn parse_text(path: &Path, text: &str, data: &TemplateData) -> Result<Vec<Check>, SuiteError> {
+    let mut loader = Loader {
+        data,
+        suite: Suite {
+            checks: Vec::new(),
+            files: Vec::new(),
+            digest: String::new(),
+        },
+        stack: Vec::new(),
+        hasher: Sha256::new(),
+    };
+    let text = template::render(text, data).map_err(|e| invalid(path, e.line, 1, e.message))?;
+    let doc = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
+    loader.document(&Arc::from(path), &doc)?;
+    Ok(loader.suite.checks)
+}
+
 struct Loader<'a> {
     data: &'a TemplateData,
     suite: Suite,
