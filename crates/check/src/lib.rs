@@ -26,6 +26,8 @@ use std::path::PathBuf;
 pub mod fuzzing {
     use serde_json::json;
 
+    use crate::TemplateData;
+
     /// Parses arbitrary bytes as a goss file and applies every parsed matcher to a few values.
     pub fn check_file(data: &[u8]) {
         let text = String::from_utf8_lossy(data);
@@ -42,8 +44,6 @@ pub mod fuzzing {
             }
         }
     }
-
-    use crate::TemplateData;
 }
 
 pub use kind::Kind;

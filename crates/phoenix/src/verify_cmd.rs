@@ -16,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use phoenix_check::{Format, Report, RunOptions, Suite, SuiteError, Target, TemplateData};
 use phoenix_fleet::{Clock, FleetFile, Progress, Verifier, VerifyOptions, parse_duration};
 use phoenix_image::short_digest;
-use phoenix_store::Store;
 
 /// Exit status for a file that cannot be loaded, as goss.
 const BAD_FILE: u8 = 2;
@@ -168,7 +167,7 @@ async fn verify_image(
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let verifier = Verifier::open(state)?;
-    let (name, digest) = resolve(&verifier.store, &verifier, &fleet, reference).await?;
+    let (name, digest) = resolve(&verifier, &fleet, reference).await?;
     let vars = match run.vars() {
         Ok(vars) => vars,
         Err(error) => {
@@ -218,14 +217,13 @@ async fn verify_image(
 
 /// A recipe name bakes (a no-op when unchanged); anything else is looked up in the store.
 async fn resolve(
-    store: &Arc<Store>,
     verifier: &Verifier,
     fleet: &FleetFile,
     reference: &str,
 ) -> anyhow::Result<(String, String)> {
+    let store = verifier.store.clone();
     if fleet.images.contains_key(reference) {
-        let (store, images, fleet, name) = (
-            store.clone(),
+        let (images, fleet, name) = (
             verifier.images.clone(),
             fleet.clone(),
             reference.to_string(),
@@ -238,7 +236,7 @@ async fn resolve(
         .await??;
         return Ok((outcome.name, outcome.digest));
     }
-    let (store, key) = (store.clone(), reference.to_string());
+    let key = reference.to_string();
     let image = tokio::task::spawn_blocking(move || store.find_image(&key))
         .await??
         .with_context(|| {
