@@ -50,7 +50,7 @@ pub use kind::Kind;
 pub use probe::Target;
 pub use report::{Format, describe, render};
 pub use run::{Outcome, Report, RunOptions, Status, run};
-pub use suite::{Check, Suite, load, load_vars};
+pub use suite::{Check, Suite, digest_of, load, load_vars};
 pub use template::TemplateData;
 
 /// A goss file that cannot be read or is not valid.

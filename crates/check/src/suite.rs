@@ -20,7 +20,8 @@ pub struct Suite {
     pub checks: Vec<Check>,
     /// Every file read, in order.
     pub files: Vec<PathBuf>,
-    /// sha256 of the rendered files, to tell which checks a verification ran.
+    /// sha256 of the files as written (before templates), to tell which checks a verification
+    /// ran and whether they changed since (see [`digest_of`]).
     pub digest: String,
 }
 
@@ -68,6 +69,27 @@ impl Check {
             .and_then(Json::as_u64)
             .unwrap_or(default)
     }
+}
+
+/// The digest [`Suite::digest`] would have for `files` as they are now; `None` when one is gone.
+pub fn digest_of(files: &[PathBuf]) -> Option<String> {
+    let mut hasher = Sha256::new();
+    for file in files {
+        let canonical = std::fs::canonicalize(file).ok()?;
+        hash_file(
+            &mut hasher,
+            &canonical,
+            &std::fs::read_to_string(file).ok()?,
+        );
+    }
+    Some(format!("sha256:{:x}", hasher.finalize()))
+}
+
+fn hash_file(hasher: &mut Sha256, canonical: &Path, text: &str) {
+    hasher.update(canonical.to_string_lossy().as_bytes());
+    hasher.update([0]);
+    hasher.update(text.as_bytes());
+    hasher.update([0]);
 }
 
 /// Reads a `--vars` file (YAML or JSON).
@@ -154,9 +176,7 @@ impl Loader<'_> {
         let raw = read(path)?;
         let text =
             template::render(&raw, self.data).map_err(|e| invalid(path, e.line, 1, e.message))?;
-        self.hasher.update(canonical.to_string_lossy().as_bytes());
-        self.hasher.update([0]);
-        self.hasher.update(text.as_bytes());
+        hash_file(&mut self.hasher, &canonical, &raw);
         self.suite.files.push(path.to_path_buf());
         let doc = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
         self.stack.push(canonical);

@@ -556,6 +556,23 @@ fn includes_templates_skip_title_meta_and_retries() {
     let suite = load(&main, &data).unwrap();
     assert_eq!(suite.files.len(), 3, "{:?}", suite.files);
     assert!(suite.digest.starts_with("sha256:"));
+    assert_eq!(
+        phoenix_check::digest_of(&suite.files).as_deref(),
+        Some(suite.digest.as_str())
+    );
+    scene.write(
+        "parts/b.yaml",
+        "command:\n  echo changed:\n    exit-status: 0\n",
+    );
+    assert_ne!(
+        phoenix_check::digest_of(&suite.files).as_deref(),
+        Some(suite.digest.as_str())
+    );
+    scene.write("parts/b.yaml", "command:\n  echo {{.Env.PHOENIX_TEST_WORD}}:\n    stdout: [\"{{.Env.PHOENIX_TEST_WORD}}\"]\n");
+    assert_eq!(
+        phoenix_check::digest_of(&suite.files).as_deref(),
+        Some(suite.digest.as_str())
+    );
     let report = run(&suite, &Target::host(), &RunOptions::default());
     let marker = format!("{}/marker", scene.dir.path().display());
     expect(

@@ -335,8 +335,8 @@ async fn choose_image(
     Ok((outcome.digest, outcome.new, verified))
 }
 
-/// Verifies a freshly baked image whose recipe has checks, unless it already passed: bake,
-/// verify and deploy are one pipeline.
+/// Verifies a freshly baked image whose recipe has checks, unless it already passed the same
+/// check files: bake, verify and deploy are one pipeline, and tightened checks run again.
 async fn verify_if_needed(
     inner: &Arc<Inner>,
     fleet: &FleetFile,
@@ -350,7 +350,7 @@ async fn verify_if_needed(
     }
     let key = digest.to_string();
     let latest = inner.db(move |s| s.latest_verification(&key)).await?;
-    if latest.is_some_and(|row| row.passed) {
+    if latest.as_ref().is_some_and(verify::still_passes) {
         return Ok(None);
     }
     let options = VerifyOptions {

@@ -143,7 +143,7 @@ impl Verifier {
         let target = instance_target(&root, &config.working_dir, &env);
         let outcome = run_checks(&checks, target, env, options).await;
         process.stop(options.stop_timeout).await;
-        let (suite_digest, report) = outcome?;
+        let (suite, report) = outcome?;
         let failures: Vec<String> = report
             .failures()
             .take(FAILURES_KEPT)
@@ -152,11 +152,16 @@ impl Verifier {
         let row = VerificationRow {
             image: digest.into(),
             name: name.into(),
-            checks: suite_digest,
+            checks: suite.digest,
             passed: report.passed(),
             total: report.outcomes.len() as u32,
             failed: report.failures().count() as u32,
             failures,
+            files: suite
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect(),
             at: now,
         };
         let (store, record) = (self.store.clone(), row.clone());
@@ -204,7 +209,7 @@ async fn run_checks(
     target: Target,
     instance_env: Vec<(String, String)>,
     options: &VerifyOptions,
-) -> Result<(String, Report), FleetError> {
+) -> Result<(phoenix_check::Suite, Report), FleetError> {
     let (checks, options) = (checks.to_path_buf(), options.clone());
     tokio::task::spawn_blocking(move || {
         let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
@@ -215,10 +220,16 @@ async fn run_checks(
         };
         let suite = phoenix_check::load(&checks, &data)?;
         let report = phoenix_check::run(&suite, &target, &options.run);
-        Ok((suite.digest, report))
+        Ok((suite, report))
     })
     .await
     .map_err(|e| FleetError::Internal(e.to_string()))?
+}
+
+/// True when `row` passed and the check files it ran are unchanged: no need to verify again.
+pub fn still_passes(row: &VerificationRow) -> bool {
+    let files: Vec<PathBuf> = row.files.iter().map(PathBuf::from).collect();
+    row.passed && phoenix_check::digest_of(&files).as_deref() == Some(row.checks.as_str())
 }
 
 /// Refuses `digest` for a deploy when recipe `name` has checks and the image's latest

@@ -342,4 +342,25 @@ fn deploys_refuse_images_that_did_not_pass_their_checks() {
     phoenix.cli_ok(&["verify", &v3[..19]]);
     phoenix.cli_ok(&["deploy", "web", "--image", &v3]);
     assert_eq!(live_image(&phoenix), v3);
+
+    // Changed check files run again, even for an image that passed the old ones.
+    let verifications = |p: &Phoenix| {
+        p.history()
+            .iter()
+            .filter(|e| e["kind"] == "image.verified")
+            .count()
+    };
+    let before = verifications(&phoenix);
+    let tightened = format!("{PASSING}kernel-param:\n  kernel.ostype:\n    value: Linux\n");
+    phoenix.write_fleet(&Fleet {
+        checks: Some(tightened),
+        ..Fleet::version("v3")
+    });
+    let deployed = phoenix.cli_ok(&["deploy", "web"]);
+    assert!(deployed.contains("verify "), "{deployed}");
+    assert_eq!(verifications(&phoenix), before + 1);
+    // Unchanged checks and image: no second run.
+    let again = phoenix.cli_ok(&["deploy", "web"]);
+    assert!(!again.contains("verify "), "{again}");
+    assert_eq!(verifications(&phoenix), before + 1);
 }

@@ -140,12 +140,12 @@ impl Store {
 
     /// Records the result of verifying an image.
     pub fn record_verification(&self, row: &VerificationRow) -> Result<()> {
-        let failures = serde_json::to_string(&row.failures).unwrap_or_else(|_| "[]".into());
+        let list = |items: &[String]| serde_json::to_string(items).unwrap_or_else(|_| "[]".into());
         self.conn()
             .execute(
-                "INSERT INTO verifications (image, name, checks, passed, total, failed, failures, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![row.image, row.name, row.checks, row.passed, row.total, row.failed, failures, row.at],
+                "INSERT INTO verifications (image, name, checks, passed, total, failed, failures, files, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![row.image, row.name, row.checks, row.passed, row.total, row.failed, list(&row.failures), list(&row.files), row.at],
             )
             .map(drop)
             .map_err(|e| self.sql(e))
@@ -154,7 +154,7 @@ impl Store {
     /// The latest verification of image `digest`, if it was ever verified.
     pub fn latest_verification(&self, digest: &str) -> Result<Option<VerificationRow>> {
         let sql =
-            "SELECT image, name, checks, passed, total, failed, at, failures FROM verifications
+            "SELECT image, name, checks, passed, total, failed, at, failures, files FROM verifications
                    WHERE image = ?1 ORDER BY id DESC LIMIT 1";
         Ok(self
             .query_checked(sql, params![digest], VerificationRow::from_row)?

@@ -89,15 +89,19 @@ pub struct VerificationRow {
     pub failed: u32,
     /// One line per failed check (at most the first few dozen).
     pub failures: Vec<String>,
+    /// The check files read, so that a later change to them can be noticed.
+    pub files: Vec<String>,
     pub at: i64,
 }
 
 impl VerificationRow {
     pub(crate) fn from_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<Self, String>> {
-        let failures: String = row.get(7)?;
-        Ok(serde_json::from_str(&failures)
-            .map_err(|e| format!("failures {failures:?}: {e}"))
-            .map(|failures| VerificationRow {
+        let (failures, files): (String, String) = (row.get(7)?, row.get(8)?);
+        let parsed = serde_json::from_str(&failures)
+            .and_then(|failures| Ok((failures, serde_json::from_str(&files)?)));
+        Ok(parsed
+            .map_err(|e| format!("failures {failures:?} or files {files:?}: {e}"))
+            .map(|(failures, files)| VerificationRow {
                 image: row.get(0).unwrap_or_default(),
                 name: row.get(1).unwrap_or_default(),
                 checks: row.get(2).unwrap_or_default(),
@@ -105,6 +109,7 @@ impl VerificationRow {
                 total: row.get::<_, i64>(4).unwrap_or_default() as u32,
                 failed: row.get::<_, i64>(5).unwrap_or_default() as u32,
                 failures,
+                files,
                 at: row.get(6).unwrap_or_default(),
             }))
     }

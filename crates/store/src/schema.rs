@@ -68,6 +68,7 @@ CREATE TABLE verifications (
     total    INTEGER NOT NULL,
     failed   INTEGER NOT NULL,
     failures TEXT NOT NULL,
+    files    TEXT NOT NULL,
     at       INTEGER NOT NULL
 );
 CREATE INDEX verifications_by_image ON verifications (image, id);

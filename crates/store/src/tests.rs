@@ -168,6 +168,7 @@ fn the_latest_verification_of_an_image_counts() {
         total: 3,
         failed: 1,
         failures: vec!["File: /x: exists: doesn't match".into()],
+        files: vec!["/srv/checks.yaml".into()],
         at: 1,
     };
     store.record_verification(&failed).unwrap();
