@@ -482,12 +482,7 @@ pub(crate) async fn start_instance(
     role: &str,
     generation: &Generation,
 ) -> Result<Arc<Instance>, FleetError> {
-    let (images, digest) = (inner.images.clone(), generation.image.clone());
-    let (root, config) = tokio::task::spawn_blocking(move || {
-        Ok::<_, FleetError>((images.unpack(&digest)?, images.config(&digest)?))
-    })
-    .await
-    .map_err(|e| FleetError::Internal(e.to_string()))??;
+    let (root, config) = instance::unpack(&inner.images, &generation.image).await?;
     instance::start(inner, role, generation.id, &generation.image, root, &config).await
 }
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use phoenix_driver::{Exit, InstanceSpec, Process};
+use phoenix_image::{ImageConfig, ImageStore};
 use phoenix_proxy::Backend;
 use phoenix_store::{InstanceRow, InstanceStatus};
 use serde_json::json;
@@ -104,30 +105,35 @@ impl Instance {
     }
 }
 
-/// Starts one instance of `generation` from the unpacked image at `root` and supervises it.
-pub(crate) async fn start(
-    inner: &Arc<Inner>,
-    role: &str,
-    generation: i64,
-    image: &str,
+/// Unpacks image `digest` (once; later calls reuse the root) and reads its config, off the
+/// async runtime.
+pub(crate) async fn unpack(
+    images: &ImageStore,
+    digest: &str,
+) -> Result<(PathBuf, ImageConfig), FleetError> {
+    let (images, digest) = (images.clone(), digest.to_string());
+    tokio::task::spawn_blocking(move || Ok((images.unpack(&digest)?, images.config(&digest)?)))
+        .await
+        .map_err(|e| FleetError::Internal(e.to_string()))?
+}
+
+/// What the driver needs to start `name` from an unpacked image: its entrypoint, working
+/// directory and environment, plus `extra` variables.
+pub(crate) fn spec(
+    name: &str,
     root: PathBuf,
-    config: &phoenix_image::ImageConfig,
-) -> Result<Arc<Instance>, FleetError> {
-    let role_config = inner.role(role)?.config();
-    let name = inner.namer.instance_name(role);
-    let log_path = inner.state_dir.join("logs").join(format!("{name}.log"));
-    let mut env: Vec<(String, String)> = config
+    config: &ImageConfig,
+    extra: &[(&str, String)],
+    log_path: PathBuf,
+) -> InstanceSpec {
+    let image_env = config
         .env
         .iter()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect();
-    env.push(("PHOENIX_ROLE".into(), role.into()));
-    env.push(("PHOENIX_GENERATION".into(), generation.to_string()));
-    let spec = InstanceSpec {
-        name: name.clone(),
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    let extra = extra.iter().map(|(k, v)| (k.to_string(), v.clone()));
+    InstanceSpec {
+        name: name.into(),
         root,
         argv: config
             .entrypoint
@@ -135,10 +141,29 @@ pub(crate) async fn start(
             .chain(&config.cmd)
             .cloned()
             .collect(),
-        env,
+        env: image_env.chain(extra).collect(),
         workdir: config.working_dir.clone(),
-        log_path: log_path.clone(),
-    };
+        log_path,
+    }
+}
+
+/// Starts one instance of `generation` from the unpacked image at `root` and supervises it.
+pub(crate) async fn start(
+    inner: &Arc<Inner>,
+    role: &str,
+    generation: i64,
+    image: &str,
+    root: PathBuf,
+    config: &ImageConfig,
+) -> Result<Arc<Instance>, FleetError> {
+    let role_config = inner.role(role)?.config();
+    let name = inner.namer.instance_name(role);
+    let log_path = inner.state_dir.join("logs").join(format!("{name}.log"));
+    let extra = [
+        ("PHOENIX_ROLE", role.to_string()),
+        ("PHOENIX_GENERATION", generation.to_string()),
+    ];
+    let spec = spec(&name, root, config, &extra, log_path.clone());
     // The row is written before the process exists, so a crash of Phoenix at any moment after
     // the start leaves a record that recovery accounts for.
     let row = InstanceRow {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_check::{Report, RunOptions, Target, TemplateData, describe};
-use phoenix_driver::{Driver, InstanceSpec};
+use phoenix_driver::Driver;
 use phoenix_image::{ImageStore, short_digest};
 use phoenix_store::{Store, VerificationRow};
 use serde::Serialize;
@@ -101,36 +101,15 @@ impl Verifier {
             name: name.into(),
             file: fleet.path.display().to_string(),
         })?;
-        let (images, key) = (self.images.clone(), digest.to_string());
-        let (root, config) = tokio::task::spawn_blocking(move || {
-            Ok::<_, FleetError>((images.unpack(&key)?, images.config(&key)?))
-        })
-        .await
-        .map_err(|e| FleetError::Internal(e.to_string()))??;
+        let (root, config) = crate::instance::unpack(&self.images, digest).await?;
         let instance = format!("verify-{}", short_digest(digest));
         let log_path = self
             .state_dir
             .join("logs")
             .join(format!("{instance}-{now}.log"));
-        let mut env: Vec<(String, String)> = config
-            .env
-            .iter()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.into(), v.into())))
-            .collect();
-        env.push(("PHOENIX_ROLE".into(), "verify".into()));
-        let spec = InstanceSpec {
-            name: instance.clone(),
-            root: root.clone(),
-            argv: config
-                .entrypoint
-                .iter()
-                .chain(&config.cmd)
-                .cloned()
-                .collect(),
-            env: env.clone(),
-            workdir: config.working_dir.clone(),
-            log_path: log_path.clone(),
-        };
+        let extra = [("PHOENIX_ROLE", "verify".to_string())];
+        let spec =
+            crate::instance::spec(&instance, root.clone(), &config, &extra, log_path.clone());
         let (mut process, addr) = self.driver.start(&spec)?;
         progress.say(format!(
             "verifying {name} {}: instance {instance} (pid {}, {addr}), checks {}",
@@ -138,6 +117,7 @@ impl Verifier {
             process.pid,
             checks.display()
         ));
+        let mut env = spec.env;
         env.push(("PORT".into(), addr.port().to_string()));
         env.push(("PHOENIX_INSTANCE".into(), instance));
         let target = instance_target(&root, &config.working_dir, &env);
