@@ -101,16 +101,7 @@ pub fn load_vars(path: &Path) -> Result<Json, SuiteError> {
 
 /// Loads `path` and everything it includes.
 pub fn load(path: &Path, data: &TemplateData) -> Result<Suite, SuiteError> {
-    let mut loader = Loader {
-        data,
-        suite: Suite {
-            checks: Vec::new(),
-            files: Vec::new(),
-            digest: String::new(),
-        },
-        stack: Vec::new(),
-        hasher: Sha256::new(),
-    };
+    let mut loader = Loader::new(data);
     loader.file(path, None)?;
     let mut suite = loader.suite;
     suite.digest = format!("sha256:{:x}", loader.hasher.finalize());
@@ -121,16 +112,7 @@ pub fn load(path: &Path, data: &TemplateData) -> Result<Suite, SuiteError> {
 /// Includes are followed only if `path`'s directory exists.
 #[doc(hidden)]
 pub fn parse_text(path: &Path, text: &str, data: &TemplateData) -> Result<Vec<Check>, SuiteError> {
-    let mut loader = Loader {
-        data,
-        suite: Suite {
-            checks: Vec::new(),
-            files: Vec::new(),
-            digest: String::new(),
-        },
-        stack: Vec::new(),
-        hasher: Sha256::new(),
-    };
+    let mut loader = Loader::new(data);
     let text = template::render(text, data).map_err(|e| invalid(path, e.line, 1, e.message))?;
     let doc = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
     loader.document(&Arc::from(path), &doc)?;
@@ -145,7 +127,20 @@ struct Loader<'a> {
     hasher: Sha256,
 }
 
-impl Loader<'_> {
+impl<'a> Loader<'a> {
+    fn new(data: &'a TemplateData) -> Loader<'a> {
+        Loader {
+            data,
+            suite: Suite {
+                checks: Vec::new(),
+                files: Vec::new(),
+                digest: String::new(),
+            },
+            stack: Vec::new(),
+            hasher: Sha256::new(),
+        }
+    }
+
     fn file(&mut self, path: &Path, included_at: Option<(&Path, &Node)>) -> Result<(), SuiteError> {
         let canonical = std::fs::canonicalize(path).map_err(|cause| match included_at {
             Some((from, node)) => invalid(
