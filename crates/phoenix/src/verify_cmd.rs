@@ -130,10 +130,13 @@ fn load(file: &Path, run: &RunArgs) -> Result<Suite, ExitCode> {
         };
         phoenix_check::load(file, &data)
     });
-    loaded.map_err(|error| {
-        eprintln!("error: {error}");
-        ExitCode::from(BAD_FILE)
-    })
+    loaded.map_err(bad_file)
+}
+
+/// Says why a check or vars file is unusable; goss's exit status for that.
+fn bad_file(error: SuiteError) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(BAD_FILE)
 }
 
 async fn host(file: &Path, run: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -170,10 +173,7 @@ async fn verify_image(
     let (name, digest) = resolve(&verifier, &fleet, reference).await?;
     let vars = match run.vars() {
         Ok(vars) => vars,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return Ok(ExitCode::from(BAD_FILE));
-        }
+        Err(error) => return Ok(bad_file(error)),
     };
     let defaults = VerifyOptions::default();
     let options = VerifyOptions {
@@ -194,10 +194,7 @@ async fn verify_image(
     drop(progress);
     let _ = printer.await;
     let verification = match result {
-        Err(phoenix_fleet::FleetError::Checks(error)) => {
-            eprintln!("error: {error}");
-            return Ok(ExitCode::from(BAD_FILE));
-        }
+        Err(phoenix_fleet::FleetError::Checks(error)) => return Ok(bad_file(error)),
         other => other?,
     };
     run.print(&verification.report);

@@ -4,16 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Fleet, Phoenix, phoenix_bin, text};
-
-fn phoenix(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(phoenix_bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .output()
-        .unwrap()
-}
+use common::{Fleet, Phoenix, phoenix, phoenix_bin, text};
 
 #[test]
 fn two_bakes_in_two_places_give_the_same_digest() {

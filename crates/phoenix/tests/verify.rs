@@ -11,14 +11,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// The CLI in `dir` with its state in `dir/state`.
 fn phoenix(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(phoenix_bin())
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+    common::phoenix(dir, &[&["--state", "state"], args].concat())
 }
 
 #[test]

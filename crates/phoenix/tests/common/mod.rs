@@ -27,6 +27,16 @@ pub fn hello_bin() -> PathBuf {
     path
 }
 
+/// Runs the `phoenix` CLI in `dir` (no `phoenix up` needed) and waits for it.
+pub fn phoenix(dir: &Path, args: &[&str]) -> Output {
+    Command::new(phoenix_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .unwrap()
+}
+
 /// Fleet file options for tests.
 #[derive(Clone)]
 pub struct Fleet {
