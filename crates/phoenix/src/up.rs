@@ -57,7 +57,7 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         state.display()
     );
     println!(
-        "gossip: node {}, {} (RPC {rpc})",
+        "gossip: node {}, gossip {}, RPC {rpc}",
         controller.agent().name(),
         controller.agent().local_addr()
     );

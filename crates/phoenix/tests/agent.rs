@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{free_addr, members_json, phoenix_bin, text, wait_for};
+use common::{addr_in_log, members_json, phoenix_bin, text, wait_for};
 use serde_json::Value;
 
 /// A running `phoenix agent`, killed when dropped.
@@ -26,25 +26,18 @@ impl Drop for AgentProcess {
 }
 
 fn agent(name: &str, extra: &[&str], log: &Path) -> AgentProcess {
-    let (gossip, rpc) = (free_addr(), free_addr());
     let mut command = Command::new(phoenix_bin());
     command
         .args(["agent", "--node", name])
-        .args([
-            "--bind",
-            &gossip.to_string(),
-            "--rpc-addr",
-            &rpc.to_string(),
-        ])
+        .args(["--bind", "127.0.0.1:0", "--rpc-addr", "127.0.0.1:0"])
         .args(extra)
         .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
         .stderr(std::fs::File::create(log).unwrap());
     let child = command.spawn().unwrap();
-    let agent = AgentProcess { child, rpc, gossip };
-    wait(&format!("{name}'s RPC listens"), || {
-        std::net::TcpStream::connect(agent.rpc).is_ok()
-    });
-    agent
+    // Listening before it logs: both addresses are in the startup line.
+    let gossip = addr_in_log(log, ", gossip ");
+    let rpc = addr_in_log(log, ", RPC ");
+    AgentProcess { child, rpc, gossip }
 }
 
 /// Waits for `done`; generous, since failure detection runs on the agent's LAN timings

@@ -7,17 +7,21 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Load, Phoenix, failures, free_addr, members_json, wait_for};
+use common::{Fleet, Load, Phoenix, addr_in_log, failures, members_json, wait_for};
 use serde_json::Value;
 
-/// An `[agent]` table body on free ports; returns it with the gossip and RPC addresses.
-fn agent_table(node: &str, join: Option<SocketAddr>) -> (String, SocketAddr, SocketAddr) {
-    let (gossip, rpc) = (free_addr(), free_addr());
+/// An `[agent]` table body on ports the agent picks (see `Phoenix::gossip_addrs`).
+fn agent_table(node: &str, join: Option<SocketAddr>) -> String {
     let join = join
         .map(|addr| format!("join = [\"{addr}\"]\n"))
         .unwrap_or_default();
-    let table = format!("node = \"{node}\"\nbind = \"{gossip}\"\nrpc_addr = \"{rpc}\"\n{join}");
-    (table, gossip, rpc)
+    format!("node = \"{node}\"\nbind = \"127.0.0.1:0\"\nrpc_addr = \"127.0.0.1:0\"\n{join}")
+}
+
+/// The gossip and RPC addresses `phoenix up` reports at startup.
+fn gossip_addrs(phoenix: &Phoenix) -> (SocketAddr, SocketAddr) {
+    let log = phoenix.dir.path().join("up.log");
+    (addr_in_log(&log, ", gossip "), addr_in_log(&log, ", RPC "))
 }
 
 /// Instance members of role web as host A's agent lists them.
@@ -27,14 +31,14 @@ fn web_members(rpc: SocketAddr) -> Vec<Value> {
 
 #[test]
 fn hosts_share_instances_by_gossip_and_a_dead_host_leaves_the_pool() {
-    let (table_a, gossip_a, rpc_a) = agent_table("host-a", None);
     let mut fleet_a = Fleet::version("a");
     fleet_a.instances = 2;
-    fleet_a.agent = Some(table_a);
+    fleet_a.agent = Some(agent_table("host-a", None));
     let a = Phoenix::start(&fleet_a);
+    let (gossip_a, rpc_a) = gossip_addrs(&a);
     let mut fleet_b = Fleet::version("b");
     fleet_b.instances = 2;
-    fleet_b.agent = Some(agent_table("host-b", Some(gossip_a)).0);
+    fleet_b.agent = Some(agent_table("host-b", Some(gossip_a)));
     let mut b = Phoenix::start(&fleet_b);
 
     // Every instance is a member, tagged with its host, health, generation and liveness.

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -162,17 +162,15 @@ fn verify_serve_is_a_health_endpoint() {
         format!("file:\n  {}:\n    exists: true\n", flag.display()),
     )
     .unwrap();
-    let addr = free_addr();
+    let log = dir.path().join("serve.log");
     let mut child = Command::new(phoenix_bin())
         .args(["verify", "serve"])
         .arg(&checks)
-        .args(["--listen", &addr.to_string(), "--cache", "300ms"])
-        .stderr(Stdio::null())
+        .args(["--listen", "127.0.0.1:0", "--cache", "300ms"])
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for("verify serve listening", Duration::from_secs(20), || {
-        TcpStream::connect(addr).is_ok()
-    });
+    let addr = addr_in_log(&log, "on http://");
 
     let (status, content_type, body) = get(addr, "/healthz", "*/*");
     assert_eq!(status, 503, "{body}");

@@ -146,7 +146,7 @@ impl Phoenix {
         fleet.write_to(dir.path());
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let child = spawn_up(dir.path(), &extra_args);
-        let phoenix = Phoenix {
+        let mut phoenix = Phoenix {
             dir,
             child,
             extra_args,
@@ -220,11 +220,17 @@ impl Phoenix {
         .clone()
     }
 
-    /// Waits until the live generation has `instances` healthy instances.
-    pub fn wait_serving(&self, instances: u32) {
+    /// Waits until the live generation has `instances` healthy instances; on failure the
+    /// panic shows the last status and `phoenix up`'s log, so a CI failure explains itself.
+    pub fn wait_serving(&mut self, instances: u32) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
         loop {
-            if let Some(status) = self.try_status() {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("phoenix up exited ({exit}) before serving:\n{}", self.log());
+            }
+            last = self.try_status().or(last);
+            if let Some(status) = &last {
                 let role = &status["roles"][0];
                 let live = role["generations"].as_array().and_then(|g| {
                     g.iter()
@@ -247,10 +253,24 @@ impl Phoenix {
             }
             assert!(
                 Instant::now() < deadline,
-                "phoenix did not serve {instances} healthy instances in time"
+                "phoenix did not serve {instances} healthy instances in time\nlast status: {}\n{}",
+                last.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The end of `phoenix up`'s stdout and stderr.
+    pub fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- up.log (last {} lines) ---\n{}",
+            tail.len(),
+            tail.join("\n")
+        )
     }
 
     fn try_status(&self) -> Option<Value> {
@@ -345,12 +365,26 @@ pub fn members_json(rpc: SocketAddr, filters: &[&str]) -> Vec<Value> {
         .clone()
 }
 
-/// A UDP port free now (its TCP twin is free too in practice on loopback).
-pub fn free_addr() -> std::net::SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// The address a process printed right after `marker` in its log, once it is there.
+/// Servers under test bind port 0 and report the port: a port picked in advance by the
+/// test can be taken by any connection's ephemeral port before the server binds it.
+pub fn addr_in_log(log: &Path, marker: &str) -> SocketAddr {
+    let mut found = None;
+    wait_for(
+        &format!("{marker:?} in {}", log.display()),
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            found = text.split_once(marker).and_then(|(_, rest)| {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || ".:[]".contains(c)))
+                    .unwrap_or(rest.len());
+                rest[..end].parse().ok()
+            });
+            found.is_some()
+        },
+    );
+    found.unwrap()
 }
 
 pub fn signal(pid: u32, sig: i32) {
