@@ -27,7 +27,8 @@ fleet() { # instances version
     cat > "$work/phoenix.toml" <<TOML
 [image.hello]
 from = "scratch"
-copy = [{ src = "$hello", dst = "/bin/hello" }]
+context = "$(dirname "$hello")"
+copy = [{ src = "$(basename "$hello")", dst = "/bin/hello" }]
 env = { VERSION = "$2" }
 entrypoint = ["/bin/hello"]
 

@@ -35,7 +35,8 @@ fleet() {
     cat > "$work/phoenix.toml" <<TOML
 [image.hello]
 from = "scratch"
-copy = [{ src = "$hello", dst = "/bin/hello" }]
+context = "$(dirname "$hello")"
+copy = [{ src = "$(basename "$hello")", dst = "/bin/hello" }]
 env = { VERSION = "$1" }
 entrypoint = ["/bin/hello"]
 

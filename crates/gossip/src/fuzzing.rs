@@ -69,7 +69,7 @@ impl Receiver {
 
     /// Seals `body` as a packet of `kind` (0 SWIM, 1 direct) and receives it.
     pub fn receive_sealed_body(&mut self, kind: u8, body: &[u8]) {
-        let kind = if kind % 2 == 0 {
+        let kind = if kind.is_multiple_of(2) {
             Kind::Swim
         } else {
             Kind::Direct

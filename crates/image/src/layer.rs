@@ -1,122 +1,461 @@
-//! A reproducible tar layer from the recipe's `copy` steps.
+//! One layer: planned from a `copy` step, a root directory or a `run` step's overlay upper
+//! directory; written as a reproducible tar+gzip blob; applied to a directory when unpacking.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cache::StatCache;
+use crate::files::{FileEntry, FileKind, FileManifest};
 use crate::{CopyStep, ImageError};
 
-/// One entry of the layer, keyed by its path inside the image (no leading `/`).
-#[derive(Debug)]
-enum Entry {
-    Dir,
-    File { src: PathBuf, mode: u32 },
-    Symlink { target: PathBuf },
+/// A layer in the store: its blob, its uncompressed digest and the entries it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LayerRecord {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+    pub files: Vec<FileEntry>,
 }
 
-/// The sorted set of entries a layer will hold.
+/// The entries a layer will hold, keyed by path inside the image (no leading `/`), each with
+/// the file on this machine that supplies its content.
 #[derive(Debug, Default)]
 pub(crate) struct LayerPlan {
-    entries: BTreeMap<String, Entry>,
+    entries: BTreeMap<String, (FileEntry, Option<PathBuf>)>,
 }
 
 impl LayerPlan {
-    /// Plans the layer for `steps`, resolving sources relative to `context`.
-    pub(crate) fn from_copy_steps(steps: &[CopyStep], context: &Path) -> Result<Self, ImageError> {
+    /// The entries, content hashes included: what the layer's cache key is made of.
+    pub(crate) fn files(&self) -> Vec<FileEntry> {
+        let mut files: Vec<FileEntry> = self.entries.values().map(|(e, _)| e.clone()).collect();
+        // Deletions first, so that a reader applying the tar in order never deletes what the
+        // same layer adds.
+        files.sort_by_key(|f| (!is_marker(f), f.path.clone()));
+        files
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.entries.values().map(|(e, _)| e.size).sum()
+    }
+
+    /// Plans a copy of `step.src` (relative to `context`, and never outside it) to `step.dst`.
+    /// Missing parent directories take their metadata from `below`, else 0755 root.
+    pub(crate) fn copy(
+        step: &CopyStep,
+        context: &Path,
+        below: &FileManifest,
+        hashes: &mut StatCache,
+    ) -> Result<Self, ImageError> {
+        let context = fs::canonicalize(context).map_err(ImageError::io("resolve", context))?;
+        let src = inside_context(&context, &step.src)?;
+        let meta = fs::symlink_metadata(&src).map_err(ImageError::io("stat", &src))?;
+        let dst = image_path(&step.dst)?;
+        let (uid, gid) = match &step.owner {
+            None => (0, 0),
+            Some(owner) => crate::recipe::numeric_owner(owner).ok_or(ImageError::BadPath {
+                path: owner.clone(),
+                why: "`owner` must be numeric, `UID:GID` or `UID` (names need the image's /etc/passwd)",
+            })?,
+        };
         let mut plan = LayerPlan::default();
-        for step in steps {
-            let src = context.join(&step.src);
-            let meta = fs::symlink_metadata(&src).map_err(|_| ImageError::MissingSource {
-                path: src.clone(),
-                context: context.to_path_buf(),
-            })?;
-            let dst = image_path(&step.dst)?;
-            plan.add_parents(&dst);
-            if meta.is_dir() {
-                plan.add_tree(&src, &dst, step.mode)?;
-            } else {
-                plan.add_one(&src, dst, &meta, step.mode)?;
-            }
+        plan.add_parents(&dst, below);
+        let mut copier = Copier {
+            context: &context,
+            uid,
+            gid,
+            mode: step.mode,
+            hashes,
+            plan: &mut plan,
+        };
+        if meta.is_dir() {
+            copier.tree(&src, &dst)?;
+        } else {
+            copier.one(&src, dst, &meta)?;
         }
         Ok(plan)
     }
 
-    pub(crate) fn contains(&self, path: &str) -> bool {
-        matches!(
-            self.entries.get(path),
-            Some(Entry::File { .. } | Entry::Symlink { .. })
-        )
+    /// Plans a layer holding the tree at `root` as it is: modes, numeric owners and symlinks
+    /// kept. Device nodes under `dev/` are left out (runtimes provide `/dev`); other special
+    /// files are an error. With `overlay_upper`, overlayfs whiteouts (0/0 character devices)
+    /// and opaque directories become OCI whiteouts.
+    pub(crate) fn tree(
+        root: &Path,
+        hashes: &mut StatCache,
+        overlay_upper: bool,
+    ) -> Result<Self, ImageError> {
+        let mut plan = LayerPlan::default();
+        plan.walk(root, root, hashes, overlay_upper)?;
+        Ok(plan)
     }
 
-    fn add_parents(&mut self, path: &str) {
-        let mut prefix = String::new();
-        for part in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|(_, p)| p)
-            .unwrap_or(&[])
-        {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            self.entries.entry(prefix.clone()).or_insert(Entry::Dir);
-        }
-    }
-
-    fn add_tree(&mut self, src: &Path, dst: &str, mode: Option<u32>) -> Result<(), ImageError> {
-        if !dst.is_empty() {
-            self.entries.insert(dst.to_string(), Entry::Dir);
-        }
-        let mut children: Vec<_> = fs::read_dir(src)
-            .map_err(ImageError::io("read directory", src))?
-            .collect::<Result<_, _>>()
-            .map_err(ImageError::io("read directory", src))?;
-        children.sort_by_key(|e| e.file_name());
-        for child in children {
-            let name = child.file_name();
-            let name = name.to_str().ok_or(ImageError::BadPath {
-                path: child.path().display().to_string(),
-                why: "file names must be UTF-8",
-            })?;
-            let child_dst = if dst.is_empty() {
-                name.to_string()
-            } else {
-                format!("{dst}/{name}")
+    fn walk(
+        &mut self,
+        root: &Path,
+        dir: &Path,
+        hashes: &mut StatCache,
+        overlay_upper: bool,
+    ) -> Result<(), ImageError> {
+        for child in sorted_children(dir)? {
+            let path = child.path();
+            let meta = fs::symlink_metadata(&path).map_err(ImageError::io("stat", &path))?;
+            let name = utf8_relative(root, &path)?;
+            let entry = |kind: FileKind| FileEntry {
+                path: name.clone(),
+                kind,
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                size: 0,
+                sha256: None,
+                link: None,
             };
-            let meta =
-                fs::symlink_metadata(child.path()).map_err(ImageError::io("stat", child.path()))?;
-            if meta.is_dir() {
-                self.add_tree(&child.path(), &child_dst, mode)?;
+            let file_type = meta.file_type();
+            if file_type.is_dir() {
+                self.entries
+                    .insert(name.clone(), (entry(FileKind::Dir), None));
+                if overlay_upper && is_opaque(&path) {
+                    let marker = FileEntry {
+                        path: name.clone(),
+                        ..entry(FileKind::Opaque)
+                    };
+                    self.entries
+                        .insert(format!("{name}/.wh..wh..opq"), (marker, None));
+                }
+                self.walk(root, &path, hashes, overlay_upper)?;
+            } else if file_type.is_file() {
+                let sha256 = hashes.sha256(&path, &meta)?;
+                let file = FileEntry {
+                    size: meta.size(),
+                    sha256: Some(sha256),
+                    ..entry(FileKind::File)
+                };
+                self.entries.insert(name, (file, Some(path)));
+            } else if file_type.is_symlink() {
+                let target = fs::read_link(&path).map_err(ImageError::io("read link", &path))?;
+                let link = FileEntry {
+                    link: Some(utf8(&target, &path)?.to_string()),
+                    ..entry(FileKind::Symlink)
+                };
+                self.entries.insert(name, (link, None));
+            } else if overlay_upper && file_type.is_char_device() && meta.rdev() == 0 {
+                self.entries
+                    .insert(name.clone(), (entry(FileKind::Whiteout), None));
+            } else if name.starts_with("dev/")
+                && (file_type.is_char_device() || file_type.is_block_device())
+            {
+                continue;
             } else {
-                self.add_one(&child.path(), child_dst, &meta, mode)?;
+                return Err(ImageError::BadPath {
+                    path: path.display().to_string(),
+                    why: "only regular files, directories and symlinks can be in an image",
+                });
             }
         }
         Ok(())
     }
 
-    fn add_one(
-        &mut self,
-        src: &Path,
-        dst: String,
-        meta: &fs::Metadata,
-        mode: Option<u32>,
-    ) -> Result<(), ImageError> {
+    fn add_parents(&mut self, path: &str, below: &FileManifest) {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            let entry = match below.get(&prefix) {
+                Some(existing) if existing.kind == FileKind::Dir => existing.clone(),
+                _ => FileEntry {
+                    path: prefix.clone(),
+                    kind: FileKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    sha256: None,
+                    link: None,
+                },
+            };
+            self.entries.entry(prefix.clone()).or_insert((entry, None));
+        }
+    }
+
+    /// Writes the layer as a tar stream into `out`: entries in `files()` order, every header
+    /// fixed but for content, mtime `mtime`. Fails if a file changed since it was planned.
+    pub(crate) fn write_tar<W: Write>(
+        &self,
+        out: W,
+        mtime: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<W, ImageError> {
+        let mut builder = tar::Builder::new(out);
+        builder.mode(tar::HeaderMode::Deterministic);
+        for entry in self.files() {
+            let key = match entry.kind {
+                FileKind::Opaque => format!("{}/.wh..wh..opq", entry.path),
+                _ => entry.path.clone(),
+            };
+            let source = self.entries.get(&key).and_then(|(_, s)| s.as_ref());
+            write_entry(&mut builder, &entry, source, mtime)?;
+            progress(entry.size);
+        }
+        builder
+            .into_inner()
+            .map_err(ImageError::io("finish layer", "<layer>"))
+    }
+}
+
+fn is_marker(entry: &FileEntry) -> bool {
+    matches!(entry.kind, FileKind::Whiteout | FileKind::Opaque)
+}
+
+fn write_entry<W: Write>(
+    builder: &mut tar::Builder<W>,
+    entry: &FileEntry,
+    source: Option<&PathBuf>,
+    mtime: u64,
+) -> Result<(), ImageError> {
+    let mut header = tar::Header::new_gnu();
+    header.set_uid(entry.uid.into());
+    header.set_gid(entry.gid.into());
+    header.set_mtime(mtime);
+    header.set_mode(entry.mode);
+    header.set_size(0);
+    let path = &entry.path;
+    let written = match entry.kind {
+        FileKind::Dir => {
+            header.set_entry_type(tar::EntryType::Directory);
+            builder.append_data(&mut header, format!("{path}/"), io::empty())
+        }
+        FileKind::File => {
+            let src = source.expect("files have a source");
+            let file = fs::File::open(src).map_err(ImageError::io("open", src))?;
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(entry.size);
+            let mut reader = Checked {
+                inner: file.take(entry.size),
+                hasher: Sha256::new(),
+                read: 0,
+            };
+            builder
+                .append_data(&mut header, path, &mut reader)
+                .and_then(|()| reader.verify(entry))
+        }
+        FileKind::Symlink => {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_mode(0o777);
+            let target = entry.link.as_deref().unwrap_or_default();
+            builder.append_link(&mut header, path, target)
+        }
+        FileKind::Whiteout | FileKind::Opaque => {
+            let name = whiteout_name(entry);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, name, io::empty())
+        }
+    };
+    written.map_err(ImageError::io("write layer entry", path))
+}
+
+/// The OCI name of a deletion marker.
+fn whiteout_name(entry: &FileEntry) -> String {
+    match entry.kind {
+        FileKind::Opaque if entry.path.is_empty() => ".wh..wh..opq".into(),
+        FileKind::Opaque => format!("{}/.wh..wh..opq", entry.path),
+        _ => match entry.path.rsplit_once('/') {
+            Some((dir, name)) => format!("{dir}/.wh.{name}"),
+            None => format!(".wh.{}", entry.path),
+        },
+    }
+}
+
+/// A reader that hashes what it reads, to prove the file did not change after planning.
+struct Checked<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Checked<R> {
+    fn verify(&mut self, entry: &FileEntry) -> io::Result<()> {
+        let actual = format!("sha256:{}", crate::hex(&self.hasher.clone().finalize()));
+        if self.read != entry.size || Some(&actual) != entry.sha256.as_ref() {
+            return Err(io::Error::other(
+                "the file changed while the image was baking: bake again",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Applies the layer tar `reader` to `into`: whiteouts delete, opaque markers empty their
+/// directory, other entries replace what is there.
+pub(crate) fn apply_layer<R: Read>(reader: R, into: &Path) -> Result<(), ImageError> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(is_root());
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    let entries = archive
+        .entries()
+        .map_err(ImageError::io("read layer of", into))?;
+    for entry in entries {
+        let mut entry = entry.map_err(ImageError::io("read layer of", into))?;
+        let path = entry
+            .path()
+            .map_err(ImageError::io("read layer of", into))?
+            .into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let parent = into.join(path.parent().unwrap_or(Path::new("")));
+        if name == ".wh..wh..opq" {
+            if let Ok(children) = fs::read_dir(&parent) {
+                for child in children.flatten() {
+                    remove_path(&child.path());
+                }
+            }
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            remove_path(&parent.join(hidden));
+            continue;
+        }
+        let target = into.join(&path);
+        if entry.header().entry_type() != tar::EntryType::Directory {
+            if let Ok(meta) = fs::symlink_metadata(&target) {
+                if meta.is_dir() {
+                    remove_path(&target);
+                }
+            }
+        }
+        entry
+            .unpack_in(into)
+            .map_err(ImageError::io("unpack layer into", into))?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Removes a file or a whole tree, making read-only directories writable first.
+pub(crate) fn remove_path(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
+            if let Ok(children) = fs::read_dir(path) {
+                for child in children.flatten() {
+                    remove_path(&child.path());
+                }
+            }
+            let _ = fs::remove_dir(path);
+        }
+        Ok(_) => {
+            let _ = fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// Whether overlayfs marked directory `path` opaque.
+fn is_opaque(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 4];
+    // SAFETY: both pointers are valid for the given lengths; lgetxattr writes at most 4 bytes.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
+}
+
+/// Copies sources into a plan with the copy step's owner and mode.
+struct Copier<'a> {
+    context: &'a Path,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+    hashes: &'a mut StatCache,
+    plan: &'a mut LayerPlan,
+}
+
+impl Copier<'_> {
+    fn entry(&self, path: &str, kind: FileKind, mode: u32) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            kind,
+            mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: 0,
+            sha256: None,
+            link: None,
+        }
+    }
+
+    fn tree(&mut self, src: &Path, dst: &str) -> Result<(), ImageError> {
+        if !dst.is_empty() {
+            let dir = self.entry(dst, FileKind::Dir, 0o755);
+            self.plan.entries.insert(dst.to_string(), (dir, None));
+        }
+        for child in sorted_children(src)? {
+            let path = child.path();
+            let name = utf8_relative(src, &path)?;
+            let child_dst = if dst.is_empty() {
+                name
+            } else {
+                format!("{dst}/{name}")
+            };
+            let meta = fs::symlink_metadata(&path).map_err(ImageError::io("stat", &path))?;
+            if meta.is_dir() {
+                self.tree(&path, &child_dst)?;
+            } else {
+                self.one(&path, child_dst, &meta)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn one(&mut self, src: &Path, dst: String, meta: &fs::Metadata) -> Result<(), ImageError> {
         let entry = if meta.file_type().is_symlink() {
             let target = fs::read_link(src).map_err(ImageError::io("read link", src))?;
-            Entry::Symlink { target }
+            self.check_link(src, &target)?;
+            FileEntry {
+                link: Some(utf8(&target, src)?.to_string()),
+                ..self.entry(&dst, FileKind::Symlink, 0o777)
+            }
         } else if meta.is_file() {
-            // Only the executable bit of the source matters: the rest is normalized.
+            // Only the executable bit of the source matters: the rest is normalized, so that
+            // clones with different umasks bake the same image.
             let executable = meta.permissions().mode() & 0o111 != 0;
-            let mode = mode.unwrap_or(if executable { 0o755 } else { 0o644 });
-            Entry::File {
-                src: src.to_path_buf(),
-                mode,
+            let mode = self.mode.unwrap_or(if executable { 0o755 } else { 0o644 });
+            FileEntry {
+                size: meta.size(),
+                sha256: Some(self.hashes.sha256(src, meta)?),
+                ..self.entry(&dst, FileKind::File, mode)
             }
         } else {
             return Err(ImageError::BadPath {
@@ -124,47 +463,79 @@ impl LayerPlan {
                 why: "only regular files, directories and symlinks can be copied",
             });
         };
-        self.entries.insert(dst, entry);
+        let source = (entry.kind == FileKind::File).then(|| src.to_path_buf());
+        self.plan.entries.insert(dst, (entry, source));
         Ok(())
     }
 
-    /// Writes the layer as a tar stream into `out`, every header fixed but for content.
-    pub(crate) fn write_tar<W: Write>(&self, out: W, mtime: u64) -> Result<W, ImageError> {
-        let mut builder = tar::Builder::new(out);
-        builder.mode(tar::HeaderMode::Deterministic);
-        for (path, entry) in &self.entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(mtime);
-            let written = match entry {
-                Entry::Dir => {
-                    header.set_entry_type(tar::EntryType::Directory);
-                    header.set_mode(0o755);
-                    header.set_size(0);
-                    builder.append_data(&mut header, format!("{path}/"), io::empty())
-                }
-                Entry::File { src, mode } => {
-                    let file = fs::File::open(src).map_err(ImageError::io("open", src))?;
-                    let len = file.metadata().map_err(ImageError::io("stat", src))?.len();
-                    header.set_entry_type(tar::EntryType::Regular);
-                    header.set_mode(*mode);
-                    header.set_size(len);
-                    builder.append_data(&mut header, path, file)
-                }
-                Entry::Symlink { target } => {
-                    header.set_entry_type(tar::EntryType::Symlink);
-                    header.set_mode(0o777);
-                    header.set_size(0);
-                    builder.append_link(&mut header, path, target)
-                }
-            };
-            written.map_err(ImageError::io("write layer entry", path))?;
+    /// A copied symlink must stay inside the build context: an absolute target, or one that
+    /// climbs out, would name a file of the baking machine, not of the image.
+    fn check_link(&self, link: &Path, target: &Path) -> Result<(), ImageError> {
+        let escapes = || ImageError::Escapes {
+            path: format!("{} -> {}", link.display(), target.display()),
+            context: self.context.to_path_buf(),
+        };
+        if target.is_absolute() {
+            return Err(escapes());
         }
-        builder
-            .into_inner()
-            .map_err(ImageError::io("finish layer", "<layer>"))
+        let mut resolved = link.parent().unwrap_or(Path::new("")).to_path_buf();
+        for component in target.components() {
+            match component {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(part) => resolved.push(part),
+                _ => {}
+            }
+        }
+        if !resolved.starts_with(self.context) {
+            return Err(escapes());
+        }
+        Ok(())
     }
+}
+
+/// `context/relative`, refusing anything that resolves outside `context` (`..`, or a symlink
+/// that points out).
+fn inside_context(context: &Path, relative: &str) -> Result<PathBuf, ImageError> {
+    let joined = context.join(relative);
+    let resolved = match fs::canonicalize(&joined) {
+        Ok(path) => path,
+        Err(_) => {
+            return Err(ImageError::MissingSource {
+                path: joined,
+                context: context.to_path_buf(),
+            });
+        }
+    };
+    if !resolved.starts_with(context) {
+        return Err(ImageError::Escapes {
+            path: relative.to_string(),
+            context: context.to_path_buf(),
+        });
+    }
+    Ok(resolved)
+}
+
+fn sorted_children(dir: &Path) -> Result<Vec<fs::DirEntry>, ImageError> {
+    let mut children: Vec<_> = fs::read_dir(dir)
+        .map_err(ImageError::io("read directory", dir))?
+        .collect::<Result<_, _>>()
+        .map_err(ImageError::io("read directory", dir))?;
+    children.sort_by_key(|e| e.file_name());
+    Ok(children)
+}
+
+fn utf8<'a>(text: &'a Path, at: &Path) -> Result<&'a str, ImageError> {
+    text.to_str().ok_or(ImageError::BadPath {
+        path: at.display().to_string(),
+        why: "names must be UTF-8",
+    })
+}
+
+fn utf8_relative(root: &Path, path: &Path) -> Result<String, ImageError> {
+    let relative = path.strip_prefix(root).expect("child of root");
+    Ok(utf8(relative, path)?.to_string())
 }
 
 /// Turns `/usr/bin/app` into `usr/bin/app`, refusing `..` and empty names.
@@ -239,5 +610,28 @@ mod tests {
             image_path("/a/../../etc"),
             Err(ImageError::BadPath { .. })
         ));
+    }
+
+    #[test]
+    fn whiteouts_are_named_as_oci_defines() {
+        let marker = |path: &str, kind| FileEntry {
+            path: path.into(),
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            sha256: None,
+            link: None,
+        };
+        assert_eq!(
+            whiteout_name(&marker("etc/a", FileKind::Whiteout)),
+            "etc/.wh.a"
+        );
+        assert_eq!(whiteout_name(&marker("top", FileKind::Whiteout)), ".wh.top");
+        assert_eq!(
+            whiteout_name(&marker("var", FileKind::Opaque)),
+            "var/.wh..wh..opq"
+        );
     }
 }

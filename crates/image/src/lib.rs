@@ -4,25 +4,46 @@
 //! are sorted, owners are numeric 0, mtimes are clamped to one fixed time, gzip carries no
 //! name or timestamp, and every JSON document is written with sorted keys and no spaces.
 
+mod archive;
+mod bake;
+mod base;
+mod cache;
+mod files;
+mod gzip;
 mod layer;
 mod oci;
 mod recipe;
+mod run;
 mod store;
 
-pub use oci::{ImageConfig, Manifest, rfc3339};
-pub use recipe::{CopyStep, From, Recipe};
-pub use store::{BakeOptions, BakedImage, ImageStore};
+pub use bake::{BakeOptions, BakedImage, Progress, StepReport};
+pub use files::{Change, Drift, FileEntry, FileKind, FileManifest};
+pub use oci::{ConfigDocument, ImageConfig, Manifest, rfc3339};
+pub use recipe::{Base, Command, CopyStep, DebianBase, Recipe, RunStep, Step};
+pub use store::{GcReport, ImageRef, ImageStore};
 
 use std::path::PathBuf;
 
 /// Everything that can go wrong while baking, storing or unpacking an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("copy source {path} does not exist (paths are relative to {context})")]
+    #[error("source {path} does not exist (paths are relative to {context})")]
     MissingSource { path: PathBuf, context: PathBuf },
+    #[error("copy source {path} escapes the build context {context}: copy only files inside it")]
+    Escapes { path: String, context: PathBuf },
+    #[error("run step `{command}` failed ({status}); its last output:\n{output}")]
+    RunFailed {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("{path} is not an OCI image layout or archive Phoenix can read: {why}")]
+    NotOci { path: PathBuf, why: String },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error("invalid image path {path:?}: {why}")]
     BadPath { path: String, why: &'static str },
-    #[error("recipe has no entrypoint: add `entrypoint = [\"/bin/app\"]` to the image")]
+    #[error("the image has no entrypoint or cmd: add `entrypoint = [\"/bin/app\"]` to the recipe")]
     NoEntrypoint,
     #[error("image {0} is not in the store (bake it first)")]
     NotFound(String),

@@ -11,21 +11,46 @@ use serde::{Deserialize, Serialize};
 pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// A content descriptor: what a digest points to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     pub digest: String,
     #[serde(rename = "mediaType")]
     pub media_type: String,
+    /// Set on the entries of an index that lists images for several platforms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
     pub size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+}
+
+impl Descriptor {
+    pub fn new(digest: String, media_type: &str, size: u64) -> Descriptor {
+        Descriptor {
+            digest,
+            media_type: media_type.into(),
+            size,
+            annotations: BTreeMap::new(),
+            platform: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
 }
 
 /// The image manifest; its digest is the image's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     #[serde(rename = "mediaType")]
@@ -38,24 +63,71 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigDocument {
     pub architecture: String,
+    #[serde(default)]
     pub config: ImageConfig,
+    #[serde(default)]
     pub created: String,
     pub os: String,
     pub rootfs: RootFs,
 }
 
-/// How an instance of the image runs.
+/// How an instance of the image runs (the OCI config's `config` object; fields in
+/// alphabetical order of their JSON names). `null`s written by other tools read as empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
-    #[serde(rename = "Cmd", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "Cmd",
+        default,
+        deserialize_with = "or_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub cmd: Vec<String>,
-    #[serde(rename = "Entrypoint", default)]
+    #[serde(rename = "Entrypoint", default, deserialize_with = "or_empty")]
     pub entrypoint: Vec<String>,
-    /// `KEY=VALUE` pairs, sorted by key.
-    #[serde(rename = "Env", default, skip_serializing_if = "Vec::is_empty")]
+    /// `KEY=VALUE` pairs: the base's in its order, then the recipe's new keys sorted.
+    #[serde(
+        rename = "Env",
+        default,
+        deserialize_with = "or_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub env: Vec<String>,
-    #[serde(rename = "WorkingDir", default)]
+    /// `"8080/tcp": {}` for each exposed port.
+    #[serde(
+        rename = "ExposedPorts",
+        default,
+        deserialize_with = "or_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub exposed_ports: BTreeMap<String, Empty>,
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "or_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub labels: BTreeMap<String, String>,
+    #[serde(
+        rename = "User",
+        default,
+        deserialize_with = "or_empty",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub user: String,
+    #[serde(rename = "WorkingDir", default, deserialize_with = "or_empty")]
     pub working_dir: String,
+}
+
+/// The `{}` value of a set written as a JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+fn or_empty<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,9 +178,37 @@ pub fn rfc3339(unix_seconds: u64) -> String {
     )
 }
 
+/// The Unix time of an RFC 3339 UTC timestamp (`YYYY-MM-DDTHH:MM:SS` then anything).
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let number = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    // Days-from-civil (Howard Hinnant's algorithm), the inverse of `rfc3339`.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hour * 3600 + minute * 60 + second).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_what_it_formats() {
+        for t in [0, 951_782_400, 1_700_000_000, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.123456Z"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_rfc3339("garbage"), None);
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -1,34 +1,26 @@
-//! The image store: an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`) plus
-//! unpacked, read-only roots that instances run from.
+//! The image store: an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`), the
+//! bake caches, and unpacked, read-only roots that instances run from.
 
+use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use flate2::Compression;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::layer::{HashingWriter, LayerPlan, image_path};
-use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Index, Manifest, RootFs};
-use crate::{ImageError, Recipe};
+use crate::ImageError;
+use crate::cache::LayerCache;
+use crate::files::{FileEntry, FileManifest};
+use crate::layer::{apply_layer, remove_path};
+use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Index, Manifest};
 
-/// Inputs of a bake that do not come from the recipe.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BakeOptions {
-    /// The mtime of every file and the image's `created` time (`SOURCE_DATE_EPOCH`; default 0).
-    pub mtime: u64,
-}
-
-/// The result of a bake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BakedImage {
-    /// `sha256:…` of the manifest: the image's identity.
-    pub digest: String,
-    pub config: ImageConfig,
-    /// Bytes of manifest, config and layers together.
-    pub size: u64,
-}
+/// The manifest annotation naming the blob that holds the image's file manifest.
+pub const ANNOTATION_FILES: &str = "dev.phoenix.files";
+/// The manifest annotation holding the file manifest's Merkle root.
+pub const ANNOTATION_FILES_ROOT: &str = "dev.phoenix.files.root";
+pub const ANNOTATION_REF: &str = "org.opencontainers.image.ref.name";
 
 /// A content-addressed OCI image layout on disk.
 #[derive(Debug, Clone)]
@@ -36,14 +28,30 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
+/// One image named in `index.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageRef {
+    pub name: String,
+    pub digest: String,
+}
+
+/// What `gc` removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    pub blobs: usize,
+    pub bytes: u64,
+    pub roots: usize,
+}
+
 impl ImageStore {
-    /// Opens (creating if needed) the store rooted at `root`.
+    /// Opens (creating if needed) the store rooted at `root`, and clears what a crashed bake
+    /// left in its scratch directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         // Absolute, because instances resolve their entrypoint after changing directory.
         let root = root.into();
         let root = std::path::absolute(&root).map_err(ImageError::io("resolve", &root))?;
         let store = ImageStore { root };
-        for dir in [store.blobs_dir(), store.roots_dir()] {
+        for dir in [store.blobs_dir(), store.roots_dir(), store.scratch_dir()] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;
         }
         let layout = store.root.join("oci-layout");
@@ -60,12 +68,48 @@ impl ImageStore {
         &self.root
     }
 
-    fn blobs_dir(&self) -> PathBuf {
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs").join("sha256")
     }
 
     fn roots_dir(&self) -> PathBuf {
         self.root.join("roots")
+    }
+
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    pub(crate) fn layer_cache(&self) -> LayerCache {
+        LayerCache::new(self.cache_dir().join("layers"))
+    }
+
+    /// A fresh, empty scratch directory for one piece of work; the caller removes it.
+    pub(crate) fn scratch(&self, what: &str) -> Result<PathBuf, ImageError> {
+        let dir = self
+            .scratch_dir()
+            .join(format!("{what}-{}-{}", std::process::id(), unique()));
+        fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;
+        Ok(dir)
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Removes scratch directories of processes that are gone (a crash mid-bake).
+    pub fn clean_scratch(&self) {
+        let Ok(entries) = fs::read_dir(self.scratch_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                remove_path(&entry.path());
+            }
+        }
     }
 
     /// The file that holds blob `digest`; refuses anything but `sha256:` and 64 hex digits.
@@ -79,107 +123,22 @@ impl ImageStore {
         self.blob_path(digest).map(|p| p.exists()).unwrap_or(false)
     }
 
-    /// Bakes `recipe`, reading `copy` sources relative to `context`. Writing is idempotent:
-    /// blobs that already exist are left as they are.
-    pub fn bake(
+    /// Stores `bytes` as a blob; returns its descriptor and whether it was new.
+    pub(crate) fn write_blob(
         &self,
-        recipe: &Recipe,
-        context: &Path,
-        options: BakeOptions,
-    ) -> Result<BakedImage, ImageError> {
-        let entry = recipe.entrypoint.first().ok_or(ImageError::NoEntrypoint)?;
-        if !entry.starts_with('/') {
-            return Err(ImageError::BadPath {
-                path: entry.clone(),
-                why: "the entrypoint must be an absolute path inside the image",
-            });
-        }
-        let plan = LayerPlan::from_copy_steps(&recipe.copy, context)?;
-        if !plan.contains(&image_path(entry)?) {
-            return Err(ImageError::BadPath {
-                path: entry.clone(),
-                why: "the entrypoint is not in the image: add a `copy` step that puts it there",
-            });
-        }
-        let layer = self.write_layer(&plan, options.mtime)?;
-        let config = ImageConfig {
-            cmd: recipe.cmd.clone(),
-            entrypoint: recipe.entrypoint.clone(),
-            env: recipe.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            working_dir: recipe.workdir.clone().unwrap_or_else(|| "/".into()),
-        };
-        let document = ConfigDocument {
-            architecture: oci::oci_architecture().into(),
-            config: config.clone(),
-            created: oci::rfc3339(options.mtime),
-            os: "linux".into(),
-            rootfs: RootFs {
-                diff_ids: vec![layer.diff_id.clone()],
-                kind: "layers".into(),
-            },
-        };
-        let config_bytes = to_json(&document)?;
-        let config_desc = self.write_blob(&config_bytes, oci::MEDIA_CONFIG)?;
-        let manifest = Manifest {
-            config: config_desc,
-            layers: vec![layer.descriptor],
-            media_type: oci::MEDIA_MANIFEST.into(),
-            schema_version: 2,
-        };
-        let manifest_bytes = to_json(&manifest)?;
-        let manifest_desc = self.write_blob(&manifest_bytes, oci::MEDIA_MANIFEST)?;
-        let size = manifest_desc.size
-            + manifest.config.size
-            + manifest.layers.iter().map(|l| l.size).sum::<u64>();
-        Ok(BakedImage {
-            digest: manifest_desc.digest,
-            config,
-            size,
-        })
-    }
-
-    fn write_layer(&self, plan: &LayerPlan, mtime: u64) -> Result<LayerBlob, ImageError> {
-        let tmp = self
-            .blobs_dir()
-            .join(format!(".tmp-layer-{}-{}", std::process::id(), unique()));
-        let file = fs::File::create(&tmp).map_err(ImageError::io("create", &tmp))?;
-        let compressed = HashingWriter::new(BufWriter::new(file));
-        let gzip = flate2::GzBuilder::new().write(compressed, Compression::new(6));
-        let plain = plan.write_tar(HashingWriter::new(gzip), mtime)?;
-        let (gzip, diff_id, _) = plain.finish();
-        let compressed = gzip.finish().map_err(ImageError::io("compress", &tmp))?;
-        let (mut file, digest, size) = compressed.finish();
-        file.flush().map_err(ImageError::io("write", &tmp))?;
-        drop(file);
-        let path = self.blob_path(&digest)?;
-        fs::rename(&tmp, &path).map_err(ImageError::io("store", &path))?;
-        let descriptor = Descriptor {
-            digest,
-            media_type: oci::MEDIA_LAYER.into(),
-            size,
-            annotations: Default::default(),
-        };
-        Ok(LayerBlob {
-            descriptor,
-            diff_id,
-        })
-    }
-
-    fn write_blob(&self, bytes: &[u8], media_type: &str) -> Result<Descriptor, ImageError> {
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(Descriptor, bool), ImageError> {
         let digest = crate::sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
-        if !path.exists() {
+        let new = !path.exists();
+        if new {
             write_atomic(&path, bytes)?;
         }
-        Ok(Descriptor {
-            digest,
-            media_type: media_type.into(),
-            size: bytes.len() as u64,
-            annotations: Default::default(),
-        })
+        Ok((Descriptor::new(digest, media_type, bytes.len() as u64), new))
     }
 
-    fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+    pub(crate) fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(digest)?;
         let bytes = fs::read(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ImageError::NotFound(digest.to_string()),
@@ -201,23 +160,97 @@ impl ImageStore {
 
     /// The manifest of image `digest`.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, ImageError> {
-        let bytes = self.read_blob(digest)?;
-        serde_json::from_slice(&bytes).map_err(|cause| ImageError::Json {
-            what: "manifest",
-            cause,
-        })
+        parse("manifest", &self.read_blob(digest)?)
+    }
+
+    /// The whole config document of image `digest`.
+    pub fn config_document(&self, digest: &str) -> Result<ConfigDocument, ImageError> {
+        let manifest = self.manifest(digest)?;
+        parse("config", &self.read_blob(&manifest.config.digest)?)
     }
 
     /// The run configuration of image `digest`.
     pub fn config(&self, digest: &str) -> Result<ImageConfig, ImageError> {
+        Ok(self.config_document(digest)?.config)
+    }
+
+    /// The file manifest of image `digest`: the blob its manifest names, else (an imported
+    /// image) the one computed from its layers on first use.
+    pub fn files(&self, digest: &str) -> Result<FileManifest, ImageError> {
         let manifest = self.manifest(digest)?;
-        let bytes = self.read_blob(&manifest.config.digest)?;
-        let document: ConfigDocument =
-            serde_json::from_slice(&bytes).map_err(|cause| ImageError::Json {
-                what: "config",
-                cause,
-            })?;
-        Ok(document.config)
+        if let Some(files) = manifest.annotations.get(ANNOTATION_FILES) {
+            if self.contains(files) {
+                return parse("file manifest", &self.read_blob(files)?);
+            }
+        }
+        let side = self.cache_dir().join("files").join(digest_hex(digest)?);
+        if let Ok(bytes) = fs::read(&side) {
+            if let Ok(files) = serde_json::from_slice(&bytes) {
+                return Ok(files);
+            }
+        }
+        let mut layers = Vec::new();
+        for layer in &manifest.layers {
+            layers.push(self.layer_files(layer)?);
+        }
+        let files = FileManifest::merge(layers.iter().map(Vec::as_slice));
+        fs::create_dir_all(side.parent().expect("has parent"))
+            .map_err(ImageError::io("create", &side))?;
+        write_atomic(&side, &to_json(&files)?)?;
+        Ok(files)
+    }
+
+    /// The entries of one layer blob, with content hashes, read from the blob.
+    pub(crate) fn layer_files(&self, layer: &Descriptor) -> Result<Vec<FileEntry>, ImageError> {
+        let path = self.blob_path(&layer.digest)?;
+        let file = fs::File::open(&path).map_err(|_| ImageError::NotFound(layer.digest.clone()))?;
+        crate::archive::tar_entries(
+            decompressor(&layer.media_type, io::BufReader::new(file))?,
+            &path,
+        )
+    }
+
+    /// The images `index.json` names.
+    pub fn refs(&self) -> Result<Vec<ImageRef>, ImageError> {
+        let path = self.root.join("index.json");
+        let bytes = fs::read(&path).map_err(ImageError::io("read", &path))?;
+        let index: Index = parse("index.json", &bytes)?;
+        Ok(index
+            .manifests
+            .into_iter()
+            .map(|d| ImageRef {
+                name: d
+                    .annotations
+                    .get(ANNOTATION_REF)
+                    .cloned()
+                    .unwrap_or_default(),
+                digest: d.digest,
+            })
+            .collect())
+    }
+
+    /// The digest `reference` names: a name in `index.json`, a digest, or a prefix of 6 or
+    /// more hex digits of one image in the store.
+    pub fn resolve(&self, reference: &str) -> Result<String, ImageError> {
+        let refs = self.refs()?;
+        if let Some(r) = refs.iter().find(|r| r.name == reference) {
+            return Ok(r.digest.clone());
+        }
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        if hex.len() == 64 && self.contains(&format!("sha256:{hex}")) {
+            return Ok(format!("sha256:{hex}"));
+        }
+        if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let matches: BTreeSet<&String> = refs
+                .iter()
+                .map(|r| &r.digest)
+                .filter(|d| d.trim_start_matches("sha256:").starts_with(hex))
+                .collect();
+            if matches.len() == 1 {
+                return Ok(matches.into_iter().next().unwrap().clone());
+            }
+        }
+        Err(ImageError::NotFound(reference.to_string()))
     }
 
     /// The unpacked root of image `digest`, unpacking it first if needed. Files and
@@ -227,48 +260,80 @@ impl ImageStore {
         if target.exists() {
             return Ok(target);
         }
-        let manifest = self.manifest(digest)?;
-        let tmp = self
-            .roots_dir()
-            .join(format!(".tmp-{}-{}", std::process::id(), unique()));
-        fs::create_dir_all(&tmp).map_err(ImageError::io("create", &tmp))?;
-        let unpacked = manifest
-            .layers
-            .iter()
-            .try_for_each(|layer| self.unpack_layer(&layer.digest, &tmp));
-        let result = unpacked.and_then(|()| make_read_only(&tmp)).and_then(|()| {
-            fs::rename(&tmp, &target)
-                .or_else(|e| if target.exists() { Ok(()) } else { Err(e) })
-                .map_err(ImageError::io("store", &target))
-        });
+        let tmp = self.scratch("root")?;
+        let result = self
+            .materialize(digest, &tmp)
+            .and_then(|()| make_read_only(&tmp))
+            .and_then(|()| {
+                // Drift compares ctimes with this stamp: nothing after it is what we wrote.
+                write_atomic(
+                    &stamp_path(&target),
+                    newest_ctime(&tmp)?.to_string().as_bytes(),
+                )
+            })
+            .and_then(|()| {
+                fs::rename(&tmp, &target)
+                    .or_else(|e| if target.exists() { Ok(()) } else { Err(e) })
+                    .map_err(ImageError::io("store", &target))
+            });
         if tmp.exists() {
-            remove_tree(&tmp);
+            remove_path(&tmp);
         }
         result.map(|()| target)
     }
 
-    fn unpack_layer(&self, digest: &str, into: &Path) -> Result<(), ImageError> {
-        let path = self.blob_path(digest)?;
-        let file = fs::File::open(&path).map_err(|_| ImageError::NotFound(digest.to_string()))?;
-        let mut reader = HashingReader {
-            inner: io::BufReader::new(file),
-            hasher: Sha256::new(),
-        };
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&mut reader));
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(true);
-        archive
-            .unpack(into)
-            .map_err(ImageError::io("unpack layer into", into))?;
-        io::copy(&mut reader, &mut io::sink()).map_err(ImageError::io("read", &path))?;
-        let actual = format!("sha256:{}", crate::hex(&reader.hasher.finalize()));
-        if actual != digest {
-            return Err(ImageError::Corrupt {
-                digest: digest.into(),
-                actual,
-            });
+    /// Applies every layer of image `digest` to the empty directory `into`.
+    pub(crate) fn materialize(&self, digest: &str, into: &Path) -> Result<(), ImageError> {
+        self.apply_layers(&self.manifest(digest)?.layers, into)
+    }
+
+    pub(crate) fn apply_layers(
+        &self,
+        layers: &[Descriptor],
+        into: &Path,
+    ) -> Result<(), ImageError> {
+        for layer in layers {
+            let path = self.blob_path(&layer.digest)?;
+            let file =
+                fs::File::open(&path).map_err(|_| ImageError::NotFound(layer.digest.clone()))?;
+            let mut reader = HashingReader {
+                inner: io::BufReader::new(file),
+                hasher: Sha256::new(),
+            };
+            apply_layer(decompressor(&layer.media_type, &mut reader)?, into)?;
+            io::copy(&mut reader, &mut io::sink()).map_err(ImageError::io("read", &path))?;
+            let actual = format!("sha256:{}", crate::hex(&reader.hasher.finalize()));
+            if actual != layer.digest {
+                return Err(ImageError::Corrupt {
+                    digest: layer.digest.clone(),
+                    actual,
+                });
+            }
         }
         Ok(())
+    }
+
+    /// How the unpacked root of `digest` differs from the image's file manifest.
+    pub fn drift(&self, digest: &str, full: bool) -> Result<crate::Drift, ImageError> {
+        let root = self.roots_dir().join(digest_hex(digest)?);
+        if !root.exists() {
+            return Err(ImageError::NotFound(format!("unpacked root of {digest}")));
+        }
+        let stamp = fs::read_to_string(stamp_path(&root))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(i128::MIN);
+        crate::files::drift(&root, &self.files(digest)?, stamp, full)
+    }
+
+    /// Moves a drifted root aside and unpacks the image again; returns the fresh root.
+    pub fn reunpack(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        let root = self.roots_dir().join(digest_hex(digest)?);
+        if root.exists() {
+            let aside = self.scratch("drifted")?;
+            fs::rename(&root, aside.join("root")).map_err(ImageError::io("move", &root))?;
+        }
+        self.unpack(digest)
     }
 
     /// Rewrites `index.json` to list `refs` (name, manifest digest), each annotated with its name.
@@ -278,30 +343,119 @@ impl ImageStore {
             let size = fs::metadata(self.blob_path(digest)?)
                 .map(|m| m.len())
                 .unwrap_or(0);
-            let annotations = [(
-                "org.opencontainers.image.ref.name".to_string(),
-                name.clone(),
-            )]
-            .into();
-            manifests.push(Descriptor {
-                digest: digest.clone(),
-                media_type: oci::MEDIA_MANIFEST.into(),
-                size,
-                annotations,
-            });
+            let mut descriptor = Descriptor::new(digest.clone(), oci::MEDIA_MANIFEST, size);
+            descriptor
+                .annotations
+                .insert(ANNOTATION_REF.to_string(), name.clone());
+            manifests.push(descriptor);
         }
         let index = Index {
             manifests,
-            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            media_type: oci::MEDIA_INDEX.into(),
             schema_version: 2,
         };
         write_atomic(&self.root.join("index.json"), &to_json(&index)?)
     }
+
+    /// Every blob image `digest` needs: manifest, config, layers and file manifest.
+    pub fn blobs_of(&self, digest: &str) -> Result<Vec<Descriptor>, ImageError> {
+        let manifest = self.manifest(digest)?;
+        let size = fs::metadata(self.blob_path(digest)?)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut blobs = vec![Descriptor::new(digest.into(), oci::MEDIA_MANIFEST, size)];
+        blobs.push(manifest.config.clone());
+        blobs.extend(manifest.layers.iter().cloned());
+        if let Some(files) = manifest.annotations.get(ANNOTATION_FILES) {
+            let size = fs::metadata(self.blob_path(files)?)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            blobs.push(Descriptor::new(
+                files.clone(),
+                crate::files::MEDIA_FILES,
+                size,
+            ));
+        }
+        Ok(blobs)
+    }
+
+    /// Removes every blob that neither `index.json` nor `keep` (manifest digests) reaches,
+    /// the unpacked roots of images no longer kept, and cache records of removed layers.
+    pub fn gc(&self, keep: &[String]) -> Result<GcReport, ImageError> {
+        let mut kept_images: BTreeSet<String> = keep.iter().cloned().collect();
+        kept_images.extend(self.refs()?.into_iter().map(|r| r.digest));
+        let mut reachable = BTreeSet::new();
+        for digest in &kept_images {
+            for blob in self.blobs_of(digest)? {
+                reachable.insert(digest_hex(&blob.digest)?.to_string());
+            }
+        }
+        let mut report = GcReport::default();
+        let dir = self.blobs_dir();
+        for entry in fs::read_dir(&dir).map_err(ImageError::io("read directory", &dir))? {
+            let entry = entry.map_err(ImageError::io("read directory", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || reachable.contains(&name) {
+                continue;
+            }
+            report.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(entry.path()).map_err(ImageError::io("remove", entry.path()))?;
+            report.blobs += 1;
+        }
+        self.layer_cache()
+            .retain(|record| digest_hex(&record.digest).is_ok_and(|hex| reachable.contains(hex)));
+        let roots = self.roots_dir();
+        for entry in fs::read_dir(&roots).map_err(ImageError::io("read directory", &roots))? {
+            let entry = entry.map_err(ImageError::io("read directory", &roots))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let hex = name.trim_end_matches(".unpacked");
+            if !kept_images.contains(&format!("sha256:{hex}")) {
+                remove_path(&entry.path());
+                if !name.ends_with(".unpacked") {
+                    report.roots += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Bytes of image `digest`'s blobs.
+    pub fn size_of(&self, digest: &str) -> Result<u64, ImageError> {
+        Ok(self.blobs_of(digest)?.iter().map(|b| b.size).sum())
+    }
 }
 
-struct LayerBlob {
-    descriptor: Descriptor,
-    diff_id: String,
+/// The reader for a layer of `media_type`: gzip (one or many members) or plain tar.
+pub(crate) fn decompressor<'a, R: io::BufRead + 'a>(
+    media_type: &str,
+    reader: R,
+) -> Result<Box<dyn Read + 'a>, ImageError> {
+    if media_type.ends_with("gzip") {
+        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(reader)))
+    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        Ok(Box::new(reader))
+    } else {
+        Err(ImageError::Unsupported(format!(
+            "layer media type {media_type} (Phoenix reads tar and tar+gzip layers)"
+        )))
+    }
+}
+
+fn stamp_path(root: &Path) -> PathBuf {
+    root.with_extension("unpacked")
+}
+
+/// The newest status change under `dir`, in nanoseconds.
+fn newest_ctime(dir: &Path) -> Result<i128, ImageError> {
+    let meta = fs::symlink_metadata(dir).map_err(ImageError::io("stat", dir))?;
+    let mut newest = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+    if meta.is_dir() {
+        for entry in fs::read_dir(dir).map_err(ImageError::io("read directory", dir))? {
+            let entry = entry.map_err(ImageError::io("read directory", dir))?;
+            newest = newest.max(newest_ctime(&entry.path())?);
+        }
+    }
+    Ok(newest)
 }
 
 struct HashingReader<R> {
@@ -317,7 +471,20 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn digest_hex(digest: &str) -> Result<&str, ImageError> {
+impl<R: io::BufRead> io::BufRead for HashingReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        if let Ok(buf) = self.inner.fill_buf() {
+            self.hasher.update(&buf[..amount]);
+        }
+        self.inner.consume(amount);
+    }
+}
+
+pub(crate) fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(hex),
         _ => Err(ImageError::BadPath {
@@ -327,21 +494,29 @@ fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     }
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|cause| ImageError::Json { what, cause })
+}
+
+/// Canonical JSON: struct fields in declaration (alphabetical) order, maps sorted, no spaces.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ImageError> {
     serde_json::to_vec(value).map_err(|cause| ImageError::Json {
         what: "document",
         cause,
     })
 }
 
-fn unique() -> u64 {
+pub(crate) fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), unique()));
     fs::write(&tmp, bytes).map_err(ImageError::io("write", &tmp))?;
     fs::rename(&tmp, path).map_err(ImageError::io("write", path))
@@ -363,22 +538,6 @@ fn make_read_only(dir: &Path) -> Result<(), ImageError> {
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o555))
         .map_err(ImageError::io("chmod", dir))
-}
-
-/// Removes a read-only tree, restoring write permission on its directories first.
-fn remove_tree(dir: &Path) {
-    fn writable(dir: &Path) {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
-        if let Ok(entries) = fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    writable(&entry.path());
-                }
-            }
-        }
-    }
-    writable(dir);
-    let _ = fs::remove_dir_all(dir);
 }
 
 #[cfg(test)]

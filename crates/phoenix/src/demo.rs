@@ -307,11 +307,14 @@ fn find_app(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// The demo's fleet file (and its check file): the hello app at `version`, optionally failing
 /// its health check.
 fn write_fleet(path: &Path, app: &Path, version: &str, fail_health: bool) -> anyhow::Result<()> {
-    let app = app
-        .display()
-        .to_string()
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
+    let quote = |path: &Path| {
+        path.display()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+    };
+    let context = quote(app.parent().unwrap_or(Path::new("/")));
+    let app = quote(Path::new(app.file_name().unwrap_or_default()));
     let fail = if fail_health {
         ", FAIL_HEALTH = \"1\""
     } else {
@@ -320,6 +323,7 @@ fn write_fleet(path: &Path, app: &Path, version: &str, fail_health: bool) -> any
     let text = format!(
         r#"[image.hello]
 from = "scratch"
+context = "{context}"
 copy = [{{ src = "{app}", dst = "/bin/hello" }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]

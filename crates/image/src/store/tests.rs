@@ -1,17 +1,14 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::{CopyStep, From};
+use crate::{BakeOptions, CopyStep, ImageError, Recipe};
 
 fn recipe(copy: Vec<CopyStep>) -> Recipe {
     Recipe {
-        from: From::Scratch,
         copy,
         env: [("VERSION".to_string(), "v1".to_string())].into(),
-        entrypoint: vec!["/bin/app".into()],
-        cmd: vec![],
-        workdir: None,
-        checks: None,
+        entrypoint: Some(vec!["/bin/app".into()]),
+        ..Recipe::default()
     }
 }
 
@@ -20,6 +17,7 @@ fn copy(src: &str, dst: &str) -> CopyStep {
         src: src.into(),
         dst: dst.into(),
         mode: None,
+        owner: None,
     }
 }
 
@@ -78,7 +76,8 @@ fn two_bakes_of_the_same_inputs_give_the_same_digest_and_blobs() {
             BakeOptions::default(),
         )
         .unwrap();
-    assert_eq!(again, one);
+    assert_eq!(again.digest, one.digest);
+    assert!(again.steps.iter().all(|s| s.cached), "{:?}", again.steps);
 }
 
 #[test]
@@ -195,6 +194,27 @@ fn bad_recipes_are_refused_with_the_reason() {
     assert!(
         matches!(escape, Err(ImageError::BadPath { .. })),
         "{escape:?}"
+    );
+    let outside = store.bake(
+        &recipe(vec![copy("../app", "/bin/app")]),
+        &ctx.join("static"),
+        BakeOptions::default(),
+    );
+    assert!(
+        matches!(outside, Err(ImageError::Escapes { .. })),
+        "{outside:?}"
+    );
+    // A symlink in the copied tree that names a file of this machine.
+    std::os::unix::fs::symlink("/etc/passwd", ctx.join("static/passwd")).unwrap();
+    let absolute = store.bake(
+        &recipe(vec![copy("app", "/bin/app"), copy("static", "/srv")]),
+        &ctx,
+        BakeOptions::default(),
+    );
+    let message = absolute.unwrap_err().to_string();
+    assert!(
+        message.contains("escapes the build context") && message.contains("/etc/passwd"),
+        "{message}"
     );
 }
 

@@ -84,7 +84,8 @@ impl Fleet {
         format!(
             r#"[image.hello]
 from = "scratch"
-copy = [{{ src = "{app}", dst = "/bin/hello" }}]
+context = "{context}"
+copy = [{{ src = "hello", dst = "/bin/hello" }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
 {checks}
@@ -104,7 +105,7 @@ unhealthy_threshold = 2
 healthy_timeout = "{healthy_timeout}"
 drain = "{drain}"
 {proxy}{agent}"#,
-            app = hello_bin().display(),
+            context = hello_bin().parent().unwrap().display(),
             version = self.version,
             checks = if self.checks.is_some() {
                 "checks = \"checks.yaml\"\n"

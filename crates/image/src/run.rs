@@ -1,0 +1,217 @@
+//! `run` steps: a command executed at bake time inside the image's root.
+//!
+//! The root is an overlay: the image so far (read-only, below), and an empty upper directory
+//! that receives every change the command makes; the upper directory becomes the layer. The
+//! command runs in its own mount, PID, UTS and IPC namespaces, and in its own network
+//! namespace (loopback only) unless the step asks for the network. Mounts live in a mount
+//! namespace that dies with the command, so a crash leaves nothing mounted.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{ImageError, RunStep};
+
+/// Device files the command sees, bound from the host.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Lines of output kept for the error message of a failing step.
+const KEPT_LINES: usize = 40;
+
+/// Where a run step works: `scratch` is an empty directory removed by the caller.
+pub(crate) struct RunPlace<'a> {
+    pub lower: &'a Path,
+    pub scratch: &'a Path,
+}
+
+/// Runs `step` on top of `place.lower` with `env` (`KEY=VALUE`) in `workdir`; returns the
+/// overlay's upper directory. Each output line goes to `output` as it comes.
+pub(crate) fn run_step(
+    step: &RunStep,
+    place: &RunPlace,
+    env: &[String],
+    workdir: &str,
+    output: &mut dyn FnMut(&str),
+) -> Result<PathBuf, ImageError> {
+    let [upper, work, merged, mounts] =
+        ["upper", "work", "merged", "mounts"].map(|d| place.scratch.join(d));
+    for dir in [
+        &upper,
+        &work,
+        &merged,
+        &mounts.join("proc"),
+        &mounts.join("sys"),
+    ] {
+        fs::create_dir_all(dir).map_err(ImageError::io("create", dir))?;
+    }
+    // Mount points live in a lower layer of their own, so they never show up in the layer.
+    fs::create_dir_all(mounts.join("dev")).map_err(ImageError::io("create", &mounts))?;
+    let mut binds = Vec::new();
+    for device in DEVICES {
+        let host = Path::new("/dev").join(device);
+        if host.exists() {
+            let point = mounts.join("dev").join(device);
+            fs::write(&point, "").map_err(ImageError::io("create", &point))?;
+            binds.push((host, merged.join("dev").join(device)));
+        }
+    }
+    if step.network {
+        fs::create_dir_all(mounts.join("etc")).map_err(ImageError::io("create", &mounts))?;
+        let point = mounts.join("etc/resolv.conf");
+        fs::write(&point, "").map_err(ImageError::io("create", &point))?;
+        binds.push(("/etc/resolv.conf".into(), merged.join("etc/resolv.conf")));
+    }
+    let options = format!(
+        "lowerdir={}:{},upperdir={},workdir={},redirect_dir=off,metacopy=off",
+        mounts.display(),
+        place.lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let mounting = Mounts::new(&options, &merged, &binds)?;
+
+    let argv = step.run.argv();
+    let mut command = Command::new("unshare");
+    command.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--uts",
+        "--ipc",
+    ]);
+    if !step.network {
+        command.arg("--net");
+    }
+    command
+        .arg(format!("--root={}", merged.display()))
+        .arg(format!("--wd={workdir}"))
+        .arg("--")
+        .args(&argv)
+        .env_clear()
+        .envs(env.iter().filter_map(|pair| pair.split_once('=')));
+    if !env.iter().any(|pair| pair.starts_with("PATH=")) {
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+    // SAFETY: the closure only makes system calls on data prepared before the fork.
+    unsafe {
+        command.pre_exec(move || mounting.apply());
+    }
+    run_logged(command, "unshare (util-linux)", &argv.join(" "), output)?;
+    Ok(upper)
+}
+
+/// Runs `command` with stdout and stderr merged into `output`, line by line; a failure
+/// carries the last lines. `needs` names what to install when the program is missing.
+pub(crate) fn run_logged(
+    mut command: Command,
+    needs: &str,
+    shown: &str,
+    output: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let (reader, writer) = std::io::pipe().map_err(ImageError::io("pipe for", shown))?;
+    let stdout = writer
+        .try_clone()
+        .map_err(ImageError::io("pipe for", shown))?;
+    command.stdin(Stdio::null()).stdout(stdout).stderr(writer);
+    let mut child = command.spawn().map_err(|cause| ImageError::Io {
+        action: "start",
+        path: format!("{needs} for {shown}").into(),
+        cause,
+    })?;
+    // The parent's copies of the pipe's write end must close, or the read never ends.
+    drop(command);
+    let mut kept: Vec<String> = Vec::new();
+    for line in BufReader::new(reader).lines().map_while(Result::ok) {
+        output(&line);
+        kept.push(line);
+        if kept.len() > KEPT_LINES {
+            kept.remove(0);
+        }
+    }
+    let status = child.wait().map_err(ImageError::io("wait for", shown))?;
+    if !status.success() {
+        return Err(ImageError::RunFailed {
+            command: shown.to_string(),
+            status: status.to_string(),
+            output: kept.join("\n"),
+        });
+    }
+    Ok(())
+}
+
+/// Mounts prepared before the fork, applied in the child before it execs.
+struct Mounts {
+    options: CString,
+    merged: CString,
+    binds: Vec<(CString, CString)>,
+}
+
+fn c_path(path: &Path) -> Result<CString, ImageError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| ImageError::BadPath {
+        path: path.display().to_string(),
+        why: "paths must not contain NUL",
+    })
+}
+
+impl Mounts {
+    fn new(options: &str, merged: &Path, binds: &[(PathBuf, PathBuf)]) -> Result<Self, ImageError> {
+        Ok(Mounts {
+            options: CString::new(options).map_err(|_| ImageError::BadPath {
+                path: options.into(),
+                why: "paths must not contain NUL",
+            })?,
+            merged: c_path(merged)?,
+            binds: binds
+                .iter()
+                .map(|(from, to)| Ok((c_path(from)?, c_path(to)?)))
+                .collect::<Result<_, ImageError>>()?,
+        })
+    }
+
+    /// A private mount namespace with the overlay and the bind mounts. Runs after fork.
+    fn apply(&self) -> std::io::Result<()> {
+        let check = |result: libc::c_int| {
+            if result == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"overlay".as_ptr(),
+                self.merged.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                self.options.as_ptr().cast(),
+            ))?;
+            for (from, to) in &self.binds {
+                check(libc::mount(
+                    from.as_ptr(),
+                    to.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+        Ok(())
+    }
+}
