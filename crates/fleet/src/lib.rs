@@ -14,7 +14,7 @@ mod recover;
 mod status;
 mod verify;
 
-pub use bake::{BakeOutcome, bake_image};
+pub use bake::{BakeOutcome, bake_image, refresh_index};
 pub use clock::{Clock, Namer, SystemClock};
 pub use config::{
     AgentSettings, CheckKind, ConfigError, DeployConfig, FleetFile, HealthConfig, ProxyMode,
@@ -50,6 +50,8 @@ pub enum FleetError {
         file: String,
         known: String,
     },
+    #[error("recipes are their own base: {0}")]
+    BaseLoop(String),
     #[error("role {role} is no longer in the fleet file; restart `phoenix up` to remove it")]
     RoleNotInFile { role: String },
     #[error("no instance {0} in a live generation")]

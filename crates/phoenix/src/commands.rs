@@ -99,7 +99,7 @@ pub async fn rollback(state: &Path, args: RollbackArgs) -> anyhow::Result<ExitCo
 
 /// Prints a deploy's progress as it arrives (a spinner with the current step on a terminal,
 /// plain lines otherwise), then its summary line.
-async fn stream_deploy(
+pub(crate) async fn stream_deploy(
     client: &Client,
     path: &str,
     body: Option<serde_json::Value>,
@@ -352,6 +352,7 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let options = crate::up::bake_options()?;
     let state = state.to_path_buf();
+    let json = args.json;
     let outcomes =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<phoenix_fleet::BakeOutcome>> {
             let store = Store::open(state.join("state.db"))?;
@@ -360,8 +361,12 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
             names
                 .iter()
                 .map(|name| {
+                    let mut quiet = ();
+                    let mut bars = crate::image_cmd::BakeProgress::new(name);
+                    let progress: &mut dyn phoenix_image::Progress =
+                        if json { &mut quiet } else { &mut bars };
                     Ok(phoenix_fleet::bake_image(
-                        &store, &images, &fleet, name, options, now,
+                        &store, &images, &fleet, name, options, now, progress,
                     )?)
                 })
                 .collect()

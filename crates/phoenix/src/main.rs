@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod demo;
 mod handlers;
+mod image_cmd;
 mod load;
 mod proxy_cmd;
 mod up;
@@ -48,6 +49,16 @@ enum Command {
     Bake(commands::BakeArgs),
     /// List baked images.
     Images(commands::ImagesArgs),
+    /// Inspect or remove images.
+    Image(image_cmd::ImageArgs),
+    /// Remove blobs and unpacked roots no recorded image or generation needs.
+    Gc(image_cmd::GcArgs),
+    /// Write an image as an OCI archive (podman load, skopeo, docker load).
+    Export(image_cmd::ExportArgs),
+    /// Read images from an OCI archive or layout into the store.
+    Import(image_cmd::ImportArgs),
+    /// Compare an instance's root with its image's file manifest; --replace rebuilds it.
+    Drift(image_cmd::DriftArgs),
     /// Run goss-format checks: on this machine (--host FILE), on a throwaway instance of an
     /// image (recorded; deploys need a pass), or as a health endpoint (serve FILE).
     Verify(verify_cmd::VerifyArgs),
@@ -115,6 +126,11 @@ fn main() -> ExitCode {
             Command::History(args) => commands::history(&cli.state, args).await,
             Command::Bake(args) => commands::bake(&cli.state, args).await,
             Command::Images(args) => commands::images(&cli.state, args).await,
+            Command::Image(args) => image_cmd::image(&cli.state, args).await,
+            Command::Gc(args) => image_cmd::gc(&cli.state, args).await,
+            Command::Export(args) => image_cmd::export(&cli.state, args).await,
+            Command::Import(args) => image_cmd::import(&cli.state, args).await,
+            Command::Drift(args) => image_cmd::drift(&cli.state, args).await,
             Command::Verify(args) => verify_cmd::run(&cli.state, args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,

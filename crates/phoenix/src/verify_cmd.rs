@@ -228,7 +228,7 @@ async fn resolve(
         let options = crate::up::bake_options()?;
         let outcome = tokio::task::spawn_blocking(move || {
             let now = phoenix_fleet::SystemClock.now_ms();
-            phoenix_fleet::bake_image(&store, &images, &fleet, &name, options, now)
+            phoenix_fleet::bake_image(&store, &images, &fleet, &name, options, now, &mut ())
         })
         .await??;
         return Ok((outcome.name, outcome.digest));

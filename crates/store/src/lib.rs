@@ -113,6 +113,13 @@ impl Store {
         self.query(sql, [], ImageRow::from_row)
     }
 
+    /// Forgets image `digest` under every name; returns how many names it had.
+    pub fn remove_image(&self, digest: &str) -> Result<usize> {
+        self.conn()
+            .execute("DELETE FROM images WHERE digest = ?1", params![digest])
+            .map_err(|e| self.sql(e))
+    }
+
     /// Resolves `reference`: an image name (its newest bake), `name@PREFIX`, a digest or a
     /// unique digest prefix of at least 6 hex digits.
     pub fn find_image(&self, reference: &str) -> Result<Option<ImageRow>> {

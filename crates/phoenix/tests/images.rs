@@ -1,0 +1,264 @@
+//! The image store from the CLI: inspect, rm, gc, drift (and its replacement of drifted
+//! instances under load), and interop with Debian's skopeo and podman in both directions.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{Fleet, Load, Phoenix, failures, phoenix, text, wait_for};
+use serde_json::Value;
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+/// `program`, or why the test cannot use it here (a panic when PHOENIX_REQUIRE_TOOLS is set).
+fn tool(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "PHOENIX_REQUIRE_TOOLS is set but {program} is missing"
+        );
+        eprintln!("skipped: {program} is not installed");
+    }
+    found
+}
+
+/// A fleet file whose image is a static busybox root with a `run` step.
+fn busybox_fleet(dir: &Path, tag: &str) {
+    let bin = dir.join("ctx/rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
+    std::fs::write(
+        dir.join("phoenix.toml"),
+        format!(
+            r#"[image.bb]
+context = "ctx"
+from = {{ dir = "rootfs" }}
+steps = [{{ run = "mkdir -p /etc && echo baked-{tag} > /etc/motd" }}]
+entrypoint = ["/bin/sh", "-c", "cat /etc/motd; echo VERSION=$VERSION"]
+env = {{ VERSION = "{tag}" }}
+labels = {{ "org.opencontainers.image.title" = "bb" }}
+"#
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn exported_images_load_and_run_in_podman_and_podman_images_import() {
+    if !(tool("busybox") && tool("skopeo") && tool("podman")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("t{}", std::process::id());
+    busybox_fleet(dir.path(), &tag);
+    let baked: Value = serde_json::from_str(&ok(phoenix(
+        dir.path(),
+        &["--state", "s", "bake", "--json"],
+    )))
+    .unwrap();
+    let digest = baked[0]["digest"].as_str().unwrap().to_string();
+    let name = format!("phoenix-test-{tag}:v1");
+    ok(phoenix(
+        dir.path(),
+        &[
+            "--state", "s", "export", "bb", "-o", "bb.tar", "--tag", &name,
+        ],
+    ));
+    let archive = dir.path().join("bb.tar");
+
+    let inspect: Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", archive.display()))
+        .output()
+        .unwrap()))
+    .unwrap();
+    assert_eq!(inspect["Digest"], digest.as_str());
+    assert_eq!(inspect["Labels"]["org.opencontainers.image.title"], "bb");
+    assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
+
+    let loaded = ok(Command::new("podman")
+        .args(["load", "-i"])
+        .arg(&archive)
+        .output()
+        .unwrap());
+    assert!(loaded.contains(&name), "{loaded}");
+    // This sandbox refuses to raise rlimits; lowering them is allowed.
+    let run = |image: &str| {
+        ok(Command::new("podman")
+            .args(["run", "--rm", "--network=none"])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .arg(image)
+            .output()
+            .unwrap())
+    };
+    let output = run(&format!("localhost/{name}"));
+    assert_eq!(output, format!("baked-{tag}\nVERSION={tag}\n"));
+
+    // And back: podman's own OCI archive of the image imports with the same content.
+    let saved = dir.path().join("podman.tar");
+    ok(Command::new("podman")
+        .args(["save", "--format", "oci-archive", "-o"])
+        .arg(&saved)
+        .arg(format!("localhost/{name}"))
+        .output()
+        .unwrap());
+    let imported: Value = serde_json::from_str(&ok(phoenix(
+        dir.path(),
+        &[
+            "--state",
+            "other",
+            "import",
+            "podman.tar",
+            "--name",
+            "frompodman",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let imported_digest = imported[0]["digest"].as_str().unwrap();
+    let files = |state: &str, reference: &str| -> Value {
+        serde_json::from_str::<Value>(&ok(phoenix(
+            dir.path(),
+            &["--state", state, "image", "inspect", reference, "--json"],
+        )))
+        .unwrap()["files"]
+            .clone()
+    };
+    assert_eq!(
+        files("other", imported_digest)["root"],
+        files("s", &digest)["root"],
+        "the same files, whoever packed the layers"
+    );
+    let _ = Command::new("podman")
+        .args(["rmi", "-f", &format!("localhost/{name}")])
+        .output();
+}
+
+#[test]
+fn inspect_rm_and_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    Fleet::version("v1").write_to(dir.path());
+    let state = ["--state", "s"];
+    let cli = |args: &[&str]| phoenix(dir.path(), &[&state[..], args].concat());
+    let v1: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
+    Fleet::version("v2").write_to(dir.path());
+    let v2: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
+    let (v1, v2) = (
+        v1[0]["digest"].as_str().unwrap().to_string(),
+        v2[0]["digest"].as_str().unwrap().to_string(),
+    );
+
+    let inspect: Value =
+        serde_json::from_str(&ok(cli(&["image", "inspect", &v1[7..19], "--json"]))).unwrap();
+    assert_eq!(inspect["digest"], v1.as_str());
+    assert_eq!(inspect["config"]["Env"][0], "VERSION=v1");
+    assert_eq!(inspect["files"]["count"], 2, "bin and bin/hello");
+    assert!(
+        inspect["files"]["root"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let text = ok(cli(&["image", "inspect", "hello"]));
+    assert!(text.contains(&v2) && text.contains("Merkle root"), "{text}");
+
+    // Nothing to collect while both are recorded; once v1 is removed, its manifest and config
+    // go (the layer and the file manifest are v2's too).
+    assert!(ok(cli(&["gc"])).starts_with("removed 0 blobs"));
+    let removed = ok(cli(&["image", "rm", &v1]));
+    assert!(removed.contains(&v1[7..19]), "{removed}");
+    let images: Value = serde_json::from_str(&ok(cli(&["images", "--json"]))).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    let gc: Value = serde_json::from_str(&ok(cli(&["gc", "--json"]))).unwrap();
+    assert_eq!(gc["blobs"], 2, "{gc}");
+    let gone = cli(&["image", "inspect", &v1]);
+    assert!(!gone.status.success());
+    assert!(text_of(&gone).contains("no image"), "{}", text_of(&gone));
+    ok(cli(&["image", "inspect", &v2]));
+}
+
+fn text_of(output: &Output) -> String {
+    text(&output.stderr)
+}
+
+#[test]
+fn drift_is_detected_and_replaced_with_fresh_instances_under_load() {
+    let mut fleet = Fleet::version("v1");
+    fleet.instances = 2;
+    let phoenix = Phoenix::start(&fleet);
+    let status = phoenix.status();
+    let instance = status["roles"][0]["generations"][0]["instances"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image = status["roles"][0]["generations"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let clean = phoenix.cli(&["drift", &instance]);
+    assert!(clean.status.success(), "{}", text(&clean.stdout));
+    assert!(text(&clean.stdout).contains("0 added, 0 changed, 0 removed"));
+
+    // A hand-made change inside the instance's root.
+    let root = phoenix.state().join("images/roots").join(&image[7..]);
+    std::fs::set_permissions(
+        root.join("bin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("bin/hotfix.sh"), "echo patched").unwrap();
+    let drifted = phoenix.cli(&["drift", &instance]);
+    assert_eq!(drifted.status.code(), Some(1));
+    let report = text(&drifted.stdout);
+    assert!(
+        report.contains("1 added, 0 changed, 0 removed") && report.contains("+ /bin/hotfix.sh"),
+        "{report}"
+    );
+
+    let load = Load::start(phoenix.proxy_addr(), 4);
+    let replaced = phoenix.cli_ok(&["drift", &instance, "--replace"]);
+    assert!(replaced.contains("deployed web generation 2"), "{replaced}");
+    wait_for(
+        "load after the replacement",
+        Duration::from_secs(10),
+        || load.count() > 100,
+    );
+    let samples = load.stop();
+    assert_eq!(failures(&samples), Vec::<String>::new());
+    let status = phoenix.status();
+    let live = status["roles"][0]["live_generation"].as_i64().unwrap();
+    assert_eq!(live, 2);
+    let fresh = status["roles"][0]["generations"][0]["instances"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(fresh, instance);
+    assert!(phoenix.cli(&["drift", &fresh]).status.success());
+    let kinds: Vec<String> = phoenix
+        .history()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "image.drifted"), "{kinds:?}");
+}
