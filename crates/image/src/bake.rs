@@ -188,7 +188,7 @@ impl Baker<'_> {
             Step::Copy(copy) => {
                 let mut hashes = self.stat_cache(&self.context.join(&copy.src));
                 let plan = LayerPlan::copy(copy, self.context, &below.files, &mut hashes)?;
-                let key = layer_key(&below.key, &json!({"copy": copy, "files": plan.files()}));
+                let key = layer_key(&below.key, &(("copy", copy), ("files", plan.files())));
                 let (record, cached) = match self.cached(&key) {
                     Some(record) => (record, true),
                     None => (self.write_layer(&key, &plan)?, false),
@@ -341,7 +341,8 @@ impl Baker<'_> {
         Ok(descriptor)
     }
 
-    fn finish(&mut self, recipe: &Recipe, state: State) -> Result<BakedImage, ImageError> {
+    fn finish(&mut self, recipe: &Recipe, mut state: State) -> Result<BakedImage, ImageError> {
+        state.files.root = crate::files::merkle_root(&state.files.files);
         let config = final_config(recipe, state.config);
         check_entrypoint(&config, &state.files)?;
         let files_desc = self.blob(&to_json(&state.files)?, MEDIA_FILES)?;
@@ -413,7 +414,11 @@ impl State {
 
     /// This state with one more layer.
     pub(crate) fn on_top(&self, key: String, record: LayerRecord) -> State {
-        let files = FileManifest::merge([self.files.files.as_slice(), record.files.as_slice()]);
+        // The Merkle root is computed once, when the image is finished.
+        let files = FileManifest::merge_without_root([
+            self.files.files.as_slice(),
+            record.files.as_slice(),
+        ]);
         let mut layers = self.layers.clone();
         layers.push(Descriptor::new(
             record.digest,

@@ -55,7 +55,7 @@ impl Baker<'_> {
                 }
                 let mut hashes = self.stat_cache(&dir);
                 let plan = crate::layer::LayerPlan::tree(&dir, &mut hashes, false)?;
-                let key = layer_key("", &json!({"dir": plan.files()}));
+                let key = layer_key("", &("dir", plan.files()));
                 let (record, cached) = match self.cached(&key) {
                     Some(record) => (record, true),
                     None => (self.write_layer(&key, &plan)?, false),

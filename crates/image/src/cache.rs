@@ -6,7 +6,7 @@
 //! - The stat cache remembers the sha256 of source files by inode, size, mtime and ctime, as
 //!   git's index does, so that proving a large tree unchanged is a walk of `stat` calls.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,8 +32,10 @@ struct Stamp {
 #[derive(Debug, Default)]
 pub(crate) struct StatCache {
     path: Option<PathBuf>,
-    old: BTreeMap<PathBuf, Stamp>,
-    new: BTreeMap<PathBuf, Stamp>,
+    // Keyed by the path as text: hashing strings is far cheaper than comparing `Path`s
+    // component by component, and a large tree has many thousands of entries.
+    old: HashMap<String, Stamp>,
+    new: HashMap<String, Stamp>,
     /// Files whose content had to be read.
     pub hashed: u64,
 }
@@ -70,9 +72,10 @@ impl StatCache {
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
             sha256,
         };
-        if let Some(known) = self.old.get(path) {
+        let key = path.to_string_lossy();
+        if let Some(known) = self.old.get(key.as_ref()) {
             if *known == stamp(known.sha256.clone()) {
-                self.new.insert(path.to_path_buf(), known.clone());
+                self.new.insert(key.into_owned(), known.clone());
                 return Ok(known.sha256.clone());
             }
         }
@@ -82,7 +85,7 @@ impl StatCache {
         // A file changed within the last seconds could change again within the same mtime
         // tick without its stamp changing ("racy git"): hash it again next time.
         if !recent(fresh.mtime_ns) && !recent(fresh.ctime_ns) {
-            self.new.insert(path.to_path_buf(), fresh);
+            self.new.insert(key.into_owned(), fresh);
         }
         Ok(sha256)
     }
@@ -152,13 +155,25 @@ impl LayerCache {
     }
 }
 
-/// The key of a layer: its parent's key, then what the step reads.
+/// The key of a layer: its parent's key, then what the step reads (serialized straight into
+/// the hash: a large tree's description is never built in memory).
 pub(crate) fn layer_key(parent: &str, what: &impl Serialize) -> String {
-    let description = serde_json::to_vec(what).expect("keys serialize");
-    let digest = Sha256::new()
+    let mut hasher = Sha256::new()
         .chain_update(parent.as_bytes())
-        .chain_update([0u8])
-        .chain_update(description)
-        .finalize();
-    format!("sha256:{}", crate::hex(&digest))
+        .chain_update([0u8]);
+    serde_json::to_writer(HashWriter(&mut hasher), what).expect("keys serialize");
+    format!("sha256:{}", crate::hex(&hasher.finalize()))
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

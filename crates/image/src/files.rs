@@ -60,6 +60,15 @@ impl FileManifest {
     /// Applies layers in order (whiteouts delete, opaque markers empty a directory) and hashes
     /// the result.
     pub fn merge<'a>(layers: impl IntoIterator<Item = &'a [FileEntry]>) -> FileManifest {
+        let mut merged = FileManifest::merge_without_root(layers);
+        merged.root = merkle_root(&merged.files);
+        merged
+    }
+
+    /// `merge`, leaving `root` empty (for intermediate states of a bake).
+    pub(crate) fn merge_without_root<'a>(
+        layers: impl IntoIterator<Item = &'a [FileEntry]>,
+    ) -> FileManifest {
         let mut tree: BTreeMap<String, FileEntry> = BTreeMap::new();
         for layer in layers {
             for entry in layer {
@@ -75,10 +84,9 @@ impl FileManifest {
                 }
             }
         }
-        let files: Vec<FileEntry> = tree.into_values().collect();
         FileManifest {
-            root: merkle_root(&files),
-            files,
+            root: String::new(),
+            files: tree.into_values().collect(),
         }
     }
 
