@@ -262,3 +262,88 @@ fn drift_is_detected_and_replaced_with_fresh_instances_under_load() {
         .collect();
     assert!(kinds.iter().any(|k| k == "image.drifted"), "{kinds:?}");
 }
+
+#[test]
+fn a_debian_base_is_built_from_packages_once_then_cached() {
+    if !(tool("mmdebstrap") && tool("podman")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("phoenix.toml"),
+        r#"[image.web]
+from = { debian = "bookworm", packages = ["nginx-light"] }
+steps = [{ run = "nginx -t && echo '<h1>baked</h1>' > /var/www/html/index.html" }]
+entrypoint = ["/usr/sbin/nginx", "-g", "daemon off;"]
+expose = ["80"]
+"#,
+    )
+    .unwrap();
+    let bake = || -> Value {
+        let output = Command::new(common::phoenix_bin())
+            .args(["--state", "s", "bake", "--json"])
+            .current_dir(dir.path())
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .unwrap();
+        serde_json::from_str(&ok(output)).unwrap()
+    };
+    let first = bake();
+    assert_eq!(first[0]["new"], true);
+    let digest = first[0]["digest"].as_str().unwrap().to_string();
+    let inspect: Value = serde_json::from_str(&ok(phoenix(
+        dir.path(),
+        &["--state", "s", "image", "inspect", &digest, "--json"],
+    )))
+    .unwrap();
+    assert!(
+        inspect["files"]["count"].as_u64().unwrap() > 1000,
+        "{inspect}"
+    );
+    assert_eq!(inspect["created"], "2023-11-14T22:13:20Z");
+
+    // Cached: no mmdebstrap, no run step, the same digest.
+    let again = bake();
+    assert_eq!(again[0]["digest"], digest.as_str());
+    assert!(again[0]["millis"].as_u64().unwrap() < 5_000, "{again}");
+
+    // The image is a real Debian root: podman runs its nginx.
+    ok(phoenix(
+        dir.path(),
+        &[
+            "--state",
+            "s",
+            "export",
+            "web",
+            "-o",
+            "web.tar",
+            "--tag",
+            "phoenix-debian-test:v1",
+        ],
+    ));
+    ok(Command::new("podman")
+        .args(["load", "-i"])
+        .arg(dir.path().join("web.tar"))
+        .output()
+        .unwrap());
+    let version = Command::new("podman")
+        .args(["run", "--rm", "--network=none"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args([
+            "--entrypoint",
+            "/bin/cat",
+            "localhost/phoenix-debian-test:v1",
+        ])
+        .arg("/var/www/html/index.html")
+        .output()
+        .unwrap();
+    assert_eq!(ok(version), "<h1>baked</h1>\n");
+    let _ = Command::new("podman")
+        .args(["rmi", "-f", "localhost/phoenix-debian-test:v1"])
+        .output();
+}
