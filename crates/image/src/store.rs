@@ -61,6 +61,7 @@ impl ImageStore {
         if !store.root.join("index.json").exists() {
             store.write_index(&[])?;
         }
+        store.clean_scratch();
         Ok(store)
     }
 
@@ -97,7 +98,8 @@ impl ImageStore {
         self.root.join("tmp")
     }
 
-    /// Removes scratch directories of processes that are gone (a crash mid-bake).
+    /// Removes scratch directories of processes that are gone (a crash mid-bake); those of
+    /// running processes, even another Phoenix's, stay.
     pub fn clean_scratch(&self) {
         let Ok(entries) = fs::read_dir(self.scratch_dir()) else {
             return;

@@ -255,7 +255,6 @@ pub async fn gc(state: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
             .filter(|image| local.images.contains(image)),
     );
     let report = local.images.gc(&keep)?;
-    local.images.clean_scratch();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

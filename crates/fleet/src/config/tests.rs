@@ -80,9 +80,12 @@ fn bad_values_name_the_key() {
         "{}",
         error(&text)
     );
-    let text = GOOD.replace("from = \"scratch\"", "from = \"debian\"");
+    let text = GOOD.replace(
+        "from = \"scratch\"",
+        "from = { debian = \"bookworm\", tar = \"root.tar\" }",
+    );
     assert!(
-        error(&text).contains("key `from`: unsupported base \"debian\""),
+        error(&text).contains("key `from`: `from` names two bases"),
         "{}",
         error(&text)
     );
