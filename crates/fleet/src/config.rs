@@ -53,6 +53,9 @@ pub struct RoleConfig {
     pub health: HealthConfig,
     pub deploy: DeployConfig,
     pub proxy: ProxySettings,
+    /// How often the live generation's root is compared with its image's file manifest; a
+    /// drifted root is unpacked again and its instances replaced. `None`: never.
+    pub drift_check: Option<Duration>,
 }
 
 /// `[role.NAME.health]`: the active HTTP health check.
@@ -250,6 +253,8 @@ struct RawRole {
     deploy: DeployConfig,
     #[serde(default)]
     proxy: ProxySettings,
+    #[serde(default, deserialize_with = "optional_duration")]
+    drift_check: Option<Duration>,
 }
 
 fn one() -> Spanned<u32> {
@@ -343,6 +348,7 @@ impl FleetFile {
                 health,
                 deploy: role.deploy,
                 proxy: role.proxy,
+                drift_check: role.drift_check,
             };
             roles.insert(name.into_inner(), config);
         }
@@ -476,6 +482,12 @@ fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
         Size::Bytes(bytes) => Ok(bytes),
         Size::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
     }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {

@@ -397,6 +397,9 @@ impl Controller {
             membership.clone(),
         ));
         *inner.members_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(members_task);
+        for role in inner.roles.keys() {
+            tokio::spawn(crate::drift::watch(weak.clone(), role.clone()));
+        }
         tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
     }

@@ -94,7 +94,7 @@ impl Controller {
     }
 }
 
-async fn deploy(
+pub(crate) async fn deploy(
     inner: &Arc<Inner>,
     role_name: &str,
     options: DeployOptions,

@@ -6,6 +6,7 @@ mod clock;
 pub mod config;
 mod controller;
 mod deploy;
+mod drift;
 mod health;
 mod instance;
 mod membership;

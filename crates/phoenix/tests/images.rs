@@ -347,3 +347,46 @@ expose = ["80"]
         .args(["rmi", "-f", "localhost/phoenix-debian-test:v1"])
         .output();
 }
+
+#[test]
+fn a_role_with_drift_check_replaces_drifted_instances_by_itself() {
+    let mut fleet = Fleet::version("v1");
+    fleet.instances = 2;
+    fleet.drift_check = Some("300ms");
+    let phoenix = Phoenix::start(&fleet);
+    let image = phoenix.status()["roles"][0]["generations"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let load = Load::start(phoenix.proxy_addr(), 4);
+    let root = phoenix.state().join("images/roots").join(&image[7..]);
+    std::fs::set_permissions(
+        root.join("bin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::remove_file(root.join("bin/hello")).unwrap();
+    wait_for(
+        "the drifted role redeployed",
+        Duration::from_secs(30),
+        || phoenix.status()["roles"][0]["live_generation"] == 2,
+    );
+    assert!(
+        root.join("bin/hello").is_file(),
+        "the root was unpacked again"
+    );
+    let drifted: Vec<Value> = phoenix
+        .history()
+        .into_iter()
+        .filter(|e| e["kind"] == "image.drifted")
+        .collect();
+    assert_eq!(drifted.len(), 1, "{drifted:?}");
+    assert_eq!(drifted[0]["detail"]["removed"], 1);
+    assert_eq!(drifted[0]["detail"]["paths"][0], "-/bin/hello");
+    wait_for(
+        "load after the replacement",
+        Duration::from_secs(10),
+        || load.count() > 100,
+    );
+    assert_eq!(failures(&load.stop()), Vec::<String>::new());
+}

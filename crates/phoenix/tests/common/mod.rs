@@ -51,6 +51,8 @@ pub struct Fleet {
     pub agent: Option<String>,
     /// A goss file written beside the fleet file as the recipe's `checks`.
     pub checks: Option<String>,
+    /// The role's `drift_check` period.
+    pub drift_check: Option<&'static str>,
 }
 
 impl Fleet {
@@ -64,6 +66,7 @@ impl Fleet {
             tcp: false,
             agent: None,
             checks: None,
+            drift_check: None,
         }
     }
 
@@ -94,7 +97,7 @@ image = "hello"
 instances = {instances}
 listen = "127.0.0.1:0"
 stop_timeout = "5s"
-
+{drift}
 [role.web.health]
 interval = "100ms"
 timeout = "1s"
@@ -113,6 +116,10 @@ drain = "{drain}"
                 ""
             },
             instances = self.instances,
+            drift = self
+                .drift_check
+                .map(|d| format!("drift_check = \"{d}\"\n"))
+                .unwrap_or_default(),
             healthy_timeout = self.healthy_timeout,
             drain = self.drain,
             proxy = if self.tcp {
