@@ -240,12 +240,9 @@ impl ImageStore {
                 .map_err(ImageError::io("write", &tmp))?;
         }
         let actual = format!("sha256:{}", crate::hex(&hasher.finalize()));
-        if actual != digest {
+        if let Err(corrupt) = crate::expect_digest(digest, actual) {
             let _ = fs::remove_file(&tmp);
-            return Err(ImageError::Corrupt {
-                digest: digest.into(),
-                actual,
-            });
+            return Err(corrupt);
         }
         fs::rename(&tmp, &target).map_err(ImageError::io("store", &target))
     }
@@ -275,13 +272,7 @@ fn docker_tag(reference: &str) -> String {
 fn read_layout_blob(layout: &Path, digest: &str) -> Result<Vec<u8>, ImageError> {
     let path = layout.join("blobs/sha256").join(digest_hex(digest)?);
     let bytes = fs::read(&path).map_err(|_| ImageError::NotFound(digest.into()))?;
-    let actual = crate::sha256_digest(&bytes);
-    if actual != digest {
-        return Err(ImageError::Corrupt {
-            digest: digest.into(),
-            actual,
-        });
-    }
+    crate::expect_digest(digest, crate::sha256_digest(&bytes))?;
     Ok(bytes)
 }
 

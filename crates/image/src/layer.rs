@@ -238,14 +238,10 @@ fn write_entry<W: Write>(
             let file = fs::File::open(src).map_err(ImageError::io("open", src))?;
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(entry.size);
-            let mut reader = Checked {
-                inner: file.take(entry.size),
-                hasher: Sha256::new(),
-                read: 0,
-            };
+            let mut reader = HashingReader::new(file.take(entry.size));
             builder
                 .append_data(&mut header, path, &mut reader)
-                .and_then(|()| reader.verify(entry))
+                .and_then(|()| unchanged(&reader, entry))
         }
         FileKind::Symlink => {
             header.set_entry_type(tar::EntryType::Symlink);
@@ -275,14 +271,29 @@ fn whiteout_name(entry: &FileEntry) -> String {
     }
 }
 
-/// A reader that hashes what it reads, to prove the file did not change after planning.
-struct Checked<R> {
+/// A reader that hashes and counts what it reads.
+pub(crate) struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     read: u64,
 }
 
-impl<R: Read> Read for Checked<R> {
+impl<R> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            read: 0,
+        }
+    }
+
+    /// The `sha256:` digest of what was read so far.
+    pub(crate) fn digest(&self) -> String {
+        format!("sha256:{}", crate::hex(&self.hasher.clone().finalize()))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
@@ -291,16 +302,28 @@ impl<R: Read> Read for Checked<R> {
     }
 }
 
-impl<R> Checked<R> {
-    fn verify(&mut self, entry: &FileEntry) -> io::Result<()> {
-        let actual = format!("sha256:{}", crate::hex(&self.hasher.clone().finalize()));
-        if self.read != entry.size || Some(&actual) != entry.sha256.as_ref() {
-            return Err(io::Error::other(
-                "the file changed while the image was baking: bake again",
-            ));
-        }
-        Ok(())
+impl<R: io::BufRead> io::BufRead for HashingReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
     }
+
+    fn consume(&mut self, amount: usize) {
+        if let Ok(buf) = self.inner.fill_buf() {
+            self.hasher.update(&buf[..amount]);
+            self.read += amount as u64;
+        }
+        self.inner.consume(amount);
+    }
+}
+
+/// Proves a file did not change between planning (when it was hashed) and writing.
+fn unchanged<R>(reader: &HashingReader<R>, entry: &FileEntry) -> io::Result<()> {
+    if reader.read != entry.size || Some(&reader.digest()) != entry.sha256.as_ref() {
+        return Err(io::Error::other(
+            "the file changed while the image was baking: bake again",
+        ));
+    }
+    Ok(())
 }
 
 /// Applies the layer tar `reader` to `into`: whiteouts delete, opaque markers empty their

@@ -93,6 +93,18 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)))
 }
 
+/// `Corrupt` unless content whose digest is `actual` was expected to have `digest`.
+pub(crate) fn expect_digest(digest: &str, actual: String) -> Result<(), ImageError> {
+    if actual == digest {
+        Ok(())
+    } else {
+        Err(ImageError::Corrupt {
+            digest: digest.into(),
+            actual,
+        })
+    }
+}
+
 /// The short form used in listings: the first 12 hex digits.
 pub fn short_digest(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);

@@ -8,12 +8,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::ImageError;
 use crate::cache::LayerCache;
 use crate::files::{FileEntry, FileManifest};
-use crate::layer::{apply_layer, remove_path};
+use crate::layer::{HashingReader, apply_layer, remove_path};
 use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Index, Manifest};
 
 /// The manifest annotation naming the blob that holds the image's file manifest.
@@ -150,13 +149,7 @@ impl ImageStore {
                 cause: e,
             },
         })?;
-        let actual = crate::sha256_digest(&bytes);
-        if actual != digest {
-            return Err(ImageError::Corrupt {
-                digest: digest.into(),
-                actual,
-            });
-        }
+        crate::expect_digest(digest, crate::sha256_digest(&bytes))?;
         Ok(bytes)
     }
 
@@ -298,19 +291,10 @@ impl ImageStore {
             let path = self.blob_path(&layer.digest)?;
             let file =
                 fs::File::open(&path).map_err(|_| ImageError::NotFound(layer.digest.clone()))?;
-            let mut reader = HashingReader {
-                inner: io::BufReader::new(file),
-                hasher: Sha256::new(),
-            };
+            let mut reader = HashingReader::new(io::BufReader::new(file));
             apply_layer(decompressor(&layer.media_type, &mut reader)?, into)?;
             io::copy(&mut reader, &mut io::sink()).map_err(ImageError::io("read", &path))?;
-            let actual = format!("sha256:{}", crate::hex(&reader.hasher.finalize()));
-            if actual != layer.digest {
-                return Err(ImageError::Corrupt {
-                    digest: layer.digest.clone(),
-                    actual,
-                });
-            }
+            crate::expect_digest(&layer.digest, reader.digest())?;
         }
         Ok(())
     }
@@ -458,32 +442,6 @@ fn newest_ctime(dir: &Path) -> Result<i128, ImageError> {
         }
     }
     Ok(newest)
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-impl<R: io::BufRead> io::BufRead for HashingReader<R> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        self.inner.fill_buf()
-    }
-
-    fn consume(&mut self, amount: usize) {
-        if let Ok(buf) = self.inner.fill_buf() {
-            self.hasher.update(&buf[..amount]);
-        }
-        self.inner.consume(amount);
-    }
 }
 
 pub(crate) fn digest_hex(digest: &str) -> Result<&str, ImageError> {

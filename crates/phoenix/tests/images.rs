@@ -37,6 +37,22 @@ fn tool(program: &str) -> bool {
     found
 }
 
+/// `podman run --rm` without network. This sandbox refuses to raise rlimits, which podman
+/// does by default; lowering them is allowed.
+fn podman_run(args: &[&str]) -> Output {
+    Command::new("podman")
+        .args(["run", "--rm", "--network=none"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// A fleet file whose image is a static busybox root with a `run` step.
 fn busybox_fleet(dir: &Path, tag: &str) {
     let bin = dir.join("ctx/rootfs/bin");
@@ -98,21 +114,7 @@ fn exported_images_load_and_run_in_podman_and_podman_images_import() {
         .output()
         .unwrap());
     assert!(loaded.contains(&name), "{loaded}");
-    // This sandbox refuses to raise rlimits; lowering them is allowed.
-    let run = |image: &str| {
-        ok(Command::new("podman")
-            .args(["run", "--rm", "--network=none"])
-            .args([
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=1024:1024",
-            ])
-            .arg(image)
-            .output()
-            .unwrap())
-    };
-    let output = run(&format!("localhost/{name}"));
+    let output = ok(podman_run(&[&format!("localhost/{name}")]));
     assert_eq!(output, format!("baked-{tag}\nVERSION={tag}\n"));
 
     // And back: podman's own OCI archive of the image imports with the same content.
@@ -326,23 +328,13 @@ expose = ["80"]
         .arg(dir.path().join("web.tar"))
         .output()
         .unwrap());
-    let version = Command::new("podman")
-        .args(["run", "--rm", "--network=none"])
-        .args([
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-        ])
-        .args([
-            "--entrypoint",
-            "/bin/cat",
-            "localhost/phoenix-debian-test:v1",
-        ])
-        .arg("/var/www/html/index.html")
-        .output()
-        .unwrap();
-    assert_eq!(ok(version), "<h1>baked</h1>\n");
+    let page = podman_run(&[
+        "--entrypoint",
+        "/bin/cat",
+        "localhost/phoenix-debian-test:v1",
+        "/var/www/html/index.html",
+    ]);
+    assert_eq!(ok(page), "<h1>baked</h1>\n");
     let _ = Command::new("podman")
         .args(["rmi", "-f", "localhost/phoenix-debian-test:v1"])
         .output();
