@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{addr_in_log, members_json, phoenix_bin, text, wait_for};
+use common::{addr_in_log, members_json, phoenix_bin, succeeded, text, wait_for};
 use serde_json::Value;
 
 /// A running `phoenix agent`, killed when dropped.
@@ -207,16 +207,7 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     let c = agent("c", &strs(&c_args), &dir.path().join("c.log"));
     let rpc_a = format!("-rpc-addr={}", a.rpc);
     let rpc_b = format!("-rpc-addr={}", b.rpc);
-    let serf_ok = |args: &[&str]| {
-        let out = cli(&serf, args);
-        assert!(
-            out.status.success(),
-            "serf {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    };
+    let serf_ok = |args: &[&str]| succeeded(&format!("serf {args:?}"), cli(&serf, args));
     wait("serf members lists all three alive", || {
         let out = text(&cli(&serf, &["members", &rpc_a]).stdout);
         out.lines().filter(|l| l.contains("alive")).count() == 3

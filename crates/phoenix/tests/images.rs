@@ -11,13 +11,7 @@ use common::{Fleet, Load, Phoenix, failures, phoenix, text, wait_for};
 use serde_json::Value;
 
 fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
+    common::succeeded("the command", output)
 }
 
 /// `program`, or why the test cannot use it here (a panic when PHOENIX_REQUIRE_TOOLS is set).

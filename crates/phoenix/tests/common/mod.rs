@@ -196,14 +196,7 @@ impl Phoenix {
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let output = self.cli(args);
-        assert!(
-            output.status.success(),
-            "phoenix {args:?} failed:\n{}\n{}",
-            text(&output.stdout),
-            text(&output.stderr)
-        );
-        text(&output.stdout)
+        succeeded(&format!("phoenix {args:?}"), self.cli(args))
     }
 
     pub fn status(&self) -> Value {
@@ -400,6 +393,18 @@ pub fn signal(pid: u32, sig: i32) {
         fn kill(pid: i32, sig: i32) -> i32;
     }
     unsafe { kill(pid as i32, sig) };
+}
+
+/// The stdout of a command that must have succeeded (else both outputs, in the panic).
+pub fn succeeded(what: &str, output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
 }
 
 pub fn text(bytes: &[u8]) -> String {
