@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::files::{FileEntry, FileKind};
-use crate::layer::remove_path;
 use crate::oci::{self, Descriptor, Index, Manifest};
 use crate::store::{ANNOTATION_REF, ImageRef, digest_hex, parse, to_json};
+use crate::unpack::remove_path;
 use crate::{ImageError, ImageStore};
 
 /// One entry of Docker's `manifest.json`.

@@ -13,10 +13,12 @@ use serde_json::json;
 use crate::cache::{LayerCache, StatCache, layer_key};
 use crate::files::{FileKind, FileManifest, MEDIA_FILES};
 use crate::gzip::ParallelGzip;
-use crate::layer::{HashingWriter, LayerPlan, LayerRecord, image_path, remove_path};
+use crate::hashing::HashingWriter;
+use crate::layer::{LayerPlan, LayerRecord, image_path};
 use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Manifest, RootFs};
 use crate::run::{RunPlace, run_step};
 use crate::store::{ANNOTATION_FILES, ANNOTATION_FILES_ROOT, to_json};
+use crate::unpack::remove_path;
 use crate::{Base, ImageError, ImageStore, Recipe, Step};
 
 /// Inputs of a bake that do not come from the recipe.

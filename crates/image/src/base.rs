@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::bake::{Baker, State, StepResult};
 use crate::cache::{StatCache, layer_key};
-use crate::layer::remove_path;
+use crate::unpack::remove_path;
 use crate::{Base, DebianBase, ImageError};
 
 impl Baker<'_> {

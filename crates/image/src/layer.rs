@@ -8,10 +8,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::cache::StatCache;
 use crate::files::{FileEntry, FileKind, FileManifest};
+use crate::hashing::HashingReader;
 use crate::{CopyStep, ImageError};
 
 /// A layer in the store: its blob, its uncompressed digest and the entries it holds.
@@ -271,51 +271,6 @@ fn whiteout_name(entry: &FileEntry) -> String {
     }
 }
 
-/// A reader that hashes and counts what it reads.
-pub(crate) struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    read: u64,
-}
-
-impl<R> HashingReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
-            read: 0,
-        }
-    }
-
-    /// The `sha256:` digest of what was read so far.
-    pub(crate) fn digest(&self) -> String {
-        format!("sha256:{}", crate::hex(&self.hasher.clone().finalize()))
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.read += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R: io::BufRead> io::BufRead for HashingReader<R> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        self.inner.fill_buf()
-    }
-
-    fn consume(&mut self, amount: usize) {
-        if let Ok(buf) = self.inner.fill_buf() {
-            self.hasher.update(&buf[..amount]);
-            self.read += amount as u64;
-        }
-        self.inner.consume(amount);
-    }
-}
-
 /// Proves a file did not change between planning (when it was hashed) and writing.
 fn unchanged<R>(reader: &HashingReader<R>, entry: &FileEntry) -> io::Result<()> {
     if reader.read != entry.size || Some(&reader.digest()) != entry.sha256.as_ref() {
@@ -324,76 +279,6 @@ fn unchanged<R>(reader: &HashingReader<R>, entry: &FileEntry) -> io::Result<()> 
         ));
     }
     Ok(())
-}
-
-/// Applies the layer tar `reader` to `into`: whiteouts delete, opaque markers empty their
-/// directory, other entries replace what is there.
-pub(crate) fn apply_layer<R: Read>(reader: R, into: &Path) -> Result<(), ImageError> {
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(is_root());
-    archive.set_overwrite(true);
-    archive.set_unpack_xattrs(false);
-    let entries = archive
-        .entries()
-        .map_err(ImageError::io("read layer of", into))?;
-    for entry in entries {
-        let mut entry = entry.map_err(ImageError::io("read layer of", into))?;
-        let path = entry
-            .path()
-            .map_err(ImageError::io("read layer of", into))?
-            .into_owned();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = into.join(path.parent().unwrap_or(Path::new("")));
-        if name == ".wh..wh..opq" {
-            if let Ok(children) = fs::read_dir(&parent) {
-                for child in children.flatten() {
-                    remove_path(&child.path());
-                }
-            }
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(".wh.") {
-            remove_path(&parent.join(hidden));
-            continue;
-        }
-        let target = into.join(&path);
-        if entry.header().entry_type() != tar::EntryType::Directory {
-            if let Ok(meta) = fs::symlink_metadata(&target) {
-                if meta.is_dir() {
-                    remove_path(&target);
-                }
-            }
-        }
-        entry
-            .unpack_in(into)
-            .map_err(ImageError::io("unpack layer into", into))?;
-    }
-    Ok(())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Removes a file or a whole tree, making read-only directories writable first.
-pub(crate) fn remove_path(path: &Path) {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => {
-            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
-            if let Ok(children) = fs::read_dir(path) {
-                for child in children.flatten() {
-                    remove_path(&child.path());
-                }
-            }
-            let _ = fs::remove_dir(path);
-        }
-        Ok(_) => {
-            let _ = fs::remove_file(path);
-        }
-        Err(_) => {}
-    }
 }
 
 /// Whether overlayfs marked directory `path` opaque.
@@ -580,45 +465,6 @@ pub(crate) fn image_path(dst: &str) -> Result<String, ImageError> {
         }
     }
     Ok(parts.join("/"))
-}
-
-/// A writer that hashes and counts what passes through it.
-pub(crate) struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    written: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    pub(crate) fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            written: 0,
-        }
-    }
-
-    /// Returns the inner writer, the `sha256:` digest and the byte count.
-    pub(crate) fn finish(self) -> (W, String, u64) {
-        (
-            self.inner,
-            format!("sha256:{}", crate::hex(&self.hasher.finalize())),
-            self.written,
-        )
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

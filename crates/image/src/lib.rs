@@ -10,11 +10,13 @@ mod base;
 mod cache;
 mod files;
 mod gzip;
+mod hashing;
 mod layer;
 mod oci;
 mod recipe;
 mod run;
 mod store;
+mod unpack;
 
 pub use bake::{BakeOptions, BakedImage, Progress, StepReport};
 pub use files::{Change, Drift, FileEntry, FileKind, FileManifest};

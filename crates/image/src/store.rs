@@ -12,8 +12,9 @@ use serde::Serialize;
 use crate::ImageError;
 use crate::cache::LayerCache;
 use crate::files::{FileEntry, FileManifest};
-use crate::layer::{HashingReader, apply_layer, remove_path};
+use crate::hashing::HashingReader;
 use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Index, Manifest};
+use crate::unpack::{apply_layer, remove_path};
 
 /// The manifest annotation naming the blob that holds the image's file manifest.
 pub const ANNOTATION_FILES: &str = "dev.phoenix.files";
