@@ -213,6 +213,48 @@ fn a_failing_run_step_shows_its_output_and_leaves_the_store_unchanged() {
 }
 
 #[test]
+fn a_missing_or_escaping_source_fails_after_the_base_and_leaves_the_store_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    fs::create_dir_all(ctx.join("rootfs/bin")).unwrap();
+    fs::write(ctx.join("rootfs/bin/app"), "#!/bin/sh\n").unwrap();
+    fs::create_dir_all(ctx.join("site")).unwrap();
+    fs::write(dir.path().join("secret"), "outside the context").unwrap();
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let before = store_listing(&dir.path().join("store"));
+    let with_copy = |src: &str| Recipe {
+        from: Base::Dir("rootfs".into()),
+        steps: vec![copy(src, "/srv/site", None)],
+        entrypoint: Some(vec!["/bin/app".into()]),
+        ..Recipe::default()
+    };
+    // Each fails after the base layer was written: that layer is removed again.
+    let missing = store
+        .bake(&with_copy("nope"), &ctx, BakeOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(missing, ImageError::MissingSource { .. }) && missing.to_string().contains("nope"),
+        "{missing}"
+    );
+    assert_eq!(store_listing(&dir.path().join("store")), before);
+    let dotdot = store
+        .bake(&with_copy("../secret"), &ctx, BakeOptions::default())
+        .unwrap_err();
+    assert!(matches!(dotdot, ImageError::Escapes { .. }), "{dotdot}");
+    assert_eq!(store_listing(&dir.path().join("store")), before);
+    symlink(dir.path().join("secret"), ctx.join("site/key")).unwrap();
+    let link = store
+        .bake(&with_copy("site"), &ctx, BakeOptions::default())
+        .unwrap_err();
+    assert!(
+        link.to_string().contains("escapes the build context")
+            && link.to_string().contains("secret"),
+        "{link}"
+    );
+    assert_eq!(store_listing(&dir.path().join("store")), before);
+}
+
+#[test]
 fn two_clones_bake_byte_identical_images_at_different_times() {
     let Some(busybox) = busybox() else { return };
     let bake = |umask_mode: u32| {
