@@ -7,6 +7,7 @@ mod demo;
 mod handlers;
 mod image_cmd;
 mod load;
+mod load_cmd;
 mod proxy_cmd;
 mod up;
 mod verify_cmd;
@@ -64,6 +65,9 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// Tell the whole story in about a minute, in a temporary state directory.
     Demo(demo::DemoArgs),
+    /// Open-loop HTTP load at a fixed rate; latency percentiles (from each request's due time)
+    /// and errors.
+    Load(load_cmd::LoadArgs),
     /// Run the proxy alone in front of a fixed list of backends.
     Proxy(proxy_cmd::ProxyArgs),
     /// Run a gossip agent (Serf-compatible RPC; handlers get Serf's environment).
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
             Command::Drift(args) => image_cmd::drift(&cli.state, args).await,
             Command::Verify(args) => verify_cmd::run(&cli.state, args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Load(args) => load_cmd::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::run(args).await,
             Command::Members(args) => agent_cmd::members(args).await,
