@@ -31,9 +31,17 @@ impl Baker<'_> {
                 if !path.exists() {
                     return Err(self.missing(&path));
                 }
+                // An archive already imported (same content, same ref) is not read again.
+                let remembered = self.oci_memo(&path, reference.as_deref())?;
+                if let Some(digest) = remembered.recall(self.store) {
+                    return self.image_base(&digest);
+                }
                 let imported = self.store.import(&path, reference.as_deref())?;
                 match imported.as_slice() {
-                    [one] => self.image_base(&one.digest),
+                    [one] => {
+                        remembered.keep(&one.digest);
+                        self.image_base(&one.digest)
+                    }
                     _ => Err(ImageError::NotOci {
                         path,
                         why: format!(
@@ -82,6 +90,24 @@ impl Baker<'_> {
                 self.unpacked_base(key, move |baker, into| baker.mmdebstrap(&debian, into))
             }
         }
+    }
+
+    /// Where the manifest digest imported from the OCI archive or layout at `path` is kept,
+    /// keyed by its content (an archive's sha256 through the stat cache; a layout's
+    /// `index.json`, whose blobs are content-addressed) and `reference`.
+    fn oci_memo(&self, path: &Path, reference: Option<&str>) -> Result<OciMemo, ImageError> {
+        let index = if path.is_dir() {
+            path.join("index.json")
+        } else {
+            path.to_path_buf()
+        };
+        let meta = fs::metadata(&index).map_err(|_| self.missing(&index))?;
+        let mut hashes = self.stat_cache(&index);
+        let content = hashes.sha256(&index, &meta)?;
+        hashes.save();
+        let key = layer_key("", &("oci", content, reference));
+        let dir = self.store.cache_dir().join("oci");
+        Ok(OciMemo(dir.join(key.trim_start_matches("sha256:"))))
     }
 
     fn image_base(&mut self, digest: &str) -> StepResult {
@@ -190,4 +216,25 @@ fn unpack_tar(tar: &Path, into: &Path) -> Result<(), ImageError> {
             .map_err(ImageError::io("unpack", tar))?;
     }
     Ok(())
+}
+
+/// The manifest digest an OCI base was imported as.
+struct OciMemo(std::path::PathBuf);
+
+impl OciMemo {
+    /// The remembered digest, when that image is still in the store.
+    fn recall(&self, store: &crate::ImageStore) -> Option<String> {
+        let digest = fs::read_to_string(&self.0).ok()?;
+        store
+            .contains(digest.trim())
+            .then(|| digest.trim().to_string())
+    }
+
+    /// Remembers `digest` (best effort: it is only a cache).
+    fn keep(&self, digest: &str) {
+        if let Some(dir) = self.0.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = crate::store::write_atomic(&self.0, digest.as_bytes());
+    }
 }

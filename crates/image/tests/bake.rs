@@ -360,16 +360,17 @@ fn export_import_and_oci_bases_keep_the_digest() {
         }],
         ..Recipe::default()
     };
-    let from_oci = store
-        .bake(
-            &on_top(Base::Oci {
-                path: "base.tar".into(),
-                reference: Some("v1".into()),
-            }),
-            ctx,
-            BakeOptions::default(),
-        )
-        .unwrap();
+    let oci_base = on_top(Base::Oci {
+        path: "base.tar".into(),
+        reference: Some("v1".into()),
+    });
+    let from_oci = store.bake(&oci_base, ctx, BakeOptions::default()).unwrap();
+    // Again: the archive is known by content and not imported a second time.
+    let again = store.bake(&oci_base, ctx, BakeOptions::default()).unwrap();
+    assert_eq!(again.digest, from_oci.digest);
+    assert!(again.steps.iter().all(|s| s.cached), "{:?}", again.steps);
+    let memos = fs::read_dir(ctx.join("store/cache/oci")).unwrap().count();
+    assert_eq!(memos, 1, "one remembered import");
     store
         .write_index(&[("base".into(), image.digest.clone())])
         .unwrap();
