@@ -70,6 +70,9 @@ pub fn router(controller: Controller, token: Option<String>) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/roles/{role}/deploy", post(deploy))
         .route("/v1/roles/{role}/rollback", post(rollback))
+        .route("/v1/roles/{role}/scale", post(scale))
+        .route("/v1/instances/{name}/protect", post(protect))
+        .route("/v1/instances/{name}/standby", post(standby))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -183,6 +186,72 @@ async fn rollback(State(state): State<AppState>, Path(role): Path<String>) -> Re
             rollback: true,
         },
     )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    instances: u32,
+}
+
+async fn scale(State(state): State<AppState>, Path(role): Path<String>, body: Bytes) -> Response {
+    let request: ScaleRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                &format!("bad scale request: {error}"),
+            );
+        }
+    };
+    match state
+        .controller
+        .scale(&role, request.instances, &Progress::none())
+        .await
+    {
+        Ok(report) => Json(report).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlagRequest {
+    on: bool,
+}
+
+async fn protect(state: State<AppState>, name: Path<String>, body: Bytes) -> Response {
+    set_flag(state, name, body, phoenix_fleet::FlagChange::Protect).await
+}
+
+async fn standby(state: State<AppState>, name: Path<String>, body: Bytes) -> Response {
+    set_flag(state, name, body, phoenix_fleet::FlagChange::Standby).await
+}
+
+async fn set_flag(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+    change: fn(bool) -> phoenix_fleet::FlagChange,
+) -> Response {
+    let request: FlagRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return failure(StatusCode::BAD_REQUEST, &format!("bad request: {error}")),
+    };
+    match state.controller.set_flag(&name, change(request.on)).await {
+        Ok(flags) => Json(flags).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
+    }
+}
+
+/// 404 for an unknown role or instance, 409 for a busy role, 422 otherwise.
+fn error_status(error: &phoenix_fleet::FleetError) -> StatusCode {
+    use phoenix_fleet::FleetError;
+    match error {
+        FleetError::UnknownRole { .. } | FleetError::UnknownInstance(_) => StatusCode::NOT_FOUND,
+        FleetError::Busy { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    }
 }
 
 fn run_deploy(state: AppState, role: String, options: DeployOptions) -> Response {

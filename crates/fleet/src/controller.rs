@@ -108,9 +108,18 @@ pub(crate) struct Role {
     remote: Mutex<Vec<Arc<phoenix_proxy::Backend>>>,
     /// Tells the membership task that instances or their health changed.
     changed: Arc<tokio::sync::Notify>,
+    /// The size set by `phoenix scale`, when it overrides the fleet file's `instances`.
+    pub size: Mutex<Option<u32>>,
 }
 
 impl Role {
+    /// How many instances the live generation should have: the size set by `phoenix scale`,
+    /// else the fleet file's `instances`. Deploys and restarts size new generations to it.
+    pub fn desired(&self) -> u32 {
+        let size = *self.size.lock().unwrap_or_else(|p| p.into_inner());
+        size.unwrap_or_else(|| self.config().instances)
+    }
+
     pub fn config(&self) -> RoleConfig {
         self.config
             .read()
@@ -118,8 +127,13 @@ impl Role {
             .clone()
     }
 
+    /// A new config from the fleet file; a changed `instances` replaces a size set by hand.
     pub fn set_config(&self, config: RoleConfig) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        let mut current = self.config.write().unwrap_or_else(|p| p.into_inner());
+        if current.instances != config.instances {
+            *self.size.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        *current = config;
     }
 
     pub fn live(&self) -> Option<Arc<Generation>> {
@@ -205,7 +219,7 @@ fn healthy_backends(generation: Option<&Arc<Generation>>) -> Vec<Arc<phoenix_pro
     generation
         .iter()
         .flat_map(|g| g.instances())
-        .filter(|i| i.is_healthy())
+        .filter(|i| i.is_healthy() && !i.flags().standby)
         .map(|i| i.backend.clone())
         .collect()
 }
@@ -347,6 +361,13 @@ impl Controller {
                 deaths: Mutex::new(Vec::new()),
                 remote: Mutex::new(Vec::new()),
                 changed: membership.wake.clone(),
+                // A size set by hand holds until the file's `instances` changes.
+                size: Mutex::new(
+                    store
+                        .role_size(name)?
+                        .filter(|(_, file)| *file == config.instances)
+                        .map(|(size, _)| size),
+                ),
             });
             listeners.push((listener, role.clone()));
             roles.insert(name.clone(), role);

@@ -113,6 +113,8 @@ pub(crate) async fn deploy(
         choose_image(inner, &role, live.as_ref(), &options, progress).await?;
     let bake_ms = started.elapsed().as_millis() as u64 - verified.map_or(0, |v| v.ms);
     let config = role.config();
+    // Sized to the role now (a `phoenix scale` included), not only to the file.
+    let size = role.desired();
     let previous_image = live.as_ref().map(|g| g.image.clone());
     progress.say(format!(
         "deploying {role_name}: {} -> {} ({} instances)",
@@ -121,7 +123,7 @@ pub(crate) async fn deploy(
             .map(short_digest)
             .unwrap_or("nothing"),
         short_digest(&image),
-        config.instances
+        size
     ));
 
     let now = inner.clock.now_ms();
@@ -139,7 +141,7 @@ pub(crate) async fn deploy(
             ))
         })
         .await?;
-    let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": config.instances, "rollback": options.rollback});
+    let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": size, "rollback": options.rollback});
     inner
         .journal(Some(role_name), "deploy.started", detail)
         .await;
@@ -151,7 +153,7 @@ pub(crate) async fn deploy(
         inner,
         &role,
         &generation,
-        config.instances,
+        size,
         config.deploy.healthy_timeout,
         progress,
     )
@@ -244,7 +246,7 @@ pub(crate) async fn deploy(
         image,
         previous_image,
         baked,
-        instances: config.instances,
+        instances: size,
         bake_ms,
         boot_to_healthy_ms,
         switch_us,
@@ -505,8 +507,9 @@ pub(crate) async fn restart_live(
         return Err(FleetError::ImageNotFound(row.image));
     }
     let config = role.config();
+    let size = role.desired();
     let generation = Generation::new(row.id, row.image.clone(), GenerationStatus::Live);
-    for _ in 0..config.instances {
+    for _ in 0..size {
         let instance = start_instance(inner, &role.name, &generation).await?;
         generation
             .instances
@@ -515,7 +518,7 @@ pub(crate) async fn restart_live(
             .push(instance);
     }
     role.switch_to(generation.clone());
-    let detail = json!({"generation": row.id, "image": row.image, "instances": config.instances});
+    let detail = json!({"generation": row.id, "image": row.image, "instances": size});
     inner
         .journal(Some(&role.name), "role.restarted", detail)
         .await;

@@ -25,8 +25,17 @@ pub(crate) struct Instance {
     pub log_path: PathBuf,
     pub started: Instant,
     state: Mutex<HealthState>,
+    flags: Mutex<Flags>,
     stop: watch::Sender<bool>,
     ended: watch::Receiver<Option<String>>,
+}
+
+/// What an operator set on an instance, for investigation (as AWS's scale-in protection and
+/// standby): `protected` keeps it out of scale-in; `standby` also takes it out of traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Flags {
+    pub protected: bool,
+    pub standby: bool,
 }
 
 #[derive(Debug)]
@@ -38,6 +47,14 @@ struct HealthState {
 }
 
 impl Instance {
+    pub fn flags(&self) -> Flags {
+        *self.flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_flags(&self, flags: Flags) {
+        *self.flags.lock().unwrap_or_else(|p| p.into_inner()) = flags;
+    }
+
     pub fn status(&self) -> InstanceStatus {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).status
     }
@@ -212,6 +229,7 @@ pub(crate) async fn start(
             failures: 0,
             last_error: None,
         }),
+        flags: Mutex::new(Flags::default()),
         stop,
         ended,
     });

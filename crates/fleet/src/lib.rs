@@ -12,6 +12,7 @@ mod instance;
 mod membership;
 mod metrics;
 mod recover;
+mod scale;
 mod status;
 mod verify;
 
@@ -23,6 +24,8 @@ pub use config::{
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, Verified};
+pub use instance::Flags;
+pub use scale::{FlagChange, ScaleReport};
 pub use status::{FleetStatus, GenerationView, InstanceView, RoleStatus};
 pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};
 
@@ -51,6 +54,8 @@ pub enum FleetError {
         file: String,
         known: String,
     },
+    #[error("cannot scale {0}")]
+    Scale(String),
     #[error("recipes are their own base: {0}")]
     BaseLoop(String),
     #[error("role {role} is no longer in the fleet file; restart `phoenix up` to remove it")]

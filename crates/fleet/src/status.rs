@@ -43,6 +43,10 @@ pub struct InstanceView {
     pub in_flight: usize,
     pub uptime_ms: u64,
     pub last_error: Option<String>,
+    /// Kept out of scale-in (`phoenix protect`).
+    pub protected: bool,
+    /// Out of traffic and of scale-in (`phoenix standby`).
+    pub standby: bool,
 }
 
 impl Controller {
@@ -58,7 +62,7 @@ impl Controller {
                 RoleStatus {
                     name: role.name.clone(),
                     listen: role.listen.to_string(),
-                    desired_instances: role.config().instances,
+                    desired_instances: role.desired(),
                     live_generation: live.as_ref().map(|g| g.id),
                     image: live.as_ref().map(|g| g.image.clone()),
                     deploying: role.deploy_lock.try_lock().is_err(),
@@ -92,6 +96,8 @@ fn view(generation: &Generation) -> GenerationView {
                 in_flight: i.backend.in_flight(),
                 uptime_ms: i.started.elapsed().as_millis() as u64,
                 last_error: i.last_error(),
+                protected: i.flags().protected,
+                standby: i.flags().standby,
             })
             .collect(),
     }

@@ -84,6 +84,25 @@ impl Client {
         Ok(sender.send_request(request).await?)
     }
 
+    /// POSTs `body` to `path` and parses the JSON answer; an error answer's message is the error.
+    pub async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let response = self.send("POST", path, Some(body)).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+            bail!("{message}");
+        }
+        serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
+    }
+
     /// GETs `path` and parses the JSON answer.
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self.send("GET", path, None).await?;

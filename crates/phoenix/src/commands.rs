@@ -250,13 +250,18 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
             );
             for instance in &generation.instances {
                 println!(
-                    "    {:<14} {:<10} {:<21} pid {:<7} up {:>6}s  in-flight {}{}",
+                    "    {:<14} {:<10} {:<21} pid {:<7} up {:>6}s  in-flight {}{}{}",
                     instance.name,
                     instance.status,
                     instance.address,
                     instance.pid,
                     instance.uptime_ms / 1000,
                     instance.in_flight,
+                    match (instance.standby, instance.protected) {
+                        (true, _) => "  [standby]",
+                        (false, true) => "  [protected]",
+                        _ => "",
+                    },
                     instance
                         .last_error
                         .as_deref()

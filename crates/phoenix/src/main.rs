@@ -9,6 +9,7 @@ mod image_cmd;
 mod load;
 mod load_cmd;
 mod proxy_cmd;
+mod scale_cmd;
 mod up;
 mod verify_cmd;
 
@@ -42,6 +43,12 @@ enum Command {
     Deploy(commands::DeployArgs),
     /// Deploy the image of the generation that served before the live one.
     Rollback(commands::RollbackArgs),
+    /// Set the number of instances of a role's live generation (drains what it removes).
+    Scale(scale_cmd::ScaleArgs),
+    /// Keep an instance out of scale-in (`--off` clears it).
+    Protect(scale_cmd::FlagArgs),
+    /// Take an instance out of traffic and of scale-in, for investigation (`--off` returns it).
+    Standby(scale_cmd::FlagArgs),
     /// Roles, generations, instances, health and image digests.
     Status(commands::StatusArgs),
     /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
@@ -127,6 +134,9 @@ fn main() -> ExitCode {
             Command::Deploy(args) => commands::deploy(&cli.state, args).await,
             Command::Rollback(args) => commands::rollback(&cli.state, args).await,
             Command::Status(args) => commands::status(&cli.state, args).await,
+            Command::Scale(args) => scale_cmd::scale(&cli.state, args).await,
+            Command::Protect(args) => scale_cmd::flag(&cli.state, "protect", args).await,
+            Command::Standby(args) => scale_cmd::flag(&cli.state, "standby", args).await,
             Command::History(args) => commands::history(&cli.state, args).await,
             Command::Bake(args) => commands::bake(&cli.state, args).await,
             Command::Images(args) => commands::images(&cli.state, args).await,

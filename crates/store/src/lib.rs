@@ -168,6 +168,37 @@ impl Store {
             .pop())
     }
 
+    // ---- role sizes ----
+
+    /// Records that `role` runs `instances` (set by hand, while the fleet file said
+    /// `file_instances`).
+    pub fn set_role_size(
+        &self,
+        role: &str,
+        instances: u32,
+        file_instances: u32,
+        now: i64,
+    ) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO role_sizes (role, instances, file_instances, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (role) DO UPDATE SET instances = ?2, file_instances = ?3, at = ?4",
+                params![role, instances, file_instances, now],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// The size set by hand for `role` and the file's `instances` at the time, if any.
+    pub fn role_size(&self, role: &str) -> Result<Option<(u32, u32)>> {
+        let sql = "SELECT instances, file_instances FROM role_sizes WHERE role = ?1";
+        Ok(self
+            .query(sql, params![role], |row| {
+                Ok((row.get::<_, u32>(0)?, row.get::<_, u32>(1)?))
+            })?
+            .pop())
+    }
+
     // ---- generations ----
 
     /// Creates a generation of `role` running `image` in state `starting`.

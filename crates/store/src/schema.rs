@@ -73,6 +73,16 @@ CREATE TABLE verifications (
 );
 CREATE INDEX verifications_by_image ON verifications (image, id);
 "#,
+    r#"
+-- A role's size set by `phoenix scale`, and the fleet file's `instances` when it was set: a
+-- later change of the file wins over it.
+CREATE TABLE role_sizes (
+    role           TEXT PRIMARY KEY,
+    instances      INTEGER NOT NULL,
+    file_instances INTEGER NOT NULL,
+    at             INTEGER NOT NULL
+);
+"#,
 ];
 
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -1,0 +1,251 @@
+//! Scaling a role's live generation (`phoenix scale`), and the flags that keep an instance out
+//! of scale-in (`protect`) or out of traffic as well (`standby`), for investigation.
+//!
+//! Scaling takes the role's deploy lock, so it never runs during a deploy. Scale-out starts
+//! instances and waits until they are healthy (the proxy adds them then). Scale-in takes the
+//! oldest unprotected instances out of the proxy first, lets their in-flight requests finish
+//! (up to the role's drain time), then stops them (SIGTERM, grace, SIGKILL).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::controller::{Generation, Inner, Role};
+use crate::deploy::{Progress, start_instance};
+use crate::instance::{Flags, Instance};
+use crate::{Controller, FleetError};
+
+/// What a scale did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleReport {
+    pub role: String,
+    pub from: u32,
+    pub to: u32,
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Requests still in flight on removed instances at the drain deadline.
+    pub abandoned_requests: usize,
+    pub millis: u64,
+}
+
+/// A change to an instance's flags.
+#[derive(Debug, Clone, Copy)]
+pub enum FlagChange {
+    Protect(bool),
+    Standby(bool),
+}
+
+impl Controller {
+    /// Brings role `role`'s live generation to `instances`, and keeps that size for later
+    /// deploys and restarts (until the fleet file's `instances` changes).
+    pub async fn scale(
+        &self,
+        role: &str,
+        instances: u32,
+        progress: &Progress,
+    ) -> Result<ScaleReport, FleetError> {
+        scale(&self.inner, role, instances, progress).await
+    }
+
+    /// Sets or clears `protect` or `standby` on instance `name`; returns its flags.
+    pub async fn set_flag(&self, name: &str, change: FlagChange) -> Result<Flags, FleetError> {
+        let (role, instance) = self.inner.find_instance(name)?;
+        let mut flags = instance.flags();
+        match change {
+            FlagChange::Protect(on) => flags.protected = on,
+            FlagChange::Standby(on) => flags.standby = on,
+        }
+        instance.set_flags(flags);
+        // Standby leaves (or rejoins) the proxy's pool at once.
+        role.refresh_backends();
+        let kind = match change {
+            FlagChange::Protect(_) => "instance.protect",
+            FlagChange::Standby(_) => "instance.standby",
+        };
+        let detail =
+            json!({"instance": name, "protected": flags.protected, "standby": flags.standby});
+        self.inner.journal(Some(&role.name), kind, detail).await;
+        Ok(flags)
+    }
+}
+
+impl Inner {
+    /// The role and instance named `name`, in any generation.
+    pub(crate) fn find_instance(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Role>, Arc<Instance>), FleetError> {
+        for role in self.roles.values() {
+            let generations = role.live().into_iter().chain(role.others());
+            for generation in generations {
+                if let Some(instance) = generation.instances().into_iter().find(|i| i.name == name)
+                {
+                    return Ok((role.clone(), instance));
+                }
+            }
+        }
+        Err(FleetError::UnknownInstance(name.to_string()))
+    }
+}
+
+async fn scale(
+    inner: &Arc<Inner>,
+    role_name: &str,
+    target: u32,
+    progress: &Progress,
+) -> Result<ScaleReport, FleetError> {
+    let started = Instant::now();
+    let role = inner.role(role_name)?.clone();
+    if target == 0 {
+        return Err(FleetError::Scale(format!(
+            "{role_name}: scale to at least 1 instance (the role would stop serving)"
+        )));
+    }
+    let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
+        role: role_name.into(),
+    })?;
+    let live = role
+        .live()
+        .ok_or_else(|| FleetError::Scale(format!("{role_name} has no live generation yet")))?;
+    let from = live.instances().len() as u32;
+    let mut report = ScaleReport {
+        role: role_name.into(),
+        from,
+        to: target,
+        started: Vec::new(),
+        stopped: Vec::new(),
+        abandoned_requests: 0,
+        millis: 0,
+    };
+    if target > from {
+        report.started = scale_out(inner, &role, &live, target - from, progress).await?;
+    } else if target < from {
+        let victims = choose_victims(&live.instances(), (from - target) as usize)
+            .map_err(|why| FleetError::Scale(format!("{role_name}: {why}")))?;
+        report.abandoned_requests = scale_in(&role, &live, &victims, progress).await;
+        report.stopped = victims.iter().map(|i| i.name.clone()).collect();
+    }
+    *role.size.lock().unwrap_or_else(|p| p.into_inner()) = Some(target);
+    let (now, file) = (inner.clock.now_ms(), role.config().instances);
+    let key = role_name.to_string();
+    inner
+        .db(move |s| s.set_role_size(&key, target, file, now))
+        .await?;
+    report.millis = started.elapsed().as_millis() as u64;
+    let detail = json!({
+        "from": from, "to": target, "started": report.started, "stopped": report.stopped,
+        "abandoned_requests": report.abandoned_requests, "ms": report.millis,
+    });
+    inner.journal(Some(role_name), "role.scaled", detail).await;
+    Ok(report)
+}
+
+/// Starts `count` instances in `live` and waits until they are healthy. On failure the new
+/// instances are stopped again and the role keeps its size.
+async fn scale_out(
+    inner: &Arc<Inner>,
+    role: &Role,
+    live: &Arc<Generation>,
+    count: u32,
+    progress: &Progress,
+) -> Result<Vec<String>, FleetError> {
+    let mut new = Vec::new();
+    for _ in 0..count {
+        match start_instance(inner, &role.name, live).await {
+            Ok(instance) => {
+                progress.say(format!(
+                    "started {} ({})",
+                    instance.name, instance.backend.addr
+                ));
+                live.instances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(instance.clone());
+                new.push(instance);
+            }
+            Err(error) => {
+                remove_and_stop(role, live, &new).await;
+                return Err(error);
+            }
+        }
+    }
+    let deadline = Instant::now() + role.config().deploy.healthy_timeout;
+    while !new.iter().all(|i| i.is_healthy()) {
+        let failed = new.iter().find(|i| i.ended().is_some());
+        if failed.is_some() || Instant::now() >= deadline || inner.is_shutting_down() {
+            let why = match failed {
+                Some(instance) => format!("{} exited during startup", instance.name),
+                None => "new instances not healthy in time".to_string(),
+            };
+            remove_and_stop(role, live, &new).await;
+            return Err(FleetError::Scale(format!("{}: {why}", role.name)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    role.refresh_backends();
+    Ok(new.iter().map(|i| i.name.clone()).collect())
+}
+
+async fn remove_and_stop(role: &Role, live: &Generation, instances: &[Arc<Instance>]) {
+    live.instances
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|i| !instances.iter().any(|n| Arc::ptr_eq(n, i)));
+    role.refresh_backends();
+    for instance in instances {
+        instance.stop().await;
+    }
+}
+
+/// Takes `victims` out of the proxy, drains them and stops them; returns the requests cut at
+/// the drain deadline.
+async fn scale_in(
+    role: &Role,
+    live: &Generation,
+    victims: &[Arc<Instance>],
+    progress: &Progress,
+) -> usize {
+    live.instances
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|i| !victims.iter().any(|v| Arc::ptr_eq(v, i)));
+    role.refresh_backends();
+    let backends: Vec<_> = victims.iter().map(|i| i.backend.clone()).collect();
+    let drained = phoenix_proxy::drain(&backends, role.config().deploy.drain).await;
+    progress.say(format!(
+        "drained {} in {} ms",
+        victims
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        drained.waited.as_millis()
+    ));
+    for victim in victims {
+        victim.stop().await;
+    }
+    drained.abandoned
+}
+
+/// The `count` instances to remove: never a protected or standby one; the oldest first (a
+/// live generation runs one image, so "oldest image first" is already settled).
+fn choose_victims(instances: &[Arc<Instance>], count: usize) -> Result<Vec<Arc<Instance>>, String> {
+    let mut candidates: Vec<&Arc<Instance>> = instances
+        .iter()
+        .filter(|i| {
+            let flags = i.flags();
+            !flags.protected && !flags.standby
+        })
+        .collect();
+    if candidates.len() < count {
+        return Err(format!(
+            "only {} of {} instances may be removed: the others are protected or on standby",
+            candidates.len(),
+            instances.len()
+        ));
+    }
+    candidates.sort_by_key(|i| i.started);
+    Ok(candidates.into_iter().take(count).cloned().collect())
+}
