@@ -3,6 +3,7 @@
 //! file and a free loopback port in `PORT`.
 
 mod process;
+mod procfs;
 
 pub use process::{Exit, Process, ProcessDriver, kill_recorded, process_alive, process_start_time};
 
@@ -50,4 +51,16 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Starts an instance and returns its supervised process and the address it serves on.
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError>;
+
+    /// What the instance whose main process is `pid` uses now, if it still runs.
+    fn usage(&self, pid: u32) -> Option<Usage>;
+}
+
+/// Resources an instance has used.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// CPU time (user and system) since the instance started, in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory now, in bytes.
+    pub rss_bytes: u64,
 }

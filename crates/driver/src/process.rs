@@ -19,6 +19,11 @@ impl Driver for ProcessDriver {
         "process"
     }
 
+    /// The main process's usage (children it forks are not counted).
+    fn usage(&self, pid: u32) -> Option<crate::Usage> {
+        crate::procfs::usage(pid)
+    }
+
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
         let io = |action| {
             let name = spec.name.clone();

@@ -324,6 +324,9 @@ impl Controller {
             })?;
         }
         let store = Arc::new(Store::open(state_dir.join("state.db"))?);
+        let metrics = Arc::new(phoenix_observe::MetricsDb::open(
+            state_dir.join("metrics.db"),
+        )?);
         let images = ImageStore::open(state_dir.join("images"))?;
         let rng = options
             .seed
@@ -421,6 +424,7 @@ impl Controller {
         for role in inner.roles.keys() {
             tokio::spawn(crate::drift::watch(weak.clone(), role.clone()));
         }
+        tokio::spawn(crate::sampling::run(weak.clone(), metrics));
         tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
     }

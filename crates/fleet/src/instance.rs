@@ -26,6 +26,8 @@ pub(crate) struct Instance {
     pub started: Instant,
     state: Mutex<HealthState>,
     flags: Mutex<Flags>,
+    /// The latest CPU (cores, once two samples exist) and resident memory the sampler saw.
+    usage: Mutex<(Option<f64>, Option<u64>)>,
     stop: watch::Sender<bool>,
     ended: watch::Receiver<Option<String>>,
 }
@@ -53,6 +55,16 @@ impl Instance {
 
     pub fn set_flags(&self, flags: Flags) {
         *self.flags.lock().unwrap_or_else(|p| p.into_inner()) = flags;
+    }
+
+    /// The latest CPU (cores) and resident memory (bytes) sampled, when known.
+    pub fn usage(&self) -> (Option<f64>, Option<u64>) {
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_usage(&self, cpu: Option<f64>, rss_bytes: u64) {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        *usage = (cpu.or(usage.0), Some(rss_bytes));
     }
 
     pub fn status(&self) -> InstanceStatus {
@@ -230,6 +242,7 @@ pub(crate) async fn start(
             last_error: None,
         }),
         flags: Mutex::new(Flags::default()),
+        usage: Mutex::new((None, None)),
         stop,
         ended,
     });

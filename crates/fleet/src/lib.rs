@@ -12,6 +12,7 @@ mod instance;
 mod membership;
 mod metrics;
 mod recover;
+mod sampling;
 mod scale;
 mod status;
 mod verify;
@@ -54,6 +55,8 @@ pub enum FleetError {
         file: String,
         known: String,
     },
+    #[error(transparent)]
+    Metrics(#[from] phoenix_observe::ObserveError),
     #[error("cannot scale {0}")]
     Scale(String),
     #[error("recipes are their own base: {0}")]

@@ -78,6 +78,29 @@ impl Controller {
                     &labels,
                     healthy,
                 );
+                let (cpu, memory) = instance.usage();
+                if let Some(cpu) = cpu {
+                    let help = "CPU the instance used over the last second, in cores.";
+                    out.sample(
+                        "phoenix_instance_cpu_cores",
+                        "gauge",
+                        help,
+                        "",
+                        &labels,
+                        cpu,
+                    );
+                }
+                if let Some(memory) = memory {
+                    let help = "Resident memory of the instance, in bytes.";
+                    out.sample(
+                        "phoenix_instance_memory_bytes",
+                        "gauge",
+                        help,
+                        "",
+                        &labels,
+                        memory,
+                    );
+                }
             }
         }
         out.render()

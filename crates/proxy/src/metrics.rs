@@ -36,16 +36,22 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    /// The upper bound of the bucket holding the `q`-quantile (e.g. 0.99), if any observation.
-    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
-        let total = self.count();
+    /// Observations per bucket so far; the difference of two snapshots is an interval's.
+    pub fn snapshot(&self) -> [u64; LATENCY_BUCKETS.len() + 1] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    /// The upper bound (seconds) of the bucket holding the `q`-quantile of per-bucket
+    /// `counts` (a snapshot or a difference of two), if they hold any observation.
+    pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
+        let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
         }
         let rank = (q * total as f64).ceil().max(1.0) as u64;
         let mut seen = 0;
-        for (bucket, count) in self.buckets.iter().enumerate() {
-            seen += count.load(Ordering::Relaxed);
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
             if seen >= rank {
                 return Some(
                     LATENCY_BUCKETS
@@ -56,6 +62,11 @@ impl Histogram {
             }
         }
         None
+    }
+
+    /// The upper bound of the bucket holding the `q`-quantile (e.g. 0.99), if any observation.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        Histogram::quantile_of(&self.snapshot(), q)
     }
 }
 
@@ -96,6 +107,11 @@ impl TrafficMetrics {
     /// Responses of status class `class` (1 to 5).
     pub fn responses(&self, class: usize) -> u64 {
         self.responses[class - 1].load(Ordering::Relaxed)
+    }
+
+    /// Time to the response head.
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
     }
 
     pub fn total_responses(&self) -> u64 {
