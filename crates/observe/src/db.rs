@@ -431,7 +431,9 @@ mod tests {
     #[test]
     fn raw_queries_give_per_second_totals_and_retention_drops_old_data() {
         let (_dir, db) = db_with_samples();
-        let raw = db.query("web", "cpu", T0 + 25_000, Resolution::Raw).unwrap();
+        let raw = db
+            .query("web", "cpu", T0 + 25_000, Resolution::Raw)
+            .unwrap();
         assert_eq!(raw.len(), 5);
         assert!((raw[0].sum - 1.0).abs() < 1e-9 && raw[0].n == 2);
         db.maintain(T0 + 60_000).unwrap();

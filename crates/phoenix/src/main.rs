@@ -8,6 +8,7 @@ mod handlers;
 mod image_cmd;
 mod load;
 mod load_cmd;
+mod metrics_cmd;
 mod proxy_cmd;
 mod scale_cmd;
 mod up;
@@ -49,6 +50,10 @@ enum Command {
     Protect(scale_cmd::FlagArgs),
     /// Take an instance out of traffic and of scale-in, for investigation (`--off` returns it).
     Standby(scale_cmd::FlagArgs),
+    /// A role's metric over time (cpu, memory, rps, errors, in_flight, p50_ms, p99_ms).
+    Metrics(metrics_cmd::MetricsArgs),
+    /// Every role's and instance's metrics now, refreshing every second on a terminal.
+    Top(metrics_cmd::TopArgs),
     /// Roles, generations, instances, health and image digests.
     Status(commands::StatusArgs),
     /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
@@ -135,6 +140,8 @@ fn main() -> ExitCode {
             Command::Rollback(args) => commands::rollback(&cli.state, args).await,
             Command::Status(args) => commands::status(&cli.state, args).await,
             Command::Scale(args) => scale_cmd::scale(&cli.state, args).await,
+            Command::Metrics(args) => metrics_cmd::metrics(&cli.state, args).await,
+            Command::Top(args) => metrics_cmd::top(&cli.state, args).await,
             Command::Protect(args) => scale_cmd::flag(&cli.state, "protect", args).await,
             Command::Standby(args) => scale_cmd::flag(&cli.state, "standby", args).await,
             Command::History(args) => commands::history(&cli.state, args).await,

@@ -1,0 +1,88 @@
+//! Role metrics on a running fleet under load: per-second samples in `metrics.db`, read by
+//! `phoenix metrics` and `phoenix top`, kept after `phoenix up` stops, and instance CPU and
+//! memory on the Prometheus endpoint.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{Fleet, Load, Phoenix, failures, wait_for};
+use serde_json::Value;
+
+fn series(phoenix: &Phoenix, metric: &str) -> Vec<Value> {
+    let output = phoenix.cli_ok(&[
+        "metrics", "web", "--metric", metric, "--since", "1m", "--json",
+    ]);
+    serde_json::from_str::<Value>(&output)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn prometheus(phoenix: &Phoenix) -> String {
+    let api = std::fs::read_to_string(phoenix.state().join("api.addr")).unwrap();
+    let mut stream = std::net::TcpStream::connect(api.trim()).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
+    let mut fleet = Fleet::version("v1");
+    fleet.instances = 2;
+    let mut phoenix = Phoenix::start(&fleet);
+    let load = Load::start(phoenix.proxy_addr(), 4);
+    wait_for(
+        "three seconds of traffic in metrics.db",
+        Duration::from_secs(30),
+        || {
+            series(&phoenix, "rps")
+                .iter()
+                .filter(|p| p["sum"].as_f64().unwrap() > 0.0)
+                .count()
+                >= 3
+        },
+    );
+    // Memory: both instances, each some MiB; the role's sum is their total.
+    let memory = series(&phoenix, "memory");
+    let last = memory.last().unwrap();
+    assert_eq!(last["n"], 2, "{last}");
+    let (sum, avg) = (last["sum"].as_f64().unwrap(), last["avg"].as_f64().unwrap());
+    assert!(avg > 1_000_000.0 && (sum - 2.0 * avg).abs() < 1.0, "{last}");
+    let cpu = series(&phoenix, "cpu");
+    assert!(!cpu.is_empty() && cpu.iter().all(|p| p["avg"].as_f64().unwrap() >= 0.0));
+    assert!(!series(&phoenix, "p99_ms").is_empty());
+    let unknown = phoenix.cli(&["metrics", "web", "--metric", "cpus"]);
+    assert!(common::text(&unknown.stderr).contains("unknown metric \"cpus\""));
+
+    let top = phoenix.cli_ok(&["top", "--once"]);
+    let status = phoenix.status();
+    for instance in status["roles"][0]["generations"][0]["instances"]
+        .as_array()
+        .unwrap()
+    {
+        let name = instance["name"].as_str().unwrap();
+        assert!(top.contains(name), "{top}");
+    }
+    assert!(top.contains("role web:") && top.contains("rps"), "{top}");
+
+    let exposition = prometheus(&phoenix);
+    assert!(
+        exposition.contains("phoenix_instance_memory_bytes{role=\"web\",instance=\"")
+            && exposition.contains("phoenix_instance_cpu_cores{role=\"web\",instance=\""),
+        "{exposition}"
+    );
+    let samples = load.stop();
+    assert_eq!(failures(&samples), Vec::<String>::new());
+
+    // The role's history stays when its instances and Phoenix are gone.
+    assert!(phoenix.interrupt().success());
+    let after = series(&phoenix, "rps");
+    assert!(after.len() >= 3, "{after:?}");
+}
