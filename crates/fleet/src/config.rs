@@ -56,6 +56,8 @@ pub struct RoleConfig {
     /// How often the live generation's root is compared with its image's file manifest; a
     /// drifted root is unpacked again and its instances replaced. `None`: never.
     pub drift_check: Option<Duration>,
+    /// `[role.NAME.autoscale]`, when the role scales by itself.
+    pub autoscale: Option<crate::AutoscaleConfig>,
 }
 
 /// `[role.NAME.health]`: the active HTTP health check.
@@ -255,6 +257,8 @@ struct RawRole {
     proxy: ProxySettings,
     #[serde(default, deserialize_with = "optional_duration")]
     drift_check: Option<Duration>,
+    #[serde(default)]
+    autoscale: Option<crate::AutoscaleConfig>,
 }
 
 fn one() -> Spanned<u32> {
@@ -349,6 +353,7 @@ impl FleetFile {
                 deploy: role.deploy,
                 proxy: role.proxy,
                 drift_check: role.drift_check,
+                autoscale: role.autoscale,
             };
             roles.insert(name.into_inner(), config);
         }
@@ -490,7 +495,7 @@ fn optional_duration<'de, D: Deserializer<'de>>(
     duration(deserializer).map(Some)
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }

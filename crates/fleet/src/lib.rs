@@ -1,6 +1,7 @@
 //! The fleet: the fleet file, and the controller that converges to it — blue-green deploys,
 //! rollback, crash replacement, recovery after a restart, and membership by gossip.
 
+mod autoscale;
 mod bake;
 mod clock;
 pub mod config;
@@ -17,6 +18,7 @@ mod scale;
 mod status;
 mod verify;
 
+pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
 pub use bake::{BakeOutcome, bake_image, refresh_index};
 pub use clock::{Clock, Namer, SystemClock};
 pub use config::{
