@@ -243,6 +243,8 @@ pub(crate) struct Inner {
     agent_settings: AgentSettings,
     /// Ends when the instance members have left, at shutdown.
     members_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The last minute of per-second samples, for the autoscaler.
+    pub recent: crate::sampling::Recent,
 }
 
 impl Inner {
@@ -391,6 +393,7 @@ impl Controller {
             membership: membership.clone(),
             agent_settings,
             members_task: Mutex::new(None),
+            recent: Default::default(),
         });
         crate::recover::recover(&inner).await?;
         inner
@@ -425,6 +428,9 @@ impl Controller {
             tokio::spawn(crate::drift::watch(weak.clone(), role.clone()));
         }
         tokio::spawn(crate::sampling::run(weak.clone(), metrics));
+        for role in inner.roles.keys() {
+            tokio::spawn(crate::autoscale_loop::run(weak.clone(), role.clone()));
+        }
         tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
     }

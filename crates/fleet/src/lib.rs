@@ -2,6 +2,7 @@
 //! rollback, crash replacement, recovery after a restart, and membership by gossip.
 
 mod autoscale;
+mod autoscale_loop;
 mod bake;
 mod clock;
 pub mod config;

@@ -14,6 +14,42 @@ use crate::controller::Inner;
 /// How often instances are sampled.
 pub(crate) const EVERY: Duration = Duration::from_secs(1);
 
+/// How long samples stay in memory for the autoscaler.
+const RECENT: Duration = Duration::from_secs(60);
+
+/// One sample in memory: when, which metric, its value.
+type Timed = (Instant, &'static str, f64);
+
+/// The last minute of samples, by instance name (and `role:NAME` for a role's own).
+#[derive(Debug, Default)]
+pub(crate) struct Recent(std::sync::Mutex<HashMap<String, Vec<Timed>>>);
+
+impl Recent {
+    fn push(&self, key: &str, at: Instant, values: &[(&'static str, f64)]) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let series = all.entry(key.to_string()).or_default();
+        series.retain(|(t, _, _)| at.duration_since(*t) < RECENT);
+        series.extend(values.iter().map(|(metric, value)| (at, *metric, *value)));
+    }
+
+    fn keep_only(&self, keys: &[String]) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|key, _| keys.contains(key));
+    }
+
+    /// The mean of `metric` for `key` over the last `window`, if sampled.
+    pub(crate) fn mean(&self, key: &str, metric: &str, window: Duration) -> Option<f64> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let values: Vec<f64> = all
+            .get(key)?
+            .iter()
+            .filter(|(t, m, _)| *m == metric && t.elapsed() <= window)
+            .map(|(_, _, v)| *v)
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    }
+}
+
 /// What a counter said last time, to turn totals into rates.
 struct Last {
     at: Instant,
@@ -55,6 +91,7 @@ impl Sampler {
                         );
                     }
                     values.push(("in_flight", instance.backend.in_flight() as f64));
+                    inner.recent.push(&instance.name, Instant::now(), &values);
                     samples.extend(values.into_iter().map(|(metric, value)| Sample {
                         role: role.name.clone(),
                         instance: instance.name.clone(),
@@ -68,6 +105,7 @@ impl Sampler {
             let key = format!("role:{}", role.name);
             let mut values = self.rates(&key, &role.proxy.metrics, None);
             values.push(("in_flight", in_flight as f64));
+            inner.recent.push(&key, Instant::now(), &values);
             let image = role.live().map(|g| g.image.clone()).unwrap_or_default();
             samples.extend(values.into_iter().map(|(metric, value)| Sample {
                 role: role.name.clone(),
@@ -80,6 +118,7 @@ impl Sampler {
         }
         // Forget instances that are gone.
         self.last.retain(|name, _| seen.contains(name));
+        inner.recent.keep_only(&seen);
         samples
     }
 

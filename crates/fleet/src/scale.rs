@@ -96,7 +96,6 @@ async fn scale(
     target: u32,
     progress: &Progress,
 ) -> Result<ScaleReport, FleetError> {
-    let started = Instant::now();
     let role = inner.role(role_name)?.clone();
     if target == 0 {
         return Err(FleetError::Scale(format!(
@@ -106,40 +105,76 @@ async fn scale(
     let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
         role: role_name.into(),
     })?;
+    let report = resize(inner, &role, target, true, progress).await?;
+    journal_scale(inner, &role, &report, "role.scaled", json!({})).await?;
+    Ok(report)
+}
+
+/// Brings the live generation to `target`; scale-in only when `may_shrink`. The caller holds
+/// the deploy lock, or (the autoscaler during a deploy) only grows the live generation.
+pub(crate) async fn resize(
+    inner: &Arc<Inner>,
+    role: &Role,
+    target: u32,
+    may_shrink: bool,
+    progress: &Progress,
+) -> Result<ScaleReport, FleetError> {
+    let started = Instant::now();
     let live = role
         .live()
-        .ok_or_else(|| FleetError::Scale(format!("{role_name} has no live generation yet")))?;
+        .ok_or_else(|| FleetError::Scale(format!("{} has no live generation yet", role.name)))?;
     let from = live.instances().len() as u32;
     let mut report = ScaleReport {
-        role: role_name.into(),
+        role: role.name.clone(),
         from,
-        to: target,
+        to: from,
         started: Vec::new(),
         stopped: Vec::new(),
         abandoned_requests: 0,
         millis: 0,
     };
     if target > from {
-        report.started = scale_out(inner, &role, &live, target - from, progress).await?;
-    } else if target < from {
+        report.started = scale_out(inner, role, &live, target - from, progress).await?;
+        report.to = target;
+    } else if target < from && may_shrink {
         let victims = choose_victims(&live.instances(), (from - target) as usize)
-            .map_err(|why| FleetError::Scale(format!("{role_name}: {why}")))?;
-        report.abandoned_requests = scale_in(&role, &live, &victims, progress).await;
+            .map_err(|why| FleetError::Scale(format!("{}: {why}", role.name)))?;
+        report.abandoned_requests = scale_in(role, &live, &victims, progress).await;
         report.stopped = victims.iter().map(|i| i.name.clone()).collect();
+        report.to = target;
     }
+    report.millis = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Keeps the new size for restarts and deploys, and journals `kind` with `extra` details.
+pub(crate) async fn journal_scale(
+    inner: &Arc<Inner>,
+    role: &Role,
+    report: &ScaleReport,
+    kind: &'static str,
+    extra: serde_json::Value,
+) -> Result<(), FleetError> {
+    let target = report.to;
     *role.size.lock().unwrap_or_else(|p| p.into_inner()) = Some(target);
-    let (now, file) = (inner.clock.now_ms(), role.config().instances);
-    let key = role_name.to_string();
+    let (now, file, key) = (
+        inner.clock.now_ms(),
+        role.config().instances,
+        role.name.clone(),
+    );
     inner
         .db(move |s| s.set_role_size(&key, target, file, now))
         .await?;
-    report.millis = started.elapsed().as_millis() as u64;
-    let detail = json!({
-        "from": from, "to": target, "started": report.started, "stopped": report.stopped,
-        "abandoned_requests": report.abandoned_requests, "ms": report.millis,
+    let mut detail = json!({
+        "from": report.from, "to": report.to, "started": report.started,
+        "stopped": report.stopped, "abandoned_requests": report.abandoned_requests,
+        "ms": report.millis,
     });
-    inner.journal(Some(role_name), "role.scaled", detail).await;
-    Ok(report)
+    if let (Some(detail), Some(extra)) = (detail.as_object_mut(), extra.as_object()) {
+        detail.extend(extra.clone());
+    }
+    inner.journal(Some(&role.name), kind, detail).await;
+    Ok(())
 }
 
 /// Starts `count` instances in `live` and waits until they are healthy. On failure the new

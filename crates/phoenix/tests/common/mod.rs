@@ -53,6 +53,8 @@ pub struct Fleet {
     pub checks: Option<String>,
     /// The role's `drift_check` period.
     pub drift_check: Option<&'static str>,
+    /// The body of a `[role.web.autoscale]` table.
+    pub autoscale: Option<&'static str>,
 }
 
 impl Fleet {
@@ -67,6 +69,7 @@ impl Fleet {
             agent: None,
             checks: None,
             drift_check: None,
+            autoscale: None,
         }
     }
 
@@ -107,7 +110,7 @@ unhealthy_threshold = 2
 [role.web.deploy]
 healthy_timeout = "{healthy_timeout}"
 drain = "{drain}"
-{proxy}{agent}"#,
+{autoscale}{proxy}{agent}"#,
             context = hello_bin().parent().unwrap().display(),
             version = self.version,
             checks = if self.checks.is_some() {
@@ -122,6 +125,10 @@ drain = "{drain}"
                 .unwrap_or_default(),
             healthy_timeout = self.healthy_timeout,
             drain = self.drain,
+            autoscale = self
+                .autoscale
+                .map(|body| format!("\n[role.web.autoscale]\n{body}"))
+                .unwrap_or_default(),
             proxy = if self.tcp {
                 "\n[role.web.proxy]\nmode = \"tcp\"\n"
             } else {
