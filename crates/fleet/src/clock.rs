@@ -35,6 +35,11 @@ impl Namer {
         }
     }
 
+    /// A uniform number in [0, 1) from the same seeded generator (chaos picks with it).
+    pub fn fraction(&self) -> f64 {
+        self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64()
+    }
+
     pub fn instance_name(&self, role: &str) -> String {
         let n = self
             .rng

@@ -58,6 +58,10 @@ pub struct RoleConfig {
     pub drift_check: Option<Duration>,
     /// `[role.NAME.autoscale]`, when the role scales by itself.
     pub autoscale: Option<crate::AutoscaleConfig>,
+    /// Instances older than this are replaced, one at a time, new before old.
+    pub max_age: Option<Duration>,
+    /// `[role.NAME.chaos]`: random kills, when the role opts in.
+    pub chaos: Option<crate::ChaosConfig>,
 }
 
 /// `[role.NAME.health]`: the active HTTP health check.
@@ -259,6 +263,10 @@ struct RawRole {
     drift_check: Option<Duration>,
     #[serde(default)]
     autoscale: Option<crate::AutoscaleConfig>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_age: Option<Duration>,
+    #[serde(default)]
+    chaos: Option<crate::ChaosConfig>,
 }
 
 fn one() -> Spanned<u32> {
@@ -354,6 +362,8 @@ impl FleetFile {
                 proxy: role.proxy,
                 drift_check: role.drift_check,
                 autoscale: role.autoscale,
+                max_age: role.max_age,
+                chaos: role.chaos,
             };
             roles.insert(name.into_inner(), config);
         }

@@ -430,6 +430,8 @@ impl Controller {
         tokio::spawn(crate::sampling::run(weak.clone(), metrics));
         for role in inner.roles.keys() {
             tokio::spawn(crate::autoscale_loop::run(weak.clone(), role.clone()));
+            tokio::spawn(crate::lifecycle::renew(weak.clone(), role.clone()));
+            tokio::spawn(crate::lifecycle::chaos(weak.clone(), role.clone()));
         }
         tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })

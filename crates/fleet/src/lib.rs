@@ -11,6 +11,7 @@ mod deploy;
 mod drift;
 mod health;
 mod instance;
+mod lifecycle;
 mod membership;
 mod metrics;
 mod recover;
@@ -29,6 +30,7 @@ pub use config::{
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, Verified};
 pub use instance::Flags;
+pub use lifecycle::ChaosConfig;
 pub use scale::{FlagChange, ScaleReport};
 pub use status::{FleetStatus, GenerationView, InstanceView, RoleStatus};
 pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};

@@ -134,12 +134,12 @@ pub(crate) async fn resize(
         millis: 0,
     };
     if target > from {
-        report.started = scale_out(inner, role, &live, target - from, progress).await?;
+        report.started = grow(inner, role, &live, target - from, progress).await?;
         report.to = target;
     } else if target < from && may_shrink {
         let victims = choose_victims(&live.instances(), (from - target) as usize)
             .map_err(|why| FleetError::Scale(format!("{}: {why}", role.name)))?;
-        report.abandoned_requests = scale_in(role, &live, &victims, progress).await;
+        report.abandoned_requests = shrink(role, &live, &victims, progress).await;
         report.stopped = victims.iter().map(|i| i.name.clone()).collect();
         report.to = target;
     }
@@ -179,7 +179,7 @@ pub(crate) async fn journal_scale(
 
 /// Starts `count` instances in `live` and waits until they are healthy. On failure the new
 /// instances are stopped again and the role keeps its size.
-async fn scale_out(
+pub(crate) async fn grow(
     inner: &Arc<Inner>,
     role: &Role,
     live: &Arc<Generation>,
@@ -236,7 +236,7 @@ async fn remove_and_stop(role: &Role, live: &Generation, instances: &[Arc<Instan
 
 /// Takes `victims` out of the proxy, drains them and stops them; returns the requests cut at
 /// the drain deadline.
-async fn scale_in(
+pub(crate) async fn shrink(
     role: &Role,
     live: &Generation,
     victims: &[Arc<Instance>],

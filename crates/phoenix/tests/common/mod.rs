@@ -55,6 +55,10 @@ pub struct Fleet {
     pub drift_check: Option<&'static str>,
     /// The body of a `[role.web.autoscale]` table.
     pub autoscale: Option<&'static str>,
+    /// More TOML appended to the file (other `[role.web.*]` tables).
+    pub more: &'static str,
+    /// More keys of `[role.web]`.
+    pub role_keys: &'static str,
 }
 
 impl Fleet {
@@ -70,6 +74,8 @@ impl Fleet {
             checks: None,
             drift_check: None,
             autoscale: None,
+            more: "",
+            role_keys: "",
         }
     }
 
@@ -100,7 +106,7 @@ image = "hello"
 instances = {instances}
 listen = "127.0.0.1:0"
 stop_timeout = "5s"
-{drift}
+{role_keys}{drift}
 [role.web.health]
 interval = "100ms"
 timeout = "1s"
@@ -110,7 +116,7 @@ unhealthy_threshold = 2
 [role.web.deploy]
 healthy_timeout = "{healthy_timeout}"
 drain = "{drain}"
-{autoscale}{proxy}{agent}"#,
+{autoscale}{more}{proxy}{agent}"#,
             context = hello_bin().parent().unwrap().display(),
             version = self.version,
             checks = if self.checks.is_some() {
@@ -129,6 +135,8 @@ drain = "{drain}"
                 .autoscale
                 .map(|body| format!("\n[role.web.autoscale]\n{body}"))
                 .unwrap_or_default(),
+            role_keys = self.role_keys,
+            more = self.more,
             proxy = if self.tcp {
                 "\n[role.web.proxy]\nmode = \"tcp\"\n"
             } else {
