@@ -110,6 +110,8 @@ pub(crate) struct Role {
     changed: Arc<tokio::sync::Notify>,
     /// The size set by `phoenix scale`, when it overrides the fleet file's `instances`.
     pub size: Mutex<Option<u32>>,
+    /// Instances killed on purpose (chaos): replaced at once, not counted as a crash loop.
+    pub killed_on_purpose: Mutex<Vec<String>>,
 }
 
 impl Role {
@@ -202,8 +204,18 @@ impl Role {
     }
 
     /// Delay before replacing a crashed instance: none for the first crash in a minute,
-    /// then doubling from 500 ms up to 30 s, so a crash loop does not spin.
-    fn replacement_delay(&self) -> Duration {
+    /// then doubling from 500 ms up to 30 s, so a crash loop does not spin. An instance killed
+    /// on purpose is replaced at once and does not count.
+    fn replacement_delay(&self, dead: &str) -> Duration {
+        let mut on_purpose = self
+            .killed_on_purpose
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = on_purpose.iter().position(|name| name == dead) {
+            on_purpose.remove(at);
+            return Duration::ZERO;
+        }
+        drop(on_purpose);
         let mut deaths = self.deaths.lock().unwrap_or_else(|p| p.into_inner());
         deaths.retain(|t| t.elapsed() < Duration::from_secs(60));
         deaths.push(Instant::now());
@@ -367,6 +379,7 @@ impl Controller {
                 remote: Mutex::new(Vec::new()),
                 changed: membership.wake.clone(),
                 // A size set by hand holds until the file's `instances` changes.
+                killed_on_purpose: Mutex::new(Vec::new()),
                 size: Mutex::new(
                     store
                         .role_size(name)?
@@ -596,7 +609,7 @@ async fn event_loop(inner: std::sync::Weak<Inner>, mut events: mpsc::UnboundedRe
 async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: String) {
     let mut shutdown = inner.shutdown.subscribe();
     loop {
-        let delay = role.replacement_delay();
+        let delay = role.replacement_delay(&dead);
         if !delay.is_zero() {
             tracing::warn!(role = %role.name, ?delay, "instances keep crashing; waiting before the next replacement");
             tokio::select! {

@@ -135,6 +135,10 @@ async fn strike(inner: &Arc<Inner>, role: &Role, config: &ChaosConfig) {
     let pick = (inner.namer.fraction() * healthy.len() as f64) as usize;
     let victim = &healthy[pick.min(healthy.len() - 1)];
     drop(lock);
+    role.killed_on_purpose
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(victim.name.clone());
     // SAFETY: kill(2) on a pid our supervisor still owns (it has not been reaped).
     unsafe { libc::kill(victim.pid as libc::pid_t, libc::SIGKILL) };
     let detail = json!({"instance": victim.name, "pid": victim.pid, "healthy_before": all_healthy});
