@@ -14,7 +14,9 @@ use crate::scale::{journal_scale, resize};
 
 pub(crate) async fn run(inner: Weak<Inner>, role_name: String) {
     let mut scaler: Option<Autoscaler> = None;
-    let mut last_held: Option<u32> = None;
+    // The last (recommended, desired) journaled: an evaluation that repeats it is not journaled
+    // again, so a steady role does not fill the journal every interval.
+    let mut last: Option<(u32, u32)> = None;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -51,7 +53,7 @@ pub(crate) async fn run(inner: Weak<Inner>, role_name: String) {
             continue;
         };
         let decision = scaler.decide(strong.clock.now_ms(), &seen);
-        apply(&strong, &role, &config, &seen, decision, &mut last_held).await;
+        apply(&strong, &role, &config, &seen, decision, &mut last).await;
     }
 }
 
@@ -88,25 +90,29 @@ async fn apply(
     config: &AutoscaleConfig,
     seen: &Observation,
     decision: Decision,
-    last_held: &mut Option<u32>,
+    last: &mut Option<(u32, u32)>,
 ) {
     let detail = json!({
         "recommended": decision.recommended, "reason": decision.reason,
         "metric": config.metric, "values": seen.values, "missing": seen.missing,
     });
     if decision.desired == seen.current {
-        // A held scale-in is journaled once per recommendation, not every evaluation.
-        if decision.recommended != seen.current && *last_held != Some(decision.recommended) {
-            *last_held = Some(decision.recommended);
-            let mut held = detail.clone();
-            held["current"] = json!(seen.current);
-            inner
-                .journal(Some(&role.name), "autoscale.held", held)
-                .await;
+        let outcome = (decision.recommended, decision.desired);
+        if *last != Some(outcome) {
+            *last = Some(outcome);
+            // `held`: a smaller size was recommended, the stabilization window keeps this one.
+            let kind = if decision.recommended < seen.current {
+                "autoscale.held"
+            } else {
+                "autoscale.steady"
+            };
+            let mut detail = detail.clone();
+            detail["current"] = json!(seen.current);
+            inner.journal(Some(&role.name), kind, detail).await;
         }
         return;
     }
-    *last_held = None;
+    *last = None;
     let lock = role.deploy_lock.try_lock();
     let during_deploy = lock.is_err();
     if during_deploy && decision.desired < seen.current {

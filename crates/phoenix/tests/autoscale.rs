@@ -82,4 +82,13 @@ fn a_load_step_scales_out_and_the_quiet_scales_back_in() {
         reason.contains("rps") && reason.contains("target 20"),
         "{reason}"
     );
+    // The quiet first held scale-in back: the stabilization window, with its reason.
+    let held: Vec<Value> = phoenix
+        .history()
+        .into_iter()
+        .filter(|e| e["kind"] == "autoscale.held")
+        .collect();
+    assert!(!held.is_empty());
+    let why = held[0]["detail"]["reason"].as_str().unwrap();
+    assert!(why.contains("stabilization window"), "{why}");
 }
