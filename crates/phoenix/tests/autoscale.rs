@@ -8,19 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Fleet, Load, Phoenix, failures, wait_for};
-use serde_json::Value;
 
 fn live_size(phoenix: &Phoenix) -> (usize, usize) {
-    let status = phoenix.status();
-    let role = &status["roles"][0];
-    let live = role["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["id"] == role["live_generation"])
-        .cloned()
-        .unwrap_or(Value::Null);
-    let instances = live["instances"].as_array().cloned().unwrap_or_default();
+    let instances = phoenix.live_instances();
     let healthy = instances
         .iter()
         .filter(|i| i["status"] == "healthy")
@@ -59,11 +49,7 @@ fn a_load_step_scales_out_and_the_quiet_scales_back_in() {
         quiet.elapsed() >= Duration::from_secs(3),
         "scale-in waited for the stabilization window"
     );
-    let scaled: Vec<Value> = phoenix
-        .history()
-        .into_iter()
-        .filter(|e| e["kind"] == "autoscale.scaled")
-        .collect();
+    let scaled = phoenix.events("autoscale.scaled");
     // The history is oldest first.
     let steps: Vec<(u64, u64)> = scaled
         .iter()
@@ -83,11 +69,7 @@ fn a_load_step_scales_out_and_the_quiet_scales_back_in() {
         "{reason}"
     );
     // The quiet first held scale-in back: the stabilization window, with its reason.
-    let held: Vec<Value> = phoenix
-        .history()
-        .into_iter()
-        .filter(|e| e["kind"] == "autoscale.held")
-        .collect();
+    let held = phoenix.events("autoscale.held");
     assert!(!held.is_empty());
     let why = held[0]["detail"]["reason"].as_str().unwrap();
     assert!(why.contains("stabilization window"), "{why}");

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Load, Phoenix, failures};
+use common::{Fleet, Load, Phoenix, failures, get_once};
 
 fn version_number(version: &str) -> u32 {
     version.trim_start_matches('v').parse().unwrap()
@@ -109,21 +109,6 @@ fn twenty_blue_green_deploys_under_load_fail_no_request_and_switch_to_the_new_ve
     assert_eq!(last["detail"]["rollback"], true);
 }
 
-/// One `GET /` on a fresh connection, as a TCP-mode client would see it.
-fn get_once(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 #[test]
 fn a_tcp_mode_role_serves_and_deploys_with_tcp_health_checks() {
     let fleet = Fleet {
@@ -133,7 +118,7 @@ fn a_tcp_mode_role_serves_and_deploys_with_tcp_health_checks() {
     };
     let phoenix = Phoenix::start(&fleet);
     let addr = phoenix.proxy_addr();
-    let answer = get_once(addr);
+    let answer = get_once(addr, "/");
     assert!(
         answer.ends_with("version v1\n") && !answer.to_ascii_lowercase().contains("via:"),
         "bytes pass untouched: {answer}"
@@ -145,6 +130,6 @@ fn a_tcp_mode_role_serves_and_deploys_with_tcp_health_checks() {
     let output = phoenix.cli_ok(&["deploy", "web"]);
     assert!(output.contains("deployed web generation 2"), "{output}");
     for _ in 0..5 {
-        assert!(get_once(addr).ends_with("version v2\n"));
+        assert!(get_once(addr, "/").ends_with("version v2\n"));
     }
 }

@@ -154,28 +154,16 @@ fn a_second_phoenix_up_on_the_same_state_is_refused() {
 
 #[test]
 fn metrics_are_exposed_per_role_and_instance_on_the_api() {
-    use std::io::{Read, Write};
     let phoenix = Phoenix::start(&Fleet {
         instances: 2,
         ..Fleet::version("v1")
     });
     let proxy = phoenix.proxy_addr();
     for _ in 0..10 {
-        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
+        let answer = common::get_once(proxy, "/");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
-    let api = std::fs::read_to_string(phoenix.state().join("api.addr")).unwrap();
-    let mut stream = std::net::TcpStream::connect(api.trim()).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let answer = phoenix.api_get("/metrics");
     assert!(
         answer.contains("content-type: text/plain; version=0.0.4"),
         "{answer}"

@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Fleet, Load, Phoenix, failures, wait_for};
-use serde_json::Value;
 
 fn names(phoenix: &Phoenix) -> BTreeSet<String> {
     phoenix.status()["roles"][0]["generations"][0]["instances"]
@@ -16,14 +15,6 @@ fn names(phoenix: &Phoenix) -> BTreeSet<String> {
         .unwrap()
         .iter()
         .map(|i| i["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn events(phoenix: &Phoenix, kind: &str) -> Vec<Value> {
-    phoenix
-        .history()
-        .into_iter()
-        .filter(|e| e["kind"] == kind)
         .collect()
 }
 
@@ -38,12 +29,12 @@ fn max_age_renews_every_instance_new_before_old() {
     wait_for(
         "both first instances renewed",
         Duration::from_secs(30),
-        || names(&phoenix).is_disjoint(&first) && events(&phoenix, "instance.renewed").len() >= 2,
+        || names(&phoenix).is_disjoint(&first) && phoenix.events("instance.renewed").len() >= 2,
     );
     let samples = load.stop();
     assert!(samples.len() > 100);
     assert_eq!(failures(&samples), Vec::<String>::new());
-    let renewed = events(&phoenix, "instance.renewed");
+    let renewed = phoenix.events("instance.renewed");
     let old: BTreeSet<String> = renewed
         .iter()
         .map(|e| e["detail"]["instance"].as_str().unwrap().to_string())
@@ -65,18 +56,18 @@ fn chaos_kills_are_replaced_without_a_failed_request() {
     let phoenix = Phoenix::start(&fleet);
     let load = Load::start(phoenix.proxy_addr(), 4);
     wait_for("three chaos kills", Duration::from_secs(30), || {
-        events(&phoenix, "chaos.killed").len() >= 3
+        phoenix.events("chaos.killed").len() >= 3
     });
     let samples = load.stop();
     assert!(samples.len() > 100);
     assert_eq!(failures(&samples), Vec::<String>::new());
-    for kill in events(&phoenix, "chaos.killed") {
+    for kill in phoenix.events("chaos.killed") {
         assert!(
             kill["detail"]["healthy_before"].as_u64().unwrap() > 2,
             "{kill}"
         );
     }
     wait_for("replacements", Duration::from_secs(20), || {
-        events(&phoenix, "instance.replaced").len() >= 3
+        phoenix.events("instance.replaced").len() >= 3
     });
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{Fleet, Load, Phoenix, failures, wait_for};
@@ -19,17 +18,6 @@ fn series(phoenix: &Phoenix, metric: &str) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn prometheus(phoenix: &Phoenix) -> String {
-    let api = std::fs::read_to_string(phoenix.state().join("api.addr")).unwrap();
-    let mut stream = std::net::TcpStream::connect(api.trim()).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
 }
 
 #[test]
@@ -72,7 +60,7 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
     }
     assert!(top.contains("role web:") && top.contains("rps"), "{top}");
 
-    let exposition = prometheus(&phoenix);
+    let exposition = phoenix.api_get("/metrics");
     assert!(
         exposition.contains("phoenix_instance_memory_bytes{role=\"web\",instance=\"")
             && exposition.contains("phoenix_instance_cpu_cores{role=\"web\",instance=\""),

@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Fleet, Load, Phoenix, failures};
@@ -16,15 +15,7 @@ use serde_json::Value;
 fn answering(proxy: SocketAddr, count: usize) -> BTreeSet<String> {
     (0..count)
         .map(|_| {
-            let mut stream = TcpStream::connect(proxy).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
-                .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
+            let response = common::get_once(proxy, "/");
             // "hello from web-3f9a1c version v1"
             let body = response.rsplit("\r\n\r\n").next().unwrap();
             body.split_whitespace().nth(2).unwrap().to_string()
@@ -34,16 +25,7 @@ fn answering(proxy: SocketAddr, count: usize) -> BTreeSet<String> {
 
 /// The live generation's instances: (name, protected, standby), oldest first.
 fn live_instances(phoenix: &Phoenix) -> Vec<(String, bool, bool)> {
-    let status = phoenix.status();
-    let role = &status["roles"][0];
-    let live = role["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["id"] == role["live_generation"])
-        .unwrap()
-        .clone();
-    let mut instances: Vec<&Value> = live["instances"].as_array().unwrap().iter().collect();
+    let mut instances = phoenix.live_instances();
     instances.sort_by_key(|i| std::cmp::Reverse(i["uptime_ms"].as_u64().unwrap()));
     instances
         .iter()

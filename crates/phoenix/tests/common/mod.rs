@@ -236,6 +236,33 @@ impl Phoenix {
         .clone()
     }
 
+    /// The live generation's instances as `phoenix status --json` shows them.
+    pub fn live_instances(&self) -> Vec<Value> {
+        let status = self.status();
+        let role = &status["roles"][0];
+        role["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == role["live_generation"])
+            .and_then(|g| g["instances"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The journal's events of `kind` for role web, oldest first.
+    pub fn events(&self, kind: &str) -> Vec<Value> {
+        self.history()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// A GET of `path` on the API, the whole response.
+    pub fn api_get(&self, path: &str) -> String {
+        let api = std::fs::read_to_string(self.state().join("api.addr")).unwrap();
+        get_once(api.trim().parse().unwrap(), path)
+    }
+
     /// Waits until the live generation has `instances` healthy instances; on failure the
     /// panic shows the last status and `phoenix up`'s log, so a CI failure explains itself.
     pub fn wait_serving(&mut self, instances: u32) {
@@ -408,6 +435,19 @@ pub fn signal(pid: u32, sig: i32) {
         fn kill(pid: i32, sig: i32) -> i32;
     }
     unsafe { kill(pid as i32, sig) };
+}
+
+/// One GET of `path` on a fresh connection to `addr`: the whole response, head and body.
+pub fn get_once(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// The stdout of a command that must have succeeded (else both outputs, in the panic).
