@@ -29,11 +29,9 @@ pub(crate) async fn run(inner: Weak<Inner>, role_name: String) {
             .as_ref()
             .map(|c| c.interval)
             .unwrap_or(std::time::Duration::from_secs(5));
-        let mut shutdown = strong.shutdown.subscribe();
         drop(strong);
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = phoenix_proxy::stopped(&mut shutdown) => return,
+        if !crate::lifecycle::pause(&inner, every).await {
+            return;
         }
         let Some(config) = config else {
             scaler = None;

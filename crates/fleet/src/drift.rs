@@ -74,13 +74,8 @@ pub(crate) async fn watch(inner: Weak<Inner>, role: String) {
         else {
             return;
         };
-        let mut shutdown = match inner.upgrade() {
-            Some(inner) => inner.shutdown.subscribe(),
-            None => return,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = phoenix_proxy::stopped(&mut shutdown) => return,
+        if !crate::lifecycle::pause(&inner, every).await {
+            return;
         }
         let Some(strong) = inner.upgrade() else {
             return;

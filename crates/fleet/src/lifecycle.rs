@@ -148,7 +148,7 @@ async fn strike(inner: &Arc<Inner>, role: &Role, config: &ChaosConfig) {
 }
 
 /// Sleeps `time` unless Phoenix shuts down first; false when it does.
-async fn pause(inner: &Weak<Inner>, time: Duration) -> bool {
+pub(crate) async fn pause(inner: &Weak<Inner>, time: Duration) -> bool {
     let Some(mut shutdown) = inner.upgrade().map(|i| i.shutdown.subscribe()) else {
         return false;
     };
