@@ -207,11 +207,16 @@ pub(crate) async fn grow(
         }
     }
     let deadline = Instant::now() + role.config().deploy.healthy_timeout;
-    while !new.iter().all(|i| i.is_healthy()) {
+    // Pushed first, checked after: if a deploy switched away from `live` meanwhile (the
+    // autoscaler grows during deploys), its drain may have missed these, so they stop here.
+    let still_live = || role.live().is_some_and(|g| Arc::ptr_eq(&g, live));
+    while !(new.iter().all(|i| i.is_healthy()) && still_live()) {
         let failed = new.iter().find(|i| i.ended().is_some());
-        if failed.is_some() || Instant::now() >= deadline || inner.is_shutting_down() {
+        let switched = !still_live();
+        if failed.is_some() || switched || Instant::now() >= deadline || inner.is_shutting_down() {
             let why = match failed {
                 Some(instance) => format!("{} exited during startup", instance.name),
+                None if switched => "a deploy switched generations meanwhile".to_string(),
                 None => "new instances not healthy in time".to_string(),
             };
             remove_and_stop(role, live, &new).await;
