@@ -203,6 +203,8 @@ pub struct Autoscaler {
     pub config: AutoscaleConfig,
     /// (time in ms, recommendation) over the stabilization window.
     history: VecDeque<(i64, u32)>,
+    /// When the first evaluation ran.
+    started: Option<i64>,
 }
 
 impl Autoscaler {
@@ -210,6 +212,7 @@ impl Autoscaler {
         Autoscaler {
             config,
             history: VecDeque::new(),
+            started: None,
         }
     }
 
@@ -226,6 +229,12 @@ impl Autoscaler {
         };
         let recommended = raw.clamp(config.min, config.max);
         let stabilization = config.stabilization.as_millis() as i64;
+        if self.history.is_empty() && self.started.is_none() {
+            // A fresh autoscaler counts the size it found as a recommendation, so that it
+            // never shrinks a role before one stabilization window has passed.
+            self.started = Some(now_ms);
+            self.history.push_back((now_ms, current));
+        }
         self.history.push_back((now_ms, recommended));
         while self
             .history
@@ -395,6 +404,14 @@ mod tests {
         // Never below min.
         let mut low = Autoscaler::new(config(Policy::Target { target: 0.5 }));
         assert_eq!(low.decide(0, &seen(2, &[0.0; 2], 0)).desired, 2);
+    }
+
+    #[test]
+    fn a_fresh_autoscaler_holds_scale_in_for_one_window() {
+        let mut scaler = Autoscaler::new(config(Policy::Target { target: 0.5 }));
+        assert_eq!(scaler.decide(0, &seen(4, &[0.0; 4], 0)).desired, 4);
+        assert_eq!(scaler.decide(299_000, &seen(4, &[0.0; 4], 0)).desired, 4);
+        assert_eq!(scaler.decide(301_000, &seen(4, &[0.0; 4], 0)).desired, 3);
     }
 
     #[test]

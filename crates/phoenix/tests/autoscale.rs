@@ -74,3 +74,49 @@ fn a_load_step_scales_out_and_the_quiet_scales_back_in() {
     let why = held[0]["detail"]["reason"].as_str().unwrap();
     assert!(why.contains("stabilization window"), "{why}");
 }
+
+#[test]
+fn the_autoscaler_never_shrinks_a_role_during_a_deploy() {
+    let mut fleet = Fleet::version("v1");
+    fleet.instances = 3;
+    fleet.healthy_timeout = "5s";
+    fleet.autoscale = Some(
+        "min = 1\nmax = 3\nmetric = \"rps_per_instance\"\ntarget = 20\ninterval = \"300ms\"\n\
+         window = \"1s\"\nwarmup = \"300ms\"\nstabilization = \"1s\"\n",
+    );
+    let phoenix = Phoenix::start(&fleet);
+    // A deploy that holds the role's lock for 5 s: its instances never get healthy.
+    let mut broken = fleet.clone();
+    broken.version = "v2".into();
+    broken.fail_health = true;
+    phoenix.write_fleet(&broken);
+    let aborted = phoenix.cli(&["deploy", "web"]);
+    assert!(!aborted.status.success());
+    // With no load the role wants 1 instance; the deploy kept it at 3 until it ended.
+    wait_for(
+        "the scale-in after the deploy",
+        Duration::from_secs(30),
+        || live_size(&phoenix).0 == 1,
+    );
+    let history = phoenix.history();
+    let at = |kind: &str| {
+        history
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .map(|e| e["at"].as_i64().unwrap())
+            .unwrap()
+    };
+    let (started, ended) = (at("deploy.started"), at("deploy.aborted"));
+    assert!(ended - started >= 4_000, "the deploy held the lock");
+    for event in phoenix.events("autoscale.scaled") {
+        let (from, to) = (
+            event["detail"]["from"].as_u64(),
+            event["detail"]["to"].as_u64(),
+        );
+        let when = event["at"].as_i64().unwrap();
+        assert!(
+            to >= from || when < started || when > ended,
+            "a scale-in during the deploy: {event}"
+        );
+    }
+}
