@@ -22,8 +22,9 @@ pub struct BakeOutcome {
     pub millis: u64,
 }
 
-/// Bakes recipe `name` of `fleet`, records it in `store` and the journal, and refreshes the
-/// layout's `index.json`. Blocking: call it off the async runtime.
+/// Bakes recipe `name` of `fleet` (after the fleet's recipes it is based on, bases first),
+/// records each in `store` and the journal, and refreshes the layout's `index.json`.
+/// Blocking: call it off the async runtime.
 pub fn bake_image(
     store: &Store,
     images: &ImageStore,
@@ -33,22 +34,39 @@ pub fn bake_image(
     now: i64,
     progress: &mut dyn Progress,
 ) -> Result<BakeOutcome, FleetError> {
-    bake_with_bases(
-        store,
-        images,
-        fleet,
-        name,
-        options,
-        now,
-        progress,
-        &mut Vec::new(),
-    )
+    let mut outcome = None;
+    for recipe in bake_order(fleet, name)? {
+        outcome = Some(bake_one(
+            store, images, fleet, &recipe, options, now, progress,
+        )?);
+    }
+    Ok(outcome.expect("the order ends with `name`"))
 }
 
-/// Bakes `name`, first baking its base when the base is another recipe of the fleet file.
-/// `chain` holds the recipes being baked, to refuse a recipe that is its own base.
-#[allow(clippy::too_many_arguments)]
-fn bake_with_bases(
+/// `name` and the recipes of the fleet file it is built on, bases first. A recipe that is its
+/// own base, through any chain, is refused with the chain.
+fn bake_order(fleet: &FleetFile, name: &str) -> Result<Vec<String>, FleetError> {
+    let mut chain = vec![name.to_string()];
+    while let Some(Base::Image(base)) = chain
+        .last()
+        .and_then(|n| fleet.images.get(n))
+        .map(|r| &r.from)
+    {
+        if !fleet.images.contains_key(base) {
+            break;
+        }
+        let looped = chain.contains(base);
+        chain.push(base.clone());
+        if looped {
+            return Err(FleetError::BaseLoop(chain.join(" -> ")));
+        }
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Bakes one recipe and records it.
+fn bake_one(
     store: &Store,
     images: &ImageStore,
     fleet: &FleetFile,
@@ -56,19 +74,7 @@ fn bake_with_bases(
     options: BakeOptions,
     now: i64,
     progress: &mut dyn Progress,
-    chain: &mut Vec<String>,
 ) -> Result<BakeOutcome, FleetError> {
-    if chain.iter().any(|n| n == name) {
-        chain.push(name.into());
-        return Err(FleetError::BaseLoop(chain.join(" -> ")));
-    }
-    if let Some(Base::Image(base)) = fleet.images.get(name).map(|r| &r.from) {
-        if fleet.images.contains_key(base) {
-            chain.push(name.into());
-            bake_with_bases(store, images, fleet, base, options, now, progress, chain)?;
-            chain.pop();
-        }
-    }
     let recipe = fleet
         .images
         .get(name)
@@ -129,4 +135,28 @@ pub(crate) async fn bake_in_background(
     })
     .await
     .map_err(|e| FleetError::Internal(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(text: &str) -> FleetFile {
+        FleetFile::parse(std::path::Path::new("phoenix.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn bases_bake_first_and_loops_are_refused_with_their_chain() {
+        let chain = fleet(
+            "[image.app]\nfrom = \"base\"\nentrypoint = [\"/a\"]\n\
+             [image.base]\nfrom = \"os\"\n[image.os]\n",
+        );
+        assert_eq!(bake_order(&chain, "app").unwrap(), ["os", "base", "app"]);
+        // A base that is not a recipe is an image in the store: nothing to bake first.
+        let outside = fleet("[image.app]\nfrom = \"debian-slim\"\n");
+        assert_eq!(bake_order(&outside, "app").unwrap(), ["app"]);
+        let looped = fleet("[image.a]\nfrom = \"b\"\n[image.b]\nfrom = \"a\"\n");
+        let error = bake_order(&looped, "a").unwrap_err().to_string();
+        assert!(error.contains("a -> b -> a"), "{error}");
+    }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::files::{FileEntry, FileKind};
+use crate::hashing::HashingReader;
 use crate::oci::{self, Descriptor, Index, Manifest};
 use crate::store::{ANNOTATION_REF, ImageRef, digest_hex, parse, to_json};
 use crate::unpack::remove_path;
@@ -222,24 +223,12 @@ impl ImageStore {
             return Ok(());
         }
         let source = layout.join("blobs/sha256").join(digest_hex(digest)?);
-        let mut input = fs::File::open(&source).map_err(|_| ImageError::NotFound(digest.into()))?;
+        let input = fs::File::open(&source).map_err(|_| ImageError::NotFound(digest.into()))?;
         let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
         let mut output = fs::File::create(&tmp).map_err(ImageError::io("create", &tmp))?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let n = input
-                .read(&mut buffer)
-                .map_err(ImageError::io("read", &source))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-            output
-                .write_all(&buffer[..n])
-                .map_err(ImageError::io("write", &tmp))?;
-        }
-        let actual = format!("sha256:{}", crate::hex(&hasher.finalize()));
+        let mut reader = HashingReader::new(input);
+        io::copy(&mut reader, &mut output).map_err(ImageError::io("copy into", &tmp))?;
+        let actual = reader.digest();
         if let Err(corrupt) = crate::expect_digest(digest, actual) {
             let _ = fs::remove_file(&tmp);
             return Err(corrupt);
