@@ -525,19 +525,13 @@ impl Controller {
 
     /// Kills one instance's process with SIGKILL, as a crash would (used by `phoenix demo`).
     pub fn kill_instance(&self, name: &str) -> Result<u32, FleetError> {
-        for role in self.inner.roles.values() {
-            if let Some(instance) = role
-                .live()
-                .into_iter()
-                .flat_map(|g| g.instances())
-                .find(|i| i.name == name)
-            {
-                // SAFETY: kill(2) on a pid our supervisor still owns (it has not been reaped).
-                unsafe { libc::kill(instance.pid as libc::pid_t, libc::SIGKILL) };
-                return Ok(instance.pid);
-            }
+        let (role, instance) = self.inner.find_instance(name)?;
+        // Only the live generation's, as before: the others are starting or draining.
+        if role.live().is_none_or(|g| g.id != instance.generation) {
+            return Err(FleetError::UnknownInstance(name.to_string()));
         }
-        Err(FleetError::UnknownInstance(name.to_string()))
+        instance.kill();
+        Ok(instance.pid)
     }
 
     /// Stops accepting, lets in-flight requests finish, stops every instance, and records it.

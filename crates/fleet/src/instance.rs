@@ -88,6 +88,13 @@ impl Instance {
         self.ended.borrow().clone()
     }
 
+    /// Kills the instance's process with SIGKILL, as a crash would (its supervisor then
+    /// reports the death and the crash replacement follows).
+    pub fn kill(&self) {
+        // SAFETY: kill(2) on a pid our supervisor still owns (it has not been reaped).
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+    }
+
     /// Stops the instance (SIGTERM, then SIGKILL after the role's grace) and waits for the end.
     pub async fn stop(&self) -> String {
         self.stop.send_replace(true);

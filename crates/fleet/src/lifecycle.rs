@@ -139,8 +139,7 @@ async fn strike(inner: &Arc<Inner>, role: &Role, config: &ChaosConfig) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(victim.name.clone());
-    // SAFETY: kill(2) on a pid our supervisor still owns (it has not been reaped).
-    unsafe { libc::kill(victim.pid as libc::pid_t, libc::SIGKILL) };
+    victim.kill();
     let detail = json!({"instance": victim.name, "pid": victim.pid, "healthy_before": all_healthy});
     inner
         .journal(Some(&role.name), "chaos.killed", detail)
