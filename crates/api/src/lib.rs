@@ -71,6 +71,7 @@ pub fn router(controller: Controller, token: Option<String>) -> Router {
         .route("/v1/roles/{role}/deploy", post(deploy))
         .route("/v1/roles/{role}/rollback", post(rollback))
         .route("/v1/roles/{role}/scale", post(scale))
+        .route("/v1/roles/{role}/heal-drift", post(heal_drift))
         .route("/v1/instances/{name}/protect", post(protect))
         .route("/v1/instances/{name}/standby", post(standby))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -210,6 +211,15 @@ async fn scale(State(state): State<AppState>, Path(role): Path<String>, body: By
         .await
     {
         Ok(report) => Json(report).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
+    }
+}
+
+/// Checks the role's live root for drift and, when drifted, replaces its instances; answers
+/// `{"report": DeployReport}`, or `{"report": null}` when nothing drifted.
+async fn heal_drift(State(state): State<AppState>, Path(role): Path<String>) -> Response {
+    match state.controller.heal_drift(&role).await {
+        Ok(report) => Json(serde_json::json!({ "report": report })).into_response(),
         Err(error) => failure(error_status(&error), &error.to_string()),
     }
 }

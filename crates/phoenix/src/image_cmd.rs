@@ -410,6 +410,24 @@ pub async fn drift(state: &Path, args: DriftArgs) -> anyhow::Result<ExitCode> {
     if drift.is_clean() {
         return Ok(ExitCode::SUCCESS);
     }
+    if args.replace {
+        let Some(role) = role else {
+            bail!("--replace needs an instance, not --image");
+        };
+        // `phoenix up` journals the drift, unpacks the image again and redeploys it.
+        let client = crate::client::Client::new(state, &args.api)?;
+        let answer: serde_json::Value = client
+            .post_json(&format!("/v1/roles/{role}/heal-drift"), json!({}))
+            .await?;
+        let report: Option<phoenix_fleet::DeployReport> =
+            serde_json::from_value(answer["report"].clone())?;
+        match report {
+            Some(report) if args.json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Some(report) => println!("{}", crate::commands::summary(&report)),
+            None => println!("phoenix up found no drift in role {role}'s live root"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let now = SystemClock.now_ms();
     let detail = json!({
         "target": args.target, "image": digest,
@@ -418,24 +436,6 @@ pub async fn drift(state: &Path, args: DriftArgs) -> anyhow::Result<ExitCode> {
     local
         .store
         .journal(now, role.as_deref(), "image.drifted", &detail)?;
-    if args.replace {
-        let Some(role) = role else {
-            bail!("--replace needs an instance, not --image");
-        };
-        local.images.reunpack(&digest)?;
-        eprintln!(
-            "unpacked {} again; replacing role {role}'s instances",
-            short_digest(&digest)
-        );
-        let client = crate::client::Client::new(state, &args.api)?;
-        return crate::commands::stream_deploy(
-            &client,
-            &format!("/v1/roles/{role}/deploy"),
-            Some(json!({ "image": digest })),
-            args.json,
-        )
-        .await;
-    }
     Ok(ExitCode::FAILURE)
 }
 
