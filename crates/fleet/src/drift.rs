@@ -53,7 +53,7 @@ async fn heal_drift(
         .journal(Some(role_name), "image.drifted", detail)
         .await;
     let (images, image) = (inner.images.clone(), live.image.clone());
-    tokio::task::spawn_blocking(move || images.reunpack(&image))
+    tokio::task::spawn_blocking(move || images.reunpack(&image, phoenix_image::RootLayout::HOST))
         .await
         .map_err(|e| FleetError::Internal(e.to_string()))??;
     let options = DeployOptions {

@@ -196,8 +196,13 @@ impl ImageStore {
         }
         let manifest: Manifest = parse("manifest", &bytes)?;
         for layer in &manifest.layers {
-            // Refuse a layer Phoenix cannot unpack now, not when an instance starts.
-            crate::store::decompressor(&layer.media_type, io::empty())?;
+            // Refuse a layer Phoenix cannot unpack now, not when an instance starts: an
+            // unknown format, an entry that would land outside the root, a size past the limit.
+            let path = layout.join("blobs/sha256").join(digest_hex(&layer.digest)?);
+            let file =
+                fs::File::open(&path).map_err(|_| ImageError::NotFound(layer.digest.clone()))?;
+            let reader = crate::store::decompressor(&layer.media_type, io::BufReader::new(file))?;
+            crate::unpack::check_layer(reader, &layer.digest, &self.limits())?;
         }
         for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
             self.copy_blob(layout, &blob.digest)?;

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::bake::{Baker, State, StepResult};
 use crate::cache::{StatCache, layer_key};
-use crate::unpack::remove_path;
+use crate::unpack::{Limits, RootLayout, Unpacker, remove_path};
 use crate::{Base, DebianBase, ImageError};
 
 impl Baker<'_> {
@@ -186,7 +186,8 @@ impl Baker<'_> {
     }
 }
 
-/// Unpacks a root file system tar (plain or gzip) with its modes and numeric owners.
+/// Unpacks a root file system tar (plain or gzip) with its modes and numeric owners, every
+/// entry resolved inside `into`.
 fn unpack_tar(tar: &Path, into: &Path) -> Result<(), ImageError> {
     let mut file = BufReader::new(fs::File::open(tar).map_err(ImageError::io("open", tar))?);
     let gzip = file
@@ -198,24 +199,9 @@ fn unpack_tar(tar: &Path, into: &Path) -> Result<(), ImageError> {
     } else {
         Box::new(file)
     };
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(true);
-    let entries = archive.entries().map_err(ImageError::io("read", tar))?;
-    for entry in entries {
-        let mut entry = entry.map_err(ImageError::io("read", tar))?;
-        let kind = entry.header().entry_type();
-        // Device nodes and FIFOs are never part of an image; runtimes provide /dev.
-        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            continue;
-        }
-        entry
-            .unpack_in(into)
-            .map_err(ImageError::io("unpack", tar))?;
-    }
-    Ok(())
+    let mut unpacker = Unpacker::new(into, RootLayout::FAITHFUL, Limits::default())?;
+    unpacker.apply(reader, &tar.display().to_string())?;
+    unpacker.finish()
 }
 
 /// The manifest digest an OCI base was imported as.

@@ -181,20 +181,32 @@ impl Drift {
     }
 }
 
+/// What an unpacked root should look like, besides the manifest's entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expect {
+    /// How the root was written: owners shifted, write and set-id bits dropped.
+    pub layout: crate::RootLayout,
+    /// Whether owners were set as the image says (only root can); if not, they are not compared.
+    pub owners: bool,
+    /// When unpacking finished (the newest ctime then, in nanoseconds).
+    pub unpacked: i128,
+    /// Hash every file, whatever its metadata says.
+    pub full: bool,
+}
+
 /// Compares the tree at `root` with `manifest`. Metadata first: a regular file of the right
-/// size whose status has not changed since unpacking finished (`unpacked`, nanoseconds; a
-/// write, chmod or chown always moves ctime forward) is taken as unchanged; only the others
-/// are hashed. `full` hashes every file. Permission bits are compared ignoring write bits,
-/// which unpacked roots drop.
-pub fn drift(
+/// size whose status has not changed since unpacking finished (a write, chmod or chown always
+/// moves ctime forward) is taken as unchanged; only the others are hashed. Modes and owners
+/// are compared as the root's layout writes them.
+pub(crate) fn drift(
     root: &Path,
     manifest: &FileManifest,
-    unpacked: i128,
-    full: bool,
+    expect: &Expect,
 ) -> Result<Drift, ImageError> {
     let mut found = BTreeMap::new();
     walk(root, root, &mut found)?;
     let mut drift = Drift::default();
+    let offset = expect.layout.id_offset;
     for entry in &manifest.files {
         let Some(meta) = found.remove(&entry.path) else {
             drift.removed.push(entry.path.clone());
@@ -206,15 +218,28 @@ pub fn drift(
         if kind != Some(entry.kind) {
             what.push("type");
         } else {
-            if kind != Some(FileKind::Symlink) && (meta.mode() & 0o7555) != (entry.mode & 0o7555) {
+            // Where the layout drops write bits, unlocking a directory to patch it shows up
+            // as the content change it allows, not as a mode change.
+            let mask = if expect.layout.keep_write_bits {
+                0o7777
+            } else {
+                0o7555
+            };
+            if kind != Some(FileKind::Symlink)
+                && (meta.mode() & mask) != (expect.layout.mode(entry.mode) & mask)
+            {
                 what.push("mode");
             }
-            if (meta.uid(), meta.gid()) != (entry.uid, entry.gid) {
+            let owner = (
+                entry.uid.saturating_add(offset),
+                entry.gid.saturating_add(offset),
+            );
+            if expect.owners && (meta.uid(), meta.gid()) != owner {
                 what.push("owner");
             }
             match entry.kind {
                 FileKind::File if meta.size() != entry.size => what.push("size"),
-                FileKind::File if full || ctime_ns(&meta) > unpacked => {
+                FileKind::File if expect.full || ctime_ns(&meta) > expect.unpacked => {
                     drift.hashed += 1;
                     let path = root.join(&entry.path);
                     if Some(sha256_file(&path)?) != entry.sha256 {

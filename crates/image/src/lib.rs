@@ -23,6 +23,7 @@ pub use files::{Change, Drift, FileEntry, FileKind, FileManifest};
 pub use oci::{ConfigDocument, ImageConfig, Manifest, rfc3339};
 pub use recipe::{Base, Command, CopyStep, DebianBase, Recipe, RunStep, Step};
 pub use store::{GcReport, ImageRef, ImageStore};
+pub use unpack::{Limits, RootLayout};
 
 use std::path::PathBuf;
 
@@ -43,6 +44,14 @@ pub enum ImageError {
     NotOci { path: PathBuf, why: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
+    #[error("layer {layer}: entry {entry:?} {why}; the archive is refused")]
+    UnsafeEntry {
+        layer: String,
+        entry: String,
+        why: &'static str,
+    },
+    #[error("layer {layer} expands past the limit of {limit} bytes; the archive is refused")]
+    TooLarge { layer: String, limit: u64 },
     #[error("invalid image path {path:?}: {why}")]
     BadPath { path: String, why: &'static str },
     #[error("the image has no entrypoint or cmd: add `entrypoint = [\"/bin/app\"]` to the recipe")]

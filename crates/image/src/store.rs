@@ -14,7 +14,7 @@ use crate::cache::LayerCache;
 use crate::files::{FileEntry, FileManifest};
 use crate::hashing::HashingReader;
 use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Index, Manifest};
-use crate::unpack::{apply_layer, remove_path};
+use crate::unpack::{Limits, RootLayout, Unpacker, remove_path};
 
 /// The manifest annotation naming the blob that holds the image's file manifest.
 pub const ANNOTATION_FILES: &str = "dev.phoenix.files";
@@ -26,6 +26,7 @@ pub const ANNOTATION_REF: &str = "org.opencontainers.image.ref.name";
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    limits: Limits,
 }
 
 /// One image named in `index.json`.
@@ -50,9 +51,18 @@ impl ImageStore {
         // Absolute, because instances resolve their entrypoint after changing directory.
         let root = root.into();
         let root = std::path::absolute(&root).map_err(ImageError::io("resolve", &root))?;
-        let store = ImageStore { root };
+        let store = ImageStore {
+            root,
+            limits: Limits::default(),
+        };
         for dir in [store.blobs_dir(), store.roots_dir(), store.scratch_dir()] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;
+        }
+        // Unpacked roots may hold set-id files and scratch trees anything: only the owner
+        // may reach them.
+        for dir in [store.roots_dir(), store.scratch_dir()] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(ImageError::io("chmod", &dir))?;
         }
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
@@ -67,6 +77,16 @@ impl ImageStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The same store with other limits on what a layer may expand to.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     pub(crate) fn blobs_dir(&self) -> PathBuf {
@@ -249,28 +269,41 @@ impl ImageStore {
         Err(ImageError::NotFound(reference.to_string()))
     }
 
-    /// The unpacked root of image `digest`, unpacking it first if needed. Files and
-    /// directories are made read-only: an instance must never change its image.
+    /// The unpacked root of image `digest` in the host layout (no write or set-id bits, owners
+    /// as in the image): what the process driver runs from.
     pub fn unpack(&self, digest: &str) -> Result<PathBuf, ImageError> {
-        let target = self.roots_dir().join(digest_hex(digest)?);
+        self.unpack_as(digest, RootLayout::HOST)
+    }
+
+    /// The unpacked root of image `digest` in `layout`, unpacking it first if needed. Roots are
+    /// shared by every instance of the image and never written by them.
+    pub fn unpack_as(&self, digest: &str, layout: RootLayout) -> Result<PathBuf, ImageError> {
+        let target = self.root_path(digest, layout)?;
         if target.exists() {
             return Ok(target);
         }
         let tmp = self.scratch("root")?;
         let result = self
-            .materialize(digest, &tmp)
-            .and_then(|()| make_read_only(&tmp))
+            .materialize(digest, &tmp, layout)
             .and_then(|()| {
                 // Drift compares ctimes with this stamp: nothing after it is what we wrote.
-                write_atomic(
-                    &stamp_path(&target),
-                    newest_ctime(&tmp)?.to_string().as_bytes(),
-                )
+                let stamp = Stamp {
+                    ctime: newest_ctime(&tmp)?,
+                    owners: crate::unpack::is_root(),
+                };
+                write_atomic(&stamp_path(&target), &to_json(&stamp)?)
             })
             .and_then(|()| {
+                // Renaming a directory to another parent needs write access to it: the root's
+                // own mode comes after.
                 fs::rename(&tmp, &target)
                     .or_else(|e| if target.exists() { Ok(()) } else { Err(e) })
                     .map_err(ImageError::io("store", &target))
+            })
+            .and_then(|()| {
+                let mode = layout.mode(0o755);
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(ImageError::io("chmod", &target))
             });
         if tmp.exists() {
             remove_path(&tmp);
@@ -278,49 +311,94 @@ impl ImageStore {
         result.map(|()| target)
     }
 
-    /// Applies every layer of image `digest` to the empty directory `into`.
-    pub(crate) fn materialize(&self, digest: &str, into: &Path) -> Result<(), ImageError> {
-        self.apply_layers(&self.manifest(digest)?.layers, into)
+    /// Where the root of `digest` in `layout` is (or would be) unpacked.
+    pub fn root_path(&self, digest: &str, layout: RootLayout) -> Result<PathBuf, ImageError> {
+        Ok(self.roots_dir().join(layout.dir_name(digest_hex(digest)?)))
     }
 
+    /// Applies every layer of image `digest` to the empty directory `into`.
+    pub(crate) fn materialize(
+        &self,
+        digest: &str,
+        into: &Path,
+        layout: RootLayout,
+    ) -> Result<(), ImageError> {
+        self.apply_layers_as(&self.manifest(digest)?.layers, into, layout)
+    }
+
+    /// Applies `layers` to `into` exactly as they are (a bake's scratch tree).
     pub(crate) fn apply_layers(
         &self,
         layers: &[Descriptor],
         into: &Path,
     ) -> Result<(), ImageError> {
+        self.apply_layers_as(layers, into, RootLayout::FAITHFUL)
+    }
+
+    fn apply_layers_as(
+        &self,
+        layers: &[Descriptor],
+        into: &Path,
+        layout: RootLayout,
+    ) -> Result<(), ImageError> {
+        let mut unpacker = Unpacker::new(into, layout, self.limits)?;
+        if layout.id_offset > 0 {
+            std::os::unix::fs::chown(into, Some(layout.id_offset), Some(layout.id_offset))
+                .map_err(ImageError::io("chown", into))?;
+        }
         for layer in layers {
             let path = self.blob_path(&layer.digest)?;
             let file =
                 fs::File::open(&path).map_err(|_| ImageError::NotFound(layer.digest.clone()))?;
             let mut reader = HashingReader::new(io::BufReader::new(file));
-            apply_layer(decompressor(&layer.media_type, &mut reader)?, into)?;
+            unpacker.apply(decompressor(&layer.media_type, &mut reader)?, &layer.digest)?;
             io::copy(&mut reader, &mut io::sink()).map_err(ImageError::io("read", &path))?;
             crate::expect_digest(&layer.digest, reader.digest())?;
         }
-        Ok(())
+        unpacker.finish()
     }
 
-    /// How the unpacked root of `digest` differs from the image's file manifest.
+    /// How the host-layout root of `digest` differs from the image's file manifest.
     pub fn drift(&self, digest: &str, full: bool) -> Result<crate::Drift, ImageError> {
-        let root = self.roots_dir().join(digest_hex(digest)?);
+        self.drift_as(digest, RootLayout::HOST, full)
+    }
+
+    /// How the root of `digest` in `layout` differs from the image's file manifest (as that
+    /// layout writes it: shifted owners, modes without write or set-id bits).
+    pub fn drift_as(
+        &self,
+        digest: &str,
+        layout: RootLayout,
+        full: bool,
+    ) -> Result<crate::Drift, ImageError> {
+        let root = self.root_path(digest, layout)?;
         if !root.exists() {
             return Err(ImageError::NotFound(format!("unpacked root of {digest}")));
         }
-        let stamp = fs::read_to_string(stamp_path(&root))
+        let stamp: Stamp = fs::read(stamp_path(&root))
             .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(i128::MIN);
-        crate::files::drift(&root, &self.files(digest)?, stamp, full)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(Stamp {
+                ctime: i128::MIN,
+                owners: true,
+            });
+        let expect = crate::files::Expect {
+            layout,
+            owners: stamp.owners,
+            unpacked: stamp.ctime,
+            full,
+        };
+        crate::files::drift(&root, &self.files(digest)?, &expect)
     }
 
     /// Moves a drifted root aside and unpacks the image again; returns the fresh root.
-    pub fn reunpack(&self, digest: &str) -> Result<PathBuf, ImageError> {
-        let root = self.roots_dir().join(digest_hex(digest)?);
+    pub fn reunpack(&self, digest: &str, layout: RootLayout) -> Result<PathBuf, ImageError> {
+        let root = self.root_path(digest, layout)?;
         if root.exists() {
             let aside = self.scratch("drifted")?;
             fs::rename(&root, aside.join("root")).map_err(ImageError::io("move", &root))?;
         }
-        self.unpack(digest)
+        self.unpack_as(digest, layout)
     }
 
     /// Rewrites `index.json` to list `refs` (name, manifest digest), each annotated with its name.
@@ -395,7 +473,7 @@ impl ImageStore {
         for entry in fs::read_dir(&roots).map_err(ImageError::io("read directory", &roots))? {
             let entry = entry.map_err(ImageError::io("read directory", &roots))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let hex = name.trim_end_matches(".unpacked");
+            let hex = name.get(..64).unwrap_or(&name);
             if !kept_images.contains(&format!("sha256:{hex}")) {
                 remove_path(&entry.path());
                 if !name.ends_with(".unpacked") {
@@ -429,7 +507,9 @@ pub(crate) fn decompressor<'a, R: io::BufRead + 'a>(
 }
 
 fn stamp_path(root: &Path) -> PathBuf {
-    root.with_extension("unpacked")
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(".unpacked");
+    root.with_file_name(name)
 }
 
 /// The newest status change under `dir`, in nanoseconds.
@@ -483,22 +563,13 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> 
     fs::rename(&tmp, path).map_err(ImageError::io("write", path))
 }
 
-fn make_read_only(dir: &Path) -> Result<(), ImageError> {
-    for entry in fs::read_dir(dir).map_err(ImageError::io("read directory", dir))? {
-        let entry = entry.map_err(ImageError::io("read directory", dir))?;
-        let meta =
-            fs::symlink_metadata(entry.path()).map_err(ImageError::io("stat", entry.path()))?;
-        if meta.is_dir() {
-            make_read_only(&entry.path())?;
-        }
-        if !meta.file_type().is_symlink() {
-            let mode = meta.permissions().mode() & !0o222;
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))
-                .map_err(ImageError::io("chmod", entry.path()))?;
-        }
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))
-        .map_err(ImageError::io("chmod", dir))
+/// What an unpacked root records beside it (`ROOT.unpacked`).
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Stamp {
+    /// The newest status change written while unpacking, in nanoseconds.
+    ctime: i128,
+    /// Whether owners were set as the image says (only root can).
+    owners: bool,
 }
 
 #[cfg(test)]

@@ -461,7 +461,9 @@ fn tar_bases_and_drift_and_gc() {
     );
 
     // Unpacking again restores the image.
-    store.reunpack(&image.digest).unwrap();
+    store
+        .reunpack(&image.digest, phoenix_image::RootLayout::HOST)
+        .unwrap();
     assert!(store.drift(&image.digest, true).unwrap().is_clean());
 
     // gc keeps what the index or the caller names, and removes the rest.
