@@ -31,10 +31,18 @@ fn tool(program: &str) -> bool {
     found
 }
 
+/// `podman` on runc: Debian's podman defaults to crun, which refuses hosts whose cgroups are
+/// in hybrid mode (cgroup v1 controllers beside an empty v2 hierarchy).
+fn podman() -> Command {
+    let mut command = Command::new("podman");
+    command.args(["--runtime", "runc"]);
+    command
+}
+
 /// `podman run --rm` without network. This sandbox refuses to raise rlimits, which podman
 /// does by default; lowering them is allowed.
 fn podman_run(args: &[&str]) -> Output {
-    Command::new("podman")
+    podman()
         .args(["run", "--rm", "--network=none"])
         .args([
             "--ulimit",
@@ -71,7 +79,7 @@ labels = {{ "org.opencontainers.image.title" = "bb" }}
 
 #[test]
 fn exported_images_load_and_run_in_podman_and_podman_images_import() {
-    if !(tool("busybox") && tool("skopeo") && tool("podman")) {
+    if !(tool("busybox") && tool("skopeo") && tool("podman") && tool("runc")) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -102,7 +110,7 @@ fn exported_images_load_and_run_in_podman_and_podman_images_import() {
     assert_eq!(inspect["Labels"]["org.opencontainers.image.title"], "bb");
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
 
-    let loaded = ok(Command::new("podman")
+    let loaded = ok(podman()
         .args(["load", "-i"])
         .arg(&archive)
         .output()
@@ -113,7 +121,7 @@ fn exported_images_load_and_run_in_podman_and_podman_images_import() {
 
     // And back: podman's own OCI archive of the image imports with the same content.
     let saved = dir.path().join("podman.tar");
-    ok(Command::new("podman")
+    ok(podman()
         .args(["save", "--format", "oci-archive", "-o"])
         .arg(&saved)
         .arg(format!("localhost/{name}"))
@@ -146,7 +154,7 @@ fn exported_images_load_and_run_in_podman_and_podman_images_import() {
         files("s", &digest)["root"],
         "the same files, whoever packed the layers"
     );
-    let _ = Command::new("podman")
+    let _ = podman()
         .args(["rmi", "-f", &format!("localhost/{name}")])
         .output();
 }
@@ -261,7 +269,7 @@ fn drift_is_detected_and_replaced_with_fresh_instances_under_load() {
 
 #[test]
 fn a_debian_base_is_built_from_packages_once_then_cached() {
-    if !(tool("mmdebstrap") && tool("podman")) {
+    if !(tool("mmdebstrap") && tool("podman") && tool("runc")) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -317,7 +325,7 @@ expose = ["80"]
             "phoenix-debian-test:v1",
         ],
     ));
-    ok(Command::new("podman")
+    ok(podman()
         .args(["load", "-i"])
         .arg(dir.path().join("web.tar"))
         .output()
@@ -329,7 +337,7 @@ expose = ["80"]
         "/var/www/html/index.html",
     ]);
     assert_eq!(ok(page), "<h1>baked</h1>\n");
-    let _ = Command::new("podman")
+    let _ = podman()
         .args(["rmi", "-f", "localhost/phoenix-debian-test:v1"])
         .output();
 }
