@@ -1,30 +1,119 @@
-//! Drivers run instances. This version has the process driver: an instance is a child process
-//! started from the image's unpacked root, in its own process group, with its output in a log
-//! file and a free loopback port in `PORT`.
+//! Drivers run instances.
+//!
+//! - The **isolating** driver (the default) makes every instance a container: its own mount
+//!   namespace with the image's root as `/` under a throwaway writable layer, its own PID, UTS,
+//!   IPC and network namespaces, a user namespace that maps its root to an unprivileged host
+//!   uid, Docker's default capabilities, `no_new_privs` and seccomp filter, cgroup limits, and
+//!   secrets as files on a tmpfs. It runs the container with youki's `libcontainer`.
+//! - The **runc** driver runs the same OCI runtime spec with an OCI runtime binary (runc).
+//! - The **process** driver runs the entrypoint as a plain child process: no isolation, for
+//!   development and for hosts where containers cannot run.
+//!
+//! Containers are watched by a small monitor process (`shim`), the `phoenix` binary started
+//! again: it sets the container up, forwards signals, reaps it, and reports how it ended.
 
+mod cgroup;
+mod container;
+mod enter;
+mod net;
 mod process;
 mod procfs;
+mod seccomp;
+mod shim;
+mod spec;
+mod user;
 
+pub use cgroup::{CgroupVersion, Cgroups};
+pub use container::{ContainerDriver, Runtime};
+pub use enter::enter;
+pub use net::{Bridge, BridgeConfig, Lease};
 pub use process::{Exit, Process, ProcessDriver, kill_recorded, process_alive, process_start_time};
+pub use shim::run_helper_if_asked;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What a driver needs to start one instance.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InstanceSpec {
-    /// The instance's generated name (`web-3f9a1c`), also given to it as `PHOENIX_INSTANCE`.
+    /// The instance's generated name (`web-3f9a1c`), its hostname, and `PHOENIX_INSTANCE`.
     pub name: String,
-    /// The unpacked image root; `argv[0]` and `workdir` are resolved inside it.
+    /// The unpacked image root (laid out as [`Driver::id_offset`] asked); never written.
     pub root: PathBuf,
     /// Entrypoint and arguments, as paths inside the image.
     pub argv: Vec<String>,
-    /// The environment: nothing of the host's leaks into an instance.
+    /// The environment: the image's, then the role's, then Phoenix's. Nothing of the host's
+    /// leaks into an instance.
     pub env: Vec<(String, String)>,
     /// Working directory inside the image.
     pub workdir: String,
+    /// `USER[:GROUP]` by name or number, resolved in the image's `/etc/passwd` and
+    /// `/etc/group`; empty: root inside the instance's user namespace.
+    pub user: String,
     /// Where stdout and stderr go.
     pub log_path: PathBuf,
+    /// The host's network, or an address on Phoenix's bridge.
+    pub network: Network,
+    /// The port the instance serves on (`PORT`); `None` picks a free one (host network only).
+    pub port: Option<u16>,
+    pub resources: Resources,
+    /// Files for `/run/secrets/NAME`, mode 0400, owned by the instance's user.
+    pub secrets: Vec<Secret>,
+    /// Run as real host root, without a user namespace.
+    pub allow_root: bool,
+    /// Extra `/etc/hosts` lines: names of other roles and the address that serves them.
+    pub hosts: Vec<(String, Ipv4Addr)>,
+}
+
+impl std::fmt::Debug for InstanceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceSpec")
+            .field("name", &self.name)
+            .field("root", &self.root)
+            .field("argv", &self.argv)
+            .field("user", &self.user)
+            .field("network", &self.network)
+            .field("port", &self.port)
+            .field("resources", &self.resources)
+            .field("secrets", &self.secrets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where an instance's network is.
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// The host's network namespace: the instance listens on loopback.
+    Host,
+    /// Its own network namespace, with an address on the bridge.
+    Bridge(Arc<Bridge>),
+}
+
+/// Limits enforced with cgroups (and `RLIMIT_NOFILE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Resources {
+    /// CPU time, in cores (0.5: half of one core).
+    pub cpus: Option<f64>,
+    /// Memory, in bytes; the instance is OOM-killed beyond it.
+    pub memory: Option<u64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+    /// Open files.
+    pub nofile: Option<u64>,
+}
+
+/// A secret's name and value. The value never appears in `Debug` output.
+#[derive(Clone)]
+pub struct Secret {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({}, {} bytes)", self.name, self.value.len())
+    }
 }
 
 /// A failure to start or signal an instance.
@@ -40,20 +129,57 @@ pub enum DriverError {
     Io {
         name: String,
         action: &'static str,
+        #[source]
         cause: std::io::Error,
     },
+    #[error("instance {name}: {message}")]
+    Start { name: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("network: {0}")]
+    Network(String),
 }
 
-/// Runs instances. Implemented by the process driver; the `oci` and `docker` drivers follow.
+impl DriverError {
+    pub(crate) fn io(name: &str, action: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        let name = name.to_string();
+        move |cause| DriverError::Io {
+            name,
+            action,
+            cause,
+        }
+    }
+}
+
+/// What a driver recorded about a running instance, enough to find it again after Phoenix
+/// itself was killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub name: String,
+    pub pid: Option<u32>,
+    pub pid_start: Option<u64>,
+}
+
+/// Runs instances.
 pub trait Driver: Send + Sync + 'static {
-    /// A short name for listings (`process`).
+    /// A short name for listings and the state (`isolating`, `runc`, `process`).
     fn name(&self) -> &'static str;
 
+    /// The owner offset of the roots this driver runs (the host uid of the instance's uid 0),
+    /// or `None` for the host layout (no write or set-id bits, owners as in the image).
+    fn id_offset(&self, allow_root: bool) -> Option<u32>;
+
     /// Starts an instance and returns its supervised process and the address it serves on.
+    /// Blocks until the instance's process runs (call it off the async runtime).
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError>;
 
-    /// What the instance whose main process is `pid` uses now, if it still runs.
-    fn usage(&self, pid: u32) -> Option<Usage>;
+    /// What the instance uses now, if it still runs: its whole cgroup for containers, the main
+    /// process for the process driver.
+    fn usage(&self, name: &str, pid: u32) -> Option<Usage>;
+
+    /// Removes what a previous run of Phoenix left of an instance (it was killed): every
+    /// process of the instance, its cgroup and its runtime state. True when something ran.
+    fn cleanup(&self, recorded: &Recorded) -> bool;
 }
 
 /// Resources an instance has used.
@@ -61,6 +187,16 @@ pub trait Driver: Send + Sync + 'static {
 pub struct Usage {
     /// CPU time (user and system) since the instance started, in seconds.
     pub cpu_seconds: f64,
-    /// Resident memory now, in bytes.
+    /// Memory in use now, in bytes (resident for a process; the cgroup's, less reclaimable
+    /// file cache, for a container).
     pub rss_bytes: u64,
+}
+
+/// The environment every driver gives an instance besides its own: where to listen.
+pub(crate) fn listen_env(name: &str, host: &str, port: u16) -> [(String, String); 3] {
+    [
+        ("PORT".into(), port.to_string()),
+        ("HOST".into(), host.to_string()),
+        ("PHOENIX_INSTANCE".into(), name.to_string()),
+    ]
 }

@@ -1,14 +1,17 @@
-//! The process driver.
+//! The process driver: the entrypoint as a child process of Phoenix, from the image's root on
+//! the host, as the user running Phoenix, in its own process group, with a free loopback port
+//! in `PORT`. No isolation: for development and for hosts where containers cannot run.
 
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::{Driver, DriverError, InstanceSpec};
+use crate::{Driver, DriverError, InstanceSpec, Network, Recorded};
 
 /// Starts instances as child processes on this host.
 #[derive(Debug, Default, Clone)]
@@ -19,20 +22,36 @@ impl Driver for ProcessDriver {
         "process"
     }
 
+    fn id_offset(&self, _allow_root: bool) -> Option<u32> {
+        None
+    }
+
     /// The main process's usage (children it forks are not counted).
-    fn usage(&self, pid: u32) -> Option<crate::Usage> {
+    fn usage(&self, _name: &str, pid: u32) -> Option<crate::Usage> {
         crate::procfs::usage(pid)
     }
 
-    fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
-        let io = |action| {
-            let name = spec.name.clone();
-            move |cause| DriverError::Io {
-                name,
-                action,
-                cause,
-            }
+    fn cleanup(&self, recorded: &Recorded) -> bool {
+        let (Some(pid), Some(start)) = (recorded.pid, recorded.pid_start) else {
+            return false;
         };
+        kill_recorded_now(pid, start)
+    }
+
+    fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
+        if matches!(spec.network, Network::Bridge(_)) {
+            return Err(DriverError::Unsupported(format!(
+                "instance {}: the process driver runs in the host's network; use network = \"host\"",
+                spec.name
+            )));
+        }
+        if is_root() && !spec.allow_root {
+            return Err(DriverError::Unsupported(format!(
+                "instance {}: the process driver would run it as host root: set allow_root = true \
+                 on the role to accept that, or use the isolating driver",
+                spec.name
+            )));
+        }
         let program = resolve_inside(
             &spec.root,
             spec.argv.first().map(String::as_str).unwrap_or(""),
@@ -44,7 +63,12 @@ impl Driver for ProcessDriver {
         })?;
         let workdir =
             resolve_inside(&spec.root, &spec.workdir).unwrap_or_else(|_| spec.root.clone());
-        let port = free_port().map_err(io("find a free port"))?;
+        let io = |action| DriverError::io(&spec.name, action);
+        let port = match spec.port {
+            Some(port) => port,
+            None => free_port().map_err(io("find a free port"))?,
+        };
+        let secrets = write_secrets(spec).map_err(io("write its secrets"))?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -57,20 +81,32 @@ impl Driver for ProcessDriver {
             .current_dir(workdir)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env("PORT", port.to_string())
-            .env("PHOENIX_INSTANCE", &spec.name)
+            .envs(crate::listen_env(&spec.name, "127.0.0.1", port))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             // Own process group: a Ctrl-C on the terminal reaches Phoenix, which drains first,
             // and stop signals reach the instance's own children too.
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+        if let Some(dir) = &secrets {
+            command.env("PHOENIX_SECRETS_DIR", dir);
+        }
+        let nofile = spec.resources.nofile;
+        // SAFETY: prctl and setrlimit are async-signal-safe and touch only the child.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // If Phoenix dies (even by SIGKILL), its instances die with it: no orphans.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -84,10 +120,47 @@ impl Driver for ProcessDriver {
                 pid,
                 start_time,
                 child,
+                end: Ending::Group { secrets },
             },
             address,
         ))
     }
+}
+
+/// The process driver has no tmpfs of its own: secrets go to a private directory on
+/// `/dev/shm` (memory, never the disk), named in `PHOENIX_SECRETS_DIR`.
+fn write_secrets(spec: &InstanceSpec) -> std::io::Result<Option<PathBuf>> {
+    if spec.secrets.is_empty() {
+        return Ok(None);
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let base = PathBuf::from(format!("/dev/shm/phoenix-{uid}"));
+    std::fs::create_dir_all(&base)?;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+    let dir = base.join(&spec.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    for secret in &spec.secrets {
+        use std::io::Write;
+        let path = dir.join(&secret.name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)?;
+        file.write_all(&secret.value)?;
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500))?;
+    Ok(Some(dir))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Resolves an absolute image path inside `root`, refusing `..`.
@@ -118,7 +191,7 @@ const INSTANCE_PORTS: std::ops::Range<u16> = 20000..32000;
 /// A free TCP port on 127.0.0.1 for an instance. Ports are handed out in turn from a start
 /// that differs between processes, so a port just released by a stopped instance (or taken by
 /// another Phoenix on this host) is not the next one tried.
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let span = u32::from(INSTANCE_PORTS.end - INSTANCE_PORTS.start);
@@ -141,14 +214,28 @@ fn free_port() -> std::io::Result<u16> {
     ))
 }
 
-/// How a process ended.
+/// How an instance ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit(pub String);
+pub struct Exit {
+    /// `exit code N`, `killed by signal N`, ...
+    pub text: String,
+    /// The kernel killed it for going over its memory limit.
+    pub oom: bool,
+}
+
+impl Exit {
+    pub fn new(text: impl Into<String>) -> Exit {
+        Exit {
+            text: text.into(),
+            oom: false,
+        }
+    }
+}
 
 impl From<std::io::Result<ExitStatus>> for Exit {
     fn from(status: std::io::Result<ExitStatus>) -> Self {
         use std::os::unix::process::ExitStatusExt;
-        Exit(match status {
+        Exit::new(match status {
             Ok(s) if s.code().is_some() => format!("exit code {}", s.code().unwrap_or_default()),
             Ok(s) => format!("killed by signal {}", s.signal().unwrap_or_default()),
             Err(e) => format!("wait failed: {e}"),
@@ -158,46 +245,109 @@ impl From<std::io::Result<ExitStatus>> for Exit {
 
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)?;
+        if self.oom {
+            f.write_str(" (out of memory: over its memory limit)")?;
+        }
+        Ok(())
     }
 }
 
-/// A running instance process.
+/// How an instance's end is brought about and reported, by driver.
+#[derive(Debug)]
+enum Ending {
+    /// A process group of the process driver (and its secrets directory, removed at the end).
+    Group { secrets: Option<PathBuf> },
+    /// A container watched by its shim.
+    Container(Box<crate::container::Running>),
+}
+
+/// A running instance: its main process, and what watches it.
 #[derive(Debug)]
 pub struct Process {
+    /// The instance's main process on the host (a container's init).
     pub pid: u32,
     /// Start time in clock ticks since boot (`/proc/PID/stat` field 22).
     pub start_time: u64,
+    /// The process driver's instance itself, or a container's shim.
     child: Child,
+    end: Ending,
 }
 
 impl Process {
-    /// Resolves when the process exits. Cancel-safe: use it in `select!`.
-    pub async fn exited(&mut self) -> Exit {
-        self.child.wait().await.into()
+    pub(crate) fn container(
+        pid: u32,
+        start_time: u64,
+        shim: Child,
+        running: crate::container::Running,
+    ) -> Process {
+        Process {
+            pid,
+            start_time,
+            child: shim,
+            end: Ending::Container(Box::new(running)),
+        }
     }
 
-    /// SIGTERM to the process group, then SIGKILL after `grace`.
-    pub async fn stop(&mut self, grace: Duration) -> Exit {
-        signal_group(self.pid, libc::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.into(),
-            Err(_) => {
-                signal_group(self.pid, libc::SIGKILL);
-                let exit: Exit = self.child.wait().await.into();
-                Exit(format!("{exit} (did not stop within {grace:?} of SIGTERM)"))
+    /// Resolves when the instance has ended. Cancel-safe: use it in `select!`.
+    pub async fn exited(&mut self) -> Exit {
+        let status = self.child.wait().await;
+        self.ended(status)
+    }
+
+    fn ended(&mut self, status: std::io::Result<ExitStatus>) -> Exit {
+        match &mut self.end {
+            Ending::Group { secrets } => {
+                if let Some(dir) = secrets.take() {
+                    remove_secrets(&dir);
+                }
+                status.into()
             }
+            Ending::Container(running) => running.finish(status),
         }
+    }
+
+    /// SIGTERM (to the process group, or to the container's init), then after `grace` SIGKILL
+    /// to every process of the instance (its group, or its whole cgroup).
+    pub async fn stop(&mut self, grace: Duration) -> Exit {
+        match &self.end {
+            Ending::Group { .. } => signal_group(self.pid, libc::SIGTERM),
+            // The shim passes it on to the container's init.
+            Ending::Container(_) => signal(self.child.id().unwrap_or(0), libc::SIGTERM),
+        };
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => return self.ended(status),
+            Err(_) => {
+                match &self.end {
+                    Ending::Group { .. } => {
+                        signal_group(self.pid, libc::SIGKILL);
+                    }
+                    Ending::Container(running) => {
+                        let _ = tokio::task::spawn_blocking(running.killer()).await;
+                    }
+                }
+                self.child.wait().await
+            }
+        };
+        let mut exit = self.ended(status);
+        exit.text = format!("{} (did not stop within {grace:?} of SIGTERM)", exit.text);
+        exit
     }
 }
 
-fn signal_group(pid: u32, signal: libc::c_int) {
-    if pid > 1 {
-        // SAFETY: kill(2) with a negative pid signals the process group; no memory is touched.
-        unsafe {
-            libc::kill(-(pid as libc::pid_t), signal);
-        }
-    }
+fn remove_secrets(dir: &Path) {
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn signal(pid: u32, signal: libc::c_int) -> bool {
+    // SAFETY: kill(2) touches no memory.
+    pid > 1 && unsafe { libc::kill(pid as libc::pid_t, signal) } == 0
+}
+
+fn signal_group(pid: u32, signal: libc::c_int) -> bool {
+    // SAFETY: kill(2) with a negative pid signals the process group; no memory is touched.
+    pid > 1 && unsafe { libc::kill(-(pid as libc::pid_t), signal) } == 0
 }
 
 /// The start time of `pid` in clock ticks since boot, if it exists.
@@ -225,19 +375,22 @@ pub fn process_alive(pid: u32, start_time: u64) -> bool {
 /// Kills the process group of a process recorded earlier (by a Phoenix that crashed), but only
 /// if `pid` is still that process. Returns true when something was killed.
 pub async fn kill_recorded(pid: u32, start_time: u64) -> bool {
+    tokio::task::spawn_blocking(move || kill_recorded_now(pid, start_time))
+        .await
+        .unwrap_or(false)
+}
+
+fn kill_recorded_now(pid: u32, start_time: u64) -> bool {
     if pid <= 1 || !process_alive(pid, start_time) {
         return false;
     }
     signal_group(pid, libc::SIGKILL);
-    // SAFETY: as above; the pid was just checked to be the recorded process.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
+    signal(pid, libc::SIGKILL);
     for _ in 0..200 {
         if !process_alive(pid, start_time) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        std::thread::sleep(Duration::from_millis(10));
     }
     true
 }

@@ -24,7 +24,15 @@ fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
             ("PATH".into(), "/usr/bin:/bin".into()),
         ],
         workdir: "/srv".into(),
+        user: String::new(),
         log_path: dir.join("web-abc123.log"),
+        network: Network::Host,
+        port: None,
+        resources: crate::Resources::default(),
+        secrets: Vec::new(),
+        // The tests may run as root: the process driver runs instances as its caller.
+        allow_root: true,
+        hosts: Vec::new(),
     }
 }
 
@@ -38,7 +46,7 @@ async fn runs_inside_the_root_with_only_its_own_environment() {
     let spec = spec(dir.path(), root.clone());
     let (mut process, address) = ProcessDriver.start(&spec).unwrap();
     assert!(address.ip().is_loopback());
-    assert_eq!(process.exited().await, Exit("exit code 0".into()));
+    assert_eq!(process.exited().await, Exit::new("exit code 0"));
     let log = std::fs::read_to_string(&spec.log_path).unwrap();
     let expected = format!(
         "args=one port={} name=web-abc123 v=v7 home=none cwd={}\noops\n",
@@ -60,7 +68,7 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     wait_for_log(&dir.path().join("web-abc123.log"), "ready").await;
     assert_eq!(
         process.stop(Duration::from_secs(5)).await,
-        Exit("exit code 0".into())
+        Exit::new("exit code 0")
     );
     assert!(
         std::fs::read_to_string(dir.path().join("web-abc123.log"))
@@ -78,7 +86,7 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
         .unwrap();
     wait_for_log(&stubborn_dir.path().join("web-abc123.log"), "ready").await;
     let exit = process.stop(Duration::from_millis(200)).await;
-    assert!(exit.0.starts_with("killed by signal 9"), "{exit}");
+    assert!(exit.text.starts_with("killed by signal 9"), "{exit}");
 }
 
 #[tokio::test]
@@ -151,4 +159,32 @@ fn instance_ports_come_from_outside_the_ephemeral_range_and_skip_taken_ones() {
     if held.is_ok() {
         assert_ne!(second, next_in_turn, "a taken port is skipped");
     }
+}
+
+#[tokio::test]
+async fn as_root_it_refuses_without_allow_root_and_secrets_go_to_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root_with_script(
+        dir.path(),
+        r#"echo "dir=$PHOENIX_SECRETS_DIR"; cat "$PHOENIX_SECRETS_DIR/token"; echo; stat -c %a "$PHOENIX_SECRETS_DIR/token""#,
+    );
+    let mut spec = spec(dir.path(), root);
+    if is_root() {
+        spec.allow_root = false;
+        let error = ProcessDriver.start(&spec).unwrap_err().to_string();
+        assert!(error.contains("allow_root = true"), "{error}");
+        spec.allow_root = true;
+    }
+    spec.secrets = vec![crate::Secret {
+        name: "token".into(),
+        value: b"t0k3n".to_vec(),
+    }];
+    let (mut process, _) = ProcessDriver.start(&spec).unwrap();
+    assert_eq!(process.exited().await, Exit::new("exit code 0"));
+    let log = std::fs::read_to_string(&spec.log_path).unwrap();
+    let dir_line = log.lines().next().unwrap();
+    assert!(dir_line.starts_with("dir=/dev/shm/phoenix-"), "{log}");
+    assert!(log.contains("t0k3n\n400\n"), "{log}");
+    // Removed once the instance ended.
+    assert!(!Path::new(dir_line.trim_start_matches("dir=")).exists());
 }

@@ -1,0 +1,534 @@
+//! The isolating and runc drivers: an instance is an OCI container watched by a shim.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::cgroup::Cgroups;
+use crate::net::{Attach, Lease};
+use crate::process::{Exit, Process};
+use crate::shim::{Plan, READY_FD, Report, RuntimePlan, SHIM_ARG};
+use crate::{Driver, DriverError, InstanceSpec, Network, Recorded, Usage};
+
+/// Which OCI runtime makes the containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    /// youki's libcontainer, inside Phoenix's shim: nothing to install.
+    Builtin,
+    /// An OCI runtime binary (runc, or any with runc's command line).
+    Oci(PathBuf),
+}
+
+/// How long a container may take from the shim's start to running.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs instances as containers.
+#[derive(Debug, Clone)]
+pub struct ContainerDriver {
+    runtime: Runtime,
+    /// `STATE/run`: bundles and the runtime's state, only the owner may enter.
+    run_dir: PathBuf,
+    cgroups: Cgroups,
+    /// The host uid of uid 0 inside every instance's user namespace.
+    id_offset: u32,
+    /// The program started as the shim: this very binary.
+    helper: PathBuf,
+}
+
+impl ContainerDriver {
+    /// A driver for the state directory `state_dir`. Needs root (rootless containers are not
+    /// supported) and cgroups it may write; `id_offset` is the host uid that instances' root
+    /// maps to. The runtime binary, when one is named, must run.
+    pub fn new(runtime: Runtime, state_dir: &Path, id_offset: u32) -> Result<Self, DriverError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(DriverError::Unsupported(
+                "containers need root: Phoenix does not run rootless containers yet".into(),
+            ));
+        }
+        let parent = format!("phoenix/{}", state_hash(state_dir));
+        let cgroups = Cgroups::detect(&parent).ok_or_else(|| {
+            DriverError::Unsupported("no cgroup memory controller is mounted".into())
+        })?;
+        if let Runtime::Oci(binary) = &runtime {
+            let runs = std::process::Command::new(binary)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !runs {
+                return Err(DriverError::Unsupported(format!(
+                    "the OCI runtime {} does not run (install runc: apt-get install runc)",
+                    binary.display()
+                )));
+            }
+        }
+        let run_dir = state_dir.join("run");
+        // Instances' inits (unprivileged host uids) pass through to their bundles: traversable
+        // but not listable. The runtime's state (the specs, with their environments) is the
+        // owner's alone.
+        for (dir, mode) in [
+            (run_dir.clone(), 0o711),
+            (run_dir.join("instances"), 0o711),
+            (run_dir.join("runtime"), 0o700),
+        ] {
+            fs::create_dir_all(&dir).map_err(DriverError::io("-", "create the run directory"))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+                .map_err(DriverError::io("-", "protect the run directory"))?;
+        }
+        Ok(ContainerDriver {
+            runtime,
+            run_dir,
+            cgroups,
+            id_offset,
+            helper: PathBuf::from("/proc/self/exe"),
+        })
+    }
+
+    /// Removes what the driver keeps for the state directory as a whole (its parent cgroup),
+    /// once no instance runs.
+    pub fn shut_down(&self) {
+        self.cgroups.remove_parent();
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    fn bundle(&self, name: &str) -> PathBuf {
+        self.run_dir.join("instances").join(name)
+    }
+
+    fn runtime_plan(&self) -> RuntimePlan {
+        let state_root = self.run_dir.join("runtime");
+        match &self.runtime {
+            Runtime::Builtin => RuntimePlan::Builtin { state_root },
+            Runtime::Oci(binary) => RuntimePlan::Oci {
+                binary: binary.clone(),
+                state_root,
+            },
+        }
+    }
+
+    /// Where the runtime keeps its state of the containers, and the command to reach one.
+    pub fn exec_target(&self, name: &str) -> ExecTarget {
+        ExecTarget {
+            id: name.to_string(),
+            runtime: self.runtime_plan(),
+            bundle: self.bundle(name),
+        }
+    }
+
+    fn write_bundle(
+        &self,
+        spec: &InstanceSpec,
+        bundle: &Path,
+        user: &crate::user::User,
+        env: &[(String, String)],
+        own_addr: Option<Ipv4Addr>,
+    ) -> std::io::Result<Option<u32>> {
+        if bundle.exists() {
+            remove_bundle(bundle);
+        }
+        fs::create_dir_all(bundle)?;
+        // Traversable, not listable: an instance's init, in its user namespace, reaches its
+        // root and the files bound into it through here.
+        fs::set_permissions(bundle, fs::Permissions::from_mode(0o711))?;
+        let id_offset = (!spec.allow_root).then_some(self.id_offset);
+        let layout = crate::spec::Layout {
+            rootfs: &bundle.join("rootfs"),
+            bundle,
+            user,
+            cgroups_path: self.cgroups.path_of(&spec.name),
+            id_offset,
+            seccomp: match self.runtime {
+                Runtime::Builtin => None,
+                Runtime::Oci(_) => Some(crate::seccomp::oci_profile()),
+            },
+            env,
+        };
+        let config = crate::spec::runtime_spec(spec, &layout);
+        write_private(
+            &bundle.join("config.json"),
+            &serde_json::to_vec_pretty(&config)?,
+        )?;
+        write_public(
+            &bundle.join("hosts"),
+            crate::spec::hosts_file(spec, own_addr).as_bytes(),
+        )?;
+        write_public(
+            &bundle.join("hostname"),
+            format!("{}\n", spec.name).as_bytes(),
+        )?;
+        Ok(id_offset)
+    }
+}
+
+/// The runtime state and id of one container, for `phoenix exec`.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    id: String,
+    runtime: RuntimePlan,
+    /// The container's bundle: its spec says who the instance's process runs as.
+    bundle: PathBuf,
+}
+
+impl ExecTarget {
+    /// Runs `argv` in the running container as its user, with its environment, limits and
+    /// filters, with this process's stdin, stdout and stderr; returns its exit code (128 + N
+    /// when killed by signal N). Call it while this process has one thread.
+    pub fn run(&self, argv: &[String]) -> Result<i32, DriverError> {
+        let fail = |message: String| DriverError::Start {
+            name: self.id.clone(),
+            message,
+        };
+        match &self.runtime {
+            RuntimePlan::Builtin { state_root } => {
+                use libcontainer::container::builder::ContainerBuilder;
+                use libcontainer::syscall::syscall::SyscallType;
+                let programs = crate::seccomp::bpf_programs().map_err(fail)?;
+                // As its user: libcontainer's tenants otherwise run as root.
+                let config: serde_json::Value = fs::read(self.bundle.join("config.json"))
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .ok_or_else(|| fail("the instance is not running (no bundle)".into()))?;
+                let user = &config["process"]["user"];
+                let id = |key: &str| user[key].as_u64().map(|v| v as u32);
+                let groups: Vec<u32> = user["additionalGids"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|g| g.as_u64().map(|g| g as u32))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pid = ContainerBuilder::new(self.id.clone(), SyscallType::default())
+                    .with_root_path(state_root)
+                    .map_err(|e| fail(e.to_string()))?
+                    .with_executor(crate::shim::Isolated { programs })
+                    .as_tenant()
+                    .with_container_args(argv.to_vec())
+                    .with_user(id("uid"))
+                    .with_group(id("gid"))
+                    .with_additional_gids(groups)
+                    .with_detach(false)
+                    .build()
+                    .map_err(|e| fail(format!("cannot run in the instance: {e}")))?;
+                let mut status = 0;
+                // SAFETY: waiting for the child the builder just made.
+                unsafe { libc::waitpid(pid.as_raw(), &mut status, 0) };
+                Ok(wait_code(status))
+            }
+            RuntimePlan::Oci { binary, state_root } => {
+                let status = std::process::Command::new(binary)
+                    .arg("--root")
+                    .arg(state_root)
+                    .arg("exec")
+                    .arg(&self.id)
+                    .args(argv)
+                    .status()
+                    .map_err(|e| fail(format!("cannot run {}: {e}", binary.display())))?;
+                use std::os::unix::process::ExitStatusExt;
+                Ok(status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            }
+        }
+    }
+}
+
+fn wait_code(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
+
+impl Driver for ContainerDriver {
+    fn name(&self) -> &'static str {
+        match self.runtime {
+            Runtime::Builtin => "isolating",
+            Runtime::Oci(_) => "runc",
+        }
+    }
+
+    fn id_offset(&self, allow_root: bool) -> Option<u32> {
+        Some(if allow_root { 0 } else { self.id_offset })
+    }
+
+    fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
+        let io = |action| DriverError::io(&spec.name, action);
+        let user =
+            crate::user::resolve(&spec.root, &spec.user).map_err(|message| DriverError::Start {
+                name: spec.name.clone(),
+                message,
+            })?;
+        let (lease, attach, host, port) = match &spec.network {
+            Network::Bridge(bridge) => {
+                let lease = bridge.lease()?;
+                let attach = Attach::new(bridge, &lease, &self.cgroups.path_of(&spec.name));
+                (Some(lease), Some(attach), None, spec.port.unwrap_or(8080))
+            }
+            Network::Host => {
+                let port = match spec.port {
+                    Some(port) => port,
+                    None => crate::process::free_port().map_err(io("find a free port"))?,
+                };
+                (None, None, Some(Ipv4Addr::LOCALHOST), port)
+            }
+        };
+        let own_addr = lease.as_ref().map(|l| l.addr);
+        let listen_on = own_addr.or(host).unwrap_or(Ipv4Addr::LOCALHOST);
+        let mut env = spec.env.clone();
+        env.extend(crate::listen_env(&spec.name, &listen_on.to_string(), port));
+        let bundle = self.bundle(&spec.name);
+        let id_offset = self
+            .write_bundle(spec, &bundle, &user, &env, own_addr)
+            .map_err(io("write its bundle"))?;
+        let owner = id_offset.unwrap_or(0);
+        let plan = Plan {
+            id: spec.name.clone(),
+            bundle: bundle.clone(),
+            lower: spec.root.clone(),
+            owner,
+            runtime: self.runtime_plan(),
+            cgroup_parent: self.cgroups.path_of("").trim_end_matches('/').to_string(),
+            network: attach,
+            secrets_owner: (owner + user.uid, owner + user.gid),
+            parent: std::process::id(),
+        };
+        let plan_path = bundle.join("shim.json");
+        write_private(
+            &plan_path,
+            &serde_json::to_vec(&plan).map_err(|e| io("write its plan")(e.into()))?,
+        )
+        .map_err(io("write its plan"))?;
+        let (shim, pid, start_time) = self.spawn_shim(spec, &plan_path)?;
+        let running = Running {
+            name: spec.name.clone(),
+            bundle,
+            cgroups: self.cgroups.clone(),
+            runtime: self.runtime_plan(),
+            lease,
+        };
+        let addr = SocketAddr::from((listen_on, port));
+        Ok((Process::container(pid, start_time, shim, running), addr))
+    }
+
+    fn usage(&self, name: &str, _pid: u32) -> Option<Usage> {
+        self.cgroups.usage(name)
+    }
+
+    fn cleanup(&self, recorded: &Recorded) -> bool {
+        let name = &recorded.name;
+        let existed = self.cgroups.exists(name);
+        let killed = self.cgroups.kill_all(name);
+        self.cgroups.remove(name);
+        if let RuntimePlan::Oci { binary, state_root } = self.runtime_plan() {
+            let _ = std::process::Command::new(binary)
+                .arg("--root")
+                .arg(state_root)
+                .args(["delete", "--force", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = fs::remove_dir_all(self.run_dir.join("runtime").join(name));
+        remove_bundle(&self.bundle(name));
+        existed || killed > 0
+    }
+}
+
+impl ContainerDriver {
+    /// Starts the shim with the secrets on its stdin and waits for its report on descriptor 3.
+    fn spawn_shim(
+        &self,
+        spec: &InstanceSpec,
+        plan: &Path,
+    ) -> Result<(tokio::process::Child, u32, u64), DriverError> {
+        let io = |action| DriverError::io(&spec.name, action);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+            .map_err(io("open log file"))?;
+        let log_err = log.try_clone().map_err(io("open log file"))?;
+        let (ready_read, ready_write) = std::io::pipe().map_err(io("make a pipe"))?;
+        let ready_write = OwnedFd::from(ready_write);
+        let ready_fd = ready_write.as_raw_fd();
+        let (secrets_read, mut secrets_write) = std::io::pipe().map_err(io("make a pipe"))?;
+        let mut command = Command::new(&self.helper);
+        command
+            .arg(SHIM_ARG)
+            .arg(plan)
+            .env_clear()
+            .stdin(Stdio::from(secrets_read))
+            .stdout(log)
+            .stderr(log_err)
+            // Own process group: a Ctrl-C on the terminal reaches Phoenix, which drains first.
+            .process_group(0);
+        // SAFETY: dup2 is async-signal-safe; it gives the child the report pipe as fd 3.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(ready_fd, READY_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(io("start its shim"))?;
+        // The parent's copies of the child's ends must close, or the reads never end.
+        drop(command);
+        drop(ready_write);
+        // The shim reads its stdin whole before anything else, so this cannot block for long.
+        secrets_write
+            .write_all(&crate::shim::encode_secrets(&spec.secrets))
+            .map_err(io("pass its secrets"))?;
+        drop(secrets_write);
+        let line = read_report(ready_read).map_err(io("hear from its shim"))?;
+        match line.strip_prefix("ok ") {
+            Some(rest) => {
+                let mut fields = rest.split_whitespace().map(|f| f.parse::<u64>().ok());
+                match (fields.next().flatten(), fields.next().flatten()) {
+                    (Some(pid), Some(start)) => Ok((child, pid as u32, start)),
+                    _ => Err(DriverError::Start {
+                        name: spec.name.clone(),
+                        message: format!("the shim said {line:?}"),
+                    }),
+                }
+            }
+            None => {
+                // The shim removes what it made before it exits: let it finish.
+                let waited = std::thread::spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                    while std::time::Instant::now() < deadline {
+                        if child.try_wait().map_or(true, |s| s.is_some()) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let _ = child.start_kill();
+                });
+                let _ = waited.join();
+                let message = line
+                    .strip_prefix("error ")
+                    .map(str::to_string)
+                    .unwrap_or_else(|| "its shim ended before the container ran".into());
+                Err(DriverError::Start {
+                    name: spec.name.clone(),
+                    message,
+                })
+            }
+        }
+    }
+}
+
+/// The shim's one line, or an empty one when it ended without a word; bounded in time.
+fn read_report(pipe: std::io::PipeReader) -> std::io::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(pipe).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(START_TIMEOUT)
+        .map(|line| line.trim_end().to_string())
+        .map_err(|_| std::io::Error::other("the container did not start within 60 s"))
+}
+
+/// A running container, as its `Process` needs it at the end.
+#[derive(Debug)]
+pub(crate) struct Running {
+    name: String,
+    bundle: PathBuf,
+    cgroups: Cgroups,
+    runtime: RuntimePlan,
+    /// The instance's address on the bridge, free again once it ended.
+    lease: Option<Lease>,
+}
+
+impl Running {
+    /// How the container ended, from the shim's report (or its own death, if the shim was
+    /// killed); whatever is left of it is removed.
+    pub(crate) fn finish(&mut self, status: std::io::Result<ExitStatus>) -> Exit {
+        let report: Option<Report> = fs::read(self.bundle.join("exit.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let exit = match report {
+            Some(report) => Exit {
+                text: match (report.code, report.signal) {
+                    (Some(code), _) => format!("exit code {code}"),
+                    (_, Some(signal)) => format!("killed by signal {signal}"),
+                    _ => "ended".into(),
+                },
+                oom: report.oom,
+            },
+            None => {
+                // The shim itself died: nothing may stay behind.
+                self.killer()();
+                let mut exit: Exit = status.into();
+                exit.text = format!("{} (its shim died)", exit.text);
+                exit
+            }
+        };
+        if let RuntimePlan::Oci { .. } = self.runtime {
+            // runc's state went with `runc delete`; the bundle goes in every case.
+        }
+        remove_bundle(&self.bundle);
+        self.lease = None;
+        exit
+    }
+
+    /// Kills every process of the container (its whole cgroup), off the caller's thread.
+    pub(crate) fn killer(&self) -> impl FnOnce() + Send + 'static {
+        let (cgroups, name) = (self.cgroups.clone(), self.name.clone());
+        move || {
+            cgroups.kill_all(&name);
+        }
+    }
+}
+
+/// Removes a bundle: its writable layer may hold files of any owner and mode.
+fn remove_bundle(bundle: &Path) {
+    let _ = fs::remove_dir_all(bundle);
+}
+
+/// A file only the owner may read (the spec holds the environment).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+/// A file the instance reads through a bind mount (`/etc/hosts`).
+fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fs::write(path, bytes)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644))
+}
+
+/// A short, stable name for a state directory: instances of two Phoenixes never share a
+/// cgroup.
+pub(crate) fn state_hash(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let absolute = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(absolute.as_os_str().as_encoded_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}

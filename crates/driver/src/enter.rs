@@ -1,0 +1,68 @@
+//! Entering a running instance: this process joins the namespaces of the instance whose init
+//! is `pid`, so that what it reads, connects to and runs is what the instance sees (its root,
+//! its processes, its network), as `nsenter` does. For checks that run inside an instance.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
+use crate::net::setns;
+
+/// The namespaces joined, in order: the user namespace first, which grants the rights to
+/// join the others it owns.
+const KINDS: &[(&str, libc::c_int)] = &[
+    ("user", libc::CLONE_NEWUSER),
+    ("mnt", libc::CLONE_NEWNS),
+    ("uts", libc::CLONE_NEWUTS),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("net", libc::CLONE_NEWNET),
+    ("pid", libc::CLONE_NEWPID),
+];
+
+/// Moves this process into the namespaces of process `pid`, then into its root. Must be
+/// called while the process has one thread. In a user namespace it becomes its root.
+pub fn enter(pid: u32) -> io::Result<()> {
+    // Open every namespace first: once in the instance's mount namespace, /proc is its own.
+    let mut targets = Vec::new();
+    for (name, kind) in KINDS {
+        let theirs = File::open(format!("/proc/{pid}/ns/{name}"))
+            .map_err(|e| io::Error::new(e.kind(), format!("instance process {pid}: {e}")))?;
+        let ours = std::fs::metadata(format!("/proc/self/ns/{name}"))?;
+        if theirs.metadata()?.ino() != ours.ino() {
+            targets.push((*name, *kind, theirs));
+        }
+    }
+    let root = File::open(format!("/proc/{pid}/root"))?;
+    for (name, kind, file) in &targets {
+        setns(file, *kind)
+            .map_err(|e| io::Error::new(e.kind(), format!("join its {name} namespace: {e}")))?;
+        if *kind == libc::CLONE_NEWUSER {
+            become_root_inside()?;
+        }
+    }
+    // SAFETY: fchdir and chroot on a directory descriptor of the instance's root.
+    unsafe {
+        if libc::fchdir(root.as_raw_fd()) != 0 || libc::chroot(c".".as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// After joining a user namespace: uid and gid 0 of it, no supplementary groups.
+fn become_root_inside() -> io::Result<()> {
+    // SAFETY: credential calls on this single-threaded process.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(0, 0, 0) != 0
+            || libc::setresuid(0, 0, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
