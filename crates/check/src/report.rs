@@ -186,7 +186,7 @@ fn junit(report: &Report) -> String {
             out,
             "<testcase name=\"{}\" classname=\"{}\" time=\"{:.3}\">",
             xml(&name),
-            xml(outcome.resource_type),
+            xml(&outcome.resource_type),
             outcome.duration_ns as f64 / 1e9
         );
         match outcome.result {

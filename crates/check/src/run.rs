@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::probe::{self, System, Target};
@@ -31,7 +31,7 @@ impl Default for RunOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pass,
@@ -40,27 +40,27 @@ pub enum Status {
 }
 
 /// The result of one attribute of one check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     /// `File`, `Port`, `KernelParam`, as goss names them.
-    pub resource_type: &'static str,
+    pub resource_type: String,
     pub resource_id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub title: String,
-    #[serde(skip_serializing_if = "Json::is_null")]
+    #[serde(default, skip_serializing_if = "Json::is_null")]
     pub meta: Json,
-    pub property: &'static str,
+    pub property: String,
     pub result: Status,
     pub expected: Json,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub found: Option<Json>,
     /// Why the value could not be read, when it could not.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
     pub duration_ns: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
     pub duration_ns: u64,
@@ -148,11 +148,11 @@ fn evaluate(check: &Check, system: &System) -> Vec<Outcome> {
                 },
             };
             Outcome {
-                resource_type: check.kind.title(),
+                resource_type: check.kind.title().to_string(),
                 resource_id: check.id.clone(),
                 title: check.title.clone(),
                 meta: check.meta.clone(),
-                property: attribute.name,
+                property: attribute.name.to_string(),
                 result,
                 expected: attribute.expected.clone(),
                 found,

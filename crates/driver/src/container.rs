@@ -186,6 +186,18 @@ pub struct ExecTarget {
 }
 
 impl ExecTarget {
+    /// The running container `name` of the state directory `state_dir`, as its shim's plan
+    /// describes it; `None` when it does not run.
+    pub fn find(state_dir: &Path, name: &str) -> Option<ExecTarget> {
+        let bundle = state_dir.join("run").join("instances").join(name);
+        let plan: Plan = serde_json::from_slice(&fs::read(bundle.join("shim.json")).ok()?).ok()?;
+        Some(ExecTarget {
+            id: plan.id,
+            runtime: plan.runtime,
+            bundle,
+        })
+    }
+
     /// Runs `argv` in the running container as its user, with its environment, limits and
     /// filters, with this process's stdin, stdout and stderr; returns its exit code (128 + N
     /// when killed by signal N). Call it while this process has one thread.
@@ -372,6 +384,7 @@ impl ContainerDriver {
         let (secrets_read, mut secrets_write) = std::io::pipe().map_err(io("make a pipe"))?;
         let mut command = Command::new(&self.helper);
         command
+            .arg0("phoenix")
             .arg(SHIM_ARG)
             .arg(plan)
             .env_clear()
@@ -524,9 +537,9 @@ fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o644))
 }
 
-/// A short, stable name for a state directory: instances of two Phoenixes never share a
-/// cgroup.
-pub(crate) fn state_hash(state_dir: &Path) -> String {
+/// A short, stable name for a state directory (8 hex digits): instances of two Phoenixes
+/// never share a cgroup or a bridge.
+pub fn state_hash(state_dir: &Path) -> String {
     use sha2::Digest;
     let absolute = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let digest = sha2::Sha256::digest(absolute.as_os_str().as_encoded_bytes());

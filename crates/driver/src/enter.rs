@@ -20,8 +20,11 @@ const KINDS: &[(&str, libc::c_int)] = &[
     ("pid", libc::CLONE_NEWPID),
 ];
 
-/// Moves this process into the namespaces of process `pid`, then into its root. Must be
-/// called while the process has one thread. In a user namespace it becomes its root.
+/// Moves this process into the namespaces of process `pid`, then into its root, and forks:
+/// only a child is in the PID namespace (its `/proc/self` is in the instance's `/proc`, and
+/// it may start threads). Returns in that child; the parent waits for it and exits as it
+/// did. Must be called while the process has one thread. In a user namespace it becomes its
+/// root.
 pub fn enter(pid: u32) -> io::Result<()> {
     // Open every namespace first: once in the instance's mount namespace, /proc is its own.
     let mut targets = Vec::new();
@@ -50,7 +53,22 @@ pub fn enter(pid: u32) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(())
+    // SAFETY: fork in a single-threaded process; the parent only waits and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(()),
+        child => {
+            let mut status = 0;
+            // SAFETY: waiting for the child forked above.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            std::process::exit(code)
+        }
+    }
 }
 
 /// After joining a user namespace: uid and gid 0 of it, no supplementary groups.

@@ -24,9 +24,9 @@ mod spec;
 mod user;
 
 pub use cgroup::{CgroupVersion, Cgroups};
-pub use container::{ContainerDriver, Runtime};
+pub use container::{ContainerDriver, ExecTarget, Runtime, state_hash};
 pub use enter::enter;
-pub use net::{Bridge, BridgeConfig, Lease};
+pub use net::{Bridge, BridgeConfig, Lease, Subnet};
 pub use process::{Exit, Process, ProcessDriver, kill_recorded, process_alive, process_start_time};
 pub use shim::run_helper_if_asked;
 
@@ -161,7 +161,7 @@ pub struct Recorded {
 }
 
 /// Runs instances.
-pub trait Driver: Send + Sync + 'static {
+pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// A short name for listings and the state (`isolating`, `runc`, `process`).
     fn name(&self) -> &'static str;
 

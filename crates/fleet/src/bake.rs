@@ -20,6 +20,9 @@ pub struct BakeOutcome {
     /// False when the store already held this exact image.
     pub new: bool,
     pub millis: u64,
+    /// Why the image may not start in a container (see `BakedImage::warnings`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Bakes recipe `name` of `fleet` (after the fleet's recipes it is based on, bases first),
@@ -95,8 +98,11 @@ fn bake_one(
             now,
             None,
             "image.baked",
-            &json!({"name": name, "digest": baked.digest, "size": baked.size}),
+            &json!({"name": name, "digest": baked.digest, "size": baked.size, "warnings": baked.warnings}),
         )?;
+    }
+    for warning in &baked.warnings {
+        tracing::warn!(image = %name, "{warning}");
     }
     refresh_index(store, images)?;
     Ok(BakeOutcome {
@@ -105,6 +111,7 @@ fn bake_one(
         size: baked.size,
         new,
         millis: started.elapsed().as_millis() as u64,
+        warnings: baked.warnings,
     })
 }
 

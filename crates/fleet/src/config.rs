@@ -10,7 +10,9 @@ use std::time::Duration;
 use phoenix_image::Recipe;
 
 mod agent;
+mod runtime;
 pub use agent::AgentSettings;
+pub use runtime::{DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -38,6 +40,10 @@ pub struct FleetFile {
     pub roles: BTreeMap<String, RoleConfig>,
     /// `[agent]`, when the file has one.
     pub agent: Option<AgentSettings>,
+    /// `[network]`: the bridge of containers with their own network.
+    pub network: NetworkConfig,
+    /// `[secret.NAME]`: where each secret's value comes from.
+    pub secrets: BTreeMap<String, SecretSource>,
 }
 
 /// One `[role.NAME]` section.
@@ -62,6 +68,49 @@ pub struct RoleConfig {
     pub max_age: Option<Duration>,
     /// `[role.NAME.chaos]`: random kills, when the role opts in.
     pub chaos: Option<crate::ChaosConfig>,
+    /// How the instances run: driver, network, user, limits, environment, secrets.
+    pub run: RunConfig,
+}
+
+/// The keys of `[role.NAME]` that say how its instances run; all given at start, none baked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// What runs the instances (default: the isolating driver).
+    pub driver: DriverKind,
+    /// True when the file names the driver: then it is required, not merely preferred.
+    pub driver_explicit: bool,
+    /// The OCI runtime binary of `driver = "runc"` (default: `runc` on the PATH).
+    pub runtime: Option<String>,
+    pub network: NetworkMode,
+    /// The port instances listen on (`PORT`); default: the image's lowest exposed TCP port,
+    /// else 8080, on the bridge; a free one on the host's network.
+    pub port: Option<u16>,
+    /// Who the instances run as, overriding the image's `User`.
+    pub user: Option<String>,
+    /// Run instances as real host root, without a user namespace.
+    pub allow_root: bool,
+    pub resources: ResourcesConfig,
+    /// `[role.NAME.env]`: given at start, never baked into the image.
+    pub env: BTreeMap<String, String>,
+    /// Names of `[secret.NAME]` tables, given as files in `/run/secrets`.
+    pub secrets: Vec<String>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            driver: DriverKind::Isolating,
+            driver_explicit: false,
+            runtime: None,
+            network: NetworkMode::Bridge,
+            port: None,
+            user: None,
+            allow_root: false,
+            resources: ResourcesConfig::default(),
+            env: BTreeMap::new(),
+            secrets: Vec::new(),
+        }
+    }
 }
 
 /// `[role.NAME.health]`: the active HTTP health check.
@@ -242,6 +291,10 @@ struct RawFleet {
     role: BTreeMap<Spanned<String>, RawRole>,
     #[serde(default)]
     agent: Option<Spanned<AgentSettings>>,
+    #[serde(default)]
+    network: Option<Spanned<NetworkConfig>>,
+    #[serde(default)]
+    secret: BTreeMap<Spanned<String>, Spanned<SecretSource>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +320,24 @@ struct RawRole {
     max_age: Option<Duration>,
     #[serde(default)]
     chaos: Option<crate::ChaosConfig>,
+    #[serde(default)]
+    driver: Option<DriverKind>,
+    #[serde(default)]
+    runtime: Option<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<NetworkMode>>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    allow_root: bool,
+    #[serde(default)]
+    resources: Option<Spanned<ResourcesConfig>>,
+    #[serde(default)]
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    secrets: Vec<Spanned<String>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -307,6 +378,30 @@ impl FleetFile {
             })?;
             images.insert(name.into_inner(), recipe);
         }
+        let mut secrets = BTreeMap::new();
+        for (name, source) in raw.secret {
+            runtime::check_secret_name(name.get_ref()).map_err(|why| {
+                at(
+                    name.span(),
+                    format!("secret name {:?} {why}", name.get_ref()),
+                )
+            })?;
+            if let Some(problem) = source.get_ref().problem() {
+                return Err(at(
+                    source.span(),
+                    format!("[secret.{}]: {problem}", name.get_ref()),
+                ));
+            }
+            secrets.insert(name.into_inner(), source.into_inner());
+        }
+        let secret_names: Vec<String> = secrets.keys().cloned().collect();
+        let network = match raw.network {
+            Some(network) => match network.get_ref().problem() {
+                Some(problem) => return Err(at(network.span(), format!("[network] {problem}"))),
+                None => network.into_inner(),
+            },
+            None => NetworkConfig::default(),
+        };
         let mut roles = BTreeMap::new();
         for (name, role) in raw.role {
             check_name(name.get_ref())
@@ -336,6 +431,7 @@ impl FleetFile {
                     ),
                 ));
             }
+            let runtime = runtime_settings(&role, &role_name, &secret_names, &at)?;
             let health = role.health.get_ref();
             if health.healthy_threshold == 0
                 || health.unhealthy_threshold == 0
@@ -364,6 +460,18 @@ impl FleetFile {
                 autoscale: role.autoscale,
                 max_age: role.max_age,
                 chaos: role.chaos,
+                run: RunConfig {
+                    driver: runtime.driver,
+                    driver_explicit: role.driver.is_some(),
+                    runtime: role.runtime.map(Spanned::into_inner),
+                    network: runtime.network,
+                    port: role.port.map(Spanned::into_inner),
+                    user: role.user,
+                    allow_root: role.allow_root,
+                    resources: role.resources.map(Spanned::into_inner).unwrap_or_default(),
+                    env: role.env.map(Spanned::into_inner).unwrap_or_default(),
+                    secrets: role.secrets.into_iter().map(Spanned::into_inner).collect(),
+                },
             };
             roles.insert(name.into_inner(), config);
         }
@@ -386,8 +494,88 @@ impl FleetFile {
             images,
             roles,
             agent,
+            network,
+            secrets,
         })
     }
+}
+
+/// The driver and network a role resolves to, once its runtime keys are checked.
+struct RuntimeSettings {
+    driver: DriverKind,
+    network: NetworkMode,
+}
+
+/// Checks a role's driver, network, port, limits, environment and secrets; errors point at the
+/// offending key.
+fn runtime_settings(
+    role: &RawRole,
+    name: &str,
+    secret_names: &[String],
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<RuntimeSettings, ConfigError> {
+    let driver = role.driver.unwrap_or(DriverKind::Isolating);
+    let network = match (&role.network, driver) {
+        (Some(mode), DriverKind::Process) if *mode.get_ref() == NetworkMode::Bridge => {
+            return Err(at(
+                mode.span(),
+                format!(
+                    "[role.{name}] key `network`: the process driver runs in the host's network;                      use network = \"host\" or another driver"
+                ),
+            ));
+        }
+        (Some(mode), _) => *mode.get_ref(),
+        (None, DriverKind::Process) => NetworkMode::Host,
+        (None, _) => NetworkMode::Bridge,
+    };
+    if let Some(runtime) = &role.runtime
+        && driver != DriverKind::Runc
+    {
+        return Err(at(
+            runtime.span(),
+            format!(
+                "[role.{name}] key `runtime`: only `driver = \"runc\"` runs an OCI runtime binary"
+            ),
+        ));
+    }
+    if let Some(port) = &role.port
+        && *port.get_ref() == 0
+    {
+        return Err(at(
+            port.span(),
+            format!("[role.{name}] key `port`: the port instances listen on cannot be 0"),
+        ));
+    }
+    if let Some(resources) = &role.resources
+        && let Some(problem) = resources.get_ref().problem()
+    {
+        return Err(at(
+            resources.span(),
+            format!("[role.{name}] key `resources`: {problem}"),
+        ));
+    }
+    if let Some(env) = &role.env
+        && let Some(problem) = runtime::env_problem(env.get_ref())
+    {
+        return Err(at(env.span(), format!("[role.{name}.env]: {problem}")));
+    }
+    for secret in &role.secrets {
+        if !secret_names.contains(secret.get_ref()) {
+            return Err(at(
+                secret.span(),
+                format!(
+                    "[role.{name}] key `secrets`: no [secret.{}] in this file (secrets: {})",
+                    secret.get_ref(),
+                    if secret_names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        secret_names.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(RuntimeSettings { driver, network })
 }
 
 /// Names become parts of instance names and paths: keep them plain.

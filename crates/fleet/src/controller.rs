@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use phoenix_driver::{Driver, ProcessDriver};
+use phoenix_driver::{Driver, Secret};
 use phoenix_image::{BakeOptions, ImageStore};
 use phoenix_proxy::RoleProxy;
 use phoenix_store::{GenerationStatus, Store, StoreError};
@@ -27,7 +27,8 @@ pub struct Options {
     /// Seed for instance names; `None` seeds from the OS.
     pub seed: Option<u64>,
     pub bake: BakeOptions,
-    pub driver: Arc<dyn Driver>,
+    /// One driver for every role, on the host's network, instead of what the fleet file asks.
+    pub driver: Option<Arc<dyn Driver>>,
 }
 
 impl Options {
@@ -38,7 +39,7 @@ impl Options {
             clock: Arc::new(SystemClock),
             seed: None,
             bake: BakeOptions::default(),
-            driver: Arc::new(ProcessDriver),
+            driver: None,
         }
     }
 }
@@ -63,15 +64,24 @@ pub(crate) struct Generation {
     pub image: String,
     pub instances: Mutex<Vec<Arc<Instance>>>,
     pub status: Mutex<GenerationStatus>,
+    /// The role's secrets as they were when the generation was made: every instance of it,
+    /// replacements included, gets the same values; a new value needs a new generation.
+    pub secrets: Vec<Secret>,
 }
 
 impl Generation {
-    pub fn new(id: i64, image: String, status: GenerationStatus) -> Arc<Self> {
+    pub fn new(
+        id: i64,
+        image: String,
+        status: GenerationStatus,
+        secrets: Vec<Secret>,
+    ) -> Arc<Self> {
         Arc::new(Generation {
             id,
             image,
             instances: Mutex::new(Vec::new()),
             status: Mutex::new(status),
+            secrets,
         })
     }
 
@@ -112,6 +122,8 @@ pub(crate) struct Role {
     pub size: Mutex<Option<u32>>,
     /// Instances killed on purpose (chaos): replaced at once, not counted as a crash loop.
     pub killed_on_purpose: Mutex<Vec<String>>,
+    /// The driver and network its instances run on.
+    pub placement: crate::drivers::Placement,
 }
 
 impl Role {
@@ -242,7 +254,8 @@ pub(crate) struct Inner {
     pub fleet_path: PathBuf,
     pub store: Arc<Store>,
     pub images: ImageStore,
-    pub driver: Arc<dyn Driver>,
+    pub drivers: Arc<crate::drivers::Drivers>,
+    pub secrets: Arc<crate::secrets::Secrets>,
     pub clock: Arc<dyn Clock>,
     pub namer: Namer,
     pub bake: BakeOptions,
@@ -297,12 +310,27 @@ impl Inner {
     }
 
     /// What verifying an image needs.
+    /// What verifying an image needs: the drivers and networks of the roles, the secrets.
     pub fn verifier(&self) -> crate::Verifier {
         crate::Verifier {
             store: self.store.clone(),
             images: self.images.clone(),
-            driver: self.driver.clone(),
+            drivers: self.drivers.clone(),
+            secrets: self.secrets.clone(),
             state_dir: self.state_dir.clone(),
+        }
+    }
+
+    /// What instances' `/etc/hosts` lists besides themselves: every role's name, at the
+    /// bridge's address where its proxy also listens.
+    pub fn role_hosts(&self) -> Vec<(String, std::net::Ipv4Addr)> {
+        match self.drivers.bridge() {
+            Some(bridge) => self
+                .roles
+                .keys()
+                .map(|name| (name.clone(), bridge.gateway()))
+                .collect(),
+            None => Vec::new(),
         }
     }
 
@@ -351,6 +379,36 @@ impl Controller {
         // The fleet file's `[agent]`, or a lone agent without one.
         let agent_settings = fleet.agent.clone().unwrap_or_else(AgentSettings::lone);
         let membership = Membership::start(&agent_settings, &state_dir).await?;
+        let drivers = match options.driver {
+            Some(driver) => crate::drivers::Drivers::single(&fleet, driver),
+            None => {
+                let (fleet, state) = (fleet.clone(), state_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::drivers::Drivers::open(&fleet, &state, true)
+                })
+                .await
+                .map_err(|e| FleetError::Internal(e.to_string()))??
+            }
+        };
+        for warning in &drivers.warnings {
+            tracing::warn!("{warning}");
+        }
+        let secrets = crate::secrets::Secrets::capture(&fleet);
+        for (name, role) in &fleet.roles {
+            // A secret that cannot be read is an error now, not at the first deploy.
+            secrets
+                .values(&fleet, &role.run.secrets)
+                .map_err(|e| match e {
+                    FleetError::Secret {
+                        name: secret,
+                        reason,
+                    } => FleetError::Secret {
+                        name: secret,
+                        reason: format!("{reason} (role {name})"),
+                    },
+                    other => other,
+                })?;
+        }
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
@@ -386,16 +444,37 @@ impl Controller {
                         .filter(|(_, file)| *file == config.instances)
                         .map(|(size, _)| size),
                 ),
+                placement: drivers.placement(name),
             });
             listeners.push((listener, role.clone()));
             roles.insert(name.clone(), role);
+        }
+        // Instances on the bridge reach every role through its proxy at the bridge's address
+        // (and by name: their /etc/hosts maps role names to it).
+        if let Some(bridge) = drivers.bridge() {
+            for role in roles.values() {
+                if !role.listen.ip().is_loopback() {
+                    continue;
+                }
+                let addr = SocketAddr::from((bridge.gateway(), role.listen.port()));
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|cause| FleetError::Listen {
+                            role: role.name.clone(),
+                            addr,
+                            cause,
+                        })?;
+                listeners.push((listener, role.clone()));
+            }
         }
         let inner = Arc::new(Inner {
             state_dir,
             fleet_path,
             store,
             images,
-            driver: options.driver,
+            drivers: Arc::new(drivers),
+            secrets: Arc::new(secrets),
             clock: options.clock,
             namer: Namer::new(rng),
             bake: options.bake,
@@ -499,6 +578,33 @@ impl Controller {
             .collect()
     }
 
+    /// What could not be done as the fleet file asks, and what was done instead (a driver
+    /// that fell back).
+    pub fn warnings(&self) -> Vec<String> {
+        self.inner.drivers.warnings.clone()
+    }
+
+    /// The bridge instances live on, when roles have their own network: its name, subnet and
+    /// address (where every role's proxy also listens for them).
+    pub fn bridge(&self) -> Option<(String, String, std::net::Ipv4Addr)> {
+        self.inner
+            .drivers
+            .bridge()
+            .map(|b| (b.name().to_string(), b.subnet().to_string(), b.gateway()))
+    }
+
+    /// Each role's driver and network, for listings.
+    pub fn placements(&self) -> Vec<(String, &'static str, bool)> {
+        self.inner
+            .roles
+            .values()
+            .map(|role| {
+                let bridged = matches!(role.placement.network, phoenix_driver::Network::Bridge(_));
+                (role.name.clone(), role.placement.driver.name(), bridged)
+            })
+            .collect()
+    }
+
     /// This host's gossip agent (for the RPC and event handlers).
     pub fn agent(&self) -> phoenix_gossip::Agent {
         self.inner.membership.host().clone()
@@ -568,6 +674,8 @@ impl Controller {
             let _ = task.await;
         }
         let _ = inner.membership.host().leave().await;
+        let cleanup = inner.clone();
+        let _ = tokio::task::spawn_blocking(move || cleanup.drivers.shut_down()).await;
         inner
             .journal(None, "up.stopped", json!({"instances_stopped": stopped}))
             .await;
@@ -621,7 +729,7 @@ async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: Stri
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|i| i.name != dead);
-        match crate::deploy::start_instance(&inner, &role.name, &live).await {
+        match crate::deploy::start_instance(&inner, &role, &live).await {
             Ok(new) => {
                 live.instances
                     .lock()

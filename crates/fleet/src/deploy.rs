@@ -126,6 +126,8 @@ pub(crate) async fn deploy(
         size
     ));
 
+    // Read now, before anything is recorded: a secret that cannot be read stops the deploy.
+    role_secrets(inner, &config)?;
     let now = inner.clock.now_ms();
     let (role_key, image_key, from) = (
         role_name.to_string(),
@@ -145,7 +147,13 @@ pub(crate) async fn deploy(
     inner
         .journal(Some(role_name), "deploy.started", detail)
         .await;
-    let generation = Generation::new(generation_id, image.clone(), GenerationStatus::Starting);
+    let secrets = role_secrets(inner, &config)?;
+    let generation = Generation::new(
+        generation_id,
+        image.clone(),
+        GenerationStatus::Starting,
+        secrets,
+    );
     role.add_other(generation.clone());
 
     let boot = Instant::now();
@@ -324,12 +332,15 @@ async fn choose_image(
         short_digest(&outcome.digest),
         outcome.millis
     ));
+    for warning in &outcome.warnings {
+        progress.say(format!("warning: image {}: {warning}", outcome.name));
+    }
     let verified = verify_if_needed(
         inner,
         &fleet,
         &outcome.name,
         &outcome.digest,
-        &config,
+        (&role.name, &config),
         progress,
     )
     .await?;
@@ -344,7 +355,7 @@ async fn verify_if_needed(
     fleet: &FleetFile,
     name: &str,
     digest: &str,
-    config: &RoleConfig,
+    (_role, config): (&str, &RoleConfig),
     progress: &Progress,
 ) -> Result<Option<Verified>, FleetError> {
     if verify::checks_of(fleet, name).is_none() {
@@ -409,7 +420,7 @@ async fn boot_generation(
     progress: &Progress,
 ) -> Result<(), String> {
     for _ in 0..count {
-        let instance = start_instance(inner, &role.name, generation)
+        let instance = start_instance(inner, role, generation)
             .await
             .map_err(|e| e.to_string())?;
         progress.say(format!(
@@ -481,11 +492,31 @@ fn startup_failure(instance: &Instance, what: &str) -> String {
 /// Starts one instance of `generation` (the image is unpacked once and reused).
 pub(crate) async fn start_instance(
     inner: &Arc<Inner>,
-    role: &str,
+    role: &Role,
     generation: &Generation,
 ) -> Result<Arc<Instance>, FleetError> {
-    let (root, config) = instance::unpack(&inner.images, &generation.image).await?;
-    instance::start(inner, role, generation.id, &generation.image, root, &config).await
+    let allow_root = role.config().run.allow_root;
+    let driver = role.placement.driver.clone();
+    let (root, config) = instance::unpack(
+        &inner.images,
+        &generation.image,
+        driver.as_ref(),
+        allow_root,
+    )
+    .await?;
+    instance::start(inner, role, generation, root, &config).await
+}
+
+/// The current values of the role's secrets (files are read again), for a new generation.
+fn role_secrets(
+    inner: &Inner,
+    config: &RoleConfig,
+) -> Result<Vec<phoenix_driver::Secret>, FleetError> {
+    if config.run.secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fleet = inner.reload_fleet()?;
+    inner.secrets.values(&fleet, &config.run.secrets)
 }
 
 async fn stop_all(instances: &[Arc<Instance>]) {
@@ -508,9 +539,10 @@ pub(crate) async fn restart_live(
     }
     let config = role.config();
     let size = role.desired();
-    let generation = Generation::new(row.id, row.image.clone(), GenerationStatus::Live);
+    let secrets = role_secrets(inner, &config)?;
+    let generation = Generation::new(row.id, row.image.clone(), GenerationStatus::Live, secrets);
     for _ in 0..size {
-        let instance = start_instance(inner, &role.name, &generation).await?;
+        let instance = start_instance(inner, role, &generation).await?;
         generation
             .instances
             .lock()

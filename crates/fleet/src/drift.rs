@@ -27,8 +27,10 @@ async fn heal_drift(
     let Some(live) = role.live() else {
         return Ok(None);
     };
+    let layout =
+        crate::instance::root_layout(role.placement.driver.as_ref(), role.config().run.allow_root);
     let (images, image) = (inner.images.clone(), live.image.clone());
-    let drift = tokio::task::spawn_blocking(move || images.drift(&image, false))
+    let drift = tokio::task::spawn_blocking(move || images.drift_as(&image, layout, false))
         .await
         .map_err(|e| FleetError::Internal(e.to_string()))??;
     if drift.is_clean() {
@@ -53,7 +55,7 @@ async fn heal_drift(
         .journal(Some(role_name), "image.drifted", detail)
         .await;
     let (images, image) = (inner.images.clone(), live.image.clone());
-    tokio::task::spawn_blocking(move || images.reunpack(&image, phoenix_image::RootLayout::HOST))
+    tokio::task::spawn_blocking(move || images.reunpack(&image, layout))
         .await
         .map_err(|e| FleetError::Internal(e.to_string()))??;
     let options = DeployOptions {

@@ -4,15 +4,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use phoenix_driver::{Exit, InstanceSpec, Process};
-use phoenix_image::{ImageConfig, ImageStore};
+use std::net::Ipv4Addr;
+
+use phoenix_driver::{Driver, Exit, InstanceSpec, Network, Process, Resources, Secret};
+use phoenix_image::{ImageConfig, ImageStore, RootLayout};
 use phoenix_proxy::Backend;
 use phoenix_store::{InstanceRow, InstanceStatus};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::controller::{Event, Inner};
-use crate::{FleetError, HealthConfig, health};
+use crate::controller::{Event, Generation, Inner, Role};
+use crate::{FleetError, HealthConfig, RunConfig, health};
 
 /// A running instance, as the controller sees it.
 #[derive(Debug)]
@@ -21,7 +23,10 @@ pub(crate) struct Instance {
     pub role: String,
     pub generation: i64,
     pub backend: Arc<Backend>,
+    /// The instance's main process on the host (a container's init).
     pub pid: u32,
+    /// What runs it: where its CPU and memory use are read.
+    pub driver: Arc<dyn Driver>,
     pub log_path: PathBuf,
     pub started: Instant,
     state: Mutex<HealthState>,
@@ -141,24 +146,48 @@ impl Instance {
     }
 }
 
-/// Unpacks image `digest` (once; later calls reuse the root) and reads its config, off the
-/// async runtime.
+/// Unpacks image `digest` in the layout `driver` runs roots in (once; later calls reuse the
+/// root) and reads its config, off the async runtime.
 pub(crate) async fn unpack(
     images: &ImageStore,
     digest: &str,
+    driver: &dyn Driver,
+    allow_root: bool,
 ) -> Result<(PathBuf, ImageConfig), FleetError> {
+    let layout = root_layout(driver, allow_root);
     let (images, digest) = (images.clone(), digest.to_string());
-    tokio::task::spawn_blocking(move || Ok((images.unpack(&digest)?, images.config(&digest)?)))
-        .await
-        .map_err(|e| FleetError::Internal(e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        Ok((images.unpack_as(&digest, layout)?, images.config(&digest)?))
+    })
+    .await
+    .map_err(|e| FleetError::Internal(e.to_string()))?
+}
+
+/// How the roots `driver` runs are laid out: shifted into the instances' user namespace for
+/// containers, as the image says (without write or set-id bits) for the process driver.
+pub(crate) fn root_layout(driver: &dyn Driver, allow_root: bool) -> RootLayout {
+    match driver.id_offset(allow_root) {
+        Some(offset) => RootLayout::mapped(offset),
+        None => RootLayout::HOST,
+    }
+}
+
+/// What an instance gets at start besides its image: its role's runtime settings, its network,
+/// and the secrets of its generation.
+pub(crate) struct Launch<'a> {
+    pub run: &'a RunConfig,
+    pub network: Network,
+    pub secrets: Vec<Secret>,
+    pub hosts: Vec<(String, Ipv4Addr)>,
 }
 
 /// What the driver needs to start `name` from an unpacked image: its entrypoint, working
-/// directory and environment, plus `extra` variables.
+/// directory, user and environment (the image's, the role's, then `extra`), port and limits.
 pub(crate) fn spec(
     name: &str,
     root: PathBuf,
     config: &ImageConfig,
+    launch: &Launch,
     extra: &[(&str, String)],
     log_path: PathBuf,
 ) -> InstanceSpec {
@@ -167,7 +196,19 @@ pub(crate) fn spec(
         .iter()
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()));
+    let role_env = launch.run.env.iter().map(|(k, v)| (k.clone(), v.clone()));
     let extra = extra.iter().map(|(k, v)| (k.to_string(), v.clone()));
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (key, value) in image_env.chain(role_env).chain(extra) {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+    let run = launch.run;
+    let port = match launch.network {
+        // On the host's network every instance needs a port of its own.
+        Network::Host => run.port,
+        Network::Bridge(_) => run.port.or_else(|| lowest_tcp_port(config)),
+    };
     InstanceSpec {
         name: name.into(),
         root,
@@ -177,36 +218,68 @@ pub(crate) fn spec(
             .chain(&config.cmd)
             .cloned()
             .collect(),
-        env: image_env.chain(extra).collect(),
+        env,
         workdir: config.working_dir.clone(),
+        user: run.user.clone().unwrap_or_else(|| config.user.clone()),
         log_path,
+        network: launch.network.clone(),
+        port,
+        resources: Resources {
+            cpus: run.resources.cpus,
+            memory: run.resources.memory,
+            pids: run.resources.pids,
+            nofile: run.resources.nofile,
+        },
+        secrets: launch.secrets.clone(),
+        allow_root: run.allow_root,
+        hosts: launch.hosts.clone(),
     }
 }
 
-/// Starts one instance of `generation` from the unpacked image at `root` and supervises it.
+/// The image's lowest exposed TCP port (`"8080/tcp"`, or a bare number).
+fn lowest_tcp_port(config: &ImageConfig) -> Option<u16> {
+    config
+        .exposed_ports
+        .keys()
+        .filter_map(|port| match port.split_once('/') {
+            Some((number, "tcp")) => number.parse().ok(),
+            Some(_) => None,
+            None => port.parse().ok(),
+        })
+        .min()
+}
+
+/// Starts one instance of `generation` of `role` from the unpacked image at `root` and
+/// supervises it.
 pub(crate) async fn start(
     inner: &Arc<Inner>,
-    role: &str,
-    generation: i64,
-    image: &str,
+    role: &Role,
+    generation: &Generation,
     root: PathBuf,
     config: &ImageConfig,
 ) -> Result<Arc<Instance>, FleetError> {
-    let role_config = inner.role(role)?.config();
-    let name = inner.namer.instance_name(role);
+    let role_config = role.config();
+    let name = inner.namer.instance_name(&role.name);
     let log_path = inner.state_dir.join("logs").join(format!("{name}.log"));
     let extra = [
-        ("PHOENIX_ROLE", role.to_string()),
-        ("PHOENIX_GENERATION", generation.to_string()),
+        ("PHOENIX_ROLE", role.name.clone()),
+        ("PHOENIX_GENERATION", generation.id.to_string()),
     ];
-    let spec = spec(&name, root, config, &extra, log_path.clone());
+    let launch = Launch {
+        run: &role_config.run,
+        network: role.placement.network.clone(),
+        secrets: generation.secrets.clone(),
+        hosts: inner.role_hosts(),
+    };
+    let spec = spec(&name, root, config, &launch, &extra, log_path.clone());
+    let driver = role.placement.driver.clone();
     // The row is written before the process exists, so a crash of Phoenix at any moment after
     // the start leaves a record that recovery accounts for.
     let row = InstanceRow {
         name: name.clone(),
-        role: role.into(),
-        generation,
-        image: image.into(),
+        role: role.name.clone(),
+        generation: generation.id,
+        image: generation.image.clone(),
         status: InstanceStatus::Starting,
         pid: None,
         pid_start: None,
@@ -214,9 +287,15 @@ pub(crate) async fn start(
         log_path: log_path.display().to_string(),
         started_at: inner.clock.now_ms(),
         ended_at: None,
+        driver: driver.name().to_string(),
+        addr: None,
     };
     inner.db(move |s| s.insert_instance(&row)).await?;
-    let (process, addr) = match inner.driver.start(&spec) {
+    let starting = driver.clone();
+    let started = tokio::task::spawn_blocking(move || starting.start(&spec))
+        .await
+        .map_err(|e| FleetError::Internal(e.to_string()))?;
+    let (process, addr) = match started {
         Ok(started) => started,
         Err(error) => {
             let (key, now) = (name.clone(), inner.clock.now_ms());
@@ -226,20 +305,24 @@ pub(crate) async fn start(
             return Err(error.into());
         }
     };
-    let (key, pid, start_time, port) = (name.clone(), process.pid, process.start_time, addr.port());
+    let (key, pid, start_time) = (name.clone(), process.pid, process.start_time);
     inner
-        .db(move |s| s.set_instance_process(&key, pid, start_time, port))
+        .db(move |s| s.set_instance_process(&key, pid, start_time, addr))
         .await?;
-    let detail = json!({"instance": name, "generation": generation, "image": image, "pid": process.pid, "port": addr.port()});
-    inner.journal(Some(role), "instance.started", detail).await;
+    let detail = json!({"instance": name, "generation": generation.id, "image": generation.image,
+        "pid": process.pid, "addr": addr.to_string(), "driver": driver.name()});
+    inner
+        .journal(Some(&role.name), "instance.started", detail)
+        .await;
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = watch::channel(None);
     let instance = Arc::new(Instance {
         name: name.clone(),
-        role: role.into(),
-        generation,
+        role: role.name.clone(),
+        generation: generation.id,
         backend: Backend::new(name, addr),
         pid: process.pid,
+        driver,
         log_path,
         started: Instant::now(),
         state: Mutex::new(HealthState {
@@ -258,6 +341,7 @@ pub(crate) async fn start(
         instance: instance.clone(),
         health: role_config.health,
         grace: role_config.stop_timeout,
+        memory_limit: role_config.run.resources.memory,
     };
     tokio::spawn(supervisor.run(process, stop_rx, ended_tx));
     Ok(instance)
@@ -268,6 +352,8 @@ struct Supervisor {
     instance: Arc<Instance>,
     health: HealthConfig,
     grace: std::time::Duration,
+    /// For the journal of an OOM kill.
+    memory_limit: Option<u64>,
 }
 
 enum End {
@@ -299,18 +385,21 @@ impl Supervisor {
         let instance = &self.instance;
         let (status, kind, exit) = match end {
             End::Stopped(exit) => (InstanceStatus::Stopped, "instance.stopped", exit),
+            End::Died(exit) if exit.oom => (InstanceStatus::Died, "instance.oom", exit),
             End::Died(exit) => (InstanceStatus::Died, "instance.died", exit),
         };
         instance.set_status(status);
         self.record_status(status).await;
-        let mut detail =
-            json!({"instance": instance.name, "generation": instance.generation, "exit": exit.0});
+        let mut detail = json!({"instance": instance.name, "generation": instance.generation, "exit": exit.to_string()});
+        if exit.oom {
+            detail["memory_limit"] = json!(self.memory_limit);
+        }
         if status == InstanceStatus::Died {
             detail["log_tail"] = json!(log_tail(&instance.log_path, 10));
             tracing::warn!(instance = %instance.name, exit = %exit, "instance died");
         }
         self.inner.journal(Some(&instance.role), kind, detail).await;
-        ended.send_replace(Some(exit.0));
+        ended.send_replace(Some(exit.to_string()));
         if status == InstanceStatus::Died {
             let event = Event::Died {
                 role: instance.role.clone(),

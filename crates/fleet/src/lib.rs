@@ -9,6 +9,7 @@ pub mod config;
 mod controller;
 mod deploy;
 mod drift;
+mod drivers;
 mod health;
 mod instance;
 mod lifecycle;
@@ -17,6 +18,7 @@ mod metrics;
 mod recover;
 mod sampling;
 mod scale;
+mod secrets;
 mod status;
 mod verify;
 
@@ -24,16 +26,28 @@ pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, 
 pub use bake::{BakeOutcome, bake_image, refresh_index};
 pub use clock::{Clock, Namer, SystemClock};
 pub use config::{
-    AgentSettings, CheckKind, ConfigError, DeployConfig, FleetFile, HealthConfig, ProxyMode,
-    ProxySettings, RoleConfig, Strategy, parse_duration, parse_size,
+    AgentSettings, CheckKind, ConfigError, DeployConfig, DriverKind, FleetFile, HealthConfig,
+    NetworkConfig, NetworkMode, ProxyMode, ProxySettings, ResourcesConfig, RoleConfig, RunConfig,
+    SecretSource, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, Verified};
+pub use drivers::ID_OFFSET;
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
 pub use scale::{FlagChange, ScaleReport};
 pub use status::{FleetStatus, GenerationView, InstanceView, RoleStatus};
 pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};
+
+/// If this process was started as one of Phoenix's helpers (a container's shim, checks run
+/// inside an instance), runs it and exits; otherwise returns at once. Call it first thing in
+/// `main`, before any thread starts.
+pub fn run_helper_if_asked() {
+    phoenix_driver::run_helper_if_asked();
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(verify::CHECK_IN_ARG)) {
+        std::process::exit(verify::check_in_main());
+    }
+}
 
 /// What can go wrong in the fleet.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +102,8 @@ pub enum FleetError {
         addr: std::net::SocketAddr,
         cause: std::io::Error,
     },
+    #[error("secret {name}: {reason}")]
+    Secret { name: String, reason: String },
     #[error("gossip agent: {0}")]
     Agent(String),
     #[error("phoenix is shutting down")]

@@ -14,16 +14,23 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), FleetError> {
     let instances = inner.db(|s| s.active_instances()).await?;
     let mut killed = 0;
     for instance in &instances {
-        let was_running = match (instance.pid, instance.pid_start) {
-            (Some(pid), Some(start)) => phoenix_driver::kill_recorded(pid, start).await,
-            _ => false,
+        // Every process of the instance goes, its cgroup, its runtime state: with the driver
+        // that ran it.
+        let recorded = phoenix_driver::Recorded {
+            name: instance.name.clone(),
+            pid: instance.pid,
+            pid_start: instance.pid_start,
         };
+        let (drivers, driver) = (inner.drivers.clone(), instance.driver.clone());
+        let was_running = tokio::task::spawn_blocking(move || drivers.clean_up(&driver, &recorded))
+            .await
+            .unwrap_or(false);
         killed += usize::from(was_running);
         let (name, now) = (instance.name.clone(), inner.clock.now_ms());
         inner
             .db(move |s| s.set_instance_status(&name, InstanceStatus::Lost, now))
             .await?;
-        let detail = json!({"instance": instance.name, "generation": instance.generation, "pid": instance.pid, "killed": was_running});
+        let detail = json!({"instance": instance.name, "generation": instance.generation, "pid": instance.pid, "driver": instance.driver, "killed": was_running});
         inner
             .journal(Some(&instance.role), "instance.lost", detail)
             .await;

@@ -75,7 +75,7 @@ impl Sampler {
             let mut in_flight = 0;
             for generation in &generations {
                 for instance in generation.instances() {
-                    let usage = inner.driver.usage(instance.pid);
+                    let usage = instance.driver.usage(&instance.name, instance.pid);
                     in_flight += instance.backend.in_flight();
                     let metrics = self.rates(
                         &instance.name,

@@ -188,7 +188,7 @@ pub(crate) async fn grow(
 ) -> Result<Vec<String>, FleetError> {
     let mut new = Vec::new();
     for _ in 0..count {
-        match start_instance(inner, &role.name, live).await {
+        match start_instance(inner, role, live).await {
             Ok(instance) => {
                 progress.say(format!(
                     "started {} ({})",

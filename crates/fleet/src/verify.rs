@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_check::{Report, RunOptions, Target, TemplateData, describe};
-use phoenix_driver::Driver;
 use phoenix_image::{ImageStore, short_digest};
 use phoenix_store::{Store, VerificationRow};
 use serde::Serialize;
@@ -24,7 +23,9 @@ const FAILURES_KEPT: usize = 30;
 pub struct Verifier {
     pub store: Arc<Store>,
     pub images: ImageStore,
-    pub driver: Arc<dyn Driver>,
+    /// What runs the throwaway instance: the driver and network of a role of the image.
+    pub(crate) drivers: Arc<crate::drivers::Drivers>,
+    pub(crate) secrets: Arc<crate::secrets::Secrets>,
     /// Where the throwaway instance's log goes (`logs/`).
     pub state_dir: PathBuf,
 }
@@ -70,20 +71,28 @@ pub fn checks_of(fleet: &FleetFile, name: &str) -> Option<PathBuf> {
 }
 
 impl Verifier {
-    /// The verifier of a state directory, with the process driver: `phoenix verify` needs no
-    /// running `phoenix up`.
-    pub fn open(state_dir: &Path) -> Result<Verifier, FleetError> {
+    /// The verifier of a state directory: `phoenix verify` needs no running `phoenix up`. The
+    /// throwaway instance runs on its role's driver, on the host's network (a bridge belongs
+    /// to `phoenix up`). Also returns why a driver fell back, if one did.
+    pub fn open(
+        state_dir: &Path,
+        fleet: &FleetFile,
+    ) -> Result<(Verifier, Vec<String>), FleetError> {
         let logs = state_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|cause| FleetError::Io {
             what: format!("create {}", logs.display()),
             cause,
         })?;
-        Ok(Verifier {
+        let drivers = crate::drivers::Drivers::open(fleet, state_dir, false)?;
+        let warnings = drivers.warnings.clone();
+        let verifier = Verifier {
             store: Arc::new(Store::open(state_dir.join("state.db"))?),
             images: ImageStore::open(state_dir.join("images"))?,
-            driver: Arc::new(phoenix_driver::ProcessDriver),
+            drivers: Arc::new(drivers),
+            secrets: Arc::new(crate::secrets::Secrets::capture(fleet)),
             state_dir: state_dir.to_path_buf(),
-        })
+        };
+        Ok((verifier, warnings))
     }
 
     /// Verifies image `digest` with the checks of recipe `name`, and records the result in the
@@ -101,27 +110,58 @@ impl Verifier {
             name: name.into(),
             file: fleet.path.display().to_string(),
         })?;
-        let (root, config) = crate::instance::unpack(&self.images, digest).await?;
-        let instance = format!("verify-{}", short_digest(digest));
+        // The instance runs as a role of the image would: its driver, settings and secrets.
+        let role = fleet.roles.iter().find(|(_, r)| r.image == name);
+        let run = role.map(|(_, r)| r.run.clone()).unwrap_or_default();
+        let placement = self.drivers.placement(role.map_or("", |(n, _)| n.as_str()));
+        let driver = placement.driver.clone();
+        let (root, config) =
+            crate::instance::unpack(&self.images, digest, driver.as_ref(), run.allow_root).await?;
+        let instance = format!(
+            "verify-{}{:06x}",
+            &short_digest(digest)[..6],
+            (now as u64) & 0xff_ffff
+        );
         let log_path = self
             .state_dir
             .join("logs")
             .join(format!("{instance}-{now}.log"));
+        let launch = crate::instance::Launch {
+            secrets: self.secrets.values(fleet, &run.secrets)?,
+            run: &run,
+            network: placement.network.clone(),
+            hosts: Vec::new(),
+        };
         let extra = [("PHOENIX_ROLE", "verify".to_string())];
-        let spec =
-            crate::instance::spec(&instance, root.clone(), &config, &extra, log_path.clone());
-        let (mut process, addr) = self.driver.start(&spec)?;
+        let spec = crate::instance::spec(
+            &instance,
+            root.clone(),
+            &config,
+            &launch,
+            &extra,
+            log_path.clone(),
+        );
+        let starting = (driver.clone(), spec.clone());
+        let (mut process, addr) =
+            tokio::task::spawn_blocking(move || starting.0.start(&starting.1))
+                .await
+                .map_err(|e| FleetError::Internal(e.to_string()))??;
         progress.say(format!(
-            "verifying {name} {}: instance {instance} (pid {}, {addr}), checks {}",
+            "verifying {name} {}: instance {instance} ({} driver, pid {}, {addr}), checks {}",
             short_digest(digest),
+            driver.name(),
             process.pid,
             checks.display()
         ));
         let mut env = spec.env;
         env.push(("PORT".into(), addr.port().to_string()));
+        env.push(("HOST".into(), addr.ip().to_string()));
         env.push(("PHOENIX_INSTANCE".into(), instance));
+        // Containers are checked from inside, as the instance sees itself; the process driver's
+        // instances from the host, their files under the root.
+        let inside = driver.id_offset(run.allow_root).map(|_| process.pid);
         let target = instance_target(&root, &config.working_dir, &env);
-        let outcome = run_checks(&checks, target, env, options).await;
+        let outcome = run_checks(&checks, target, inside, env, options).await;
         process.stop(options.stop_timeout).await;
         let (suite, report) = outcome?;
         let failures: Vec<String> = report
@@ -183,10 +223,12 @@ fn instance_target(root: &Path, workdir: &str, env: &[(String, String)]) -> Targ
 }
 
 /// Loads and runs the checks off the async runtime. `.Env` is this process's environment with
-/// the instance's on top, so `{{.Env.PORT}}` is the instance's port.
+/// the instance's on top, so `{{.Env.PORT}}` is the instance's port. With `inside`, the checks
+/// run in a helper process that joins the namespaces of that instance process first.
 async fn run_checks(
     checks: &Path,
     target: Target,
+    inside: Option<u32>,
     instance_env: Vec<(String, String)>,
     options: &VerifyOptions,
 ) -> Result<(phoenix_check::Suite, Report), FleetError> {
@@ -195,15 +237,127 @@ async fn run_checks(
         let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
         env.extend(instance_env);
         let data = TemplateData {
-            vars: options.vars,
+            vars: options.vars.clone(),
             env,
         };
         let suite = phoenix_check::load(&checks, &data)?;
-        let report = phoenix_check::run(&suite, &target, &options.run);
+        let report = match inside {
+            None => phoenix_check::run(&suite, &target, &options.run),
+            Some(pid) => {
+                let request = CheckIn {
+                    pid,
+                    checks: checks.clone(),
+                    vars: data.vars,
+                    env: data.env,
+                    retry_timeout_ms: options.run.retry_timeout.as_millis() as u64,
+                    sleep_ms: options.run.sleep.as_millis() as u64,
+                    max_concurrent: options.run.max_concurrent,
+                };
+                check_inside(&request)?
+            }
+        };
         Ok((suite, report))
     })
     .await
     .map_err(|e| FleetError::Internal(e.to_string()))?
+}
+
+/// The argument that makes the `phoenix` binary run checks inside an instance.
+pub(crate) const CHECK_IN_ARG: &str = "__phoenix-check-in";
+
+/// What the check helper reads on stdin.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct CheckIn {
+    pid: u32,
+    checks: PathBuf,
+    vars: serde_json::Value,
+    env: std::collections::BTreeMap<String, String>,
+    retry_timeout_ms: u64,
+    sleep_ms: u64,
+    max_concurrent: usize,
+}
+
+/// Runs the checks in a helper (this binary again), which enters the instance's namespaces.
+fn check_inside(request: &CheckIn) -> Result<Report, FleetError> {
+    use std::io::Write;
+    let io = |what: &str, cause: std::io::Error| FleetError::Io {
+        what: format!("{what} the check helper"),
+        cause,
+    };
+    let mut child = std::process::Command::new("/proc/self/exe")
+        .arg(CHECK_IN_ARG)
+        .env_clear()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| io("start", e))?;
+    let body = serde_json::to_vec(request).map_err(|e| FleetError::Internal(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&body).map_err(|e| io("feed", e))?;
+    }
+    let output = child.wait_with_output().map_err(|e| io("wait for", e))?;
+    serde_json::from_slice(&output.stdout).map_err(|_| {
+        FleetError::Internal(format!(
+            "the check helper failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    })
+}
+
+/// The check helper: loads the checks (from the host's files), joins the instance's
+/// namespaces, runs them there and prints the report as JSON. Returns the exit code.
+pub(crate) fn check_in_main() -> i32 {
+    use std::io::Read;
+    let mut input = Vec::new();
+    if std::io::stdin()
+        .take(16 << 20)
+        .read_to_end(&mut input)
+        .is_err()
+    {
+        return 2;
+    }
+    let request: CheckIn = match serde_json::from_slice(&input) {
+        Ok(request) => request,
+        Err(e) => {
+            eprintln!("phoenix check helper: bad request: {e}");
+            return 2;
+        }
+    };
+    let data = TemplateData {
+        vars: request.vars,
+        env: request.env,
+    };
+    let suite = match phoenix_check::load(&request.checks, &data) {
+        Ok(suite) => suite,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    if let Err(e) = phoenix_driver::enter(request.pid) {
+        eprintln!("cannot enter instance process {}: {e}", request.pid);
+        return 1;
+    }
+    let options = RunOptions {
+        max_concurrent: request.max_concurrent,
+        retry_timeout: Duration::from_millis(request.retry_timeout_ms),
+        sleep: Duration::from_millis(request.sleep_ms),
+    };
+    let mut target = Target::host();
+    target.env = Some(data.env.into_iter().collect());
+    let report = phoenix_check::run(&suite, &target, &options);
+    match serde_json::to_string(&report) {
+        Ok(json) => {
+            println!("{json}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
 }
 
 /// True when `row` passed and the check files it ran are unchanged: no need to verify again.

@@ -67,6 +67,9 @@ pub struct BakedImage {
     /// Number of paths in the image and the Merkle root of its file manifest.
     pub files: usize,
     pub files_root: String,
+    /// What would keep the image from starting in a container (its entrypoint's interpreter
+    /// or libraries are not in it). Found on the bake that makes the image.
+    pub warnings: Vec<String>,
 }
 
 /// The image as built so far.
@@ -370,7 +373,13 @@ impl Baker<'_> {
             media_type: oci::MEDIA_MANIFEST.into(),
             schema_version: 2,
         };
-        let manifest_desc = self.blob(&to_json(&manifest)?, oci::MEDIA_MANIFEST)?;
+        let manifest_bytes = to_json(&manifest)?;
+        let new = !self.store.contains(&crate::sha256_digest(&manifest_bytes));
+        let warnings = match new {
+            true => self.entrypoint_warnings(&config, &manifest.layers, &state.files),
+            false => Vec::new(),
+        };
+        let manifest_desc = self.blob(&manifest_bytes, oci::MEDIA_MANIFEST)?;
         let size = manifest_desc.size
             + manifest.config.size
             + files_desc.size
@@ -382,8 +391,62 @@ impl Baker<'_> {
             steps: std::mem::take(&mut self.reports),
             files: state.files.files.len(),
             files_root: state.files.root,
+            warnings,
         })
     }
+
+    /// Why the entrypoint could not start inside the image: an ELF interpreter, a library or
+    /// a script's interpreter that is not in it.
+    fn entrypoint_warnings(
+        &self,
+        config: &ImageConfig,
+        layers: &[Descriptor],
+        files: &FileManifest,
+    ) -> Vec<String> {
+        let Some(program) = config.entrypoint.first().or(config.cmd.first()) else {
+            return Vec::new();
+        };
+        let path = match program.starts_with('/') {
+            true => Some(program.clone()),
+            false => search_path(config, program, files),
+        };
+        let Some(path) = path else {
+            return vec![format!(
+                "the entrypoint {program:?} is not on the image's PATH: it cannot start"
+            )];
+        };
+        let Some(file) = crate::elf::file_behind(files, &path) else {
+            return Vec::new();
+        };
+        let Some(bytes) = self.store.file_in_layers(layers, &file) else {
+            return Vec::new();
+        };
+        let Some(needs) = crate::elf::needs(&bytes) else {
+            return Vec::new();
+        };
+        let missing = crate::elf::missing(&needs, &path, files);
+        if missing.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "the entrypoint {path} needs {} which the image does not have: it would start on \
+             this host but not in a container. Copy it with `libraries = true`, build it \
+             statically, or start from a base that has them",
+            missing.join(", ")
+        )]
+    }
+}
+
+/// Where a relative entrypoint is found on the image's `PATH` (its default when unset).
+fn search_path(config: &ImageConfig, program: &str, files: &FileManifest) -> Option<String> {
+    let path = config
+        .env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
+        .find(|candidate| crate::elf::exists(files, candidate))
 }
 
 impl State {

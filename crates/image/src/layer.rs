@@ -78,7 +78,49 @@ impl LayerPlan {
         } else {
             copier.one(&src, dst, &meta)?;
         }
+        if step.libraries {
+            plan.add_libraries(below, hashes)?;
+        }
         Ok(plan)
+    }
+
+    /// Adds what the plan's programs need to start, from this host (outside the build context,
+    /// on purpose): each ELF interpreter at the path the binary names, each shared library at
+    /// its real path. What the image below already has is left out.
+    fn add_libraries(
+        &mut self,
+        below: &FileManifest,
+        hashes: &mut StatCache,
+    ) -> Result<(), ImageError> {
+        let programs: Vec<PathBuf> = self
+            .entries
+            .values()
+            .filter(|(entry, _)| entry.kind == FileKind::File && entry.mode & 0o111 != 0)
+            .filter_map(|(_, source)| source.clone())
+            .collect();
+        for program in programs {
+            for (at, real) in crate::elf::host_closure(&program)? {
+                let path = image_path(&at)?;
+                if self.entries.contains_key(&path) || crate::elf::exists(below, &at) {
+                    continue;
+                }
+                let meta = fs::metadata(&real).map_err(ImageError::io("stat", &real))?;
+                let sha256 = hashes.sha256(&real, &meta)?;
+                self.add_parents(&path, below);
+                let entry = FileEntry {
+                    path: path.clone(),
+                    kind: FileKind::File,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    size: meta.size(),
+                    sha256: Some(sha256),
+                    link: None,
+                };
+                self.entries.insert(path, (entry, Some(real)));
+            }
+        }
+        Ok(())
     }
 
     /// Plans a layer holding the tree at `root` as it is: modes, numeric owners and symlinks

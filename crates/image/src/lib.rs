@@ -8,6 +8,7 @@ mod archive;
 mod bake;
 mod base;
 mod cache;
+mod elf;
 mod files;
 mod gzip;
 mod hashing;

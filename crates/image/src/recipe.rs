@@ -205,6 +205,7 @@ impl<'de> Deserialize<'de> for Step {
             dst: Option<String>,
             mode: Option<u32>,
             owner: Option<String>,
+            libraries: Option<bool>,
             run: Option<Command>,
             network: Option<bool>,
         }
@@ -223,11 +224,18 @@ impl<'de> Deserialize<'de> for Step {
                     dst,
                     mode: raw.mode,
                     owner: raw.owner,
+                    libraries: raw.libraries.unwrap_or(false),
                 }))
             }
             (None, Some(run)) => {
-                if raw.dst.is_some() || raw.mode.is_some() || raw.owner.is_some() {
-                    return fail("`dst`, `mode` and `owner` belong to a copy step, not `run`");
+                if raw.dst.is_some()
+                    || raw.mode.is_some()
+                    || raw.owner.is_some()
+                    || raw.libraries.is_some()
+                {
+                    return fail(
+                        "`dst`, `mode`, `owner` and `libraries` belong to a copy step, not `run`",
+                    );
                 }
                 Ok(Step::Run(RunStep {
                     run,
@@ -250,6 +258,10 @@ pub struct CopyStep {
     pub mode: Option<u32>,
     /// Numeric `UID:GID` (or `UID`) of everything copied; default `0:0`.
     pub owner: Option<String>,
+    /// Also copy what copied programs need to start, from this host: their ELF interpreter
+    /// and shared libraries, at their paths (a dynamically linked binary on a `scratch` base).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub libraries: bool,
 }
 
 /// A command run at bake time inside the image's root, in its own mount, PID and network

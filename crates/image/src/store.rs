@@ -484,6 +484,31 @@ impl ImageStore {
         Ok(report)
     }
 
+    /// The content of the file at `path` (no leading `/`) in the topmost of `layers` that holds
+    /// it, up to 256 MiB; `None` when no layer does or it cannot be read.
+    pub(crate) fn file_in_layers(&self, layers: &[Descriptor], path: &str) -> Option<Vec<u8>> {
+        for layer in layers.iter().rev() {
+            let file = fs::File::open(self.blob_path(&layer.digest).ok()?).ok()?;
+            let reader = decompressor(&layer.media_type, io::BufReader::new(file)).ok()?;
+            let mut archive = tar::Archive::new(reader);
+            for entry in archive.entries().ok()? {
+                let mut entry = entry.ok()?;
+                let name = entry
+                    .path()
+                    .ok()?
+                    .to_string_lossy()
+                    .trim_start_matches("./")
+                    .to_string();
+                if name == path && entry.header().entry_type().is_file() {
+                    let mut bytes = Vec::new();
+                    (&mut entry).take(256 << 20).read_to_end(&mut bytes).ok()?;
+                    return Some(bytes);
+                }
+            }
+        }
+        None
+    }
+
     /// Bytes of image `digest`'s blobs.
     pub fn size_of(&self, digest: &str) -> Result<u64, ImageError> {
         Ok(self.blobs_of(digest)?.iter().map(|b| b.size).sum())

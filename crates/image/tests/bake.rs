@@ -58,6 +58,7 @@ fn copy(src: &str, dst: &str, owner: Option<&str>) -> Step {
         dst: dst.into(),
         mode: None,
         owner: owner.map(Into::into),
+        libraries: false,
     })
 }
 
@@ -314,6 +315,7 @@ fn export_import_and_oci_bases_keep_the_digest() {
             dst: "/app".into(),
             mode: None,
             owner: None,
+            libraries: false,
         }],
         entrypoint: Some(vec!["/app/run.sh".into()]),
         ..Recipe::default()
@@ -357,6 +359,7 @@ fn export_import_and_oci_bases_keep_the_digest() {
             dst: "/bin/extra".into(),
             mode: Some(0o700),
             owner: None,
+            libraries: false,
         }],
         ..Recipe::default()
     };

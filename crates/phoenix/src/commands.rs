@@ -389,6 +389,9 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
                 human_size(outcome.size),
                 outcome.millis
             );
+            for warning in &outcome.warnings {
+                eprintln!("warning: image {}: {warning}", outcome.name);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

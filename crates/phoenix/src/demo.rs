@@ -62,6 +62,17 @@ async fn story(dir: &Path, app: &Path, clients: usize) -> anyhow::Result<ExitCod
     write_fleet(&fleet, app, "v1", false)?;
     let controller = Controller::open(Options::new(dir.join("state"), fleet.clone())).await?;
     let addr = controller.listen_addrs()["web"];
+    for warning in controller.warnings() {
+        println!("   warning: {warning}\n");
+    }
+    let (_, driver, bridged) = controller.placements().remove(0);
+    println!(
+        "   instances run with the {driver} driver{}\n",
+        match controller.bridge() {
+            Some((bridge, subnet, _)) if bridged => format!(", on bridge {bridge} ({subnet})"),
+            _ => ", on the host's network".into(),
+        }
+    );
 
     step(1, "bake hello v1 and boot 3 instances behind the proxy");
     let first = deploy(&controller).await?;
@@ -324,7 +335,7 @@ fn write_fleet(path: &Path, app: &Path, version: &str, fail_health: bool) -> any
         r#"[image.hello]
 from = "scratch"
 context = "{context}"
-copy = [{{ src = "{app}", dst = "/bin/hello" }}]
+copy = [{{ src = "{app}", dst = "/bin/hello", libraries = true }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
 checks = "checks.yaml"

@@ -4,6 +4,7 @@ mod agent_cmd;
 mod client;
 mod commands;
 mod demo;
+mod exec_cmd;
 mod handlers;
 mod image_cmd;
 mod load;
@@ -54,6 +55,8 @@ enum Command {
     Metrics(metrics_cmd::MetricsArgs),
     /// Every role's and instance's metrics now, refreshing every second on a terminal.
     Top(metrics_cmd::TopArgs),
+    /// Run a command inside a running instance, as its user (exit code passed through).
+    Exec(exec_cmd::ExecArgs),
     /// Roles, generations, instances, health and image digests.
     Status(commands::StatusArgs),
     /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
@@ -105,12 +108,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
+    phoenix_fleet::run_helper_if_asked();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(cli.log)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // Entering an instance needs a process with one thread: before the async runtime.
+    if let Command::Exec(args) = cli.command {
+        return match exec_cmd::run(&cli.state, args) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // `phoenix proxy --threads 1` is one event loop, as HAProxy's nbthread 1 and one nginx worker.
     let mut builder = match &cli.command {
         Command::Proxy(proxy_cmd::ProxyArgs {
@@ -166,6 +181,7 @@ fn main() -> ExitCode {
             Command::Monitor(args) => agent_cmd::monitor(args).await,
             Command::Query(args) => agent_cmd::query(args).await,
             Command::ForceLeave(args) => agent_cmd::force_leave(args).await,
+            Command::Exec(_) => unreachable!("exec runs before the runtime starts"),
         }
     });
     match result {

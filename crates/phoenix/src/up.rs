@@ -61,8 +61,20 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         controller.agent().name(),
         controller.agent().local_addr()
     );
+    for warning in controller.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    if let Some((bridge, subnet, gateway)) = controller.bridge() {
+        println!("network: bridge {bridge}, subnet {subnet}, proxies also on {gateway}");
+    }
+    let placements = controller.placements();
     for (role, addr) in controller.listen_addrs() {
-        println!("role {role}: proxy on http://{addr}");
+        let (driver, network) = placements
+            .iter()
+            .find(|(name, _, _)| *name == role)
+            .map(|(_, driver, bridged)| (*driver, if *bridged { "bridge" } else { "host network" }))
+            .unwrap_or(("?", "?"));
+        println!("role {role}: proxy on http://{addr} ({driver} driver, {network})");
     }
     let converging = {
         let controller = controller.clone();

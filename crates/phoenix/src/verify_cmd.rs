@@ -169,7 +169,10 @@ async fn verify_image(
     let fleet = FleetFile::load(fleet_path)?;
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
-    let verifier = Verifier::open(state)?;
+    let (verifier, warnings) = Verifier::open(state, &fleet)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
     let (name, digest) = resolve(&verifier, &fleet, reference).await?;
     let vars = match run.vars() {
         Ok(vars) => vars,

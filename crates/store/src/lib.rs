@@ -302,8 +302,8 @@ impl Store {
     pub fn insert_instance(&self, instance: &InstanceRow) -> Result<()> {
         self.conn()
             .execute(
-                "INSERT INTO instances (name, role, generation, image, status, pid, pid_start, port, log_path, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO instances (name, role, generation, image, status, pid, pid_start, port, log_path, started_at, driver, addr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     instance.name,
                     instance.role,
@@ -314,7 +314,9 @@ impl Store {
                     instance.pid_start.map(|v| v as i64),
                     instance.port,
                     instance.log_path,
-                    instance.started_at
+                    instance.started_at,
+                    instance.driver,
+                    instance.addr
                 ],
             )
             .map(drop)
@@ -328,12 +330,12 @@ impl Store {
         name: &str,
         pid: u32,
         pid_start: u64,
-        port: u16,
+        addr: std::net::SocketAddr,
     ) -> Result<()> {
         self.conn()
             .execute(
-                "UPDATE instances SET pid = ?1, pid_start = ?2, port = ?3 WHERE name = ?4",
-                params![pid, pid_start as i64, port, name],
+                "UPDATE instances SET pid = ?1, pid_start = ?2, port = ?3, addr = ?4 WHERE name = ?5",
+                params![pid, pid_start as i64, addr.port(), addr.to_string(), name],
             )
             .map(drop)
             .map_err(|e| self.sql(e))
@@ -358,6 +360,14 @@ impl Store {
         )
     }
 
+    /// The instance named `name`, if it was ever recorded.
+    pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
+        Ok(self
+            .query_instances("WHERE name = ?1", params![name])?
+            .into_iter()
+            .next())
+    }
+
     pub fn instances_of_generation(&self, generation: i64) -> Result<Vec<InstanceRow>> {
         self.query_instances(
             "WHERE generation = ?1 ORDER BY started_at, name",
@@ -370,7 +380,7 @@ impl Store {
         tail: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<InstanceRow>> {
-        let columns = "name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at";
+        let columns = "name, role, generation, image, status, pid, pid_start, port, log_path, started_at, ended_at, driver, addr";
         self.query_checked(
             &format!("SELECT {columns} FROM instances {tail}"),
             params,

@@ -158,6 +158,10 @@ pub struct InstanceRow {
     pub log_path: String,
     pub started_at: i64,
     pub ended_at: Option<i64>,
+    /// The driver that runs it (`isolating`, `runc`, `process`).
+    pub driver: String,
+    /// The address it serves on, once it runs.
+    pub addr: Option<String>,
 }
 
 impl InstanceRow {
@@ -178,6 +182,8 @@ impl InstanceRow {
             log_path: row.get(8)?,
             started_at: row.get(9)?,
             ended_at: row.get(10)?,
+            driver: row.get(11)?,
+            addr: row.get(12)?,
         }))
     }
 }

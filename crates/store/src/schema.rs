@@ -83,6 +83,11 @@ CREATE TABLE role_sizes (
     at             INTEGER NOT NULL
 );
 "#,
+    r#"
+-- What ran each instance (recovery ends it the same way) and the address it served on.
+ALTER TABLE instances ADD COLUMN driver TEXT NOT NULL DEFAULT 'process';
+ALTER TABLE instances ADD COLUMN addr TEXT;
+"#,
 ];
 
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {

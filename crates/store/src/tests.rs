@@ -66,10 +66,12 @@ fn generations_instances_and_deploys_survive_reopening() {
                 log_path: "/tmp/x.log".into(),
                 started_at: 21,
                 ended_at: None,
+                driver: "isolating".into(),
+                addr: None,
             })
             .unwrap();
         store
-            .set_instance_process("web-abc123", 42, 777, 4001)
+            .set_instance_process("web-abc123", 42, 777, "127.0.0.1:4001".parse().unwrap())
             .unwrap();
         assert_eq!(store.running_deploys().unwrap()[0].id, deploy);
     }
@@ -80,6 +82,10 @@ fn generations_instances_and_deploys_survive_reopening() {
     assert_eq!(
         (active[0].pid, active[0].pid_start, active[0].port),
         (Some(42), Some(777), 4001)
+    );
+    assert_eq!(
+        (active[0].driver.as_str(), active[0].addr.as_deref()),
+        ("isolating", Some("127.0.0.1:4001"))
     );
     store
         .set_instance_status("web-abc123", InstanceStatus::Lost, 30)

@@ -3,9 +3,11 @@
 //! - `GET /` answers `hello from INSTANCE version VERSION`.
 //! - `GET /healthz` answers 200, or 503 when started with `--fail-health` or `FAIL_HEALTH=1`.
 //! - `GET /slow/MS` answers after MS milliseconds (to watch requests finish during a drain).
+//! - `GET /alloc/MIB` takes MIB mebibytes of memory and keeps them (to watch a memory limit).
 //!
-//! It listens on 127.0.0.1:`PORT`, takes its instance name from `PHOENIX_INSTANCE` and its
-//! version from `VERSION`. On SIGTERM it stops accepting and lets in-flight requests finish.
+//! It listens on `HOST`:`PORT` (`HOST` defaults to 127.0.0.1), takes its instance name from
+//! `PHOENIX_INSTANCE` and its version from `VERSION`. On SIGTERM it stops accepting and lets
+//! in-flight requests finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,7 +60,15 @@ async fn main() {
         version: std::env::var("VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
         fail_health: args.iter().any(|a| a == "--fail-health") || env_flag("FAIL_HEALTH"),
     });
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let host: std::net::IpAddr = match std::env::var("HOST").map(|h| h.parse()) {
+        Ok(Ok(host)) => host,
+        Ok(Err(_)) => {
+            eprintln!("hello: HOST must be an IP address");
+            std::process::exit(2);
+        }
+        Err(_) => [127, 0, 0, 1].into(),
+    };
+    let addr = SocketAddr::new(host, port);
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -134,6 +144,17 @@ async fn handle(
                 "usage: /slow/MILLISECONDS\n".to_string(),
             ),
         }
+    } else if let Some(mib) = path.strip_prefix("/alloc/") {
+        match mib.parse::<usize>() {
+            Ok(mib) if mib <= 4096 => {
+                let taken = hold(mib);
+                (StatusCode::OK, format!("holding {taken} MiB\n"))
+            }
+            _ => (
+                StatusCode::BAD_REQUEST,
+                "usage: /alloc/MEBIBYTES (at most 4096)\n".to_string(),
+            ),
+        }
     } else if path == "/" {
         (StatusCode::OK, greeting(&app))
     } else {
@@ -146,6 +167,21 @@ async fn handle(
         http::HeaderValue::from_str(&app.instance).unwrap_or(http::HeaderValue::from_static("?")),
     );
     Ok(response)
+}
+
+/// Takes `mib` more mebibytes, touched page by page so that they are really in use; returns
+/// how many are held in all.
+fn hold(mib: usize) -> usize {
+    static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..mib {
+        let mut block = vec![0u8; 1 << 20];
+        for page in block.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        held.push(block);
+    }
+    held.len()
 }
 
 fn greeting(app: &App) -> String {

@@ -18,6 +18,7 @@ fn copy(src: &str, dst: &str) -> CopyStep {
         dst: dst.into(),
         mode: None,
         owner: None,
+        libraries: false,
     }
 }
 

@@ -97,7 +97,7 @@ impl Fleet {
             r#"[image.hello]
 from = "scratch"
 context = "{context}"
-copy = [{{ src = "hello", dst = "/bin/hello" }}]
+copy = [{{ src = "hello", dst = "/bin/hello", libraries = true }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
 {checks}
