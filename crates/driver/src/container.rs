@@ -71,6 +71,9 @@ impl ContainerDriver {
                 )));
             }
         }
+        // Runtimes resolve the spec's paths from wherever they run: make them absolute.
+        let state_dir = std::path::absolute(state_dir)
+            .map_err(DriverError::io("-", "resolve the state directory"))?;
         let run_dir = state_dir.join("run");
         // Instances' inits (unprivileged host uids) pass through to their bundles: traversable
         // but not listable. The runtime's state (the specs, with their environments) is the
@@ -91,6 +94,23 @@ impl ContainerDriver {
             id_offset,
             helper: PathBuf::from("/proc/self/exe"),
         })
+    }
+
+    /// Instances whose shim's Phoenix is gone (it was killed) but that no record names: the
+    /// throwaway instances of verifications.
+    pub fn orphans(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.run_dir.join("instances")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let plan: Plan =
+                    serde_json::from_slice(&fs::read(entry.path().join("shim.json")).ok()?).ok()?;
+                let alive = Path::new(&format!("/proc/{}", plan.parent)).exists();
+                (!alive).then_some(plan.id)
+            })
+            .collect()
     }
 
     /// Removes what the driver keeps for the state directory as a whole (its parent cgroup),
@@ -346,6 +366,12 @@ impl Driver for ContainerDriver {
 
     fn cleanup(&self, recorded: &Recorded) -> bool {
         let name = &recorded.name;
+        let plan: Option<Plan> = fs::read(self.bundle(name).join("shim.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if let Some(attach) = plan.as_ref().and_then(|p| p.network.as_ref()) {
+            attach.remove();
+        }
         let existed = self.cgroups.exists(name);
         let killed = self.cgroups.kill_all(name);
         self.cgroups.remove(name);

@@ -116,11 +116,15 @@ impl Netlink {
         self.new_link(name, vec![LinkInfo::Kind(InfoKind::Bridge)])
     }
 
-    pub(crate) fn add_veth(&mut self, name: &str, peer: &str) -> io::Result<()> {
+    /// A veth pair; the peer gets the MAC address `peer_mac`.
+    pub(crate) fn add_veth(&mut self, name: &str, peer: &str, peer_mac: [u8; 6]) -> io::Result<()> {
         let mut peer_message = LinkMessage::default();
         peer_message
             .attributes
             .push(LinkAttribute::IfName(peer.into()));
+        peer_message
+            .attributes
+            .push(LinkAttribute::Address(peer_mac.to_vec()));
         self.new_link(
             name,
             vec![
@@ -487,7 +491,7 @@ impl Attach {
             host.delete_link(stale)
                 .map_err(context("remove a stale veth"))?;
         }
-        host.add_veth(&self.host_link, &peer)
+        host.add_veth(&self.host_link, &peer, mac_of(self.addr))
             .map_err(context("create the veth pair"))?;
         let host_end = host
             .link_index(&self.host_link)?
@@ -516,6 +520,27 @@ impl Attach {
                 .add_default_route(self.gateway, eth0)
                 .map_err(context("add the default route"))
         })
+    }
+}
+
+/// The MAC address of an instance's `eth0`, made from its IP address (locally administered, as
+/// Docker does): an address handed out again keeps its MAC, so the host's neighbour cache
+/// never sends a new instance's traffic to the old one's MAC until it expires.
+fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x02, 0x50, a, b, c, d]
+}
+
+impl Attach {
+    /// Deletes the veth pair (both ends go), if it is still there. The instance's network
+    /// namespace may outlive it for a while (connections in TIME-WAIT hold it); its link on
+    /// the bridge must not.
+    pub(crate) fn remove(&self) {
+        if let Ok(mut netlink) = Netlink::open()
+            && let Ok(Some(index)) = netlink.link_index(&self.host_link)
+        {
+            let _ = netlink.delete_link(index);
+        }
     }
 }
 
@@ -576,6 +601,15 @@ mod tests {
                 .contains("10.89.0.0/20")
         );
         assert_eq!(subnet.to_string(), "10.89.16.0/20");
+    }
+
+    #[test]
+    fn macs_follow_addresses() {
+        assert_eq!(mac_of(Ipv4Addr::new(10, 89, 0, 7)), [2, 0x50, 10, 89, 0, 7]);
+        assert_ne!(
+            mac_of(Ipv4Addr::new(10, 89, 0, 7)),
+            mac_of(Ipv4Addr::new(10, 89, 0, 8))
+        );
     }
 
     #[test]

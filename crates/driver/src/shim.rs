@@ -477,6 +477,9 @@ impl Shim {
             cgroups.kill_all(&self.plan.id);
             cgroups.remove(&self.plan.id);
         }
+        if let Some(attach) = &self.plan.network {
+            attach.remove();
+        }
         let rootfs = self.rootfs();
         if let Ok(target) = c_string(&rootfs.display().to_string()) {
             // SAFETY: umount2 on a NUL-terminated path.

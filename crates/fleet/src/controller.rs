@@ -390,9 +390,6 @@ impl Controller {
                 .map_err(|e| FleetError::Internal(e.to_string()))??
             }
         };
-        for warning in &drivers.warnings {
-            tracing::warn!("{warning}");
-        }
         let secrets = crate::secrets::Secrets::capture(&fleet);
         for (name, role) in &fleet.roles {
             // A secret that cannot be read is an error now, not at the first deploy.

@@ -174,6 +174,24 @@ impl Drivers {
         }
     }
 
+    /// Ends the containers a killed Phoenix left that no record names (verifications'
+    /// throwaway instances); returns their names.
+    pub fn clean_orphans(&self) -> Vec<String> {
+        let mut cleaned = Vec::new();
+        for container in &self.containers {
+            for name in container.orphans() {
+                let recorded = Recorded {
+                    name: name.clone(),
+                    pid: None,
+                    pid_start: None,
+                };
+                container.cleanup(&recorded);
+                cleaned.push(name);
+            }
+        }
+        cleaned
+    }
+
     /// At shutdown, once every instance stopped: the bridge and the parent cgroups go.
     pub fn shut_down(&self) {
         for container in &self.containers {

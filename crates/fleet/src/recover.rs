@@ -35,6 +35,19 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), FleetError> {
             .journal(Some(&instance.role), "instance.lost", detail)
             .await;
     }
+    let drivers = inner.drivers.clone();
+    let orphans = tokio::task::spawn_blocking(move || drivers.clean_orphans())
+        .await
+        .unwrap_or_default();
+    if !orphans.is_empty() {
+        inner
+            .journal(
+                None,
+                "instance.orphans_removed",
+                json!({"instances": orphans}),
+            )
+            .await;
+    }
     let deploys = inner.db(|s| s.running_deploys()).await?;
     for deploy in &deploys {
         let (id, to, now) = (deploy.id, deploy.to_generation, inner.clock.now_ms());

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use phoenix_fleet::{Clock, SystemClock};
-use phoenix_image::{ImageStore, StepReport, short_digest};
+use phoenix_image::{ImageStore, RootLayout, StepReport, short_digest};
 use phoenix_store::{GenerationStatus, Store};
 use serde_json::json;
 
@@ -344,14 +344,29 @@ fn name_of_ref(reference: &str) -> String {
     }
 }
 
+/// The layout of the root an instance of `driver` runs from: the host layout for the process
+/// driver; for containers, shifted into the instances' user namespace (or not, for a role with
+/// `allow_root`: whichever root exists).
+fn root_layout(images: &ImageStore, digest: &str, driver: &str) -> RootLayout {
+    if driver == "process" {
+        return RootLayout::HOST;
+    }
+    let mapped = RootLayout::mapped(phoenix_fleet::ID_OFFSET);
+    [mapped, RootLayout::mapped(0)]
+        .into_iter()
+        .find(|layout| images.root_path(digest, *layout).is_ok_and(|p| p.exists()))
+        .unwrap_or(mapped)
+}
+
 pub async fn drift(state: &Path, args: DriftArgs) -> anyhow::Result<ExitCode> {
     let local = Local::open(state)?;
-    let (digest, role, what) = if args.image {
+    let (digest, role, what, driver) = if args.image {
         let (digest, _) = local.resolve(&args.target)?;
         (
             digest,
             None,
             format!("image {}", short_digest(&args.target)),
+            "process".to_string(),
         )
     } else {
         let instance = local
@@ -373,12 +388,15 @@ pub async fn drift(state: &Path, args: DriftArgs) -> anyhow::Result<ExitCode> {
             generation.image,
             Some(generation.role),
             format!("instance {}", args.target),
+            instance.driver,
         )
     };
     let started = Instant::now();
     let images = local.images.clone();
+    let layout = root_layout(&images, &digest, &driver);
     let (full, image) = (args.full, digest.clone());
-    let drift = tokio::task::spawn_blocking(move || images.drift(&image, full)).await??;
+    let drift =
+        tokio::task::spawn_blocking(move || images.drift_as(&image, layout, full)).await??;
     let millis = started.elapsed().as_millis();
     if args.json {
         println!(

@@ -162,11 +162,16 @@ fn exported_images_load_and_run_in_podman_and_podman_images_import() {
 #[test]
 fn inspect_rm_and_gc() {
     let dir = tempfile::tempdir().unwrap();
-    Fleet::version("v1").write_to(dir.path());
+    // Just the binary: these images are inspected and collected, never run.
+    let fleet = |version| Fleet {
+        libraries: false,
+        ..Fleet::version(version)
+    };
+    fleet("v1").write_to(dir.path());
     let state = ["--state", "s"];
     let cli = |args: &[&str]| phoenix(dir.path(), &[&state[..], args].concat());
     let v1: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
-    Fleet::version("v2").write_to(dir.path());
+    fleet("v2").write_to(dir.path());
     let v2: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
     let (v1, v2) = (
         v1[0]["digest"].as_str().unwrap().to_string(),
@@ -225,7 +230,7 @@ fn drift_is_detected_and_replaced_with_fresh_instances_under_load() {
     assert!(text(&clean.stdout).contains("0 added, 0 changed, 0 removed"));
 
     // A hand-made change inside the instance's root.
-    let root = phoenix.state().join("images/roots").join(&image[7..]);
+    let root = common::image_root(&phoenix.state(), &image);
     std::fs::set_permissions(
         root.join("bin"),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -353,7 +358,7 @@ fn a_role_with_drift_check_replaces_drifted_instances_by_itself() {
         .unwrap()
         .to_string();
     let load = Load::start(phoenix.proxy_addr(), 4);
-    let root = phoenix.state().join("images/roots").join(&image[7..]);
+    let root = common::image_root(&phoenix.state(), &image);
     std::fs::set_permissions(
         root.join("bin"),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),

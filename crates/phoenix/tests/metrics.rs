@@ -37,12 +37,29 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
                 >= 3
         },
     );
-    // Memory: both instances, each some MiB; the role's sum is their total.
-    let memory = series(&phoenix, "memory");
-    let last = memory.last().unwrap();
+    // Memory: each instance takes 16 MiB more than it had; the role's sum is their total.
+    for instance in phoenix.live_instances() {
+        let addr: std::net::SocketAddr = instance["address"].as_str().unwrap().parse().unwrap();
+        assert!(common::get_once(addr, "/alloc/16").contains("holding 16 MiB"));
+    }
+    let mut last = Value::Null;
+    wait_for(
+        "16 MiB per instance in metrics.db",
+        Duration::from_secs(10),
+        || {
+            last = series(&phoenix, "memory")
+                .last()
+                .cloned()
+                .unwrap_or_default();
+            last["avg"].as_f64().unwrap_or(0.0) >= 16.0 * 1048576.0
+        },
+    );
     assert_eq!(last["n"], 2, "{last}");
     let (sum, avg) = (last["sum"].as_f64().unwrap(), last["avg"].as_f64().unwrap());
-    assert!(avg > 1_000_000.0 && (sum - 2.0 * avg).abs() < 1.0, "{last}");
+    assert!(
+        avg < 64.0 * 1048576.0 && (sum - 2.0 * avg).abs() < 1.0,
+        "{last}"
+    );
     let cpu = series(&phoenix, "cpu");
     assert!(!cpu.is_empty() && cpu.iter().all(|p| p["avg"].as_f64().unwrap() >= 0.0));
     assert!(!series(&phoenix, "p99_ms").is_empty());

@@ -59,6 +59,11 @@ pub struct Fleet {
     pub more: &'static str,
     /// More keys of `[role.web]`.
     pub role_keys: &'static str,
+    /// `network` of `[role.web]`: `host` unless a test runs Phoenix in a network namespace of
+    /// its own (a bridge belongs there, not on the machine running the tests).
+    pub network: &'static str,
+    /// Copy the hello binary's loader and libraries into the image (it runs in containers).
+    pub libraries: bool,
 }
 
 impl Fleet {
@@ -76,6 +81,8 @@ impl Fleet {
             autoscale: None,
             more: "",
             role_keys: "",
+            network: "host",
+            libraries: true,
         }
     }
 
@@ -97,7 +104,7 @@ impl Fleet {
             r#"[image.hello]
 from = "scratch"
 context = "{context}"
-copy = [{{ src = "hello", dst = "/bin/hello", libraries = true }}]
+copy = [{{ src = "hello", dst = "/bin/hello", libraries = {libraries} }}]
 env = {{ VERSION = "{version}"{fail} }}
 entrypoint = ["/bin/hello"]
 {checks}
@@ -106,6 +113,7 @@ image = "hello"
 instances = {instances}
 listen = "127.0.0.1:0"
 stop_timeout = "5s"
+network = "{network}"
 {role_keys}{drift}
 [role.web.health]
 interval = "100ms"
@@ -136,6 +144,8 @@ drain = "{drain}"
                 .map(|body| format!("\n[role.web.autoscale]\n{body}"))
                 .unwrap_or_default(),
             role_keys = self.role_keys,
+            network = self.network,
+            libraries = self.libraries,
             more = self.more,
             proxy = if self.tcp {
                 "\n[role.web.proxy]\nmode = \"tcp\"\n"
@@ -466,9 +476,11 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Every process whose executable lies under `dir` (instances run from the image roots).
-pub fn processes_under(dir: &Path) -> Vec<u32> {
-    let dir = dir.canonicalize().unwrap();
+/// Every process of the instances of the state directory `state`: those in its containers'
+/// cgroups, and those whose executable lies under it (the process driver runs them from the
+/// image roots).
+pub fn processes_under(state: &Path) -> Vec<u32> {
+    let state = state.canonicalize().unwrap();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -477,11 +489,45 @@ pub fn processes_under(dir: &Path) -> Vec<u32> {
         let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
             continue;
         };
-        if exe.starts_with(&dir) && !is_zombie(pid) {
+        if exe.starts_with(&state) && !is_zombie(pid) {
             pids.push(pid);
         }
     }
+    let hash = phoenix_driver::state_hash(&state);
+    for base in ["/sys/fs/cgroup/memory/phoenix", "/sys/fs/cgroup/phoenix"] {
+        let Ok(instances) = std::fs::read_dir(Path::new(base).join(&hash)) else {
+            continue;
+        };
+        for instance in instances.flatten() {
+            let procs =
+                std::fs::read_to_string(instance.path().join("cgroup.procs")).unwrap_or_default();
+            pids.extend(
+                procs
+                    .lines()
+                    .filter_map(|l| l.parse::<u32>().ok())
+                    .filter(|pid| !is_zombie(*pid)),
+            );
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
     pids
+}
+
+/// The unpacked root instances of `image` run from: shifted into the user namespace for
+/// containers, as is for the process driver.
+pub fn image_root(state: &Path, image: &str) -> PathBuf {
+    let hex = &image["sha256:".len()..];
+    let roots = state.join("images/roots");
+    [
+        format!("{hex}-ws{}", phoenix_fleet::ID_OFFSET),
+        format!("{hex}-w0"),
+        hex.to_string(),
+    ]
+    .into_iter()
+    .map(|name| roots.join(name))
+    .find(|root| root.is_dir())
+    .unwrap_or_else(|| panic!("no unpacked root of {image} in {}", roots.display()))
 }
 
 pub fn is_zombie(pid: u32) -> bool {
