@@ -256,6 +256,21 @@ impl Cgroups {
         }
     }
 
+    /// Moves process `pid` into instance `name`'s cgroup in every hierarchy (a command run
+    /// inside the instance counts against its limits).
+    pub fn join(&self, name: &str, pid: u32) {
+        let dirs: Vec<PathBuf> = match self.version {
+            CgroupVersion::V1 => V1_CONTROLLERS
+                .iter()
+                .filter_map(|c| self.dir(c, name))
+                .collect(),
+            CgroupVersion::V2 => self.dir("", name).into_iter().collect(),
+        };
+        for dir in dirs.into_iter().filter(|d| d.exists()) {
+            let _ = fs::write(dir.join("cgroup.procs"), pid.to_string());
+        }
+    }
+
     /// Removes the (empty) cgroup that held this state directory's instances.
     pub fn remove_parent(&self) {
         self.remove("");

@@ -148,6 +148,7 @@ impl ContainerDriver {
             id: name.to_string(),
             runtime: self.runtime_plan(),
             bundle: self.bundle(name),
+            cgroup_parent: Some(self.cgroups.path_of("").trim_end_matches('/').to_string()),
         }
     }
 
@@ -203,6 +204,8 @@ pub struct ExecTarget {
     runtime: RuntimePlan,
     /// The container's bundle: its spec says who the instance's process runs as.
     bundle: PathBuf,
+    /// Where the instances' cgroups are.
+    cgroup_parent: Option<String>,
 }
 
 impl ExecTarget {
@@ -215,6 +218,7 @@ impl ExecTarget {
             id: plan.id,
             runtime: plan.runtime,
             bundle,
+            cgroup_parent: Some(plan.cgroup_parent),
         })
     }
 
@@ -227,41 +231,22 @@ impl ExecTarget {
             message,
         };
         match &self.runtime {
-            RuntimePlan::Builtin { state_root } => {
-                use libcontainer::container::builder::ContainerBuilder;
-                use libcontainer::syscall::syscall::SyscallType;
-                let programs = crate::seccomp::bpf_programs().map_err(fail)?;
-                // As its user: libcontainer's tenants otherwise run as root.
+            RuntimePlan::Builtin { .. } => {
+                // libcontainer's tenants do not join a user namespace: Phoenix enters itself.
                 let config: serde_json::Value = fs::read(self.bundle.join("config.json"))
                     .ok()
                     .and_then(|bytes| serde_json::from_slice(&bytes).ok())
                     .ok_or_else(|| fail("the instance is not running (no bundle)".into()))?;
-                let user = &config["process"]["user"];
-                let id = |key: &str| user[key].as_u64().map(|v| v as u32);
-                let groups: Vec<u32> = user["additionalGids"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|g| g.as_u64().map(|g| g as u32))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let pid = ContainerBuilder::new(self.id.clone(), SyscallType::default())
-                    .with_root_path(state_root)
-                    .map_err(|e| fail(e.to_string()))?
-                    .with_executor(crate::shim::Isolated { programs })
-                    .as_tenant()
-                    .with_container_args(argv.to_vec())
-                    .with_user(id("uid"))
-                    .with_group(id("gid"))
-                    .with_additional_gids(groups)
-                    .with_detach(false)
-                    .build()
+                let pid: u32 = fs::read_to_string(self.bundle.join("init.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                    .ok_or_else(|| fail("the instance's init process is not recorded".into()))?;
+                let cgroups = self.cgroup_parent.as_deref().and_then(|parent| {
+                    Cgroups::detect(parent).map(|cgroups| (cgroups, self.id.clone()))
+                });
+                crate::exec::exec_inside(&config, pid, cgroups, argv)
                     .map_err(|e| fail(format!("cannot run in the instance: {e}")))?;
-                let mut status = 0;
-                // SAFETY: waiting for the child the builder just made.
-                unsafe { libc::waitpid(pid.as_raw(), &mut status, 0) };
-                Ok(wait_code(status))
+                unreachable!("exec_inside returns only with an error")
             }
             RuntimePlan::Oci { binary, state_root } => {
                 let status = std::process::Command::new(binary)
@@ -278,14 +263,6 @@ impl ExecTarget {
                     .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
             }
         }
-    }
-}
-
-fn wait_code(status: i32) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
     }
 }
 

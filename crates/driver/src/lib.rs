@@ -15,6 +15,7 @@
 mod cgroup;
 mod container;
 mod enter;
+mod exec;
 mod net;
 mod process;
 mod procfs;

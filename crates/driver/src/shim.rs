@@ -286,6 +286,9 @@ impl Shim {
                     .ok_or("the container has no init process")?
                     .as_raw() as u32;
                 self.container = Some(container);
+                // Where `phoenix exec` finds it, as runc's pid file for the other runtime.
+                fs::write(self.plan.bundle.join("init.pid"), pid.to_string())
+                    .map_err(|e| format!("cannot record the init's pid: {e}"))?;
                 Ok(pid)
             }
             RuntimePlan::Oci { binary, .. } => {

@@ -714,18 +714,21 @@ fn grep_tree(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 fn exec_runs_inside_as_its_user(kit: &Kit) -> Result<(), String> {
     let mut spec = kit.spec("exec-1", "echo ready; sleep 30");
     spec.user = "app".into();
+    spec.secrets = vec![Secret {
+        name: "key".into(),
+        value: b"k3y".to_vec(),
+    }];
     let (mut process, _) = kit.start(&spec)?;
     let result = (|| {
         kit.wait_log(&spec, "ready")?;
+        let script = "echo user=$(id -u) host=$(hostname) init=$(cat /proc/1/comm) \
+             map=$(cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //') key=$(cat /run/secrets/key) \
+             nnp=$(grep NoNewPrivs /proc/self/status | tr -d '\t ' | cut -d: -f2) \
+             cap=$(grep CapEff /proc/self/status | tr -d '\t ' | cut -d: -f2); exit 7";
         let output = std::process::Command::new("/proc/self/exe")
             .args(["__exec", &kit.runtime_name])
             .arg(kit.state())
-            .args([
-                "exec-1",
-                "/bin/sh",
-                "-c",
-                "echo user=$(id -u) host=$(hostname) init=$(cat /proc/1/comm); exit 7",
-            ])
+            .args(["exec-1", "/bin/sh", "-c", script])
             .output()
             .map_err(|e| e.to_string())?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -737,10 +740,19 @@ fn exec_runs_inside_as_its_user(kit: &Kit) -> Result<(), String> {
                 String::from_utf8_lossy(&output.stderr)
             ),
         )?;
+        let expected = format!(
+            "user=1000 host=exec-1 init=sleep map=0 {OFFSET} 65536 key=k3y nnp=1 cap=0000000000000000"
+        );
         check(
-            stdout.contains("user=1000 host=exec-1 init=sleep")
-                || stdout.contains("user=1000 host=exec-1 init=sh"),
-            format!("inside, as its user: {stdout}"),
+            stdout.trim() == expected,
+            format!(
+                "inside its namespaces, user namespace included, as its user:\n{stdout}\nnot\n{expected}"
+            ),
+        )?;
+        // The command ran in the instance's cgroup (it counted against its limits).
+        check(
+            !kit.driver.cgroups().pids("exec-1").is_empty(),
+            "the instance's cgroup",
         )
     })();
     kit.stop(&mut process, Duration::from_secs(1));

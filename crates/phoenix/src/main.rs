@@ -111,12 +111,8 @@ fn main() -> ExitCode {
     // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
     phoenix_fleet::run_helper_if_asked();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(cli.log)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    // Entering an instance needs a process with one thread: before the async runtime.
+    // Entering an instance needs a process with one thread: before the async runtime. Its
+    // output is the command's own: no log lines of Phoenix's around it.
     if let Command::Exec(args) = cli.command {
         return match exec_cmd::run(&cli.state, args) {
             Ok(code) => code,
@@ -126,6 +122,11 @@ fn main() -> ExitCode {
             }
         };
     }
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     // `phoenix proxy --threads 1` is one event loop, as HAProxy's nbthread 1 and one nginx worker.
     let mut builder = match &cli.command {
         Command::Proxy(proxy_cmd::ProxyArgs {

@@ -334,6 +334,9 @@ async fn serve_hyper<I>(
     builder
         .http1()
         .writev(false)
+        // A client may send its request and shut its side down (`printf ... | nc`): it
+        // still gets its answer, as from HAProxy and nginx.
+        .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout);
     builder.http2().timer(TokioTimer::new());

@@ -106,6 +106,30 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let (_proxy, addr, _stop) = serving(ProxyConfig::default(), "b1", backend("b1").await).await;
+    for request in [
+        &b"GET /x HTTP/1.0\r\n\r\n"[..],
+        &b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut raw = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        let path = if request.starts_with(b"GET /x") {
+            "/x"
+        } else {
+            "/y"
+        };
+        assert!(raw.ends_with(&format!("b1 {path}")), "{raw:?}");
+    }
+}
+
+#[tokio::test]
 async fn round_robin_over_the_backends() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let names = ["a", "b", "c"];

@@ -161,11 +161,84 @@ drain = "{drain}"
     }
 }
 
+/// A network namespace of the test's own, loopback up, held open by a descriptor: what runs
+/// in it (a `phoenix up` with its bridge, the clients that talk to it) stays in it.
+#[derive(Clone)]
+pub struct Netns(Arc<std::fs::File>);
+
+impl Netns {
+    pub fn new() -> Netns {
+        let file = std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread; the ioctl fills a zeroed ifreq.
+            unsafe {
+                assert_eq!(
+                    libc::unshare(libc::CLONE_NEWNET),
+                    0,
+                    "unshare(CLONE_NEWNET)"
+                );
+                let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                let mut request: libc::ifreq = std::mem::zeroed();
+                for (i, b) in b"lo\0".iter().enumerate() {
+                    request.ifr_name[i] = *b as libc::c_char;
+                }
+                request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+                assert_eq!(
+                    libc::ioctl(socket, libc::SIOCSIFFLAGS, &request),
+                    0,
+                    "lo up"
+                );
+                libc::close(socket);
+            }
+            std::fs::File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        Netns(Arc::new(file))
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace descriptor we hold; it changes only this thread.
+        let done = unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(done, 0, "setns");
+    }
+
+    /// Makes `command` start in the namespace.
+    pub fn apply(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.0.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the descriptor stays open across the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Runs `work` on a thread inside the namespace (sockets it opens stay there).
+    pub fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let netns = self.clone();
+        std::thread::spawn(move || {
+            netns.enter();
+            work()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 /// A running `phoenix up` in a temporary directory.
 pub struct Phoenix {
     pub dir: tempfile::TempDir,
     pub child: Child,
     extra_args: Vec<String>,
+    /// The network namespace it runs in, when not the test's own.
+    pub netns: Option<Netns>,
 }
 
 impl Phoenix {
@@ -175,17 +248,85 @@ impl Phoenix {
     }
 
     pub fn start_with(fleet: &Fleet, extra_args: &[&str]) -> Phoenix {
+        Phoenix::start_in(fleet, extra_args, None)
+    }
+
+    /// `phoenix up` in a network namespace of its own, where its bridge is made; the harness's
+    /// commands and requests go there too.
+    pub fn start_in_netns(fleet: &Fleet) -> Phoenix {
+        Phoenix::start_in(fleet, &[], Some(Netns::new()))
+    }
+
+    fn start_in(fleet: &Fleet, extra_args: &[&str], netns: Option<Netns>) -> Phoenix {
         let dir = tempfile::tempdir().unwrap();
         fleet.write_to(dir.path());
+        let mut phoenix = Phoenix::launch(dir, extra_args, netns);
+        phoenix.wait_serving(fleet.instances);
+        phoenix
+    }
+
+    /// `phoenix up` on the fleet file already in `dir`, without waiting for it.
+    pub fn launch(dir: tempfile::TempDir, extra_args: &[&str], netns: Option<Netns>) -> Phoenix {
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let child = spawn_up(dir.path(), &extra_args);
-        let mut phoenix = Phoenix {
+        let child = spawn_up(dir.path(), &extra_args, netns.as_ref());
+        Phoenix {
             dir,
             child,
             extra_args,
-        };
-        phoenix.wait_serving(fleet.instances);
-        phoenix
+            netns,
+        }
+    }
+
+    /// Waits until role `role`'s live generation has `instances` healthy instances.
+    pub fn wait_role(&mut self, role: &str, instances: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("phoenix up exited ({exit}) before serving:\n{}", self.log());
+            }
+            let healthy = self.try_status().map(|status| {
+                status["roles"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r["name"] == role)
+                    .flat_map(|r| {
+                        let live = r["live_generation"].clone();
+                        r["generations"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter(move |g| g["id"] == live)
+                            .flat_map(|g| g["instances"].as_array().unwrap().clone())
+                            .collect::<Vec<_>>()
+                    })
+                    .filter(|i| i["status"] == "healthy")
+                    .count()
+            });
+            if healthy == Some(instances) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "role {role} did not get {instances} healthy instances\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One GET of `path` on `addr`, from inside Phoenix's network namespace.
+    pub fn get(&self, addr: SocketAddr, path: &str) -> String {
+        let path = path.to_string();
+        match &self.netns {
+            Some(netns) => netns.run(move || get_once(addr, &path)),
+            None => get_once(addr, &path),
+        }
+    }
+
+    /// Load on `addr` from inside Phoenix's network namespace.
+    pub fn load(&self, addr: SocketAddr, clients: usize) -> Load {
+        Load::start_in(self.netns.clone(), addr, clients)
     }
 
     pub fn state(&self) -> PathBuf {
@@ -202,7 +343,7 @@ impl Phoenix {
 
     /// Starts `phoenix up` again on the same state (after a crash).
     pub fn restart(&mut self, instances: u32) {
-        self.child = spawn_up(self.dir.path(), &self.extra_args);
+        self.child = spawn_up(self.dir.path(), &self.extra_args, self.netns.as_ref());
         self.wait_serving(instances);
     }
 
@@ -216,6 +357,9 @@ impl Phoenix {
             .current_dir(self.dir.path());
         if let Some(at) = self.extra_args.iter().position(|a| a == "--token") {
             command.env("PHOENIX_API_TOKEN", &self.extra_args[at + 1]);
+        }
+        if let Some(netns) = &self.netns {
+            netns.apply(&mut command);
         }
         command.output().unwrap()
     }
@@ -270,7 +414,7 @@ impl Phoenix {
     /// A GET of `path` on the API, the whole response.
     pub fn api_get(&self, path: &str) -> String {
         let api = std::fs::read_to_string(self.state().join("api.addr")).unwrap();
-        get_once(api.trim().parse().unwrap(), path)
+        self.get(api.trim().parse().unwrap(), path)
     }
 
     /// Waits until the live generation has `instances` healthy instances; on failure the
@@ -370,13 +514,17 @@ impl Drop for Phoenix {
     }
 }
 
-fn spawn_up(dir: &Path, extra_args: &[String]) -> Child {
+fn spawn_up(dir: &Path, extra_args: &[String], netns: Option<&Netns>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("up.log"))
         .unwrap();
-    Command::new(phoenix_bin())
+    let mut command = Command::new(phoenix_bin());
+    if let Some(netns) = netns {
+        netns.apply(&mut command);
+    }
+    command
         .args([
             "--state",
             "state",
@@ -556,12 +704,22 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        Load::start_in(None, addr, clients)
+    }
+
+    /// Load from inside `netns` (the clients' sockets are made there).
+    pub fn start_in(netns: Option<Netns>, addr: SocketAddr, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..clients)
             .map(|_| {
-                let (stop, samples) = (stop.clone(), samples.clone());
-                std::thread::spawn(move || client_loop(addr, &stop, &samples))
+                let (stop, samples, netns) = (stop.clone(), samples.clone(), netns.clone());
+                std::thread::spawn(move || {
+                    if let Some(netns) = netns {
+                        netns.enter();
+                    }
+                    client_loop(addr, &stop, &samples)
+                })
             })
             .collect();
         Load {

@@ -1,0 +1,346 @@
+//! Instances are containers: each sees only its own root, runs as its user (an unprivileged
+//! host uid), cannot see other instances or the state, reaches other roles by name through the
+//! proxy, gets its secrets only as files, and is OOM-killed at its memory limit and replaced.
+//! Each test runs `phoenix up` in a network namespace of its own, with its bridge.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{Phoenix, hello_bin, text, wait_for};
+use serde_json::Value;
+
+/// Root only: containers, cgroups and bridges need it (CI runs as root).
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: containers need root");
+    }
+    root
+}
+
+const TOKEN: &str = "tok-8f2c1e9d-isolation";
+
+/// A busybox root with the hello app (and its libraries), an os-release and a user `app`; two
+/// roles, `web` (with a secret, an environment and limits) and `api`.
+fn fleet_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    let rootfs = ctx.join("rootfs");
+    for sub in ["bin", "etc", "tmp", "srv"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "cat", "id", "ps", "ls", "env", "hostname", "stat", "nc", "grep", "wc", "printf",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        rootfs.join("etc/os-release"),
+        "PRETTY_NAME=\"Phoenix isolation image\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/srv:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    std::fs::copy(hello_bin(), ctx.join("hello")).unwrap();
+    std::fs::write(dir.path().join("token.txt"), TOKEN).unwrap();
+    std::fs::write(
+        dir.path().join("phoenix.toml"),
+        r#"
+[image.app]
+context = "ctx"
+from = { dir = "rootfs" }
+copy = [{ src = "hello", dst = "/bin/hello", libraries = true }]
+entrypoint = ["/bin/hello"]
+user = "app"
+env = { VERSION = "v1" }
+
+[secret.token]
+file = "token.txt"
+
+[role.web]
+image = "app"
+instances = 2
+listen = "127.0.0.1:0"
+stop_timeout = "2s"
+secrets = ["token"]
+resources = { memory = "96MiB", pids = 256, cpus = 1.0 }
+
+[role.web.env]
+GREETING = "from-the-role"
+
+[role.web.health]
+interval = "100ms"
+healthy_threshold = 2
+unhealthy_threshold = 2
+
+[role.api]
+image = "app"
+instances = 1
+listen = "127.0.0.1:0"
+stop_timeout = "2s"
+
+[role.api.health]
+interval = "100ms"
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn start() -> Phoenix {
+    let mut phoenix = Phoenix::launch(fleet_dir(), &[], Some(common::Netns::new()));
+    phoenix.wait_role("web", 2);
+    phoenix.wait_role("api", 1);
+    phoenix
+}
+
+/// The role's live instances in `phoenix status --json`.
+fn instances(phoenix: &Phoenix, role: &str) -> Vec<Value> {
+    let status = phoenix.status();
+    let role = status["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == role)
+        .unwrap()
+        .clone();
+    role["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == role["live_generation"])
+        .map(|g| g["instances"].as_array().unwrap().clone())
+        .unwrap_or_default()
+}
+
+fn listen(phoenix: &Phoenix, role: &str) -> String {
+    phoenix.status()["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == role)
+        .unwrap()["listen"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `phoenix exec INSTANCE -- sh -c SCRIPT`.
+fn exec(phoenix: &Phoenix, instance: &str, script: &str) -> Output {
+    phoenix.cli(&["exec", instance, "--", "/bin/sh", "-c", script])
+}
+
+fn exec_ok(phoenix: &Phoenix, instance: &str, script: &str) -> String {
+    common::succeeded(&format!("exec {script}"), exec(phoenix, instance, script))
+}
+
+#[test]
+fn an_instance_sees_only_its_own_root_user_and_processes() {
+    if !root() {
+        return;
+    }
+    let phoenix = start();
+    let web = instances(&phoenix, "web");
+    let (first, second) = (
+        web[0]["name"].as_str().unwrap().to_string(),
+        web[1]["name"].as_str().unwrap().to_string(),
+    );
+    // Its own root: the image's /etc/os-release, not the host's; not the state directory.
+    let os = exec_ok(&phoenix, &first, "cat /etc/os-release");
+    assert_eq!(os, "PRETTY_NAME=\"Phoenix isolation image\"\n");
+    let state = phoenix.state().canonicalize().unwrap();
+    let looked = exec(&phoenix, &first, &format!("ls {}", state.display()));
+    assert!(!looked.status.success(), "the state directory is not there");
+    // Its user inside, an unprivileged uid outside.
+    assert_eq!(exec_ok(&phoenix, &first, "id -u; id -g"), "1000\n1000\n");
+    let pid = web[0]["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let host_uid = phoenix_fleet::ID_OFFSET + 1000;
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == host_uid.to_string()),
+        "runs as host uid {host_uid}: {uid_line}"
+    );
+    // Its hostname is its name; its processes are its own (hello as PID 1, and the probe).
+    assert_eq!(exec_ok(&phoenix, &first, "hostname"), format!("{first}\n"));
+    let ps = exec_ok(&phoenix, &first, "ps -o pid,comm");
+    assert!(ps.contains("    1 hello") || ps.contains("1 hello"), "{ps}");
+    let other_pid = web[1]["pid"].as_u64().unwrap();
+    assert_eq!(
+        ps.lines().filter(|l| l.contains("hello")).count(),
+        1,
+        "not the other instance's ({second}, host pid {other_pid}): {ps}"
+    );
+    // Its environment: the image's and the role's, given at start.
+    let env = exec_ok(&phoenix, &first, "env");
+    assert!(
+        env.contains("GREETING=from-the-role") && env.contains("VERSION=v1"),
+        "{env}"
+    );
+    assert!(!env.contains(TOKEN), "{env}");
+    // The role's env is not in the image.
+    let image = phoenix.status()["roles"][1]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inspect = phoenix.cli_ok(&["image", "inspect", &image, "--json"]);
+    assert!(!inspect.contains("GREETING"), "{inspect}");
+    // Another role, by name (in its /etc/hosts: busybox's static tools cannot use the C
+    // library's resolver) through the proxy at the bridge's address.
+    let api_port = listen(&phoenix, "api")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let hosts = exec_ok(&phoenix, &first, "cat /etc/hosts");
+    let gateway = hosts
+        .lines()
+        .find_map(|l| l.strip_suffix("\tapi"))
+        .unwrap_or_else(|| panic!("no `api` in /etc/hosts:\n{hosts}"))
+        .to_string();
+    assert!(hosts.contains(&format!("\t{first}\n")), "{hosts}");
+    let get = |port: &str, path: &str| {
+        format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {gateway} {port}")
+    };
+    let answer = exec_ok(&phoenix, &first, &get(&api_port, "/"));
+    assert!(answer.contains("\r\n\r\nhello from api-"), "{answer}");
+    // Not the API of `phoenix up`: it listens on loopback only.
+    let api = std::fs::read_to_string(phoenix.state().join("api.addr")).unwrap();
+    let api_port = api.trim().rsplit(':').next().unwrap().to_string();
+    let refused = exec(&phoenix, &first, &get(&api_port, "/v1/status"));
+    assert!(!refused.status.success(), "{}", text(&refused.stdout));
+    // The exit code of `phoenix exec` is the command's.
+    assert_eq!(exec(&phoenix, &first, "exit 42").status.code(), Some(42));
+    let gone = phoenix.cli(&["exec", "web-000000", "--", "true"]);
+    assert!(text(&gone.stderr).contains("no instance \"web-000000\""));
+}
+
+/// Every file under `dir` whose bytes hold `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            found.extend(files_holding(&path, needle));
+        } else if meta.is_file()
+            && std::fs::read(&path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn secrets_reach_instances_only_as_files_and_roll_out_with_a_deploy() {
+    if !root() {
+        return;
+    }
+    let phoenix = start();
+    let web = instances(&phoenix, "web");
+    let name = web[0]["name"].as_str().unwrap().to_string();
+    assert_eq!(exec_ok(&phoenix, &name, "cat /run/secrets/token"), TOKEN);
+    assert_eq!(
+        exec_ok(&phoenix, &name, "stat -c '%a %u %g' /run/secrets/token"),
+        "400 1000 1000\n"
+    );
+    assert_eq!(
+        exec_ok(&phoenix, &name, "stat -f -c %T /run/secrets"),
+        "tmpfs\n"
+    );
+    // Nowhere else: not a file of the state directory (state.db, logs, bundles, images), not
+    // phoenix up's output, not an answer of the API or the CLI.
+    let mut leaks = files_holding(phoenix.dir.path(), TOKEN.as_bytes());
+    leaks.retain(|path| !path.ends_with("token.txt"));
+    assert_eq!(leaks, Vec::<PathBuf>::new());
+    for answer in [
+        phoenix.cli_ok(&["status", "--json"]),
+        phoenix.cli_ok(&["history", "--json", "--limit", "100000"]),
+        phoenix.api_get("/metrics"),
+        phoenix.api_get("/v1/status"),
+    ] {
+        assert!(!answer.contains(TOKEN), "{answer}");
+    }
+    // A new value goes out with the next deploy, blue-green.
+    std::fs::write(phoenix.dir.path().join("token.txt"), "rotated-value").unwrap();
+    let deployed = phoenix.cli_ok(&["deploy", "web"]);
+    assert!(deployed.contains("deployed web generation"), "{deployed}");
+    for instance in instances(&phoenix, "web") {
+        let name = instance["name"].as_str().unwrap();
+        assert_eq!(
+            exec_ok(&phoenix, name, "cat /run/secrets/token"),
+            "rotated-value"
+        );
+    }
+    let leaks = files_holding(&phoenix.state(), b"rotated-value");
+    assert_eq!(leaks, Vec::<PathBuf>::new());
+}
+
+#[test]
+fn over_its_memory_limit_an_instance_is_oom_killed_journaled_and_replaced() {
+    if !root() {
+        return;
+    }
+    let phoenix = start();
+    let web = instances(&phoenix, "web");
+    let victim = web[0]["name"].as_str().unwrap().to_string();
+    let addr: std::net::SocketAddr = web[0]["address"].as_str().unwrap().parse().unwrap();
+    // 200 MiB under a 96 MiB limit: the kernel kills it; the request gets no answer.
+    let answer = phoenix.get(addr, "/alloc/200");
+    assert!(!answer.contains("holding 200"), "{answer}");
+    wait_for("the OOM kill journaled", Duration::from_secs(20), || {
+        phoenix
+            .history()
+            .iter()
+            .any(|e| e["kind"] == "instance.oom" && e["detail"]["instance"] == victim.as_str())
+    });
+    let oom = phoenix
+        .history()
+        .into_iter()
+        .find(|e| e["kind"] == "instance.oom")
+        .unwrap();
+    assert_eq!(oom["detail"]["memory_limit"], 96 << 20, "{oom}");
+    assert!(
+        oom["detail"]["exit"]
+            .as_str()
+            .unwrap()
+            .contains("out of memory"),
+        "{oom}"
+    );
+    wait_for("a replacement", Duration::from_secs(30), || {
+        let live = instances(&phoenix, "web");
+        live.len() == 2
+            && live.iter().all(|i| i["status"] == "healthy")
+            && live.iter().all(|i| i["name"] != victim.as_str())
+    });
+    // Under the limit, memory is taken and kept.
+    let survivor: std::net::SocketAddr = instances(&phoenix, "web")[0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        phoenix
+            .get(survivor, "/alloc/32")
+            .contains("holding 32 MiB")
+    );
+}
