@@ -389,3 +389,103 @@ fn a_role_with_drift_check_replaces_drifted_instances_by_itself() {
     );
     assert_eq!(failures(&load.stop()), Vec::<String>::new());
 }
+
+/// An OCI archive of one image whose only layer holds `entries` (name, link target) written
+/// byte for byte, `..` and leading `/` included.
+fn hostile_archive(path: &Path, entries: &[(&str, tar::EntryType, &str)]) {
+    let mut layer = tar::Builder::new(Vec::new());
+    for (name, kind, link) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        header.set_size(0);
+        header.set_cksum();
+        layer.append(&header, std::io::empty()).unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/x"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let digest = |bytes: &[u8]| phoenix_image::sha256_digest(bytes);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(&layer), "size": layer.len()}],
+    })
+    .to_string();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest(manifest.as_bytes()), "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "evil:1"}}],
+    })
+    .to_string();
+    let mut archive = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive.append_data(&mut header, name, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.as_bytes());
+    for bytes in [&layer[..], config, manifest.as_bytes()] {
+        let name = format!("blobs/sha256/{}", &digest(bytes)[7..]);
+        add(&name, bytes);
+    }
+    archive.finish().unwrap();
+}
+
+#[test]
+fn import_refuses_archives_whose_entries_leave_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary");
+    std::fs::create_dir_all(canary.join("keep")).unwrap();
+    std::fs::write(canary.join("keep/file"), "precious").unwrap();
+    let state = dir.path().join("deep/state");
+    let cases = [
+        (
+            "../../../canary/.wh.keep",
+            tar::EntryType::Regular,
+            "",
+            "climbs out of the root",
+        ),
+        (
+            &*format!("{}/.wh.keep", canary.display()),
+            tar::EntryType::Regular,
+            "",
+            "absolute path",
+        ),
+        (
+            "h",
+            tar::EntryType::Link,
+            "../../../canary/keep/file",
+            "hard link",
+        ),
+    ];
+    for (entry, kind, link, why) in cases {
+        let archive = dir.path().join("evil.tar");
+        hostile_archive(&archive, &[(entry, kind, link)]);
+        let output = Command::new(common::phoenix_bin())
+            .arg("--state")
+            .arg(&state)
+            .arg("import")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{entry}: {stderr}");
+        assert!(
+            stderr.contains("the archive is refused") && stderr.contains(why),
+            "{entry}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(canary.join("keep/file")).unwrap(),
+            b"precious"
+        );
+        let images = phoenix(dir.path(), &["--state", "deep/state", "images", "--json"]);
+        assert_eq!(text(&images.stdout).trim(), "[]", "nothing was imported");
+    }
+}

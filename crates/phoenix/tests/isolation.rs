@@ -344,3 +344,109 @@ fn over_its_memory_limit_an_instance_is_oom_killed_journaled_and_replaced() {
             .contains("holding 32 MiB")
     );
 }
+
+/// A Debian root with nginx from packages (mmdebstrap), serving its instance's hostname and
+/// a version on port 8080.
+fn nginx_fleet(dir: &Path, version: &str) {
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("site.conf"),
+        format!(
+            "server {{\n  listen 8080;\n  location = /healthz {{ return 200 \"ok\\n\"; }}\n  \
+             location / {{ return 200 \"nginx $hostname version {version}\\n\"; }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("phoenix.toml"),
+        r#"
+[image.nginx]
+context = "ctx"
+from = { debian = "bookworm", packages = ["nginx-light"] }
+copy = [{ src = "site.conf", dst = "/etc/nginx/sites-enabled/default" }]
+entrypoint = ["/usr/sbin/nginx", "-g", "daemon off;"]
+expose = ["8080"]
+
+[role.web]
+image = "nginx"
+instances = 2
+listen = "127.0.0.1:0"
+stop_timeout = "3s"
+
+[role.web.health]
+interval = "100ms"
+
+[role.web.deploy]
+healthy_timeout = "60s"
+drain = "5s"
+"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_debian_nginx_image_deploys_blue_green_under_load() {
+    if !root() {
+        return;
+    }
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v mmdebstrap"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "PHOENIX_REQUIRE_TOOLS is set but mmdebstrap is missing"
+        );
+        eprintln!("skipped: mmdebstrap is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    nginx_fleet(dir.path(), "v1");
+    // Baked here, where the Debian archive can be reached; `phoenix up` then runs in a network
+    // namespace of its own and finds the base in its cache, for v1 and for v2.
+    common::succeeded(
+        "phoenix bake",
+        common::phoenix(dir.path(), &["--state", "state", "bake"]),
+    );
+    let mut phoenix = Phoenix::launch(dir, &[], Some(common::Netns::new()));
+    phoenix.wait_role("web", 2);
+    let live = instances(&phoenix, "web");
+    // Its own Debian, its own address on the bridge.
+    let name = live[0]["name"].as_str().unwrap();
+    let os = exec_ok(&phoenix, name, "cat /etc/os-release");
+    assert!(os.contains("Debian GNU/Linux 12 (bookworm)"), "{os}");
+    let addr = live[0]["address"].as_str().unwrap();
+    assert!(
+        addr.starts_with("10.89.") && addr.ends_with(":8080"),
+        "{addr}"
+    );
+
+    let load = phoenix.load(phoenix.proxy_addr(), 4);
+    wait_for("traffic on v1", Duration::from_secs(10), || {
+        load.count() > 50
+    });
+    nginx_fleet(phoenix.dir.path(), "v2");
+    let deployed = phoenix.cli_ok(&["deploy", "web"]);
+    assert!(deployed.contains("deployed web generation 2"), "{deployed}");
+    let after_switch = load.count();
+    wait_for("traffic on v2", Duration::from_secs(10), || {
+        load.count() > after_switch + 100
+    });
+    let samples = load.stop();
+    assert_eq!(common::failures(&samples), Vec::<String>::new());
+    let last = samples.last().unwrap().result.clone().unwrap();
+    assert_eq!(last, "v2");
+    let versions: std::collections::BTreeSet<String> = samples
+        .iter()
+        .filter_map(|s| s.result.clone().ok())
+        .collect();
+    assert_eq!(versions, ["v1".to_string(), "v2".to_string()].into());
+    // The old generation's containers are gone.
+    assert!(
+        live.iter()
+            .all(|i| !Path::new(&format!("/proc/{}", i["pid"])).exists()),
+        "the v1 instances stopped"
+    );
+}
