@@ -75,9 +75,9 @@ impl ContainerDriver {
         let state_dir = std::path::absolute(state_dir)
             .map_err(DriverError::io("-", "resolve the state directory"))?;
         let run_dir = state_dir.join("run");
-        // Instances' inits (unprivileged host uids) pass through to their bundles: traversable
-        // but not listable. The runtime's state (the specs, with their environments) is the
-        // owner's alone.
+        // Traversable, not listable, down to each bundle: the runtime reaches an instance's
+        // root and the files bound into it from there once in its user namespace. The
+        // runtime's state is the owner's alone (the state directory itself may be too).
         for (dir, mode) in [
             (run_dir.clone(), 0o711),
             (run_dir.join("instances"), 0o711),
@@ -164,8 +164,8 @@ impl ContainerDriver {
             remove_bundle(bundle);
         }
         fs::create_dir_all(bundle)?;
-        // Traversable, not listable: an instance's init, in its user namespace, reaches its
-        // root and the files bound into it through here.
+        // Traversable, not listable: the runtime enters the bundle before the user namespace
+        // and reaches the root and the bound files from it after.
         fs::set_permissions(bundle, fs::Permissions::from_mode(0o711))?;
         let id_offset = (!spec.allow_root).then_some(self.id_offset);
         let layout = crate::spec::Layout {

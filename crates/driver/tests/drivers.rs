@@ -202,8 +202,6 @@ struct Kit {
 impl Kit {
     fn new(runtime_name: &str, runtime: Runtime) -> Kit {
         let dir = tempfile::tempdir().unwrap();
-        // Instances pass through the state directory to reach their bundles.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let root = dir.path().join("root");
         busybox_root(&root, OFFSET);
         let driver = ContainerDriver::new(runtime, dir.path(), OFFSET).unwrap();

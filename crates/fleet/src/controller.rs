@@ -359,13 +359,26 @@ impl Controller {
         };
         let state_dir = absolute(&options.state_dir)?;
         let fleet_path = absolute(&options.fleet_path)?;
-        for dir in [state_dir.clone(), state_dir.join("logs")] {
-            std::fs::create_dir_all(&dir).map_err(|e| FleetError::Io {
-                what: format!("create {}", dir.display()),
-                cause: e,
-            })?;
+        // The state is its owner's: others may pass through it (containers' runtimes reach
+        // their bundles once in a user namespace) but not list it; the logs are private, and
+        // so are the databases (`private_file`) and the images' roots.
+        for (dir, mode) in [(state_dir.clone(), 0o711), (state_dir.join("logs"), 0o700)] {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|e| FleetError::Io {
+                    what: format!("create {}", dir.display()),
+                    cause: e,
+                })?;
         }
         let store = Arc::new(Store::open(state_dir.join("state.db"))?);
+        let metrics_path = state_dir.join("metrics.db");
+        phoenix_store::private_file(&metrics_path).map_err(|cause| FleetError::Io {
+            what: format!("create {}", metrics_path.display()),
+            cause,
+        })?;
         let metrics = Arc::new(phoenix_observe::MetricsDb::open(
             state_dir.join("metrics.db"),
         )?);

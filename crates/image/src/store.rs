@@ -58,9 +58,9 @@ impl ImageStore {
         for dir in [store.blobs_dir(), store.roots_dir(), store.scratch_dir()] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;
         }
-        // Unpacked roots may hold set-id files and scratch trees anything: only the owner
-        // may reach them.
-        for dir in [store.roots_dir(), store.scratch_dir()] {
+        // Images, unpacked roots (set-id files included) and scratch trees are the owner's
+        // alone: runtimes reach a root through its overlay, never by this path.
+        for dir in [store.root.clone(), store.roots_dir(), store.scratch_dir()] {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .map_err(ImageError::io("chmod", &dir))?;
         }

@@ -23,6 +23,12 @@ pub enum StoreError {
         path: PathBuf,
         cause: rusqlite::Error,
     },
+    #[error("state store {path}: {cause}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
     #[error("state store {path}: {what} (the file was written by another version of Phoenix?)")]
     Corrupt { path: PathBuf, what: String },
     #[error("state store {path}: {cause}")]
@@ -33,6 +39,18 @@ pub enum StoreError {
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// Creates `path` readable by its owner only (SQLite's journal files take its mode), or
+/// makes an existing one so: the state is the operator's alone.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+}
 
 /// The state store. Cheap to share behind an `Arc`; calls are short and serialized.
 pub struct Store {
@@ -54,6 +72,10 @@ impl Store {
             path: path.clone(),
             cause,
         };
+        private_file(&path).map_err(|cause| StoreError::Io {
+            path: path.clone(),
+            cause,
+        })?;
         let conn = Connection::open(&path).map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
         conn.pragma_update(None, "journal_mode", "wal")
