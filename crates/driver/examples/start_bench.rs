@@ -37,17 +37,26 @@ fn main() {
     let work = state.join("bench");
     std::fs::create_dir_all(&work).unwrap();
 
+    let rt = &runtime;
     let process: Box<dyn Driver> = Box::new(ProcessDriver);
     report("process driver", runs, |i| {
-        phoenix_run(process.as_ref(), &host_root, &work, i, Network::Host, true)
+        phoenix_run(
+            rt,
+            process.as_ref(),
+            &host_root,
+            &work,
+            i,
+            Network::Host,
+            true,
+        )
     });
     let isolating = ContainerDriver::new(Runtime::Builtin, &state, OFFSET).unwrap();
     report("isolating driver", runs, |i| {
-        phoenix_run(&isolating, &mapped_root, &work, i, Network::Host, false)
+        phoenix_run(rt, &isolating, &mapped_root, &work, i, Network::Host, false)
     });
     let runc = ContainerDriver::new(Runtime::Oci(which("runc")), &state, OFFSET).unwrap();
     report("runc driver", runs, |i| {
-        phoenix_run(&runc, &mapped_root, &work, i, Network::Host, false)
+        phoenix_run(rt, &runc, &mapped_root, &work, i, Network::Host, false)
     });
     report("runc run", runs, |i| runc_run(&host_root, &work, i));
     report("podman run", runs, |_| podman_run(podman_image));
@@ -60,6 +69,7 @@ fn main() {
     .unwrap();
     report("isolating driver, bridge", runs, |i| {
         phoenix_run(
+            rt,
             &isolating,
             &mapped_root,
             &work,
@@ -81,6 +91,7 @@ fn report(what: &str, runs: usize, mut one: impl FnMut(usize) -> f64) {
 
 /// Starts an instance with `driver`, waits until it answers 200, stops it; returns the ms.
 fn phoenix_run(
+    runtime: &tokio::runtime::Runtime,
     driver: &dyn Driver,
     root: &Path,
     work: &Path,
@@ -108,8 +119,7 @@ fn phoenix_run(
     let (mut process, addr) = driver.start(&spec).unwrap();
     wait_healthy(addr);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    let tokio = tokio::runtime::Handle::current();
-    tokio.block_on(process.stop(Duration::from_secs(5)));
+    runtime.block_on(process.stop(Duration::from_secs(5)));
     ms
 }
 

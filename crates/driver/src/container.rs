@@ -33,8 +33,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ContainerDriver {
     runtime: Runtime,
-    /// `STATE/run`: bundles and the runtime's state, only the owner may enter.
+    /// `/run/phoenix/HASH`: bundles and the runtime's state.
     run_dir: PathBuf,
+    /// `STATE/layers`: each instance's writable layer, on disk.
+    layers_dir: PathBuf,
     cgroups: Cgroups,
     /// The host uid of uid 0 inside every instance's user namespace.
     id_offset: u32,
@@ -74,14 +76,18 @@ impl ContainerDriver {
         // Runtimes resolve the spec's paths from wherever they run: make them absolute.
         let state_dir = std::path::absolute(state_dir)
             .map_err(DriverError::io("-", "resolve the state directory"))?;
-        let run_dir = state_dir.join("run");
-        // Traversable, not listable, down to each bundle: the runtime reaches an instance's
-        // root and the files bound into it from there once in its user namespace. The
-        // runtime's state is the owner's alone (the state directory itself may be too).
+        let run_dir = run_dir_of(&state_dir);
+        let layers_dir = state_dir.join("layers");
+        // An instance's init, in its user namespace, reaches its root and the files bound into
+        // it by these paths: traversable, not listable, all the way down from `/run` (a state
+        // directory under a private home directory could not be). The runtime's state and the
+        // writable layers (mounted by root) are the owner's alone.
         for (dir, mode) in [
+            (run_dir.parent().unwrap_or(&run_dir).to_path_buf(), 0o711),
             (run_dir.clone(), 0o711),
             (run_dir.join("instances"), 0o711),
             (run_dir.join("runtime"), 0o700),
+            (layers_dir.clone(), 0o700),
         ] {
             fs::create_dir_all(&dir).map_err(DriverError::io("-", "create the run directory"))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
@@ -90,6 +96,7 @@ impl ContainerDriver {
         Ok(ContainerDriver {
             runtime,
             run_dir,
+            layers_dir,
             cgroups,
             id_offset,
             helper: PathBuf::from("/proc/self/exe"),
@@ -113,10 +120,17 @@ impl ContainerDriver {
             .collect()
     }
 
-    /// Removes what the driver keeps for the state directory as a whole (its parent cgroup),
-    /// once no instance runs.
+    /// Removes what the driver keeps for the state directory as a whole (its parent cgroup,
+    /// its run directory), once no instance runs.
     pub fn shut_down(&self) {
         self.cgroups.remove_parent();
+        for dir in [
+            self.run_dir.join("instances"),
+            self.run_dir.join("runtime"),
+            self.run_dir.clone(),
+        ] {
+            let _ = fs::remove_dir(dir);
+        }
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -127,8 +141,14 @@ impl ContainerDriver {
         &self.cgroups
     }
 
-    fn bundle(&self, name: &str) -> PathBuf {
+    /// Where instance `name`'s bundle is (its spec, its root's mount point, its reports).
+    pub fn bundle(&self, name: &str) -> PathBuf {
         self.run_dir.join("instances").join(name)
+    }
+
+    /// Where the containers are run from (bundles and the runtime's state).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     fn runtime_plan(&self) -> RuntimePlan {
@@ -212,7 +232,8 @@ impl ExecTarget {
     /// The running container `name` of the state directory `state_dir`, as its shim's plan
     /// describes it; `None` when it does not run.
     pub fn find(state_dir: &Path, name: &str) -> Option<ExecTarget> {
-        let bundle = state_dir.join("run").join("instances").join(name);
+        let state_dir = std::path::absolute(state_dir).ok()?;
+        let bundle = run_dir_of(&state_dir).join("instances").join(name);
         let plan: Plan = serde_json::from_slice(&fs::read(bundle.join("shim.json")).ok()?).ok()?;
         Some(ExecTarget {
             id: plan.id,
@@ -311,6 +332,7 @@ impl Driver for ContainerDriver {
         let plan = Plan {
             id: spec.name.clone(),
             bundle: bundle.clone(),
+            layer: self.layers_dir.join(&spec.name),
             lower: spec.root.clone(),
             owner,
             runtime: self.runtime_plan(),
@@ -363,6 +385,7 @@ impl Driver for ContainerDriver {
         }
         let _ = fs::remove_dir_all(self.run_dir.join("runtime").join(name));
         remove_bundle(&self.bundle(name));
+        let _ = fs::remove_dir_all(self.layers_dir.join(name));
         existed || killed > 0
     }
 }
@@ -538,6 +561,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::write(path, bytes)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o644))
+}
+
+/// Where the containers of state directory `state_dir` run from: `/run/phoenix/HASH`.
+pub fn run_dir_of(state_dir: &Path) -> PathBuf {
+    Path::new("/run/phoenix").join(state_hash(state_dir))
 }
 
 /// A short, stable name for a state directory (8 hex digits): instances of two Phoenixes

@@ -25,7 +25,7 @@ mod spec;
 mod user;
 
 pub use cgroup::{CgroupVersion, Cgroups};
-pub use container::{ContainerDriver, ExecTarget, Runtime, state_hash};
+pub use container::{ContainerDriver, ExecTarget, Runtime, run_dir_of, state_hash};
 pub use enter::enter;
 pub use net::{Bridge, BridgeConfig, Lease, Subnet};
 pub use process::{Exit, Process, ProcessDriver, kill_recorded, process_alive, process_start_time};

@@ -46,8 +46,10 @@ const FORWARDED: &[libc::c_int] = &[
 pub(crate) struct Plan {
     /// The container's id: the instance's name.
     pub id: String,
-    /// Holds `config.json`; `rootfs`, `upper` and `work` are made in it.
+    /// Holds `config.json`; `rootfs`, the root's mount point, is made in it.
     pub bundle: PathBuf,
+    /// Where the writable layer goes (`upper`, `work`): on disk, removed at the end.
+    pub layer: PathBuf,
     /// The image's unpacked root: the overlay's read-only lower layer.
     pub lower: PathBuf,
     /// The host uid and gid that own the writable layer's root (uid 0 inside).
@@ -227,8 +229,8 @@ impl Shim {
     /// The overlay of the image's root and a fresh writable layer, in a mount namespace of
     /// the shim's own: nothing is mounted on the host, and it all goes when the shim ends.
     fn mount_root(&self) -> io::Result<()> {
-        let bundle = &self.plan.bundle;
-        let (upper, work, rootfs) = (bundle.join("upper"), bundle.join("work"), self.rootfs());
+        let layer = &self.plan.layer;
+        let (upper, work, rootfs) = (layer.join("upper"), layer.join("work"), self.rootfs());
         for dir in [&upper, &work, &rootfs] {
             fs::create_dir_all(dir)?;
         }
@@ -488,9 +490,7 @@ impl Shim {
             // SAFETY: umount2 on a NUL-terminated path.
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         }
-        for dir in ["upper", "work"] {
-            let _ = fs::remove_dir_all(self.plan.bundle.join(dir));
-        }
+        let _ = fs::remove_dir_all(&self.plan.layer);
     }
 }
 

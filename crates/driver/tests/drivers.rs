@@ -442,8 +442,12 @@ fn stop_is_sigterm_then_the_whole_cgroup(kit: &Kit) -> Result<(), String> {
         "its cgroup is removed",
     )?;
     check(
-        !kit.state().join("run/instances/stop-stubborn").exists(),
+        !kit.driver.bundle("stop-stubborn").exists(),
         "its bundle is removed",
+    )?;
+    check(
+        !kit.state().join("layers/stop-stubborn").exists(),
+        "its writable layer is removed",
     )
 }
 
@@ -666,8 +670,9 @@ fn secrets_are_0400_files_and_nowhere_else(kit: &Kit) -> Result<(), String> {
         let expected = md5_prefix(SECRET);
         check(f["value"] == expected, format!("the value: {log}"))?;
         check(f["inenv"] == "0", format!("not in the environment: {log}"))?;
-        // Nothing Phoenix wrote holds it: not the spec, the plan, the log.
-        let found = grep_tree(kit.state(), SECRET.as_bytes());
+        // Nothing Phoenix wrote holds it: not the spec, the plan, the log, the layer.
+        let mut found = grep_tree(kit.state(), SECRET.as_bytes());
+        found.extend(grep_tree(kit.driver.run_dir(), SECRET.as_bytes()));
         check(found.is_empty(), format!("the secret is in {found:?}"))
     })();
     kit.stop(&mut process, Duration::from_secs(1));
@@ -850,8 +855,8 @@ fn cleanup_after_a_crash_leaves_no_process(kit: &Kit) -> Result<(), String> {
         "its cgroup is removed",
     )?;
     check(
-        !kit.state().join("run/instances/crash-1").exists(),
-        "its bundle is removed",
+        !kit.driver.bundle("crash-1").exists() && !kit.state().join("layers/crash-1").exists(),
+        "its bundle and writable layer are removed",
     )
 }
 

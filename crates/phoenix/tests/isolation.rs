@@ -269,7 +269,9 @@ fn secrets_reach_instances_only_as_files_and_roll_out_with_a_deploy() {
     );
     // Nowhere else: not a file of the state directory (state.db, logs, bundles, images), not
     // phoenix up's output, not an answer of the API or the CLI.
+    let run = phoenix_driver::run_dir_of(&phoenix.state());
     let mut leaks = files_holding(phoenix.dir.path(), TOKEN.as_bytes());
+    leaks.extend(files_holding(&run, TOKEN.as_bytes()));
     leaks.retain(|path| !path.ends_with("token.txt"));
     assert_eq!(leaks, Vec::<PathBuf>::new());
     for answer in [
@@ -291,7 +293,8 @@ fn secrets_reach_instances_only_as_files_and_roll_out_with_a_deploy() {
             "rotated-value"
         );
     }
-    let leaks = files_holding(&phoenix.state(), b"rotated-value");
+    let mut leaks = files_holding(&phoenix.state(), b"rotated-value");
+    leaks.extend(files_holding(&run, b"rotated-value"));
     assert_eq!(leaks, Vec::<PathBuf>::new());
 }
 
