@@ -15,7 +15,7 @@ PHOENIX = os.path.join(BIN, "phoenix")
 def fleet(directory, role_extra):
     text = f"""[image.hello]
 context = "{BIN}"
-copy = [{{ src = "hello", dst = "/bin/hello" }}]
+copy = [{{ src = "hello", dst = "/bin/hello", libraries = true }}]
 env = {{ VERSION = "v1" }}
 entrypoint = ["/bin/hello"]
 
@@ -24,6 +24,7 @@ image = "hello"
 instances = 1
 listen = "127.0.0.1:0"
 stop_timeout = "5s"
+network = "host"
 
 [role.web.health]
 interval = "200ms"

@@ -28,7 +28,7 @@ fleet() { # instances version
 [image.hello]
 from = "scratch"
 context = "$(dirname "$hello")"
-copy = [{ src = "$(basename "$hello")", dst = "/bin/hello" }]
+copy = [{ src = "$(basename "$hello")", dst = "/bin/hello", libraries = true }]
 env = { VERSION = "$2" }
 entrypoint = ["/bin/hello"]
 
@@ -36,6 +36,7 @@ entrypoint = ["/bin/hello"]
 image = "hello"
 instances = $1
 listen = "127.0.0.1:0"
+network = "host"   # containers (the default driver) on the host's network: traffic stays on loopback
 stop_timeout = "5s"
 
 [role.web.health]

@@ -36,7 +36,7 @@ fleet() {
 [image.hello]
 from = "scratch"
 context = "$(dirname "$hello")"
-copy = [{ src = "$(basename "$hello")", dst = "/bin/hello" }]
+copy = [{ src = "$(basename "$hello")", dst = "/bin/hello", libraries = true }]
 env = { VERSION = "$1" }
 entrypoint = ["/bin/hello"]
 
@@ -44,6 +44,7 @@ entrypoint = ["/bin/hello"]
 image = "hello"
 instances = 3
 listen = "127.0.0.1:0"
+network = "host"   # containers (the default driver) on the host's network: traffic stays on loopback
 
 [role.web.health]
 interval = "100ms"

@@ -46,14 +46,14 @@ pub struct GcReport {
 
 impl ImageStore {
     /// Opens (creating if needed) the store rooted at `root`, and clears what a crashed bake
-    /// left in its scratch directory.
+    /// left in its scratch directory. Layers may expand to `PHOENIX_MAX_LAYER_SIZE` (16 GiB).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         // Absolute, because instances resolve their entrypoint after changing directory.
         let root = root.into();
         let root = std::path::absolute(&root).map_err(ImageError::io("resolve", &root))?;
         let store = ImageStore {
             root,
-            limits: Limits::default(),
+            limits: Limits::from_env()?,
         };
         for dir in [store.blobs_dir(), store.roots_dir(), store.scratch_dir()] {
             fs::create_dir_all(&dir).map_err(ImageError::io("create", &dir))?;

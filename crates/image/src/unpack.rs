@@ -101,6 +101,45 @@ impl Default for Limits {
     }
 }
 
+/// The variable that sets [`Limits::max_layer_bytes`] for every command.
+pub const MAX_LAYER_SIZE_VAR: &str = "PHOENIX_MAX_LAYER_SIZE";
+
+impl Limits {
+    /// The default limits, or those `PHOENIX_MAX_LAYER_SIZE` sets (bytes, or a number and
+    /// KiB, MiB, GiB or TiB).
+    pub fn from_env() -> Result<Limits, ImageError> {
+        match std::env::var(MAX_LAYER_SIZE_VAR) {
+            Ok(text) => Limits::parse(&text),
+            Err(_) => Ok(Limits::default()),
+        }
+    }
+
+    /// Limits with the layer size `text` (bytes, or a number and KiB, MiB, GiB or TiB).
+    pub fn parse(text: &str) -> Result<Limits, ImageError> {
+        let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let scale: u64 = match &text[digits.len()..] {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            _ => 0,
+        };
+        match digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(scale))
+        {
+            Some(bytes) if bytes > 0 => Ok(Limits {
+                max_layer_bytes: bytes,
+            }),
+            _ => Err(ImageError::Unsupported(format!(
+                "{MAX_LAYER_SIZE_VAR}={text:?} is not a size: write bytes, or a number and KiB, MiB, GiB or TiB"
+            ))),
+        }
+    }
+}
+
 /// What one tar entry asks for, after its path was checked.
 enum Action {
     /// Delete the path (`.wh.NAME`).

@@ -171,6 +171,14 @@ fn inspect_rm_and_gc() {
     let state = ["--state", "s"];
     let cli = |args: &[&str]| phoenix(dir.path(), &[&state[..], args].concat());
     let v1: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
+    // A dynamically linked binary alone on scratch would not start in a container: said.
+    let warning = v1[0]["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("the entrypoint /bin/hello needs")
+            && warning.contains("libc.so.6")
+            && warning.contains("libraries = true"),
+        "{v1}"
+    );
     fleet("v2").write_to(dir.path());
     let v2: Value = serde_json::from_str(&ok(cli(&["bake", "--json"]))).unwrap();
     let (v1, v2) = (

@@ -324,3 +324,15 @@ fn entries_with_nul_or_absolute_names_are_refused_by_the_checker() {
     assert!(check_layer(layer(&[file("./ok/../ok2", b"")]).as_slice(), "l", &limits).is_err());
     assert!(check_layer(layer(&[file("./fine/a", b"")]).as_slice(), "l", &limits).is_ok());
 }
+
+#[test]
+fn the_layer_size_limit_is_configurable() {
+    assert_eq!(Limits::parse("3MiB").unwrap().max_layer_bytes, 3 << 20);
+    assert_eq!(Limits::parse("1000").unwrap().max_layer_bytes, 1000);
+    let error = Limits::parse("lots").unwrap_err().to_string();
+    assert!(
+        error.contains("PHOENIX_MAX_LAYER_SIZE=\"lots\" is not a size"),
+        "{error}"
+    );
+    assert!(Limits::parse("0").is_err() && Limits::parse("99999999TiB").is_err());
+}
