@@ -61,7 +61,7 @@ fn main() {
     report("runc run", runs, |i| runc_run(&host_root, &work, i));
     report("podman run", runs, |_| podman_run(podman_image));
     // Last: this process moves into a network namespace of its own for the bridge.
-    own_network_namespace();
+    phoenix_driver::test_util::own_network_namespace().unwrap();
     let bridge = Bridge::create(&BridgeConfig {
         name: "pxbench".into(),
         subnet: None,
@@ -247,20 +247,4 @@ fn which(program: &str) -> PathBuf {
         .map(|d| Path::new(d).join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(program))
-}
-
-/// This process (and what it starts next) in a network namespace of its own, loopback up.
-fn own_network_namespace() {
-    // SAFETY: unshare while single-threaded; the ioctl fills a zeroed ifreq of our own.
-    unsafe {
-        assert_eq!(libc::unshare(libc::CLONE_NEWNET), 0);
-        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        let mut request: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            request.ifr_name[i] = *b as libc::c_char;
-        }
-        request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        assert_eq!(libc::ioctl(socket, libc::SIOCSIFFLAGS, &request), 0);
-        libc::close(socket);
-    }
 }

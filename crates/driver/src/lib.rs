@@ -22,6 +22,7 @@ mod procfs;
 mod seccomp;
 mod shim;
 mod spec;
+pub mod test_util;
 mod user;
 
 pub use cgroup::{CgroupVersion, Cgroups};

@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use phoenix_driver::test_util::{files_holding, own_network_namespace};
 use phoenix_driver::{
     Bridge, BridgeConfig, ContainerDriver, Driver, InstanceSpec, Network, Process, Recorded,
     Resources, Runtime, Secret,
@@ -53,7 +54,7 @@ fn main() {
         println!("skipped: /bin/busybox is missing (apt-get install busybox-static)");
         return;
     }
-    own_network_namespace();
+    own_network_namespace().expect("a network namespace of the suite's own");
     let cases: &[(&str, Case)] = &[
         (
             "sees_only_its_own_root_processes_and_user",
@@ -155,31 +156,6 @@ fn which(program: &str) -> Option<PathBuf> {
         .into_iter()
         .chain([PathBuf::from("/usr/sbin").join(program)])
         .find(|p| p.is_file())
-}
-
-/// This test process (and every shim and container it starts) in a network namespace of its
-/// own, with loopback up.
-fn own_network_namespace() {
-    // SAFETY: unshare while single-threaded; the ioctl works on a zeroed ifreq of our own.
-    unsafe {
-        assert_eq!(
-            libc::unshare(libc::CLONE_NEWNET),
-            0,
-            "unshare(CLONE_NEWNET)"
-        );
-        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        let mut request: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            request.ifr_name[i] = *b as libc::c_char;
-        }
-        request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        assert_eq!(
-            libc::ioctl(socket, libc::SIOCSIFFLAGS, &request),
-            0,
-            "lo up"
-        );
-        libc::close(socket);
-    }
 }
 
 fn driver_for(runtime: &str, state: &Path) -> ContainerDriver {
@@ -671,8 +647,8 @@ fn secrets_are_0400_files_and_nowhere_else(kit: &Kit) -> Result<(), String> {
         check(f["value"] == expected, format!("the value: {log}"))?;
         check(f["inenv"] == "0", format!("not in the environment: {log}"))?;
         // Nothing Phoenix wrote holds it: not the spec, the plan, the log, the layer.
-        let mut found = grep_tree(kit.state(), SECRET.as_bytes());
-        found.extend(grep_tree(kit.driver.run_dir(), SECRET.as_bytes()));
+        let mut found = files_holding(kit.state(), SECRET.as_bytes());
+        found.extend(files_holding(kit.driver.run_dir(), SECRET.as_bytes()));
         check(found.is_empty(), format!("the secret is in {found:?}"))
     })();
     kit.stop(&mut process, Duration::from_secs(1));
@@ -689,29 +665,6 @@ fn md5_prefix(text: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// Every file under `dir` whose bytes contain `needle` (mounted file systems are read too).
-fn grep_tree(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            found.extend(grep_tree(&path, needle));
-        } else if meta.is_file()
-            && std::fs::read(&path)
-                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-        {
-            found.push(path);
-        }
-    }
-    found
 }
 
 fn exec_runs_inside_as_its_user(kit: &Kit) -> Result<(), String> {

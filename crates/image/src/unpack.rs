@@ -367,7 +367,7 @@ impl Unpacker {
     /// Gives every directory its final owner and mode, deepest first.
     pub(crate) fn finish(mut self) -> Result<(), ImageError> {
         self.dirs
-            .sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+            .sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
         let dirs = std::mem::take(&mut self.dirs);
         for (path, meta) in dirs {
             // A later layer may have removed or replaced it.

@@ -10,6 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::{Phoenix, hello_bin, text, wait_for};
+use phoenix_driver::test_util::files_holding;
 use serde_json::Value;
 
 /// Root only: containers, cgroups and bridges need it (CI runs as root).
@@ -225,29 +226,6 @@ fn an_instance_sees_only_its_own_root_user_and_processes() {
     assert_eq!(exec(&phoenix, &first, "exit 42").status.code(), Some(42));
     let gone = phoenix.cli(&["exec", "web-000000", "--", "true"]);
     assert!(text(&gone.stderr).contains("no instance \"web-000000\""));
-}
-
-/// Every file under `dir` whose bytes hold `needle`.
-fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            found.extend(files_holding(&path, needle));
-        } else if meta.is_file()
-            && std::fs::read(&path)
-                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-        {
-            found.push(path);
-        }
-    }
-    found
 }
 
 #[test]

@@ -59,7 +59,7 @@ impl ResourcesConfig {
     /// Why these limits cannot work, if they cannot.
     pub(crate) fn problem(&self) -> Option<String> {
         if let Some(cpus) = self.cpus
-            && !(cpus >= 0.01 && cpus <= 1024.0)
+            && !(0.01..=1024.0).contains(&cpus)
         {
             return Some(format!(
                 "`cpus` must be between 0.01 and 1024 cores, not {cpus}"

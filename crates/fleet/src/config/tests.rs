@@ -46,7 +46,8 @@ fn unknown_keys_name_file_line_column_and_key() {
     assert_eq!(
         error(&text),
         "fleet/phoenix.toml:10:1: [role.web] key `instancs`: unknown field `instancs`, expected one of \
-         `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`, `proxy`, `drift_check`, `autoscale`, `max_age`, `chaos`"
+         `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`, `proxy`, `drift_check`, `autoscale`, `max_age`, `chaos`, \
+         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`"
     );
     let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
     let message = error(&text);

@@ -169,26 +169,7 @@ pub struct Netns(Arc<std::fs::File>);
 impl Netns {
     pub fn new() -> Netns {
         let file = std::thread::spawn(|| {
-            // SAFETY: unshare affects only this thread; the ioctl fills a zeroed ifreq.
-            unsafe {
-                assert_eq!(
-                    libc::unshare(libc::CLONE_NEWNET),
-                    0,
-                    "unshare(CLONE_NEWNET)"
-                );
-                let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-                let mut request: libc::ifreq = std::mem::zeroed();
-                for (i, b) in b"lo\0".iter().enumerate() {
-                    request.ifr_name[i] = *b as libc::c_char;
-                }
-                request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-                assert_eq!(
-                    libc::ioctl(socket, libc::SIOCSIFFLAGS, &request),
-                    0,
-                    "lo up"
-                );
-                libc::close(socket);
-            }
+            phoenix_driver::test_util::own_network_namespace().expect("a network namespace");
             std::fs::File::open("/proc/thread-self/ns/net").unwrap()
         })
         .join()
