@@ -199,21 +199,9 @@ impl Kit {
     }
 
     fn spec(&self, name: &str, script: &str) -> InstanceSpec {
-        InstanceSpec {
-            name: name.into(),
-            root: self.root.clone(),
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            env: vec![("GREETING".into(), "hi".into())],
-            workdir: "/".into(),
-            user: String::new(),
-            log_path: self.dir.path().join(format!("{name}.log")),
-            network: Network::Host,
-            port: None,
-            resources: Resources::default(),
-            secrets: Vec::new(),
-            allow_root: false,
-            hosts: Vec::new(),
-        }
+        let mut spec = shell_spec(name, &self.root, self.state(), script);
+        spec.env = vec![("GREETING".into(), "hi".into())];
+        spec
     }
 
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), String> {
@@ -428,18 +416,16 @@ fn stop_is_sigterm_then_the_whole_cgroup(kit: &Kit) -> Result<(), String> {
 }
 
 fn over_its_memory_limit_it_is_oom_killed(kit: &Kit) -> Result<(), String> {
-    let mut spec = kit.spec("oom-1", "");
-    // PID 1 itself takes a 128 MiB buffer under a 32 MiB limit.
-    spec.argv = [
-        "/bin/dd",
-        "if=/dev/zero",
-        "of=/dev/null",
-        "bs=128M",
-        "count=1",
-    ]
-    .map(String::from)
-    .to_vec();
-    spec.resources.memory = Some(32 << 20);
+    // PID 1 itself takes a buffer of `block` under a 32 MiB limit.
+    let dd = |name: &str, block: &str| {
+        let mut spec = kit.spec(name, "");
+        spec.argv = ["/bin/dd", "if=/dev/zero", "of=/dev/null", block, "count=1"]
+            .map(String::from)
+            .to_vec();
+        spec.resources.memory = Some(32 << 20);
+        spec
+    };
+    let spec = dd("oom-1", "bs=128M");
     let (mut process, _) = kit.start(&spec)?;
     let exit = kit.exited(&mut process);
     check(
@@ -451,18 +437,7 @@ fn over_its_memory_limit_it_is_oom_killed(kit: &Kit) -> Result<(), String> {
         format!("by SIGKILL: {exit}"),
     )?;
     // Under the limit, the same command finishes.
-    let mut spec = kit.spec("oom-2", "");
-    spec.argv = [
-        "/bin/dd",
-        "if=/dev/zero",
-        "of=/dev/null",
-        "bs=4M",
-        "count=1",
-    ]
-    .map(String::from)
-    .to_vec();
-    spec.resources.memory = Some(32 << 20);
-    let (mut process, _) = kit.start(&spec)?;
+    let (mut process, _) = kit.start(&dd("oom-2", "bs=4M"))?;
     let exit = kit.exited(&mut process);
     check(
         !exit.oom && exit.text == "exit code 0",
@@ -720,27 +695,12 @@ fn exec_runs_inside_as_its_user(kit: &Kit) -> Result<(), String> {
 fn start_and_hang(runtime: &str, state: &Path) -> ! {
     let driver = driver_for(runtime, state);
     let root = state.join("root");
-    let spec = InstanceSpec {
-        name: "crash-1".into(),
-        root,
-        argv: [
-            "/bin/sh",
-            "-c",
-            "setsid sleep 1000 & sleep 1000 & echo ready; wait",
-        ]
-        .map(String::from)
-        .to_vec(),
-        env: Vec::new(),
-        workdir: "/".into(),
-        user: String::new(),
-        log_path: state.join("crash-1.log"),
-        network: Network::Host,
-        port: None,
-        resources: Resources::default(),
-        secrets: Vec::new(),
-        allow_root: false,
-        hosts: Vec::new(),
-    };
+    let spec = shell_spec(
+        "crash-1",
+        &root,
+        state,
+        "setsid sleep 1000 & sleep 1000 & echo ready; wait",
+    );
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -848,4 +808,23 @@ fn a_bad_entrypoint_is_a_clear_error(kit: &Kit) -> Result<(), String> {
         error.contains("nobody-here") && error.contains("/etc/passwd"),
         format!("the error names the user: {error}"),
     )
+}
+
+/// `sh -c script` in `root` on the host's network, logging to `STATE/NAME.log`.
+fn shell_spec(name: &str, root: &Path, state: &Path, script: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.into(),
+        root: root.to_path_buf(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        workdir: "/".into(),
+        user: String::new(),
+        log_path: state.join(format!("{name}.log")),
+        network: Network::Host,
+        port: None,
+        resources: Resources::default(),
+        secrets: Vec::new(),
+        allow_root: false,
+        hosts: Vec::new(),
+    }
 }
