@@ -106,6 +106,8 @@ deploys = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 print()
 for driver in ["process", "isolating"]:
     mine = [d for d in deploys if d["driver"] == driver]
+    if not mine:
+        continue
     boot = statistics.median(d["boot_to_healthy_ms"] for d in mine)
     total = statistics.median(d["total_ms"] for d in mine)
     print(f"deploy of 10 instances, {driver:9} driver ({len(mine)} deploys, medians): "

@@ -116,15 +116,22 @@ impl Netlink {
         self.new_link(name, vec![LinkInfo::Kind(InfoKind::Bridge)])
     }
 
-    /// A veth pair; the peer gets the MAC address `peer_mac`.
-    pub(crate) fn add_veth(&mut self, name: &str, peer: &str, peer_mac: [u8; 6]) -> io::Result<()> {
+    /// A veth pair whose peer is made directly in the network namespace `peer_netns` (a
+    /// descriptor of it), with the MAC address `peer_mac`: moving a link between namespaces
+    /// afterwards waits for an RCU grace period, 10 to 25 ms here.
+    pub(crate) fn add_veth(
+        &mut self,
+        name: &str,
+        peer: &str,
+        peer_mac: [u8; 6],
+        peer_netns: RawFd,
+    ) -> io::Result<()> {
         let mut peer_message = LinkMessage::default();
-        peer_message
-            .attributes
-            .push(LinkAttribute::IfName(peer.into()));
-        peer_message
-            .attributes
-            .push(LinkAttribute::Address(peer_mac.to_vec()));
+        peer_message.attributes.extend([
+            LinkAttribute::IfName(peer.into()),
+            LinkAttribute::Address(peer_mac.to_vec()),
+            LinkAttribute::NetNsFd(peer_netns),
+        ]);
         self.new_link(
             name,
             vec![
@@ -152,14 +159,6 @@ impl Netlink {
     pub(crate) fn set_controller(&mut self, index: u32, bridge: u32) -> io::Result<()> {
         self.set_link(index, |link| {
             link.attributes.push(LinkAttribute::Controller(bridge))
-        })
-    }
-
-    /// Moves link `index` into the network namespace `netns` (a descriptor of it), renamed.
-    pub(crate) fn move_to(&mut self, index: u32, netns: RawFd, name: &str) -> io::Result<()> {
-        self.set_link(index, |link| {
-            link.attributes.push(LinkAttribute::NetNsFd(netns));
-            link.attributes.push(LinkAttribute::IfName(name.into()));
         })
     }
 
@@ -476,13 +475,12 @@ impl Attach {
         }
     }
 
-    /// Creates the veth pair in this (the host's) namespace, moves one end into `netns` as
-    /// `eth0`, then configures it from inside (entering `netns` for that, then leaving).
+    /// Creates the veth pair from this (the host's) namespace with its `eth0` end already in
+    /// `netns`, then configures that end from inside (entering `netns` for that, then leaving).
     pub(crate) fn apply(&self, netns: &std::fs::File) -> io::Result<()> {
         let context = |what: &'static str| {
             move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
         };
-        let peer = format!("{}c", &self.host_link[..14]);
         let mut host = Netlink::open().map_err(context("open rtnetlink"))?;
         let bridge = host
             .link_index(&self.bridge)?
@@ -491,20 +489,20 @@ impl Attach {
             host.delete_link(stale)
                 .map_err(context("remove a stale veth"))?;
         }
-        host.add_veth(&self.host_link, &peer, mac_of(self.addr))
-            .map_err(context("create the veth pair"))?;
+        host.add_veth(
+            &self.host_link,
+            "eth0",
+            mac_of(self.addr),
+            netns.as_raw_fd(),
+        )
+        .map_err(context("create the veth pair"))?;
         let host_end = host
             .link_index(&self.host_link)?
-            .ok_or_else(|| io::Error::other("the veth pair vanished"))?;
-        let inner_end = host
-            .link_index(&peer)?
             .ok_or_else(|| io::Error::other("the veth pair vanished"))?;
         host.set_controller(host_end, bridge)
             .map_err(context("attach to the bridge"))?;
         host.set_up(host_end)
             .map_err(context("bring the host end up"))?;
-        host.move_to(inner_end, netns.as_raw_fd(), "eth0")
-            .map_err(context("move the veth into the instance"))?;
         in_netns(netns, || {
             let mut inside = Netlink::open()?;
             let lo = inside.link_index("lo")?.unwrap_or(1);

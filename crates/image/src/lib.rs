@@ -10,6 +10,8 @@ mod base;
 mod cache;
 mod elf;
 mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gzip;
 mod hashing;
 mod layer;

@@ -336,3 +336,55 @@ fn the_layer_size_limit_is_configurable() {
     );
     assert!(Limits::parse("0").is_err() && Limits::parse("99999999TiB").is_err());
 }
+
+/// Deterministic junk: xorshift64 from `seed`.
+fn junk(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn generated_hostile_layers_never_touch_anything_outside_the_root() {
+    // The fuzz target's inputs, seeded: entries of every kind whose names and link targets
+    // mix the scene's outward links, `..`, `/`, whiteouts and opaque markers; then the raw
+    // bytes of real layers with a few bytes changed and cut short, gzipped or not.
+    let mut seed = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..1500 {
+        let len = 1 + usize::from(junk(&mut seed, 1)[0] % 96);
+        let mut input = junk(&mut seed, len);
+        input[0] |= 1;
+        crate::fuzzing::layer(&input);
+    }
+    let real = layer(&[
+        dir("etc", 0o755),
+        file("etc/passwd", b"root:x:0:0::/:/bin/sh\n"),
+        symlink("abs/x", "/etc"),
+        file("rel/.wh.keep", b""),
+        file("dir/up/.wh..wh..opq", b""),
+    ]);
+    let gzipped = {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, &real).unwrap();
+        encoder.finish().unwrap()
+    };
+    for original in [real, gzipped] {
+        for _ in 0..300 {
+            let mut bytes = original.clone();
+            let edits = junk(&mut seed, 8);
+            for pair in edits.chunks(2) {
+                let at = usize::from(pair[0]) * bytes.len() / 256;
+                bytes[at] = pair[1];
+            }
+            let cut = bytes.len() - bytes.len() * usize::from(junk(&mut seed, 1)[0]) / 1024;
+            let mut input = vec![0];
+            input.extend_from_slice(&bytes[..cut]);
+            crate::fuzzing::layer(&input);
+        }
+    }
+}
