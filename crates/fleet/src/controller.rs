@@ -666,14 +666,10 @@ impl Controller {
         let mut stopping = Vec::new();
         for role in inner.roles.values() {
             let generations = role.live().into_iter().chain(role.others());
-            for instance in generations.flat_map(|g| g.instances()) {
-                stopping.push(async move { instance.stop().await });
-            }
+            stopping.extend(generations.flat_map(|g| g.instances()));
         }
         let stopped = stopping.len();
-        for stop in stopping {
-            stop.await;
-        }
+        crate::deploy::stop_all(&stopping).await;
         // Instance members leave, then the host's member.
         let members_task = inner
             .members_task

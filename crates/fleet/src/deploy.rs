@@ -419,19 +419,9 @@ async fn boot_generation(
     timeout: Duration,
     progress: &Progress,
 ) -> Result<(), String> {
-    for _ in 0..count {
-        let instance = start_instance(inner, role, generation)
-            .await
-            .map_err(|e| e.to_string())?;
-        progress.say(format!(
-            "started {} (pid {}, {})",
-            instance.name, instance.pid, instance.backend.addr
-        ));
-        generation
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(instance);
+    let started = start_instances(inner, role, generation, count, progress).await;
+    if let Some(error) = started.error {
+        return Err(error.to_string());
     }
     let deadline = Instant::now() + timeout;
     let mut announced = Vec::new();
@@ -495,16 +485,79 @@ pub(crate) async fn start_instance(
     role: &Role,
     generation: &Generation,
 ) -> Result<Arc<Instance>, FleetError> {
+    let (root, config) = unpack_for(inner, role, generation).await?;
+    instance::start(inner, role, generation, root, &config).await
+}
+
+/// What [`start_instances`] did: every instance it started (each also added to the
+/// generation), and the first error if a start failed.
+pub(crate) struct Started {
+    pub instances: Vec<Arc<Instance>>,
+    pub error: Option<FleetError>,
+}
+
+/// Starts `count` instances of `generation` at once: a container's start mostly waits on the
+/// kernel (namespaces, cgroups, a veth pair), so ten of them take little longer than one. The
+/// image is unpacked first, once. Each instance joins the generation as soon as it runs, and
+/// every start is awaited even after one fails, so none is left untracked.
+pub(crate) async fn start_instances(
+    inner: &Arc<Inner>,
+    role: &Role,
+    generation: &Generation,
+    count: u32,
+    progress: &Progress,
+) -> Started {
+    let (root, config) = match unpack_for(inner, role, generation).await {
+        Ok(unpacked) => unpacked,
+        Err(error) => {
+            return Started {
+                instances: Vec::new(),
+                error: Some(error),
+            };
+        }
+    };
+    let starts = (0..count).map(|_| async {
+        let instance = instance::start(inner, role, generation, root.clone(), &config).await?;
+        progress.say(format!(
+            "started {} (pid {}, {})",
+            instance.name, instance.pid, instance.backend.addr
+        ));
+        generation
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance.clone());
+        Ok::<_, FleetError>(instance)
+    });
+    let mut started = Started {
+        instances: Vec::new(),
+        error: None,
+    };
+    for result in futures_util::future::join_all(starts).await {
+        match result {
+            Ok(instance) => started.instances.push(instance),
+            Err(error) => {
+                started.error.get_or_insert(error);
+            }
+        }
+    }
+    started
+}
+
+async fn unpack_for(
+    inner: &Arc<Inner>,
+    role: &Role,
+    generation: &Generation,
+) -> Result<(std::path::PathBuf, phoenix_image::ImageConfig), FleetError> {
     let allow_root = role.config().run.allow_root;
     let driver = role.placement.driver.clone();
-    let (root, config) = instance::unpack(
+    instance::unpack(
         &inner.images,
         &generation.image,
         driver.as_ref(),
         allow_root,
     )
-    .await?;
-    instance::start(inner, role, generation, root, &config).await
+    .await
 }
 
 /// The current values of the role's secrets (files are read again), for a new generation.
@@ -519,11 +572,9 @@ fn role_secrets(
     inner.secrets.values(&fleet, &config.run.secrets)
 }
 
-async fn stop_all(instances: &[Arc<Instance>]) {
-    let stops: Vec<_> = instances.iter().map(|i| i.stop()).collect();
-    for stop in stops {
-        stop.await;
-    }
+/// Stops `instances` at once: each gets its own grace period, not the sum of all before it.
+pub(crate) async fn stop_all(instances: &[Arc<Instance>]) {
+    futures_util::future::join_all(instances.iter().map(|i| i.stop())).await;
 }
 
 /// Starts the recorded live generation of `role` again (after a restart of Phoenix) and waits
@@ -541,13 +592,10 @@ pub(crate) async fn restart_live(
     let size = role.desired();
     let secrets = role_secrets(inner, &config)?;
     let generation = Generation::new(row.id, row.image.clone(), GenerationStatus::Live, secrets);
-    for _ in 0..size {
-        let instance = start_instance(inner, role, &generation).await?;
-        generation
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(instance);
+    let started = start_instances(inner, role, &generation, size, &Progress::none()).await;
+    if let Some(error) = started.error {
+        stop_all(&started.instances).await;
+        return Err(error);
     }
     role.switch_to(generation.clone());
     let detail = json!({"generation": row.id, "image": row.image, "instances": size});

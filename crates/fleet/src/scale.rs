@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::controller::{Generation, Inner, Role};
-use crate::deploy::{Progress, start_instance};
+use crate::deploy::{Progress, start_instances, stop_all};
 use crate::instance::{Flags, Instance};
 use crate::{Controller, FleetError};
 
@@ -186,25 +186,11 @@ pub(crate) async fn grow(
     count: u32,
     progress: &Progress,
 ) -> Result<Vec<String>, FleetError> {
-    let mut new = Vec::new();
-    for _ in 0..count {
-        match start_instance(inner, role, live).await {
-            Ok(instance) => {
-                progress.say(format!(
-                    "started {} ({})",
-                    instance.name, instance.backend.addr
-                ));
-                live.instances
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(instance.clone());
-                new.push(instance);
-            }
-            Err(error) => {
-                remove_and_stop(role, live, &new).await;
-                return Err(error);
-            }
-        }
+    let started = start_instances(inner, role, live, count, progress).await;
+    let new = started.instances;
+    if let Some(error) = started.error {
+        remove_and_stop(role, live, &new).await;
+        return Err(error);
     }
     let deadline = Instant::now() + role.config().deploy.healthy_timeout;
     // Pushed first, checked after: if a deploy switched away from `live` meanwhile (the
@@ -234,9 +220,7 @@ async fn remove_and_stop(role: &Role, live: &Generation, instances: &[Arc<Instan
         .unwrap_or_else(|p| p.into_inner())
         .retain(|i| !instances.iter().any(|n| Arc::ptr_eq(n, i)));
     role.refresh_backends();
-    for instance in instances {
-        instance.stop().await;
-    }
+    stop_all(instances).await;
 }
 
 /// Takes `victims` out of the proxy, drains them and stops them; returns the requests cut at
@@ -263,9 +247,7 @@ pub(crate) async fn shrink(
             .join(", "),
         drained.waited.as_millis()
     ));
-    for victim in victims {
-        victim.stop().await;
-    }
+    stop_all(victims).await;
     drained.abandoned
 }
 

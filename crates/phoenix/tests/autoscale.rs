@@ -42,8 +42,13 @@ fn a_load_step_scales_out_and_the_quiet_scales_back_in() {
     assert_eq!(failures(&samples), Vec::<String>::new());
 
     let quiet = Instant::now();
+    // The scale is journaled after it is done: wait for both.
+    let scaled_to_one = || {
+        let scaled = phoenix.events("autoscale.scaled");
+        scaled.last().is_some_and(|e| e["detail"]["to"] == 1)
+    };
     wait_for("back to one instance", Duration::from_secs(40), || {
-        live_size(&phoenix).0 == 1
+        live_size(&phoenix).0 == 1 && scaled_to_one()
     });
     assert!(
         quiet.elapsed() >= Duration::from_secs(3),
