@@ -120,9 +120,12 @@ pub(crate) async fn resize(
     progress: &Progress,
 ) -> Result<ScaleReport, FleetError> {
     let started = Instant::now();
-    let live = role
-        .live()
-        .ok_or_else(|| FleetError::Scale(format!("{} has no live generation yet", role.name)))?;
+    let live = role.live().ok_or_else(|| {
+        FleetError::Scale(format!(
+            "{}: it has no live generation yet (deploy it first)",
+            role.name
+        ))
+    })?;
     let from = live.instances().len() as u32;
     let mut report = ScaleReport {
         role: role.name.clone(),
