@@ -86,25 +86,19 @@ struct RawAutoscale {
     in_below: Option<f64>,
     #[serde(
         default = "default_interval",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::config::period"
     )]
     interval: Duration,
-    #[serde(
-        default = "default_window",
-        deserialize_with = "crate::config::duration"
-    )]
+    #[serde(default = "default_window", deserialize_with = "crate::config::period")]
     window: Duration,
     #[serde(
         default = "default_stabilization",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::config::grace"
     )]
     stabilization: Duration,
     #[serde(default = "default_scale_in_limit")]
     scale_in_limit: u32,
-    #[serde(
-        default = "default_warmup",
-        deserialize_with = "crate::config::duration"
-    )]
+    #[serde(default = "default_warmup", deserialize_with = "crate::config::grace")]
     warmup: Duration,
 }
 

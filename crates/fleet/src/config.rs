@@ -123,9 +123,9 @@ pub struct HealthConfig {
     pub check: Option<CheckKind>,
     #[serde(default = "default_health_path")]
     pub path: String,
-    #[serde(default = "default_interval", deserialize_with = "duration")]
+    #[serde(default = "default_interval", deserialize_with = "period")]
     pub interval: Duration,
-    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_health_timeout", deserialize_with = "timeout")]
     pub timeout: Duration,
     /// Consecutive passes before an instance counts as healthy.
     #[serde(default = "default_healthy_threshold")]
@@ -150,13 +150,13 @@ pub struct ProxySettings {
     /// `http` (default) or `tcp` (layer 4: bytes spliced both ways).
     #[serde(default)]
     pub mode: ProxyMode,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "timeout")]
     pub connect_timeout: Duration,
     /// How long a backend may take to answer with a response head (then 504).
-    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_request_timeout", deserialize_with = "timeout")]
     pub request_timeout: Duration,
     /// How long a client connection may idle between requests (or dawdle over headers).
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_idle_timeout", deserialize_with = "timeout")]
     pub idle_timeout: Duration,
     /// The largest request body, in bytes or with a unit (`"16MiB"`); larger ones get 413.
     #[serde(default = "default_max_body", deserialize_with = "size")]
@@ -219,10 +219,10 @@ pub struct DeployConfig {
     #[serde(default)]
     pub strategy: Strategy,
     /// How long a new generation may take to become healthy before the deploy is aborted.
-    #[serde(default = "default_healthy_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_healthy_timeout", deserialize_with = "timeout")]
     pub healthy_timeout: Duration,
     /// How long in-flight requests on the old generation may take to finish after the switch.
-    #[serde(default = "default_drain", deserialize_with = "duration")]
+    #[serde(default = "default_drain", deserialize_with = "grace")]
     pub drain: Duration,
 }
 
@@ -303,8 +303,8 @@ struct RawRole {
     image: Spanned<String>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
-    listen: SocketAddr,
-    #[serde(default = "default_stop_timeout", deserialize_with = "duration")]
+    listen: Spanned<SocketAddr>,
+    #[serde(default = "default_stop_timeout", deserialize_with = "grace")]
     stop_timeout: Duration,
     #[serde(default = "default_health")]
     health: Spanned<HealthConfig>,
@@ -312,11 +312,11 @@ struct RawRole {
     deploy: DeployConfig,
     #[serde(default)]
     proxy: ProxySettings,
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "optional_period")]
     drift_check: Option<Duration>,
     #[serde(default)]
     autoscale: Option<crate::AutoscaleConfig>,
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "optional_lifetime")]
     max_age: Option<Duration>,
     #[serde(default)]
     chaos: Option<crate::ChaosConfig>,
@@ -403,6 +403,7 @@ impl FleetFile {
             None => NetworkConfig::default(),
         };
         let mut roles = BTreeMap::new();
+        let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
         for (name, role) in raw.role {
             check_name(name.get_ref())
                 .map_err(|why| at(name.span(), format!("role name {:?} {why}", name.get_ref())))?;
@@ -431,6 +432,19 @@ impl FleetFile {
                     ),
                 ));
             }
+            let listen = *role.listen.get_ref();
+            if let Some((other, theirs)) = listeners
+                .iter()
+                .find(|(_, addr)| same_listener(*addr, listen))
+            {
+                return Err(at(
+                    role.listen.span(),
+                    format!(
+                        "[role.{role_name}] key `listen`: {listen} collides with [role.{other}] listen = \"{theirs}\"; give each role its own port"
+                    ),
+                ));
+            }
+            listeners.push((role_name.clone(), listen));
             let runtime = runtime_settings(&role, &role_name, &secret_names, &at)?;
             let health = role.health.get_ref();
             if health.healthy_threshold == 0
@@ -451,7 +465,7 @@ impl FleetFile {
             let config = RoleConfig {
                 image: role.image.into_inner(),
                 instances,
-                listen: role.listen,
+                listen,
                 stop_timeout: role.stop_timeout,
                 health,
                 deploy: role.deploy,
@@ -578,6 +592,14 @@ fn runtime_settings(
     Ok(RuntimeSettings { driver, network })
 }
 
+/// Two listen addresses that cannot both be bound: one port, and one address or either the
+/// unspecified one. Port 0 asks for any free port, so it never collides.
+fn same_listener(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Names become parts of instance names and paths: keep them plain.
 fn check_name(name: &str) -> Result<(), &'static str> {
     let plain = name
@@ -602,6 +624,21 @@ fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let column = text[line_start..offset].chars().count() + 1;
     let line_text = text[line_start..].lines().next().unwrap_or("");
+    let header = line_text.trim();
+    if header.starts_with('[') && message == "duplicate key" {
+        // A table written twice: name it whole, and where it was first.
+        let first = text[..line_start]
+            .lines()
+            .position(|l| l.trim() == header)
+            .map(|i| format!(" (first at line {})", i + 1))
+            .unwrap_or_default();
+        return ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: format!("{header} is defined twice{first}: write its keys in one table"),
+        };
+    }
     let mut context = String::new();
     if !message.starts_with('[') {
         if let Some(table) = before
@@ -687,15 +724,69 @@ fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     }
 }
 
-fn optional_duration<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    duration(deserializer).map(Some)
+// Every duration in the fleet file has a range: outside it a value cannot work (a zero
+// interval spins a worker, a timeout of centuries overflows the clock), so it is refused where
+// it is written and the error points at it.
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// How often something repeats (health checks, autoscaler ticks, drift checks): 10ms to a day.
+pub(crate) fn period<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    duration_within(deserializer, Duration::from_millis(10), DAY)
 }
 
-pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+/// How long to wait for an answer (a probe, a connection, a healthy generation): 1ms to a day.
+pub(crate) fn timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    duration_within(deserializer, Duration::from_millis(1), DAY)
+}
+
+/// How long to wait before acting (stop grace, drain, warm-up, stabilization): 0 to a day.
+pub(crate) fn grace<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    duration_within(deserializer, Duration::ZERO, DAY)
+}
+
+fn optional_period<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    period(deserializer).map(Some)
+}
+
+/// An instance's longest life (`max_age`): a second to a year.
+fn optional_lifetime<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration_within(deserializer, Duration::from_secs(1), 365 * DAY).map(Some)
+}
+
+fn duration_within<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
+    let value = parse_duration(&text).map_err(serde::de::Error::custom)?;
+    if value < min || value > max {
+        return Err(serde::de::Error::custom(format!(
+            "{text:?} is out of range: write between {} and {}",
+            show_duration(min),
+            show_duration(max)
+        )));
+    }
+    Ok(value)
+}
+
+/// A duration as the fleet file writes it, in its largest whole unit.
+fn show_duration(value: Duration) -> String {
+    let ms = value.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let units = [(3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+    for (size, unit) in units {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 #[cfg(test)]

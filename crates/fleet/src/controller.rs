@@ -374,6 +374,7 @@ impl Controller {
                 })?;
         }
         let store = Arc::new(Store::open(state_dir.join("state.db"))?);
+        store.check()?;
         let metrics_path = state_dir.join("metrics.db");
         phoenix_store::private_file(&metrics_path).map_err(|cause| FleetError::Io {
             what: format!("create {}", metrics_path.display()),

@@ -17,7 +17,7 @@ use crate::deploy::Progress;
 #[serde(deny_unknown_fields)]
 pub struct ChaosConfig {
     /// The mean time between kills (exponentially distributed).
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "crate::config::period")]
     pub every: Duration,
     /// A kill never leaves fewer healthy instances than this.
     #[serde(default = "one")]

@@ -135,6 +135,36 @@ fn the_api_refuses_non_loopback_without_a_token_and_checks_the_token() {
 }
 
 #[test]
+fn phoenix_up_refuses_a_damaged_state_and_says_how_to_recover() {
+    let mut first = Phoenix::start(&Fleet {
+        instances: 1,
+        ..Fleet::version("v1")
+    });
+    assert!(first.interrupt().success());
+    let db = first.state().join("state.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for (i, byte) in bytes.iter_mut().enumerate().skip(4096) {
+        *byte = (i % 251) as u8;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let output = phoenix(
+        first.dir.path(),
+        &["--state", "state", "up", "-f", "phoenix.toml"],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("state.db is damaged (") && stderr.contains("move it aside"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the damaged file is kept as it was"
+    );
+}
+
+#[test]
 fn a_second_phoenix_up_on_the_same_state_is_refused() {
     let first = Phoenix::start(&Fleet {
         instances: 1,

@@ -31,6 +31,10 @@ pub enum StoreError {
     },
     #[error("state store {path}: {what} (the file was written by another version of Phoenix?)")]
     Corrupt { path: PathBuf, what: String },
+    #[error(
+        "state store {path} is damaged ({problems}); Phoenix will not run on it. Keep a copy, then restore a backup or move it aside (Phoenix then starts with an empty state and removes the instances it left behind)"
+    )]
+    Damaged { path: PathBuf, problems: String },
     #[error("state store {path}: {cause}")]
     Json {
         path: PathBuf,
@@ -93,6 +97,28 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// SQLite's `quick_check` of every page and index: a damaged state is refused at startup
+    /// rather than found in the middle of a deploy.
+    pub fn check(&self) -> Result<()> {
+        let damaged = |problems: String| StoreError::Damaged {
+            path: self.path.clone(),
+            problems,
+        };
+        let conn = self.conn();
+        let rows: std::result::Result<Vec<String>, rusqlite::Error> = conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get::<_, String>(0))?
+                    .collect()
+            });
+        match rows {
+            Ok(rows) if rows == ["ok"] => Ok(()),
+            Ok(rows) => Err(damaged(rows.join("; "))),
+            Err(cause) => Err(damaged(cause.to_string())),
+        }
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {

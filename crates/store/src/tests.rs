@@ -196,3 +196,35 @@ fn the_latest_verification_of_an_image_counts() {
     );
     assert_eq!(store.latest_verification("sha256:bb").unwrap(), None);
 }
+
+#[test]
+fn a_damaged_state_is_found_by_check_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let store = Store::open(&path).unwrap();
+        for i in 0..200 {
+            store.create_generation("web", D1, i).unwrap();
+        }
+        store.check().unwrap();
+    }
+    // Scribble over every page but the first (the header and the schema).
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8192, "{} bytes", bytes.len());
+    for (i, byte) in bytes.iter_mut().enumerate().skip(4096) {
+        *byte = (i % 251) as u8;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let message = match Store::open(&path).and_then(|store| store.check()) {
+        Ok(()) => panic!("a scribbled state passed its check"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        message.starts_with(&format!("state store {}", path.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains("is damaged (") && message.contains("move it aside"),
+        "{message}"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::duration;
+use super::period;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,9 +43,9 @@ pub struct AgentSettings {
     /// Token RPC clients must give (required when `rpc_addr` is not loopback).
     #[serde(default)]
     pub rpc_auth: Option<String>,
-    #[serde(default = "default_reconnect", deserialize_with = "duration")]
+    #[serde(default = "default_reconnect", deserialize_with = "period")]
     pub reconnect_interval: Duration,
-    #[serde(default = "default_reap", deserialize_with = "duration")]
+    #[serde(default = "default_reap", deserialize_with = "period")]
     pub reap_after: Duration,
 }
 

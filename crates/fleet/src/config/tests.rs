@@ -122,6 +122,83 @@ fn cross_references_and_ranges_are_checked() {
 }
 
 #[test]
+fn durations_that_cannot_work_are_refused_where_they_are_written() {
+    let cases = [
+        (
+            "[role.web.health]\ninterval = \"0s\"",
+            "12:12: [role.web.health] key `interval`: \"0s\" is out of range: write between 10ms and 24h",
+        ),
+        (
+            "[role.web.health]\ntimeout = \"0ms\"",
+            "12:11: [role.web.health] key `timeout`: \"0ms\" is out of range: write between 1ms and 24h",
+        ),
+        (
+            "[role.web.proxy]\nidle_timeout = \"99999999999h\"",
+            "12:16: [role.web.proxy] key `idle_timeout`: \"99999999999h\" is out of range",
+        ),
+        (
+            "[role.web.deploy]\ndrain = \"25h\"",
+            "12:9: [role.web.deploy] key `drain`: \"25h\" is out of range: write between 0s and 24h",
+        ),
+        (
+            "[role.web.autoscale]\nmin = 1\nmax = 2\ninterval = \"1ms\"",
+            "14:12: [role.web.autoscale] key `interval`: \"1ms\" is out of range",
+        ),
+        (
+            "[role.web.chaos]\nevery = \"0s\"",
+            "12:9: [role.web.chaos] key `every`: \"0s\" is out of range",
+        ),
+    ];
+    for (table, expected) in cases {
+        let message = error(&format!("{GOOD}\n{table}\n"));
+        assert!(
+            message.starts_with(&format!("fleet/phoenix.toml:{expected}")),
+            "{table}: {message}"
+        );
+    }
+    let text = GOOD.replace("listen =", "stop_timeout = \"99999999999h\"\nlisten =");
+    assert!(
+        error(&text).starts_with("fleet/phoenix.toml:9:16: [role.web] key `stop_timeout`: \"99999999999h\" is out of range: write between 0s and 24h"),
+        "{}",
+        error(&text)
+    );
+    // The ends of each range are accepted.
+    let text = format!(
+        "{GOOD}\n[role.web.health]\ninterval = \"10ms\"\ntimeout = \"24h\"\n[role.web.deploy]\ndrain = \"0s\"\n"
+    );
+    let web = &parse(&text).unwrap().roles["web"];
+    assert_eq!(web.health.interval, Duration::from_millis(10));
+    assert_eq!(web.health.timeout, Duration::from_secs(86_400));
+    assert_eq!(web.deploy.drain, Duration::ZERO);
+}
+
+#[test]
+fn two_roles_on_one_listen_address_are_refused_naming_both() {
+    let api = "\n[role.api]\nimage = \"hello\"\nlisten = \"0.0.0.0:8080\"\n";
+    assert_eq!(
+        error(&format!("{GOOD}{api}")),
+        "fleet/phoenix.toml:9:10: [role.web] key `listen`: 127.0.0.1:8080 collides with [role.api] listen = \"0.0.0.0:8080\"; give each role its own port"
+    );
+    // Other ports, other addresses and "any free port" are fine.
+    for listen in ["127.0.0.1:8081", "127.0.0.2:8080"] {
+        let other = api.replace("0.0.0.0:8080", listen);
+        assert!(parse(&format!("{GOOD}{other}")).is_ok(), "{listen}");
+    }
+    let zero = GOOD.replace("127.0.0.1:8080", "127.0.0.1:0");
+    let other = api.replace("0.0.0.0:8080", "127.0.0.1:0");
+    assert!(parse(&format!("{zero}{other}")).is_ok());
+}
+
+#[test]
+fn a_table_written_twice_is_named_whole_with_its_first_line() {
+    let text = format!("{GOOD}\n[role.web]\nimage = \"hello\"\n");
+    assert_eq!(
+        error(&text),
+        "fleet/phoenix.toml:11:7: [role.web] is defined twice (first at line 7): write its keys in one table"
+    );
+}
+
+#[test]
 fn syntax_errors_have_positions_too() {
     let message = error("[role.web\nimage = 1");
     assert!(message.starts_with("fleet/phoenix.toml:1:"), "{message}");
