@@ -1,17 +1,24 @@
-//! The local HTTP API that the CLI (and later the dashboard) talks to.
+//! The HTTP API that the CLI (and later the dashboard) talks to.
 //!
-//! It binds loopback unless a token is set; with a token every request must carry
-//! `Authorization: Bearer TOKEN`. Deploys stream progress as newline-delimited JSON and run in
-//! their own task, so a client that goes away never leaves a deploy half done.
+//! By default it is served only on a Unix socket in the state directory, mode 0600, to its
+//! owner (peer credentials are checked too). TCP is opt-in and always authenticated: a bearer
+//! token (read-only or operator) or a client certificate (mutual TLS); Host and Origin must
+//! name the listener, so neither a web page nor DNS rebinding can drive it. Every
+//! state-changing call is journaled with who made it. Deploys stream progress as
+//! newline-delimited JSON and run in their own task, so a client that goes away never leaves a
+//! deploy half done.
 
+pub mod access;
+mod listen;
 mod stream;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,22 +27,27 @@ use bytes::Bytes;
 use phoenix_fleet::{Controller, DeployOptions, Progress};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+
+pub use access::{Caller, HostPolicy, Peer, Scope, Token, TokenError};
+use listen::Connection;
+pub use listen::{bind_owner_socket, serve_tcp, serve_unix};
 
 /// An API that may not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(
-        "refusing to serve the API on {0} without a token: it is not a loopback address (pass --token)"
+        "refusing to serve the API on TCP {0} without authentication: give tokens (--api-tokens FILE or PHOENIX_API_TOKEN) or mutual TLS (--api-tls-cert, --api-tls-key, --api-client-ca)"
     )]
-    NeedsToken(SocketAddr),
+    NeedsAuth(SocketAddr),
 }
 
 #[derive(Clone)]
 struct AppState {
     controller: Controller,
-    token: Option<Arc<str>>,
+    tokens: Arc<[Token]>,
+    /// The uid that owns the state (this process's): the Unix socket admits it and root.
+    owner: u32,
 }
 
 /// One line of a deploy stream.
@@ -47,20 +59,21 @@ pub enum StreamLine {
     Error(String),
 }
 
-/// Checks that a listener on `addr` is allowed with or without a token.
-pub fn check_listen(addr: SocketAddr, token: Option<&str>) -> Result<(), ApiError> {
-    if addr.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
-        Ok(())
-    } else {
-        Err(ApiError::NeedsToken(addr))
+/// Checks that a TCP listener on `addr` has a way to authenticate its clients.
+pub fn check_tcp(addr: SocketAddr, tokens: &[Token], mutual_tls: bool) -> Result<(), ApiError> {
+    if tokens.is_empty() && !mutual_tls {
+        return Err(ApiError::NeedsAuth(addr));
     }
+    Ok(())
 }
 
-/// The API's routes.
-pub fn router(controller: Controller, token: Option<String>) -> Router {
+/// The API's routes, behind the authorization layer.
+pub fn router(controller: Controller, tokens: Vec<Token>) -> Router {
     let state = AppState {
         controller,
-        token: token.filter(|t| !t.is_empty()).map(Arc::from),
+        tokens: tokens.into(),
+        // SAFETY: geteuid has no preconditions.
+        owner: unsafe { libc::geteuid() },
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -78,36 +91,108 @@ pub fn router(controller: Controller, token: Option<String>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    controller: Controller,
-    token: Option<String>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(controller, token))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
-}
-
+/// Admits a request or answers why not: the connection's Host and Origin (TCP), then who the
+/// caller is and whether their scope allows the method; state-changing calls are journaled.
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let given = request
+    let Some(connection) = request.extensions().get::<Connection>().cloned() else {
+        return refuse(StatusCode::FORBIDDEN, "no connection information");
+    };
+    if let Some(hosts) = &connection.hosts {
+        let host = request
             .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return (StatusCode::UNAUTHORIZED, "missing or wrong API token\n").into_response();
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        match host {
+            Some(host) if hosts.allows(host) => {}
+            Some(host) => {
+                return refuse(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    &format!("Host {host:?} is not this API's address"),
+                );
+            }
+            None => return refuse(StatusCode::BAD_REQUEST, "the request has no Host"),
         }
+        if let Some(origin) = request.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("?");
+            if !hosts.allows_origin(origin) {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    &format!("requests from origin {origin:?} are refused"),
+                );
+            }
+        }
+    }
+    let (caller, scope) = match caller(&state, &connection.peer, &request) {
+        Ok(found) => found,
+        Err((status, message)) => return refuse(status, &message),
+    };
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !reads {
+        if scope == Scope::Read {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "{caller} is read-only: it cannot {} {}",
+                    request.method(),
+                    request.uri().path()
+                ),
+            );
+        }
+        let path = request.uri().path();
+        let role = path
+            .strip_prefix("/v1/roles/")
+            .and_then(|rest| rest.split('/').next());
+        let call = format!("{} {path}", request.method());
+        state
+            .controller
+            .journal_api_call(role, &caller.to_string(), &call)
+            .await;
     }
     next.run(request).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Who made `request`, and what they may do; or why they are turned away.
+fn caller(
+    state: &AppState,
+    peer: &Peer,
+    request: &Request,
+) -> Result<(Caller, Scope), (StatusCode, String)> {
+    match peer {
+        Peer::Local { uid } if *uid == state.owner || *uid == 0 => {
+            Ok((Caller::Uid(*uid), Scope::Operate))
+        }
+        Peer::Local { uid } => Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "uid {uid} may not use this API: it belongs to uid {}",
+                state.owner
+            ),
+        )),
+        Peer::Certificate { fingerprint } => {
+            Ok((Caller::Certificate(fingerprint.clone()), Scope::Operate))
+        }
+        Peer::Remote => {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+            match given.and_then(|g| access::find_token(&state.tokens, g.as_bytes())) {
+                Some(token) => Ok((Caller::Token(token.name.clone()), token.scope)),
+                None => Err((
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong API token".into(),
+                )),
+            }
+        }
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, format!("{message}\n")).into_response()
 }
 
 async fn status(State(state): State<AppState>) -> Json<phoenix_fleet::FleetStatus> {

@@ -634,6 +634,13 @@ impl Controller {
         &self.inner.store
     }
 
+    /// Journals a state-changing API call and who made it, before it runs: the entries the
+    /// call itself writes follow it.
+    pub async fn journal_api_call(&self, role: Option<&str>, actor: &str, call: &str) {
+        let detail = serde_json::json!({"actor": actor, "call": call});
+        self.inner.journal(role, "api.call", detail).await;
+    }
+
     /// Bakes the image `name` of the current fleet file.
     pub async fn bake(&self, name: &str) -> Result<bake::BakeOutcome, FleetError> {
         let fleet = self.inner.reload_fleet()?;

@@ -279,10 +279,17 @@ pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode
     if let Some(role) = &args.role {
         query.push_str(&format!("&role={role}"));
     }
-    // Through the API when `phoenix up` runs; straight from the state file when it does not.
-    let rows: Vec<JournalRow> = match Client::new(state, &args.api) {
-        Ok(client) => client.get_json(&query).await?,
-        Err(_) => {
+    // Through the API when `phoenix up` runs; straight from the state file when its socket is
+    // gone or left behind by a crash (an API named with --api must answer).
+    let via_api = match Client::new(state, &args.api) {
+        Ok(client) if args.api.api.is_some() => Some(client.get_json(&query).await?),
+        Ok(client) => client.get_json(&query).await.ok(),
+        Err(error) if args.api.api.is_some() => return Err(error),
+        Err(_) => None,
+    };
+    let rows: Vec<JournalRow> = match via_api {
+        Some(rows) => rows,
+        None => {
             let path = state.join("state.db");
             anyhow::ensure!(
                 path.exists(),

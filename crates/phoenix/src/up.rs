@@ -17,20 +17,79 @@ pub struct UpArgs {
     /// The fleet file.
     #[arg(short = 'f', long = "file", default_value = "phoenix.toml")]
     pub file: PathBuf,
-    /// Where the API listens: loopback unless --token is given. Port 0 picks a free port;
-    /// clients find it in STATE/api.addr.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub api_listen: SocketAddr,
-    /// Require this bearer token on every API request.
-    #[arg(long, env = "PHOENIX_API_TOKEN", hide_env_values = true)]
+    /// Also serve the API on this TCP address (it is always on STATE/api.sock, for the
+    /// owner). TCP needs tokens (--api-tokens or PHOENIX_API_TOKEN) or mutual TLS.
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<SocketAddr>,
+    /// Bearer tokens for TCP clients: lines of `NAME SCOPE SECRET`, SCOPE `read` or
+    /// `operate`; the file must be mode 0600. PHOENIX_API_TOKEN adds an operator token `env`.
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
+    /// Host names (besides the listen address and localhost) that TCP clients may use.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
+    /// Serve TCP with TLS using this certificate (PEM); needs --api-tls-key and
+    /// --api-client-ca: only clients with a certificate that CA signed get in.
+    #[arg(long, value_name = "FILE", requires_all = ["api_tls_key", "api_client_ca", "api_listen"])]
+    pub api_tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    pub api_client_ca: Option<PathBuf>,
+    /// Refused: a token on the command line shows in `ps` to every user.
+    #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
     /// Seed for generated instance names (for reproducible runs).
     #[arg(long, hide = true)]
     pub seed: Option<u64>,
 }
 
+/// The file in the state directory where the owner's API socket is.
+pub const API_SOCKET: &str = "api.sock";
+
+/// The tokens of `--api-tokens` and `PHOENIX_API_TOKEN`.
+fn load_tokens(args: &UpArgs) -> anyhow::Result<Vec<phoenix_api::Token>> {
+    if args.token.is_some() {
+        bail!(
+            "--token is not taken on the command line (every user sees it in `ps`): put tokens in a file given with --api-tokens, or in PHOENIX_API_TOKEN"
+        );
+    }
+    let mut tokens = match &args.api_tokens {
+        Some(path) => phoenix_api::Token::load_file(path)?,
+        None => Vec::new(),
+    };
+    if let Some(value) = std::env::var_os("PHOENIX_API_TOKEN") {
+        tokens.push(phoenix_api::Token::from_env_value(
+            &value.to_string_lossy(),
+        )?);
+    }
+    Ok(tokens)
+}
+
+/// What `phoenix up` serves the API on, checked before anything starts.
+struct ApiPlan {
+    tokens: Vec<phoenix_api::Token>,
+    tcp: Option<(SocketAddr, Option<std::sync::Arc<rustls::ServerConfig>>)>,
+}
+
+fn plan_api(args: &UpArgs) -> anyhow::Result<ApiPlan> {
+    let tokens = load_tokens(args)?;
+    let tls = match (&args.api_tls_cert, &args.api_tls_key, &args.api_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(phoenix_api::tls::server_config(cert, key, ca)?),
+        _ => None,
+    };
+    let tcp = match args.api_listen {
+        Some(addr) => {
+            phoenix_api::check_tcp(addr, &tokens, tls.is_some())?;
+            Some((addr, tls))
+        }
+        None => None,
+    };
+    Ok(ApiPlan { tokens, tcp })
+}
+
 pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
-    phoenix_api::check_listen(args.api_listen, args.token.as_deref())?;
+    let api_plan = plan_api(&args)?;
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let _lock = lock_state(state)?;
@@ -39,20 +98,36 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     options.bake = bake_options()?;
     let controller = Controller::open(options).await?;
     let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
-    let listener = TcpListener::bind(args.api_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for the API", args.api_listen))?;
-    let api_addr = listener.local_addr()?;
-    write_api_addr(state, api_addr)?;
+    let router = phoenix_api::router(controller.clone(), api_plan.tokens);
     let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
-    let api = tokio::spawn(phoenix_api::serve(
-        listener,
-        controller.clone(),
-        args.token.clone(),
-        api_stopped,
-    ));
+    let socket_path = state.join(API_SOCKET);
+    let socket = phoenix_api::bind_owner_socket(&socket_path)
+        .with_context(|| format!("cannot serve the API on {}", socket_path.display()))?;
+    let mut apis = vec![tokio::spawn(phoenix_api::serve_unix(
+        socket,
+        router.clone(),
+        api_stopped.clone(),
+    ))];
+    let mut served_on = format!("API {} (owner only)", socket_path.display());
+    if let Some((addr, tls)) = api_plan.tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the API"))?;
+        let addr = listener.local_addr()?;
+        write_api_addr(state, addr, tls.is_some())?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        served_on.push_str(&format!(", {scheme}://{addr}"));
+        let hosts = phoenix_api::HostPolicy::new(addr, &args.api_hosts);
+        apis.push(tokio::spawn(phoenix_api::serve_tcp(
+            listener,
+            tls,
+            hosts,
+            router,
+            api_stopped,
+        )));
+    }
     println!(
-        "phoenix up: fleet {}, state {}, API http://{api_addr}",
+        "phoenix up: fleet {}, state {}, {served_on}",
         args.file.display(),
         state.display()
     );
@@ -102,8 +177,11 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     converging.abort();
     controller.shutdown().await;
     api_stop.send_replace(true);
-    let _ = api.await;
+    for api in apis {
+        let _ = api.await;
+    }
     let _ = std::fs::remove_file(state.join(API_ADDR_FILE));
+    let _ = std::fs::remove_file(&socket_path);
     println!("phoenix up: stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -150,9 +228,11 @@ fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-fn write_api_addr(state: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+/// Where the TCP API is, for operators and scripts (the CLI uses the socket unless told).
+fn write_api_addr(state: &Path, addr: SocketAddr, tls: bool) -> anyhow::Result<()> {
     let tmp = state.join(format!("{API_ADDR_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{addr}\n"))?;
+    let scheme = if tls { "https" } else { "http" };
+    std::fs::write(&tmp, format!("{scheme}://{addr}\n"))?;
     std::fs::rename(&tmp, state.join(API_ADDR_FILE))?;
     Ok(())
 }

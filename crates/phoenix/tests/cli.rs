@@ -93,48 +93,6 @@ fn commands_without_a_running_phoenix_say_so() {
 }
 
 #[test]
-fn the_api_refuses_non_loopback_without_a_token_and_checks_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("phoenix.toml"), Fleet::version("v1").toml()).unwrap();
-    let open = phoenix(
-        dir.path(),
-        &["--state", "s", "up", "--api-listen", "0.0.0.0:0"],
-    );
-    assert_eq!(open.status.code(), Some(1));
-    assert!(
-        text(&open.stderr).contains("without a token"),
-        "{}",
-        text(&open.stderr)
-    );
-
-    let guarded = Phoenix::start_with(
-        &Fleet {
-            instances: 1,
-            ..Fleet::version("v1")
-        },
-        &["--token", "s3cret"],
-    );
-    let output = Command::new(phoenix_bin())
-        .arg("--state")
-        .arg(guarded.state())
-        .args(["status"])
-        .env_remove("PHOENIX_API_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        text(&output.stderr).contains("401 Unauthorized: missing or wrong API token"),
-        "{}",
-        text(&output.stderr)
-    );
-    assert_eq!(
-        guarded.status()["roles"][0]["live_generation"],
-        1,
-        "the right token works"
-    );
-}
-
-#[test]
 fn phoenix_up_refuses_a_damaged_state_and_says_how_to_recover() {
     let mut first = Phoenix::start(&Fleet {
         instances: 1,

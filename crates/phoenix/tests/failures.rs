@@ -225,7 +225,7 @@ fn ctrl_c_drains_and_stops_everything() {
         processes_under(&phoenix.state()).is_empty(),
         "no instance is left running"
     );
-    assert!(!phoenix.state().join("api.addr").exists());
+    assert!(!phoenix.state().join("api.sock").exists());
     let history = phoenix.history();
     assert_eq!(history.last().unwrap()["kind"], "up.stopped");
     assert_eq!(

@@ -336,9 +336,6 @@ impl Phoenix {
             .arg(self.state())
             .args(args)
             .current_dir(self.dir.path());
-        if let Some(at) = self.extra_args.iter().position(|a| a == "--token") {
-            command.env("PHOENIX_API_TOKEN", &self.extra_args[at + 1]);
-        }
         if let Some(netns) = &self.netns {
             netns.apply(&mut command);
         }
@@ -392,10 +389,9 @@ impl Phoenix {
             .collect()
     }
 
-    /// A GET of `path` on the API, the whole response.
+    /// A GET of `path` on the API's socket, the whole response.
     pub fn api_get(&self, path: &str) -> String {
-        let api = std::fs::read_to_string(self.state().join("api.addr")).unwrap();
-        self.get(api.trim().parse().unwrap(), path)
+        unix_request(&self.state().join("api.sock"), "GET", path, "")
     }
 
     /// Waits until the live generation has `instances` healthy instances; on failure the
@@ -452,7 +448,7 @@ impl Phoenix {
     }
 
     fn try_status(&self) -> Option<Value> {
-        if !self.state().join("api.addr").exists() {
+        if !self.state().join("api.sock").exists() {
             return None;
         }
         let output = self.cli(&["status", "--json"]);
@@ -583,6 +579,22 @@ pub fn get_once(addr: SocketAddr, path: &str) -> String {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// One request over a Unix socket (`extra` is more header lines, each ending in CRLF); the
+/// whole response.
+pub fn unix_request(socket: &Path, method: &str, path: &str, extra: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
