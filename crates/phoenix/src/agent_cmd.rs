@@ -88,6 +88,13 @@ impl AgentArgs {
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
+    if args
+        .rpc_auth
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        bail!("--rpc-auth is empty: an empty token is refused");
+    }
     if !args.rpc_addr.ip().is_loopback() && args.rpc_auth.is_none() {
         bail!(
             "--rpc-addr {} is not loopback: give --rpc-auth TOKEN",

@@ -361,3 +361,48 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| Path::new(dir).join(program))
         .find(|path| path.is_file())
 }
+
+#[test]
+fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
+    let empty = Command::new(phoenix_bin())
+        .args(["agent", "--bind", "127.0.0.1:0", "--rpc-addr", "0.0.0.0:0"])
+        .args(["--rpc-auth", ""])
+        .output()
+        .unwrap();
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        text(&empty.stderr).contains("--rpc-auth is empty: an empty token is refused"),
+        "{}",
+        text(&empty.stderr)
+    );
+    let Some(serf) = which("serf") else {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
+            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
+        );
+        eprintln!("skipped: serf not installed (apt-get install serf)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent(
+        "a",
+        &["--rpc-auth", "rpc-0123456789abcdef"],
+        &dir.path().join("a.log"),
+    );
+    let rpc = format!("-rpc-addr={}", a.rpc);
+    for wrong in ["rpc-0123456789abcdeX", "rpc-0123456789abcde", ""] {
+        let output = cli(&serf, &["members", &rpc, &format!("-rpc-auth={wrong}")]);
+        assert!(!output.status.success(), "{wrong:?}");
+        let said = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        assert!(
+            said.contains("Invalid authentication token") || said.contains("Authentication"),
+            "{wrong:?}: {said}"
+        );
+    }
+    let right = cli(&serf, &["members", &rpc, "-rpc-auth=rpc-0123456789abcdef"]);
+    assert!(
+        text(&right.stdout).starts_with("a "),
+        "{}",
+        text(&right.stderr)
+    );
+}

@@ -91,6 +91,13 @@ impl AgentSettings {
 
     /// Why these settings cannot work, if they cannot.
     pub(super) fn problem(&self) -> Option<String> {
+        if self
+            .rpc_auth
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Some("[agent] key `rpc_auth`: an empty token is refused".into());
+        }
         if !self.rpc_addr.ip().is_loopback() && self.rpc_auth.is_none() {
             return Some(format!(
                 "[agent] key `rpc_addr`: {} is not loopback: set `rpc_auth` too",

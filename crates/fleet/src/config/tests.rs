@@ -289,4 +289,10 @@ fn the_agent_table_takes_the_agent_options_and_checks_them() {
     let bad_key = format!("{GOOD}\n[agent]\nencrypt = \"not base64!\"\n");
     let message = error(&bad_key);
     assert!(message.contains("[agent] key `encrypt`"), "{message}");
+    let empty = format!("{GOOD}\n[agent]\nrpc_addr = \"0.0.0.0:7373\"\nrpc_auth = \"\"\n");
+    let message = error(&empty);
+    assert!(
+        message.contains("[agent] key `rpc_auth`: an empty token is refused"),
+        "{message}"
+    );
 }

@@ -294,11 +294,13 @@ impl Session {
             }
             "auth" => {
                 let request: AuthRequest = body_of(body)?;
-                if self
-                    .auth_key
-                    .as_deref()
-                    .is_some_and(|k| k != request.auth_key)
-                {
+                // Constant time: how long the answer takes says nothing of how close a guess was.
+                let matches = |key: &str| {
+                    use subtle::ConstantTimeEq;
+                    key.len() == request.auth_key.len()
+                        && bool::from(key.as_bytes().ct_eq(request.auth_key.as_bytes()))
+                };
+                if self.auth_key.as_deref().is_some_and(|k| !matches(k)) {
                     return Err("Invalid authentication token".into());
                 }
                 self.authenticated = true;
