@@ -161,6 +161,32 @@ pub struct ProxySettings {
     /// The largest request body, in bytes or with a unit (`"16MiB"`); larger ones get 413.
     #[serde(default = "default_max_body", deserialize_with = "size")]
     pub max_body: u64,
+    /// How long a client may take over a request head it started (then 408).
+    #[serde(default = "default_request_head_timeout", deserialize_with = "timeout")]
+    pub request_head_timeout: Duration,
+    /// Client connections served at once (default: sized to the descriptor limit).
+    #[serde(default, deserialize_with = "optional_connections")]
+    pub max_connections: Option<usize>,
+    /// Client connections one address may hold at once (default: no limit).
+    #[serde(default, deserialize_with = "optional_connections")]
+    pub max_connections_per_client: Option<usize>,
+}
+
+/// A connection count: 1 to a million.
+fn optional_connections<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<usize>, D::Error> {
+    let value = u64::deserialize(deserializer)?;
+    if !(1..=1_000_000).contains(&value) {
+        return Err(serde::de::Error::custom(format!(
+            "{value} is out of range: write between 1 and 1000000"
+        )));
+    }
+    Ok(Some(value as usize))
+}
+
+fn default_request_head_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -179,6 +205,9 @@ impl Default for ProxySettings {
             request_timeout: default_request_timeout(),
             idle_timeout: default_idle_timeout(),
             max_body: default_max_body(),
+            request_head_timeout: default_request_head_timeout(),
+            max_connections: None,
+            max_connections_per_client: None,
         }
     }
 }
@@ -195,6 +224,11 @@ impl ProxySettings {
             request_timeout: self.request_timeout,
             idle_timeout: self.idle_timeout,
             max_body: self.max_body,
+            request_head_timeout: self.request_head_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(phoenix_proxy::default_max_connections),
+            max_connections_per_client: self.max_connections_per_client,
         }
     }
 }

@@ -90,6 +90,7 @@ fn plan_api(args: &UpArgs) -> anyhow::Result<ApiPlan> {
 
 pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let api_plan = plan_api(&args)?;
+    raise_descriptor_limit();
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let _lock = lock_state(state)?;
@@ -206,6 +207,23 @@ pub fn bake_options() -> anyhow::Result<phoenix_image::BakeOptions> {
         Err(_) => 0,
     };
     Ok(phoenix_image::BakeOptions { mtime })
+}
+
+/// Raises this process's soft descriptor limit to its hard one, as HAProxy and nginx do: the
+/// proxies size `max_connections` from it. Instances get their own limit (`nofile`).
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on structs we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// Holds an exclusive lock on the state directory for as long as the file stays open.

@@ -21,6 +21,12 @@ pub(crate) struct BodyTooLarge {
     pub(crate) limit: u64,
 }
 
+/// The client's request body could not be read: a bad chunk size, a bad trailer, or an end
+/// before its declared length. The client's fault, answered with 400, never the backend's.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is malformed or ended early: {0}")]
+pub(crate) struct ClientBodyError(#[source] pub(crate) hyper::Error);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where a request body's bytes are counted.
@@ -81,6 +87,9 @@ impl Body for UpstreamBody {
                         backend.metrics.add_received(bytes);
                     }
                     Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))))
                 }
                 other => other.map(|frame| frame.map(|result| result.map_err(Into::into))),
             },

@@ -17,26 +17,16 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{BodyTooLarge, Meter, ResponseBody, UpstreamBody, UpstreamResponse};
+use crate::body::{
+    BodyTooLarge, ClientBodyError, Meter, ResponseBody, UpstreamBody, UpstreamResponse,
+};
 use crate::pool::{self, Sender};
 use crate::tunnel;
-use crate::{Backend, RoleProxy};
+use crate::{Backend, RoleProxy, policy};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const VIA: HeaderValue = HeaderValue::from_static("1.1 phoenix");
-/// Headers that describe one connection, never forwarded (RFC 9110, 7.6.1). Parsed once:
-/// removing by `&str` would parse the name again on every request.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
+const VIA: HeaderValue = HeaderValue::from_static(policy::VIA);
 /// The proxy as a `tower::Service`, one per client connection.
 #[derive(Debug, Clone)]
 pub struct ProxyService {
@@ -124,6 +114,10 @@ async fn forward_to_backend(
     let upgrade = upgrade_protocol(request.headers())
         .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
     let (mut parts, body) = request.into_parts();
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if let Some(problem) = policy::host_problem(parts.version == http::Version::HTTP_11, hosts) {
+        return error_response(proxy, StatusCode::BAD_REQUEST, problem);
+    }
     let limit = proxy.config.max_body;
     if body.size_hint().lower() > limit {
         return too_large(proxy, limit);
@@ -248,6 +242,13 @@ async fn forward_to_backend(
             Failure::Sent(error) if caused_by::<BodyTooLarge>(&error) => {
                 return too_large(proxy, limit);
             }
+            Failure::Sent(error) if caused_by::<ClientBodyError>(&error) => {
+                let message = match std::error::Error::source(&error) {
+                    Some(cause) => cause.to_string(),
+                    None => error.to_string(),
+                };
+                return error_response(proxy, StatusCode::BAD_REQUEST, &message);
+            }
             Failure::Sent(error) if replay.is_some() => error.to_string(),
             Failure::Sent(error) => {
                 let (status, message) = failed(backend, &error);
@@ -346,10 +347,7 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+    policy::is_idempotent(method.as_str())
 }
 
 /// Rewrites the request for the backend: origin-form URI, no hop-by-hop headers, the client's
@@ -360,19 +358,19 @@ fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderVal
         *uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
     strip_hop_by_hop(headers);
-    let forwarded = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => HeaderValue::from_str(&format!(
-            "{earlier}, {}",
-            client_ip.to_str().unwrap_or_default()
-        ))
-        .ok(),
-        None => Some(client_ip),
-    };
-    if let Some(value) = forwarded {
+    let mut forwarded = Vec::new();
+    let earlier = headers.get(X_FORWARDED_FOR).map(|v| v.as_bytes());
+    policy::forwarded_for(earlier, client_ip.to_str().unwrap_or_default(), |piece| {
+        forwarded.extend_from_slice(piece)
+    });
+    if let Ok(value) = HeaderValue::from_bytes(&forwarded) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(policy::FORWARDED_PROTO),
+        );
     }
     headers.append(header::VIA, VIA);
 }
@@ -389,7 +387,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
+    for name in policy::HOP_BY_HOP {
         headers.remove(name);
     }
 }

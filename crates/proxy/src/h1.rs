@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::chunked::Chunked;
 use crate::pool::{self, Upstream};
-use crate::{Backend, InFlight, RoleProxy, forward, stopped};
+use crate::{Backend, InFlight, RoleProxy, forward, policy, stopped};
 
 /// Longest request or response head accepted on the fast path.
 const MAX_HEAD: usize = 64 * 1024;
@@ -34,17 +34,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Free space kept in a read buffer before each read.
 const READ_RESERVE: usize = 8 * 1024;
-
-/// Headers that describe one connection, never forwarded (RFC 9110, 7.6.1). Transfer-Encoding
-/// is handled apart: a chunked response body is passed through as it is.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 /// One client connection and its buffers, reused from request to request.
 struct Client {
@@ -154,27 +143,44 @@ pub(crate) async fn serve(
 }
 
 /// Reads until a complete request head is buffered; `None` when the client closed, stayed
-/// idle past the idle timeout, or the proxy is stopping.
+/// idle past the idle timeout, took longer than the head timeout over a head it started (it
+/// gets 408), or the proxy is stopping.
 async fn next_request(
     conn: &mut Client,
     proxy: &RoleProxy,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<ParsedRequest> {
-    let deadline = tokio::time::Instant::now() + proxy.config.idle_timeout;
+    let idle_deadline = tokio::time::Instant::now() + proxy.config.idle_timeout;
+    let mut head_deadline = None;
     loop {
         if !conn.buf.is_empty() {
             match parse_request(&conn.buf, &conn.client_ip, &mut conn.upstream_head) {
                 ParsedRequest::Partial => {}
                 parsed => return Some(parsed),
             }
+            head_deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now() + proxy.config.request_head_timeout
+            });
         }
+        let deadline = head_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
         conn.buf.reserve(READ_RESERVE);
         tokio::select! {
             biased;
             read = tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)) => {
                 match read {
                     Ok(Ok(n)) if n > 0 => {}
-                    _ => return None,
+                    Ok(_) => return None,
+                    Err(_) => {
+                        if head_deadline.is_some() {
+                            let message = format!(
+                                "request head not received within {:?}",
+                                proxy.config.request_head_timeout
+                            );
+                            let status = StatusCode::REQUEST_TIMEOUT;
+                            respond_error(conn, proxy, status, &message, true, Instant::now()).await;
+                        }
+                        return None;
+                    }
                 }
             }
             _ = stopped(stop) => return None,
@@ -484,16 +490,8 @@ impl<'a> ConnectionTokens<'a> {
 
     /// True when `name` must not be forwarded.
     fn is_hop_by_hop(&self, name: &str) -> bool {
-        HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-            || self.listed.iter().any(|l| l.eq_ignore_ascii_case(name))
+        policy::is_hop_by_hop(name) || self.listed.iter().any(|l| l.eq_ignore_ascii_case(name))
     }
-}
-
-fn is_idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    )
 }
 
 /// A `Content-Length` value: digits only.
@@ -551,6 +549,10 @@ fn parse_request(buf: &[u8], client_ip: &str, out: &mut BytesMut) -> ParsedReque
         } else if tokens.is_hop_by_hop(name) {
             continue;
         } else if name.eq_ignore_ascii_case("host") {
+            if host {
+                // Two Host fields: the general path refuses them (policy::host_problem).
+                return ParsedRequest::Fallback;
+            }
             host = true;
         } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
             proto = true;
@@ -561,21 +563,24 @@ fn parse_request(buf: &[u8], client_ip: &str, out: &mut BytesMut) -> ParsedReque
         return ParsedRequest::Fallback;
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(earlier) = forwarded_for {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client_ip.as_bytes());
+    policy::forwarded_for(forwarded_for, client_ip, |piece| {
+        out.extend_from_slice(piece)
+    });
     out.extend_from_slice(b"\r\n");
     if !proto {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        push_field(
+            out,
+            b"x-forwarded-proto",
+            policy::FORWARDED_PROTO.as_bytes(),
+        );
     }
-    out.extend_from_slice(b"via: 1.1 phoenix\r\n\r\n");
+    push_field(out, b"via", policy::VIA.as_bytes());
+    out.extend_from_slice(b"\r\n");
     ParsedRequest::Forward(RequestHead {
         len,
         body: body.unwrap_or(0),
         head_method: method == "HEAD",
-        idempotent: is_idempotent(method),
+        idempotent: policy::is_idempotent(method),
         close: tokens.close,
     })
 }
@@ -650,12 +655,14 @@ fn parse_response(
     for field in response.headers.iter() {
         // With a Transfer-Encoding, Content-Length is meaningless (RFC 9112, 6.3).
         let stale_length = chunked.is_some() && field.name.eq_ignore_ascii_case("content-length");
-        if stale_length || tokens.is_hop_by_hop(field.name) {
+        // The body passes through as it is, so its Transfer-Encoding goes with it.
+        let framing = chunked.is_some() && field.name.eq_ignore_ascii_case("transfer-encoding");
+        if stale_length || (tokens.is_hop_by_hop(field.name) && !framing) {
             continue;
         }
         push_field(out, field.name.as_bytes(), field.value);
     }
-    out.extend_from_slice(b"via: 1.1 phoenix\r\n");
+    push_field(out, b"via", policy::VIA.as_bytes());
     if client_close || framing == Framing::UntilClose {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -10,6 +10,7 @@ mod chunked;
 mod forward;
 mod h1;
 mod metrics;
+mod policy;
 mod pool;
 mod tunnel;
 
@@ -106,6 +107,8 @@ pub struct ProxyStats {
     pub proxy_errors: AtomicU64,
     /// Attempts moved to another backend after a connection failure.
     pub retries: AtomicU64,
+    /// Connections closed at accept for `max_connections_per_client`.
+    pub refused_connections: AtomicU64,
 }
 
 /// What a frontend speaks.
@@ -131,6 +134,30 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// The largest request body accepted; larger ones get 413.
     pub max_body: u64,
+    /// How long a client may take to send a whole request head once it has started one
+    /// (HAProxy's `timeout http-request`); then 408 and the connection is closed.
+    pub request_head_timeout: Duration,
+    /// Client connections served at once on this listener; more wait in the kernel's backlog
+    /// (HAProxy's `maxconn`).
+    pub max_connections: usize,
+    /// Client connections one address may hold at once; more are closed at accept.
+    pub max_connections_per_client: Option<usize>,
+}
+
+/// The default `max_connections`: half the descriptors this process may open (each proxied
+/// connection holds one to the client and one to a backend), less a reserve for the rest.
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(1 << 20) as usize
+    } else {
+        1024
+    };
+    (soft.saturating_sub(256) / 2).max(64)
 }
 
 impl Default for ProxyConfig {
@@ -140,6 +167,9 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            request_head_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
+            max_connections_per_client: None,
             max_body: 16 << 20,
         }
     }
@@ -289,32 +319,113 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
 
 /// Serves `proxy` on `listener` until `shutdown` turns true; then stops accepting, lets open
 /// connections finish their current request, and returns when they are closed or after `grace`.
+///
+/// At most `max_connections` are served at once: the next is not accepted until one ends, so
+/// the excess waits in the kernel's backlog instead of holding descriptors. When `accept`
+/// fails (out of descriptors, say), the loop pauses, longer each time, instead of spinning.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<RoleProxy>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        proxy.config.max_connections.max(1),
+    ));
+    let clients = Arc::new(ClientCounts::default());
     let mut connections = tokio::task::JoinSet::new();
+    let mut pause = ACCEPT_PAUSE_MIN;
     loop {
-        tokio::select! {
+        while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
             _ = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => {
-                let Ok((stream, client)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let stop = shutdown.clone();
-                match proxy.config.mode {
-                    Mode::Http => connections.spawn(h1::serve(stream, client, proxy.clone(), stop)),
-                    Mode::Tcp => connections.spawn(tunnel::serve_tcp(stream, proxy.clone())),
-                };
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, client) = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(role = %proxy.role, %error, "accept failed; pausing {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                    continue;
+                }
+            },
+        };
+        pause = ACCEPT_PAUSE_MIN;
+        let Some(admitted) = clients.admit(client.ip(), proxy.config.max_connections_per_client)
+        else {
+            proxy
+                .stats
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let stop = shutdown.clone();
+        let proxy = proxy.clone();
+        connections.spawn(async move {
+            match proxy.config.mode {
+                Mode::Http => h1::serve(stream, client, proxy, stop).await,
+                Mode::Tcp => tunnel::serve_tcp(stream, proxy).await,
             }
-        }
+            drop((slot, admitted));
+        });
     }
     drop(listener);
     let _ = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
     })
     .await;
+}
+
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Open connections per client address, for `max_connections_per_client`.
+#[derive(Default)]
+struct ClientCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One admitted connection; its count goes when it is dropped.
+struct Admitted {
+    counts: Arc<ClientCounts>,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl ClientCounts {
+    /// Counts a connection from `ip`, or refuses it when `limit` is reached.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, limit: Option<usize>) -> Option<Admitted> {
+        let Some(limit) = limit else {
+            return Some(Admitted {
+                counts: self.clone(),
+                ip: None,
+            });
+        };
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Admitted {
+            counts: self.clone(),
+            ip: Some(ip),
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
 }
 
 /// One HTTP client connection served by hyper (the general path): HTTP/1.x with keep-alive,
@@ -328,6 +439,7 @@ async fn serve_hyper<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle_timeout = proxy.config.idle_timeout;
+    let proxy_head_timeout = proxy.config.request_head_timeout;
     let service = TowerToHyperService::new(ProxyService::new(proxy, client));
     // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -338,7 +450,8 @@ async fn serve_hyper<I>(
         // still gets its answer, as from HAProxy and nginx.
         .half_close(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout);
+        // hyper's timer runs while it waits for a head, idle or not: the shorter of the two.
+        .header_read_timeout(idle_timeout.min(proxy_head_timeout));
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);

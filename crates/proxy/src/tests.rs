@@ -40,7 +40,18 @@ async fn backend(name: &'static str) -> SocketAddr {
                         if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
                         }
-                        let text = if req.uri().path() == "/headers" {
+                        let text = if req.uri().path() == "/all" {
+                            // Every header as received, one `name: value` a line, sorted.
+                            let mut lines: Vec<String> = req
+                                .headers()
+                                .iter()
+                                .map(|(n, v)| {
+                                    format!("{n}: {}", String::from_utf8_lossy(v.as_bytes()))
+                                })
+                                .collect();
+                            lines.sort();
+                            lines.join("\n")
+                        } else if req.uri().path() == "/headers" {
                             let get = |n: &str| {
                                 let value = req.headers().get(n).map(|v| v.to_str().unwrap());
                                 value.unwrap_or_default().to_string()
@@ -672,4 +683,222 @@ async fn http2_clients_are_served_over_h2c_with_requests_spread_over_backends() 
         .filter(|(_, body)| body.starts_with("a /h2/"))
         .count();
     assert_eq!(from_a, 5, "round-robin over both backends: {answers:?}");
+}
+
+#[tokio::test]
+async fn requests_with_no_or_two_hosts_or_a_bad_chunk_get_400() {
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
+    let cases: [(&[u8], &str); 5] = [
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 400"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        // HTTP/1.0 needs no Host; one Host is the usual case.
+        (b"GET / HTTP/1.0\r\n\r\n", "HTTP/1.0 200"),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "HTTP/1.1 200"),
+    ];
+    for (request, expected) in cases {
+        let answer = raw(addr, request).await;
+        assert!(
+            answer.starts_with(expected),
+            "{}: {answer}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    let bad_chunk = raw(addr, cases[2].0).await;
+    assert!(
+        bad_chunk.contains("the request body is malformed"),
+        "{bad_chunk}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_that_trickles_past_the_head_timeout_gets_408() {
+    let config = ProxyConfig {
+        request_head_timeout: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
+    let (_, addr, _stop) = serving(config, "a", backend("a").await).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("request head not received within 200ms"),
+        "{answer}"
+    );
+    // An idle connection (no head started) is not cut by the head timeout.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    idle.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Sends one keep-alive request on `stream` and reads its answer's first bytes.
+async fn keep_alive_get(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_until_one_ends() {
+    let config = ProxyConfig {
+        max_connections: 2,
+        ..ProxyConfig::default()
+    };
+    let (_, addr, _stop) = serving(config, "a", backend("a").await).await;
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    assert!(keep_alive_get(&mut first).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        keep_alive_get(&mut second)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // The third connects (the kernel's backlog) but is not served while both are open.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served past max_connections");
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("served once a connection ended")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_client_past_its_connection_limit_is_closed_at_accept() {
+    let config = ProxyConfig {
+        max_connections_per_client: Some(1),
+        ..ProxyConfig::default()
+    };
+    let (proxy, addr, _stop) = serving(config, "a", backend("a").await).await;
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert!(keep_alive_get(&mut first).await.starts_with("HTTP/1.1 200"));
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(proxy.stats.refused_connections.load(Ordering::Relaxed), 1);
+    drop(first);
+    // Its count went with it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = get(addr, "/").await;
+    assert_eq!(status, 200);
+}
+
+/// Raises this test process's descriptor limit to its hard limit (the slowloris test holds
+/// thousands of sockets on both ends).
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_trickling_connections_do_not_stop_normal_requests() {
+    raise_descriptor_limit();
+    let config = ProxyConfig {
+        request_head_timeout: Duration::from_secs(30),
+        ..ProxyConfig::default()
+    };
+    let (_, addr, _stop) = serving(config, "a", backend("a").await).await;
+    let mut slow = Vec::new();
+    for _ in 0..2000 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nX-a: ").await.unwrap();
+        slow.push(stream);
+    }
+    // They keep trickling while normal clients come and go.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..10 {
+            for stream in slow.iter_mut() {
+                let _ = stream.write_all(b"a").await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        slow
+    });
+    for _ in 0..50 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(addr, "/")).await;
+        assert_eq!(answer.expect("answered within 5 s").0, 200);
+    }
+    let slow = trickle.await.unwrap();
+    assert_eq!(slow.len(), 2000);
+}
+
+#[tokio::test]
+async fn both_paths_send_the_backend_the_same_headers() {
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
+    let heads = [
+        "Host: t\r\n",
+        "Host: t\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-Proto: https\r\n",
+        "Host: t\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\n",
+        "Host: t\r\nTE: trailers\r\nTrailer: X-T\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n",
+        "Host: t\r\nAccept: */*\r\nUser-Agent: differential\r\nVia: 1.0 other\r\n",
+    ];
+    for head in heads {
+        // Origin-form takes the fast path; absolute-form is handed to hyper.
+        let fast = format!("GET /all HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+        let general = format!("GET http://t/all HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+        let received = |answer: String| {
+            let body = answer
+                .split_once("\r\n\r\n")
+                .unwrap()
+                .1
+                .to_ascii_lowercase();
+            body.lines().map(str::to_string).collect::<Vec<_>>()
+        };
+        let fast = received(raw(addr, fast.as_bytes()).await);
+        let general = received(raw(addr, general.as_bytes()).await);
+        assert_eq!(fast, general, "{head:?}");
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "te:",
+            "trailer",
+            "proxy-connection",
+            "upgrade",
+        ] {
+            assert!(
+                !fast.iter().any(|l| l.starts_with(gone)),
+                "{head:?}: {fast:?}"
+            );
+        }
+        assert!(fast.iter().any(|l| l.starts_with("via: ")), "{fast:?}");
+    }
 }

@@ -156,6 +156,24 @@ fn durations_that_cannot_work_are_refused_where_they_are_written() {
             "{table}: {message}"
         );
     }
+    let text = format!("{GOOD}\n[role.web.proxy]\nmax_connections = 0\n");
+    assert!(
+        error(&text).starts_with("fleet/phoenix.toml:12:19: [role.web.proxy] key `max_connections`: 0 is out of range: write between 1 and 1000000"),
+        "{}",
+        error(&text)
+    );
+    let text = format!(
+        "{GOOD}\n[role.web.proxy]\nmax_connections = 500\nmax_connections_per_client = 20\nrequest_head_timeout = \"5s\"\n"
+    );
+    let proxy = parse(&text).unwrap().roles["web"].proxy.to_proxy_config();
+    assert_eq!(
+        (
+            proxy.max_connections,
+            proxy.max_connections_per_client,
+            proxy.request_head_timeout
+        ),
+        (500, Some(20), Duration::from_secs(5))
+    );
     let text = GOOD.replace("listen =", "stop_timeout = \"99999999999h\"\nlisten =");
     assert!(
         error(&text).starts_with("fleet/phoenix.toml:9:16: [role.web] key `stop_timeout`: \"99999999999h\" is out of range: write between 0s and 24h"),
