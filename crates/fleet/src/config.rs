@@ -532,7 +532,12 @@ impl FleetFile {
         let agent = match raw.agent {
             Some(agent) => match agent.get_ref().problem() {
                 Some(problem) => return Err(at(agent.span(), problem)),
-                None => Some(agent.into_inner()),
+                None => {
+                    let span = agent.span();
+                    let mut agent = agent.into_inner();
+                    agent.load_key_file(&dir).map_err(|why| at(span, why))?;
+                    Some(agent)
+                }
             },
             None => None,
         };

@@ -101,6 +101,16 @@ impl Generation {
     }
 }
 
+/// An instance of another host, admitted as a backend of a role.
+#[derive(Debug, Clone)]
+pub struct RemoteBackend {
+    pub backend: Arc<phoenix_proxy::Backend>,
+    /// The host that runs it.
+    pub host: String,
+    /// Whether this host's own health check of it passes (only then it gets traffic).
+    pub healthy: bool,
+}
+
 /// One role at run time.
 #[derive(Debug)]
 pub(crate) struct Role {
@@ -115,7 +125,7 @@ pub(crate) struct Role {
     /// Recent unexpected deaths, for crash-loop backoff.
     deaths: Mutex<Vec<Instant>>,
     /// Live, healthy instances of this role on other hosts (from gossip).
-    remote: Mutex<Vec<Arc<phoenix_proxy::Backend>>>,
+    remote: Mutex<Vec<RemoteBackend>>,
     /// Tells the membership task that instances or their health changed.
     changed: Arc<tokio::sync::Notify>,
     /// The size set by `phoenix scale`, when it overrides the fleet file's `instances`.
@@ -181,7 +191,7 @@ impl Role {
     }
 
     /// Replaces the instances other hosts serve this role with.
-    pub fn set_remote(&self, remote: Vec<Arc<phoenix_proxy::Backend>>) {
+    pub fn set_remote(&self, remote: Vec<RemoteBackend>) {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = remote;
         self.proxy.set_backends(self.backends(live.as_ref()));
@@ -194,9 +204,18 @@ impl Role {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .cloned(),
+                .filter(|r| r.healthy)
+                .map(|r| r.backend.clone()),
         );
         backends
+    }
+
+    /// The instances other hosts serve this role with, as last admitted.
+    pub fn remote(&self) -> Vec<RemoteBackend> {
+        self.remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn add_other(&self, generation: Arc<Generation>) {

@@ -31,6 +31,9 @@ pub const TAG_HEALTH: &str = "health";
 pub const TAG_LIVE: &str = "live";
 /// Marks the host's own member (instances carry `role` instead).
 pub const TAG_KIND: &str = "phoenix";
+/// An instance member's admission signature: HMAC-SHA256, under the cluster key, of its name,
+/// role, host and address. Other hosts route to it only when it verifies.
+pub const TAG_SIG: &str = "sig";
 
 type Tags = BTreeMap<String, String>;
 
@@ -42,6 +45,8 @@ pub(crate) struct Membership {
     host_addr: SocketAddr,
     /// What instance members are started from (bind IP, keyring, timings).
     template: AgentConfig,
+    /// Signs this host's instance members and checks other hosts'.
+    key: Option<AdmissionKey>,
     instances: tokio::sync::Mutex<HashMap<String, (Agent, Tags)>>,
     /// Woken when instances or their health change, so tags follow at once.
     pub wake: Arc<Notify>,
@@ -87,6 +92,7 @@ impl Membership {
             host_name,
             host_addr,
             template,
+            key: settings.cluster_key().map(AdmissionKey),
             instances: tokio::sync::Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
         }))
@@ -153,7 +159,11 @@ impl Membership {
 }
 
 /// The tags of every instance this host runs, by instance name.
-fn desired_members(inner: &Inner, host: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+fn desired_members(
+    inner: &Inner,
+    host: &str,
+    key: Option<&AdmissionKey>,
+) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut desired = BTreeMap::new();
     for role in inner.roles.values() {
         let live = role.live();
@@ -173,6 +183,12 @@ fn desired_members(inner: &Inner, host: &str) -> BTreeMap<String, BTreeMap<Strin
                     ),
                     (TAG_LIVE.to_string(), is_live.to_string()),
                 ]);
+                let mut tags = tags;
+                if let Some(key) = key {
+                    let addr = instance.backend.addr.to_string();
+                    let sig = key.sign(&instance.name, &role.name, host, &addr);
+                    tags.insert(TAG_SIG.to_string(), sig);
+                }
                 desired.insert(instance.name.clone(), tags);
             }
         }
@@ -202,7 +218,7 @@ pub(crate) async fn keep_members(inner: Weak<Inner>, membership: Arc<Membership>
         if strong.is_shutting_down() {
             break;
         }
-        let desired = desired_members(&strong, &membership.host_name);
+        let desired = desired_members(&strong, &membership.host_name, membership.key.as_ref());
         drop(strong);
         membership.reconcile(desired).await;
         tokio::select! {
@@ -214,10 +230,13 @@ pub(crate) async fn keep_members(inner: Weak<Inner>, membership: Arc<Membership>
     membership.leave_all().await;
 }
 
-/// Feeds every role's proxy the live, healthy instances other hosts announce.
+/// Feeds every role's proxy the live, healthy instances other hosts announce — once their
+/// signature verifies and this host's own health check of them passes. Admissions, refusals
+/// and removals are journaled.
 pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membership>) {
     let mut events = membership.host.subscribe();
-    let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
+    let checked = Arc::new(Notify::new());
+    let mut remotes = Remotes::default();
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -225,58 +244,270 @@ pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membershi
         let Ok(members) = membership.host.members().await else {
             return;
         };
+        let candidates = candidates(&members, &membership.host_name);
+        remotes
+            .update(&strong, candidates, membership.key.as_ref(), &checked)
+            .await;
         for role in strong.roles.values() {
-            let remote =
-                remote_backends(&members, &role.name, &membership.host_name, &mut backends);
-            role.set_remote(remote);
+            role.set_remote(remotes.of_role(&role.name));
         }
         drop(strong);
-        // Wait for the next membership change (user events and queries change nothing
-        // here); take every change already queued at once.
-        loop {
-            match events.recv().await {
-                Ok(Event::User(_) | Event::Query(_)) => continue,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                Err(_) => return,
-            }
+        // Wait for the next membership change or health change of a remote instance (user
+        // events and queries change nothing here); take every change already queued at once.
+        tokio::select! {
+            _ = checked.notified() => {}
+            changed = next_change(&mut events) => if !changed { return },
         }
         while events.try_recv().is_ok() {}
     }
 }
 
-/// Backends for `role` from other hosts' alive, healthy, live instance members; the same
-/// backend object is kept for a member as long as its address does not change.
-fn remote_backends(
-    members: &[Member],
-    role: &str,
-    host: &str,
-    cache: &mut HashMap<String, Arc<Backend>>,
-) -> Vec<Arc<Backend>> {
-    let mut wanted = Vec::new();
+/// False when the agent is gone.
+async fn next_change(events: &mut tokio::sync::broadcast::Receiver<Event>) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(Event::User(_) | Event::Query(_)) => continue,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// An instance another host announces as serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Candidate {
+    name: String,
+    role: String,
+    host: String,
+    addr: SocketAddr,
+    sig: Option<String>,
+}
+
+/// Other hosts' alive, healthy, live instance members.
+fn candidates(members: &[Member], own_host: &str) -> Vec<Candidate> {
+    let mut found = Vec::new();
     for member in members {
         let serving = member.status == Status::Alive
-            && tag(member, TAG_ROLE) == Some(role)
-            && tag(member, TAG_HOST) != Some(host)
+            && tag(member, TAG_HOST).is_some_and(|h| h != own_host)
             && tag(member, TAG_LIVE) == Some("true")
             && tag(member, TAG_HEALTH) == Some("healthy");
-        let Some(addr) = tag(member, TAG_ADDR).and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        let (Some(role), Some(host), Some(addr)) = (
+            tag(member, TAG_ROLE),
+            tag(member, TAG_HOST),
+            tag(member, TAG_ADDR).and_then(|a| a.parse::<SocketAddr>().ok()),
+        ) else {
             continue;
         };
-        if !serving {
-            continue;
+        if serving {
+            found.push(Candidate {
+                name: member.name.clone(),
+                role: role.to_string(),
+                host: host.to_string(),
+                addr,
+                sig: tag(member, TAG_SIG).map(str::to_string),
+            });
         }
-        let backend = cache
-            .entry(member.name.clone())
-            .and_modify(|b| {
-                if b.addr != addr {
-                    *b = Backend::new(member.name.clone(), addr);
-                }
-            })
-            .or_insert_with(|| Backend::new(member.name.clone(), addr));
-        wanted.push(backend.clone());
     }
-    cache.retain(|name, _| members.iter().any(|m| &m.name == name));
-    wanted
+    found
+}
+
+/// One admitted remote instance: its backend, and the health check this host runs on it.
+struct Remote {
+    candidate: Candidate,
+    backend: Arc<Backend>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    checker: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.checker.abort();
+    }
+}
+
+/// The remote instances admitted, and those refused (journaled once each).
+#[derive(Default)]
+struct Remotes {
+    admitted: HashMap<String, Remote>,
+    refused: std::collections::HashSet<String>,
+}
+
+impl Remotes {
+    async fn update(
+        &mut self,
+        inner: &Inner,
+        candidates: Vec<Candidate>,
+        key: Option<&AdmissionKey>,
+        checked: &Arc<Notify>,
+    ) {
+        let gone: Vec<String> = self
+            .admitted
+            .iter()
+            .filter(|(name, remote)| {
+                !candidates
+                    .iter()
+                    .any(|c| &c.name == *name && *c == remote.candidate)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(remote) = self.admitted.remove(&name) {
+                let c = &remote.candidate;
+                let detail = serde_json::json!({"member": c.name, "host": c.host, "addr": c.addr.to_string()});
+                inner.journal(Some(&c.role), "member.removed", detail).await;
+            }
+        }
+        self.refused
+            .retain(|name| candidates.iter().any(|c| &c.name == name));
+        for candidate in candidates {
+            if self.admitted.contains_key(&candidate.name) || self.refused.contains(&candidate.name)
+            {
+                continue;
+            }
+            let Ok(role) = inner.role(&candidate.role) else {
+                continue;
+            };
+            let detail = serde_json::json!({"member": candidate.name, "host": candidate.host,
+                "addr": candidate.addr.to_string()});
+            if let Err(reason) = admit(key, &candidate) {
+                let mut detail = detail;
+                detail["reason"] = serde_json::json!(reason);
+                tracing::warn!(member = %candidate.name, "refused as a backend: {reason}");
+                inner
+                    .journal(Some(&candidate.role), "member.refused", detail)
+                    .await;
+                self.refused.insert(candidate.name);
+                continue;
+            }
+            inner
+                .journal(Some(&candidate.role), "member.admitted", detail)
+                .await;
+            let backend = Backend::new(candidate.name.clone(), candidate.addr);
+            let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let checker = tokio::spawn(check_remote(
+                backend.clone(),
+                role.config().health,
+                healthy.clone(),
+                checked.clone(),
+            ));
+            let name = candidate.name.clone();
+            self.admitted.insert(
+                name,
+                Remote {
+                    candidate,
+                    backend,
+                    healthy,
+                    checker,
+                },
+            );
+        }
+    }
+
+    /// `role`'s admitted remote instances that pass this host's health check, with their hosts.
+    fn of_role(&self, role: &str) -> Vec<crate::controller::RemoteBackend> {
+        let mut remote: Vec<_> = self
+            .admitted
+            .values()
+            .filter(|r| r.candidate.role == role)
+            .map(|r| crate::controller::RemoteBackend {
+                backend: r.backend.clone(),
+                host: r.candidate.host.clone(),
+                healthy: r.healthy.load(std::sync::atomic::Ordering::Acquire),
+            })
+            .collect();
+        remote.sort_by(|a, b| a.backend.id.cmp(&b.backend.id));
+        remote
+    }
+}
+
+/// Whether `candidate` may become a backend: its signature must verify under the cluster key.
+fn admit(key: Option<&AdmissionKey>, candidate: &Candidate) -> Result<(), &'static str> {
+    let Some(key) = key else {
+        return Err(
+            "this cluster has no key: set [agent] encrypt_file on every host to admit other hosts' instances",
+        );
+    };
+    let Some(sig) = &candidate.sig else {
+        return Err("its member carries no admission signature");
+    };
+    let addr = candidate.addr.to_string();
+    if key.verify(
+        &candidate.name,
+        &candidate.role,
+        &candidate.host,
+        &addr,
+        sig,
+    ) {
+        Ok(())
+    } else {
+        Err("its admission signature does not verify under the cluster key")
+    }
+}
+
+/// This host's own health check of a remote instance, at the role's interval: the backend is
+/// routed to only while it passes.
+async fn check_remote(
+    backend: Arc<Backend>,
+    health: crate::HealthConfig,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    checked: Arc<Notify>,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let passed = crate::health::check(backend.addr, &health).await.is_ok();
+        if passed {
+            backend.mark_up();
+        }
+        if healthy.swap(passed, Ordering::AcqRel) != passed {
+            backend.note_change();
+            checked.notify_one();
+        }
+        tokio::time::sleep(health.interval).await;
+    }
+}
+
+/// The cluster key, as the HMAC key that signs instance members.
+pub(crate) struct AdmissionKey(Vec<u8>);
+
+impl AdmissionKey {
+    fn mac(&self, name: &str, role: &str, host: &str, addr: &str) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        mac.update(b"phoenix instance admission v1");
+        for field in [name, role, host, addr] {
+            mac.update(&[0]);
+            mac.update(field.as_bytes());
+        }
+        mac
+    }
+
+    fn sign(&self, name: &str, role: &str, host: &str, addr: &str) -> String {
+        use hmac::Mac;
+        let bytes = self.mac(name, role, host, addr).finalize().into_bytes();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `sig` is this key's signature of the fields (compared in constant time).
+    fn verify(&self, name: &str, role: &str, host: &str, addr: &str, sig: &str) -> bool {
+        use hmac::Mac;
+        let Some(bytes) = decode_hex(sig) else {
+            return false;
+        };
+        self.mac(name, role, host, addr)
+            .verify_slice(&bytes)
+            .is_ok()
+    }
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 fn tag<'a>(member: &'a Member, key: &str) -> Option<&'a str> {
@@ -306,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn only_other_hosts_alive_healthy_live_instances_are_backends() {
+    fn only_other_hosts_alive_healthy_live_instances_are_candidates() {
         let members = vec![
             member("a", "other", Status::Alive, "healthy", true),
             member("bb", "me", Status::Alive, "healthy", true),
@@ -314,15 +545,48 @@ mod tests {
             member("dddd", "other", Status::Alive, "starting", true),
             member("eeeee", "other", Status::Alive, "healthy", false),
         ];
-        let mut cache = HashMap::new();
-        let backends = remote_backends(&members, "web", "me", &mut cache);
-        let names: Vec<&str> = backends.iter().map(|b| b.id.as_str()).collect();
+        let names: Vec<String> = candidates(&members, "me")
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
         assert_eq!(names, vec!["a"]);
-        assert!(remote_backends(&members, "db", "me", &mut cache).is_empty());
-        // The same member keeps the same backend (and its pooled connections).
-        let again = remote_backends(&members, "web", "me", &mut cache);
-        assert!(Arc::ptr_eq(&backends[0], &again[0]));
-        remote_backends(&[], "web", "me", &mut cache);
-        assert!(cache.is_empty(), "forgotten members are dropped");
+    }
+
+    #[test]
+    fn only_members_signed_with_the_cluster_key_are_admitted() {
+        let key = AdmissionKey(b"0123456789abcdef0123456789abcdef".to_vec());
+        let other = AdmissionKey(b"fedcba9876543210fedcba9876543210".to_vec());
+        let mut candidate = Candidate {
+            name: "web-1".into(),
+            role: "web".into(),
+            host: "host-b".into(),
+            addr: "10.0.0.2:8080".parse().unwrap(),
+            sig: Some(key.sign("web-1", "web", "host-b", "10.0.0.2:8080")),
+        };
+        assert_eq!(admit(Some(&key), &candidate), Ok(()));
+        assert!(admit(None, &candidate).unwrap_err().contains("no key"));
+        assert!(
+            admit(Some(&other), &candidate)
+                .unwrap_err()
+                .contains("does not verify")
+        );
+        // A signature is for its fields only: another address, role or host does not verify.
+        for change in [
+            |c: &mut Candidate| c.addr = "10.0.0.9:8080".parse().unwrap(),
+            |c: &mut Candidate| c.role = "api".into(),
+            |c: &mut Candidate| c.host = "host-c".into(),
+            |c: &mut Candidate| c.sig = Some("00".repeat(32)),
+            |c: &mut Candidate| c.sig = Some("zz".into()),
+        ] {
+            let mut changed = candidate.clone();
+            change(&mut changed);
+            assert!(admit(Some(&key), &changed).is_err(), "{changed:?}");
+        }
+        candidate.sig = None;
+        assert!(
+            admit(Some(&key), &candidate)
+                .unwrap_err()
+                .contains("no admission signature")
+        );
     }
 }

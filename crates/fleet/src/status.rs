@@ -24,6 +24,19 @@ pub struct RoleStatus {
     pub proxy_errors: u64,
     pub retries: u64,
     pub generations: Vec<GenerationView>,
+    /// Other hosts' instances admitted as backends (by gossip, signed with the cluster key).
+    #[serde(default)]
+    pub remote: Vec<RemoteView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteView {
+    pub name: String,
+    pub host: String,
+    pub address: String,
+    /// Whether this host's own health check of it passes (it gets traffic only then).
+    pub healthy: bool,
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +83,17 @@ impl Controller {
                     proxy_errors: stats.proxy_errors.load(Ordering::Relaxed),
                     retries: stats.retries.load(Ordering::Relaxed),
                     generations: live.iter().chain(others.iter()).map(|g| view(g)).collect(),
+                    remote: role
+                        .remote()
+                        .into_iter()
+                        .map(|r| RemoteView {
+                            name: r.backend.id.clone(),
+                            host: r.host,
+                            address: r.backend.addr.to_string(),
+                            healthy: r.healthy,
+                            in_flight: r.backend.in_flight(),
+                        })
+                        .collect(),
                 }
             })
             .collect();

@@ -24,6 +24,8 @@ pub enum KeyError {
     NotInstalled(String),
     #[error("key {0} is the primary key; make another key primary first")]
     RemovePrimary(String),
+    #[error("the operating system gave no random bytes for a key")]
+    Random,
 }
 
 /// One AES-GCM key.
@@ -59,6 +61,18 @@ impl Key {
             16 | 24 | 32 => Ok(Key { bytes }),
             n => Err(KeyError::Length(n)),
         }
+    }
+
+    /// A new random 32-byte key (AES-256), from the operating system's generator.
+    pub fn generate() -> Result<Key, KeyError> {
+        let mut bytes = vec![0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|_| KeyError::Random)?;
+        Key::from_bytes(bytes)
+    }
+
+    /// The key itself.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     pub fn to_base64(&self) -> String {

@@ -78,6 +78,7 @@ impl AgentArgs {
             tags: self.tags.into_iter().collect(),
             event_handlers: self.handlers,
             encrypt: self.encrypt,
+            encrypt_file: None,
             snapshot: self.snapshot,
             rpc_addr: self.rpc_addr,
             rpc_auth: self.rpc_auth,
@@ -94,6 +95,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         .is_some_and(|t| t.trim().is_empty())
     {
         bail!("--rpc-auth is empty: an empty token is refused");
+    }
+    if !args.bind.ip().is_loopback() && args.encrypt.is_none() {
+        bail!(
+            "--bind {} is not loopback: gossip beyond this machine must be encrypted: give --encrypt KEY (from `phoenix keygen`)",
+            args.bind
+        );
     }
     if !args.rpc_addr.ip().is_loopback() && args.rpc_auth.is_none() {
         bail!(

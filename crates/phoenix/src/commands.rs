@@ -270,6 +270,16 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
                 );
             }
         }
+        for remote in &role.remote {
+            println!(
+                "  remote {:<14} {:<10} {:<21} on host {}  in-flight {}",
+                remote.name,
+                if remote.healthy { "healthy" } else { "down" },
+                remote.address,
+                remote.host,
+                remote.in_flight
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -97,6 +97,8 @@ enum Command {
     Leave(agent_cmd::RpcArgs),
     /// Set or delete a running agent's tags.
     Tags(agent_cmd::TagsArgs),
+    /// Print a new random gossip key (base64, 32 bytes), for `[agent] encrypt_file`.
+    Keygen,
     /// Install, use, remove or list gossip encryption keys on every member.
     Keys(agent_cmd::KeysArgs),
     /// Stream a running agent's log of membership changes and events.
@@ -179,6 +181,10 @@ fn main() -> ExitCode {
             Command::Leave(args) => agent_cmd::leave(args).await,
             Command::Tags(args) => agent_cmd::tags(args).await,
             Command::Keys(args) => agent_cmd::keys(args).await,
+            Command::Keygen => {
+                println!("{}", phoenix_gossip::Key::generate()?.to_base64());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Monitor(args) => agent_cmd::monitor(args).await,
             Command::Query(args) => agent_cmd::query(args).await,
             Command::ForceLeave(args) => agent_cmd::force_leave(args).await,

@@ -375,6 +375,27 @@ fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
         "{}",
         text(&empty.stderr)
     );
+    // Gossip beyond loopback is encrypted, with a key from `phoenix keygen`.
+    let open = Command::new(phoenix_bin())
+        .args(["agent", "--bind", "0.0.0.0:0", "--rpc-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(open.status.code(), Some(1));
+    assert!(
+        text(&open.stderr).contains(
+            "--bind 0.0.0.0:0 is not loopback: gossip beyond this machine must be encrypted"
+        ),
+        "{}",
+        text(&open.stderr)
+    );
+    let keys: Vec<String> = (0..2)
+        .map(|_| {
+            let output = Command::new(phoenix_bin()).arg("keygen").output().unwrap();
+            text(&output.stdout).trim().to_string()
+        })
+        .collect();
+    assert_eq!(keys[0].len(), 44, "32 bytes in base64: {keys:?}");
+    assert_ne!(keys[0], keys[1]);
     let Some(serf) = which("serf") else {
         assert!(
             std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
@@ -386,7 +407,7 @@ fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
     let dir = tempfile::tempdir().unwrap();
     let a = agent(
         "a",
-        &["--rpc-auth", "rpc-0123456789abcdef"],
+        &["--rpc-auth", "rpc-0123456789abcdef", "--encrypt", &keys[0]],
         &dir.path().join("a.log"),
     );
     let rpc = format!("-rpc-addr={}", a.rpc);

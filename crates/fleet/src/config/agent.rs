@@ -31,9 +31,14 @@ pub struct AgentSettings {
     /// `[TYPE=]SCRIPT` handlers, as `--event-handler`.
     #[serde(default)]
     pub event_handlers: Vec<String>,
-    /// Base64 AES key (16, 24 or 32 bytes) sealing every gossip packet.
+    /// Base64 AES key (16, 24 or 32 bytes) sealing every gossip packet; also the key that
+    /// signs this host's instance members, so other hosts admit them as backends.
     #[serde(default)]
     pub encrypt: Option<String>,
+    /// A file holding the `encrypt` key (mode 0600; relative to the fleet file), instead of
+    /// the key itself in the fleet file.
+    #[serde(default)]
+    pub encrypt_file: Option<PathBuf>,
     /// Snapshot for rejoining after a restart (relative paths are under the state directory).
     #[serde(default)]
     pub snapshot: Option<PathBuf>,
@@ -60,6 +65,7 @@ impl AgentSettings {
             tags: BTreeMap::new(),
             event_handlers: Vec::new(),
             encrypt: None,
+            encrypt_file: None,
             snapshot: None,
             rpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             rpc_auth: None,
@@ -104,12 +110,54 @@ impl AgentSettings {
                 self.rpc_addr
             ));
         }
+        if self.encrypt.is_some() && self.encrypt_file.is_some() {
+            return Some("[agent]: set `encrypt` or `encrypt_file`, not both".into());
+        }
         if let Some(key) = &self.encrypt
             && let Err(error) = phoenix_gossip::Key::from_base64(key)
         {
             return Some(format!("[agent] key `encrypt`: {error}"));
         }
+        let sealed = self.encrypt.is_some() || self.encrypt_file.is_some();
+        if !self.bind.ip().is_loopback() && !sealed {
+            return Some(format!(
+                "[agent] key `bind`: {} is not loopback: gossip beyond this machine must be encrypted: set `encrypt_file` (a key from `phoenix keygen`)",
+                self.bind
+            ));
+        }
         None
+    }
+
+    /// Reads `encrypt_file` (relative to `dir`) into `encrypt`: the file must be its owner's
+    /// alone and hold a valid key.
+    pub(super) fn load_key_file(&mut self, dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(file) = &self.encrypt_file else {
+            return Ok(());
+        };
+        let path = dir.join(file);
+        let shown = path.display();
+        let metadata = std::fs::metadata(&path)
+            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
+        if metadata.mode() & 0o077 != 0 {
+            return Err(format!(
+                "[agent] key `encrypt_file`: {shown} can be read by other users (mode {:o}): chmod 600 {shown}",
+                metadata.mode() & 0o7777
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
+        let key = text.trim().to_string();
+        phoenix_gossip::Key::from_base64(&key)
+            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
+        self.encrypt = Some(key);
+        Ok(())
+    }
+
+    /// The cluster key's bytes, when there is one.
+    pub fn cluster_key(&self) -> Option<Vec<u8>> {
+        let key = phoenix_gossip::Key::from_base64(self.encrypt.as_deref()?).ok()?;
+        Some(key.as_bytes().to_vec())
     }
 }
 

@@ -307,10 +307,60 @@ fn the_agent_table_takes_the_agent_options_and_checks_them() {
     let bad_key = format!("{GOOD}\n[agent]\nencrypt = \"not base64!\"\n");
     let message = error(&bad_key);
     assert!(message.contains("[agent] key `encrypt`"), "{message}");
+    let open_gossip = format!("{GOOD}\n[agent]\nbind = \"0.0.0.0:7946\"\n");
+    let message = error(&open_gossip);
+    assert!(
+        message.contains("[agent] key `bind`: 0.0.0.0:7946 is not loopback: gossip beyond this machine must be encrypted"),
+        "{message}"
+    );
     let empty = format!("{GOOD}\n[agent]\nrpc_addr = \"0.0.0.0:7373\"\nrpc_auth = \"\"\n");
     let message = error(&empty);
     assert!(
         message.contains("[agent] key `rpc_auth`: an empty token is refused"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_gossip_key_can_live_in_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet_path = dir.path().join("phoenix.toml");
+    let key = "cGhvZW5peC1nb3NzaXAtdGVzdC1rZXktMzItYnl0ZSE=";
+    let text =
+        format!("{GOOD}\n[agent]\nbind = \"10.0.0.5:7946\"\nencrypt_file = \"gossip.key\"\n");
+    let key_file = dir.path().join("gossip.key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = FleetFile::parse(&fleet_path, &text).unwrap().agent.unwrap();
+    assert_eq!(agent.encrypt.as_deref(), Some(key));
+    assert_eq!(
+        agent.cluster_key().unwrap(),
+        b"phoenix-gossip-test-key-32-byte!"
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let message = FleetFile::parse(&fleet_path, &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("can be read by other users (mode 644)"),
+        "{message}"
+    );
+    std::fs::write(&key_file, "short").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let message = FleetFile::parse(&fleet_path, &text)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("[agent] key `encrypt_file`"), "{message}");
+    let both = text.replace(
+        "encrypt_file",
+        &format!("encrypt = \"{key}\"\nencrypt_file"),
+    );
+    let message = FleetFile::parse(&fleet_path, &both)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("set `encrypt` or `encrypt_file`, not both"),
         "{message}"
     );
 }
