@@ -178,6 +178,7 @@ impl Baker<'_> {
             command,
             "mmdebstrap (apt-get install mmdebstrap)",
             &shown,
+            Some(crate::RunStep::DEFAULT_TIMEOUT),
             &mut |line| progress.line(line),
         )?;
         let result = unpack_tar(&tar, into);

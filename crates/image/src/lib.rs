@@ -43,6 +43,14 @@ pub enum ImageError {
         status: String,
         output: String,
     },
+    #[error(
+        "run step `{command}` was killed after its timeout of {limit} (set `timeout` on the step to allow more); its last output:\n{output}"
+    )]
+    RunTimedOut {
+        command: String,
+        limit: String,
+        output: String,
+    },
     #[error("{path} is not an OCI image layout or archive Phoenix can read: {why}")]
     NotOci { path: PathBuf, why: String },
     #[error("unsupported: {0}")]

@@ -208,13 +208,14 @@ impl<'de> Deserialize<'de> for Step {
             libraries: Option<bool>,
             run: Option<Command>,
             network: Option<bool>,
+            timeout: Option<String>,
         }
         let raw = Raw::deserialize(deserializer)?;
         let fail = |why: &str| Err(serde::de::Error::custom(why));
         match (raw.src, raw.run) {
             (Some(src), None) => {
-                if raw.network.is_some() {
-                    return fail("`network` belongs to a `run` step, not a copy");
+                if raw.network.is_some() || raw.timeout.is_some() {
+                    return fail("`network` and `timeout` belong to a `run` step, not a copy");
                 }
                 let Some(dst) = raw.dst else {
                     return fail("a copy step needs `dst`");
@@ -237,14 +238,39 @@ impl<'de> Deserialize<'de> for Step {
                         "`dst`, `mode`, `owner` and `libraries` belong to a copy step, not `run`",
                     );
                 }
+                let timeout = match raw.timeout.as_deref().map(parse_timeout) {
+                    Some(Ok(timeout)) => Some(timeout),
+                    Some(Err(why)) => return fail(&why),
+                    None => None,
+                };
                 Ok(Step::Run(RunStep {
                     run,
                     network: raw.network.unwrap_or(false),
+                    timeout,
                 }))
             }
             (Some(_), Some(_)) => fail("a step is either a copy (`src`, `dst`) or a `run`"),
             (None, None) => fail("a step needs `src` and `dst` (a copy) or `run` (a command)"),
         }
+    }
+}
+
+/// A run step's `timeout`: a whole number and `s`, `m` or `h`, from 1s to 24h.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let seconds = match (digits.parse::<u64>(), &text[digits.len()..]) {
+        (Ok(n), "s") => Some(n),
+        (Ok(n), "m") => n.checked_mul(60),
+        (Ok(n), "h") => n.checked_mul(3600),
+        _ => None,
+    };
+    match seconds {
+        Some(seconds) if (1..=86_400).contains(&seconds) => {
+            Ok(std::time::Duration::from_secs(seconds))
+        }
+        _ => Err(format!(
+            "`timeout` {text:?}: write a whole number and s, m or h, between 1s and 24h, like \"30m\""
+        )),
     }
 }
 
@@ -271,6 +297,20 @@ pub struct RunStep {
     pub run: Command,
     /// Give the command the host's network (default: none but its own loopback).
     pub network: bool,
+    /// How long the command may run before it is killed and the bake fails (`timeout =
+    /// "10m"`; default [`RunStep::DEFAULT_TIMEOUT`]). Not part of the layer's cache key.
+    #[serde(skip)]
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl RunStep {
+    /// Thirty minutes: an `apt-get install` of a large package set, with room to spare.
+    pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+    /// The limit this step runs under.
+    pub fn time_limit(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(Self::DEFAULT_TIMEOUT)
+    }
 }
 
 /// A command: a shell line (`/bin/sh -c`) or an argument vector.
@@ -362,7 +402,7 @@ mod tests {
         let mixed = parse(r#"{"image":{"steps":[{"src":"a","dst":"/a","run":"x"}]}}"#);
         assert!(mixed.unwrap_err().contains("either a copy"));
         let network = parse(r#"{"image":{"steps":[{"src":"a","dst":"/a","network":true}]}}"#);
-        assert!(network.unwrap_err().contains("belongs to a `run` step"));
+        assert!(network.unwrap_err().contains("belong to a `run` step"));
     }
 
     #[test]

@@ -104,16 +104,25 @@ pub(crate) fn run_step(
     unsafe {
         command.pre_exec(move || mounting.apply());
     }
-    run_logged(command, "unshare (util-linux)", &argv.join(" "), output)?;
+    let shown = argv.join(" ");
+    run_logged(
+        command,
+        "unshare (util-linux)",
+        &shown,
+        Some(step.time_limit()),
+        output,
+    )?;
     Ok(upper)
 }
 
 /// Runs `command` with stdout and stderr merged into `output`, line by line; a failure
-/// carries the last lines. `needs` names what to install when the program is missing.
+/// carries the last lines. `needs` names what to install when the program is missing. Past
+/// `limit` the command is killed (with everything in its PID namespace) and the run fails.
 pub(crate) fn run_logged(
     mut command: Command,
     needs: &str,
     shown: &str,
+    limit: Option<std::time::Duration>,
     output: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
     let (reader, writer) = std::io::pipe().map_err(ImageError::io("pipe for", shown))?;
@@ -128,6 +137,18 @@ pub(crate) fn run_logged(
     })?;
     // The parent's copies of the pipe's write end must close, or the read never ends.
     drop(command);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = limit.map(|limit| {
+        let (pid, timed_out) = (child.id() as libc::pid_t, timed_out.clone());
+        std::thread::spawn(move || {
+            if finished.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: kill on the child's pid, which is not reaped before `done` is sent.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        })
+    });
     let mut kept: Vec<String> = Vec::new();
     for line in BufReader::new(reader).lines().map_while(Result::ok) {
         output(&line);
@@ -136,7 +157,19 @@ pub(crate) fn run_logged(
             kept.remove(0);
         }
     }
-    let status = child.wait().map_err(ImageError::io("wait for", shown))?;
+    let status = child.wait();
+    let _ = done.send(());
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
+    let status = status.map_err(ImageError::io("wait for", shown))?;
+    if let Some(limit) = limit.filter(|_| timed_out.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(ImageError::RunTimedOut {
+            command: shown.to_string(),
+            limit: format!("{limit:?}"),
+            output: kept.join("\n"),
+        });
+    }
     if !status.success() {
         return Err(ImageError::RunFailed {
             command: shown.to_string(),

@@ -49,6 +49,7 @@ fn run(line: &str) -> Step {
     Step::Run(RunStep {
         run: Command::Shell(line.into()),
         network: false,
+        timeout: None,
     })
 }
 
@@ -211,6 +212,44 @@ fn a_failing_run_step_shows_its_output_and_leaves_the_store_unchanged() {
         .unwrap()
         .collect();
     assert!(leftovers.is_empty(), "scratch directories are removed");
+}
+
+#[test]
+fn a_run_step_past_its_timeout_is_killed_with_its_children_and_named() {
+    let Some(busybox) = busybox() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    context(dir.path(), &busybox);
+    let store = ImageStore::open(dir.path().join("store")).unwrap();
+    let before = store_listing(&dir.path().join("store"));
+    let mut hanging = recipe();
+    // A child in the background and one in the foreground: both must go.
+    let marker = format!("phoenix-timeout-{}", std::process::id());
+    hanging.steps = vec![Step::Run(RunStep {
+        run: Command::Shell(format!(
+            "echo started; sleep 300 & exec sleep 301 # {marker}"
+        )),
+        network: false,
+        timeout: Some(std::time::Duration::from_secs(1)),
+    })];
+    let error = store
+        .bake(&hanging, dir.path(), BakeOptions::default())
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, ImageError::RunTimedOut { .. })
+            && message.contains("was killed after its timeout of 1s")
+            && message.contains("started"),
+        "{message}"
+    );
+    assert_eq!(store_listing(&dir.path().join("store")), before);
+    let survivors: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("sleep 30") && !c.contains("cargo"))
+        .collect();
+    assert!(survivors.is_empty(), "{survivors:?}");
 }
 
 #[test]
