@@ -113,3 +113,33 @@ pub enum FleetError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// The fleet file parser for `cargo fuzz` (see `fuzz/`) and the seeded test. Not part of the
+/// API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use crate::config::{ConfigError, FleetFile};
+
+    /// Any bytes as a fleet file: parsing returns a value or an error whose line and column
+    /// are inside the file; it never panics.
+    pub fn fleet_file(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        if let Err(ConfigError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        }) = FleetFile::parse(Path::new("fuzz/phoenix.toml"), &text)
+        {
+            let lines = text.split('\n').count();
+            assert!(
+                (1..=lines).contains(&line),
+                "line {line} outside the file ({lines} lines): {message}"
+            );
+            assert!(column >= 1, "column {column}: {message}");
+            assert!(!message.is_empty());
+        }
+    }
+}

@@ -42,6 +42,29 @@ pub fn layer(data: &[u8]) {
     scene.assert_outside_untouched();
 }
 
+/// Imports `data` as an OCI archive (`phoenix import`) into a store inside a root whose
+/// links point out of it. An even first byte: the rest is the archive as it comes. An odd one:
+/// entries described byte by byte, written as a well-formed tar. Panics if anything outside
+/// the root changed.
+pub fn archive(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let scene = Scene::new();
+    let bytes = if first % 2 == 0 {
+        rest.to_vec()
+    } else {
+        generated_layer(rest, &scene.outside)
+    };
+    let input = scene.root.join("dir/input.tar");
+    if fs::write(&input, &bytes).is_ok()
+        && let Ok(store) = crate::ImageStore::open(scene.root.join("store"))
+    {
+        let _ = store.import(&input, None);
+    }
+    scene.assert_outside_untouched();
+}
+
 fn decoded(bytes: &[u8]) -> Box<dyn Read + '_> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(bytes))

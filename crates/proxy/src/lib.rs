@@ -475,5 +475,22 @@ pub async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|stop| *stop).await;
 }
 
+/// The head parsers for `cargo fuzz` (see `fuzz/`). Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Any bytes as a request head (an even first byte) or a response head (an odd one);
+    /// panics if a parsed head is rewritten into something that does not parse back.
+    pub fn heads(data: &[u8]) {
+        let Some((&first, rest)) = data.split_first() else {
+            return;
+        };
+        if first % 2 == 0 {
+            crate::h1::check_request(rest);
+        } else {
+            crate::h1::check_response(rest);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

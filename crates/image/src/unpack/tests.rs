@@ -388,3 +388,32 @@ fn generated_hostile_layers_never_touch_anything_outside_the_root() {
         }
     }
 }
+
+#[test]
+fn generated_hostile_archives_never_touch_anything_outside_the_root() {
+    // The `archive` fuzz target's inputs, seeded: entries of every kind, then archives whose
+    // links lead out of the scratch directory they are read into, raw and gzipped.
+    let mut seed = 0x517c_c1b7_2722_0a95;
+    for _ in 0..400 {
+        let len = 1 + usize::from(junk(&mut seed, 1)[0] % 96);
+        let mut input = junk(&mut seed, len);
+        input[0] |= 1;
+        crate::fuzzing::archive(&input);
+    }
+    for hostile in [
+        layer(&[
+            symlink("blobs", "../../outside"),
+            file("blobs/sha256/aa", b"x"),
+            file("index.json", b"{}"),
+        ]),
+        layer(&[
+            symlink("index.json", "/etc/passwd"),
+            file("oci-layout", b"{}"),
+        ]),
+        layer(&[file("../outside/keep/file", b"overwritten")]),
+    ] {
+        let mut input = vec![0];
+        input.extend_from_slice(&hostile);
+        crate::fuzzing::archive(&input);
+    }
+}
