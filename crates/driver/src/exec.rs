@@ -108,7 +108,7 @@ fn capability_set(names: &Value) -> caps::CapsHashSet {
 
 /// Drops every capability outside `allowed` from the bounding set; keeps at most `allowed` in
 /// effect (a non-root user has none left after its `setuid` anyway).
-fn limit_capabilities(allowed: &caps::CapsHashSet) -> io::Result<()> {
+pub(crate) fn limit_capabilities(allowed: &caps::CapsHashSet) -> io::Result<()> {
     let fail = |e: caps::errors::CapsError| io::Error::other(e.to_string());
     for capability in caps::all() {
         if !allowed.contains(&capability) {
@@ -129,7 +129,7 @@ fn limit_capabilities(allowed: &caps::CapsHashSet) -> io::Result<()> {
 
 /// `program` as a path: as given when it holds a `/`, else the first match on the instance's
 /// `PATH` (its root is this process's root by then).
-fn find_program(program: &str, env: &[String]) -> String {
+pub(crate) fn find_program(program: &str, env: &[String]) -> String {
     if program.contains('/') {
         return program.to_string();
     }
@@ -143,7 +143,7 @@ fn find_program(program: &str, env: &[String]) -> String {
         .unwrap_or_else(|| program.to_string())
 }
 
-fn c_strings(values: &[String]) -> io::Result<Vec<CString>> {
+pub(crate) fn c_strings(values: &[String]) -> io::Result<Vec<CString>> {
     values
         .iter()
         .map(|v| {
@@ -152,7 +152,7 @@ fn c_strings(values: &[String]) -> io::Result<Vec<CString>> {
         .collect()
 }
 
-fn null_terminated(values: &[CString]) -> Vec<*const libc::c_char> {
+pub(crate) fn null_terminated(values: &[CString]) -> Vec<*const libc::c_char> {
     values
         .iter()
         .map(|v| v.as_ptr())

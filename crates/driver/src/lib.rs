@@ -12,6 +12,7 @@
 //! Containers are watched by a small monitor process (`shim`), the `phoenix` binary started
 //! again: it sets the container up, forwards signals, reaps it, and reports how it ended.
 
+mod bake_step;
 mod cgroup;
 mod container;
 mod enter;
@@ -25,6 +26,7 @@ mod spec;
 pub mod test_util;
 mod user;
 
+pub use bake_step::BAKE_STEP_ARG;
 pub use cgroup::{CgroupVersion, Cgroups};
 pub use container::{ContainerDriver, ExecTarget, Runtime, run_dir_of, state_hash};
 pub use enter::enter;

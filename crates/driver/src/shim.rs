@@ -88,7 +88,11 @@ pub(crate) struct Report {
 /// returns at once. Call it first thing in `main`, before any thread starts.
 pub fn run_helper_if_asked() {
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() != Some(OsStr::new(SHIM_ARG)) {
+    let first = args.next();
+    if first.as_deref() == Some(OsStr::new(crate::BAKE_STEP_ARG)) {
+        crate::bake_step::main(args.collect());
+    }
+    if first.as_deref() != Some(OsStr::new(SHIM_ARG)) {
         return;
     }
     let code = match args.next() {

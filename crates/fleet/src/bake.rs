@@ -40,7 +40,13 @@ pub fn bake_image(
     let mut outcome = None;
     for recipe in bake_order(fleet, name)? {
         outcome = Some(bake_one(
-            store, images, fleet, &recipe, options, now, progress,
+            store,
+            images,
+            fleet,
+            &recipe,
+            options.clone(),
+            now,
+            progress,
         )?);
     }
     Ok(outcome.expect("the order ends with `name`"))
@@ -134,7 +140,7 @@ pub(crate) async fn bake_in_background(
     let (store, images, options, now) = (
         inner.store.clone(),
         inner.images.clone(),
-        inner.bake,
+        inner.bake.clone(),
         inner.clock.now_ms(),
     );
     tokio::task::spawn_blocking(move || {

@@ -22,10 +22,14 @@ use crate::unpack::remove_path;
 use crate::{Base, ImageError, ImageStore, Recipe, Step};
 
 /// Inputs of a bake that do not come from the recipe.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BakeOptions {
     /// The mtime of every file and the image's `created` time (`SOURCE_DATE_EPOCH`; default 0).
     pub mtime: u64,
+    /// The program that confines `run` steps (`phoenix` itself, as its bake-step helper:
+    /// `pivot_root`, Docker's capabilities, `no_new_privs`, seccomp). Without one, a step
+    /// runs in its namespaces only.
+    pub sandbox: Option<PathBuf>,
 }
 
 /// Where a bake reports what it does (a progress bar, log lines, or nothing).
@@ -239,9 +243,15 @@ impl Baker<'_> {
                 dir => dir,
             };
             let progress = &mut *self.progress;
-            let upper = run_step(run, &place, &below.config.env, workdir, &mut |line| {
-                progress.line(line)
-            })?;
+            let sandbox = self.options.sandbox.as_deref();
+            let upper = run_step(
+                run,
+                &place,
+                &below.config.env,
+                workdir,
+                sandbox,
+                &mut |line| progress.line(line),
+            )?;
             let plan = LayerPlan::tree(&upper, &mut StatCache::none(), true)?;
             self.write_layer(key, &plan)
         })();

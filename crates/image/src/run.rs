@@ -19,6 +19,10 @@ use crate::{ImageError, RunStep};
 /// Device files the command sees, bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
+/// The first argument that starts the sandbox program as the bake-step helper (the same
+/// value as `phoenix_driver::BAKE_STEP_ARG`, which cannot be named from here).
+const BAKE_STEP_ARG: &str = "__phoenix-bake-step";
+
 /// Lines of output kept for the error message of a failing step.
 const KEPT_LINES: usize = 40;
 
@@ -35,6 +39,7 @@ pub(crate) fn run_step(
     place: &RunPlace,
     env: &[String],
     workdir: &str,
+    sandbox: Option<&Path>,
     output: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, ImageError> {
     let [upper, work, merged, mounts] =
@@ -76,21 +81,26 @@ pub(crate) fn run_step(
 
     let argv = step.run.argv();
     let mut command = Command::new("unshare");
-    command.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        "--uts",
-        "--ipc",
-    ]);
+    command.args(["--pid", "--fork", "--kill-child", "--uts", "--ipc"]);
     if !step.network {
         command.arg("--net");
     }
+    match sandbox {
+        // The helper enters the root itself (pivot_root), mounts /proc, drops privileges.
+        Some(helper) => command
+            .arg("--")
+            .arg(helper)
+            .arg(BAKE_STEP_ARG)
+            .arg(&merged)
+            .arg(workdir)
+            .arg("--"),
+        None => command
+            .arg("--mount-proc")
+            .arg(format!("--root={}", merged.display()))
+            .arg(format!("--wd={workdir}"))
+            .arg("--"),
+    };
     command
-        .arg(format!("--root={}", merged.display()))
-        .arg(format!("--wd={workdir}"))
-        .arg("--")
         .args(&argv)
         .env_clear()
         .envs(env.iter().filter_map(|pair| pair.split_once('=')));

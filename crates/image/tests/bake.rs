@@ -110,6 +110,7 @@ fn run_steps_make_layers_in_namespaces_and_unchanged_rebakes_do_no_work() {
             dir.path(),
             BakeOptions {
                 mtime: 1_700_000_000,
+                ..BakeOptions::default()
             },
         )
         .unwrap();
@@ -157,6 +158,7 @@ fn run_steps_make_layers_in_namespaces_and_unchanged_rebakes_do_no_work() {
             dir.path(),
             BakeOptions {
                 mtime: 1_700_000_000,
+                ..BakeOptions::default()
             },
         )
         .unwrap();
@@ -173,6 +175,7 @@ fn run_steps_make_layers_in_namespaces_and_unchanged_rebakes_do_no_work() {
             dir.path(),
             BakeOptions {
                 mtime: 1_700_000_000,
+                ..BakeOptions::default()
             },
         )
         .unwrap();
@@ -313,6 +316,7 @@ fn two_clones_bake_byte_identical_images_at_different_times() {
                 dir.path(),
                 BakeOptions {
                     mtime: 1_600_000_000,
+                    ..BakeOptions::default()
                 },
             )
             .unwrap();

@@ -388,7 +388,13 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
                     let progress: &mut dyn phoenix_image::Progress =
                         if json { &mut quiet } else { &mut bars };
                     Ok(phoenix_fleet::bake_image(
-                        &store, &images, &fleet, name, options, now, progress,
+                        &store,
+                        &images,
+                        &fleet,
+                        name,
+                        options.clone(),
+                        now,
+                        progress,
                     )?)
                 })
                 .collect()

@@ -197,7 +197,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `SOURCE_DATE_EPOCH` (reproducible-builds.org) sets the time recorded in images.
+/// `SOURCE_DATE_EPOCH` (reproducible-builds.org) sets the time recorded in images; `run`
+/// steps are confined by this binary's bake-step helper.
 pub fn bake_options() -> anyhow::Result<phoenix_image::BakeOptions> {
     let mtime = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(value) => value
@@ -206,7 +207,12 @@ pub fn bake_options() -> anyhow::Result<phoenix_image::BakeOptions> {
             .with_context(|| format!("SOURCE_DATE_EPOCH={value:?} is not a number of seconds"))?,
         Err(_) => 0,
     };
-    Ok(phoenix_image::BakeOptions { mtime })
+    let sandbox = std::env::current_exe()
+        .context("cannot find this program's own path (the sandbox of bake steps)")?;
+    Ok(phoenix_image::BakeOptions {
+        mtime,
+        sandbox: Some(sandbox),
+    })
 }
 
 /// Raises this process's soft descriptor limit to its hard one, as HAProxy and nginx do: the

@@ -497,3 +497,55 @@ fn import_refuses_archives_whose_entries_leave_the_root() {
         assert_eq!(text(&images.stdout).trim(), "[]", "nothing was imported");
     }
 }
+
+#[test]
+fn run_steps_are_confined_capabilities_no_new_privs_seccomp_and_no_mounts() {
+    if !tool("busybox") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("ctx/rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
+    // The step reports what it holds, tries what it must not do, then fails on purpose so
+    // that the report comes back in the error.
+    let script = "busybox grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  busybox mkdir -p /m; \
+                  busybox mount -t tmpfs none /m && echo MOUNTED || echo MOUNT-REFUSED; \
+                  busybox ls / | busybox tr '\\n' ' '; echo; exit 7";
+    std::fs::write(
+        dir.path().join("phoenix.toml"),
+        format!(
+            "[image.bb]\ncontext = \"ctx\"\nfrom = {{ dir = \"rootfs\" }}\nsteps = [{{ run = \"{script}\" }}]\nentrypoint = [\"/bin/sh\"]\n"
+        ),
+    )
+    .unwrap();
+    let output = phoenix(dir.path(), &["--state", "s", "bake"]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    let field = |name: &str| {
+        said.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {said}"))
+    };
+    // Docker's default capabilities: chown, dac_override, fowner, fsetid, kill, setgid,
+    // setuid, setpcap, net_bind_service, net_raw, sys_chroot, mknod, audit_write, setfcap.
+    assert_eq!(field("CapBnd"), "00000000a80425fb", "{said}");
+    assert_eq!(field("CapEff"), "00000000a80425fb", "{said}");
+    assert_eq!(field("NoNewPrivs"), "1", "{said}");
+    assert_eq!(field("Seccomp"), "2", "{said}");
+    assert!(said.contains("MOUNT-REFUSED"), "{said}");
+    // Its root is the image's: no trace of the host's (no /home, /usr, /work).
+    let listing = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("bin "))
+        .unwrap_or_else(|| panic!("no listing in {said}"));
+    for host_dir in ["home", "usr", "work", "root"] {
+        assert!(
+            !listing.split_whitespace().any(|d| d == host_dir),
+            "{listing}"
+        );
+    }
+}

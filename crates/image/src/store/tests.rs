@@ -102,7 +102,14 @@ fn content_env_and_mtime_change_the_digest() {
     );
     assert_ne!(
         store
-            .bake(&recipe(steps()), &ctx, BakeOptions { mtime: 1 })
+            .bake(
+                &recipe(steps()),
+                &ctx,
+                BakeOptions {
+                    mtime: 1,
+                    ..BakeOptions::default()
+                }
+            )
             .unwrap()
             .digest,
         base
