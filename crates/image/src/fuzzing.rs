@@ -24,14 +24,8 @@ const FUZZ_LIMITS: Limits = Limits {
 /// rather than the tar reader's checksum test meets them. Panics if anything outside the
 /// root changed.
 pub fn layer(data: &[u8]) {
-    let Some((&first, rest)) = data.split_first() else {
+    let Some((scene, bytes)) = scene_and_bytes(data) else {
         return;
-    };
-    let scene = Scene::new();
-    let bytes = if first % 2 == 0 {
-        rest.to_vec()
-    } else {
-        generated_layer(rest, &scene.outside)
     };
     let _ = check_layer(decoded(&bytes), "fuzz", &FUZZ_LIMITS);
     if let Ok(mut unpacker) = Unpacker::new(&scene.root, RootLayout::FAITHFUL, FUZZ_LIMITS)
@@ -47,14 +41,8 @@ pub fn layer(data: &[u8]) {
 /// entries described byte by byte, written as a well-formed tar. Panics if anything outside
 /// the root changed.
 pub fn archive(data: &[u8]) {
-    let Some((&first, rest)) = data.split_first() else {
+    let Some((scene, bytes)) = scene_and_bytes(data) else {
         return;
-    };
-    let scene = Scene::new();
-    let bytes = if first % 2 == 0 {
-        rest.to_vec()
-    } else {
-        generated_layer(rest, &scene.outside)
     };
     let input = scene.root.join("dir/input.tar");
     if fs::write(&input, &bytes).is_ok()
@@ -63,6 +51,19 @@ pub fn archive(data: &[u8]) {
         let _ = store.import(&input, None);
     }
     scene.assert_outside_untouched();
+}
+
+/// A fresh scene, and the tar bytes `data` stands for: its tail as it is (an even first
+/// byte) or the entries it describes written as a well-formed tar (an odd one).
+fn scene_and_bytes(data: &[u8]) -> Option<(Scene, Vec<u8>)> {
+    let (&first, rest) = data.split_first()?;
+    let scene = Scene::new();
+    let bytes = if first % 2 == 0 {
+        rest.to_vec()
+    } else {
+        generated_layer(rest, &scene.outside)
+    };
+    Some((scene, bytes))
 }
 
 fn decoded(bytes: &[u8]) -> Box<dyn Read + '_> {

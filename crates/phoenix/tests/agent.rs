@@ -166,12 +166,7 @@ fn agents_gossip_run_serf_handlers_and_leave_gracefully() {
 /// The stock `serf` CLI from Debian's package, unchanged, against a Phoenix agent.
 #[test]
 fn the_serf_cli_works_against_a_phoenix_agent() {
-    let Some(serf) = which("serf") else {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
-            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
-        );
-        eprintln!("skipped: serf not installed (apt-get install serf)");
+    let Some(serf) = serf_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -396,12 +391,7 @@ fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
         .collect();
     assert_eq!(keys[0].len(), 44, "32 bytes in base64: {keys:?}");
     assert_ne!(keys[0], keys[1]);
-    let Some(serf) = which("serf") else {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
-            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
-        );
-        eprintln!("skipped: serf not installed (apt-get install serf)");
+    let Some(serf) = serf_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -426,4 +416,17 @@ fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
         "{}",
         text(&right.stderr)
     );
+}
+
+/// Debian's `serf`, or None (the test is skipped) where it is not installed and not required.
+fn serf_or_skip() -> Option<std::path::PathBuf> {
+    let serf = which("serf");
+    if serf.is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
+            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
+        );
+        eprintln!("skipped: serf not installed (apt-get install serf)");
+    }
+    serf
 }
