@@ -451,3 +451,32 @@ pub fn human_size(bytes: u64) -> String {
         b => format!("{b} B"),
     }
 }
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StateCommand {
+    /// Read every page and index of STATE/state.db (SQLite's quick_check): exit 0 when it is
+    /// sound, 1 with what is wrong. Safe while `phoenix up` runs.
+    Check,
+}
+
+pub fn state(state: &Path, args: StateArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        StateCommand::Check => {
+            let path = state.join("state.db");
+            anyhow::ensure!(
+                path.exists(),
+                "no state in {} (run `phoenix up` first)",
+                state.display()
+            );
+            Store::open(&path)?.check()?;
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -99,6 +99,8 @@ enum Command {
     Tags(agent_cmd::TagsArgs),
     /// Print a new random gossip key (base64, 32 bytes), for `[agent] encrypt_file`.
     Keygen,
+    /// Check the state directory's database (`phoenix up` refuses a damaged one).
+    State(commands::StateArgs),
     /// Install, use, remove or list gossip encryption keys on every member.
     Keys(agent_cmd::KeysArgs),
     /// Stream a running agent's log of membership changes and events.
@@ -181,6 +183,7 @@ fn main() -> ExitCode {
             Command::Leave(args) => agent_cmd::leave(args).await,
             Command::Tags(args) => agent_cmd::tags(args).await,
             Command::Keys(args) => agent_cmd::keys(args).await,
+            Command::State(args) => commands::state(&cli.state, args),
             Command::Keygen => {
                 println!("{}", phoenix_gossip::Key::generate()?.to_base64());
                 Ok(ExitCode::SUCCESS)

@@ -99,6 +99,13 @@ fn phoenix_up_refuses_a_damaged_state_and_says_how_to_recover() {
         ..Fleet::version("v1")
     });
     assert!(first.interrupt().success());
+    let sound = phoenix(first.dir.path(), &["--state", "state", "state", "check"]);
+    assert!(sound.status.success(), "{}", text(&sound.stderr));
+    assert!(
+        text(&sound.stdout).ends_with("state.db: ok\n"),
+        "{}",
+        text(&sound.stdout)
+    );
     let db = first.state().join("state.db");
     let mut bytes = std::fs::read(&db).unwrap();
     for (i, byte) in bytes.iter_mut().enumerate().skip(4096) {
@@ -119,6 +126,13 @@ fn phoenix_up_refuses_a_damaged_state_and_says_how_to_recover() {
         std::fs::read(&db).unwrap(),
         bytes,
         "the damaged file is kept as it was"
+    );
+    let damaged = phoenix(first.dir.path(), &["--state", "state", "state", "check"]);
+    assert_eq!(damaged.status.code(), Some(1));
+    assert!(
+        text(&damaged.stderr).contains("state.db is damaged ("),
+        "{}",
+        text(&damaged.stderr)
     );
 }
 
