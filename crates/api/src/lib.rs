@@ -177,8 +177,10 @@ fn caller(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim)
+                // The scheme is case-insensitive (RFC 9110, 11.1).
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim())
                 .filter(|t| !t.is_empty());
             match given.and_then(|g| access::find_token(&state.tokens, g.as_bytes())) {
                 Some(token) => Ok((Caller::Token(token.name.clone()), token.scope)),

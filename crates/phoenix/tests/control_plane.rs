@@ -205,6 +205,17 @@ fn the_socket_is_its_owners_and_tcp_takes_scoped_tokens_and_names_the_caller() {
         ),
     );
     assert!(plain_post.starts_with("HTTP/1.1 401"), "{plain_post}");
+    // The scheme's case does not matter; the token's does.
+    let lower = |token: &str| {
+        tcp_request(
+            addr,
+            &format!(
+                "GET /v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: bearer {token}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    assert!(lower(READ_SECRET).starts_with("HTTP/1.1 200"));
+    assert!(lower(&READ_SECRET.to_uppercase()).starts_with("HTTP/1.1 401"));
     let no_host = tcp_request(addr, "GET /v1/status HTTP/1.0\r\n\r\n");
     assert!(
         no_host.starts_with("HTTP/1.0 400") || no_host.starts_with("HTTP/1.1 400"),
