@@ -375,6 +375,18 @@ fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderVal
     headers.append(header::VIA, VIA);
 }
 
+/// [`policy::HOP_BY_HOP`] as header names, parsed once: removing by `&str` would parse every
+/// name again on every request.
+fn hop_by_hop_names() -> &'static [HeaderName] {
+    static NAMES: std::sync::LazyLock<Vec<HeaderName>> = std::sync::LazyLock::new(|| {
+        policy::HOP_BY_HOP
+            .iter()
+            .map(|name| HeaderName::from_static(name))
+            .collect()
+    });
+    &NAMES
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if let Some(connection) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
@@ -387,7 +399,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in policy::HOP_BY_HOP {
+    for name in hop_by_hop_names() {
         headers.remove(name);
     }
 }
