@@ -485,7 +485,7 @@ impl AdmissionKey {
     fn sign(&self, name: &str, role: &str, host: &str, addr: &str) -> String {
         use hmac::Mac;
         let bytes = self.mac(name, role, host, addr).finalize().into_bytes();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        phoenix_image::hex(&bytes)
     }
 
     /// Whether `sig` is this key's signature of the fields (compared in constant time).

@@ -99,7 +99,7 @@ impl ImageError {
 }
 
 /// Lower-case hex of a byte string.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
         .iter()
