@@ -198,11 +198,11 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 }
 
 async fn status(State(state): State<AppState>) -> Json<phoenix_fleet::FleetStatus> {
-    Json(state.controller.status())
+    Json(state.controller.status().await)
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut response = state.controller.metrics_text().into_response();
+    let mut response = state.controller.metrics_text().await.into_response();
     let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
     response
         .headers_mut()

@@ -102,6 +102,7 @@ fn phoenix_run(
     let name = format!("bench-{i:04}");
     let spec = InstanceSpec {
         name: name.clone(),
+        role: "web".into(),
         root: root.to_path_buf(),
         argv: vec!["/bin/hello".into()],
         env: vec![("VERSION".into(), "bench".into())],

@@ -308,8 +308,8 @@ impl Driver for ContainerDriver {
             })?;
         let (lease, attach, host, port) = match &spec.network {
             Network::Bridge(bridge) => {
-                let lease = bridge.lease()?;
-                let attach = Attach::new(bridge, &lease, &self.cgroups.path_of(&spec.name));
+                let lease = bridge.lease(&spec.role, &self.cgroups.path_of(&spec.name))?;
+                let attach = Attach::new(bridge, &lease);
                 (Some(lease), Some(attach), None, spec.port.unwrap_or(8080))
             }
             Network::Host => {

@@ -18,6 +18,7 @@ mod container;
 mod enter;
 mod exec;
 mod net;
+mod policy;
 mod process;
 mod procfs;
 mod seccomp;
@@ -31,6 +32,7 @@ pub use cgroup::{CgroupVersion, Cgroups};
 pub use container::{ContainerDriver, ExecTarget, Runtime, run_dir_of, state_hash};
 pub use enter::enter;
 pub use net::{Bridge, BridgeConfig, Lease, Subnet};
+pub use policy::{Cidr, Denied, Guard, PolicyConfig, RoleRule, Source};
 pub use process::{Exit, Process, ProcessDriver, kill_recorded, process_alive, process_start_time};
 pub use shim::run_helper_if_asked;
 
@@ -43,6 +45,8 @@ use std::sync::Arc;
 pub struct InstanceSpec {
     /// The instance's generated name (`web-3f9a1c`), its hostname, and `PHOENIX_INSTANCE`.
     pub name: String,
+    /// The role it serves (empty for none): what the network policy knows it by.
+    pub role: String,
     /// The unpacked image root (laid out as [`Driver::id_offset`] asked); never written.
     pub root: PathBuf,
     /// Entrypoint and arguments, as paths inside the image.

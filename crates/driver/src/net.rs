@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
@@ -26,6 +26,7 @@ use netlink_sys::Socket;
 use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::DriverError;
+use crate::policy::{Denied, Firewall, Member, PolicyConfig};
 
 /// An rtnetlink socket in the network namespace of the thread that opened it.
 pub(crate) struct Netlink {
@@ -318,17 +319,26 @@ pub struct Bridge {
     name: String,
     subnet: Subnet,
     used: Mutex<BTreeSet<u32>>,
+    /// The network policy's tables, once set and when some role is guarded.
+    firewall: OnceLock<Firewall>,
 }
 
-/// An address on the bridge, given back when dropped.
+/// An address on the bridge and the name of the link that carries it, given back when
+/// dropped (after the network policy forgot them).
 #[derive(Debug)]
 pub struct Lease {
     bridge: Arc<Bridge>,
     pub addr: Ipv4Addr,
+    /// The host end of the instance's veth pair (at most 15 bytes).
+    pub link: String,
+    member: Option<Member>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let (Some(firewall), Some(member)) = (self.bridge.firewall.get(), &self.member) {
+            firewall.forget(member);
+        }
         let offset = u32::from(self.addr) - u32::from(self.bridge.subnet.network);
         self.bridge
             .used
@@ -401,11 +411,39 @@ impl Bridge {
             .add_address(index, subnet.host(1), subnet.prefix)
             .map_err(|e| fail("add its address", e))?;
         netlink.set_up(index).map_err(|e| fail("bring it up", e))?;
+        // A previous run's rules must not outlive it (this run may have none).
+        Firewall::remove_stale(&config.name);
         Ok(Arc::new(Bridge {
             name: config.name.clone(),
             subnet,
             used: Mutex::new(BTreeSet::from([0, 1])),
+            firewall: OnceLock::new(),
         }))
+    }
+
+    /// Installs the network policy (once, before any instance starts; with no guarded role,
+    /// nothing is installed).
+    pub fn guard(&self, policy: &PolicyConfig) -> Result<(), DriverError> {
+        if !policy.guards_anything() {
+            return Ok(());
+        }
+        let firewall = Firewall::install(&self.name, self.gateway(), policy)?;
+        self.firewall
+            .set(firewall)
+            .map_err(|_| DriverError::Network("the network policy is already installed".into()))
+    }
+
+    /// Refused attempts between roles so far (empty without a network policy).
+    pub fn denied(&self) -> Result<Vec<Denied>, DriverError> {
+        match self.firewall.get() {
+            Some(firewall) => firewall.denied(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// True when a network policy guards some role on this bridge.
+    pub fn has_policy(&self) -> bool {
+        self.firewall.get().is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -421,8 +459,31 @@ impl Bridge {
         self.subnet.host(1)
     }
 
-    /// The lowest free address.
-    pub fn lease(self: &Arc<Self>) -> Result<Lease, DriverError> {
+    /// The lowest free address, for an instance of `role` whose link is named after `unique`;
+    /// with a network policy, the link is bound to the address and joins the role's set before
+    /// the instance exists.
+    pub fn lease(self: &Arc<Self>, role: &str, unique: &str) -> Result<Lease, DriverError> {
+        let addr = self.free_address()?;
+        let link = link_name(unique);
+        let mut lease = Lease {
+            bridge: self.clone(),
+            addr,
+            link: link.clone(),
+            member: None,
+        };
+        if let Some(firewall) = self.firewall.get() {
+            let member = Member {
+                link,
+                addr,
+                role: firewall.role_index(role),
+            };
+            firewall.admit(&member)?;
+            lease.member = Some(member);
+        }
+        Ok(lease)
+    }
+
+    fn free_address(&self) -> Result<Ipv4Addr, DriverError> {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let free = (2..=self.subnet.hosts())
             .find(|n| !used.contains(n))
@@ -433,15 +494,15 @@ impl Bridge {
                 ))
             })?;
         used.insert(free);
-        Ok(Lease {
-            bridge: self.clone(),
-            addr: self.subnet.host(free),
-        })
+        Ok(self.subnet.host(free))
     }
 
     /// Deletes the bridge (at shutdown).
     pub fn remove(&self) -> Result<(), DriverError> {
         let fail = |e: io::Error| DriverError::Network(format!("remove bridge {}: {e}", self.name));
+        if let Some(firewall) = self.firewall.get() {
+            firewall.remove();
+        }
         let mut netlink = Netlink::open().map_err(fail)?;
         if let Some(index) = netlink.link_index(&self.name).map_err(fail)? {
             netlink.delete_link(index).map_err(fail)?;
@@ -462,13 +523,10 @@ pub(crate) struct Attach {
 }
 
 impl Attach {
-    pub(crate) fn new(bridge: &Bridge, lease: &Lease, unique: &str) -> Attach {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        unique.hash(&mut hasher);
+    pub(crate) fn new(bridge: &Bridge, lease: &Lease) -> Attach {
         Attach {
             bridge: bridge.name.clone(),
-            host_link: format!("px{:012x}", hasher.finish() & 0xffff_ffff_ffff),
+            host_link: lease.link.clone(),
             addr: lease.addr,
             prefix: bridge.subnet.prefix,
             gateway: bridge.gateway(),
@@ -519,6 +577,14 @@ impl Attach {
                 .map_err(context("add the default route"))
         })
     }
+}
+
+/// The host end's name for the instance `unique` names (its cgroup path): 14 bytes.
+fn link_name(unique: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    unique.hash(&mut hasher);
+    format!("px{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
 
 /// The MAC address of an instance's `eth0`, made from its IP address (locally administered, as
@@ -616,17 +682,21 @@ mod tests {
             name: "test".into(),
             subnet: Subnet::parse("10.9.0.0/30").unwrap(),
             used: Mutex::new(BTreeSet::from([0, 1])),
+            firewall: OnceLock::new(),
         });
-        let first = bridge.lease().unwrap();
+        let first = bridge.lease("web", "a").unwrap();
         assert_eq!(first.addr, Ipv4Addr::new(10, 9, 0, 2));
         assert!(
             bridge
-                .lease()
+                .lease("web", "b")
                 .unwrap_err()
                 .to_string()
                 .contains("no free address")
         );
         drop(first);
-        assert_eq!(bridge.lease().unwrap().addr, Ipv4Addr::new(10, 9, 0, 2));
+        assert_eq!(
+            bridge.lease("web", "c").unwrap().addr,
+            Ipv4Addr::new(10, 9, 0, 2)
+        );
     }
 }

@@ -218,6 +218,7 @@ mod tests {
     fn instance() -> InstanceSpec {
         InstanceSpec {
             name: "web-1a2b3c".into(),
+            role: "web".into(),
             root: "/state/images/roots/x".into(),
             argv: vec!["/bin/hello".into()],
             env: vec![],

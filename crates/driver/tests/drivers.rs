@@ -814,6 +814,7 @@ fn a_bad_entrypoint_is_a_clear_error(kit: &Kit) -> Result<(), String> {
 fn shell_spec(name: &str, root: &Path, state: &Path, script: &str) -> InstanceSpec {
     InstanceSpec {
         name: name.into(),
+        role: "web".into(),
         root: root.to_path_buf(),
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: Vec::new(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use phoenix_image::Recipe;
 
 mod agent;
+mod policy;
 mod runtime;
 pub use agent::AgentSettings;
 pub use runtime::{DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource};
@@ -70,6 +71,8 @@ pub struct RoleConfig {
     pub chaos: Option<crate::ChaosConfig>,
     /// How the instances run: driver, network, user, limits, environment, secrets.
     pub run: RunConfig,
+    /// `allow_from` / `allow_cidrs`: who may reach the role; `None`: everyone.
+    pub guard: Option<phoenix_driver::Guard>,
 }
 
 /// The keys of `[role.NAME]` that say how its instances run; all given at start, none baked.
@@ -372,6 +375,10 @@ struct RawRole {
     env: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     secrets: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    allow_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -437,6 +444,7 @@ impl FleetFile {
             None => NetworkConfig::default(),
         };
         let mut roles = BTreeMap::new();
+        let mut guards = Vec::new();
         let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
         for (name, role) in raw.role {
             check_name(name.get_ref())
@@ -492,6 +500,14 @@ impl FleetFile {
                     ),
                 ));
             }
+            if let Some(guard) = policy::read(
+                &role_name,
+                role.allow_from.clone(),
+                role.allow_cidrs.clone(),
+                &at,
+            )? {
+                guards.push(guard);
+            }
             let mut health = role.health.into_inner();
             if health.check.is_none() && role.proxy.mode == ProxyMode::Tcp {
                 health.check = Some(CheckKind::Tcp);
@@ -520,9 +536,11 @@ impl FleetFile {
                     env: role.env.map(Spanned::into_inner).unwrap_or_default(),
                     secrets: role.secrets.into_iter().map(Spanned::into_inner).collect(),
                 },
+                guard: None,
             };
             roles.insert(name.into_inner(), config);
         }
+        policy::apply(guards, &mut roles, &at)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() {
             PathBuf::from(".")

@@ -498,6 +498,14 @@ impl Controller {
                 listeners.push((listener, role.clone()));
             }
         }
+        // The network policy, before any instance starts (rules name the bound ports).
+        let guarded: Vec<_> = roles
+            .values()
+            .map(|role| (role.name.clone(), role.listen, role.config().guard))
+            .collect();
+        let drivers = tokio::task::spawn_blocking(move || drivers.guard(&guarded).map(|_| drivers))
+            .await
+            .map_err(|e| FleetError::Internal(e.to_string()))??;
         let inner = Arc::new(Inner {
             state_dir,
             fleet_path,

@@ -5,12 +5,13 @@
 //! error.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use phoenix_driver::{
-    Bridge, BridgeConfig, ContainerDriver, Driver, Network, ProcessDriver, Recorded, Runtime,
-    Subnet,
+    Bridge, BridgeConfig, ContainerDriver, Driver, DriverError, Guard, Network, PolicyConfig,
+    ProcessDriver, Recorded, RoleRule, Runtime, Subnet,
 };
 
 use crate::config::{DriverKind, NetworkMode};
@@ -162,6 +163,47 @@ impl Drivers {
 
     pub fn bridge(&self) -> Option<&Arc<Bridge>> {
         self.bridge.as_ref()
+    }
+
+    /// Installs the network policy on the bridge once every role's proxy has its address
+    /// (`listen`, as bound). A guarded role whose instances would not be on the bridge (the
+    /// isolating driver cannot run here) is an error: a policy is never silently dropped.
+    pub fn guard(&self, roles: &[(String, SocketAddr, Option<Guard>)]) -> Result<(), FleetError> {
+        let bridged = |name: &str| {
+            self.placements
+                .get(name)
+                .is_some_and(|p| matches!(p.network, Network::Bridge(_)))
+        };
+        if let Some((name, _, _)) = roles
+            .iter()
+            .find(|(name, _, guard)| guard.is_some() && !bridged(name))
+        {
+            let why = self
+                .warnings
+                .iter()
+                .find(|w| w.starts_with(&format!("role {name}:")))
+                .cloned()
+                .unwrap_or_else(|| format!("role {name}: its instances do not run on the bridge"));
+            return Err(FleetError::Driver(DriverError::Unsupported(format!(
+                "role {name} has a network policy (allow_from, allow_cidrs), which only containers \
+                 on Phoenix's bridge can have, and cannot be enforced here ({why})"
+            ))));
+        }
+        let Some(bridge) = &self.bridge else {
+            return Ok(());
+        };
+        let policy = PolicyConfig {
+            roles: roles
+                .iter()
+                .filter(|(name, _, _)| bridged(name))
+                .map(|(name, listen, guard)| RoleRule {
+                    name: name.clone(),
+                    listen: *listen,
+                    guard: guard.clone(),
+                })
+                .collect(),
+        };
+        Ok(bridge.guard(&policy)?)
     }
 
     /// Ends what a previous run left of an instance, with the driver that ran it (or every

@@ -175,6 +175,8 @@ pub(crate) fn root_layout(driver: &dyn Driver, allow_root: bool) -> RootLayout {
 /// What an instance gets at start besides its image: its role's runtime settings, its network,
 /// and the secrets of its generation.
 pub(crate) struct Launch<'a> {
+    /// The role the instance serves; empty for a verification's.
+    pub role: &'a str,
     pub run: &'a RunConfig,
     pub network: Network,
     pub secrets: Vec<Secret>,
@@ -211,6 +213,7 @@ pub(crate) fn spec(
     };
     InstanceSpec {
         name: name.into(),
+        role: launch.role.into(),
         root,
         argv: config
             .entrypoint
@@ -266,6 +269,7 @@ pub(crate) async fn start(
         ("PHOENIX_GENERATION", generation.id.to_string()),
     ];
     let launch = Launch {
+        role: &role.name,
         run: &role_config.run,
         network: role.placement.network.clone(),
         secrets: generation.secrets.clone(),

@@ -36,7 +36,9 @@ pub use drivers::ID_OFFSET;
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
 pub use scale::{FlagChange, ScaleReport};
-pub use status::{FleetStatus, GenerationView, InstanceView, RemoteView, RoleStatus};
+pub use status::{
+    DeniedView, FleetStatus, GenerationView, InstanceView, PolicyView, RemoteView, RoleStatus,
+};
 pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};
 
 /// If this process was started as one of Phoenix's helpers (a container's shim, checks run

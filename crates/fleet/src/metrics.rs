@@ -8,8 +8,26 @@ use crate::controller::Controller;
 
 impl Controller {
     /// Every role's and every instance's metrics in the Prometheus text format.
-    pub fn metrics_text(&self) -> String {
+    pub async fn metrics_text(&self) -> String {
         let mut out = Exposition::default();
+        for denied in self.denied().await {
+            let labels = match &denied.from {
+                phoenix_driver::Source::Role(from) => format!(
+                    "to=\"{}\",kind=\"role\",from=\"{}\"",
+                    label(&denied.to),
+                    label(from)
+                ),
+                other => format!("to=\"{}\",kind=\"{}\"", label(&denied.to), other.kind()),
+            };
+            out.sample(
+                "phoenix_policy_denied_total",
+                "counter",
+                "Connection attempts the network policy refused (packets), by guarded role and source.",
+                "",
+                &labels,
+                denied.packets,
+            );
+        }
         for role in self.inner.roles.values() {
             let role_label = format!("role=\"{}\"", label(&role.name));
             let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();

@@ -27,6 +27,27 @@ pub struct RoleStatus {
     /// Other hosts' instances admitted as backends (by gossip, signed with the cluster key).
     #[serde(default)]
     pub remote: Vec<RemoteView>,
+    /// Its network policy (`allow_from`, `allow_cidrs`) and what it refused, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub allow_from: Vec<String>,
+    pub allow_cidrs: Vec<String>,
+    /// Refused attempts by source, every source included.
+    pub denied: Vec<DeniedView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeniedView {
+    /// `role` (an instance of role `from`), `unlisted` (an instance of no role), `outside`
+    /// (an address not in `allow_cidrs`) or `host` (a local user, straight to an instance).
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub packets: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +84,8 @@ pub struct InstanceView {
 }
 
 impl Controller {
-    pub fn status(&self) -> FleetStatus {
+    pub async fn status(&self) -> FleetStatus {
+        let denied = self.denied().await;
         let roles = self
             .inner
             .roles
@@ -94,12 +116,52 @@ impl Controller {
                             in_flight: r.backend.in_flight(),
                         })
                         .collect(),
+                    policy: role.config().guard.map(|guard| PolicyView {
+                        allow_from: guard.allow_from.clone(),
+                        allow_cidrs: guard.allow_cidrs.iter().map(|c| c.to_string()).collect(),
+                        denied: denied
+                            .iter()
+                            .filter(|d| d.to == role.name)
+                            .map(|d| DeniedView {
+                                kind: d.from.kind().to_string(),
+                                from: match &d.from {
+                                    phoenix_driver::Source::Role(name) => Some(name.clone()),
+                                    _ => None,
+                                },
+                                packets: d.packets,
+                            })
+                            .collect(),
+                    }),
                 }
             })
             .collect();
         FleetStatus {
             state_dir: self.inner.state_dir.display().to_string(),
             roles,
+        }
+    }
+}
+
+impl Controller {
+    /// Refused attempts between roles so far (empty without a network policy, or when the
+    /// counters cannot be read: that is logged).
+    pub async fn denied(&self) -> Vec<phoenix_driver::Denied> {
+        let Some(bridge) = self.inner.drivers.bridge().cloned() else {
+            return Vec::new();
+        };
+        if !bridge.has_policy() {
+            return Vec::new();
+        }
+        match tokio::task::spawn_blocking(move || bridge.denied()).await {
+            Ok(Ok(denied)) => denied,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "reading the network policy's counters");
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the network policy's counters");
+                Vec::new()
+            }
         }
     }
 }

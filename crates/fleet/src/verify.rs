@@ -127,6 +127,7 @@ impl Verifier {
             .join("logs")
             .join(format!("{instance}-{now}.log"));
         let launch = crate::instance::Launch {
+            role: "",
             secrets: self.secrets.values(fleet, &run.secrets)?,
             run: &run,
             network: placement.network.clone(),

@@ -280,8 +280,38 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
                 remote.in_flight
             );
         }
+        if let Some(policy) = &role.policy {
+            println!("  {}", policy_line(policy));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `policy: allow from api; from outside 127.0.0.1/32; refused web 3, outside 1`.
+fn policy_line(policy: &phoenix_fleet::PolicyView) -> String {
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "nobody".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    let refused: Vec<String> = policy
+        .denied
+        .iter()
+        .filter(|d| d.packets > 0)
+        .map(|d| format!("{} {}", d.from.as_deref().unwrap_or(&d.kind), d.packets))
+        .collect();
+    format!(
+        "policy: allow from {}; from outside {}; refused {}",
+        list(&policy.allow_from),
+        list(&policy.allow_cidrs),
+        if refused.is_empty() {
+            "none".to_string()
+        } else {
+            refused.join(", ")
+        }
+    )
 }
 
 pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> {

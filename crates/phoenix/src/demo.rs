@@ -127,7 +127,7 @@ async fn story(dir: &Path, app: &Path, clients: usize) -> anyhow::Result<ExitCod
     );
 
     step(5, "kill -9 an instance and watch it replaced");
-    let victim = controller.status().roles[0].generations[0].instances[0].clone();
+    let victim = controller.status().await.roles[0].generations[0].instances[0].clone();
     let killing = Instant::now();
     controller.kill_instance(&victim.name)?;
     println!("   killed {} (pid {})", victim.name, victim.pid);
@@ -193,7 +193,7 @@ async fn deploy(controller: &Controller) -> anyhow::Result<DeployReport> {
 async fn wait_for_replacement(controller: &Controller, victim: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let status = controller.status();
+        let status = controller.status().await;
         let live = &status.roles[0].generations[0];
         let healthy: Vec<_> = live
             .instances

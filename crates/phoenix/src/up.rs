@@ -158,7 +158,7 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             for (role, error) in controller.converge().await {
                 eprintln!("role {role} is not serving: {error}");
             }
-            for role in controller.status().roles {
+            for role in controller.status().await.roles {
                 if let Some(generation) = role.live_generation {
                     let healthy = role
                         .generations

@@ -17,6 +17,7 @@ fn root_with_script(dir: &Path, script: &str) -> PathBuf {
 fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
     InstanceSpec {
         name: "web-abc123".into(),
+        role: "web".into(),
         root,
         argv: vec!["/bin/app".into(), "one".into()],
         env: vec![

@@ -47,7 +47,7 @@ fn unknown_keys_name_file_line_column_and_key() {
         error(&text),
         "fleet/phoenix.toml:10:1: [role.web] key `instancs`: unknown field `instancs`, expected one of \
          `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`, `proxy`, `drift_check`, `autoscale`, `max_age`, `chaos`, \
-         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`"
+         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`, `allow_from`, `allow_cidrs`"
     );
     let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
     let message = error(&text);
@@ -348,5 +348,52 @@ fn the_gossip_key_can_live_in_a_private_file() {
     assert!(
         message.contains("set `encrypt` or `encrypt_file`, not both"),
         "{message}"
+    );
+}
+
+#[test]
+fn network_policies_are_read_and_checked_where_they_are_written() {
+    let two_roles = |db: &str, api: &str| {
+        format!(
+            "{GOOD}\n[role.api]\nimage = \"hello\"\nlisten = \"127.0.0.1:8081\"\n{api}\n\n[role.db]\nimage = \"hello\"\nlisten = \"127.0.0.1:8082\"\n{db}\n"
+        )
+    };
+    let fleet = parse(&two_roles(
+        "allow_from = [\"api\", \"web\"]\nallow_cidrs = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]",
+        "",
+    ))
+    .unwrap();
+    let guard = fleet.roles["db"].guard.clone().unwrap();
+    assert_eq!(guard.allow_from, ["api", "web"]);
+    let cidrs: Vec<String> = guard.allow_cidrs.iter().map(|c| c.to_string()).collect();
+    assert_eq!(cidrs, ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
+    assert_eq!(fleet.roles["api"].guard, None);
+    // An empty list still guards: nobody may.
+    let closed = parse(&two_roles("allow_from = []", "")).unwrap();
+    assert_eq!(
+        closed.roles["db"].guard.clone().unwrap().allow_from.len(),
+        0
+    );
+
+    let unknown = error(&two_roles("allow_from = [\"apj\"]", ""));
+    assert!(
+        unknown.starts_with("fleet/phoenix.toml:19:15: ")
+            && unknown.contains(
+                "[role.db] key `allow_from`: no [role.apj] in this file (roles: api, db, web)"
+            ),
+        "{unknown}"
+    );
+    let bad = error(&two_roles("allow_cidrs = [\"10.0.0.1/8\"]", ""));
+    assert!(
+        bad.starts_with("fleet/phoenix.toml:19:16: ") && bad.contains("has host bits set"),
+        "{bad}"
+    );
+    let host = error(&two_roles("allow_from = [\"api\"]\nnetwork = \"host\"", ""));
+    assert!(host.contains("[role.db]: a network policy"), "{host}");
+    let allowed_on_host = error(&two_roles("allow_from = [\"api\"]", "network = \"host\""));
+    assert!(
+        allowed_on_host.contains("role api runs on the host's network")
+            && allowed_on_host.contains(":19:15: "),
+        "{allowed_on_host}"
     );
 }
