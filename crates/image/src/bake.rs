@@ -18,7 +18,7 @@ use crate::layer::{LayerPlan, LayerRecord, image_path};
 use crate::oci::{self, ConfigDocument, Descriptor, ImageConfig, Manifest, RootFs};
 use crate::run::{RunPlace, run_step};
 use crate::store::{ANNOTATION_FILES, ANNOTATION_FILES_ROOT, to_json};
-use crate::unpack::remove_path;
+use crate::unpack::{RootLayout, remove_path};
 use crate::{Base, ImageError, ImageStore, Recipe, Step};
 
 /// Inputs of a bake that do not come from the recipe.
@@ -30,6 +30,10 @@ pub struct BakeOptions {
     /// `pivot_root`, Docker's capabilities, `no_new_privs`, seccomp). Without one, a step
     /// runs in its namespaces only.
     pub sandbox: Option<PathBuf>,
+    /// With the sandbox, the host uid and gid of a `run` step's root: the step runs in a user
+    /// namespace mapping 65,536 ids from there, and its files are written to the layer with
+    /// their owners inside. 0: no user namespace.
+    pub step_id_offset: u32,
 }
 
 /// Where a bake reports what it does (a progress bar, log lines, or nothing).
@@ -233,17 +237,28 @@ impl Baker<'_> {
         let result = (|| {
             let lower = scratch.join("lower");
             fs::create_dir_all(&lower).map_err(ImageError::io("create", &lower))?;
-            self.store.apply_layers(&below.layers, &lower)?;
+            let sandbox = self.options.sandbox.as_deref();
+            // In a user namespace the step sees owners as they are minus the offset: the root
+            // below it is laid out shifted, and its changes are shifted back into the layer.
+            let id_offset = match sandbox {
+                Some(_) => self.options.step_id_offset,
+                None => 0,
+            };
+            let layout = match id_offset {
+                0 => RootLayout::FAITHFUL,
+                offset => RootLayout::mapped(offset),
+            };
+            self.store.apply_layers_as(&below.layers, &lower, layout)?;
             let place = RunPlace {
                 lower: &lower,
                 scratch: &scratch,
+                id_offset,
             };
             let workdir = match below.config.working_dir.as_str() {
                 "" => "/",
                 dir => dir,
             };
             let progress = &mut *self.progress;
-            let sandbox = self.options.sandbox.as_deref();
             let upper = run_step(
                 run,
                 &place,
@@ -252,7 +267,7 @@ impl Baker<'_> {
                 sandbox,
                 &mut |line| progress.line(line),
             )?;
-            let plan = LayerPlan::tree(&upper, &mut StatCache::none(), true)?;
+            let plan = LayerPlan::tree(&upper, &mut StatCache::none(), true)?.unshifted(id_offset);
             self.write_layer(key, &plan)
         })();
         remove_path(&scratch);

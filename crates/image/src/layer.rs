@@ -31,6 +31,19 @@ pub(crate) struct LayerPlan {
 }
 
 impl LayerPlan {
+    /// The owners as a user namespace mapping ids from `offset` saw them (what a `run` step in
+    /// one made is owned by `offset` + its id inside). Owners below the offset (the overlay's
+    /// own whiteouts) stay as they are.
+    pub(crate) fn unshifted(mut self, offset: u32) -> LayerPlan {
+        if offset > 0 {
+            for (entry, _) in self.entries.values_mut() {
+                entry.uid = entry.uid.checked_sub(offset).unwrap_or(entry.uid);
+                entry.gid = entry.gid.checked_sub(offset).unwrap_or(entry.gid);
+            }
+        }
+        self
+    }
+
     /// The entries, content hashes included: what the layer's cache key is made of.
     pub(crate) fn files(&self) -> Vec<FileEntry> {
         let mut files: Vec<FileEntry> = self.entries.values().map(|(e, _)| e.clone()).collect();

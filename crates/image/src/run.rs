@@ -30,6 +30,8 @@ const KEPT_LINES: usize = 40;
 pub(crate) struct RunPlace<'a> {
     pub lower: &'a Path,
     pub scratch: &'a Path,
+    /// The host id of the step's root in its user namespace (the sandbox makes one); 0: none.
+    pub id_offset: u32,
 }
 
 /// Runs `step` on top of `place.lower` with `env` (`KEY=VALUE`) in `workdir`; returns the
@@ -42,15 +44,10 @@ pub(crate) fn run_step(
     sandbox: Option<&Path>,
     output: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, ImageError> {
-    let [upper, work, merged, mounts] =
-        ["upper", "work", "merged", "mounts"].map(|d| place.scratch.join(d));
-    for dir in [
-        &upper,
-        &work,
-        &merged,
-        &mounts.join("proc"),
-        &mounts.join("sys"),
-    ] {
+    let [upper, work, mounts] = ["upper", "work", "mounts"].map(|d| place.scratch.join(d));
+    let mount_point = MountPoint::new(place)?;
+    let merged = mount_point.path.clone();
+    for dir in [&upper, &work, &mounts.join("proc"), &mounts.join("sys")] {
         fs::create_dir_all(dir).map_err(ImageError::io("create", dir))?;
     }
     // Mount points live in a lower layer of their own, so they never show up in the layer.
@@ -77,28 +74,49 @@ pub(crate) fn run_step(
         upper.display(),
         work.display()
     );
+    if place.id_offset > 0 {
+        // The step's root owns its root directory and mount points, as root owns a host's.
+        let owner = Some(place.id_offset);
+        for dir in [
+            &upper,
+            &mounts,
+            &mounts.join("proc"),
+            &mounts.join("sys"),
+            &mounts.join("dev"),
+        ] {
+            std::os::unix::fs::chown(dir, owner, owner).map_err(ImageError::io("chown", dir))?;
+        }
+    }
     let mounting = Mounts::new(&options, &merged, &binds)?;
 
     let argv = step.run.argv();
-    let mut command = Command::new("unshare");
-    command.args(["--pid", "--fork", "--kill-child", "--uts", "--ipc"]);
-    if !step.network {
-        command.arg("--net");
-    }
-    match sandbox {
-        // The helper enters the root itself (pivot_root), mounts /proc, drops privileges.
-        Some(helper) => command
-            .arg("--")
-            .arg(helper)
-            .arg(BAKE_STEP_ARG)
-            .arg(&merged)
-            .arg(workdir)
-            .arg("--"),
-        None => command
-            .arg("--mount-proc")
-            .arg(format!("--root={}", merged.display()))
-            .arg(format!("--wd={workdir}"))
-            .arg("--"),
+    let (mut command, needs) = match sandbox {
+        // The helper makes the namespaces (a user namespace first), enters the root
+        // (pivot_root), mounts /proc and drops privileges.
+        Some(helper) => {
+            let mut command = Command::new(helper);
+            command
+                .arg(BAKE_STEP_ARG)
+                .arg(&merged)
+                .arg(workdir)
+                .arg(place.id_offset.to_string())
+                .arg(if step.network { "net" } else { "nonet" })
+                .arg("--");
+            (command, "the phoenix bake-step helper")
+        }
+        None => {
+            let mut command = Command::new("unshare");
+            command.args(["--pid", "--fork", "--kill-child", "--uts", "--ipc"]);
+            if !step.network {
+                command.arg("--net");
+            }
+            command
+                .arg("--mount-proc")
+                .arg(format!("--root={}", merged.display()))
+                .arg(format!("--wd={workdir}"))
+                .arg("--");
+            (command, "unshare (util-linux)")
+        }
     };
     command
         .args(&argv)
@@ -115,14 +133,56 @@ pub(crate) fn run_step(
         command.pre_exec(move || mounting.apply());
     }
     let shown = argv.join(" ");
-    run_logged(
-        command,
-        "unshare (util-linux)",
-        &shown,
-        Some(step.time_limit()),
-        output,
-    )?;
+    run_logged(command, needs, &shown, Some(step.time_limit()), output)?;
     Ok(upper)
+}
+
+/// Where the step's root is mounted. In a user namespace the step's ids must be able to walk
+/// down to it (the state directory is its owner's only): a fresh directory in `/tmp`, made
+/// here (never one that was there), 0711, removed afterwards. Otherwise in the scratch
+/// directory.
+struct MountPoint {
+    path: PathBuf,
+    made: Option<PathBuf>,
+}
+
+impl MountPoint {
+    fn new(place: &RunPlace) -> Result<MountPoint, ImageError> {
+        if place.id_offset == 0 {
+            let path = place.scratch.join("merged");
+            fs::create_dir_all(&path).map_err(ImageError::io("create", &path))?;
+            return Ok(MountPoint { path, made: None });
+        }
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!(
+            "phoenix-step-{}-{}",
+            std::process::id(),
+            crate::store::unique()
+        ));
+        // `create`, not `create_all`: fails if anyone made it first.
+        fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&dir)
+            .map_err(ImageError::io("create", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))
+            .map_err(ImageError::io("chmod", &dir))?;
+        let path = dir.join("root");
+        fs::create_dir(&path).map_err(ImageError::io("create", &path))?;
+        Ok(MountPoint {
+            path,
+            made: Some(dir),
+        })
+    }
+}
+
+impl Drop for MountPoint {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.made {
+            // Nothing is mounted here any more: the mounts died with the step's namespace.
+            let _ = fs::remove_dir(&self.path);
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Runs `command` with stdout and stderr merged into `output`, line by line; a failure

@@ -326,16 +326,7 @@ impl ImageStore {
         self.apply_layers_as(&self.manifest(digest)?.layers, into, layout)
     }
 
-    /// Applies `layers` to `into` exactly as they are (a bake's scratch tree).
-    pub(crate) fn apply_layers(
-        &self,
-        layers: &[Descriptor],
-        into: &Path,
-    ) -> Result<(), ImageError> {
-        self.apply_layers_as(layers, into, RootLayout::FAITHFUL)
-    }
-
-    fn apply_layers_as(
+    pub(crate) fn apply_layers_as(
         &self,
         layers: &[Descriptor],
         into: &Path,

@@ -209,9 +209,13 @@ pub fn bake_options() -> anyhow::Result<phoenix_image::BakeOptions> {
     };
     let sandbox = std::env::current_exe()
         .context("cannot find this program's own path (the sandbox of bake steps)")?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     Ok(phoenix_image::BakeOptions {
         mtime,
         sandbox: Some(sandbox),
+        // Root in a step is an unprivileged id range outside, as in instances.
+        step_id_offset: if root { phoenix_fleet::ID_OFFSET } else { 0 },
     })
 }
 

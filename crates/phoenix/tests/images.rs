@@ -15,6 +15,11 @@ fn ok(output: Output) -> String {
 }
 
 /// `program`, or why the test cannot use it here (a panic when PHOENIX_REQUIRE_TOOLS is set).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn tool(program: &str) -> bool {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
@@ -511,6 +516,7 @@ fn run_steps_are_confined_capabilities_no_new_privs_seccomp_and_no_mounts() {
     // The step reports what it holds, tries what it must not do, then fails on purpose so
     // that the report comes back in the error.
     let script = "busybox grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  echo UIDMAP $(busybox cat /proc/self/uid_map) GIDMAP $(busybox cat /proc/self/gid_map); \
                   busybox mkdir -p /m; \
                   busybox mount -t tmpfs none /m && echo MOUNTED || echo MOUNT-REFUSED; \
                   busybox ls / | busybox tr '\\n' ' '; echo; exit 7";
@@ -536,6 +542,14 @@ fn run_steps_are_confined_capabilities_no_new_privs_seccomp_and_no_mounts() {
     assert_eq!(field("CapEff"), "00000000a80425fb", "{said}");
     assert_eq!(field("NoNewPrivs"), "1", "{said}");
     assert_eq!(field("Seccomp"), "2", "{said}");
+    // Root inside a user namespace: uid and gid 0 are 1,800,000,000 outside.
+    if is_root() {
+        let maps = format!(
+            "UIDMAP 0 {0} 65536 GIDMAP 0 {0} 65536",
+            phoenix_fleet::ID_OFFSET
+        );
+        assert!(said.contains(&maps), "{maps} in {said}");
+    }
     assert!(said.contains("MOUNT-REFUSED"), "{said}");
     // Its root is the image's: no trace of the host's (no /home, /usr, /work).
     let listing = said
@@ -548,4 +562,95 @@ fn run_steps_are_confined_capabilities_no_new_privs_seccomp_and_no_mounts() {
             "{listing}"
         );
     }
+}
+
+#[test]
+fn what_a_run_step_writes_is_owned_in_the_layer_as_it_was_inside() {
+    use std::os::unix::fs::MetadataExt;
+    if !tool("busybox") || !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("ctx/rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.path().join("ctx/rootfs/etc")).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
+    // The step's root (uid 0 inside, 1,800,000,000 outside) writes to the image's root-owned
+    // /etc, and makes files of its own and for uid 1000.
+    let script = "echo made > /etc/made-by-root; busybox mkdir /srv; echo app > /srv/app; \
+                  busybox chown -R 1000:1000 /srv";
+    std::fs::write(
+        dir.path().join("phoenix.toml"),
+        format!(
+            "[image.bb]\ncontext = \"ctx\"\nfrom = {{ dir = \"rootfs\" }}\nsteps = [{{ run = \"{script}\" }}]\nentrypoint = [\"/bin/sh\"]\n"
+        ),
+    )
+    .unwrap();
+    let baked = phoenix(dir.path(), &["--state", "s", "bake", "--json"]);
+    assert!(baked.status.success(), "{}", text(&baked.stderr));
+    let image: Value = serde_json::from_slice(&baked.stdout).unwrap();
+    let digest = image["images"][0]["digest"]
+        .as_str()
+        .or_else(|| image[0]["digest"].as_str())
+        .or_else(|| image["digest"].as_str())
+        .unwrap_or_else(|| panic!("no digest in {image}"))
+        .to_string();
+    let store = phoenix_image::ImageStore::open(dir.path().join("s/images")).unwrap();
+    let root = store.unpack(&digest).unwrap();
+    let owner = |path: &str| {
+        let meta = std::fs::symlink_metadata(root.join(path)).unwrap();
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+    };
+    assert_eq!(owner("etc/made-by-root").0, 0);
+    assert_eq!(owner("etc/made-by-root").1, 0);
+    assert_eq!((owner("srv").0, owner("srv").1), (1000, 1000));
+    assert_eq!((owner("srv/app").0, owner("srv/app").1), (1000, 1000));
+}
+
+#[test]
+fn a_sandboxed_run_step_past_its_timeout_dies_with_its_whole_namespace() {
+    if !tool("busybox") || !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("ctx/rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    for applet in ["sh", "sleep", "echo"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    // A child in the background and one in the foreground, under the helper's user, PID and
+    // mount namespaces: killing the helper must end both.
+    let marker = format!("phoenix-sandbox-timeout-{}", std::process::id());
+    std::fs::write(
+        dir.path().join("phoenix.toml"),
+        format!(
+            "[image.bb]\ncontext = \"ctx\"\nfrom = {{ dir = \"rootfs\" }}\nsteps = [{{ run = \"echo started; sleep 300 & exec sleep 301 # {marker}\", timeout = \"1s\" }}]\nentrypoint = [\"/bin/sh\"]\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let output = phoenix(dir.path(), &["--state", "s", "bake"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("was killed after its timeout of 1s") && stderr.contains("started"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let survivors = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker) || c.starts_with("sleep 30"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !survivors().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(survivors().is_empty(), "{:?}", survivors());
 }
