@@ -159,19 +159,30 @@ pub async fn serve(agent: &Agent, settings: &AgentSettings) -> Result<SocketAddr
 
 #[derive(Args)]
 pub struct RpcArgs {
-    /// The agent's RPC address.
-    #[arg(long, default_value = DEFAULT_RPC, env = "SERF_RPC_ADDR")]
-    rpc_addr: SocketAddr,
+    /// The agent's RPC address [default: the running `phoenix up`'s (STATE/rpc.addr), else
+    /// 127.0.0.1:7373].
+    #[arg(long, env = "SERF_RPC_ADDR")]
+    rpc_addr: Option<SocketAddr>,
     /// RPC token, when the agent requires one.
     #[arg(long, env = "SERF_RPC_AUTH")]
     rpc_auth: Option<String>,
 }
 
+/// Where `phoenix up` writes its agent's RPC address.
+pub const RPC_ADDR_FILE: &str = "rpc.addr";
+
 impl RpcArgs {
-    async fn client(&self) -> Result<Client> {
-        Client::connect(self.rpc_addr, self.rpc_auth.as_deref())
+    async fn client(&self, state: &Path) -> Result<Client> {
+        let addr = match self.rpc_addr {
+            Some(addr) => addr,
+            None => std::fs::read_to_string(state.join(RPC_ADDR_FILE))
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or_else(|| DEFAULT_RPC.parse().expect("a valid default")),
+        };
+        Client::connect(addr, self.rpc_auth.as_deref())
             .await
-            .map_err(|e| anyhow!(e))
+            .map_err(|e| anyhow!("agent RPC at {addr}: {e}"))
     }
 }
 
@@ -189,8 +200,8 @@ pub struct MembersArgs {
     json: bool,
 }
 
-pub async fn members(args: MembersArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn members(state: &Path, args: MembersArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::MembersFilteredRequest {
         tags: args.tags.into_iter().collect(),
         status: args.status.unwrap_or_default(),
@@ -253,8 +264,8 @@ pub struct EventArgs {
     payload: Option<String>,
 }
 
-pub async fn event(args: EventArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn event(state: &Path, args: EventArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::EventRequest {
         name: args.name.clone(),
         payload: args.payload.unwrap_or_default().into_bytes(),
@@ -279,8 +290,8 @@ pub struct JoinArgs {
     addresses: Vec<String>,
 }
 
-pub async fn join(args: JoinArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn join(state: &Path, args: JoinArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::JoinRequest {
         existing: args.addresses,
         replay: false,
@@ -296,8 +307,8 @@ pub async fn join(args: JoinArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn leave(args: RpcArgs) -> Result<ExitCode> {
-    let mut client = args.client().await?;
+pub async fn leave(state: &Path, args: RpcArgs) -> Result<ExitCode> {
+    let mut client = args.client(state).await?;
     client
         .call::<()>("leave", None)
         .await
@@ -318,11 +329,11 @@ pub struct TagsArgs {
     delete: Vec<String>,
 }
 
-pub async fn tags(args: TagsArgs) -> Result<ExitCode> {
+pub async fn tags(state: &Path, args: TagsArgs) -> Result<ExitCode> {
     if args.set.is_empty() && args.delete.is_empty() {
         bail!("give --set KEY=VALUE or --delete KEY");
     }
-    let mut client = args.rpc.client().await?;
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::TagsRequest {
         tags: args.set.into_iter().collect(),
         delete_tags: args.delete,
@@ -351,8 +362,8 @@ pub struct KeysArgs {
 
 /// Changes (or lists) the keyring on every member: the agent asks the cluster with an
 /// internal query and reports each member's answer.
-pub async fn keys(args: KeysArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn keys(state: &Path, args: KeysArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let (command, key) = match (args.install, args.use_key, args.remove) {
         (Some(key), _, _) => ("install-key", Some(key)),
         (_, Some(key), _) => ("use-key", Some(key)),
@@ -412,8 +423,8 @@ pub struct QueryArgs {
 }
 
 /// Asks a query and prints each ack and response as it arrives, then the counts.
-pub async fn query(args: QueryArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn query(state: &Path, args: QueryArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::QueryRequest {
         filter_nodes: args.nodes,
         filter_tags: args.tags.into_iter().collect(),
@@ -474,8 +485,8 @@ pub struct ForceLeaveArgs {
     node: String,
 }
 
-pub async fn force_leave(args: ForceLeaveArgs) -> Result<ExitCode> {
-    let mut client = args.rpc.client().await?;
+pub async fn force_leave(state: &Path, args: ForceLeaveArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     let request = rpc::ForceLeaveRequest { node: args.node };
     client
         .call::<()>("force-leave", Some(&request))
@@ -484,8 +495,8 @@ pub async fn force_leave(args: ForceLeaveArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn monitor(args: RpcArgs) -> Result<ExitCode> {
-    let mut client = args.client().await?;
+pub async fn monitor(state: &Path, args: RpcArgs) -> Result<ExitCode> {
+    let mut client = args.client(state).await?;
     let seq = client
         .send(
             "monitor",

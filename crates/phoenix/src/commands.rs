@@ -62,8 +62,8 @@ pub struct BakeArgs {
     /// Recipes to bake (all when left out).
     pub names: Vec<String>,
     /// The fleet file.
-    #[arg(short = 'f', long = "file", default_value = "phoenix.toml")]
-    pub file: PathBuf,
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -389,7 +389,8 @@ fn clock_time(ms: i64) -> String {
 }
 
 pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
-    let fleet = FleetFile::load(&args.file)?;
+    let file = crate::locate::fleet_file(args.file.as_deref());
+    let fleet = FleetFile::load(&file)?;
     let names: Vec<String> = if args.names.is_empty() {
         fleet.images.keys().cloned().collect()
     } else {
@@ -398,7 +399,7 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         !names.is_empty(),
         "{} has no [image.NAME] recipes",
-        args.file.display()
+        file.display()
     );
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;

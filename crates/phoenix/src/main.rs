@@ -9,6 +9,7 @@ mod handlers;
 mod image_cmd;
 mod load;
 mod load_cmd;
+mod locate;
 mod metrics_cmd;
 mod proxy_cmd;
 mod scale_cmd;
@@ -27,9 +28,10 @@ use clap::{Parser, Subcommand};
     about = "Bake images, run fleets, deploy blue-green: immutable infrastructure in one binary"
 )]
 struct Cli {
-    /// State directory: SQLite state, image store, instance logs.
-    #[arg(long, global = true, default_value = ".phoenix", env = "PHOENIX_STATE")]
-    state: PathBuf,
+    /// State directory: SQLite state, image store, instance logs [default: the nearest
+    /// `.phoenix`, or `.phoenix` beside the nearest `phoenix.toml`, up from here].
+    #[arg(long, global = true, env = "PHOENIX_STATE")]
+    state: Option<PathBuf>,
     /// Log verbosity for `up` and `demo` (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn")]
     log: tracing::Level,
@@ -115,10 +117,11 @@ fn main() -> ExitCode {
     // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
     phoenix_fleet::run_helper_if_asked();
     let cli = Cli::parse();
+    let state = locate::state_dir(cli.state.as_deref());
     // Entering an instance needs a process with one thread: before the async runtime. Its
     // output is the command's own: no log lines of Phoenix's around it.
     if let Command::Exec(args) = cli.command {
-        return match exec_cmd::run(&cli.state, args) {
+        return match exec_cmd::run(&state, args) {
             Ok(code) => code,
             Err(error) => {
                 eprintln!("error: {error:#}");
@@ -155,42 +158,42 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up::run(&cli.state, args).await,
-            Command::Deploy(args) => commands::deploy(&cli.state, args).await,
-            Command::Rollback(args) => commands::rollback(&cli.state, args).await,
-            Command::Status(args) => commands::status(&cli.state, args).await,
-            Command::Scale(args) => scale_cmd::scale(&cli.state, args).await,
-            Command::Metrics(args) => metrics_cmd::metrics(&cli.state, args).await,
-            Command::Top(args) => metrics_cmd::top(&cli.state, args).await,
-            Command::Protect(args) => scale_cmd::flag(&cli.state, "protect", args).await,
-            Command::Standby(args) => scale_cmd::flag(&cli.state, "standby", args).await,
-            Command::History(args) => commands::history(&cli.state, args).await,
-            Command::Bake(args) => commands::bake(&cli.state, args).await,
-            Command::Images(args) => commands::images(&cli.state, args).await,
-            Command::Image(args) => image_cmd::image(&cli.state, args).await,
-            Command::Gc(args) => image_cmd::gc(&cli.state, args).await,
-            Command::Export(args) => image_cmd::export(&cli.state, args).await,
-            Command::Import(args) => image_cmd::import(&cli.state, args).await,
-            Command::Drift(args) => image_cmd::drift(&cli.state, args).await,
-            Command::Verify(args) => verify_cmd::run(&cli.state, args).await,
+            Command::Up(args) => up::run(&state, args).await,
+            Command::Deploy(args) => commands::deploy(&state, args).await,
+            Command::Rollback(args) => commands::rollback(&state, args).await,
+            Command::Status(args) => commands::status(&state, args).await,
+            Command::Scale(args) => scale_cmd::scale(&state, args).await,
+            Command::Metrics(args) => metrics_cmd::metrics(&state, args).await,
+            Command::Top(args) => metrics_cmd::top(&state, args).await,
+            Command::Protect(args) => scale_cmd::flag(&state, "protect", args).await,
+            Command::Standby(args) => scale_cmd::flag(&state, "standby", args).await,
+            Command::History(args) => commands::history(&state, args).await,
+            Command::Bake(args) => commands::bake(&state, args).await,
+            Command::Images(args) => commands::images(&state, args).await,
+            Command::Image(args) => image_cmd::image(&state, args).await,
+            Command::Gc(args) => image_cmd::gc(&state, args).await,
+            Command::Export(args) => image_cmd::export(&state, args).await,
+            Command::Import(args) => image_cmd::import(&state, args).await,
+            Command::Drift(args) => image_cmd::drift(&state, args).await,
+            Command::Verify(args) => verify_cmd::run(&state, args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Load(args) => load_cmd::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::run(args).await,
-            Command::Members(args) => agent_cmd::members(args).await,
-            Command::Event(args) => agent_cmd::event(args).await,
-            Command::Join(args) => agent_cmd::join(args).await,
-            Command::Leave(args) => agent_cmd::leave(args).await,
-            Command::Tags(args) => agent_cmd::tags(args).await,
-            Command::Keys(args) => agent_cmd::keys(args).await,
-            Command::State(args) => commands::state(&cli.state, args),
+            Command::Members(args) => agent_cmd::members(&state, args).await,
+            Command::Event(args) => agent_cmd::event(&state, args).await,
+            Command::Join(args) => agent_cmd::join(&state, args).await,
+            Command::Leave(args) => agent_cmd::leave(&state, args).await,
+            Command::Tags(args) => agent_cmd::tags(&state, args).await,
+            Command::Keys(args) => agent_cmd::keys(&state, args).await,
+            Command::State(args) => commands::state(&state, args),
             Command::Keygen => {
                 println!("{}", phoenix_gossip::Key::generate()?.to_base64());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Monitor(args) => agent_cmd::monitor(args).await,
-            Command::Query(args) => agent_cmd::query(args).await,
-            Command::ForceLeave(args) => agent_cmd::force_leave(args).await,
+            Command::Monitor(args) => agent_cmd::monitor(&state, args).await,
+            Command::Query(args) => agent_cmd::query(&state, args).await,
+            Command::ForceLeave(args) => agent_cmd::force_leave(&state, args).await,
             Command::Exec(_) => unreachable!("exec runs before the runtime starts"),
         }
     });

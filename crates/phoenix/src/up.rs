@@ -14,9 +14,9 @@ use crate::client::API_ADDR_FILE;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// The fleet file.
-    #[arg(short = 'f', long = "file", default_value = "phoenix.toml")]
-    pub file: PathBuf,
+    /// The fleet file [default: the nearest phoenix.toml, up from here].
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
     /// Also serve the API on this TCP address (it is always on STATE/api.sock, for the
     /// owner). TCP needs tokens (--api-tokens or PHOENIX_API_TOKEN) or mutual TLS.
     #[arg(long, value_name = "ADDR")]
@@ -94,11 +94,14 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let _lock = lock_state(state)?;
-    let mut options = Options::new(state.to_path_buf(), args.file.clone());
+    let file = crate::locate::fleet_file(args.file.as_deref());
+    let mut options = Options::new(state.to_path_buf(), file.clone());
     options.seed = args.seed;
     options.bake = bake_options()?;
     let controller = Controller::open(options).await?;
     let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
+    // `phoenix members`, `event` and `query` find the agent here.
+    write_atomically(state, crate::agent_cmd::RPC_ADDR_FILE, &format!("{rpc}\n"))?;
     let router = phoenix_api::router(controller.clone(), api_plan.tokens);
     let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
     let socket_path = state.join(API_SOCKET);
@@ -129,7 +132,7 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "phoenix up: fleet {}, state {}, {served_on}",
-        args.file.display(),
+        file.display(),
         state.display()
     );
     println!(
@@ -182,6 +185,7 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = api.await;
     }
     let _ = std::fs::remove_file(state.join(API_ADDR_FILE));
+    let _ = std::fs::remove_file(state.join(crate::agent_cmd::RPC_ADDR_FILE));
     let _ = std::fs::remove_file(&socket_path);
     println!("phoenix up: stopped");
     Ok(ExitCode::SUCCESS)
@@ -258,9 +262,15 @@ fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
 
 /// Where the TCP API is, for operators and scripts (the CLI uses the socket unless told).
 fn write_api_addr(state: &Path, addr: SocketAddr, tls: bool) -> anyhow::Result<()> {
-    let tmp = state.join(format!("{API_ADDR_FILE}.tmp"));
     let scheme = if tls { "https" } else { "http" };
-    std::fs::write(&tmp, format!("{scheme}://{addr}\n"))?;
-    std::fs::rename(&tmp, state.join(API_ADDR_FILE))?;
+    write_atomically(state, API_ADDR_FILE, &format!("{scheme}://{addr}\n"))
+}
+
+/// Writes `STATE/name` whole or not at all (a reader never sees half an address).
+fn write_atomically(state: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = state.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, state.join(name))
+        .with_context(|| format!("write {}", state.join(name).display()))?;
     Ok(())
 }

@@ -33,8 +33,8 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE")]
     pub host: Option<PathBuf>,
     /// The fleet file (for IMAGE).
-    #[arg(short = 'f', long = "file", default_value = "phoenix.toml")]
-    pub file: PathBuf,
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -116,7 +116,15 @@ pub async fn run(state: &Path, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     match (&args.command, &args.host, &args.image) {
         (Some(VerifyCommand::Serve(serve_args)), _, _) => serve(serve_args).await,
         (None, Some(file), _) => host(file, &args.run).await,
-        (None, None, Some(image)) => verify_image(state, &args.file, image, &args.run).await,
+        (None, None, Some(image)) => {
+            verify_image(
+                state,
+                &crate::locate::fleet_file(args.file.as_deref()),
+                image,
+                &args.run,
+            )
+            .await
+        }
         (None, None, None) => anyhow::bail!("say what to verify: IMAGE, --host FILE or serve FILE"),
     }
 }

@@ -197,3 +197,47 @@ fn metrics_are_exposed_per_role_and_instance_on_the_api() {
             .all(|l| l.ends_with(" 1"))
     );
 }
+
+#[test]
+fn commands_find_the_state_and_the_agent_from_any_subdirectory() {
+    let phoenix = Phoenix::start(&Fleet {
+        instances: 1,
+        ..Fleet::version("v1")
+    });
+    // `.phoenix` beside the fleet file is where the walk up ends (here, the harness's state).
+    std::os::unix::fs::symlink("state", phoenix.dir.path().join(".phoenix")).unwrap();
+    let deep = phoenix.dir.path().join("src/app/deeper");
+    std::fs::create_dir_all(&deep).unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(phoenix_bin())
+            .args(args)
+            .current_dir(&deep)
+            .env_remove("PHOENIX_STATE")
+            .env_remove("SERF_RPC_ADDR")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let status = run(&["status", "--json"]);
+    assert_eq!(status["roles"][0]["name"], "web");
+    assert_eq!(status["roles"][0]["live_generation"], 1);
+    // The agent's RPC address is random; `members` reads it from the state directory.
+    let rpc = std::fs::read_to_string(phoenix.state().join("rpc.addr")).unwrap();
+    assert_ne!(rpc.trim(), "127.0.0.1:7373");
+    let members = run(&["members", "--json"]);
+    let names: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["tags"]["role"].as_str().unwrap_or("host"))
+        .collect();
+    assert!(names.contains(&"web"), "{members}");
+    // And the fleet file: `bake` from the subdirectory bakes the recipe above it.
+    let baked = run(&["bake", "--json"]);
+    assert!(baked.to_string().contains("sha256:"), "{baked}");
+}
