@@ -24,18 +24,27 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// A point of a role's series. Over its interval, for instance metrics: `sum` is the mean of
-/// the per-second totals across instances, `avg` the mean per instance, `p95` the 95th
-/// percentile of the instances' values; for role metrics all three describe the role's values.
+/// A point of a role's series, over its interval. `role` is the role's own value as its proxy
+/// sees it (requests per second, errors, in flight, and latency percentiles from the histogram
+/// of all the role's requests), averaged over the interval; `None` for what only instances
+/// have (cpu, memory). The others describe the instances' values: `sum` the mean of the
+/// per-second totals across instances (`None` for percentiles, which do not add up), `avg` the
+/// mean per instance, `p95` the 95th percentile of the instances' values, `n` how many.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Point {
     /// Start of the interval, in Unix milliseconds.
     pub t: i64,
-    pub sum: f64,
+    pub role: Option<f64>,
+    pub sum: Option<f64>,
     pub avg: f64,
     pub p95: f64,
-    /// Values aggregated.
+    /// Instance values aggregated.
     pub n: u64,
+}
+
+/// Metrics whose instance values do not add up to the role's (latency percentiles).
+fn additive(metric: &str) -> bool {
+    !metric.ends_with("_ms")
 }
 
 /// The resolution of a query.
@@ -95,10 +104,11 @@ CREATE TABLE IF NOT EXISTS rollups (
     t          INTEGER NOT NULL,
     role       TEXT NOT NULL,
     metric     TEXT NOT NULL,
-    sum        REAL NOT NULL,
+    sum        REAL,
     avg        REAL NOT NULL,
     p95        REAL NOT NULL,
     n          INTEGER NOT NULL,
+    role_value REAL,
     PRIMARY KEY (resolution, role, metric, t)
 );
 -- Up to where (exclusive, Unix ms) each resolution has been rolled up.
@@ -107,6 +117,18 @@ CREATE TABLE IF NOT EXISTS rolled (
     until      INTEGER NOT NULL
 );
 "#;
+
+/// A database made before roll-ups kept the role's own value: its older points keep theirs
+/// (instances and role mixed), newer ones are right.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let has_role_value: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('rollups') WHERE name = 'role_value'")?
+        .exists([])?;
+    if !has_role_value {
+        conn.execute_batch("ALTER TABLE rollups ADD COLUMN role_value REAL")?;
+    }
+    Ok(())
+}
 
 /// `STATE/metrics.db`, apart from `state.db` so that a sample every second never waits for
 /// the controller's writes.
@@ -130,6 +152,7 @@ impl MetricsDb {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(fail)?;
         conn.execute_batch(SCHEMA).map_err(fail)?;
+        upgrade(&conn).map_err(fail)?;
         Ok(MetricsDb {
             conn: Mutex::new(conn),
             path: shown,
@@ -212,8 +235,9 @@ impl MetricsDb {
         let tx = conn.unchecked_transaction().map_err(|e| self.sql(e))?;
         for ((role, metric, t), point) in points {
             tx.execute(
-                "INSERT OR REPLACE INTO rollups (resolution, t, role, metric, sum, avg, p95, n)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR REPLACE INTO rollups
+                 (resolution, t, role, metric, sum, avg, p95, n, role_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     step,
                     t,
@@ -222,7 +246,8 @@ impl MetricsDb {
                     point.sum,
                     point.avg,
                     point.p95,
-                    point.n as i64
+                    point.n as i64,
+                    point.role
                 ],
             )
             .map_err(|e| self.sql(e))?;
@@ -254,7 +279,7 @@ impl MetricsDb {
         }
         let mut statement = conn
             .prepare(
-                "SELECT t, sum, avg, p95, n FROM rollups
+                "SELECT t, sum, avg, p95, n, role_value FROM rollups
                  WHERE resolution = ?1 AND role = ?2 AND metric = ?3 AND t >= ?4 ORDER BY t",
             )
             .map_err(|e| self.sql(e))?;
@@ -264,6 +289,7 @@ impl MetricsDb {
                 |row| {
                     Ok(Point {
                         t: row.get(0)?,
+                        role: row.get(5)?,
                         sum: row.get(1)?,
                         avg: row.get(2)?,
                         p95: row.get(3)?,
@@ -275,6 +301,20 @@ impl MetricsDb {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.sql(e))?;
         Ok(points)
+    }
+
+    /// Every role with samples or roll-ups, sorted.
+    pub fn roles(&self) -> Result<Vec<String>, ObserveError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut statement = conn
+            .prepare("SELECT role FROM samples UNION SELECT role FROM rollups ORDER BY role")
+            .map_err(|e| self.sql(e))?;
+        let roles = statement
+            .query_map([], |row| row.get(0))
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.sql(e))?;
+        Ok(roles)
     }
 
     /// The newest sample of every instance and role (for `phoenix top`), with its time.
@@ -322,32 +362,46 @@ fn read_samples(
 /// A role, a metric and the start of an interval.
 type SeriesKey = (String, String, i64);
 
-/// Groups samples into intervals of `step` ms per role and metric (see [`Point`]).
+/// What one interval of one role and metric gathers: the instances' values, their total per
+/// second, and the role's own values.
+#[derive(Default)]
+struct Gathered {
+    values: Vec<f64>,
+    totals: BTreeMap<i64, f64>,
+    role: Vec<f64>,
+}
+
+/// Groups samples into intervals of `step` ms per role and metric (see [`Point`]); the role's
+/// own samples (no instance) are kept apart from its instances'.
 fn aggregate(rows: &[(i64, Sample)], step: i64) -> BTreeMap<SeriesKey, Point> {
-    // Per key: every value, and per second the total across instances.
-    let mut groups: BTreeMap<SeriesKey, (Vec<f64>, BTreeMap<i64, f64>)> = BTreeMap::new();
+    let mut groups: BTreeMap<SeriesKey, Gathered> = BTreeMap::new();
     for (t, sample) in rows {
         let interval = t - t.rem_euclid(step);
         let second = t - t.rem_euclid(1_000);
-        let (values, totals) = groups
+        let gathered = groups
             .entry((sample.role.clone(), sample.metric.clone(), interval))
             .or_default();
-        values.push(sample.value);
-        *totals.entry(second).or_default() += sample.value;
+        if sample.instance.is_empty() {
+            gathered.role.push(sample.value);
+        } else {
+            gathered.values.push(sample.value);
+            *gathered.totals.entry(second).or_default() += sample.value;
+        }
     }
     groups
         .into_iter()
-        .map(|(key, (mut values, totals))| {
-            let t = key.2;
-            let avg = values.iter().sum::<f64>() / values.len() as f64;
-            let sum = totals.values().sum::<f64>() / totals.len() as f64;
+        .map(|(key, mut gathered)| {
+            let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+            let values = &mut gathered.values;
             values.sort_by(|a, b| a.total_cmp(b));
-            let rank = ((0.95 * values.len() as f64).ceil() as usize).clamp(1, values.len());
+            let rank = ((0.95 * values.len() as f64).ceil() as usize).clamp(1, values.len().max(1));
+            let totals: Vec<f64> = gathered.totals.values().copied().collect();
             let point = Point {
-                t,
-                sum,
-                avg,
-                p95: values[rank - 1],
+                t: key.2,
+                role: (!gathered.role.is_empty()).then(|| mean(&gathered.role)),
+                sum: (additive(&key.1) && !totals.is_empty()).then(|| mean(&totals)),
+                avg: if values.is_empty() { 0.0 } else { mean(values) },
+                p95: values.get(rank - 1).copied().unwrap_or(0.0),
                 n: values.len() as u64,
             };
             (key, point)
@@ -385,6 +439,11 @@ mod tests {
                     sample("web", "web-a", "cpu", 0.2),
                     sample("web", "web-b", "cpu", b),
                     sample("web", "", "rps", 100.0 + second as f64),
+                    sample("web", "web-a", "rps", 60.0 + second as f64),
+                    sample("web", "web-b", "rps", 40.0),
+                    sample("web", "", "p99_ms", 12.0),
+                    sample("web", "web-a", "p99_ms", 10.0),
+                    sample("web", "web-b", "p99_ms", 14.0),
                 ],
             )
             .unwrap();
@@ -402,18 +461,36 @@ mod tests {
         assert_eq!(points.len(), 3, "{points:?}");
         assert_eq!(points[0].t, t0);
         assert!(
-            close(points[0].sum, 0.6) && close(points[0].avg, 0.3),
+            close(points[0].sum.unwrap(), 0.6) && close(points[0].avg, 0.3),
             "{points:?}"
         );
         assert!(close(points[0].p95, 0.4) && points[0].n == 20);
+        assert_eq!(points[0].role, None, "cpu is the instances' only");
         assert!(
-            close(points[2].sum, 1.0) && close(points[2].avg, 0.5) && close(points[2].p95, 0.8)
+            close(points[2].sum.unwrap(), 1.0)
+                && close(points[2].avg, 0.5)
+                && close(points[2].p95, 0.8)
         );
-        // Role metrics: one value a second.
+        // The role's own row (its proxy's view) apart from its instances': the instances'
+        // totals are 100 + s a second as the proxy's are, not twice that.
         let rps = db.query("web", "rps", 0, Resolution::TenSeconds).unwrap();
         assert!(
-            close(rps[1].avg, 114.5) && close(rps[1].sum, 114.5),
+            close(rps[1].role.unwrap(), 114.5)
+                && close(rps[1].sum.unwrap(), 114.5)
+                && close(rps[1].avg, 57.25)
+                && rps[1].n == 20,
             "{rps:?}"
+        );
+        // Percentiles: the role's from its own histogram; instance values never summed.
+        let p99 = db
+            .query("web", "p99_ms", 0, Resolution::TenSeconds)
+            .unwrap();
+        assert!(
+            close(p99[0].role.unwrap(), 12.0)
+                && p99[0].sum.is_none()
+                && close(p99[0].p95, 14.0)
+                && close(p99[0].avg, 12.0),
+            "{p99:?}"
         );
         // Rolling up again adds nothing; an incomplete minute is not rolled up.
         db.maintain(T0 + 30_500).unwrap();
@@ -435,7 +512,7 @@ mod tests {
             .query("web", "cpu", T0 + 25_000, Resolution::Raw)
             .unwrap();
         assert_eq!(raw.len(), 5);
-        assert!((raw[0].sum - 1.0).abs() < 1e-9 && raw[0].n == 2);
+        assert!((raw[0].sum.unwrap() - 1.0).abs() < 1e-9 && raw[0].n == 2);
         db.maintain(T0 + 60_000).unwrap();
         let minute = db.query("web", "cpu", 0, Resolution::Minute).unwrap();
         assert_eq!(minute.len(), 1);
@@ -488,7 +565,11 @@ mod tests {
         );
         assert_eq!(Resolution::for_window(now, 0), Resolution::Minute);
         let latest = db.latest().unwrap();
-        assert_eq!(latest.len(), 3);
+        assert_eq!(
+            latest.len(),
+            8,
+            "every instance and role row of the newest second"
+        );
         assert!(latest.iter().all(|(t, _)| *t == T0 + 29_000));
     }
 }

@@ -71,6 +71,7 @@ pub async fn metrics(state: &Path, args: MetricsArgs) -> anyhow::Result<ExitCode
         Some("1m") => Resolution::Minute,
         Some(other) => bail!("--resolution {other:?}: one of 1s, 10s, 1m"),
     };
+    known_role(&db, &args.role)?;
     let points = db
         .query(&args.role, &args.metric, since, resolution)
         .with_context(|| format!("role {}", args.role))?;
@@ -78,29 +79,48 @@ pub async fn metrics(state: &Path, args: MetricsArgs) -> anyhow::Result<ExitCode
         println!("{}", serde_json::to_string_pretty(&points)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // ROLE: the proxy's view of the whole role; the others: across its instances.
     println!(
-        "{:<19}  {:>12}  {:>12}  {:>12}  {:>5}",
-        "TIME (UTC)", "SUM", "AVG", "P95", "N"
+        "{:<19}  {:>12}  {:>12}  {:>12}  {:>12}  {:>5}",
+        "TIME (UTC)", "ROLE", "INSTANCES SUM", "AVG", "P95", "N"
     );
     for Point {
         t,
+        role,
         sum,
         avg,
         p95,
         n,
     } in points
     {
-        let show = |v: f64| value(&args.metric, v);
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| value(&args.metric, v));
         let stamp = phoenix_image::rfc3339((t / 1000).max(0) as u64);
         println!(
-            "{}  {:>12}  {:>12}  {:>12}  {n:>5}",
+            "{}  {:>12}  {:>12}  {:>12}  {:>12}  {n:>5}",
             &stamp[..19].replace('T', " "),
+            show(role),
             show(sum),
-            show(avg),
-            show(p95)
+            show((n > 0).then_some(avg)),
+            show((n > 0).then_some(p95))
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A role metrics.db has never heard of is an error naming the ones it has.
+fn known_role(db: &MetricsDb, role: &str) -> anyhow::Result<()> {
+    let roles = db.roles()?;
+    if roles.iter().any(|r| r == role) {
+        return Ok(());
+    }
+    bail!(
+        "no role {role:?} in the metrics (roles: {})",
+        if roles.is_empty() {
+            "none yet".to_string()
+        } else {
+            roles.join(", ")
+        }
+    )
 }
 
 /// A metric's value with its unit.
@@ -115,6 +135,9 @@ fn value(metric: &str, v: f64) -> String {
 
 pub async fn top(state: &Path, args: TopArgs) -> anyhow::Result<ExitCode> {
     let db = open(state)?;
+    if let Some(role) = &args.role {
+        known_role(&db, role)?;
+    }
     let refresh = !args.once && std::io::stdout().is_terminal();
     loop {
         let latest = db.latest()?;

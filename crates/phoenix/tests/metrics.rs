@@ -32,7 +32,7 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
         || {
             series(&phoenix, "rps")
                 .iter()
-                .filter(|p| p["sum"].as_f64().unwrap() > 0.0)
+                .filter(|p| p["role"].as_f64().unwrap_or(0.0) > 0.0)
                 .count()
                 >= 3
         },
@@ -65,6 +65,18 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
     assert!(!series(&phoenix, "p99_ms").is_empty());
     let unknown = phoenix.cli(&["metrics", "web", "--metric", "cpus"]);
     assert!(common::text(&unknown.stderr).contains("unknown metric \"cpus\""));
+    for command in [
+        &["metrics", "wbe", "--metric", "rps"][..],
+        &["top", "wbe", "--once"],
+    ] {
+        let unknown = phoenix.cli(command);
+        assert_eq!(unknown.status.code(), Some(1));
+        assert!(
+            common::text(&unknown.stderr).contains("no role \"wbe\" in the metrics (roles: web)"),
+            "{}",
+            common::text(&unknown.stderr)
+        );
+    }
 
     let top = phoenix.cli_ok(&["top", "--once"]);
     let status = phoenix.status();
@@ -90,4 +102,69 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
     assert!(phoenix.interrupt().success());
     let after = series(&phoenix, "rps");
     assert!(after.len() >= 3, "{after:?}");
+}
+
+/// The mean of `field` over the points from second `from` to `to` of the series.
+fn mean(points: &[Value], field: &str, from: usize, to: usize) -> f64 {
+    let values: Vec<f64> = points[from..to]
+        .iter()
+        .map(|p| {
+            p[field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} in {p}"))
+        })
+        .collect();
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+#[test]
+fn a_known_open_loop_load_is_counted_once_for_the_role_and_across_its_instances() {
+    let mut fleet = Fleet::version("v1");
+    fleet.instances = 3;
+    let phoenix = Phoenix::start(&fleet);
+    // 50 requests a second on schedule (open loop), for 14 s.
+    let url = format!("http://{}/", phoenix.proxy_addr());
+    let load = std::process::Command::new(common::phoenix_bin())
+        .args(["load", &url, "--rps", "50", "--duration", "14s", "--json"])
+        .output();
+    let load = load.unwrap();
+    let report: Value = serde_json::from_slice(&load.stdout).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    // Let the last second be sampled.
+    std::thread::sleep(Duration::from_millis(1500));
+    let rps = series(&phoenix, "rps");
+    let busy: Vec<Value> = rps
+        .iter()
+        .filter(|p| p["role"].as_f64().unwrap_or(0.0) > 1.0)
+        .cloned()
+        .collect();
+    assert!(busy.len() >= 12, "{rps:?}");
+    // The steady middle (not the first or last second, which are partly idle).
+    let (from, to) = (2, busy.len() - 2);
+    let role = mean(&busy, "role", from, to);
+    let instances = mean(&busy, "sum", from, to);
+    assert!(
+        (45.0..=55.0).contains(&role),
+        "the proxy saw {role} rps: {busy:?}"
+    );
+    assert!(
+        (45.0..=55.0).contains(&instances),
+        "the instances together saw {instances} rps, not twice it: {busy:?}"
+    );
+    assert!(busy[from..to].iter().all(|p| p["n"] == 3), "{busy:?}");
+    let per_instance = mean(&busy, "avg", from, to);
+    assert!((13.0..=20.0).contains(&per_instance), "{per_instance}");
+    // Percentiles: the role's from its merged histogram, never a sum of instances' values.
+    let p99 = series(&phoenix, "p99_ms");
+    let with_role: Vec<&Value> = p99.iter().filter(|p| p["role"].is_number()).collect();
+    assert!(with_role.len() >= 10, "{p99:?}");
+    assert!(p99.iter().all(|p| p["sum"].is_null()), "{p99:?}");
+    let role_p99 = with_role[with_role.len() / 2]["role"].as_f64().unwrap();
+    assert!(role_p99 > 0.0 && role_p99 < 1000.0, "{role_p99}");
+    // The table shows the proxy's view and the instances' sum side by side.
+    let table = phoenix.cli_ok(&["metrics", "web", "--metric", "p99_ms", "--since", "1m"]);
+    assert!(
+        table.contains("ROLE") && table.contains("INSTANCES SUM"),
+        "{table}"
+    );
 }
