@@ -20,6 +20,8 @@ const DEFAULT_RPC: &str = "127.0.0.1:7373";
 
 #[derive(Args)]
 pub struct AgentArgs {
+    #[command(flatten)]
+    pub log: crate::LogArgs,
     /// This node's name, unique in the cluster (default: the host name).
     #[arg(long)]
     node: Option<String>,

@@ -13,6 +13,8 @@ use crate::load::Load;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
+    #[command(flatten)]
+    pub log: crate::LogArgs,
     /// The hello app binary (default: `hello` next to this executable).
     #[arg(long)]
     pub app: Option<PathBuf>,

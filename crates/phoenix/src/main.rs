@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod exec_cmd;
 mod handlers;
+mod help;
 mod image_cmd;
 mod load;
 mod load_cmd;
@@ -19,7 +20,7 @@ mod verify_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -32,9 +33,6 @@ struct Cli {
     /// `.phoenix`, or `.phoenix` beside the nearest `phoenix.toml`, up from here].
     #[arg(long, global = true, env = "PHOENIX_STATE")]
     state: Option<PathBuf>,
-    /// Log verbosity for `up` and `demo` (error, warn, info, debug, trace).
-    #[arg(long, global = true, default_value = "warn")]
-    log: tracing::Level,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,16 +105,42 @@ enum Command {
     Keys(agent_cmd::KeysArgs),
     /// Stream a running agent's log of membership changes and events.
     Monitor(agent_cmd::RpcArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(help::CompletionsArgs),
+    /// Print the man page, or write one per command with --dir.
+    Man(help::ManArgs),
     /// Ask the cluster a query and print each ack and answer.
     Query(agent_cmd::QueryArgs),
     /// List a failed member as left, everywhere.
     ForceLeave(agent_cmd::ForceLeaveArgs),
 }
 
+/// Log verbosity: `--log` of the long-running commands, else warnings only.
+fn log_level(command: &Command) -> tracing::Level {
+    match command {
+        Command::Up(args) => args.log.level,
+        Command::Demo(args) => args.log.level,
+        Command::Agent(args) => args.log.level,
+        Command::Proxy(args) => args.log.level,
+        _ => tracing::Level::WARN,
+    }
+}
+
+/// `--log LEVEL` of a long-running command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log verbosity (error, warn, info, debug, trace).
+    #[arg(long = "log", default_value = "warn")]
+    pub level: tracing::Level,
+}
+
 fn main() -> ExitCode {
     // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
     phoenix_fleet::run_helper_if_asked();
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&help::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let state = locate::state_dir(cli.state.as_deref());
     // Entering an instance needs a process with one thread: before the async runtime. Its
     // output is the command's own: no log lines of Phoenix's around it.
@@ -130,7 +154,7 @@ fn main() -> ExitCode {
         };
     }
     tracing_subscriber::fmt()
-        .with_max_level(cli.log)
+        .with_max_level(log_level(&cli.command))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -194,6 +218,8 @@ fn main() -> ExitCode {
             Command::Monitor(args) => agent_cmd::monitor(&state, args).await,
             Command::Query(args) => agent_cmd::query(&state, args).await,
             Command::ForceLeave(args) => agent_cmd::force_leave(&state, args).await,
+            Command::Completions(args) => help::completions(args),
+            Command::Man(args) => help::man(args),
             Command::Exec(_) => unreachable!("exec runs before the runtime starts"),
         }
     });

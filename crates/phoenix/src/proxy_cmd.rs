@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
+    #[command(flatten)]
+    pub log: crate::LogArgs,
     /// Where to listen.
     #[arg(long)]
     pub listen: SocketAddr,

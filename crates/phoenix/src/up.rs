@@ -14,6 +14,8 @@ use crate::client::API_ADDR_FILE;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
+    #[command(flatten)]
+    pub log: crate::LogArgs,
     /// The fleet file [default: the nearest phoenix.toml, up from here].
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,

@@ -241,3 +241,51 @@ fn commands_find_the_state_and_the_agent_from_any_subdirectory() {
     let baked = run(&["bake", "--json"]);
     assert!(baked.to_string().contains("sha256:"), "{baked}");
 }
+
+#[test]
+fn bash_completes_commands_and_values_and_man_renders_the_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = phoenix(dir.path(), &["completions", "bash"]);
+    assert!(script.status.success());
+    std::fs::write(dir.path().join("phoenix.bash"), &script.stdout).unwrap();
+    // Real bash, as a shell's completion would call it.
+    let complete = |words: &str, current: usize| {
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source ./phoenix.bash; COMP_WORDS=({words}); COMP_CWORD={current}; \
+                 _phoenix phoenix \"${{COMP_WORDS[{current}]}}\" \"${{COMP_WORDS[{}]}}\"; \
+                 echo \"${{COMPREPLY[@]}}\"",
+                current - 1
+            ))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        text(&output.stdout).trim().to_string()
+    };
+    assert_eq!(complete("phoenix dep", 1), "deploy");
+    assert_eq!(complete("phoenix roll", 1), "rollback");
+    assert!(complete("phoenix completions ''", 2).contains("bash elvish fish powershell zsh"));
+    // Man pages: one per command, that man(1) renders.
+    let pages = dir.path().join("man");
+    let wrote = phoenix(dir.path(), &["man", "--dir", pages.to_str().unwrap()]);
+    assert!(wrote.status.success(), "{}", text(&wrote.stderr));
+    assert!(pages.join("phoenix.1").exists() && pages.join("phoenix-deploy.1").exists());
+    if std::path::Path::new("/usr/bin/man").exists() {
+        let rendered = Command::new("man")
+            .arg("-l")
+            .arg(pages.join("phoenix-deploy.1"))
+            .env("MANPAGER", "cat")
+            .env("COLUMNS", "100")
+            .output()
+            .unwrap();
+        let shown = text(&rendered.stdout);
+        assert!(
+            shown.contains("phoenix-deploy") && shown.contains("blue-green"),
+            "{shown}"
+        );
+    }
+    // Options a command does not use are not offered to it.
+    let status = phoenix(dir.path(), &["status", "--log", "debug"]);
+    assert_eq!(status.status.code(), Some(2));
+}

@@ -505,9 +505,9 @@ fn spawn_up(dir: &Path, extra_args: &[String], netns: Option<&Netns>) -> Child {
         .args([
             "--state",
             "state",
+            "up",
             "--log",
             "info",
-            "up",
             "-f",
             "phoenix.toml",
         ])
