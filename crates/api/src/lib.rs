@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use phoenix_fleet::{Controller, DeployOptions, Progress};
+use phoenix_fleet::{Controller, DeployOptions, Progress, RollbackTo};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -260,18 +260,42 @@ async fn deploy(State(state): State<AppState>, Path(role): Path<String>, body: B
         role,
         DeployOptions {
             image: request.image,
-            rollback: false,
+            rollback: None,
         },
     )
 }
 
-async fn rollback(State(state): State<AppState>, Path(role): Path<String>) -> Response {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    /// A generation number or an image reference; the previous other image when left out.
+    to: Option<String>,
+}
+
+async fn rollback(
+    State(state): State<AppState>,
+    Path(role): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: RollbackRequest = if body.is_empty() {
+        RollbackRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => {
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad rollback request: {error}"),
+                );
+            }
+        }
+    };
     run_deploy(
         state,
         role,
         DeployOptions {
             image: None,
-            rollback: true,
+            rollback: Some(RollbackTo::parse(request.to.as_deref())),
         },
     )
 }

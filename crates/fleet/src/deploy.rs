@@ -20,8 +20,32 @@ use crate::{FleetError, FleetFile, bake};
 pub struct DeployOptions {
     /// An image reference (name, digest or digest prefix) instead of baking the role's recipe.
     pub image: Option<String>,
-    /// Deploy the image of the generation that served before the live one.
-    pub rollback: bool,
+    /// Go back to an earlier image instead.
+    pub rollback: Option<RollbackTo>,
+}
+
+/// Where a rollback goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollbackTo {
+    /// The newest earlier generation that served an image other than the live one.
+    Previous,
+    /// The image of this generation of the role (it must have served).
+    Generation(i64),
+    /// An image by name, `name:tag`, digest or digest prefix.
+    Image(String),
+}
+
+impl RollbackTo {
+    /// `--to` as written: a number is a generation, anything else an image.
+    pub fn parse(to: Option<&str>) -> RollbackTo {
+        match to {
+            None => RollbackTo::Previous,
+            Some(to) => match to.parse::<i64>() {
+                Ok(generation) => RollbackTo::Generation(generation),
+                Err(_) => RollbackTo::Image(to.to_string()),
+            },
+        }
+    }
 }
 
 /// A verification a deploy ran before booting the image.
@@ -143,7 +167,7 @@ pub(crate) async fn deploy(
             ))
         })
         .await?;
-    let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": size, "rollback": options.rollback});
+    let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": size, "rollback": options.rollback.is_some()});
     inner
         .journal(Some(role_name), "deploy.started", detail)
         .await;
@@ -280,6 +304,59 @@ pub(crate) async fn deploy(
     Ok(report)
 }
 
+/// The image a rollback deploys (never the live one), and where it was found.
+async fn rollback_image(
+    inner: &Arc<Inner>,
+    role: &Role,
+    live: Option<&Arc<Generation>>,
+    to: &RollbackTo,
+) -> Result<(String, String), FleetError> {
+    let name = role.name.clone();
+    let live_image = live.map(|g| g.image.clone()).unwrap_or_default();
+    let no_previous = || FleetError::NoPrevious {
+        role: role.name.clone(),
+    };
+    let (image, from) = match to {
+        RollbackTo::Previous => {
+            let live_id = live.ok_or_else(no_previous)?.id;
+            let differing = live_image.clone();
+            let previous = inner
+                .db(move |s| s.previous_generation(&name, live_id, &differing))
+                .await?
+                .ok_or_else(no_previous)?;
+            let from = format!("the image of generation {}", previous.id);
+            (previous.image, from)
+        }
+        RollbackTo::Generation(id) => {
+            let id = *id;
+            let generation = inner
+                .db(move |s| s.generation(id))
+                .await?
+                .filter(|g| g.role == name && g.switched_at.is_some())
+                .ok_or_else(|| FleetError::NoSuchGeneration {
+                    role: role.name.clone(),
+                    generation: id,
+                })?;
+            (generation.image, format!("the image of generation {id}"))
+        }
+        RollbackTo::Image(reference) => {
+            let key = reference.clone();
+            let image = inner
+                .db(move |s| s.find_image(&key))
+                .await?
+                .ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
+            (image.digest, format!("image {reference}"))
+        }
+    };
+    if image == live_image {
+        return Err(FleetError::AlreadyLive {
+            role: role.name.clone(),
+            image: short_digest(&image).to_string(),
+        });
+    }
+    Ok((image, from))
+}
+
 /// Picks the image to deploy: the rollback target, the given reference, or a fresh bake of the
 /// role's recipe from the (re-read) fleet file. Returns the digest, whether it was newly baked,
 /// and the verification this deploy ran.
@@ -290,21 +367,10 @@ async fn choose_image(
     options: &DeployOptions,
     progress: &Progress,
 ) -> Result<(String, bool, Option<Verified>), FleetError> {
-    if options.rollback {
-        let no_previous = || FleetError::NoPrevious {
-            role: role.name.clone(),
-        };
-        let live_id = live.ok_or_else(no_previous)?.id;
-        let name = role.name.clone();
-        let previous = inner
-            .db(move |s| s.previous_generation(&name, live_id))
-            .await?
-            .ok_or_else(no_previous)?;
-        progress.say(format!(
-            "rolling back to the image of generation {}",
-            previous.id
-        ));
-        return Ok((previous.image, false, None));
+    if let Some(to) = &options.rollback {
+        let (image, from) = rollback_image(inner, role, live, to).await?;
+        progress.say(format!("rolling back to {from} ({})", short_digest(&image)));
+        return Ok((image, false, None));
     }
     if let Some(reference) = &options.image {
         let key = reference.clone();

@@ -60,7 +60,7 @@ async fn heal_drift(
         .map_err(|e| FleetError::Internal(e.to_string()))??;
     let options = DeployOptions {
         image: Some(live.image.clone()),
-        rollback: false,
+        rollback: None,
     };
     let report = crate::deploy::deploy(inner, role_name, options, &Progress::none()).await?;
     Ok(Some(report))

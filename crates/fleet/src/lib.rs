@@ -31,7 +31,7 @@ pub use config::{
     SecretSource, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
-pub use deploy::{DeployOptions, DeployReport, Progress, Verified};
+pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};
 pub use drivers::ID_OFFSET;
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
@@ -88,8 +88,12 @@ pub enum FleetError {
     UnknownInstance(String),
     #[error("no image matches {0:?}: see `phoenix images`")]
     ImageNotFound(String),
-    #[error("role {role} has no earlier generation to roll back to")]
+    #[error("role {role} has no earlier generation with another image to roll back to")]
     NoPrevious { role: String },
+    #[error("role {role} has no generation {generation} that served: see `phoenix history {role}`")]
+    NoSuchGeneration { role: String, generation: i64 },
+    #[error("role {role} already serves {image}: nothing to roll back to")]
+    AlreadyLive { role: String, image: String },
     #[error("a deploy of role {role} is already running; wait for it to finish")]
     Busy { role: String },
     #[error("deploy of {role} aborted ({}): {reason}", match .serving { Some(g) => format!("generation {g} keeps serving"), None => "no generation was serving".into() })]

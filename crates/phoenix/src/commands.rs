@@ -30,6 +30,10 @@ pub struct DeployArgs {
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     pub role: String,
+    /// A generation number (`phoenix history`) or an image (name, digest or prefix) [default:
+    /// the newest earlier generation whose image differs from the live one].
+    #[arg(long, value_name = "GENERATION|IMAGE")]
+    pub to: Option<String>,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -91,7 +95,7 @@ pub async fn rollback(state: &Path, args: RollbackArgs) -> anyhow::Result<ExitCo
     stream_deploy(
         &client,
         &format!("/v1/roles/{}/rollback", args.role),
-        None,
+        args.to.map(|to| serde_json::json!({ "to": to })),
         args.json,
     )
     .await

@@ -133,3 +133,50 @@ fn a_tcp_mode_role_serves_and_deploys_with_tcp_health_checks() {
         assert!(get_once(addr, "/").ends_with("version v2\n"));
     }
 }
+
+#[test]
+fn rollback_skips_generations_of_the_live_image_and_goes_where_it_is_told() {
+    let phoenix = Phoenix::start(&Fleet::version("v1"));
+    phoenix.write_fleet(&Fleet::version("v2"));
+    phoenix.cli_ok(&["deploy", "web"]);
+    // The same image again (as `drift --replace` or a redeploy does): generation 3 runs v2.
+    let live_image = phoenix.status()["roles"][0]["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    phoenix.cli_ok(&["deploy", "web", "--image", &live_image]);
+    let version = || get_once(phoenix.proxy_addr(), "/");
+    assert!(version().contains("version v2"));
+    // By default: the newest earlier generation with another image (1, not 2).
+    let back = phoenix.cli_ok(&["rollback", "web"]);
+    assert!(
+        back.contains("rolling back to the image of generation 1"),
+        "{back}"
+    );
+    assert!(version().contains("version v1"), "{}", version());
+    // To a generation by number, and to an image by reference.
+    let to_two = phoenix.cli_ok(&["rollback", "web", "--to", "2"]);
+    assert!(
+        to_two.contains("rolling back to the image of generation 2"),
+        "{to_two}"
+    );
+    assert!(version().contains("version v2"));
+    let short = &live_image["sha256:".len().."sha256:".len() + 12];
+    let refused = phoenix.cli(&["rollback", "web", "--to", short]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = common::text(&refused.stderr);
+    assert!(
+        said.contains("role web already serves") && said.contains("nothing to roll back to"),
+        "{said}"
+    );
+    let missing = phoenix.cli(&["rollback", "web", "--to", "99"]);
+    assert!(
+        common::text(&missing.stderr).contains("role web has no generation 99 that served"),
+        "{}",
+        common::text(&missing.stderr)
+    );
+    let unknown = phoenix.cli(&["rollback", "web", "--to", "nosuch"]);
+    assert!(common::text(&unknown.stderr).contains("no image matches \"nosuch\""));
+    // Still serving v2 after the refusals.
+    assert!(version().contains("version v2"));
+}

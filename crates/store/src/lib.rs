@@ -295,11 +295,17 @@ impl Store {
         .map(|mut v| v.pop())
     }
 
-    /// The newest generation of `role` that once served and was replaced: the rollback target.
-    pub fn previous_generation(&self, role: &str, before: i64) -> Result<Option<GenerationRow>> {
+    /// The newest generation of `role` before `before` that once served and was replaced, with
+    /// an image other than `not_image`: the rollback target.
+    pub fn previous_generation(
+        &self,
+        role: &str,
+        before: i64,
+        not_image: &str,
+    ) -> Result<Option<GenerationRow>> {
         self.query_generations(
-            "WHERE role = ?1 AND id < ?2 AND status = 'retired' AND switched_at IS NOT NULL ORDER BY id DESC LIMIT 1",
-            params![role, before],
+            "WHERE role = ?1 AND id < ?2 AND status = 'retired' AND switched_at IS NOT NULL AND image != ?3 ORDER BY id DESC LIMIT 1",
+            params![role, before, not_image],
         )
         .map(|mut v| v.pop())
     }

@@ -117,10 +117,39 @@ fn previous_generation_is_the_last_one_that_served() {
         .set_generation_status(g3, GenerationStatus::Live, 6)
         .unwrap();
     assert_eq!(
-        store.previous_generation("web", g3).unwrap().unwrap().id,
+        store
+            .previous_generation("web", g3, D2)
+            .unwrap()
+            .unwrap()
+            .id,
         g1
     );
-    assert_eq!(store.previous_generation("web", g1).unwrap(), None);
+    assert_eq!(store.previous_generation("web", g1, D2).unwrap(), None);
+    // A generation that served the live image again (a drift replacement) is skipped.
+    store
+        .set_generation_status(g3, GenerationStatus::Retired, 7)
+        .unwrap();
+    let g4 = store.create_generation("web", D2, 8).unwrap();
+    store
+        .set_generation_status(g4, GenerationStatus::Live, 9)
+        .unwrap();
+    assert_eq!(
+        store
+            .previous_generation("web", g4, D2)
+            .unwrap()
+            .unwrap()
+            .id,
+        g1,
+        "not g3, which ran the same image as g4"
+    );
+    assert_eq!(
+        store
+            .previous_generation("web", g4, D1)
+            .unwrap()
+            .unwrap()
+            .id,
+        g3
+    );
 }
 
 #[test]
