@@ -345,6 +345,10 @@ async fn rollback_image(
                 .db(move |s| s.find_image(&key))
                 .await?
                 .ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
+            // An image named by hand may never have served: it passes the gate as a deploy
+            // of it would.
+            let fleet = inner.reload_fleet()?;
+            gate(inner, fleet, image.name, image.digest.clone()).await?;
             (image.digest, format!("image {reference}"))
         }
     };
