@@ -98,6 +98,9 @@ fn bake_one(
     let new = !known
         .iter()
         .any(|i| i.digest == baked.digest && i.name == name);
+    if let Some(tag) = &recipe.tag {
+        store.tag_image(name, tag, &baked.digest, now)?;
+    }
     if new {
         store.record_image(name, &baked.digest, baked.size, now)?;
         store.journal(

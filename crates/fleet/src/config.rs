@@ -417,6 +417,14 @@ impl FleetFile {
                     format!("image name {:?} {why}", name.get_ref()),
                 )
             })?;
+            if let Some(tag) = &recipe.tag {
+                phoenix_image::check_tag(tag).map_err(|why| {
+                    at(
+                        name.span(),
+                        format!("[image.{}] key `tag`: {why}", name.get_ref()),
+                    )
+                })?;
+            }
             images.insert(name.into_inner(), recipe);
         }
         let mut secrets = BTreeMap::new();

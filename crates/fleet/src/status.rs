@@ -19,6 +19,9 @@ pub struct RoleStatus {
     pub desired_instances: u32,
     pub live_generation: Option<i64>,
     pub image: Option<String>,
+    /// The live image by name: `hello:v2` (its newest tag), or `hello` when untagged.
+    #[serde(default)]
+    pub image_name: Option<String>,
     pub deploying: bool,
     pub requests: u64,
     pub proxy_errors: u64,
@@ -86,6 +89,7 @@ pub struct InstanceView {
 impl Controller {
     pub async fn status(&self) -> FleetStatus {
         let denied = self.denied().await;
+        let tags = self.inner.db(|s| s.tags()).await.unwrap_or_default();
         let roles = self
             .inner
             .roles
@@ -100,6 +104,13 @@ impl Controller {
                     desired_instances: role.desired(),
                     live_generation: live.as_ref().map(|g| g.id),
                     image: live.as_ref().map(|g| g.image.clone()),
+                    image_name: live.as_ref().map(|g| {
+                        let recipe = role.config().image;
+                        tags.iter()
+                            .find(|(name, _, digest)| *name == recipe && *digest == g.image)
+                            .map(|(name, tag, _)| format!("{name}:{tag}"))
+                            .unwrap_or(recipe)
+                    }),
                     deploying: role.deploy_lock.try_lock().is_err(),
                     requests: stats.requests.load(Ordering::Relaxed),
                     proxy_errors: stats.proxy_errors.load(Ordering::Relaxed),

@@ -24,7 +24,7 @@ mod unpack;
 pub use bake::{BakeOptions, BakedImage, Progress, StepReport};
 pub use files::{Change, Drift, FileEntry, FileKind, FileManifest};
 pub use oci::{ConfigDocument, ImageConfig, Manifest, rfc3339};
-pub use recipe::{Base, Command, CopyStep, DebianBase, Recipe, RunStep, Step};
+pub use recipe::{Base, Command, CopyStep, DebianBase, Recipe, RunStep, Step, check_tag};
 pub use store::{GcReport, ImageRef, ImageStore};
 pub use unpack::{Limits, RootLayout};
 

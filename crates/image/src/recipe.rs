@@ -45,6 +45,28 @@ pub struct Recipe {
     /// A goss-format check file (relative to the fleet file) that an instance of the image must
     /// pass before the image can be deployed. Not part of the image: changing it rebakes nothing.
     pub checks: Option<String>,
+    /// The tag each bake of the recipe gets (`hello:v2`); not part of the image either: the
+    /// same content under a new tag is the same digest.
+    pub tag: Option<String>,
+}
+
+/// An image tag as OCI distribution writes them: 1 to 128 of `A-Z a-z 0-9 _ . -`, not starting
+/// with `.` or `-`.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let first_ok = tag
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    let rest_ok = tag
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if first_ok && rest_ok && tag.len() <= 128 {
+        Ok(())
+    } else {
+        Err(format!(
+            "tag {tag:?}: 1 to 128 of A-Z a-z 0-9 _ . - (not starting with . or -)"
+        ))
+    }
 }
 
 impl Recipe {

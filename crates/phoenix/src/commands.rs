@@ -68,6 +68,9 @@ pub struct BakeArgs {
     /// The fleet file.
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
+    /// Tag the baked image `NAME:TAG` (one recipe), besides its recipe's `tag`.
+    #[arg(long)]
+    pub tag: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -241,7 +244,10 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
             role.live_generation
                 .map(|g| g.to_string())
                 .unwrap_or_else(|| "none".into()),
-            role.image.as_deref().map(short_digest).unwrap_or("-"),
+            match (&role.image_name, &role.image) {
+                (Some(name), Some(digest)) => format!("{name} ({})", short_digest(digest)),
+                _ => "-".to_string(),
+            },
             role.desired_instances,
             role.requests,
             role.proxy_errors,
@@ -405,9 +411,18 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
         "{} has no [image.NAME] recipes",
         file.display()
     );
+    if let Some(tag) = &args.tag {
+        phoenix_image::check_tag(tag).map_err(|why| anyhow::anyhow!("--tag: {why}"))?;
+        anyhow::ensure!(
+            names.len() == 1,
+            "--tag names one image: say which recipe to bake (recipes: {})",
+            names.join(", ")
+        );
+    }
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let options = crate::up::bake_options()?;
+    let tag = args.tag.clone();
     let state = state.to_path_buf();
     let json = args.json;
     let outcomes =
@@ -422,7 +437,7 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
                     let mut bars = crate::image_cmd::BakeProgress::new(name);
                     let progress: &mut dyn phoenix_image::Progress =
                         if json { &mut quiet } else { &mut bars };
-                    Ok(phoenix_fleet::bake_image(
+                    let outcome = phoenix_fleet::bake_image(
                         &store,
                         &images,
                         &fleet,
@@ -430,7 +445,11 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
                         options.clone(),
                         now,
                         progress,
-                    )?)
+                    )?;
+                    if let Some(tag) = &tag {
+                        store.tag_image(name, tag, &outcome.digest, now)?;
+                    }
+                    Ok(outcome)
                 })
                 .collect()
         })
@@ -455,25 +474,68 @@ pub async fn bake(state: &Path, args: BakeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One image in `phoenix images --json`.
+#[derive(serde::Serialize)]
+struct ImageView {
+    #[serde(flatten)]
+    row: ImageRow,
+    /// Its tags under its name (`v2`), newest first.
+    tags: Vec<String>,
+    /// The roles whose live generation runs it.
+    live: Vec<String>,
+}
+
 pub async fn images(state: &Path, args: ImagesArgs) -> anyhow::Result<ExitCode> {
     let path = state.join("state.db");
-    let rows: Vec<ImageRow> = if path.exists() {
-        Store::open(&path)?.images()?
+    let views: Vec<ImageView> = if path.exists() {
+        let store = Store::open(&path)?;
+        let (tags, live) = (store.tags()?, store.live_generations()?);
+        store
+            .images()?
+            .into_iter()
+            .map(|row| ImageView {
+                tags: tags
+                    .iter()
+                    .filter(|(name, _, digest)| *name == row.name && *digest == row.digest)
+                    .map(|(_, tag, _)| tag.clone())
+                    .collect(),
+                live: live
+                    .iter()
+                    .filter(|g| g.image == row.digest)
+                    .map(|g| g.role.clone())
+                    .collect(),
+                row,
+            })
+            .collect()
     } else {
         Vec::new()
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<16} {:<12}  {:>9}  BAKED", "NAME", "DIGEST", "SIZE");
-    for row in rows {
+    println!(
+        "{:<16} {:<12} {:<12}  {:>9}  {:<23}  LIVE",
+        "NAME", "TAGS", "DIGEST", "SIZE", "BAKED"
+    );
+    for view in views {
+        let row = &view.row;
         println!(
-            "{:<16} {:<12}  {:>9}  {}",
+            "{:<16} {:<12} {:<12}  {:>9}  {:<23}  {}",
             row.name,
+            if view.tags.is_empty() {
+                "-".to_string()
+            } else {
+                view.tags.join(",")
+            },
             short_digest(&row.digest),
             human_size(row.size),
-            clock_time(row.created_at)
+            clock_time(row.created_at),
+            if view.live.is_empty() {
+                "-".to_string()
+            } else {
+                view.live.join(",")
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

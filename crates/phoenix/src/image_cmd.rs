@@ -271,10 +271,19 @@ pub async fn gc(state: &Path, args: GcArgs) -> anyhow::Result<ExitCode> {
 pub async fn export(state: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
     let local = Local::open(state)?;
     let (digest, names) = local.resolve(&args.reference)?;
-    let tag = args.tag.clone().unwrap_or_else(|| {
-        let name = names.first().cloned().unwrap_or_else(|| "phoenix".into());
-        format!("{name}:latest")
-    });
+    // Its own `name:tag` when it has one, else `name:latest`.
+    let tag = match args.tag.clone() {
+        Some(tag) => tag,
+        None => {
+            let name = names.first().cloned().unwrap_or_else(|| "phoenix".into());
+            let own = local.store.display_name(&name, &digest)?;
+            if own.contains(':') {
+                own
+            } else {
+                format!("{name}:latest")
+            }
+        }
+    };
     let tmp = args.output.with_extension("tmp");
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -305,12 +314,14 @@ pub async fn import(state: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> 
     let now = SystemClock.now_ms();
     let mut rows = Vec::new();
     for image in &imported {
-        let name = args
-            .name
-            .clone()
-            .unwrap_or_else(|| name_of_ref(&image.name));
+        let (ref_name, tag) = name_of_ref(&image.name);
+        let name = args.name.clone().unwrap_or(ref_name);
         let size = local.images.size_of(&image.digest)?;
         local.store.record_image(&name, &image.digest, size, now)?;
+        // The archive's tag comes along (`hello:v2` stays `hello:v2`).
+        if let Some(tag) = tag.filter(|t| phoenix_image::check_tag(t).is_ok()) {
+            local.store.tag_image(&name, &tag, &image.digest, now)?;
+        }
         local.store.journal(
             now,
             None,
@@ -333,14 +344,17 @@ pub async fn import(state: &Path, args: ImportArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `localhost/hello:latest` → `hello`; an empty ref → `imported`.
-fn name_of_ref(reference: &str) -> String {
+/// `localhost/hello:v2` → `hello` and `v2`; an empty ref → `imported`, no tag.
+fn name_of_ref(reference: &str) -> (String, Option<String>) {
     let last = reference.rsplit('/').next().unwrap_or(reference);
-    let name = last.split(':').next().unwrap_or(last);
+    let (name, tag) = match last.split_once(':') {
+        Some((name, tag)) => (name, Some(tag.to_string())),
+        None => (last, None),
+    };
     if name.is_empty() {
-        "imported".into()
+        ("imported".into(), None)
     } else {
-        name.into()
+        (name.into(), tag)
     }
 }
 

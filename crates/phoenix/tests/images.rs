@@ -654,3 +654,67 @@ fn a_sandboxed_run_step_past_its_timeout_dies_with_its_whole_namespace() {
     }
     assert!(survivors().is_empty(), "{:?}", survivors());
 }
+
+/// The fleet file of `version` whose recipe is tagged `tag`.
+fn tagged(version: &str, tag: &str) -> String {
+    Fleet::version(version).toml().replacen(
+        "[image.hello]\n",
+        &format!("[image.hello]\ntag = \"{tag}\"\n"),
+        1,
+    )
+}
+
+#[test]
+fn images_carry_tags_through_deploys_status_export_and_import() {
+    let mut phoenix = Phoenix::start(&Fleet::version("v1"));
+    std::fs::write(phoenix.fleet_path(), tagged("v1", "v1")).unwrap();
+    phoenix.cli_ok(&["bake"]);
+    std::fs::write(phoenix.fleet_path(), tagged("v2", "v2")).unwrap();
+    phoenix.cli_ok(&["deploy", "web"]);
+    let status = phoenix.status();
+    let v2 = status["roles"][0]["image"].as_str().unwrap().to_string();
+    assert_eq!(status["roles"][0]["image_name"], "hello:v2");
+    let human = phoenix.cli_ok(&["status"]);
+    assert!(
+        human.contains(&format!("image hello:v2 ({})", &v2[7..19])),
+        "{human}"
+    );
+    // `images` says which tag is which and what runs live.
+    let images: Vec<Value> = serde_json::from_str(&phoenix.cli_ok(&["images", "--json"])).unwrap();
+    let by_tag = |tag: &str| {
+        images
+            .iter()
+            .find(|i| i["tags"].as_array().unwrap().iter().any(|t| t == tag))
+            .unwrap_or_else(|| panic!("no image tagged {tag}: {images:?}"))
+            .clone()
+    };
+    assert_eq!(by_tag("v2")["digest"], v2.as_str());
+    assert_eq!(by_tag("v2")["live"], serde_json::json!(["web"]));
+    assert_eq!(by_tag("v1")["live"], serde_json::json!([]));
+    // A tag names an image anywhere a reference goes.
+    let back = phoenix.cli_ok(&["rollback", "web", "--to", "hello:v1"]);
+    assert!(back.contains("rolling back to image hello:v1"), "{back}");
+    assert_eq!(phoenix.status()["roles"][0]["image_name"], "hello:v1");
+    // `bake --tag` adds one; the tag survives export and import.
+    phoenix.cli_ok(&["bake", "hello", "--tag", "release-1"]);
+    let archive = phoenix.dir.path().join("hello.tar");
+    phoenix.cli_ok(&["export", "hello:release-1", "-o", archive.to_str().unwrap()]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let imported = common::phoenix(
+        elsewhere.path(),
+        &["--state", "s", "import", archive.to_str().unwrap()],
+    );
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    let listed = common::phoenix(elsewhere.path(), &["--state", "s", "images", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["name"], "hello");
+    assert_eq!(listed[0]["tags"], serde_json::json!(["release-1"]));
+    assert_eq!(listed[0]["digest"], v2.as_str());
+    let bad = phoenix.cli(&["bake", "hello", "--tag", "v2/x"]);
+    assert!(
+        text(&bad.stderr).contains("--tag: tag \"v2/x\""),
+        "{}",
+        text(&bad.stderr)
+    );
+    phoenix.interrupt();
+}

@@ -161,20 +161,92 @@ impl Store {
         self.query(sql, [], ImageRow::from_row)
     }
 
-    /// Forgets image `digest` under every name; returns how many names it had.
+    /// Forgets image `digest` under every name, and its tags; returns how many names it had.
     pub fn remove_image(&self, digest: &str) -> Result<usize> {
+        self.conn()
+            .execute("DELETE FROM tags WHERE digest = ?1", params![digest])
+            .map_err(|e| self.sql(e))?;
         self.conn()
             .execute("DELETE FROM images WHERE digest = ?1", params![digest])
             .map_err(|e| self.sql(e))
     }
 
-    /// Resolves `reference`: an image name (its newest bake), `name@PREFIX`, a digest or a
-    /// unique digest prefix of at least 6 hex digits.
+    /// Points `name:tag` at `digest` (moving it from any image it named before).
+    pub fn tag_image(&self, name: &str, tag: &str, digest: &str, now: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO tags (name, tag, digest, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name, tag) DO UPDATE SET digest = ?3, created_at = ?4",
+                params![name, tag, digest, now],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Every tag: `(name, tag, digest)`, newest first.
+    pub fn tags(&self) -> Result<Vec<(String, String, String)>> {
+        self.query(
+            "SELECT name, tag, digest FROM tags ORDER BY created_at DESC, rowid DESC",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+    }
+
+    /// `name:tag` of image `digest` under `name` (its newest tag), else `name`.
+    pub fn display_name(&self, name: &str, digest: &str) -> Result<String> {
+        let tags = self.tags()?;
+        Ok(tags
+            .iter()
+            .find(|(n, _, d)| n == name && d == digest)
+            .map(|(n, t, _)| format!("{n}:{t}"))
+            .unwrap_or_else(|| name.to_string()))
+    }
+
+    /// True when image `digest` cannot be trusted by name alone: its latest verification
+    /// failed, or every generation that ran it was aborted.
+    fn discredited(&self, digest: &str) -> Result<bool> {
+        if self.latest_verification(digest)?.is_some_and(|v| !v.passed) {
+            return Ok(true);
+        }
+        let statuses: Vec<String> = self.query(
+            "SELECT status FROM generations WHERE image = ?1",
+            params![digest],
+            |row| row.get(0),
+        )?;
+        Ok(!statuses.is_empty() && statuses.iter().all(|s| s == "aborted"))
+    }
+
+    /// Resolves `reference`: `name:tag`, an image name (its newest bake that did not fail
+    /// verification or only abort), `name@PREFIX`, a digest or a unique digest prefix of at
+    /// least 6 hex digits.
     pub fn find_image(&self, reference: &str) -> Result<Option<ImageRow>> {
         let images = self.images()?;
+        if let Some((name, tag)) = reference.split_once(':')
+            && !reference.starts_with("sha256:")
+            && !reference.contains('@')
+        {
+            let tagged = self
+                .tags()?
+                .into_iter()
+                .find(|(n, t, _)| n == name && t == tag);
+            return Ok(tagged.and_then(|(name, _, digest)| {
+                images
+                    .into_iter()
+                    .find(|i| i.name == name && i.digest == digest)
+            }));
+        }
+        if reference.split_once('@').is_none() && images.iter().any(|i| i.name == reference) {
+            // A bare name: its newest image that neither failed verification nor only ever
+            // aborted.
+            for image in images.into_iter().filter(|i| i.name == reference) {
+                if !self.discredited(&image.digest)? {
+                    return Ok(Some(image));
+                }
+            }
+            return Ok(None);
+        }
         let (name, prefix) = match reference.split_once('@') {
             Some((name, digest)) => (Some(name), Some(digest)),
-            None if images.iter().any(|i| i.name == reference) => (Some(reference), None),
             None => (None, Some(reference)),
         };
         let prefix = prefix.map(|p| p.strip_prefix("sha256:").unwrap_or(p));
@@ -293,6 +365,11 @@ impl Store {
             params![role],
         )
         .map(|mut v| v.pop())
+    }
+
+    /// Every live generation, of every role.
+    pub fn live_generations(&self) -> Result<Vec<GenerationRow>> {
+        self.query_generations("WHERE status = 'live' ORDER BY role", [])
     }
 
     /// The newest generation of `role` before `before` that once served and was replaced, with

@@ -88,6 +88,16 @@ CREATE TABLE role_sizes (
 ALTER TABLE instances ADD COLUMN driver TEXT NOT NULL DEFAULT 'process';
 ALTER TABLE instances ADD COLUMN addr TEXT;
 "#,
+    r#"
+-- `name:tag` -> digest: a tag names one image of a name and moves when given to another.
+CREATE TABLE tags (
+    name       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (name, tag)
+);
+"#,
 ];
 
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -257,3 +257,46 @@ fn a_damaged_state_is_found_by_check_and_named() {
         "{message}"
     );
 }
+
+#[test]
+fn tags_name_one_image_and_bare_names_skip_discredited_images() {
+    let (_dir, store) = store();
+    store.record_image("web", D1, 10, 1).unwrap();
+    store.record_image("web", D2, 20, 2).unwrap();
+    store.tag_image("web", "v1", D1, 1).unwrap();
+    store.tag_image("web", "v2", D2, 2).unwrap();
+    assert_eq!(store.find_image("web:v1").unwrap().unwrap().digest, D1);
+    assert_eq!(store.find_image("web:v2").unwrap().unwrap().digest, D2);
+    assert_eq!(store.find_image("web:v3").unwrap(), None);
+    assert_eq!(store.display_name("web", D2).unwrap(), "web:v2");
+    // A tag moves when given to another image.
+    store.tag_image("web", "v1", D2, 3).unwrap();
+    assert_eq!(store.find_image("web:v1").unwrap().unwrap().digest, D2);
+    // The newest bake failed verification: the bare name means the one before it.
+    store
+        .record_verification(&VerificationRow {
+            image: D2.into(),
+            name: "web".into(),
+            checks: "sha256:c".into(),
+            passed: false,
+            total: 2,
+            failed: 1,
+            failures: vec!["port 8080 not listening".into()],
+            files: vec![],
+            at: 4,
+        })
+        .unwrap();
+    assert_eq!(store.find_image("web").unwrap().unwrap().digest, D1);
+    // The older one only ever aborted: no image answers to the bare name.
+    let g = store.create_generation("web", D1, 5).unwrap();
+    store
+        .set_generation_status(g, GenerationStatus::Aborted, 6)
+        .unwrap();
+    assert_eq!(store.find_image("web").unwrap(), None);
+    // By tag or digest it is still reachable, on purpose.
+    assert_eq!(store.find_image("web:v2").unwrap().unwrap().digest, D2);
+    assert_eq!(store.find_image(D1).unwrap().unwrap().digest, D1);
+    // Removing an image removes its tags.
+    store.remove_image(D2).unwrap();
+    assert_eq!(store.find_image("web:v2").unwrap(), None);
+}
