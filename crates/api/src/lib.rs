@@ -376,8 +376,13 @@ fn error_status(error: &phoenix_fleet::FleetError) -> StatusCode {
 }
 
 fn run_deploy(state: AppState, role: String, options: DeployOptions) -> Response {
-    if !state.controller.listen_addrs().contains_key(&role) {
-        return failure(StatusCode::NOT_FOUND, &format!("no role {role:?}"));
+    let roles = state.controller.listen_addrs();
+    if !roles.contains_key(&role) {
+        let known: Vec<&str> = roles.keys().map(String::as_str).collect();
+        return failure(
+            StatusCode::NOT_FOUND,
+            &format!("no role {role:?} (roles: {})", known.join(", ")),
+        );
     }
     let (progress, mut lines) = Progress::channel();
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();

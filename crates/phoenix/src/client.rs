@@ -69,11 +69,15 @@ impl Client {
             None => {
                 let socket = state.join(crate::up::API_SOCKET);
                 if !socket.exists() {
-                    bail!(
-                        "no `phoenix up` is running for state directory {} (no {})",
-                        state.display(),
-                        socket.display()
-                    );
+                    return Err(crate::failure::Failure::new(
+                        "not_running",
+                        format!(
+                            "no `phoenix up` is running for state directory {} (no {})",
+                            state.display(),
+                            socket.display()
+                        ),
+                    )
+                    .into());
                 }
                 Target::Socket(socket)
             }
@@ -161,11 +165,7 @@ impl Client {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
-            bail!("{message}");
+            return Err(crate::failure::Failure::from_api(status, &body).into());
         }
         serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
     }
@@ -176,10 +176,7 @@ impl Client {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            bail!(
-                "{path}: {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            );
+            return Err(crate::failure::Failure::from_api(status, &body).into());
         }
         serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
     }

@@ -118,11 +118,7 @@ pub(crate) async fn stream_deploy(
     let mut body = response.into_body();
     if !status.is_success() {
         let text = body.collect().await?.to_bytes();
-        let message = serde_json::from_slice::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&text).trim().to_string());
-        anyhow::bail!("{message}");
+        return Err(crate::failure::Failure::from_api(status, &text).into());
     }
     let progress = ProgressOutput::new(json);
     let mut buffer = Vec::new();
@@ -325,6 +321,23 @@ fn policy_line(policy: &phoenix_fleet::PolicyView) -> String {
 }
 
 pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    // A role the journal never named is a typo, not an empty history.
+    let path = state.join("state.db");
+    if let Some(role) = &args.role
+        && path.exists()
+    {
+        let known = Store::open(&path)?.journal_roles()?;
+        if !known.contains(role) {
+            return Err(crate::failure::Failure::new(
+                "not_found",
+                format!(
+                    "no role {role:?} in the journal (roles: {})",
+                    known.join(", ")
+                ),
+            )
+            .into());
+        }
+    }
     let mut query = format!("/v1/history?limit={}", args.limit);
     if let Some(role) = &args.role {
         query.push_str(&format!("&role={role}"));

@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod demo;
 mod exec_cmd;
+mod failure;
 mod handlers;
 mod help;
 mod image_cmd;
@@ -227,6 +228,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
+            // Scripts asked for JSON: they get the failure as JSON too, on stdout.
+            if std::env::args().any(|arg| arg == "--json") {
+                println!("{}", failure::json(&error));
+            }
             ExitCode::FAILURE
         }
     }

@@ -36,6 +36,9 @@ pub struct TopArgs {
     /// Print once instead of refreshing every second.
     #[arg(long)]
     pub once: bool,
+    /// Once, as `{"at", "roles": {ROLE: {"role": {METRIC: V}, "instances": {NAME: {..}}}}}`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A duration that also takes days (`7d`).
@@ -138,6 +141,13 @@ pub async fn top(state: &Path, args: TopArgs) -> anyhow::Result<ExitCode> {
     if let Some(role) = &args.role {
         known_role(&db, role)?;
     }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&top_json(&db.latest()?, args.role.as_deref()))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let refresh = !args.once && std::io::stdout().is_terminal();
     loop {
         let latest = db.latest()?;
@@ -157,6 +167,33 @@ pub async fn top(state: &Path, args: TopArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One screen: per role its proxy's view, then one line per instance.
+/// The newest second of samples as JSON: the role's own values apart from each instance's.
+fn top_json(latest: &[(i64, Sample)], only: Option<&str>) -> serde_json::Value {
+    let mut roles = serde_json::Map::new();
+    for (_, sample) in latest
+        .iter()
+        .filter(|(_, s)| only.is_none_or(|r| r == s.role))
+    {
+        let role = roles
+            .entry(sample.role.clone())
+            .or_insert_with(|| serde_json::json!({"role": {}, "instances": {}}));
+        let slot = if sample.instance.is_empty() {
+            &mut role["role"]
+        } else {
+            role["instances"]
+                .as_object_mut()
+                .expect("made above")
+                .entry(sample.instance.clone())
+                .or_insert_with(|| serde_json::json!({}))
+        };
+        slot[sample.metric.as_str()] = serde_json::json!(sample.value);
+    }
+    let at = latest
+        .first()
+        .map(|(t, _)| phoenix_image::rfc3339((*t / 1000).max(0) as u64));
+    serde_json::json!({"at": at, "roles": roles})
+}
+
 fn render(latest: &[(i64, Sample)], only: Option<&str>) -> String {
     let mut roles: BTreeMap<&str, BTreeMap<&str, BTreeMap<&str, f64>>> = BTreeMap::new();
     for (_, sample) in latest {

@@ -27,6 +27,9 @@ pub struct FlagArgs {
     /// Clear the flag instead of setting it.
     #[arg(long)]
     pub off: bool,
+    /// `{"instance", "protected", "standby"}`.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -72,6 +75,11 @@ pub async fn flag(state: &Path, flag: &str, args: FlagArgs) -> anyhow::Result<Ex
             json!({ "on": !args.off }),
         )
         .await?;
+    if args.json {
+        let answer = json!({"instance": args.instance, "protected": flags.protected, "standby": flags.standby});
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{}: protected {}, standby {}",
         args.instance, flags.protected, flags.standby

@@ -289,3 +289,57 @@ fn bash_completes_commands_and_values_and_man_renders_the_pages() {
     let status = phoenix(dir.path(), &["status", "--log", "debug"]);
     assert_eq!(status.status.code(), Some(2));
 }
+
+#[test]
+fn json_failures_are_objects_on_stdout_and_unknown_roles_name_the_known_ones() {
+    let phoenix = Phoenix::start(&Fleet {
+        instances: 1,
+        ..Fleet::version("v1")
+    });
+    let failed = |args: &[&str]| {
+        let output = phoenix.cli(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&output.stdout)));
+        (
+            answer["error"]["kind"].as_str().unwrap().to_string(),
+            answer["error"]["message"].as_str().unwrap().to_string(),
+        )
+    };
+    for args in [
+        &["deploy", "wbe", "--json"][..],
+        &["rollback", "wbe", "--json"],
+        &["scale", "wbe", "2", "--json"],
+        &["history", "wbe", "--json"],
+    ] {
+        let (kind, message) = failed(args);
+        assert_eq!(kind, "not_found", "{args:?}: {message}");
+        assert!(
+            message.contains("\"wbe\"") && message.contains("web"),
+            "{args:?}: {message}"
+        );
+    }
+    let (kind, _) = failed(&["protect", "web-000000", "--json"]);
+    assert_eq!(kind, "not_found");
+    // Without a running `phoenix up`.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = common::phoenix(elsewhere.path(), &["status", "--json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["error"]["kind"], "not_running", "{answer}");
+    // Successes: the documented keys.
+    let instance = phoenix.live_instances()[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let protect: serde_json::Value =
+        serde_json::from_str(&phoenix.cli_ok(&["protect", &instance, "--json"])).unwrap();
+    assert_eq!(protect["instance"], instance.as_str());
+    assert_eq!(protect["protected"], true);
+    assert_eq!(protect["standby"], false);
+    common::wait_for("a sample", std::time::Duration::from_secs(10), || {
+        let top: serde_json::Value =
+            serde_json::from_str(&phoenix.cli_ok(&["top", "--json"])).unwrap();
+        top["at"].is_string() && top["roles"]["web"]["instances"][&instance].is_object()
+    });
+}

@@ -573,6 +573,16 @@ impl Store {
     }
 
     /// The journal of `role` (everything when `None`), oldest first; at most the last `limit` events.
+    /// Every role the journal names for what happened to it (not a call naming it, which
+    /// may be a typo), sorted.
+    pub fn journal_roles(&self) -> Result<Vec<String>> {
+        self.query(
+            "SELECT DISTINCT role FROM journal WHERE role IS NOT NULL AND kind != 'api.call' ORDER BY role",
+            [],
+            |row| row.get(0),
+        )
+    }
+
     pub fn history(&self, role: Option<&str>, limit: u32) -> Result<Vec<JournalRow>> {
         let conn = self.conn();
         let mut stmt = conn
