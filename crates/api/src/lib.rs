@@ -81,6 +81,8 @@ pub fn router(controller: Controller, tokens: Vec<Token>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/images", get(images))
         .route("/v1/history", get(history))
+        .route("/v1/plan", post(plan))
+        .route("/v1/apply", post(apply))
         .route("/v1/roles/{role}/deploy", post(deploy))
         .route("/v1/roles/{role}/rollback", post(rollback))
         .route("/v1/roles/{role}/scale", post(scale))
@@ -384,10 +386,23 @@ fn run_deploy(state: AppState, role: String, options: DeployOptions) -> Response
             &format!("no role {role:?} (roles: {})", known.join(", ")),
         );
     }
+    let controller = state.controller.clone();
+    stream_progress(
+        move |progress| async move { controller.deploy(&role, options, &progress).await },
+    )
+}
+
+/// Runs `work` with a progress channel, streaming its lines and then its report (or error) as
+/// newline-delimited JSON.
+fn stream_progress<T, F, Fut>(work: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, phoenix_fleet::FleetError>> + Send + 'static,
+{
     let (progress, mut lines) = Progress::channel();
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    let controller = state.controller.clone();
-    let work = tokio::spawn(async move { controller.deploy(&role, options, &progress).await });
+    let work = tokio::spawn(work(progress));
     tokio::spawn(async move {
         while let Some(line) = lines.recv().await {
             let _ = tx.send(encode(&StreamLine::Progress(line)));
@@ -395,7 +410,7 @@ fn run_deploy(state: AppState, role: String, options: DeployOptions) -> Response
         let last = match work.await {
             Ok(Ok(report)) => StreamLine::Done(serde_json::to_value(report).unwrap_or_default()),
             Ok(Err(error)) => StreamLine::Error(error.to_string()),
-            Err(error) => StreamLine::Error(format!("deploy task failed: {error}")),
+            Err(error) => StreamLine::Error(format!("task failed: {error}")),
         };
         let _ = tx.send(encode(&last));
     });
@@ -405,6 +420,49 @@ fn run_deploy(state: AppState, role: String, options: DeployOptions) -> Response
         HeaderValue::from_static("application/x-ndjson"),
     );
     response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanRequest {
+    /// The fleet file's text.
+    fleet: String,
+    /// The base of a saved plan: apply only if the fleet is still what it was made against.
+    #[serde(default)]
+    base: Option<String>,
+}
+
+fn plan_request(body: &[u8]) -> Result<PlanRequest, Box<Response>> {
+    serde_json::from_slice(body).map_err(|error| {
+        Box::new(failure(
+            StatusCode::BAD_REQUEST,
+            &format!("bad plan request: {error}"),
+        ))
+    })
+}
+
+async fn plan(State(state): State<AppState>, body: Bytes) -> Response {
+    let request = match plan_request(&body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    match state.controller.plan(&request.fleet).await {
+        Ok(plan) => Json(plan).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
+    }
+}
+
+async fn apply(State(state): State<AppState>, body: Bytes) -> Response {
+    let request = match plan_request(&body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let controller = state.controller.clone();
+    stream_progress(move |progress| async move {
+        controller
+            .apply(&request.fleet, request.base.as_deref(), &progress)
+            .await
+    })
 }
 
 fn encode(line: &StreamLine) -> Bytes {

@@ -289,6 +289,9 @@ pub(crate) struct Inner {
     members_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The last minute of per-second samples, for the autoscaler.
     pub recent: crate::sampling::Recent,
+    /// The fleet file as last applied (at start, by `apply`, and for a role by its deploy):
+    /// what `plan` compares with.
+    applied: Mutex<FleetFile>,
 }
 
 impl Inner {
@@ -356,6 +359,28 @@ impl Inner {
     /// Reads the fleet file again (deploys pick up edits).
     pub fn reload_fleet(&self) -> Result<FleetFile, FleetError> {
         Ok(FleetFile::load(&self.fleet_path)?)
+    }
+
+    pub fn applied(&self) -> FleetFile {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_applied(&self, fleet: FleetFile) {
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = fleet;
+    }
+
+    /// A deploy of `role` took its settings and recipe from `fleet`.
+    pub fn note_deployed(&self, fleet: &FleetFile, role: &str) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = fleet.roles.get(role) {
+            if let Some(recipe) = fleet.images.get(&config.image) {
+                applied.images.insert(config.image.clone(), recipe.clone());
+            }
+            applied.roles.insert(role.to_string(), config.clone());
+        }
     }
 }
 
@@ -524,6 +549,7 @@ impl Controller {
             agent_settings,
             members_task: Mutex::new(None),
             recent: Default::default(),
+            applied: Mutex::new(fleet.clone()),
         });
         crate::recover::recover(&inner).await?;
         inner

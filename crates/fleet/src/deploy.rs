@@ -393,6 +393,7 @@ async fn choose_image(
             role: role.name.clone(),
         })?;
     role.set_config(config.clone());
+    inner.note_deployed(&fleet, &role.name);
     progress.say(format!("baking image {}", config.image));
     let outcome = bake::bake_in_background(inner, fleet.clone(), config.image.clone()).await?;
     let state = if outcome.new { "baked" } else { "unchanged" };

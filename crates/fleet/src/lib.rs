@@ -1,6 +1,7 @@
 //! The fleet: the fleet file, and the controller that converges to it — blue-green deploys,
 //! rollback, crash replacement, recovery after a restart, and membership by gossip.
 
+mod apply;
 mod autoscale;
 mod autoscale_loop;
 mod bake;
@@ -15,6 +16,7 @@ mod instance;
 mod lifecycle;
 mod membership;
 mod metrics;
+mod plan;
 mod recover;
 mod sampling;
 mod scale;
@@ -22,6 +24,7 @@ mod secrets;
 mod status;
 mod verify;
 
+pub use apply::ApplyReport;
 pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
 pub use bake::{BakeOutcome, bake_image, refresh_index};
 pub use clock::{Clock, Namer, SystemClock};
@@ -35,6 +38,7 @@ pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};
 pub use drivers::ID_OFFSET;
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
+pub use plan::{Change, How, Op, Plan};
 pub use scale::{FlagChange, ScaleReport};
 pub use status::{
     DeniedView, FleetStatus, GenerationView, InstanceView, PolicyView, RemoteView, RoleStatus,
@@ -56,6 +60,8 @@ pub fn run_helper_if_asked() {
 pub enum FleetError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("apply: {0}")]
+    Apply(String),
     #[error(transparent)]
     Image(#[from] phoenix_image::ImageError),
     #[error(transparent)]

@@ -112,6 +112,23 @@ pub(crate) async fn stream_deploy(
     body: Option<serde_json::Value>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    stream_work(client, path, body, json, "deploy", |report| {
+        let report: DeployReport = serde_json::from_value(report)?;
+        Ok(summary(&report))
+    })
+    .await
+}
+
+/// Streams long work the API runs (a deploy, an apply): progress lines, then the report
+/// (`summarize`d, or as JSON), or the failure.
+pub(crate) async fn stream_work(
+    client: &Client,
+    path: &str,
+    body: Option<serde_json::Value>,
+    json: bool,
+    what: &str,
+    summarize: impl Fn(serde_json::Value) -> anyhow::Result<String>,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let response = client.send("POST", path, body).await?;
     let status = response.status();
@@ -128,8 +145,8 @@ pub(crate) async fn stream_deploy(
         }
         while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buffer.drain(..=end).collect();
-            let line: StreamLine =
-                serde_json::from_slice(&line).context("unexpected deploy stream")?;
+            let line: StreamLine = serde_json::from_slice(&line)
+                .with_context(|| format!("unexpected {what} stream"))?;
             match line {
                 StreamLine::Progress(text) => progress.line(started, &text),
                 StreamLine::Done(report) => {
@@ -137,21 +154,23 @@ pub(crate) async fn stream_deploy(
                     if json {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
-                        let report: DeployReport = serde_json::from_value(report)?;
-                        println!("{}", summary(&report));
+                        println!("{}", summarize(report)?);
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
                 StreamLine::Error(message) => {
                     progress.finish();
-                    eprintln!("deploy failed: {message}");
-                    return Ok(ExitCode::FAILURE);
+                    return Err(crate::failure::Failure::new(
+                        "refused",
+                        format!("{what} failed: {message}"),
+                    )
+                    .into());
                 }
             }
         }
     }
     progress.finish();
-    anyhow::bail!("the API closed the deploy stream without a result; see `phoenix history`")
+    anyhow::bail!("the API closed the {what} stream without a result; see `phoenix history`")
 }
 
 /// Progress lines: kept above a spinner on a terminal, printed plainly otherwise, hidden with --json.

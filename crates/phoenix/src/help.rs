@@ -13,8 +13,8 @@ pub const GROUPS: &[(&str, &[&str])] = &[
     (
         "Fleet",
         &[
-            "up", "deploy", "rollback", "scale", "protect", "standby", "status", "history",
-            "metrics", "top", "exec", "state",
+            "up", "plan", "apply", "deploy", "rollback", "scale", "protect", "standby", "status",
+            "history", "metrics", "top", "exec", "state",
         ],
     ),
     (

@@ -13,6 +13,7 @@ mod load;
 mod load_cmd;
 mod locate;
 mod metrics_cmd;
+mod plan_cmd;
 mod proxy_cmd;
 mod scale_cmd;
 mod up;
@@ -42,6 +43,10 @@ struct Cli {
 enum Command {
     /// Run controller, agent and proxy in the foreground and converge to the fleet file.
     Up(up::UpArgs),
+    /// What applying the fleet file would change on the running fleet (exit 2: changes).
+    Plan(plan_cmd::PlanArgs),
+    /// Apply the fleet file (or a saved plan) to the running fleet, without a restart.
+    Apply(plan_cmd::ApplyArgs),
     /// Deploy a new generation of a role blue-green (bakes first if the recipe changed).
     Deploy(commands::DeployArgs),
     /// Deploy the image of the generation that served before the live one.
@@ -184,6 +189,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(&state, args).await,
+            Command::Plan(args) => plan_cmd::plan(&state, args).await,
+            Command::Apply(args) => plan_cmd::apply(&state, args).await,
             Command::Deploy(args) => commands::deploy(&state, args).await,
             Command::Rollback(args) => commands::rollback(&state, args).await,
             Command::Status(args) => commands::status(&state, args).await,

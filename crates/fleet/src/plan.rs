@@ -1,0 +1,363 @@
+//! `phoenix plan`: what applying a fleet file would change on the running fleet, key by key,
+//! with how each change is applied (Terraform's plan → review → apply).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{FleetFile, RoleConfig};
+
+/// The changes a fleet file makes to the running fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// A digest of the running fleet's settings the plan was made against: applying a saved
+    /// plan is refused once it moved.
+    pub base: String,
+    /// The fleet file's text the plan applies.
+    pub fleet_text: String,
+    pub changes: Vec<Change>,
+}
+
+/// One change: a role added or removed, or one key of a role (or `[agent]`, `[network]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub op: Op,
+    /// The role; `None` for `[agent]` and `[network]`.
+    pub role: Option<String>,
+    pub key: Option<String>,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    pub how: How,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Add,
+    Remove,
+    Change,
+}
+
+/// How a change takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum How {
+    /// At once, on the running role (read at each use).
+    InPlace,
+    /// The live generation is scaled to the new size.
+    Scale,
+    /// A new generation, blue-green.
+    NewGeneration,
+    /// Only by restarting `phoenix up` (not applied live yet).
+    Restart,
+}
+
+impl How {
+    pub fn describe(self) -> &'static str {
+        match self {
+            How::InPlace => "in place",
+            How::Scale => "in place (scale)",
+            How::NewGeneration => "new generation (blue-green)",
+            How::Restart => "restart of phoenix up (not applied live yet)",
+        }
+    }
+}
+
+impl Plan {
+    /// True when applying it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The changes that cannot be applied live.
+    pub fn needs_restart(&self) -> Vec<&Change> {
+        self.changes
+            .iter()
+            .filter(|c| c.how == How::Restart)
+            .collect()
+    }
+
+    /// The plan as `terraform plan` shows one: `+`, `-`, `~` lines, old → new.
+    pub fn render(&self) -> String {
+        if self.changes.is_empty() {
+            return "No changes: the running fleet matches the fleet file.\n".into();
+        }
+        let mut out = String::new();
+        for change in &self.changes {
+            let what = match (&change.role, &change.key) {
+                (Some(role), Some(key)) => format!("role {role} {key}"),
+                (Some(role), None) => format!("role {role}"),
+                (None, Some(key)) => format!("[{key}]"),
+                (None, None) => "fleet".into(),
+            };
+            let line = match change.op {
+                Op::Add => format!("+ {what}"),
+                Op::Remove => format!("- {what}"),
+                Op::Change => format!(
+                    "~ {what}: {} -> {}",
+                    change.old.as_deref().unwrap_or("-"),
+                    change.new.as_deref().unwrap_or("-")
+                ),
+            };
+            out.push_str(&format!("{line}\n    ({})\n", change.how.describe()));
+        }
+        let restart = self.needs_restart().len();
+        out.push_str(&format!(
+            "\nPlan: {} change(s){}.\n",
+            self.changes.len(),
+            if restart > 0 {
+                format!(", {restart} of them only by a restart")
+            } else {
+                String::new()
+            }
+        ));
+        out
+    }
+}
+
+/// What the running fleet is: its roles' current settings and the file parts it started with.
+pub(crate) struct Running<'a> {
+    pub applied: &'a FleetFile,
+    pub roles: Vec<(String, RoleConfig, u32)>,
+}
+
+/// A digest of what a plan is made against.
+pub(crate) fn base(running: &Running) -> String {
+    let mut text = String::new();
+    for (name, config, size) in &running.roles {
+        text.push_str(&format!("{name} {config:?} {size}\n"));
+    }
+    for (name, recipe) in &running.applied.images {
+        text.push_str(&format!("image {name} {recipe:?}\n"));
+    }
+    text.push_str(&format!(
+        "{:?} {:?}",
+        running.applied.agent, running.applied.network
+    ));
+    phoenix_image::sha256_digest(text.as_bytes())
+}
+
+/// The changes from `running` to `desired` (whose text is `text`).
+pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
+    let mut changes = Vec::new();
+    for (name, config, _) in &running.roles {
+        if !desired.roles.contains_key(name) {
+            changes.push(role_change(Op::Remove, name, config));
+        }
+    }
+    for (name, new) in &desired.roles {
+        match running.roles.iter().find(|(n, _, _)| n == name) {
+            None => changes.push(role_change(Op::Add, name, new)),
+            Some((_, old, _)) => {
+                changes.extend(role_diff(name, old, new, running.applied, desired));
+            }
+        }
+    }
+    if running.applied.agent != desired.agent {
+        changes.push(section_change("agent"));
+    }
+    if running.applied.network != desired.network {
+        changes.push(section_change("network"));
+    }
+    Plan {
+        base: base(running),
+        fleet_text: text.to_string(),
+        changes,
+    }
+}
+
+fn role_change(op: Op, name: &str, config: &RoleConfig) -> Change {
+    let summary = format!(
+        "image {}, {} instance(s), listen {}",
+        config.image, config.instances, config.listen
+    );
+    let (old, new) = match op {
+        Op::Remove => (Some(summary), None),
+        _ => (None, Some(summary)),
+    };
+    Change {
+        op,
+        role: Some(name.into()),
+        key: None,
+        old,
+        new,
+        how: How::Restart,
+    }
+}
+
+fn section_change(key: &str) -> Change {
+    // Values are not shown: `[agent]` may hold the cluster key.
+    Change {
+        op: Op::Change,
+        role: None,
+        key: Some(key.into()),
+        old: None,
+        new: Some("changed".into()),
+        how: How::Restart,
+    }
+}
+
+/// Every key of a role that differs, with how it is applied.
+fn role_diff(
+    name: &str,
+    old: &RoleConfig,
+    new: &RoleConfig,
+    applied: &FleetFile,
+    desired: &FleetFile,
+) -> Vec<Change> {
+    let keys = |c: &RoleConfig, fleet: &FleetFile| -> Vec<(&'static str, String, How)> {
+        let recipe = fleet
+            .images
+            .get(&c.image)
+            .map(|r| {
+                phoenix_image::short_digest(&phoenix_image::sha256_digest(
+                    format!("{r:?}").as_bytes(),
+                ))
+                .to_string()
+            })
+            .unwrap_or_default();
+        vec![
+            ("image", c.image.clone(), How::NewGeneration),
+            ("recipe", recipe, How::NewGeneration),
+            ("instances", c.instances.to_string(), How::Scale),
+            ("listen", c.listen.to_string(), How::Restart),
+            (
+                "stop_timeout",
+                format!("{:?}", c.stop_timeout),
+                How::InPlace,
+            ),
+            ("health", format!("{:?}", c.health), How::NewGeneration),
+            ("deploy", format!("{:?}", c.deploy), How::InPlace),
+            ("proxy", format!("{:?}", c.proxy), How::Restart),
+            ("drift_check", format!("{:?}", c.drift_check), How::InPlace),
+            ("autoscale", format!("{:?}", c.autoscale), How::InPlace),
+            ("max_age", format!("{:?}", c.max_age), How::InPlace),
+            ("chaos", format!("{:?}", c.chaos), How::InPlace),
+            ("driver", format!("{:?}", c.run.driver), How::Restart),
+            ("runtime", format!("{:?}", c.run.runtime), How::Restart),
+            ("network", format!("{:?}", c.run.network), How::Restart),
+            ("port", format!("{:?}", c.run.port), How::NewGeneration),
+            ("user", format!("{:?}", c.run.user), How::NewGeneration),
+            (
+                "allow_root",
+                c.run.allow_root.to_string(),
+                How::NewGeneration,
+            ),
+            (
+                "resources",
+                format!("{:?}", c.run.resources),
+                How::NewGeneration,
+            ),
+            ("env", format!("{:?}", c.run.env), How::NewGeneration),
+            (
+                "secrets",
+                format!("{:?}", c.run.secrets),
+                How::NewGeneration,
+            ),
+            (
+                "allow_from",
+                format!("{:?}", c.guard.as_ref().map(|g| &g.allow_from)),
+                How::Restart,
+            ),
+            (
+                "allow_cidrs",
+                format!(
+                    "{:?}",
+                    c.guard.as_ref().map(|g| g
+                        .allow_cidrs
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>())
+                ),
+                How::Restart,
+            ),
+        ]
+    };
+    keys(old, applied)
+        .into_iter()
+        .zip(keys(new, desired))
+        .filter(|((_, a, _), (_, b, _))| a != b)
+        .map(|((key, a, how), (_, b, _))| Change {
+            op: Op::Change,
+            role: Some(name.into()),
+            key: Some(key.into()),
+            old: Some(a),
+            new: Some(b),
+            how,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fleet(extra: &str, instances: u32, version: &str) -> (FleetFile, String) {
+        let text = format!(
+            "[image.hello]\nfrom = \"scratch\"\nentrypoint = [\"/bin/hello\"]\nenv = {{ VERSION = \"{version}\" }}\n\n\
+             [role.web]\nimage = \"hello\"\ninstances = {instances}\nlisten = \"127.0.0.1:8080\"\n\n{extra}"
+        );
+        (
+            FleetFile::parse(Path::new("phoenix.toml"), &text).unwrap(),
+            text,
+        )
+    }
+
+    fn running(file: &FleetFile) -> Running<'_> {
+        Running {
+            applied: file,
+            roles: file
+                .roles
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone(), c.instances))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_same_file_plans_nothing() {
+        let (file, text) = fleet("", 2, "v1");
+        let plan = plan(&running(&file), &file, &text);
+        assert!(plan.is_empty());
+        assert!(plan.render().starts_with("No changes"));
+    }
+
+    #[test]
+    fn each_change_says_how_it_is_applied() {
+        let (old, _) = fleet("", 2, "v1");
+        let api = "[role.api]\nimage = \"hello\"\nlisten = \"127.0.0.1:8081\"\n";
+        let (new, text) = fleet(api, 3, "v2");
+        let plan = plan(&running(&old), &new, &text);
+        let find = |role: &str, key: Option<&str>| {
+            plan.changes
+                .iter()
+                .find(|c| c.role.as_deref() == Some(role) && c.key.as_deref() == key)
+                .unwrap_or_else(|| panic!("{role} {key:?} in {plan:?}"))
+                .clone()
+        };
+        let instances = find("web", Some("instances"));
+        assert_eq!(
+            (instances.old.as_deref(), instances.new.as_deref()),
+            (Some("2"), Some("3"))
+        );
+        assert_eq!(instances.how, How::Scale);
+        assert_eq!(find("web", Some("recipe")).how, How::NewGeneration);
+        assert_eq!(find("api", None).op, Op::Add);
+        assert_eq!(plan.changes.len(), 3, "{plan:?}");
+        let shown = plan.render();
+        assert!(
+            shown.contains("~ role web instances: 2 -> 3\n    (in place (scale))"),
+            "{shown}"
+        );
+        assert!(shown.contains("+ role api\n"), "{shown}");
+        assert!(shown.contains("new generation (blue-green)"), "{shown}");
+        assert_eq!(plan.needs_restart().len(), 1);
+        // Removing a role; a base that moves with the running state.
+        let back = super::plan(&running(&new), &old, "");
+        assert!(
+            back.changes
+                .iter()
+                .any(|c| c.op == Op::Remove && c.role.as_deref() == Some("api"))
+        );
+        assert_ne!(base(&running(&old)), base(&running(&new)));
+    }
+}
