@@ -136,7 +136,7 @@ fn runc_run(root: &Path, work: &Path, i: usize) -> f64 {
         .status()
         .unwrap();
     assert!(ok.success());
-    let port = free_port();
+    let port = phoenix_driver::test_util::free_port();
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
     spec["root"] = serde_json::json!({"path": root, "readonly": true});
@@ -182,7 +182,7 @@ fn runc_run(root: &Path, work: &Path, i: usize) -> f64 {
 
 /// Plain `podman run` of the same image (runc, the host's network), detached.
 fn podman_run(image: &str) -> f64 {
-    let port = free_port();
+    let port = phoenix_driver::test_util::free_port();
     let started = Instant::now();
     let output = Command::new("podman")
         .args([
@@ -232,14 +232,6 @@ fn wait_healthy(addr: SocketAddr) {
         std::thread::sleep(Duration::from_millis(1));
     }
     panic!("{addr} never answered 200");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn which(program: &str) -> PathBuf {

@@ -17,6 +17,14 @@ pub fn own_network_namespace() -> io::Result<()> {
     netlink.set_up(lo)
 }
 
+/// A loopback TCP port free a moment ago (for a test's listen address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
+}
+
 /// Every regular file under `dir` (symlinks not followed) whose bytes contain `needle`.
 pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::controller::Controller;
 use crate::deploy::{DeployOptions, DeployReport, Progress};
-use crate::plan::{How, Plan, Running};
+use crate::plan::{How, Op, Plan, Running};
 use crate::scale::ScaleReport;
 use crate::{FleetError, FleetFile};
 
@@ -16,6 +16,11 @@ use crate::{FleetError, FleetFile};
 pub struct ApplyReport {
     /// Changes applied.
     pub changes: usize,
+    /// Roles started, and removed.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Roles whose frontend moved, and where to.
+    pub moved: Vec<(String, String)>,
     /// Roles whose settings changed in place.
     pub in_place: Vec<String>,
     pub scaled: Vec<ScaleReport>,
@@ -23,6 +28,27 @@ pub struct ApplyReport {
 }
 
 impl Controller {
+    /// A role added live runs on a driver and network some running role has; one that asks
+    /// for another is refused before anything changes.
+    fn check_placements(&self, plan: &Plan, desired: &FleetFile) -> Result<(), FleetError> {
+        for change in plan.changes.iter().filter(|c| c.how == How::Start) {
+            let name = change.role.as_deref().unwrap_or_default();
+            let run = &desired.roles[name].run;
+            if self.inner.placement_like(run).is_none() {
+                return Err(FleetError::Apply(format!(
+                    "role {name} asks for driver {} on the {} network, which no running role has: restart `phoenix up` to add it",
+                    run.driver.name(),
+                    if run.network == crate::NetworkMode::Bridge {
+                        "bridge"
+                    } else {
+                        "host"
+                    },
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// What applying the fleet file `text` would change.
     pub async fn plan(&self, text: &str) -> Result<Plan, FleetError> {
         let desired = FleetFile::parse(&self.inner.fleet_path, text)?;
@@ -32,11 +58,16 @@ impl Controller {
     fn plan_against(&self, desired: &FleetFile, text: &str) -> Plan {
         let applied = self.inner.applied();
         let running = Running {
+            policy: self
+                .inner
+                .drivers
+                .bridge()
+                .is_some_and(|bridge| bridge.has_policy()),
             applied: &applied,
             roles: self
                 .inner
-                .roles
-                .values()
+                .roles()
+                .iter()
                 .map(|r| (r.name.clone(), r.config(), r.desired()))
                 .collect(),
         };
@@ -90,26 +121,41 @@ impl Controller {
                 restart.join(", ")
             )));
         }
+        self.check_placements(&plan, &desired)?;
         let mut report = ApplyReport {
             changes: plan.changes.len(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            moved: Vec::new(),
             in_place: Vec::new(),
             scaled: Vec::new(),
             deployed: Vec::new(),
         };
+        // Removed roles first (their ports may be taken by others), added roles last.
+        for change in plan.changes.iter().filter(|c| c.how == How::DrainAndRemove) {
+            let name = change.role.as_deref().unwrap_or_default();
+            self.remove_role(name, progress).await?;
+            report.removed.push(name.to_string());
+        }
         let mut roles: Vec<&str> = plan
             .changes
             .iter()
+            .filter(|c| c.op == Op::Change)
             .filter_map(|c| c.role.as_deref())
             .collect();
         roles.dedup();
         for name in roles {
-            let role = self.inner.role(name)?.clone();
+            let role = self.inner.role(name)?;
             let changes: Vec<_> = plan
                 .changes
                 .iter()
                 .filter(|c| c.role.as_deref() == Some(name))
                 .collect();
             let config = desired.roles[name].clone();
+            if changes.iter().any(|c| c.how == How::NewListener) {
+                let bound = self.move_role(name, config.listen, progress).await?;
+                report.moved.push((name.to_string(), bound.to_string()));
+            }
             if changes.iter().any(|c| c.how == How::NewGeneration) {
                 progress.say(format!("role {name}: new generation"));
                 report.deployed.push(
@@ -129,6 +175,14 @@ impl Controller {
                 progress.say(format!("role {name}: settings changed in place"));
                 report.in_place.push(name.to_string());
             }
+        }
+        for change in plan.changes.iter().filter(|c| c.how == How::Start) {
+            let name = change.role.as_deref().unwrap_or_default();
+            let config = desired.roles[name].clone();
+            report
+                .deployed
+                .push(self.add_role(name, config, progress).await?);
+            report.added.push(name.to_string());
         }
         self.inner.set_applied(desired);
         Ok(report)

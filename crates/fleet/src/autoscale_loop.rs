@@ -21,7 +21,7 @@ pub(crate) async fn run(inner: Weak<Inner>, role_name: String) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let Ok(role) = strong.role(&role_name).cloned() else {
+        let Ok(role) = strong.role(&role_name) else {
             return;
         };
         let config = role.config().autoscale;

@@ -11,13 +11,12 @@ use phoenix_image::{BakeOptions, ImageStore};
 use phoenix_proxy::RoleProxy;
 use phoenix_store::{GenerationStatus, Store, StoreError};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, Namer, SystemClock};
 use crate::instance::Instance;
 use crate::membership::Membership;
-use crate::{AgentSettings, FleetError, FleetFile, RoleConfig, bake};
+use crate::{AgentSettings, FleetError, FleetFile, RoleConfig, RunConfig, bake};
 
 /// How to open a controller.
 pub struct Options {
@@ -117,7 +116,10 @@ pub(crate) struct Role {
     pub name: String,
     config: RwLock<RoleConfig>,
     pub proxy: Arc<RoleProxy>,
-    pub listen: SocketAddr,
+    /// Where its frontend listens (changed by `apply`).
+    listen: RwLock<SocketAddr>,
+    /// Its frontends' serving tasks and their stop signals.
+    frontends: Mutex<Vec<crate::roles::Frontend>>,
     pub deploy_lock: tokio::sync::Mutex<()>,
     pub live: Mutex<Option<Arc<Generation>>>,
     /// Generations starting (in a deploy) or draining.
@@ -137,6 +139,45 @@ pub(crate) struct Role {
 }
 
 impl Role {
+    /// A role about to serve on `listen` (not serving yet: see [`Role::serve`]).
+    pub fn new(
+        name: &str,
+        config: RoleConfig,
+        listen: SocketAddr,
+        size: Option<u32>,
+        changed: Arc<tokio::sync::Notify>,
+        placement: crate::drivers::Placement,
+    ) -> Arc<Role> {
+        Arc::new(Role {
+            name: name.to_string(),
+            proxy: RoleProxy::new(name.to_string(), config.proxy.to_proxy_config()),
+            config: RwLock::new(config),
+            listen: RwLock::new(listen),
+            frontends: Mutex::new(Vec::new()),
+            deploy_lock: tokio::sync::Mutex::new(()),
+            live: Mutex::new(None),
+            others: Mutex::new(Vec::new()),
+            deaths: Mutex::new(Vec::new()),
+            remote: Mutex::new(Vec::new()),
+            changed,
+            killed_on_purpose: Mutex::new(Vec::new()),
+            size: Mutex::new(size),
+            placement,
+        })
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        *self.listen.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_listen(&self, addr: SocketAddr) {
+        *self.listen.write().unwrap_or_else(|p| p.into_inner()) = addr;
+    }
+
+    pub(crate) fn frontends(&self) -> std::sync::MutexGuard<'_, Vec<crate::roles::Frontend>> {
+        self.frontends.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// How many instances the live generation should have: the size set by `phoenix scale`,
     /// else the fleet file's `instances`. Deploys and restarts size new generations to it.
     pub fn desired(&self) -> u32 {
@@ -278,10 +319,9 @@ pub(crate) struct Inner {
     pub clock: Arc<dyn Clock>,
     pub namer: Namer,
     pub bake: BakeOptions,
-    pub roles: BTreeMap<String, Arc<Role>>,
+    roles: RwLock<BTreeMap<String, Arc<Role>>>,
     pub events: mpsc::UnboundedSender<Event>,
     pub shutdown: watch::Sender<bool>,
-    frontends: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     membership: Arc<Membership>,
     /// What the host agent was started with (its RPC and handlers are the binary's).
     agent_settings: AgentSettings,
@@ -295,11 +335,56 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub fn role(&self, name: &str) -> Result<&Arc<Role>, FleetError> {
-        self.roles.get(name).ok_or_else(|| FleetError::UnknownRole {
-            role: name.into(),
-            known: self.roles.keys().cloned().collect::<Vec<_>>().join(", "),
+    pub fn role(&self, name: &str) -> Result<Arc<Role>, FleetError> {
+        let roles = self.roles.read().unwrap_or_else(|p| p.into_inner());
+        roles
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FleetError::UnknownRole {
+                role: name.into(),
+                known: roles.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// What tells the membership task that instances changed (each role holds it).
+    pub(crate) fn membership_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.membership.wake.clone()
+    }
+
+    /// Where a role added at run time with `run` runs: the placement of a running role with
+    /// the same driver and network (or the process driver this host fell back to).
+    pub(crate) fn placement_like(&self, run: &RunConfig) -> Option<crate::drivers::Placement> {
+        let wants_bridge = run.network == crate::NetworkMode::Bridge;
+        self.roles().iter().map(|r| r.placement.clone()).find(|p| {
+            let driver = p.driver.name();
+            let bridged = matches!(p.network, phoenix_driver::Network::Bridge(_));
+            (driver == run.driver.name() && bridged == wants_bridge)
+                || (driver == "process" && !run.driver_explicit)
         })
+    }
+
+    /// Every role now, by name.
+    pub fn roles(&self) -> Vec<Arc<Role>> {
+        self.roles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn insert_role(&self, role: Arc<Role>) {
+        self.roles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(role.name.clone(), role);
+    }
+
+    pub(crate) fn remove_role(&self, name: &str) -> Option<Arc<Role>> {
+        self.roles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -348,9 +433,9 @@ impl Inner {
     pub fn role_hosts(&self) -> Vec<(String, std::net::Ipv4Addr)> {
         match self.drivers.bridge() {
             Some(bridge) => self
-                .roles
-                .keys()
-                .map(|name| (name.clone(), bridge.gateway()))
+                .roles()
+                .iter()
+                .map(|role| (role.name.clone(), bridge.gateway()))
                 .collect(),
             None => Vec::new(),
         }
@@ -467,66 +552,29 @@ impl Controller {
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
-            let listener =
-                TcpListener::bind(config.listen)
-                    .await
-                    .map_err(|cause| FleetError::Listen {
-                        role: name.clone(),
-                        addr: config.listen,
-                        cause,
-                    })?;
-            let listen = listener.local_addr().map_err(|cause| FleetError::Listen {
-                role: name.clone(),
-                addr: config.listen,
-                cause,
-            })?;
-            let role = Arc::new(Role {
-                name: name.clone(),
-                config: RwLock::new(config.clone()),
-                proxy: RoleProxy::new(name.clone(), config.proxy.to_proxy_config()),
+            let (listen, bound) =
+                crate::roles::bind(name, config.listen, drivers.bridge().map(|b| b.gateway()))
+                    .await?;
+            // A size set by hand holds until the file's `instances` changes.
+            let size = store
+                .role_size(name)?
+                .filter(|(_, file)| *file == config.instances)
+                .map(|(size, _)| size);
+            let role = Role::new(
+                name,
+                config.clone(),
                 listen,
-                deploy_lock: tokio::sync::Mutex::new(()),
-                live: Mutex::new(None),
-                others: Mutex::new(Vec::new()),
-                deaths: Mutex::new(Vec::new()),
-                remote: Mutex::new(Vec::new()),
-                changed: membership.wake.clone(),
-                // A size set by hand holds until the file's `instances` changes.
-                killed_on_purpose: Mutex::new(Vec::new()),
-                size: Mutex::new(
-                    store
-                        .role_size(name)?
-                        .filter(|(_, file)| *file == config.instances)
-                        .map(|(size, _)| size),
-                ),
-                placement: drivers.placement(name),
-            });
-            listeners.push((listener, role.clone()));
+                size,
+                membership.wake.clone(),
+                drivers.placement(name),
+            );
+            listeners.push((bound, role.clone()));
             roles.insert(name.clone(), role);
-        }
-        // Instances on the bridge reach every role through its proxy at the bridge's address
-        // (and by name: their /etc/hosts maps role names to it).
-        if let Some(bridge) = drivers.bridge() {
-            for role in roles.values() {
-                if !role.listen.ip().is_loopback() {
-                    continue;
-                }
-                let addr = SocketAddr::from((bridge.gateway(), role.listen.port()));
-                let listener =
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|cause| FleetError::Listen {
-                            role: role.name.clone(),
-                            addr,
-                            cause,
-                        })?;
-                listeners.push((listener, role.clone()));
-            }
         }
         // The network policy, before any instance starts (rules name the bound ports).
         let guarded: Vec<_> = roles
             .values()
-            .map(|role| (role.name.clone(), role.listen, role.config().guard))
+            .map(|role| (role.name.clone(), role.listen(), role.config().guard))
             .collect();
         let drivers = tokio::task::spawn_blocking(move || drivers.guard(&guarded).map(|_| drivers))
             .await
@@ -541,10 +589,9 @@ impl Controller {
             clock: options.clock,
             namer: Namer::new(rng),
             bake: options.bake,
-            roles,
+            roles: RwLock::new(roles),
             events,
             shutdown,
-            frontends: Mutex::new(Vec::new()),
             membership: membership.clone(),
             agent_settings,
             members_task: Mutex::new(None),
@@ -559,19 +606,8 @@ impl Controller {
                 json!({"pid": std::process::id(), "fleet": inner.fleet_path.display().to_string()}),
             )
             .await;
-        for (listener, role) in listeners {
-            let grace = role.config().deploy.drain;
-            let task = tokio::spawn(phoenix_proxy::serve(
-                listener,
-                role.proxy.clone(),
-                inner.shutdown.subscribe(),
-                grace,
-            ));
-            inner
-                .frontends
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(task);
+        for (bound, role) in listeners {
+            role.serve(bound);
         }
         tokio::spawn(event_loop(Arc::downgrade(&inner), events_rx));
         let weak = Arc::downgrade(&inner);
@@ -580,14 +616,9 @@ impl Controller {
             membership.clone(),
         ));
         *inner.members_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(members_task);
-        for role in inner.roles.keys() {
-            tokio::spawn(crate::drift::watch(weak.clone(), role.clone()));
-        }
         tokio::spawn(crate::sampling::run(weak.clone(), metrics));
-        for role in inner.roles.keys() {
-            tokio::spawn(crate::autoscale_loop::run(weak.clone(), role.clone()));
-            tokio::spawn(crate::lifecycle::renew(weak.clone(), role.clone()));
-            tokio::spawn(crate::lifecycle::chaos(weak.clone(), role.clone()));
+        for role in inner.roles() {
+            crate::roles::spawn_loops(&weak, &role.name);
         }
         tokio::spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
@@ -597,7 +628,7 @@ impl Controller {
     /// started again; a role without one gets its first deploy. Returns per-role failures.
     pub async fn converge(&self) -> Vec<(String, FleetError)> {
         let mut failures = Vec::new();
-        for role in self.inner.roles.values() {
+        for role in self.inner.roles() {
             let live = match self
                 .inner
                 .db({
@@ -614,7 +645,7 @@ impl Controller {
             };
             let result = match live {
                 Some(generation) => {
-                    crate::deploy::restart_live(&self.inner, role, generation).await
+                    crate::deploy::restart_live(&self.inner, &role, generation).await
                 }
                 None => self
                     .deploy(
@@ -636,9 +667,9 @@ impl Controller {
     /// The address each role's frontend listens on.
     pub fn listen_addrs(&self) -> BTreeMap<String, SocketAddr> {
         self.inner
-            .roles
+            .roles()
             .iter()
-            .map(|(name, role)| (name.clone(), role.listen))
+            .map(|role| (role.name.clone(), role.listen()))
             .collect()
     }
 
@@ -660,8 +691,8 @@ impl Controller {
     /// Each role's driver and network, for listings.
     pub fn placements(&self) -> Vec<(String, &'static str, bool)> {
         self.inner
-            .roles
-            .values()
+            .roles()
+            .iter()
             .map(|role| {
                 let bridged = matches!(role.placement.network, phoenix_driver::Network::Bridge(_));
                 (role.name.clone(), role.placement.driver.name(), bridged)
@@ -715,17 +746,11 @@ impl Controller {
     pub async fn shutdown(&self) {
         let inner = &self.inner;
         inner.shutdown.send_replace(true);
-        let frontends: Vec<_> = inner
-            .frontends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for frontend in frontends {
-            let _ = frontend.await;
+        for role in inner.roles() {
+            role.stop_frontends().await;
         }
         let mut stopping = Vec::new();
-        for role in inner.roles.values() {
+        for role in inner.roles() {
             let generations = role.live().into_iter().chain(role.others());
             stopping.extend(generations.flat_map(|g| g.instances()));
         }

@@ -125,7 +125,7 @@ pub(crate) async fn deploy(
     progress: &Progress,
 ) -> Result<DeployReport, FleetError> {
     let started = Instant::now();
-    let role = inner.role(role_name)?.clone();
+    let role = inner.role(role_name)?;
     let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
         role: role_name.into(),
     })?;

@@ -23,7 +23,7 @@ async fn heal_drift(
     inner: &Arc<Inner>,
     role_name: &str,
 ) -> Result<Option<DeployReport>, FleetError> {
-    let role = inner.role(role_name)?.clone();
+    let role = inner.role(role_name)?;
     let Some(live) = role.live() else {
         return Ok(None);
     };

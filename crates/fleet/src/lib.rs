@@ -18,6 +18,7 @@ mod membership;
 mod metrics;
 mod plan;
 mod recover;
+mod roles;
 mod sampling;
 mod scale;
 mod secrets;

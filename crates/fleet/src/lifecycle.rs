@@ -40,7 +40,7 @@ pub(crate) async fn renew(inner: Weak<Inner>, role_name: String) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let Ok(role) = strong.role(&role_name).cloned() else {
+        let Ok(role) = strong.role(&role_name) else {
             return;
         };
         let Some(max_age) = role.config().max_age else {
@@ -97,7 +97,7 @@ pub(crate) async fn chaos(inner: Weak<Inner>, role_name: String) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let Ok(role) = strong.role(&role_name).cloned() else {
+        let Ok(role) = strong.role(&role_name) else {
             return;
         };
         let config = role.config().chaos;

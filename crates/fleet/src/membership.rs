@@ -165,7 +165,7 @@ fn desired_members(
     key: Option<&AdmissionKey>,
 ) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut desired = BTreeMap::new();
-    for role in inner.roles.values() {
+    for role in inner.roles() {
         let live = role.live();
         let others = role.others();
         for generation in live.iter().chain(others.iter()) {
@@ -248,7 +248,7 @@ pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membershi
         remotes
             .update(&strong, candidates, membership.key.as_ref(), &checked)
             .await;
-        for role in strong.roles.values() {
+        for role in strong.roles() {
             role.set_remote(remotes.of_role(&role.name));
         }
         drop(strong);

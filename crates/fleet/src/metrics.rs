@@ -28,7 +28,7 @@ impl Controller {
                 denied.packets,
             );
         }
-        for role in self.inner.roles.values() {
+        for role in self.inner.roles() {
             let role_label = format!("role=\"{}\"", label(&role.name));
             let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();
             let instances: Vec<_> = generations

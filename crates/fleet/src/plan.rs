@@ -46,6 +46,12 @@ pub enum How {
     Scale,
     /// A new generation, blue-green.
     NewGeneration,
+    /// A role added: its frontend starts, then its first generation.
+    Start,
+    /// A role removed: its frontend drains, then its instances stop.
+    DrainAndRemove,
+    /// The frontend moves: the new address serves before the old one drains.
+    NewListener,
     /// Only by restarting `phoenix up` (not applied live yet).
     Restart,
 }
@@ -56,6 +62,9 @@ impl How {
             How::InPlace => "in place",
             How::Scale => "in place (scale)",
             How::NewGeneration => "new generation (blue-green)",
+            How::Start => "start: new listener, first generation",
+            How::DrainAndRemove => "drain and remove",
+            How::NewListener => "new listener, then the old one drains",
             How::Restart => "restart of phoenix up (not applied live yet)",
         }
     }
@@ -117,6 +126,9 @@ impl Plan {
 pub(crate) struct Running<'a> {
     pub applied: &'a FleetFile,
     pub roles: Vec<(String, RoleConfig, u32)>,
+    /// A network policy is installed: its rules name roles and ports, so roles and listen
+    /// addresses change only with a restart.
+    pub policy: bool,
 }
 
 /// A digest of what a plan is made against.
@@ -140,14 +152,28 @@ pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
     let mut changes = Vec::new();
     for (name, config, _) in &running.roles {
         if !desired.roles.contains_key(name) {
-            changes.push(role_change(Op::Remove, name, config));
+            changes.push(role_change(Op::Remove, name, config, running.policy));
         }
     }
     for (name, new) in &desired.roles {
         match running.roles.iter().find(|(n, _, _)| n == name) {
-            None => changes.push(role_change(Op::Add, name, new)),
-            Some((_, old, _)) => {
-                changes.extend(role_diff(name, old, new, running.applied, desired));
+            None => changes.push(role_change(Op::Add, name, new, running.policy)),
+            Some((_, old, size)) => {
+                let mut diff = role_diff(name, old, new, running.applied, desired);
+                for change in &mut diff {
+                    if change.key.as_deref() == Some("instances") && *size != old.instances {
+                        change.old = Some(format!(
+                            "{} (now {size}, set by `phoenix scale`)",
+                            old.instances
+                        ));
+                    }
+                }
+                for change in &mut diff {
+                    if change.how == How::NewListener && running.policy {
+                        change.how = How::Restart;
+                    }
+                }
+                changes.extend(diff);
             }
         }
     }
@@ -164,7 +190,7 @@ pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
     }
 }
 
-fn role_change(op: Op, name: &str, config: &RoleConfig) -> Change {
+fn role_change(op: Op, name: &str, config: &RoleConfig, policy: bool) -> Change {
     let summary = format!(
         "image {}, {} instance(s), listen {}",
         config.image, config.instances, config.listen
@@ -173,13 +199,18 @@ fn role_change(op: Op, name: &str, config: &RoleConfig) -> Change {
         Op::Remove => (Some(summary), None),
         _ => (None, Some(summary)),
     };
+    let how = match (op, policy) {
+        (_, true) => How::Restart,
+        (Op::Remove, false) => How::DrainAndRemove,
+        (_, false) => How::Start,
+    };
     Change {
         op,
         role: Some(name.into()),
         key: None,
         old,
         new,
-        how: How::Restart,
+        how,
     }
 }
 
@@ -218,7 +249,7 @@ fn role_diff(
             ("image", c.image.clone(), How::NewGeneration),
             ("recipe", recipe, How::NewGeneration),
             ("instances", c.instances.to_string(), How::Scale),
-            ("listen", c.listen.to_string(), How::Restart),
+            ("listen", c.listen.to_string(), How::NewListener),
             (
                 "stop_timeout",
                 format!("{:?}", c.stop_timeout),
@@ -310,6 +341,7 @@ mod tests {
                 .iter()
                 .map(|(n, c)| (n.clone(), c.clone(), c.instances))
                 .collect(),
+            policy: false,
         }
     }
 
@@ -348,9 +380,17 @@ mod tests {
             shown.contains("~ role web instances: 2 -> 3\n    (in place (scale))"),
             "{shown}"
         );
-        assert!(shown.contains("+ role api\n"), "{shown}");
+        assert!(
+            shown.contains("+ role api\n    (start: new listener, first generation)"),
+            "{shown}"
+        );
         assert!(shown.contains("new generation (blue-green)"), "{shown}");
-        assert_eq!(plan.needs_restart().len(), 1);
+        assert!(plan.needs_restart().is_empty());
+        // With a network policy, roles come and go only with a restart.
+        let mut guarded = running(&old);
+        guarded.policy = true;
+        let restart = super::plan(&guarded, &new, &text);
+        assert_eq!(restart.needs_restart().len(), 1);
         // Removing a role; a base that moves with the running state.
         let back = super::plan(&running(&new), &old, "");
         assert!(

@@ -70,7 +70,7 @@ impl Sampler {
     pub(crate) fn collect(&mut self, inner: &Inner) -> Vec<Sample> {
         let mut samples = Vec::new();
         let mut seen = Vec::new();
-        for role in inner.roles.values() {
+        for role in inner.roles() {
             let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();
             let mut in_flight = 0;
             for generation in &generations {

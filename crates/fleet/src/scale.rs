@@ -77,7 +77,7 @@ impl Inner {
         &self,
         name: &str,
     ) -> Result<(Arc<Role>, Arc<Instance>), FleetError> {
-        for role in self.roles.values() {
+        for role in self.roles() {
             let generations = role.live().into_iter().chain(role.others());
             for generation in generations {
                 if let Some(instance) = generation.instances().into_iter().find(|i| i.name == name)
@@ -96,7 +96,7 @@ async fn scale(
     target: u32,
     progress: &Progress,
 ) -> Result<ScaleReport, FleetError> {
-    let role = inner.role(role_name)?.clone();
+    let role = inner.role(role_name)?;
     if target == 0 {
         return Err(FleetError::Scale(format!(
             "{role_name}: scale to at least 1 instance (the role would stop serving)"

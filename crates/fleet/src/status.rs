@@ -92,15 +92,15 @@ impl Controller {
         let tags = self.inner.db(|s| s.tags()).await.unwrap_or_default();
         let roles = self
             .inner
-            .roles
-            .values()
+            .roles()
+            .into_iter()
             .map(|role| {
                 let live = role.live();
                 let others = role.others();
                 let stats = &role.proxy.stats;
                 RoleStatus {
                     name: role.name.clone(),
-                    listen: role.listen.to_string(),
+                    listen: role.listen().to_string(),
                     desired_instances: role.desired(),
                     live_generation: live.as_ref().map(|g| g.id),
                     image: live.as_ref().map(|g| g.image.clone()),

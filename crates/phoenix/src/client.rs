@@ -176,7 +176,9 @@ impl Client {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            return Err(crate::failure::Failure::from_api(status, &body).into());
+            let mut failure = crate::failure::Failure::from_api(status, &body);
+            failure.message = format!("{path}: {status}: {}", failure.message);
+            return Err(failure.into());
         }
         serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
     }

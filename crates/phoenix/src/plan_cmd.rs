@@ -118,13 +118,23 @@ pub async fn apply(state: &Path, args: ApplyArgs) -> anyhow::Result<ExitCode> {
         "apply",
         |report| {
             let report: ApplyReport = serde_json::from_value(report)?;
-            Ok(format!(
+            let mut line = format!(
                 "applied {} change(s): {} role(s) in place, {} scaled, {} deployed",
                 report.changes,
                 report.in_place.len(),
                 report.scaled.len(),
                 report.deployed.len()
-            ))
+            );
+            for role in &report.added {
+                line.push_str(&format!("; role {role} added"));
+            }
+            for (role, addr) in &report.moved {
+                line.push_str(&format!("; role {role} moved to {addr}"));
+            }
+            for role in &report.removed {
+                line.push_str(&format!("; role {role} removed"));
+            }
+            Ok(line)
         },
     )
     .await

@@ -89,27 +89,82 @@ fn plan_and_apply_change_a_running_fleet_without_a_restart() {
     );
     assert_eq!(phoenix.live_instances().len(), 4);
 
-    // What only a restart can change is refused as a whole, naming it.
-    let mut more = fleet("v2", 2);
-    more.more = "\n[role.api]\nimage = \"hello\"\nlisten = \"127.0.0.1:0\"\n";
-    phoenix.write_fleet(&more);
+    // A role added, moved to another port and removed, live, while web serves under load.
+    let port = |p: u16| {
+        let mut more = fleet("v2", 2);
+        more.more = Box::leak(
+            format!(
+                "\n[role.api]\nimage = \"hello\"\nlisten = \"127.0.0.1:{p}\"\nnetwork = \"host\"\n"
+            )
+            .into_boxed_str(),
+        );
+        more
+    };
+    let (first, second) = (
+        phoenix_driver::test_util::free_port(),
+        phoenix_driver::test_util::free_port(),
+    );
+    phoenix.write_fleet(&port(first));
     let planned = text(&phoenix.cli(&["plan"]).stdout);
     assert!(
-        planned.contains("+ role api\n    (restart of phoenix up"),
+        planned.contains("+ role api\n    (start: new listener, first generation)"),
         "{planned}"
     );
-    let refused = phoenix.cli(&["apply", "--auto-approve"]);
-    assert_eq!(code(&refused), Some(1));
     assert!(
-        text(&refused.stderr).contains("only a restart of `phoenix up` changes role api"),
-        "{}",
-        text(&refused.stderr)
+        planned.contains("~ role web instances: 3 (now 4, set by `phoenix scale`) -> 2"),
+        "{planned}"
     );
+    let added = phoenix.cli_ok(&["apply", "--auto-approve"]);
+    assert!(added.contains("role api added"), "{added}");
+    let api = std::net::SocketAddr::from(([127, 0, 0, 1], first));
+    assert!(common::get_once(api, "/").contains("hello from api-"));
     assert_eq!(
         phoenix.live_instances().len(),
-        4,
-        "the size change was not applied either"
+        2,
+        "web scaled back to the file's 2"
     );
+    let api_load = Load::start(api, 2);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let api_samples = api_load.stop();
+    assert!(api_samples.len() > 10, "{}", api_samples.len());
+    assert_eq!(failures(&api_samples), Vec::<String>::new());
+    phoenix.write_fleet(&port(second));
+    let planned = text(&phoenix.cli(&["plan"]).stdout);
+    assert!(
+        planned.contains(&format!(
+            "~ role api listen: 127.0.0.1:{first} -> 127.0.0.1:{second}"
+        )),
+        "{planned}"
+    );
+    let moved = phoenix.cli_ok(&["apply", "--auto-approve"]);
+    assert!(
+        moved.contains(&format!("role api moved to 127.0.0.1:{second}")),
+        "{moved}"
+    );
+    let moved_to = std::net::SocketAddr::from(([127, 0, 0, 1], second));
+    assert!(common::get_once(moved_to, "/").contains("hello from api-"));
+    assert!(
+        std::net::TcpStream::connect(api).is_err(),
+        "the old port is closed"
+    );
+    phoenix.write_fleet(&fleet("v2", 2));
+    let removed = phoenix.cli_ok(&["apply", "--auto-approve"]);
+    assert!(removed.contains("role api removed"), "{removed}");
+    assert!(std::net::TcpStream::connect(moved_to).is_err());
+    let status = phoenix.status();
+    assert_eq!(status["roles"].as_array().unwrap().len(), 1, "{status}");
+    let journal: Value =
+        serde_json::from_str(&phoenix.cli_ok(&["history", "api", "--json", "--limit", "1000"]))
+            .unwrap();
+    let kinds: Vec<String> = journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for kind in ["role.added", "role.moved", "role.removed"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
 
     let samples = load.stop();
     assert!(samples.len() > 100, "{} requests", samples.len());

@@ -369,9 +369,16 @@ impl Phoenix {
     }
 
     /// The live generation's instances as `phoenix status --json` shows them.
+    /// The live instances of role `web` (the harness's role).
     pub fn live_instances(&self) -> Vec<Value> {
         let status = self.status();
-        let role = &status["roles"][0];
+        let role = status["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "web")
+            .cloned()
+            .unwrap_or_default();
         role["generations"]
             .as_array()
             .unwrap()

@@ -1,0 +1,218 @@
+//! Roles at run time: their frontends (bound, served, stopped with a drain), their background
+//! loops, and the changes `apply` makes without a restart — a role added, a role removed, a
+//! role's listen address moved.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Weak};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::controller::{Controller, Inner, Role};
+use crate::deploy::{DeployOptions, DeployReport, Progress};
+use crate::{FleetError, RoleConfig};
+
+/// One listening socket of a role's proxy, served until told to stop.
+#[derive(Debug)]
+pub(crate) struct Frontend {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds a role's frontend on `listen` (port 0: any free port), and, when that is loopback and
+/// instances live on a bridge, on the bridge's address at the same port (instances reach the
+/// role there). Returns the address bound.
+pub(crate) async fn bind(
+    role: &str,
+    listen: SocketAddr,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(SocketAddr, Vec<TcpListener>), FleetError> {
+    let failed = |addr, cause| FleetError::Listen {
+        role: role.to_string(),
+        addr,
+        cause,
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|cause| failed(listen, cause))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|cause| failed(listen, cause))?;
+    let mut listeners = vec![listener];
+    if let Some(gateway) = gateway
+        && bound.ip().is_loopback()
+    {
+        let addr = SocketAddr::from((gateway, bound.port()));
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|cause| failed(addr, cause))?;
+        listeners.push(listener);
+    }
+    Ok((bound, listeners))
+}
+
+impl Role {
+    /// Serves the role's proxy on `listeners`.
+    pub(crate) fn serve(&self, listeners: Vec<TcpListener>) {
+        let grace = self.config().deploy.drain;
+        let mut frontends = self.frontends();
+        for listener in listeners {
+            let Ok(addr) = listener.local_addr() else {
+                continue;
+            };
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(phoenix_proxy::serve(
+                listener,
+                self.proxy.clone(),
+                stopped,
+                grace,
+            ));
+            frontends.push(Frontend { addr, stop, task });
+        }
+    }
+
+    /// Stops the frontends not on `keep` (all when `None`): no new connections; those open
+    /// finish their requests within the drain grace.
+    pub(crate) async fn stop_frontends_except(&self, keep: Option<u16>) {
+        let stopping: Vec<Frontend> = {
+            let mut frontends = self.frontends();
+            let (kept, stopping) = frontends
+                .drain(..)
+                .partition(|f| keep.is_some_and(|port| f.addr.port() == port));
+            *frontends = kept;
+            stopping
+        };
+        for frontend in &stopping {
+            frontend.stop.send_replace(true);
+        }
+        for frontend in stopping {
+            let _ = frontend.task.await;
+        }
+    }
+
+    pub(crate) async fn stop_frontends(&self) {
+        self.stop_frontends_except(None).await;
+    }
+}
+
+/// The loops every role has while Phoenix runs: drift checks, the autoscaler, renewal by age
+/// and chaos. Each ends when its role is gone.
+pub(crate) fn spawn_loops(inner: &Weak<Inner>, role: &str) {
+    tokio::spawn(crate::drift::watch(inner.clone(), role.to_string()));
+    tokio::spawn(crate::autoscale_loop::run(inner.clone(), role.to_string()));
+    tokio::spawn(crate::lifecycle::renew(inner.clone(), role.to_string()));
+    tokio::spawn(crate::lifecycle::chaos(inner.clone(), role.to_string()));
+}
+
+impl Controller {
+    /// Starts a role the fleet file gained: its frontend, its loops, and its first generation.
+    pub(crate) async fn add_role(
+        &self,
+        name: &str,
+        config: RoleConfig,
+        progress: &Progress,
+    ) -> Result<DeployReport, FleetError> {
+        let inner = &self.inner;
+        let gateway = inner.drivers.bridge().map(|b| b.gateway());
+        let (listen, listeners) = bind(name, config.listen, gateway).await?;
+        let config_run = config.run.clone();
+        let role = Role::new(
+            name,
+            config,
+            listen,
+            None,
+            inner.membership_wake(),
+            inner
+                .placement_like(&config_run)
+                .unwrap_or_else(|| inner.drivers.placement(name)),
+        );
+        inner.insert_role(role.clone());
+        role.serve(listeners);
+        spawn_loops(&Arc::downgrade(inner), name);
+        inner
+            .journal(
+                Some(name),
+                "role.added",
+                json!({"listen": listen.to_string()}),
+            )
+            .await;
+        progress.say(format!(
+            "role {name}: serving on {listen}, first generation"
+        ));
+        match self.deploy(name, DeployOptions::default(), progress).await {
+            Ok(report) => Ok(report),
+            Err(error) => {
+                // Nothing half-made stays: the role goes again.
+                self.remove_role(name, &Progress::none()).await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops a role the fleet file lost: its frontend stops accepting and drains, then its
+    /// instances stop, and it is forgotten (its history stays in the journal and metrics).
+    pub(crate) async fn remove_role(
+        &self,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<(), FleetError> {
+        let inner = &self.inner;
+        let role = inner.role(name)?;
+        let _deploying = role.deploy_lock.lock().await;
+        progress.say(format!(
+            "role {name}: draining, then stopping its instances"
+        ));
+        role.stop_frontends().await;
+        inner.remove_role(name);
+        let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();
+        let instances: Vec<_> = generations.iter().flat_map(|g| g.instances()).collect();
+        let stopped = instances.len();
+        crate::deploy::stop_all(&instances).await;
+        for generation in &generations {
+            let id = generation.id;
+            let now = inner.clock.now_ms();
+            inner
+                .db(move |s| {
+                    s.set_generation_status(id, phoenix_store::GenerationStatus::Retired, now)
+                })
+                .await?;
+        }
+        inner
+            .journal(
+                Some(name),
+                "role.removed",
+                json!({"instances_stopped": stopped}),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Moves a role's frontend to `listen`: the new address serves before the old one stops
+    /// (and drains), so no request between them is refused.
+    pub(crate) async fn move_role(
+        &self,
+        name: &str,
+        listen: SocketAddr,
+        progress: &Progress,
+    ) -> Result<SocketAddr, FleetError> {
+        let inner = &self.inner;
+        let role = inner.role(name)?;
+        let gateway = inner.drivers.bridge().map(|b| b.gateway());
+        let (bound, listeners) = bind(name, listen, gateway).await?;
+        let old = role.listen();
+        role.serve(listeners);
+        role.set_listen(bound);
+        role.stop_frontends_except(Some(bound.port())).await;
+        progress.say(format!("role {name}: listens on {bound} (was {old})"));
+        inner
+            .journal(
+                Some(name),
+                "role.moved",
+                json!({"from": old.to_string(), "to": bound.to_string()}),
+            )
+            .await;
+        Ok(bound)
+    }
+}
