@@ -332,6 +332,8 @@ pub(crate) struct Inner {
     /// The fleet file as last applied (at start, by `apply`, and for a role by its deploy):
     /// what `plan` compares with.
     applied: Mutex<FleetFile>,
+    /// Every background task (loops, replacements): shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Inner {
@@ -344,6 +346,11 @@ impl Inner {
                 role: name.into(),
                 known: roles.keys().cloned().collect::<Vec<_>>().join(", "),
             })
+    }
+
+    /// Runs `work` in the background, counted: shutdown waits for it.
+    pub(crate) fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work);
     }
 
     /// What tells the membership task that instances changed (each role holds it).
@@ -597,6 +604,7 @@ impl Controller {
             members_task: Mutex::new(None),
             recent: Default::default(),
             applied: Mutex::new(fleet.clone()),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         crate::recover::recover(&inner).await?;
         inner
@@ -609,18 +617,18 @@ impl Controller {
         for (bound, role) in listeners {
             role.serve(bound);
         }
-        tokio::spawn(event_loop(Arc::downgrade(&inner), events_rx));
+        inner.spawn(event_loop(Arc::downgrade(&inner), events_rx));
         let weak = Arc::downgrade(&inner);
         let members_task = tokio::spawn(crate::membership::keep_members(
             weak.clone(),
             membership.clone(),
         ));
         *inner.members_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(members_task);
-        tokio::spawn(crate::sampling::run(weak.clone(), metrics));
+        inner.spawn(crate::sampling::run(weak.clone(), metrics));
         for role in inner.roles() {
-            crate::roles::spawn_loops(&weak, &role.name);
+            crate::roles::spawn_loops(&inner, &role.name);
         }
-        tokio::spawn(crate::membership::follow_members(weak, membership));
+        inner.spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
     }
 
@@ -768,15 +776,34 @@ impl Controller {
         let _ = inner.membership.host().leave().await;
         let cleanup = inner.clone();
         let _ = tokio::task::spawn_blocking(move || cleanup.drivers.shut_down()).await;
+        // Every background task sees the shutdown and ends; none is cut off mid-write.
+        inner.tasks.close();
+        let waited = tokio::time::timeout(Duration::from_secs(10), inner.tasks.wait()).await;
+        let tasks_left = inner.tasks.len();
+        if waited.is_err() {
+            tracing::warn!(tasks_left, "background tasks still running after 10 s");
+        }
         inner
-            .journal(None, "up.stopped", json!({"instances_stopped": stopped}))
+            .journal(
+                None,
+                "up.stopped",
+                json!({"instances_stopped": stopped, "tasks_left": tasks_left}),
+            )
             .await;
     }
 }
 
 /// Reacts to supervisors: health changes refresh the backend set; deaths are replaced.
 async fn event_loop(inner: std::sync::Weak<Inner>, mut events: mpsc::UnboundedReceiver<Event>) {
-    while let Some(event) = events.recv().await {
+    let Some(mut shutdown) = inner.upgrade().map(|i| i.shutdown.subscribe()) else {
+        return;
+    };
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = phoenix_proxy::stopped(&mut shutdown) => None,
+        };
+        let Some(event) = event else { return };
         let Some(inner) = inner.upgrade() else { return };
         match event {
             Event::HealthChanged { role } => {
@@ -791,7 +818,7 @@ async fn event_loop(inner: std::sync::Weak<Inner>, mut events: mpsc::UnboundedRe
             } => {
                 if let Ok(role) = inner.role(&role) {
                     role.refresh_backends();
-                    tokio::spawn(replace(inner.clone(), role.clone(), generation, instance));
+                    inner.spawn(replace(inner.clone(), role.clone(), generation, instance));
                 }
             }
         }

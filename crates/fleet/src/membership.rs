@@ -237,10 +237,16 @@ pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membershi
     let mut events = membership.host.subscribe();
     let checked = Arc::new(Notify::new());
     let mut remotes = Remotes::default();
+    let Some(mut shutdown) = inner.upgrade().map(|i| i.shutdown.subscribe()) else {
+        return;
+    };
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        if strong.is_shutting_down() {
+            return;
+        }
         let Ok(members) = membership.host.members().await else {
             return;
         };
@@ -257,6 +263,7 @@ pub(crate) async fn follow_members(inner: Weak<Inner>, membership: Arc<Membershi
         tokio::select! {
             _ = checked.notified() => {}
             changed = next_change(&mut events) => if !changed { return },
+            _ = phoenix_proxy::stopped(&mut shutdown) => return,
         }
         while events.try_recv().is_ok() {}
     }

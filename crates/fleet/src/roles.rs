@@ -3,7 +3,7 @@
 //! role's listen address moved.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -99,11 +99,12 @@ impl Role {
 
 /// The loops every role has while Phoenix runs: drift checks, the autoscaler, renewal by age
 /// and chaos. Each ends when its role is gone.
-pub(crate) fn spawn_loops(inner: &Weak<Inner>, role: &str) {
-    tokio::spawn(crate::drift::watch(inner.clone(), role.to_string()));
-    tokio::spawn(crate::autoscale_loop::run(inner.clone(), role.to_string()));
-    tokio::spawn(crate::lifecycle::renew(inner.clone(), role.to_string()));
-    tokio::spawn(crate::lifecycle::chaos(inner.clone(), role.to_string()));
+pub(crate) fn spawn_loops(inner: &Arc<Inner>, role: &str) {
+    let weak = || Arc::downgrade(inner);
+    inner.spawn(crate::drift::watch(weak(), role.to_string()));
+    inner.spawn(crate::autoscale_loop::run(weak(), role.to_string()));
+    inner.spawn(crate::lifecycle::renew(weak(), role.to_string()));
+    inner.spawn(crate::lifecycle::chaos(weak(), role.to_string()));
 }
 
 impl Controller {
@@ -130,7 +131,7 @@ impl Controller {
         );
         inner.insert_role(role.clone());
         role.serve(listeners);
-        spawn_loops(&Arc::downgrade(inner), name);
+        spawn_loops(inner, name);
         inner
             .journal(
                 Some(name),

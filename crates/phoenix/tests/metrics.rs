@@ -100,6 +100,13 @@ fn role_metrics_are_sampled_every_second_and_outlive_the_fleet() {
 
     // The role's history stays when its instances and Phoenix are gone.
     assert!(phoenix.interrupt().success());
+    // Every background task (loops, samplers, replacements) ended before `up` did.
+    let stopped = phoenix
+        .history()
+        .into_iter()
+        .rfind(|e| e["kind"] == "up.stopped")
+        .expect("up.stopped journaled");
+    assert_eq!(stopped["detail"]["tasks_left"], 0, "{stopped}");
     let after = series(&phoenix, "rps");
     assert!(after.len() >= 3, "{after:?}");
 }
