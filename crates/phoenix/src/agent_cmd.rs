@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use serde_json::json;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use phoenix_fleet::AgentSettings;
@@ -264,6 +266,9 @@ pub struct EventArgs {
     coalesce: bool,
     name: String,
     payload: Option<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn event(state: &Path, args: EventArgs) -> Result<ExitCode> {
@@ -277,11 +282,14 @@ pub async fn event(state: &Path, args: EventArgs) -> Result<ExitCode> {
         .call::<()>("event", Some(&request))
         .await
         .map_err(|e| anyhow!(e))?;
-    println!(
-        "Event '{}' dispatched! Coalescing enabled: {}",
-        args.name, args.coalesce
-    );
-    Ok(ExitCode::SUCCESS)
+    answer(
+        args.json,
+        json!({"event": args.name, "coalesce": args.coalesce}),
+        format!(
+            "Event '{}' dispatched! Coalescing enabled: {}",
+            args.name, args.coalesce
+        ),
+    )
 }
 
 #[derive(Args)]
@@ -290,6 +298,9 @@ pub struct JoinArgs {
     rpc: RpcArgs,
     #[arg(required = true)]
     addresses: Vec<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn join(state: &Path, args: JoinArgs) -> Result<ExitCode> {
@@ -302,21 +313,36 @@ pub async fn join(state: &Path, args: JoinArgs) -> Result<ExitCode> {
         .call("join", Some(&request))
         .await
         .map_err(|e| anyhow!(e))?;
-    println!(
-        "Successfully joined cluster by contacting {} nodes.",
-        response.num
-    );
-    Ok(ExitCode::SUCCESS)
+    answer(
+        args.json,
+        json!({"joined": response.num}),
+        format!(
+            "Successfully joined cluster by contacting {} nodes.",
+            response.num
+        ),
+    )
 }
 
-pub async fn leave(state: &Path, args: RpcArgs) -> Result<ExitCode> {
-    let mut client = args.client(state).await?;
+#[derive(Args)]
+pub struct LeaveArgs {
+    #[command(flatten)]
+    rpc: RpcArgs,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn leave(state: &Path, args: LeaveArgs) -> Result<ExitCode> {
+    let mut client = args.rpc.client(state).await?;
     client
         .call::<()>("leave", None)
         .await
         .map_err(|e| anyhow!(e))?;
-    println!("Graceful leave complete");
-    Ok(ExitCode::SUCCESS)
+    answer(
+        args.json,
+        json!({"left": true}),
+        "Graceful leave complete".into(),
+    )
 }
 
 #[derive(Args)]
@@ -329,6 +355,9 @@ pub struct TagsArgs {
     /// Delete a tag; repeatable.
     #[arg(long = "delete")]
     delete: Vec<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn tags(state: &Path, args: TagsArgs) -> Result<ExitCode> {
@@ -344,8 +373,11 @@ pub async fn tags(state: &Path, args: TagsArgs) -> Result<ExitCode> {
         .call::<()>("tags", Some(&request))
         .await
         .map_err(|e| anyhow!(e))?;
-    println!("Successfully updated agent tags");
-    Ok(ExitCode::SUCCESS)
+    answer(
+        args.json,
+        json!({"set": request.tags, "deleted": request.delete_tags}),
+        "Successfully updated agent tags".into(),
+    )
 }
 
 #[derive(Args)]
@@ -360,6 +392,9 @@ pub struct KeysArgs {
     remove: Option<String>,
     #[arg(long)]
     list: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Changes (or lists) the keyring on every member: the agent asks the cluster with an
@@ -385,7 +420,16 @@ pub async fn keys(state: &Path, args: KeysArgs) -> Result<ExitCode> {
     if !header.error.is_empty() {
         bail!("{command} failed: {}", header.error);
     }
-    if command == "list-keys" {
+    if args.json {
+        let answer = json!({
+            "command": command,
+            "keys": response.keys,
+            "members": response.num_nodes,
+            "answered": response.num_resp,
+            "messages": response.messages,
+        });
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if command == "list-keys" {
         for (key, count) in &response.keys {
             println!("{key}  {count}/{}", response.num_nodes);
         }
@@ -485,16 +529,24 @@ pub struct ForceLeaveArgs {
     rpc: RpcArgs,
     /// The failed member to list as left.
     node: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn force_leave(state: &Path, args: ForceLeaveArgs) -> Result<ExitCode> {
     let mut client = args.rpc.client(state).await?;
+    let node = args.node.clone();
     let request = rpc::ForceLeaveRequest { node: args.node };
     client
         .call::<()>("force-leave", Some(&request))
         .await
         .map_err(|e| anyhow!(e))?;
-    Ok(ExitCode::SUCCESS)
+    answer(
+        args.json,
+        json!({"left": node}),
+        format!("{node} is listed as left"),
+    )
 }
 
 pub async fn monitor(state: &Path, args: RpcArgs) -> Result<ExitCode> {
@@ -519,4 +571,14 @@ pub async fn monitor(state: &Path, args: RpcArgs) -> Result<ExitCode> {
             println!("{}", record.log);
         }
     }
+}
+
+/// Prints `value` as JSON, or `text`.
+fn answer(json: bool, value: serde_json::Value, text: String) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

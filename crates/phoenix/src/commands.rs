@@ -585,6 +585,9 @@ pub fn human_size(bytes: u64) -> String {
 pub struct StateArgs {
     #[command(subcommand)]
     pub command: StateCommand,
+    /// Print `{"state_db", "ok"}`.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -604,7 +607,13 @@ pub fn state(state: &Path, args: StateArgs) -> anyhow::Result<ExitCode> {
                 state.display()
             );
             Store::open(&path)?.check()?;
-            println!("{}: ok", path.display());
+            if args.json {
+                let answer =
+                    serde_json::json!({"state_db": path.display().to_string(), "ok": true});
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("{}: ok", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -51,9 +51,12 @@ pub struct ExportArgs {
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
     /// The name in the archive (`org.opencontainers.image.ref.name`, Docker's RepoTags);
-    /// default `NAME:latest`.
+    /// default the image's own `NAME:TAG`, else `NAME:latest`.
     #[arg(long)]
     pub tag: Option<String>,
+    /// Print `{"digest", "ref", "path", "size"}`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,6 +296,11 @@ pub async fn export(state: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> 
     std::fs::rename(&tmp, &args.output)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     let size = std::fs::metadata(&args.output)?.len();
+    if args.json {
+        let answer = json!({"digest": digest, "ref": tag, "path": args.output, "size": size});
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "exported {} as {tag} to {} ({})",
         short_digest(&digest),

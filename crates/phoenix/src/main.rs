@@ -100,7 +100,7 @@ enum Command {
     /// Make a running agent join other agents.
     Join(agent_cmd::JoinArgs),
     /// Make a running agent leave the cluster gracefully and stop.
-    Leave(agent_cmd::RpcArgs),
+    Leave(agent_cmd::LeaveArgs),
     /// Set or delete a running agent's tags.
     Tags(agent_cmd::TagsArgs),
     /// Print a new random gossip key (base64, 32 bytes), for `[agent] encrypt_file`.

@@ -337,6 +337,23 @@ fn json_failures_are_objects_on_stdout_and_unknown_roles_name_the_known_ones() {
     assert_eq!(protect["instance"], instance.as_str());
     assert_eq!(protect["protected"], true);
     assert_eq!(protect["standby"], false);
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&phoenix.cli_ok(args)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let checked = json_of(&["state", "check", "--json"]);
+    assert_eq!(checked["ok"], true, "{checked}");
+    let archive = phoenix.dir.path().join("web.tar");
+    let exported = json_of(&["export", "hello", "-o", archive.to_str().unwrap(), "--json"]);
+    assert_eq!(exported["ref"], "hello:latest", "{exported}");
+    assert!(exported["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(
+        exported["size"].as_u64().unwrap(),
+        std::fs::metadata(&archive).unwrap().len()
+    );
+    let tagged = json_of(&["tags", "--set", "zone=a", "--json"]);
+    assert_eq!(tagged["set"]["zone"], "a", "{tagged}");
+    let fired = json_of(&["event", "deployed", "v1", "--json"]);
+    assert_eq!(fired["event"], "deployed", "{fired}");
     common::wait_for("a sample", std::time::Duration::from_secs(10), || {
         let top: serde_json::Value =
             serde_json::from_str(&phoenix.cli_ok(&["top", "--json"])).unwrap();
