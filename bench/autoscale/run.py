@@ -7,6 +7,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
+
+
+def at_ms(event):
+    """A journal event's time (RFC 3339, `...Z`) in Unix milliseconds."""
+    return int(datetime.fromisoformat(event["at"].replace("Z", "+00:00")).timestamp() * 1000)
 
 BIN, STEADY, CHAOS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 PHOENIX = os.path.join(BIN, "phoenix")
@@ -137,13 +143,13 @@ min_healthy = 2
         report = json.loads(load(up.proxy, 300, CHAOS).communicate()[0])
         time.sleep(3)
         history = up.history()
-        kills = {e["detail"]["instance"]: e["at"] for e in history if e["kind"] == "chaos.killed"}
-        healthy = {e["detail"]["instance"]: e["at"] for e in history if e["kind"] == "instance.healthy"}
+        kills = {e["detail"]["instance"]: at_ms(e) for e in history if e["kind"] == "chaos.killed"}
+        healthy = {e["detail"]["instance"]: at_ms(e) for e in history if e["kind"] == "instance.healthy"}
         started, serving = [], []
         for e in history:
             if e["kind"] == "instance.replaced" and e["detail"]["instance"] in kills:
                 killed = kills[e["detail"]["instance"]]
-                started.append(e["at"] - killed)
+                started.append(at_ms(e) - killed)
                 if e["detail"]["replacement"] in healthy:
                     serving.append(healthy[e["detail"]["replacement"]] - killed)
         return report, len(kills), sorted(started), sorted(serving)

@@ -103,7 +103,7 @@ def main():
         for _ in range(max(RUNS, 5)):
             seconds, out = timed([PHOENIX, "--state", state, "bake", "--json"], cwd=ctx)
             warm.append(seconds)
-            inner.append(json.loads(out)[0]["millis"])
+            inner.append(json.loads(out)[0]["duration_ms"])
         # One file changed: the copy layer is rebuilt, its sources mostly known to the stat cache.
         changed = []
         for run in range(RUNS):

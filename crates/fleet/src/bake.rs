@@ -19,6 +19,7 @@ pub struct BakeOutcome {
     pub size: u64,
     /// False when the store already held this exact image.
     pub new: bool,
+    #[serde(rename = "duration_ms")]
     pub millis: u64,
     /// Why the image may not start in a container (see `BakedImage::warnings`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

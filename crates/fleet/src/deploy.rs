@@ -52,6 +52,7 @@ impl RollbackTo {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Verified {
     pub checks: u32,
+    #[serde(rename = "duration_ms", alias = "ms")]
     pub ms: u64,
 }
 

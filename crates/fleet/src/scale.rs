@@ -27,6 +27,7 @@ pub struct ScaleReport {
     pub stopped: Vec<String>,
     /// Requests still in flight on removed instances at the drain deadline.
     pub abandoned_requests: usize,
+    #[serde(rename = "duration_ms", alias = "millis")]
     pub millis: u64,
 }
 
@@ -171,7 +172,7 @@ pub(crate) async fn journal_scale(
     let mut detail = json!({
         "from": report.from, "to": report.to, "started": report.started,
         "stopped": report.stopped, "abandoned_requests": report.abandoned_requests,
-        "ms": report.millis,
+        "duration_ms": report.millis,
     });
     if let (Some(detail), Some(extra)) = (detail.as_object_mut(), extra.as_object()) {
         detail.extend(extra.clone());

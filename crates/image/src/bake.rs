@@ -57,6 +57,7 @@ pub struct StepReport {
     pub what: String,
     /// True when the layer came from the cache (or the step has no layer).
     pub cached: bool,
+    #[serde(rename = "duration_ms")]
     pub millis: u64,
     /// The layer's digest, when the step makes one.
     #[serde(skip_serializing_if = "Option::is_none")]

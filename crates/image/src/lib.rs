@@ -23,7 +23,9 @@ mod unpack;
 
 pub use bake::{BakeOptions, BakedImage, Progress, StepReport};
 pub use files::{Change, Drift, FileEntry, FileKind, FileManifest};
-pub use oci::{ConfigDocument, ImageConfig, Manifest, rfc3339};
+pub use oci::{
+    ConfigDocument, ImageConfig, Manifest, parse_rfc3339_ms, rfc3339, rfc3339_ms, wire_time,
+};
 pub use recipe::{Base, Command, CopyStep, DebianBase, Recipe, RunStep, Step, check_tag};
 pub use store::{GcReport, ImageRef, ImageStore};
 pub use unpack::{Limits, RootLayout};

@@ -178,6 +178,73 @@ pub fn rfc3339(unix_seconds: u64) -> String {
     )
 }
 
+/// RFC 3339 UTC time, to the millisecond, of a Unix time in milliseconds: how every `*_at`
+/// of Phoenix's JSON reads (`2026-12-02T14:48:22.123Z`).
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    let seconds = rfc3339(unix_ms.div_euclid(1000).max(0) as u64);
+    format!("{}.{:03}Z", &seconds[..19], unix_ms.rem_euclid(1000))
+}
+
+/// The Unix time in milliseconds of an RFC 3339 UTC timestamp (fractions past milliseconds
+/// are dropped).
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let seconds = i64::try_from(parse_rfc3339(text)?).ok()?;
+    let millis = match text.get(19..20) {
+        Some(".") => {
+            let digits: String = text[20..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            format!("{digits:0<3}")[..3].parse::<i64>().ok()?
+        }
+        _ => 0,
+    };
+    Some(seconds * 1000 + millis)
+}
+
+/// Serde for a Unix time in milliseconds written as RFC 3339 (`#[serde(with = ...)]`); reading
+/// also takes the number itself.
+pub mod wire_time {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &i64, out: S) -> Result<S::Ok, S::Error> {
+        out.serialize_str(&super::rfc3339_ms(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<i64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Millis(i64),
+            Text(String),
+        }
+        match Written::deserialize(input)? {
+            Written::Millis(ms) => Ok(ms),
+            Written::Text(text) => super::parse_rfc3339_ms(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time"))
+            }),
+        }
+    }
+
+    /// The same for an optional time.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(ms: &Option<i64>, out: S) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => super::serialize(ms, out),
+                None => out.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<i64>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrapped(#[serde(with = "super")] i64);
+            Ok(Option::<Wrapped>::deserialize(input)?.map(|w| w.0))
+        }
+    }
+}
+
 /// The Unix time of an RFC 3339 UTC timestamp (`YYYY-MM-DDTHH:MM:SS` then anything).
 pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let number = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
@@ -208,6 +275,24 @@ mod tests {
             Some(1_700_000_000)
         );
         assert_eq!(parse_rfc3339("garbage"), None);
+    }
+
+    #[test]
+    fn milliseconds_go_there_and_back() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(5), "1970-01-01T00:00:00.005Z");
+        for ms in [0, 5, 1_700_000_000_123, 4_102_444_799_999] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339_ms(ms)), Some(ms));
+        }
+        assert_eq!(
+            parse_rfc3339_ms("2023-11-14T22:13:20Z"),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2023-11-14T22:13:20.5Z"),
+            Some(1_700_000_000_500)
+        );
+        assert_eq!(parse_rfc3339_ms("nonsense"), None);
     }
 
     #[test]

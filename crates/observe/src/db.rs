@@ -32,7 +32,8 @@ pub struct Sample {
 /// mean per instance, `p95` the 95th percentile of the instances' values, `n` how many.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Point {
-    /// Start of the interval, in Unix milliseconds.
+    /// Start of the interval (Unix milliseconds; `at`, RFC 3339, in JSON).
+    #[serde(rename = "at", with = "phoenix_image::wire_time")]
     pub t: i64,
     pub role: Option<f64>,
     pub sum: Option<f64>,

@@ -108,7 +108,7 @@ fn the_autoscaler_never_shrinks_a_role_during_a_deploy() {
         history
             .iter()
             .find(|e| e["kind"] == kind)
-            .map(|e| e["at"].as_i64().unwrap())
+            .map(|e| phoenix_image::parse_rfc3339_ms(e["at"].as_str().unwrap()).unwrap())
             .unwrap()
     };
     let (started, ended) = (at("deploy.started"), at("deploy.aborted"));
@@ -118,7 +118,7 @@ fn the_autoscaler_never_shrinks_a_role_during_a_deploy() {
             event["detail"]["from"].as_u64(),
             event["detail"]["to"].as_u64(),
         );
-        let when = event["at"].as_i64().unwrap();
+        let when = phoenix_image::parse_rfc3339_ms(event["at"].as_str().unwrap()).unwrap();
         assert!(
             to >= from || when < started || when > ended,
             "a scale-in during the deploy: {event}"

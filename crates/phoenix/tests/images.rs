@@ -327,7 +327,7 @@ expose = ["80"]
     // Cached: no mmdebstrap, no run step, the same digest.
     let again = bake();
     assert_eq!(again[0]["digest"], digest.as_str());
-    assert!(again[0]["millis"].as_u64().unwrap() < 5_000, "{again}");
+    assert!(again[0]["duration_ms"].as_u64().unwrap() < 5_000, "{again}");
 
     // The image is a real Debian root: podman runs its nginx.
     ok(phoenix(

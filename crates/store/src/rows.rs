@@ -61,6 +61,7 @@ pub struct ImageRow {
     pub digest: String,
     pub name: String,
     pub size: u64,
+    #[serde(with = "phoenix_image::wire_time")]
     pub created_at: i64,
 }
 
@@ -91,6 +92,7 @@ pub struct VerificationRow {
     pub failures: Vec<String>,
     /// The check files read, so that a later change to them can be noticed.
     pub files: Vec<String>,
+    #[serde(with = "phoenix_image::wire_time")]
     pub at: i64,
 }
 
@@ -121,8 +123,11 @@ pub struct GenerationRow {
     pub role: String,
     pub image: String,
     pub status: GenerationStatus,
+    #[serde(with = "phoenix_image::wire_time")]
     pub created_at: i64,
+    #[serde(with = "phoenix_image::wire_time::option")]
     pub switched_at: Option<i64>,
+    #[serde(with = "phoenix_image::wire_time::option")]
     pub ended_at: Option<i64>,
 }
 
@@ -156,6 +161,7 @@ pub struct InstanceRow {
     pub pid_start: Option<u64>,
     pub port: u16,
     pub log_path: String,
+    #[serde(with = "phoenix_image::wire_time")]
     pub started_at: i64,
     pub ended_at: Option<i64>,
     /// The driver that runs it (`isolating`, `runc`, `process`).
@@ -194,6 +200,7 @@ pub struct DeployRow {
     pub role: String,
     pub from_generation: Option<i64>,
     pub to_generation: i64,
+    #[serde(with = "phoenix_image::wire_time")]
     pub started_at: i64,
 }
 
@@ -213,6 +220,7 @@ impl DeployRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalRow {
     pub seq: i64,
+    #[serde(with = "phoenix_image::wire_time")]
     pub at: i64,
     pub role: Option<String>,
     pub kind: String,
