@@ -244,18 +244,9 @@ struct DeployRequest {
 }
 
 async fn deploy(State(state): State<AppState>, Path(role): Path<String>, body: Bytes) -> Response {
-    let request: DeployRequest = if body.is_empty() {
-        DeployRequest::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(error) => {
-                return failure(
-                    StatusCode::BAD_REQUEST,
-                    &format!("bad deploy request: {error}"),
-                );
-            }
-        }
+    let request: DeployRequest = match optional_request(&body, "deploy") {
+        Ok(request) => request,
+        Err(response) => return *response,
     };
     run_deploy(
         state,
@@ -279,18 +270,9 @@ async fn rollback(
     Path(role): Path<String>,
     body: Bytes,
 ) -> Response {
-    let request: RollbackRequest = if body.is_empty() {
-        RollbackRequest::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(error) => {
-                return failure(
-                    StatusCode::BAD_REQUEST,
-                    &format!("bad rollback request: {error}"),
-                );
-            }
-        }
+    let request: RollbackRequest = match optional_request(&body, "rollback") {
+        Ok(request) => request,
+        Err(response) => return *response,
     };
     run_deploy(
         state,
@@ -309,14 +291,9 @@ struct ScaleRequest {
 }
 
 async fn scale(State(state): State<AppState>, Path(role): Path<String>, body: Bytes) -> Response {
-    let request: ScaleRequest = match serde_json::from_slice(&body) {
+    let request: ScaleRequest = match parse_request(&body, "scale") {
         Ok(request) => request,
-        Err(error) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                &format!("bad scale request: {error}"),
-            );
-        }
+        Err(response) => return *response,
     };
     match state
         .controller
@@ -432,17 +409,33 @@ struct PlanRequest {
     base: Option<String>,
 }
 
-fn plan_request(body: &[u8]) -> Result<PlanRequest, Box<Response>> {
+/// A request's JSON body, or the 400 naming what was wrong with it.
+fn parse_request<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|error| {
         Box::new(failure(
             StatusCode::BAD_REQUEST,
-            &format!("bad plan request: {error}"),
+            &format!("bad {what} request: {error}"),
         ))
     })
 }
 
+/// The same, where an empty body means every field's default.
+fn optional_request<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Box<Response>> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        parse_request(body, what)
+    }
+}
+
 async fn plan(State(state): State<AppState>, body: Bytes) -> Response {
-    let request = match plan_request(&body) {
+    let request: PlanRequest = match parse_request(&body, "plan") {
         Ok(request) => request,
         Err(response) => return *response,
     };
@@ -453,7 +446,7 @@ async fn plan(State(state): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn apply(State(state): State<AppState>, body: Bytes) -> Response {
-    let request = match plan_request(&body) {
+    let request: PlanRequest = match parse_request(&body, "plan") {
         Ok(request) => request,
         Err(response) => return *response,
     };
