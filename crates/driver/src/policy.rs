@@ -123,14 +123,6 @@ impl Source {
             Source::Host => "host",
         }
     }
-
-    /// The role's name, or the kind for the others.
-    pub fn name(&self) -> &str {
-        match self {
-            Source::Role(role) => role,
-            other => other.kind(),
-        }
-    }
 }
 
 /// Refused attempts from one source to one guarded role (packets: a refused TCP connection

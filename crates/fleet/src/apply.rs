@@ -82,7 +82,9 @@ impl Controller {
         base: Option<&str>,
         progress: &Progress,
     ) -> Result<ApplyReport, FleetError> {
-        let on_disk = std::fs::read_to_string(&self.inner.fleet_path).unwrap_or_default();
+        let on_disk = tokio::fs::read_to_string(&self.inner.fleet_path)
+            .await
+            .unwrap_or_default();
         if on_disk != text {
             return Err(FleetError::Apply(format!(
                 "{} is not what was planned (it changed, or another file was given): plan it again",
