@@ -10,6 +10,7 @@
 
 pub mod access;
 mod listen;
+mod restart;
 mod stream;
 pub mod tls;
 
@@ -32,6 +33,7 @@ use tokio::sync::mpsc;
 pub use access::{Caller, HostPolicy, Peer, Scope, Token, TokenError};
 use listen::Connection;
 pub use listen::{bind_owner_socket, serve_tcp, serve_unix};
+pub use restart::{RestartRequest, Restarts, UpInfo};
 
 /// An API that may not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,8 @@ struct AppState {
     tokens: Arc<[Token]>,
     /// The uid that owns the state (this process's): the Unix socket admits it and root.
     owner: u32,
+    /// Where `phoenix restart` and `phoenix upgrade` go (only `phoenix up` restarts).
+    restarts: Option<Restarts>,
 }
 
 /// One line of a deploy stream.
@@ -68,12 +72,13 @@ pub fn check_tcp(addr: SocketAddr, tokens: &[Token], mutual_tls: bool) -> Result
 }
 
 /// The API's routes, behind the authorization layer.
-pub fn router(controller: Controller, tokens: Vec<Token>) -> Router {
+pub fn router(controller: Controller, tokens: Vec<Token>, restarts: Option<Restarts>) -> Router {
     let state = AppState {
         controller,
         tokens: tokens.into(),
         // SAFETY: geteuid has no preconditions.
         owner: unsafe { libc::geteuid() },
+        restarts,
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -83,6 +88,8 @@ pub fn router(controller: Controller, tokens: Vec<Token>) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
+        .route("/v1/up", get(restart::up_info))
+        .route("/v1/restart", post(restart::restart))
         .route("/v1/roles/{role}/deploy", post(deploy))
         .route("/v1/roles/{role}/rollback", post(rollback))
         .route("/v1/roles/{role}/scale", post(scale))

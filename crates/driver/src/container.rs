@@ -359,6 +359,33 @@ impl Driver for ContainerDriver {
         Ok((Process::container(pid, start_time, shim, running), addr))
     }
 
+    fn adopt(&self, adoption: &crate::Adoption) -> Result<Process, DriverError> {
+        let lease = match &adoption.network {
+            Network::Bridge(bridge) => {
+                let SocketAddr::V4(addr) = adoption.addr else {
+                    return Err(DriverError::Network(format!(
+                        "instance {}: {} is not a bridge address",
+                        adoption.name, adoption.addr
+                    )));
+                };
+                Some(bridge.adopt_lease(
+                    &adoption.role,
+                    &self.cgroups.path_of(&adoption.name),
+                    *addr.ip(),
+                )?)
+            }
+            Network::Host => None,
+        };
+        let running = Running {
+            name: adoption.name.clone(),
+            bundle: self.bundle(&adoption.name),
+            cgroups: self.cgroups.clone(),
+            runtime: self.runtime_plan(),
+            lease,
+        };
+        Process::adopted(adoption, Some(running))
+    }
+
     fn usage(&self, name: &str, _pid: u32) -> Option<Usage> {
         self.cgroups.usage(name)
     }
@@ -428,9 +455,10 @@ impl ContainerDriver {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(io("start its shim"))?;
-        // The parent's copies of the child's ends must close, or the reads never end.
-        drop(command);
+        // Forked by the main thread (see `launcher`); the command goes with the job, and with
+        // it the parent's copies of the child's ends, which must close or the reads never end.
+        let mut child = crate::launcher::on_main_thread(move || command.spawn())
+            .map_err(io("start its shim"))?;
         drop(ready_write);
         // The shim reads its stdin whole before anything else, so this cannot block for long.
         secrets_write

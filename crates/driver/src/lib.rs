@@ -17,6 +17,7 @@ mod cgroup;
 mod container;
 mod enter;
 mod exec;
+pub mod launcher;
 mod net;
 mod policy;
 mod process;
@@ -26,6 +27,7 @@ mod shim;
 mod spec;
 pub mod test_util;
 mod user;
+mod watcher;
 
 pub use bake_step::BAKE_STEP_ARG;
 pub use cgroup::{CgroupVersion, Cgroups};
@@ -168,6 +170,22 @@ pub struct Recorded {
     pub pid_start: Option<u64>,
 }
 
+/// An instance to take over after `phoenix restart` re-executed this process: its watched
+/// process (the instance, or its container's shim) is still this process's child.
+#[derive(Debug, Clone)]
+pub struct Adoption {
+    pub name: String,
+    pub role: String,
+    /// The instance's main process and its start time, checked before anything is done.
+    pub pid: u32,
+    pub start_time: u64,
+    /// The child this process waits for: the instance itself, or its container's shim.
+    pub watcher: u32,
+    /// The address it serves on (on the bridge, its lease).
+    pub addr: SocketAddr,
+    pub network: Network,
+}
+
 /// Runs instances.
 pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// A short name for listings and the state (`isolating`, `runc`, `process`).
@@ -188,6 +206,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug + 'static {
     /// Removes what a previous run of Phoenix left of an instance (it was killed): every
     /// process of the instance, its cgroup and its runtime state. True when something ran.
     fn cleanup(&self, recorded: &Recorded) -> bool;
+
+    /// Takes over an instance the previous program of this process started, without touching
+    /// it (`phoenix restart`, `phoenix upgrade`).
+    fn adopt(&self, adoption: &Adoption) -> Result<Process, DriverError>;
 }
 
 /// Resources an instance has used.

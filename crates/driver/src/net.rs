@@ -356,6 +356,29 @@ const AUTO_POOL: Subnet = Subnet {
 const AUTO_PREFIX: u8 = 20;
 
 impl Bridge {
+    /// Takes over the bridge the previous program of this process made (`phoenix restart`):
+    /// it stays up with `subnet`, and the instances on it keep their links and addresses.
+    pub fn adopt(config: &BridgeConfig, subnet: Subnet) -> Result<Arc<Bridge>, DriverError> {
+        let mut netlink = Netlink::open()
+            .map_err(|e| DriverError::Network(format!("cannot open rtnetlink: {e}")))?;
+        let exists = netlink
+            .link_index(&config.name)
+            .map_err(|e| DriverError::Network(format!("bridge {}: {e}", config.name)))?
+            .is_some();
+        if !exists || config.subnet.is_some_and(|wanted| wanted != subnet) {
+            return Err(DriverError::Network(format!(
+                "bridge {} with subnet {subnet} is not there to take over",
+                config.name
+            )));
+        }
+        Ok(Arc::new(Bridge {
+            name: config.name.clone(),
+            subnet,
+            used: Mutex::new(BTreeSet::from([0, 1])),
+            firewall: OnceLock::new(),
+        }))
+    }
+
     /// Creates the bridge (replacing one a crashed run left), gives it the subnet's first
     /// address and brings it up. The subnet must not overlap any network of this host.
     pub fn create(config: &BridgeConfig) -> Result<Arc<Bridge>, DriverError> {
@@ -464,6 +487,46 @@ impl Bridge {
     /// the instance exists.
     pub fn lease(self: &Arc<Self>, role: &str, unique: &str) -> Result<Lease, DriverError> {
         let addr = self.free_address()?;
+        let link = link_name(unique);
+        let mut lease = Lease {
+            bridge: self.clone(),
+            addr,
+            link: link.clone(),
+            member: None,
+        };
+        if let Some(firewall) = self.firewall.get() {
+            let member = Member {
+                link,
+                addr,
+                role: firewall.role_index(role),
+            };
+            firewall.admit(&member)?;
+            lease.member = Some(member);
+        }
+        Ok(lease)
+    }
+
+    /// Takes `addr` again for an instance that kept it across `phoenix restart`; with a
+    /// network policy, its link joins the role's set again.
+    pub fn adopt_lease(
+        self: &Arc<Self>,
+        role: &str,
+        unique: &str,
+        addr: Ipv4Addr,
+    ) -> Result<Lease, DriverError> {
+        let offset = u32::from(addr).wrapping_sub(u32::from(self.subnet.network));
+        let fresh = (2..=self.subnet.hosts()).contains(&offset)
+            && self
+                .used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(offset);
+        if !fresh {
+            return Err(DriverError::Network(format!(
+                "{addr} is not a free address of {} ({})",
+                self.name, self.subnet
+            )));
+        }
         let link = link_name(unique);
         let mut lease = Lease {
             bridge: self.clone(),

@@ -9,7 +9,9 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+
+use crate::watcher::Watcher;
 
 use crate::{Driver, DriverError, InstanceSpec, Network, Recorded};
 
@@ -36,6 +38,16 @@ impl Driver for ProcessDriver {
             return false;
         };
         kill_recorded_now(pid, start)
+    }
+
+    fn adopt(&self, adoption: &crate::Adoption) -> Result<Process, DriverError> {
+        if adoption.watcher != adoption.pid {
+            return Err(DriverError::Start {
+                name: adoption.name.clone(),
+                message: "a process driver instance is its own watcher".into(),
+            });
+        }
+        Process::adopted(adoption, None)
     }
 
     fn start(&self, spec: &InstanceSpec) -> Result<(Process, SocketAddr), DriverError> {
@@ -111,7 +123,9 @@ impl Driver for ProcessDriver {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(io("start process"))?;
+        // Forked by the main thread: see `launcher`.
+        let child = crate::launcher::on_main_thread(move || command.spawn())
+            .map_err(io("start process"))?;
         let pid = child.id().unwrap_or(0);
         let start_time = process_start_time(pid).unwrap_or(0);
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -119,12 +133,19 @@ impl Driver for ProcessDriver {
             Process {
                 pid,
                 start_time,
-                child,
+                watcher: Watcher::Child(child),
                 end: Ending::Group { secrets },
             },
             address,
         ))
     }
+}
+
+/// Where the process driver keeps instance `name`'s secrets.
+fn secrets_dir(name: &str) -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/dev/shm/phoenix-{uid}/{name}"))
 }
 
 /// The process driver has no tmpfs of its own: secrets go to a private directory on
@@ -133,12 +154,10 @@ fn write_secrets(spec: &InstanceSpec) -> std::io::Result<Option<PathBuf>> {
     if spec.secrets.is_empty() {
         return Ok(None);
     }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    let base = PathBuf::from(format!("/dev/shm/phoenix-{uid}"));
+    let dir = secrets_dir(&spec.name);
+    let base = dir.parent().unwrap_or(&dir).to_path_buf();
     std::fs::create_dir_all(&base)?;
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
-    let dir = base.join(&spec.name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -270,7 +289,7 @@ pub struct Process {
     /// Start time in clock ticks since boot (`/proc/PID/stat` field 22).
     pub start_time: u64,
     /// The process driver's instance itself, or a container's shim.
-    child: Child,
+    watcher: Watcher,
     end: Ending,
 }
 
@@ -278,20 +297,56 @@ impl Process {
     pub(crate) fn container(
         pid: u32,
         start_time: u64,
-        shim: Child,
+        shim: tokio::process::Child,
         running: crate::container::Running,
     ) -> Process {
         Process {
             pid,
             start_time,
-            child: shim,
+            watcher: Watcher::Child(shim),
             end: Ending::Container(Box::new(running)),
         }
     }
 
+    /// An instance a previous program of this process started, watched by `watcher` (a
+    /// container's shim, or the instance itself), still this process's child.
+    pub(crate) fn adopted(
+        adoption: &crate::Adoption,
+        running: Option<crate::container::Running>,
+    ) -> Result<Process, DriverError> {
+        if !process_alive(adoption.pid, adoption.start_time) {
+            return Err(DriverError::Start {
+                name: adoption.name.clone(),
+                message: format!("process {} is gone", adoption.pid),
+            });
+        }
+        let watcher = crate::watcher::Adopted::new(adoption.watcher)
+            .map_err(DriverError::io(&adoption.name, "watch its process"))?;
+        let end = match running {
+            Some(running) => Ending::Container(Box::new(running)),
+            None => {
+                let secrets = secrets_dir(&adoption.name);
+                Ending::Group {
+                    secrets: secrets.exists().then_some(secrets),
+                }
+            }
+        };
+        Ok(Process {
+            pid: adoption.pid,
+            start_time: adoption.start_time,
+            watcher: Watcher::Adopted(watcher),
+            end,
+        })
+    }
+
+    /// The process this instance's end is seen by: the instance, or its container's shim.
+    pub fn watcher_pid(&self) -> u32 {
+        self.watcher.id()
+    }
+
     /// Resolves when the instance has ended. Cancel-safe: use it in `select!`.
     pub async fn exited(&mut self) -> Exit {
-        let status = self.child.wait().await;
+        let status = self.watcher.wait().await;
         self.ended(status)
     }
 
@@ -313,9 +368,9 @@ impl Process {
         match &self.end {
             Ending::Group { .. } => signal_group(self.pid, libc::SIGTERM),
             // The shim passes it on to the container's init.
-            Ending::Container(_) => signal(self.child.id().unwrap_or(0), libc::SIGTERM),
+            Ending::Container(_) => signal(self.watcher.id(), libc::SIGTERM),
         };
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        let status = match tokio::time::timeout(grace, self.watcher.wait()).await {
             Ok(status) => return self.ended(status),
             Err(_) => {
                 match &self.end {
@@ -326,7 +381,7 @@ impl Process {
                         let _ = tokio::task::spawn_blocking(running.killer()).await;
                     }
                 }
-                self.child.wait().await
+                self.watcher.wait().await
             }
         };
         let mut exit = self.ended(status);

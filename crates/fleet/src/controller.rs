@@ -28,6 +28,8 @@ pub struct Options {
     pub bake: BakeOptions,
     /// One driver for every role, on the host's network, instead of what the fleet file asks.
     pub driver: Option<Arc<dyn Driver>>,
+    /// What the previous program of this process handed over (`phoenix restart`).
+    pub inherited: Option<crate::handover::Handed>,
 }
 
 impl Options {
@@ -39,6 +41,7 @@ impl Options {
             seed: None,
             bake: BakeOptions::default(),
             driver: None,
+            inherited: None,
         }
     }
 }
@@ -120,7 +123,7 @@ pub(crate) struct Role {
     listen: RwLock<SocketAddr>,
     /// Its frontends' serving tasks and their stop signals.
     frontends: Mutex<Vec<crate::roles::Frontend>>,
-    pub deploy_lock: tokio::sync::Mutex<()>,
+    pub deploy_lock: Arc<tokio::sync::Mutex<()>>,
     pub live: Mutex<Option<Arc<Generation>>>,
     /// Generations starting (in a deploy) or draining.
     pub others: Mutex<Vec<Arc<Generation>>>,
@@ -154,7 +157,7 @@ impl Role {
             config: RwLock::new(config),
             listen: RwLock::new(listen),
             frontends: Mutex::new(Vec::new()),
-            deploy_lock: tokio::sync::Mutex::new(()),
+            deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
             live: Mutex::new(None),
             others: Mutex::new(Vec::new()),
             deaths: Mutex::new(Vec::new()),
@@ -485,7 +488,8 @@ pub struct Controller {
 impl Controller {
     /// Opens the state, recovers from a previous crash, and binds every role's frontend.
     /// Call [`Controller::converge`] next to bring the roles up.
-    pub async fn open(options: Options) -> Result<Controller, FleetError> {
+    pub async fn open(mut options: Options) -> Result<Controller, FleetError> {
+        let mut inherited = options.inherited.take().unwrap_or_default();
         let fleet = FleetFile::load(&options.fleet_path)?;
         let absolute = |path: &PathBuf| {
             std::path::absolute(path).map_err(|e| FleetError::Io {
@@ -533,8 +537,9 @@ impl Controller {
             Some(driver) => crate::drivers::Drivers::single(&fleet, driver),
             None => {
                 let (fleet, state) = (fleet.clone(), state_dir.clone());
+                let bridge = inherited.bridge.clone();
                 tokio::task::spawn_blocking(move || {
-                    crate::drivers::Drivers::open(&fleet, &state, true)
+                    crate::drivers::Drivers::open(&fleet, &state, true, bridge.as_ref())
                 })
                 .await
                 .map_err(|e| FleetError::Internal(e.to_string()))??
@@ -559,9 +564,12 @@ impl Controller {
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
-            let (listen, bound) =
-                crate::roles::bind(name, config.listen, drivers.bridge().map(|b| b.gateway()))
-                    .await?;
+            let gateway = drivers.bridge().map(|b| b.gateway());
+            let (listen, bound) = match crate::roles::take_inherited(&mut inherited, name, config.listen)
+            {
+                Some(taken) => taken,
+                None => crate::roles::bind(name, config.listen, gateway).await?,
+            };
             // A size set by hand holds until the file's `instances` changes.
             let size = store
                 .role_size(name)?
@@ -606,7 +614,17 @@ impl Controller {
             applied: Mutex::new(fleet.clone()),
             tasks: tokio_util::task::TaskTracker::new(),
         });
-        crate::recover::recover(&inner).await?;
+        // Instances handed over by the previous program are taken over, not killed.
+        let handed: Vec<_> = std::mem::take(&mut inherited.instances)
+            .into_iter()
+            .filter(|h| inner.role(&h.role).is_ok())
+            .collect();
+        let keep = handed.iter().map(|h| h.name.clone()).collect();
+        crate::recover::recover(&inner, &keep).await?;
+        if !handed.is_empty() {
+            let adopted = inner.adopt(&handed).await;
+            inner.journal_adoption(handed.len(), adopted).await;
+        }
         inner
             .journal(
                 None,
@@ -615,7 +633,8 @@ impl Controller {
             )
             .await;
         for (bound, role) in listeners {
-            role.serve(bound);
+            let parked = crate::roles::take_parked(&mut inherited, &role.name);
+            role.serve(bound, parked);
         }
         inner.spawn(event_loop(Arc::downgrade(&inner), events_rx));
         let weak = Arc::downgrade(&inner);
@@ -637,6 +656,10 @@ impl Controller {
     pub async fn converge(&self) -> Vec<(String, FleetError)> {
         let mut failures = Vec::new();
         for role in self.inner.roles() {
+            // Taken over from the previous program (`phoenix restart`): already serving.
+            if role.live().is_some() {
+                continue;
+            }
             let live = match self
                 .inner
                 .db({

@@ -680,3 +680,85 @@ pub(crate) async fn restart_live(
     }
     Ok(())
 }
+
+/// Takes over the instances of `role`'s live generation `generation` that the previous
+/// program of this process handed over (`phoenix restart`), without touching them; those that
+/// cannot be taken over are removed, and new ones make up the role's size. Returns how many
+/// were taken over.
+pub(crate) async fn adopt_live(
+    inner: &Arc<Inner>,
+    role: &Arc<Role>,
+    generation: i64,
+    handed: &[&crate::handover::HandedInstance],
+) -> Result<usize, FleetError> {
+    let _lock = role.deploy_lock.lock().await;
+    let name = role.name.clone();
+    let row = inner.db(move |s| s.live_generation(&name)).await?;
+    let Some(row) = row.filter(|row| row.id == generation) else {
+        return Err(FleetError::Restart(format!(
+            "generation {generation} of role {} is no longer live",
+            role.name
+        )));
+    };
+    let config = role.config();
+    let secrets = role_secrets(inner, &config)?;
+    let live = Generation::new(row.id, row.image.clone(), GenerationStatus::Live, secrets);
+    let driver = role.placement.driver.clone();
+    for handed in handed {
+        let adoption = phoenix_driver::Adoption {
+            name: handed.name.clone(),
+            role: role.name.clone(),
+            pid: handed.pid,
+            start_time: handed.start_time,
+            watcher: handed.watcher,
+            addr: handed.addr,
+            network: role.placement.network.clone(),
+        };
+        let taking = driver.clone();
+        let same_driver = handed.driver == driver.name();
+        let process = tokio::task::spawn_blocking(move || {
+            if !same_driver {
+                return Err(phoenix_driver::DriverError::Unsupported(
+                    "the role's driver changed".into(),
+                ));
+            }
+            taking.adopt(&adoption)
+        })
+        .await
+        .map_err(|e| FleetError::Internal(e.to_string()))?;
+        match process {
+            Ok(process) => {
+                let watched = instance::Watched {
+                    name: handed.name.clone(),
+                    process,
+                    addr: handed.addr,
+                    driver: driver.clone(),
+                    log_path: inner.state_dir.join("logs").join(format!("{}.log", handed.name)),
+                    healthy: handed.healthy,
+                };
+                let instance = instance::supervise(inner, role, row.id, watched);
+                live.instances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(instance);
+            }
+            Err(error) => {
+                tracing::warn!(instance = %handed.name, %error, "not taken over: removed");
+                inner.forget_lost(handed).await;
+            }
+        }
+    }
+    let adopted = live.instances().len();
+    role.switch_to(live.clone());
+    let missing = role.desired().saturating_sub(adopted as u32);
+    if missing > 0 {
+        let started = start_instances(inner, role, &live, missing, &Progress::none()).await;
+        if let Some(error) = started.error {
+            tracing::error!(role = %role.name, %error, "cannot make up the role's size");
+        }
+        role.refresh_backends();
+    }
+    let detail = json!({"generation": row.id, "image": row.image, "adopted": adopted, "started": missing});
+    inner.journal(Some(&role.name), "role.adopted", detail).await;
+    Ok(adopted)
+}

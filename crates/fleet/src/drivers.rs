@@ -43,7 +43,14 @@ impl Drivers {
     /// Chooses every role's driver and network; creates the bridge when a role needs one and
     /// `bridge` allows it (else every role runs on the host's network: what a CLI command that
     /// runs beside `phoenix up` may do).
-    pub fn open(fleet: &FleetFile, state_dir: &Path, bridge: bool) -> Result<Drivers, FleetError> {
+    /// A bridge handed over by the previous program of this process (`adopt`) is taken over
+    /// when the fleet file still asks for it.
+    pub fn open(
+        fleet: &FleetFile,
+        state_dir: &Path,
+        bridge: bool,
+        adopt: Option<&crate::handover::HandedBridge>,
+    ) -> Result<Drivers, FleetError> {
         let mut drivers = Drivers::empty();
         let process: Arc<dyn Driver> = Arc::new(ProcessDriver);
         drivers.by_name.insert("process".into(), process.clone());
@@ -61,7 +68,21 @@ impl Drivers {
             chosen.push((name.clone(), driver, network));
         }
         if needs_bridge {
-            drivers.bridge = Some(Bridge::create(&bridge_config(fleet, state_dir)?)?);
+            let config = bridge_config(fleet, state_dir)?;
+            let kept = adopt
+                .filter(|handed| handed.name == config.name)
+                .and_then(|handed| Subnet::parse(&handed.subnet).ok())
+                .and_then(|subnet| match Bridge::adopt(&config, subnet) {
+                    Ok(bridge) => Some(bridge),
+                    Err(error) => {
+                        tracing::warn!(%error, "the bridge is made again");
+                        None
+                    }
+                });
+            drivers.bridge = Some(match kept {
+                Some(bridge) => bridge,
+                None => Bridge::create(&config)?,
+            });
         }
         for (name, driver, network) in chosen {
             let network = match (network, &drivers.bridge) {

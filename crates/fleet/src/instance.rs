@@ -23,8 +23,11 @@ pub(crate) struct Instance {
     pub role: String,
     pub generation: i64,
     pub backend: Arc<Backend>,
-    /// The instance's main process on the host (a container's init).
+    /// The instance's main process on the host (a container's init), and its start time.
     pub pid: u32,
+    pub start_time: u64,
+    /// The child of this process that ends with it: the instance, or its container's shim.
+    pub watcher: u32,
     /// What runs it: where its CPU and memory use are read.
     pub driver: Arc<dyn Driver>,
     pub log_path: PathBuf,
@@ -318,20 +321,65 @@ pub(crate) async fn start(
     inner
         .journal(Some(&role.name), "instance.started", detail)
         .await;
+    let watched = Watched {
+        name,
+        process,
+        addr,
+        driver,
+        log_path,
+        healthy: false,
+    };
+    Ok(supervise(inner, role, generation.id, watched))
+}
+
+/// A running instance's process, about to get its supervisor.
+pub(crate) struct Watched {
+    pub name: String,
+    pub process: Process,
+    pub addr: std::net::SocketAddr,
+    pub driver: Arc<dyn Driver>,
+    pub log_path: PathBuf,
+    /// Known healthy already (taken over from the previous program): routable at once.
+    pub healthy: bool,
+}
+
+/// Makes the controller's `Instance` of a running process and starts its supervisor.
+pub(crate) fn supervise(
+    inner: &Arc<Inner>,
+    role: &Role,
+    generation: i64,
+    watched: Watched,
+) -> Arc<Instance> {
+    let role_config = role.config();
+    let Watched {
+        name,
+        process,
+        addr,
+        driver,
+        log_path,
+        healthy,
+    } = watched;
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = watch::channel(None);
+    let (status, passes) = if healthy {
+        (InstanceStatus::Healthy, role_config.health.healthy_threshold)
+    } else {
+        (InstanceStatus::Starting, 0)
+    };
     let instance = Arc::new(Instance {
         name: name.clone(),
         role: role.name.clone(),
-        generation: generation.id,
+        generation,
         backend: Backend::new(name, addr),
         pid: process.pid,
+        start_time: process.start_time,
+        watcher: process.watcher_pid(),
         driver,
         log_path,
         started: Instant::now(),
         state: Mutex::new(HealthState {
-            status: InstanceStatus::Starting,
-            passes: 0,
+            status,
+            passes,
             failures: 0,
             last_error: None,
         }),
@@ -348,7 +396,7 @@ pub(crate) async fn start(
         memory_limit: role_config.run.resources.memory,
     };
     tokio::spawn(supervisor.run(process, stop_rx, ended_tx));
-    Ok(instance)
+    instance
 }
 
 struct Supervisor {

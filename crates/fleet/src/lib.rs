@@ -11,6 +11,7 @@ mod controller;
 mod deploy;
 mod drift;
 mod drivers;
+mod handover;
 mod health;
 mod instance;
 mod lifecycle;
@@ -37,6 +38,7 @@ pub use config::{
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};
 pub use drivers::ID_OFFSET;
+pub use handover::{HandedBridge, HandedInstance, Handed, Handover};
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
 pub use plan::{Change, How, Op, Plan};
@@ -119,6 +121,8 @@ pub enum FleetError {
     Secret { name: String, reason: String },
     #[error("gossip agent: {0}")]
     Agent(String),
+    #[error("restart: {0}")]
+    Restart(String),
     #[error("phoenix is shutting down")]
     ShuttingDown,
     #[error("{what}: {cause}")]

@@ -8,32 +8,78 @@ use serde_json::json;
 use crate::FleetError;
 use crate::controller::Inner;
 
-/// Kills every instance process a previous run left behind (checked by pid and start time),
-/// marks interrupted deploys and their generations, and journals what it did.
-pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<(), FleetError> {
-    let instances = inner.db(|s| s.active_instances()).await?;
-    let mut killed = 0;
-    for instance in &instances {
-        // Every process of the instance goes, its cgroup, its runtime state: with the driver
-        // that ran it.
+/// An instance that a previous program of Phoenix ran and nobody supervises now.
+pub(crate) struct Lost<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    pub generation: i64,
+    pub pid: Option<u32>,
+    pub pid_start: Option<u64>,
+    pub driver: &'a str,
+}
+
+impl Inner {
+    /// Removes a lost instance with the driver that ran it (every process, its cgroup, its
+    /// runtime state; checked by pid and start time), records it, and journals it. True when
+    /// something still ran.
+    pub(crate) async fn lose(&self, lost: Lost<'_>) -> Result<bool, FleetError> {
         let recorded = phoenix_driver::Recorded {
-            name: instance.name.clone(),
-            pid: instance.pid,
-            pid_start: instance.pid_start,
+            name: lost.name.to_string(),
+            pid: lost.pid,
+            pid_start: lost.pid_start,
         };
-        let (drivers, driver) = (inner.drivers.clone(), instance.driver.clone());
+        let (drivers, driver) = (self.drivers.clone(), lost.driver.to_string());
         let was_running = tokio::task::spawn_blocking(move || drivers.clean_up(&driver, &recorded))
             .await
             .unwrap_or(false);
-        killed += usize::from(was_running);
-        let (name, now) = (instance.name.clone(), inner.clock.now_ms());
-        inner
-            .db(move |s| s.set_instance_status(&name, InstanceStatus::Lost, now))
+        let (name, now) = (lost.name.to_string(), self.clock.now_ms());
+        self.db(move |s| s.set_instance_status(&name, InstanceStatus::Lost, now))
             .await?;
-        let detail = json!({"instance": instance.name, "generation": instance.generation, "pid": instance.pid, "driver": instance.driver, "killed": was_running});
-        inner
-            .journal(Some(&instance.role), "instance.lost", detail)
-            .await;
+        let detail = json!({"instance": lost.name, "generation": lost.generation, "pid": lost.pid, "driver": lost.driver, "killed": was_running});
+        self.journal(Some(lost.role), "instance.lost", detail).await;
+        Ok(was_running)
+    }
+
+    /// Removes an instance handed over by the previous program that could not be taken over.
+    pub(crate) async fn forget_lost(&self, handed: &crate::handover::HandedInstance) {
+        let lost = Lost {
+            name: &handed.name,
+            role: &handed.role,
+            generation: handed.generation,
+            pid: Some(handed.pid),
+            pid_start: Some(handed.start_time),
+            driver: &handed.driver,
+        };
+        if let Err(error) = self.lose(lost).await {
+            tracing::error!(instance = %handed.name, %error, "recording a lost instance");
+        }
+    }
+}
+
+/// Kills every instance process a previous run left behind (checked by pid and start time),
+/// but those in `keep` (handed over to be taken over), marks interrupted deploys and their
+/// generations, and journals what it did.
+pub(crate) async fn recover(
+    inner: &Arc<Inner>,
+    keep: &std::collections::HashSet<String>,
+) -> Result<(), FleetError> {
+    let instances: Vec<_> = inner
+        .db(|s| s.active_instances())
+        .await?
+        .into_iter()
+        .filter(|i| !keep.contains(&i.name))
+        .collect();
+    let mut killed = 0;
+    for instance in &instances {
+        let lost = Lost {
+            name: &instance.name,
+            role: &instance.role,
+            generation: instance.generation,
+            pid: instance.pid,
+            pid_start: instance.pid_start,
+            driver: &instance.driver,
+        };
+        killed += usize::from(inner.lose(lost).await?);
     }
     let drivers = inner.drivers.clone();
     let orphans = tokio::task::spawn_blocking(move || drivers.clean_orphans())

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use serde_json::json;
+use phoenix_proxy::{Leftover, Parked, Stop};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -17,8 +18,8 @@ use crate::{FleetError, RoleConfig};
 #[derive(Debug)]
 pub(crate) struct Frontend {
     pub addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<Stop>,
+    task: tokio::task::JoinHandle<Leftover>,
 }
 
 /// Binds a role's frontend on `listen` (port 0: any free port), and, when that is loopback and
@@ -53,21 +54,70 @@ pub(crate) async fn bind(
     Ok((bound, listeners))
 }
 
+/// The listeners the previous program handed over for `role`, when they still fit its
+/// `listen` (the same address, or any port when it asks for port 0): the address bound and
+/// the listeners.
+pub(crate) fn take_inherited(
+    inherited: &mut crate::handover::Handed,
+    role: &str,
+    listen: SocketAddr,
+) -> Option<(SocketAddr, Vec<TcpListener>)> {
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut inherited.frontends)
+        .into_iter()
+        .partition(|(r, _)| r == role);
+    inherited.frontends = rest;
+    let mut listeners = Vec::new();
+    let mut bound = None;
+    for (_, listener) in mine {
+        let Ok(addr) = listener.local_addr() else {
+            continue;
+        };
+        // The first is the role's own address; a second is the bridge's side of it.
+        let fits = match bound {
+            None => addr.ip() == listen.ip() && (listen.port() == 0 || listen.port() == addr.port()),
+            Some(first) => addr.port() == SocketAddr::port(&first),
+        };
+        if !fits {
+            continue;
+        }
+        if let Ok(listener) = crate::handover::listener_to_tokio(listener) {
+            bound.get_or_insert(addr);
+            listeners.push(listener);
+        }
+    }
+    bound.map(|bound| (bound, listeners))
+}
+
+/// The connections the previous program parked for `role`.
+pub(crate) fn take_parked(inherited: &mut crate::handover::Handed, role: &str) -> Vec<Parked> {
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut inherited.parked)
+        .into_iter()
+        .partition(|(r, _)| r == role);
+    inherited.parked = rest;
+    mine.into_iter().map(|(_, parked)| parked).collect()
+}
+
 impl Role {
-    /// Serves the role's proxy on `listeners`.
-    pub(crate) fn serve(&self, listeners: Vec<TcpListener>) {
+    /// Serves the role's proxy on `listeners`, and on the client connections a previous
+    /// program parked (each with the listener that accepted it).
+    pub(crate) fn serve(&self, listeners: Vec<TcpListener>, mut parked: Vec<Parked>) {
         let grace = self.config().deploy.drain;
         let mut frontends = self.frontends();
         for listener in listeners {
             let Ok(addr) = listener.local_addr() else {
                 continue;
             };
-            let (stop, stopped) = watch::channel(false);
+            let (mine, rest) = parked
+                .into_iter()
+                .partition(|p| p.stream.local_addr().is_ok_and(|local| local == addr));
+            parked = rest;
+            let (stop, stopped) = watch::channel(Stop::Serve);
             let task = tokio::spawn(phoenix_proxy::serve(
                 listener,
                 self.proxy.clone(),
                 stopped,
                 grace,
+                mine,
             ));
             frontends.push(Frontend { addr, stop, task });
         }
@@ -85,7 +135,7 @@ impl Role {
             stopping
         };
         for frontend in &stopping {
-            frontend.stop.send_replace(true);
+            frontend.stop.send_replace(Stop::Drain);
         }
         for frontend in stopping {
             let _ = frontend.task.await;
@@ -94,6 +144,22 @@ impl Role {
 
     pub(crate) async fn stop_frontends(&self) {
         self.stop_frontends_except(None).await;
+    }
+
+    /// Stops every frontend for `phoenix restart`: each finishes the requests it has and
+    /// leaves its listener and its idle connections, open.
+    pub(crate) async fn hand_over_frontends(&self) -> Vec<Leftover> {
+        let frontends: Vec<Frontend> = self.frontends().drain(..).collect();
+        for frontend in &frontends {
+            frontend.stop.send_replace(Stop::HandOver);
+        }
+        let mut leftovers = Vec::new();
+        for frontend in frontends {
+            if let Ok(leftover) = frontend.task.await {
+                leftovers.push(leftover);
+            }
+        }
+        leftovers
     }
 }
 
@@ -130,7 +196,7 @@ impl Controller {
                 .unwrap_or_else(|| inner.drivers.placement(name)),
         );
         inner.insert_role(role.clone());
-        role.serve(listeners);
+        role.serve(listeners, Vec::new());
         spawn_loops(inner, name);
         inner
             .journal(
@@ -203,7 +269,7 @@ impl Controller {
         let gateway = inner.drivers.bridge().map(|b| b.gateway());
         let (bound, listeners) = bind(name, listen, gateway).await?;
         let old = role.listen();
-        role.serve(listeners);
+        role.serve(listeners, Vec::new());
         role.set_listen(bound);
         role.stop_frontends_except(Some(bound.port())).await;
         progress.say(format!("role {name}: listens on {bound} (was {old})"));

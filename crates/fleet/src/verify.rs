@@ -83,7 +83,7 @@ impl Verifier {
             what: format!("create {}", logs.display()),
             cause,
         })?;
-        let drivers = crate::drivers::Drivers::open(fleet, state_dir, false)?;
+        let drivers = crate::drivers::Drivers::open(fleet, state_dir, false, None)?;
         let warnings = drivers.warnings.clone();
         let verifier = Verifier {
             store: Arc::new(Store::open(state_dir.join("state.db"))?),

@@ -13,8 +13,8 @@ pub const GROUPS: &[(&str, &[&str])] = &[
     (
         "Fleet",
         &[
-            "up", "plan", "apply", "deploy", "rollback", "scale", "protect", "standby", "status",
-            "history", "metrics", "top", "exec", "state",
+            "up", "restart", "upgrade", "plan", "apply", "deploy", "rollback", "scale", "protect",
+            "standby", "status", "history", "metrics", "top", "exec", "state",
         ],
     ),
     (

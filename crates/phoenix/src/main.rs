@@ -15,6 +15,7 @@ mod locate;
 mod metrics_cmd;
 mod plan_cmd;
 mod proxy_cmd;
+mod restart;
 mod scale_cmd;
 mod up;
 mod verify_cmd;
@@ -43,6 +44,10 @@ struct Cli {
 enum Command {
     /// Run controller, agent and proxy in the foreground and converge to the fleet file.
     Up(up::UpArgs),
+    /// Restart the running `phoenix up` without stopping its instances or dropping a request.
+    Restart(restart::RestartArgs),
+    /// Replace the running `phoenix up` with another binary, as `restart` does.
+    Upgrade(restart::UpgradeArgs),
     /// What applying the fleet file would change on the running fleet (exit 2: changes).
     Plan(plan_cmd::PlanArgs),
     /// Apply the fleet file (or a saved plan) to the running fleet, without a restart.
@@ -164,6 +169,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // The main thread forks instances (see `phoenix_driver::launcher`); the program runs on
+    // another.
+    phoenix_driver::launcher::serve(move || run(cli, state))
+}
+
+/// The command, on its async runtime.
+fn run(cli: Cli, state: PathBuf) -> ExitCode {
     // `phoenix proxy --threads 1` is one event loop, as HAProxy's nbthread 1 and one nginx worker.
     let mut builder = match &cli.command {
         Command::Proxy(proxy_cmd::ProxyArgs {
@@ -189,6 +201,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(&state, args).await,
+            Command::Restart(args) => restart::restart_cmd(&state, args).await,
+            Command::Upgrade(args) => restart::upgrade_cmd(&state, args).await,
             Command::Plan(args) => plan_cmd::plan(&state, args).await,
             Command::Apply(args) => plan_cmd::apply(&state, args).await,
             Command::Deploy(args) => commands::deploy(&state, args).await,

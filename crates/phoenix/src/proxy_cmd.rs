@@ -40,15 +40,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         listener.local_addr()?,
         args.backends.len()
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::watch::channel(phoenix_proxy::Stop::Serve);
     let serving = tokio::spawn(phoenix_proxy::serve(
         listener,
         proxy,
         stopped,
         Duration::from_secs(10),
+        Vec::new(),
     ));
     tokio::signal::ctrl_c().await?;
-    stop.send_replace(true);
+    stop.send_replace(phoenix_proxy::Stop::Drain);
     let _ = serving.await;
     Ok(ExitCode::SUCCESS)
 }

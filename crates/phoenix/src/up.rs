@@ -1,7 +1,7 @@
 //! `phoenix up`: controller, agent and proxy in one foreground process.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -95,20 +95,43 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     raise_descriptor_limit();
     std::fs::create_dir_all(state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
-    let _lock = lock_state(state)?;
+    // Started by `phoenix restart`: the previous program's sockets, lock and instances.
+    let mut inheritance = crate::restart::inherited()?;
+    let lock = match inheritance.as_mut().and_then(|i| i.lock.take()) {
+        Some(fd) => std::fs::File::from(fd),
+        None => lock_state(state)?,
+    };
     let file = crate::locate::fleet_file(args.file.as_deref());
     let mut options = Options::new(state.to_path_buf(), file.clone());
     options.seed = args.seed;
     options.bake = bake_options()?;
+    options.inherited = inheritance.as_mut().map(|i| std::mem::take(&mut i.handed));
     let controller = Controller::open(options).await?;
     let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
     // `phoenix members`, `event` and `query` find the agent here.
     write_atomically(state, crate::agent_cmd::RPC_ADDR_FILE, &format!("{rpc}\n"))?;
-    let router = phoenix_api::router(controller.clone(), api_plan.tokens);
+    let (restart_requests, mut restart_asked) = tokio::sync::mpsc::channel(4);
+    let restarts = phoenix_api::Restarts {
+        requests: restart_requests,
+        info: std::sync::Arc::new(std::sync::Mutex::new(crate::restart::up_info(
+            inheritance.as_ref(),
+        ))),
+    };
+    let router = phoenix_api::router(controller.clone(), api_plan.tokens, Some(restarts.clone()));
     let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
     let socket_path = state.join(API_SOCKET);
-    let socket = phoenix_api::bind_owner_socket(&socket_path)
-        .with_context(|| format!("cannot serve the API on {}", socket_path.display()))?;
+    let socket = match inheritance.as_mut().and_then(|i| i.api_socket.take()) {
+        Some(fd) => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)?
+        }
+        None => phoenix_api::bind_owner_socket(&socket_path)
+            .with_context(|| format!("cannot serve the API on {}", socket_path.display()))?,
+    };
+    // Copies that outlive the serving tasks, for the next program.
+    let socket_fd = socket.as_fd().try_clone_to_owned()?;
+    let mut tcp_fd = None;
     let mut apis = vec![tokio::spawn(phoenix_api::serve_unix(
         socket,
         router.clone(),
@@ -116,10 +139,22 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     ))];
     let mut served_on = format!("API {} (owner only)", socket_path.display());
     if let Some((addr, tls)) = api_plan.tcp {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for the API"))?;
+        let inherited_tcp = inheritance.as_mut().and_then(|i| i.api_tcp.take());
+        let listener = match inherited_tcp.map(std::net::TcpListener::from) {
+            Some(listener)
+                if listener.local_addr().is_ok_and(|a| {
+                    a.ip() == addr.ip() && (addr.port() == 0 || a.port() == addr.port())
+                }) =>
+            {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            _ => TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the API"))?,
+        };
         let addr = listener.local_addr()?;
+        tcp_fd = Some(listener.as_fd().try_clone_to_owned()?);
         write_api_addr(state, addr, tls.is_some())?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         served_on.push_str(&format!(", {scheme}://{addr}"));
@@ -157,6 +192,10 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(("?", "?"));
         println!("role {role}: proxy on http://{addr} ({driver} driver, {network})");
     }
+    if let Some(inheritance) = &inheritance {
+        let detail = crate::restart::announce(&controller, inheritance).await;
+        restarts.info.lock().unwrap_or_else(|p| p.into_inner()).last_restart = Some(detail);
+    }
     let converging = {
         let controller = controller.clone();
         tokio::spawn(async move {
@@ -178,8 +217,42 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             }
         })
     };
-    wait_for_stop_signal().await?;
-    println!("phoenix up: stopping: draining requests, then stopping instances");
+    let restarts_so_far = inheritance.as_ref().map_or(0, |i| i.restarts);
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        let (binary, reply) = tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => (None, None),
+            Some(asked) = restart_asked.recv() => (asked.binary, Some(asked.reply)),
+        };
+        let fds = crate::restart::OwnFds {
+            lock: lock.as_fd(),
+            api_socket: socket_fd.as_fd(),
+            api_tcp: tcp_fd.as_ref().map(|fd| fd.as_fd()),
+        };
+        // The API caller hears "restarting" once the handover is ready, or why not.
+        let reply = std::sync::Mutex::new(reply);
+        let ready = || {
+            if let Some(reply) = reply.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = reply.send(Ok(()));
+            }
+        };
+        let outcome =
+            crate::restart::restart(&controller, state, binary, fds, restarts_so_far, ready).await;
+        if let Err(error) = outcome {
+            eprintln!("phoenix up: not restarted: {error:#}");
+            if let Some(reply) = reply.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = reply.send(Err(format!("{error:#}")));
+            }
+        }
+    }
+    println!(
+        "phoenix up: stopping everything: draining requests, then stopping instances \
+         (`phoenix restart` or SIGHUP restarts Phoenix without stopping them)"
+    );
     converging.abort();
     controller.shutdown().await;
     api_stop.send_replace(true);
@@ -189,18 +262,9 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(state.join(API_ADDR_FILE));
     let _ = std::fs::remove_file(state.join(crate::agent_cmd::RPC_ADDR_FILE));
     let _ = std::fs::remove_file(&socket_path);
+    drop(lock);
     println!("phoenix up: stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
-    Ok(())
 }
 
 /// `SOURCE_DATE_EPOCH` (reproducible-builds.org) sets the time recorded in images; `run`

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::chunked::Chunked;
 use crate::pool::{self, Upstream};
-use crate::{Backend, InFlight, RoleProxy, forward, policy, stopped};
+use crate::{Backend, InFlight, Parked, RoleProxy, Stop, forward, policy, stop_asked};
 
 /// Longest request or response head accepted on the fast path.
 const MAX_HEAD: usize = 64 * 1024;
@@ -65,6 +65,8 @@ enum ParsedRequest {
     Forward(RequestHead),
     Partial,
     Fallback,
+    /// Not a request: the connection is to be handed over.
+    HandOver,
 }
 
 /// How a response body ends.
@@ -111,15 +113,20 @@ enum After {
 }
 
 /// Serves one HTTP client connection: the fast path while requests fit it, then hyper.
+/// `buffered` holds what the client sent before (to a previous program). Returns the
+/// connection, parked between two requests, when asked to hand it over.
 pub(crate) async fn serve(
     stream: TcpStream,
     client: SocketAddr,
+    buffered: Bytes,
     proxy: Arc<RoleProxy>,
-    mut stop: watch::Receiver<bool>,
-) {
+    mut stop: watch::Receiver<Stop>,
+) -> Option<Parked> {
+    let mut buf = BytesMut::with_capacity(READ_RESERVE.max(buffered.len()));
+    buf.extend_from_slice(&buffered);
     let mut conn = Client {
         stream,
-        buf: BytesMut::with_capacity(READ_RESERVE),
+        buf,
         upstream_head: BytesMut::with_capacity(1024),
         downstream: BytesMut::with_capacity(READ_RESERVE),
         client_ip: client.ip().to_string(),
@@ -128,11 +135,12 @@ pub(crate) async fn serve(
         let head = match next_request(&mut conn, &proxy, &mut stop).await {
             Some(ParsedRequest::Forward(head)) => head,
             Some(ParsedRequest::Fallback) => break,
-            Some(ParsedRequest::Partial) | None => return,
+            Some(ParsedRequest::Partial) | None => return None,
+            Some(ParsedRequest::HandOver) => return park(conn, client),
         };
         if exchange(&mut conn, &proxy, head).await == After::Close {
             let _ = conn.stream.shutdown().await;
-            return;
+            return None;
         }
     }
     let io = Rewind {
@@ -140,15 +148,27 @@ pub(crate) async fn serve(
         inner: conn.stream,
     };
     crate::serve_hyper(io, client, proxy, stop).await;
+    None
+}
+
+/// The connection between two requests, with what the client already sent.
+fn park(conn: Client, client: SocketAddr) -> Option<Parked> {
+    let stream = conn.stream.into_std().ok()?;
+    Some(Parked {
+        stream,
+        client,
+        buffered: conn.buf.freeze(),
+    })
 }
 
 /// Reads until a complete request head is buffered; `None` when the client closed, stayed
 /// idle past the idle timeout, took longer than the head timeout over a head it started (it
-/// gets 408), or the proxy is stopping.
+/// gets 408), or the proxy is draining; `HandOver` when it hands its connections over (a
+/// head started stays buffered, for the next program).
 async fn next_request(
     conn: &mut Client,
     proxy: &RoleProxy,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Stop>,
 ) -> Option<ParsedRequest> {
     let idle_deadline = tokio::time::Instant::now() + proxy.config.idle_timeout;
     let mut head_deadline = None;
@@ -161,6 +181,11 @@ async fn next_request(
             head_deadline.get_or_insert_with(|| {
                 tokio::time::Instant::now() + proxy.config.request_head_timeout
             });
+        }
+        // Checked before reading: a client that keeps sending cannot hold the handover up
+        // (what it sends waits in the socket for the next program).
+        if *stop.borrow() == Stop::HandOver {
+            return Some(ParsedRequest::HandOver);
         }
         let deadline = head_deadline.map_or(idle_deadline, |d| d.min(idle_deadline));
         conn.buf.reserve(READ_RESERVE);
@@ -183,7 +208,9 @@ async fn next_request(
                     }
                 }
             }
-            _ = stopped(stop) => return None,
+            asked = stop_asked(stop) => {
+                return (asked == Stop::HandOver).then_some(ParsedRequest::HandOver);
+            }
         }
     }
 }

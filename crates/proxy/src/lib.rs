@@ -317,8 +317,38 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
     }
 }
 
-/// Serves `proxy` on `listener` until `shutdown` turns true; then stops accepting, lets open
-/// connections finish their current request, and returns when they are closed or after `grace`.
+/// What a frontend is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stop {
+    #[default]
+    Serve,
+    /// Stop accepting; open connections finish their current request and close.
+    Drain,
+    /// Stop accepting; open connections finish their current request and are set aside,
+    /// open, with the listener, for the next program (`phoenix restart`).
+    HandOver,
+}
+
+/// A client connection set aside between two requests: the next program serves it on.
+#[derive(Debug)]
+pub struct Parked {
+    pub stream: std::net::TcpStream,
+    pub client: SocketAddr,
+    /// Bytes the client already sent (part of its next request).
+    pub buffered: bytes::Bytes,
+}
+
+/// What a frontend leaves when it stops: after [`Stop::HandOver`], its listener and its
+/// parked connections.
+#[derive(Debug, Default)]
+pub struct Leftover {
+    pub listener: Option<std::net::TcpListener>,
+    pub parked: Vec<Parked>,
+}
+
+/// Serves `proxy` on `listener` (and first the connections `inherited` from a previous
+/// program) until `stop` asks otherwise; then stops accepting, lets open connections finish
+/// their current request, and returns when they are closed or parked, or after `grace`.
 ///
 /// At most `max_connections` are served at once: the next is not accepted until one ends, so
 /// the excess waits in the kernel's backlog instead of holding descriptors. When `accept`
@@ -326,23 +356,36 @@ pub async fn drain(backends: &[Arc<Backend>], deadline: Duration) -> DrainReport
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<RoleProxy>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
     grace: Duration,
-) {
+    inherited: Vec<Parked>,
+) -> Leftover {
     let slots = Arc::new(tokio::sync::Semaphore::new(
         proxy.config.max_connections.max(1),
     ));
     let clients = Arc::new(ClientCounts::default());
     let mut connections = tokio::task::JoinSet::new();
+    for parked in inherited {
+        let Ok(stream) = tokio::net::TcpStream::from_std(parked.stream) else {
+            continue;
+        };
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        let slot = slots.clone().try_acquire_owned().ok();
+        connections.spawn(async move {
+            let parked = h1::serve(stream, parked.client, parked.buffered, proxy, stop).await;
+            drop(slot);
+            parked
+        });
+    }
     let mut pause = ACCEPT_PAUSE_MIN;
-    loop {
+    let asked = loop {
         while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
-            _ = stopped(&mut shutdown) => break,
+            asked = stop_asked(&mut stop) => break asked,
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
         };
         let (stream, client) = tokio::select! {
-            _ = stopped(&mut shutdown) => break,
+            asked = stop_asked(&mut stop) => break asked,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -363,21 +406,43 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let stop = shutdown.clone();
-        let proxy = proxy.clone();
+        let (stop, proxy) = (stop.clone(), proxy.clone());
         connections.spawn(async move {
-            match proxy.config.mode {
-                Mode::Http => h1::serve(stream, client, proxy, stop).await,
-                Mode::Tcp => tunnel::serve_tcp(stream, proxy).await,
-            }
+            let parked = match proxy.config.mode {
+                Mode::Http => h1::serve(stream, client, bytes::Bytes::new(), proxy, stop).await,
+                Mode::Tcp => {
+                    tunnel::serve_tcp(stream, proxy).await;
+                    None
+                }
+            };
             drop((slot, admitted));
+            parked
         });
+    };
+    let mut leftover = Leftover::default();
+    if asked == Stop::HandOver {
+        leftover.listener = listener.into_std().ok();
+    } else {
+        drop(listener);
     }
-    drop(listener);
     let _ = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
+        while let Some(joined) = connections.join_next().await {
+            if let Ok(Some(parked)) = joined {
+                leftover.parked.push(parked);
+            }
+        }
     })
     .await;
+    leftover
+}
+
+/// Resolves with what `stop` asks once it asks anything but to serve (or its sender is gone:
+/// a drain).
+pub async fn stop_asked(stop: &mut watch::Receiver<Stop>) -> Stop {
+    match stop.wait_for(|asked| *asked != Stop::Serve).await {
+        Ok(asked) => *asked,
+        Err(_) => Stop::Drain,
+    }
 }
 
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
@@ -434,7 +499,7 @@ async fn serve_hyper<I>(
     io: I,
     client: SocketAddr,
     proxy: Arc<RoleProxy>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -457,7 +522,7 @@ async fn serve_hyper<I>(
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = stopped(&mut stop) => {
+        _ = stop_asked(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }

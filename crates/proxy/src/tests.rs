@@ -81,11 +81,17 @@ async fn refusing() -> SocketAddr {
         .unwrap()
 }
 
-async fn frontend(proxy: Arc<RoleProxy>) -> (SocketAddr, watch::Sender<bool>) {
+async fn frontend(proxy: Arc<RoleProxy>) -> (SocketAddr, watch::Sender<Stop>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve(listener, proxy, stopped, Duration::from_secs(1)));
+    let (stop, stopped) = watch::channel(Stop::Serve);
+    tokio::spawn(serve(
+        listener,
+        proxy,
+        stopped,
+        Duration::from_secs(1),
+        Vec::new(),
+    ));
     (addr, stop)
 }
 
@@ -94,7 +100,7 @@ async fn serving(
     config: ProxyConfig,
     name: &'static str,
     addr: SocketAddr,
-) -> (Arc<RoleProxy>, SocketAddr, watch::Sender<bool>) {
+) -> (Arc<RoleProxy>, SocketAddr, watch::Sender<Stop>) {
     let proxy = RoleProxy::new("web", config);
     proxy.set_backends(vec![Backend::new(name, addr)]);
     let (frontend_addr, stop) = frontend(proxy.clone()).await;
@@ -901,4 +907,89 @@ async fn both_paths_send_the_backend_the_same_headers() {
         }
         assert!(fast.iter().any(|l| l.starts_with("via: ")), "{fast:?}");
     }
+}
+
+/// One keep-alive request on `stream`: the body of a `Content-Length` response.
+async fn request_on(stream: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "connection closed");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8(raw).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"));
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+#[tokio::test]
+async fn a_handover_passes_the_listener_and_idle_connections_on_open() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    proxy.set_backends(vec![Backend::new("b1", backend("b1").await)]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = watch::channel(Stop::Serve);
+    let first = tokio::spawn(serve(
+        listener,
+        proxy.clone(),
+        stopped,
+        Duration::from_secs(5),
+        Vec::new(),
+    ));
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut idle, "/one").await, "b1 /one");
+    // A request in flight when the handover is asked finishes first.
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let slow = tokio::spawn(async move {
+        let body = request_on(&mut busy, "/slow/300").await;
+        (body, busy)
+    });
+    // A client that had started its next head when the handover came.
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut partial, "/p").await, "b1 /p");
+    partial.write_all(b"GET /par").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send_replace(Stop::HandOver);
+    let leftover = first.await.unwrap();
+    let (body, mut busy) = slow.await.unwrap();
+    assert_eq!(body, "b1 /slow/300");
+    assert_eq!(leftover.parked.len(), 3, "{leftover:?}");
+    let buffered: Vec<_> = leftover.parked.iter().map(|p| p.buffered.clone()).collect();
+    assert!(buffered.contains(&Bytes::from_static(b"GET /par")), "{buffered:?}");
+    // Between the two programs, a new client waits in the backlog.
+    let waiting = tokio::spawn(async move { get(addr, "/queued").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listener = TcpListener::from_std(leftover.listener.unwrap()).unwrap();
+    let (_stop, stopped) = watch::channel(Stop::Serve);
+    tokio::spawn(serve(
+        listener,
+        proxy,
+        stopped,
+        Duration::from_secs(5),
+        leftover.parked,
+    ));
+    assert_eq!(waiting.await.unwrap(), (200, "b1 /queued".to_string()));
+    assert_eq!(request_on(&mut idle, "/two").await, "b1 /two");
+    assert_eq!(request_on(&mut busy, "/three").await, "b1 /three");
+    let rest = "tial HTTP/1.1\r\nHost: test\r\n\r\n";
+    partial.write_all(rest.as_bytes()).await.unwrap();
+    let mut raw = vec![0; 512];
+    let n = partial.read(&mut raw).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&raw[..n]).ends_with("b1 /partial"),
+        "{:?}",
+        String::from_utf8_lossy(&raw[..n])
+    );
 }
