@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use axum::Json;
 use axum::Extension;
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -57,7 +57,11 @@ pub(crate) struct RestartBody {
 pub(crate) async fn up_info(State(state): State<AppState>) -> Response {
     match &state.restarts {
         Some(restarts) => {
-            let info = restarts.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let info = restarts
+                .info
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             Json(info).into_response()
         }
         None => crate::failure(StatusCode::NOT_FOUND, "this API does not restart"),

@@ -57,8 +57,9 @@ impl Adopted {
         // SAFETY: the descriptor was just returned to us and nothing else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         // SAFETY: the OwnedFd stays open and unchanged for as long as the AsyncFd owns it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
         Ok(Adopted {
             pid,
             pidfd,
@@ -75,8 +76,7 @@ impl Adopted {
             let mut ready = self.pidfd.readable().await?;
             let mut raw = 0;
             // SAFETY: waitpid on our own child, writing into a local.
-            let reaped =
-                unsafe { libc::waitpid(self.pid as libc::pid_t, &mut raw, libc::WNOHANG) };
+            let reaped = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut raw, libc::WNOHANG) };
             match reaped {
                 0 => ready.clear_ready(),
                 n if n < 0 => return Err(io::Error::last_os_error()),

@@ -565,11 +565,11 @@ impl Controller {
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
             let gateway = drivers.bridge().map(|b| b.gateway());
-            let (listen, bound) = match crate::roles::take_inherited(&mut inherited, name, config.listen)
-            {
-                Some(taken) => taken,
-                None => crate::roles::bind(name, config.listen, gateway).await?,
-            };
+            let (listen, bound) =
+                match crate::roles::take_inherited(&mut inherited, name, config.listen) {
+                    Some(taken) => taken,
+                    None => crate::roles::bind(name, config.listen, gateway).await?,
+                };
             // A size set by hand holds until the file's `instances` changes.
             let size = store
                 .role_size(name)?

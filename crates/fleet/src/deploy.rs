@@ -733,7 +733,10 @@ pub(crate) async fn adopt_live(
                     process,
                     addr: handed.addr,
                     driver: driver.clone(),
-                    log_path: inner.state_dir.join("logs").join(format!("{}.log", handed.name)),
+                    log_path: inner
+                        .state_dir
+                        .join("logs")
+                        .join(format!("{}.log", handed.name)),
                     healthy: handed.healthy,
                 };
                 let instance = instance::supervise(inner, role, row.id, watched);
@@ -758,7 +761,10 @@ pub(crate) async fn adopt_live(
         }
         role.refresh_backends();
     }
-    let detail = json!({"generation": row.id, "image": row.image, "adopted": adopted, "started": missing});
-    inner.journal(Some(&role.name), "role.adopted", detail).await;
+    let detail =
+        json!({"generation": row.id, "image": row.image, "adopted": adopted, "started": missing});
+    inner
+        .journal(Some(&role.name), "role.adopted", detail)
+        .await;
     Ok(adopted)
 }

@@ -18,8 +18,8 @@ use phoenix_proxy::Parked;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::controller::{Controller, Inner};
 use crate::FleetError;
+use crate::controller::{Controller, Inner};
 
 /// One instance as the next program takes it over.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -154,7 +154,6 @@ fn take_role(parked: &mut Vec<(String, Parked)>, role: &str) -> Vec<Parked> {
     *parked = rest;
     mine.into_iter().map(|(_, p)| p).collect()
 }
-
 
 pub(crate) fn listener_to_tokio(
     listener: std::net::TcpListener,
@@ -302,7 +301,8 @@ impl Inner {
     pub(crate) async fn adopt(self: &Arc<Self>, handed: &[HandedInstance]) -> usize {
         let mut adopted = 0;
         for role in self.roles() {
-            let mine: Vec<&HandedInstance> = handed.iter().filter(|h| h.role == role.name).collect();
+            let mine: Vec<&HandedInstance> =
+                handed.iter().filter(|h| h.role == role.name).collect();
             let Some(generation) = mine.first().map(|h| h.generation) else {
                 continue;
             };
@@ -434,6 +434,11 @@ mod tests {
             assert!(error.contains(why), "{error}");
         }
         std::fs::write(&path, "{not json").unwrap();
-        assert!(Handed::read(&path).unwrap_err().to_string().contains("not a handover"));
+        assert!(
+            Handed::read(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("not a handover")
+        );
     }
 }

@@ -362,7 +362,10 @@ pub(crate) fn supervise(
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = watch::channel(None);
     let (status, passes) = if healthy {
-        (InstanceStatus::Healthy, role_config.health.healthy_threshold)
+        (
+            InstanceStatus::Healthy,
+            role_config.health.healthy_threshold,
+        )
     } else {
         (InstanceStatus::Starting, 0)
     };

@@ -38,7 +38,7 @@ pub use config::{
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};
 pub use drivers::ID_OFFSET;
-pub use handover::{HandedBridge, HandedInstance, Handed, Handover};
+pub use handover::{Handed, HandedBridge, HandedInstance, Handover};
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;
 pub use plan::{Change, How, Op, Plan};

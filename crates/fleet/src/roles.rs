@@ -5,8 +5,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use serde_json::json;
 use phoenix_proxy::{Leftover, Parked, Stop};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -74,7 +74,9 @@ pub(crate) fn take_inherited(
         };
         // The first is the role's own address; a second is the bridge's side of it.
         let fits = match bound {
-            None => addr.ip() == listen.ip() && (listen.port() == 0 || listen.port() == addr.port()),
+            None => {
+                addr.ip() == listen.ip() && (listen.port() == 0 || listen.port() == addr.port())
+            }
             Some(first) => addr.port() == SocketAddr::port(&first),
         };
         if !fits {

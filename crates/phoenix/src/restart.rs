@@ -271,8 +271,8 @@ pub async fn restart_cmd(state: &Path, args: RestartArgs) -> anyhow::Result<Exit
 
 /// `phoenix upgrade PATH`.
 pub async fn upgrade_cmd(state: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> {
-    let binary = std::path::absolute(&args.binary)
-        .with_context(|| format!("{}", args.binary.display()))?;
+    let binary =
+        std::path::absolute(&args.binary).with_context(|| format!("{}", args.binary.display()))?;
     if !binary.is_file() {
         bail!("{}: no such file", binary.display());
     }
@@ -302,7 +302,10 @@ async fn ask(
     let deadline = started + Duration::from_secs(120);
     let after = loop {
         if Instant::now() > deadline {
-            bail!("phoenix up (pid {}) did not come back within 120 s", before.pid);
+            bail!(
+                "phoenix up (pid {}) did not come back within 120 s",
+                before.pid
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         if !Path::new(&format!("/proc/{}", before.pid)).exists() {

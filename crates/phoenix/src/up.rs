@@ -194,7 +194,11 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(inheritance) = &inheritance {
         let detail = crate::restart::announce(&controller, inheritance).await;
-        restarts.info.lock().unwrap_or_else(|p| p.into_inner()).last_restart = Some(detail);
+        restarts
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_restart = Some(detail);
     }
     let converging = {
         let controller = controller.clone();

@@ -916,7 +916,11 @@ async fn request_on(stream: &mut TcpStream, path: &str) -> String {
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
     while !raw.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "connection closed");
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
         raw.push(byte[0]);
     }
     let head = String::from_utf8(raw).unwrap();
@@ -924,7 +928,11 @@ async fn request_on(stream: &mut TcpStream, path: &str) -> String {
     assert!(!head.to_ascii_lowercase().contains("connection: close"));
     let length: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
         .unwrap()
         .trim()
         .parse()
@@ -967,7 +975,10 @@ async fn a_handover_passes_the_listener_and_idle_connections_on_open() {
     assert_eq!(body, "b1 /slow/300");
     assert_eq!(leftover.parked.len(), 3, "{leftover:?}");
     let buffered: Vec<_> = leftover.parked.iter().map(|p| p.buffered.clone()).collect();
-    assert!(buffered.contains(&Bytes::from_static(b"GET /par")), "{buffered:?}");
+    assert!(
+        buffered.contains(&Bytes::from_static(b"GET /par")),
+        "{buffered:?}"
+    );
     // Between the two programs, a new client waits in the backlog.
     let waiting = tokio::spawn(async move { get(addr, "/queued").await });
     tokio::time::sleep(Duration::from_millis(50)).await;
