@@ -279,6 +279,8 @@ enum Ending {
     Group { secrets: Option<PathBuf> },
     /// A container watched by its shim.
     Container(Box<crate::container::Running>),
+    /// A test double's instance: stopping it sets its exit code.
+    Fake(tokio::sync::watch::Sender<Option<i32>>),
 }
 
 /// A running instance: its main process, and what watches it.
@@ -339,6 +341,16 @@ impl Process {
         })
     }
 
+    /// A test double's instance (see `test_util::FakeDriver`).
+    pub(crate) fn fake(pid: u32, exit: tokio::sync::watch::Sender<Option<i32>>) -> Process {
+        Process {
+            pid,
+            start_time: 0,
+            watcher: Watcher::Fake(exit.subscribe()),
+            end: Ending::Fake(exit),
+        }
+    }
+
     /// The process this instance's end is seen by: the instance, or its container's shim.
     pub fn watcher_pid(&self) -> u32 {
         self.watcher.id()
@@ -359,6 +371,7 @@ impl Process {
                 status.into()
             }
             Ending::Container(running) => running.finish(status),
+            Ending::Fake(_) => status.into(),
         }
     }
 
@@ -369,6 +382,10 @@ impl Process {
             Ending::Group { .. } => signal_group(self.pid, libc::SIGTERM),
             // The shim passes it on to the container's init.
             Ending::Container(_) => signal(self.watcher.id(), libc::SIGTERM),
+            Ending::Fake(exit) => {
+                exit.send_replace(Some(0));
+                true
+            }
         };
         let status = match tokio::time::timeout(grace, self.watcher.wait()).await {
             Ok(status) => return self.ended(status),
@@ -379,6 +396,9 @@ impl Process {
                     }
                     Ending::Container(running) => {
                         let _ = tokio::task::spawn_blocking(running.killer()).await;
+                    }
+                    Ending::Fake(exit) => {
+                        exit.send_replace(Some(137));
                     }
                 }
                 self.watcher.wait().await

@@ -14,6 +14,8 @@ use tokio::process::Child;
 pub(crate) enum Watcher {
     Child(Child),
     Adopted(Adopted),
+    /// A test double's instance (`test_util::FakeDriver`): its exit code once it ends.
+    Fake(tokio::sync::watch::Receiver<Option<i32>>),
 }
 
 impl Watcher {
@@ -21,6 +23,7 @@ impl Watcher {
         match self {
             Watcher::Child(child) => child.id().unwrap_or(0),
             Watcher::Adopted(adopted) => adopted.pid,
+            Watcher::Fake(_) => 0,
         }
     }
 
@@ -29,6 +32,13 @@ impl Watcher {
         match self {
             Watcher::Child(child) => child.wait().await,
             Watcher::Adopted(adopted) => adopted.wait().await,
+            Watcher::Fake(exit) => {
+                let code = exit
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_or(137, |c| c.unwrap_or(0));
+                Ok(ExitStatus::from_raw(code << 8))
+            }
         }
     }
 }

@@ -36,7 +36,7 @@ impl Controller {
             let run = &desired.roles[name].run;
             if self.inner.placement_like(run).is_none() {
                 return Err(FleetError::Apply(format!(
-                    "role {name} asks for driver {} on the {} network, which no running role has: restart `phoenix up` to add it",
+                    "role {name} asks for driver {} on the {} network, which no running role has: apply the file with `phoenix restart`",
                     run.driver.name(),
                     if run.network == crate::NetworkMode::Bridge {
                         "bridge"
@@ -119,7 +119,7 @@ impl Controller {
             .collect();
         if !restart.is_empty() {
             return Err(FleetError::Apply(format!(
-                "not applied: only a restart of `phoenix up` changes {}",
+                "not applied: `phoenix restart` applies {} (no request dropped; instances whose driver or network changed are replaced)",
                 restart.join(", ")
             )));
         }

@@ -111,7 +111,7 @@ async fn apply(
         return;
     }
     *last = None;
-    let lock = role.deploy_lock.try_lock();
+    let lock = role.try_deploy_guard();
     let during_deploy = lock.is_err();
     if during_deploy && decision.desired < seen.current {
         return;

@@ -64,8 +64,8 @@ pub(crate) enum Event {
 pub(crate) struct Generation {
     pub id: i64,
     pub image: String,
-    pub instances: Mutex<Vec<Arc<Instance>>>,
-    pub status: Mutex<GenerationStatus>,
+    instances: Mutex<Vec<Arc<Instance>>>,
+    status: Mutex<GenerationStatus>,
     /// The role's secrets as they were when the generation was made: every instance of it,
     /// replacements included, gets the same values; a new value needs a new generation.
     pub secrets: Vec<Secret>,
@@ -101,6 +101,22 @@ impl Generation {
     pub fn set_status(&self, status: GenerationStatus) {
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
+
+    /// An instance joins the generation.
+    pub fn add(&self, instance: Arc<Instance>) {
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(instance);
+    }
+
+    /// Instances leave the generation (they stop serving it; stopping them is the caller's).
+    pub fn remove(&self, leaving: impl Fn(&Instance) -> bool) {
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| !leaving(i));
+    }
 }
 
 /// An instance of another host, admitted as a backend of a role.
@@ -123,10 +139,11 @@ pub(crate) struct Role {
     listen: RwLock<SocketAddr>,
     /// Its frontends' serving tasks and their stop signals.
     frontends: Mutex<Vec<crate::roles::Frontend>>,
-    pub deploy_lock: Arc<tokio::sync::Mutex<()>>,
-    pub live: Mutex<Option<Arc<Generation>>>,
+    /// Held by whatever changes the role's generations or size: one at a time.
+    deploy_lock: Arc<tokio::sync::Mutex<()>>,
+    live: Mutex<Option<Arc<Generation>>>,
     /// Generations starting (in a deploy) or draining.
-    pub others: Mutex<Vec<Arc<Generation>>>,
+    others: Mutex<Vec<Arc<Generation>>>,
     /// Recent unexpected deaths, for crash-loop backoff.
     deaths: Mutex<Vec<Instant>>,
     /// Live, healthy instances of this role on other hosts (from gossip).
@@ -134,9 +151,9 @@ pub(crate) struct Role {
     /// Tells the membership task that instances or their health changed.
     changed: Arc<tokio::sync::Notify>,
     /// The size set by `phoenix scale`, when it overrides the fleet file's `instances`.
-    pub size: Mutex<Option<u32>>,
+    size: Mutex<Option<u32>>,
     /// Instances killed on purpose (chaos): replaced at once, not counted as a crash loop.
-    pub killed_on_purpose: Mutex<Vec<String>>,
+    killed_on_purpose: Mutex<Vec<String>>,
     /// The driver and network its instances run on.
     pub placement: crate::drivers::Placement,
 }
@@ -202,6 +219,40 @@ impl Role {
             *self.size.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         *current = config;
+    }
+
+    /// The right to change the role's generations or size, if nobody holds it (a deploy, a
+    /// scale, a renewal, a strike of chaos, a restart's handover).
+    pub fn try_deploy_guard(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, FleetError> {
+        self.deploy_lock
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| FleetError::Busy {
+                role: self.name.clone(),
+            })
+    }
+
+    /// The same right, waiting for it.
+    pub async fn deploy_guard(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.deploy_lock.clone().lock_owned().await
+    }
+
+    /// True while something holds the right to change the role.
+    pub fn is_deploying(&self) -> bool {
+        self.deploy_lock.try_lock().is_err()
+    }
+
+    /// The size `phoenix scale` set (kept until the file's `instances` changes).
+    pub fn set_size(&self, size: u32) {
+        *self.size.lock().unwrap_or_else(|p| p.into_inner()) = Some(size);
+    }
+
+    /// `name` is about to be killed on purpose (chaos): its death is no crash.
+    pub fn note_killed_on_purpose(&self, name: &str) {
+        self.killed_on_purpose
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
     }
 
     pub fn live(&self) -> Option<Arc<Generation>> {
@@ -867,16 +918,10 @@ async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: Stri
         if inner.is_shutting_down() {
             return;
         }
-        live.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|i| i.name != dead);
+        live.remove(|i| i.name == dead);
         match crate::deploy::start_instance(&inner, &role, &live).await {
             Ok(new) => {
-                live.instances
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(new.clone());
+                live.add(new.clone());
                 // A deploy may have switched away while the instance started. Pushed first and
                 // checked second: either the deploy's drain saw it, or it is stopped here.
                 let still_live = role.live().is_some_and(|g| Arc::ptr_eq(&g, &live));

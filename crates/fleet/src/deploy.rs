@@ -127,9 +127,7 @@ pub(crate) async fn deploy(
 ) -> Result<DeployReport, FleetError> {
     let started = Instant::now();
     let role = inner.role(role_name)?;
-    let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
-        role: role_name.into(),
-    })?;
+    let _lock = role.try_deploy_guard()?;
     if inner.is_shutting_down() {
         return Err(FleetError::ShuttingDown);
     }
@@ -594,11 +592,7 @@ pub(crate) async fn start_instances(
             "started {} (pid {}, {})",
             instance.name, instance.pid, instance.backend.addr
         ));
-        generation
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(instance.clone());
+        generation.add(instance.clone());
         Ok::<_, FleetError>(instance)
     });
     let mut started = Started {
@@ -656,7 +650,7 @@ pub(crate) async fn restart_live(
     role: &Arc<Role>,
     row: GenerationRow,
 ) -> Result<(), FleetError> {
-    let _lock = role.deploy_lock.lock().await;
+    let _lock = role.deploy_guard().await;
     if !inner.images.contains(&row.image) {
         return Err(FleetError::ImageNotFound(row.image));
     }
@@ -691,7 +685,7 @@ pub(crate) async fn adopt_live(
     generation: i64,
     handed: &[&crate::handover::HandedInstance],
 ) -> Result<usize, FleetError> {
-    let _lock = role.deploy_lock.lock().await;
+    let _lock = role.deploy_guard().await;
     let name = role.name.clone();
     let row = inner.db(move |s| s.live_generation(&name)).await?;
     let Some(row) = row.filter(|row| row.id == generation) else {
@@ -740,10 +734,7 @@ pub(crate) async fn adopt_live(
                     healthy: handed.healthy,
                 };
                 let instance = instance::supervise(inner, role, row.id, watched);
-                live.instances
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(instance);
+                live.add(instance);
             }
             Err(error) => {
                 tracing::warn!(instance = %handed.name, %error, "not taken over: removed");

@@ -71,7 +71,7 @@ impl Controller {
         let roles = inner.roles();
         let mut guards = Vec::new();
         for role in &roles {
-            let guard = role.deploy_lock.clone().try_lock_owned().map_err(|_| {
+            let guard = role.try_deploy_guard().map_err(|_| {
                 FleetError::Restart(format!(
                     "a deploy of role {} is running: restart when it has finished",
                     role.name

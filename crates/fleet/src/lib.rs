@@ -29,7 +29,7 @@ mod verify;
 pub use apply::ApplyReport;
 pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
 pub use bake::{BakeOutcome, bake_image, refresh_index};
-pub use clock::{Clock, Namer, SystemClock};
+pub use clock::{Clock, ManualClock, Namer, SystemClock};
 pub use config::{
     AgentSettings, CheckKind, ConfigError, DeployConfig, DriverKind, FleetFile, HealthConfig,
     NetworkConfig, NetworkMode, ProxyMode, ProxySettings, ResourcesConfig, RoleConfig, RunConfig,
@@ -91,7 +91,9 @@ pub enum FleetError {
     Scale(String),
     #[error("recipes are their own base: {0}")]
     BaseLoop(String),
-    #[error("role {role} is no longer in the fleet file; restart `phoenix up` to remove it")]
+    #[error(
+        "role {role} is no longer in the fleet file; `phoenix apply` or `phoenix restart` removes it"
+    )]
     RoleNotInFile { role: String },
     #[error("no instance {0} in a live generation")]
     UnknownInstance(String),

@@ -57,7 +57,7 @@ pub(crate) async fn renew(inner: Weak<Inner>, role_name: String) {
             .min_by_key(|i| i.started);
         let Some(oldest) = oldest else { continue };
         // Never during a deploy: the deploy replaces every instance anyway.
-        let Ok(_lock) = role.deploy_lock.try_lock() else {
+        let Ok(_lock) = role.try_deploy_guard() else {
             continue;
         };
         renew_one(&strong, &role, &live, oldest).await;
@@ -119,7 +119,7 @@ pub(crate) async fn chaos(inner: Weak<Inner>, role_name: String) {
 
 async fn strike(inner: &Arc<Inner>, role: &Role, config: &ChaosConfig) {
     // Never during a deploy.
-    let Ok(lock) = role.deploy_lock.try_lock() else {
+    let Ok(lock) = role.try_deploy_guard() else {
         return;
     };
     let Some(live) = role.live() else { return };
@@ -135,10 +135,7 @@ async fn strike(inner: &Arc<Inner>, role: &Role, config: &ChaosConfig) {
     let pick = (inner.namer.fraction() * healthy.len() as f64) as usize;
     let victim = &healthy[pick.min(healthy.len() - 1)];
     drop(lock);
-    role.killed_on_purpose
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(victim.name.clone());
+    role.note_killed_on_purpose(&victim.name);
     victim.kill();
     let detail = json!({"instance": victim.name, "pid": victim.pid, "healthy_before": all_healthy});
     inner

@@ -52,7 +52,7 @@ pub enum How {
     DrainAndRemove,
     /// The frontend moves: the new address serves before the old one drains.
     NewListener,
-    /// Only by restarting `phoenix up` (not applied live yet).
+    /// By `phoenix restart` (instances and open connections kept; not by `apply`).
     Restart,
 }
 
@@ -65,7 +65,7 @@ impl How {
             How::Start => "start: new listener, first generation",
             How::DrainAndRemove => "drain and remove",
             How::NewListener => "new listener, then the old one drains",
-            How::Restart => "restart of phoenix up (not applied live yet)",
+            How::Restart => "phoenix restart (no request dropped)",
         }
     }
 }
@@ -113,7 +113,7 @@ impl Plan {
             "\nPlan: {} change(s){}.\n",
             self.changes.len(),
             if restart > 0 {
-                format!(", {restart} of them only by a restart")
+                format!(", {restart} of them only by `phoenix restart`")
             } else {
                 String::new()
             }

@@ -229,7 +229,7 @@ impl Controller {
     ) -> Result<(), FleetError> {
         let inner = &self.inner;
         let role = inner.role(name)?;
-        let _deploying = role.deploy_lock.lock().await;
+        let _deploying = role.deploy_guard().await;
         progress.say(format!(
             "role {name}: draining, then stopping its instances"
         ));

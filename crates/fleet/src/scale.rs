@@ -103,9 +103,7 @@ async fn scale(
             "{role_name}: scale to at least 1 instance (the role would stop serving)"
         )));
     }
-    let _lock = role.deploy_lock.try_lock().map_err(|_| FleetError::Busy {
-        role: role_name.into(),
-    })?;
+    let _lock = role.try_deploy_guard()?;
     let report = resize(inner, &role, target, true, progress).await?;
     journal_scale(inner, &role, &report, "role.scaled", json!({})).await?;
     Ok(report)
@@ -160,7 +158,7 @@ pub(crate) async fn journal_scale(
     extra: serde_json::Value,
 ) -> Result<(), FleetError> {
     let target = report.to;
-    *role.size.lock().unwrap_or_else(|p| p.into_inner()) = Some(target);
+    role.set_size(target);
     let (now, file, key) = (
         inner.clock.now_ms(),
         role.config().instances,
@@ -219,10 +217,7 @@ pub(crate) async fn grow(
 }
 
 async fn remove_and_stop(role: &Role, live: &Generation, instances: &[Arc<Instance>]) {
-    live.instances
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|i| !instances.iter().any(|n| Arc::ptr_eq(n, i)));
+    live.remove(|i| instances.iter().any(|n| std::ptr::eq(&**n, i)));
     role.refresh_backends();
     stop_all(instances).await;
 }
@@ -235,10 +230,7 @@ pub(crate) async fn shrink(
     victims: &[Arc<Instance>],
     progress: &Progress,
 ) -> usize {
-    live.instances
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|i| !victims.iter().any(|v| Arc::ptr_eq(v, i)));
+    live.remove(|i| victims.iter().any(|v| std::ptr::eq(&**v, i)));
     role.refresh_backends();
     let backends: Vec<_> = victims.iter().map(|i| i.backend.clone()).collect();
     let drained = phoenix_proxy::drain(&backends, role.config().deploy.drain).await;

@@ -111,7 +111,7 @@ impl Controller {
                             .map(|(name, tag, _)| format!("{name}:{tag}"))
                             .unwrap_or(recipe)
                     }),
-                    deploying: role.deploy_lock.try_lock().is_err(),
+                    deploying: role.is_deploying(),
                     requests: stats.requests.load(Ordering::Relaxed),
                     proxy_errors: stats.proxy_errors.load(Ordering::Relaxed),
                     retries: stats.retries.load(Ordering::Relaxed),

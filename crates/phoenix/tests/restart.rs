@@ -134,3 +134,45 @@ fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refus
             .contains("version v1")
     );
 }
+
+#[test]
+fn proxy_settings_that_apply_refuses_take_effect_with_a_restart() {
+    let mut fleet = Fleet::version("v1");
+    let phoenix = Phoenix::start(&fleet);
+    let pids = processes_under(&phoenix.state());
+    fleet.more = "\n[role.web.proxy]\nmax_body = \"10\"\n";
+    phoenix.write_fleet(&fleet);
+    let plan = phoenix.cli(&["plan"]);
+    assert_eq!(plan.status.code(), Some(2));
+    let plan = text(&plan.stdout);
+    assert!(
+        plan.contains("max_body") && plan.contains("phoenix restart (no request dropped)"),
+        "{plan}"
+    );
+    let apply = phoenix.cli(&["apply", "--auto-approve"]);
+    assert_eq!(apply.status.code(), Some(1));
+    assert!(
+        text(&apply.stderr).contains("`phoenix restart` applies role web proxy"),
+        "{}",
+        text(&apply.stderr)
+    );
+    let big = "x".repeat(100);
+    let post = |phoenix: &Phoenix| {
+        let mut stream = std::net::TcpStream::connect(phoenix.proxy_addr()).unwrap();
+        use std::io::{Read, Write};
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+            big.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer[9..12].to_string()
+    };
+    assert_eq!(post(&phoenix), "200");
+    phoenix.cli_ok(&["restart"]);
+    assert_eq!(post(&phoenix), "413", "the new limit holds");
+    let plan = phoenix.cli(&["plan"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan.stdout));
+    assert_eq!(processes_under(&phoenix.state()), pids);
+}
