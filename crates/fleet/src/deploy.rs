@@ -125,15 +125,33 @@ pub(crate) async fn deploy(
     options: DeployOptions,
     progress: &Progress,
 ) -> Result<DeployReport, FleetError> {
-    let started = Instant::now();
     let role = inner.role(role_name)?;
     let _lock = role.try_deploy_guard()?;
+    // A deploy that fails changes nothing: the role keeps the settings and recipe it serves
+    // with (what `plan` compares against).
+    let (config, applied) = (role.config(), inner.applied());
+    let result = deploy_locked(inner, &role, role_name, options, progress).await;
+    if result.is_err() {
+        role.set_config(config);
+        inner.note_deployed(&applied, role_name);
+    }
+    result
+}
+
+async fn deploy_locked(
+    inner: &Arc<Inner>,
+    role: &Arc<Role>,
+    role_name: &str,
+    options: DeployOptions,
+    progress: &Progress,
+) -> Result<DeployReport, FleetError> {
+    let started = Instant::now();
     if inner.is_shutting_down() {
         return Err(FleetError::ShuttingDown);
     }
     let live = role.live();
     let (image, baked, verified) =
-        choose_image(inner, &role, live.as_ref(), &options, progress).await?;
+        choose_image(inner, role, live.as_ref(), &options, progress).await?;
     let bake_ms = started.elapsed().as_millis() as u64 - verified.map_or(0, |v| v.ms);
     let config = role.config();
     // Sized to the role now (a `phoenix scale` included), not only to the file.
@@ -182,7 +200,7 @@ pub(crate) async fn deploy(
     let boot = Instant::now();
     if let Err(reason) = boot_generation(
         inner,
-        &role,
+        role,
         &generation,
         size,
         config.deploy.healthy_timeout,

@@ -157,6 +157,23 @@ async fn deploy_abort_and_scale_follow_the_rules() {
     assert_eq!(within.stopped.len(), 3);
     assert_eq!(driver.running().len(), 1);
 
+    // The fleet file asks for 3: `apply` scales in place (the plan says so first).
+    write_fleet(dir.path(), "v2", 3);
+    let text = std::fs::read_to_string(dir.path().join("phoenix.toml")).unwrap();
+    let plan = controller.plan(&text).await.unwrap();
+    assert_eq!(plan.changes.len(), 1, "{plan:?}");
+    let applied = controller
+        .apply(&text, Some(&plan.base), &Progress::none())
+        .await
+        .unwrap();
+    assert_eq!(applied.scaled.len(), 1);
+    assert_eq!(driver.running().len(), 3);
+    let stale = controller
+        .apply(&text, Some(&plan.base), &Progress::none())
+        .await;
+    assert!(stale.unwrap_err().to_string().contains("plan again"));
+    controller.scale("web", 1, &Progress::none()).await.unwrap();
+
     // A crash is replaced.
     let (_, names) = live(&controller);
     driver.crash(&names[0]);
