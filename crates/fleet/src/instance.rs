@@ -398,7 +398,8 @@ pub(crate) fn supervise(
         grace: role_config.stop_timeout,
         memory_limit: role_config.run.resources.memory,
     };
-    tokio::spawn(supervisor.run(process, stop_rx, ended_tx));
+    // Counted: shutdown waits for every supervisor to record its instance's end.
+    inner.spawn(supervisor.run(process, stop_rx, ended_tx));
     instance
 }
 
