@@ -218,6 +218,7 @@ impl Role {
         if current.instances != config.instances {
             *self.size.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+        self.proxy.set_config(&config.proxy.to_proxy_config());
         *current = config;
     }
 

@@ -424,9 +424,17 @@ impl Supervisor {
         mut stop: watch::Receiver<bool>,
         ended: watch::Sender<Option<String>>,
     ) {
-        let mut ticker = tokio::time::interval(self.health.interval);
+        let mut interval = self.health.interval;
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
+            // `phoenix apply` may have changed how often and how strictly to check.
+            let health = self.health_now();
+            if health.interval != interval {
+                interval = health.interval;
+                ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             tokio::select! {
                 biased;
                 _ = phoenix_proxy::stopped(&mut stop) => {
@@ -435,7 +443,7 @@ impl Supervisor {
                     break End::Stopped(process.stop(self.grace).await);
                 }
                 exit = process.exited() => break End::Died(exit),
-                _ = ticker.tick() => self.probe().await,
+                _ = ticker.tick() => self.probe(&health).await,
             }
         };
         let instance = &self.instance;
@@ -479,14 +487,28 @@ impl Supervisor {
         }
     }
 
-    async fn probe(&self) {
+    /// The instance's health check: what is checked (`check`, `path`) as when it started, how
+    /// often and how strictly (`interval`, `timeout`, thresholds) as its role says now.
+    fn health_now(&self) -> HealthConfig {
+        let mut health = self.health.clone();
+        if let Ok(role) = self.inner.role(&self.instance.role) {
+            let now = role.config().health;
+            health.interval = now.interval;
+            health.timeout = now.timeout;
+            health.healthy_threshold = now.healthy_threshold;
+            health.unhealthy_threshold = now.unhealthy_threshold;
+        }
+        health
+    }
+
+    async fn probe(&self, health: &HealthConfig) {
         let instance = &self.instance;
-        let result = health::check(instance.backend.addr, &self.health).await;
+        let result = health::check(instance.backend.addr, health).await;
         if result.is_ok() {
             instance.backend.mark_up();
         }
         let error = result.as_ref().err().cloned();
-        let Some(status) = instance.record_probe(result, &self.health) else {
+        let Some(status) = instance.record_probe(result, health) else {
             return;
         };
         instance.backend.note_change();

@@ -255,9 +255,67 @@ fn role_diff(
                 format!("{:?}", c.stop_timeout),
                 How::InPlace,
             ),
-            ("health", format!("{:?}", c.health), How::NewGeneration),
+            // What is checked depends on the version; how often and how strictly does not.
+            (
+                "health.check",
+                format!("{:?}", c.health.check),
+                How::NewGeneration,
+            ),
+            ("health.path", c.health.path.clone(), How::NewGeneration),
+            (
+                "health.interval",
+                format!("{:?}", c.health.interval),
+                How::InPlace,
+            ),
+            (
+                "health.timeout",
+                format!("{:?}", c.health.timeout),
+                How::InPlace,
+            ),
+            (
+                "health.healthy_threshold",
+                c.health.healthy_threshold.to_string(),
+                How::InPlace,
+            ),
+            (
+                "health.unhealthy_threshold",
+                c.health.unhealthy_threshold.to_string(),
+                How::InPlace,
+            ),
             ("deploy", format!("{:?}", c.deploy), How::InPlace),
-            ("proxy", format!("{:?}", c.proxy), How::Restart),
+            // A frontend's mode and slots are its listener's; the rest is read per request.
+            ("proxy.mode", format!("{:?}", c.proxy.mode), How::Restart),
+            (
+                "proxy.max_connections",
+                format!("{:?}", c.proxy.max_connections),
+                How::Restart,
+            ),
+            (
+                "proxy.connect_timeout",
+                format!("{:?}", c.proxy.connect_timeout),
+                How::InPlace,
+            ),
+            (
+                "proxy.request_timeout",
+                format!("{:?}", c.proxy.request_timeout),
+                How::InPlace,
+            ),
+            (
+                "proxy.idle_timeout",
+                format!("{:?}", c.proxy.idle_timeout),
+                How::InPlace,
+            ),
+            (
+                "proxy.request_head_timeout",
+                format!("{:?}", c.proxy.request_head_timeout),
+                How::InPlace,
+            ),
+            ("proxy.max_body", c.proxy.max_body.to_string(), How::InPlace),
+            (
+                "proxy.max_connections_per_client",
+                format!("{:?}", c.proxy.max_connections_per_client),
+                How::InPlace,
+            ),
             ("drift_check", format!("{:?}", c.drift_check), How::InPlace),
             ("autoscale", format!("{:?}", c.autoscale), How::InPlace),
             ("max_age", format!("{:?}", c.max_age), How::InPlace),

@@ -135,44 +135,68 @@ fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refus
     );
 }
 
+/// A POST with a 100-byte body through the role's proxy: the status code.
+fn post_100_bytes(phoenix: &Phoenix) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(phoenix.proxy_addr()).unwrap();
+    let body = "x".repeat(100);
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{body}"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer[9..12].to_string()
+}
+
 #[test]
-fn proxy_settings_that_apply_refuses_take_effect_with_a_restart() {
+fn proxy_limits_apply_in_place_and_its_mode_with_a_restart() {
     let mut fleet = Fleet::version("v1");
     let phoenix = Phoenix::start(&fleet);
     let pids = processes_under(&phoenix.state());
+    assert_eq!(post_100_bytes(&phoenix), "200");
+
+    // A body limit: read per request, applied in place.
     fleet.more = "\n[role.web.proxy]\nmax_body = \"10\"\n";
+    phoenix.write_fleet(&fleet);
+    let plan = text(&phoenix.cli(&["plan"]).stdout);
+    assert!(
+        plan.contains("proxy.max_body: 16777216 -> 10") && plan.contains("(in place)"),
+        "{plan}"
+    );
+    phoenix.cli_ok(&["apply", "--auto-approve"]);
+    assert_eq!(
+        post_100_bytes(&phoenix),
+        "413",
+        "the new limit holds at once"
+    );
+
+    // The mode is the listener's: `apply` refuses it, `phoenix restart` applies it.
+    fleet.more = "\n[role.web.proxy]\nmax_body = \"10\"\nmode = \"tcp\"\n";
     phoenix.write_fleet(&fleet);
     let plan = phoenix.cli(&["plan"]);
     assert_eq!(plan.status.code(), Some(2));
     let plan = text(&plan.stdout);
     assert!(
-        plan.contains("max_body") && plan.contains("phoenix restart (no request dropped)"),
+        plan.contains("proxy.mode") && plan.contains("phoenix restart (no request dropped)"),
         "{plan}"
     );
     let apply = phoenix.cli(&["apply", "--auto-approve"]);
     assert_eq!(apply.status.code(), Some(1));
     assert!(
-        text(&apply.stderr).contains("`phoenix restart` applies role web proxy"),
+        text(&apply.stderr).contains("`phoenix restart` applies role web proxy.mode"),
         "{}",
         text(&apply.stderr)
     );
-    let big = "x".repeat(100);
-    let post = |phoenix: &Phoenix| {
-        let mut stream = std::net::TcpStream::connect(phoenix.proxy_addr()).unwrap();
-        use std::io::{Read, Write};
-        let request = format!(
-            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
-            big.len()
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
-        answer[9..12].to_string()
-    };
-    assert_eq!(post(&phoenix), "200");
+    assert_eq!(post_100_bytes(&phoenix), "413");
     phoenix.cli_ok(&["restart"]);
-    assert_eq!(post(&phoenix), "413", "the new limit holds");
+    // Bytes are spliced now: the instance answers, no HTTP limit applies.
+    assert_eq!(post_100_bytes(&phoenix), "200");
     let plan = phoenix.cli(&["plan"]);
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan.stdout));
-    assert_eq!(processes_under(&phoenix.state()), pids);
+    assert_eq!(
+        processes_under(&phoenix.state()),
+        pids,
+        "no instance replaced"
+    );
 }

@@ -118,7 +118,7 @@ async fn forward_to_backend(
     if let Some(problem) = policy::host_problem(parts.version == http::Version::HTTP_11, hosts) {
         return error_response(proxy, StatusCode::BAD_REQUEST, problem);
     }
-    let limit = proxy.config.max_body;
+    let limit = proxy.config().max_body;
     if body.size_hint().lower() > limit {
         return too_large(proxy, limit);
     }
@@ -170,7 +170,7 @@ async fn forward_to_backend(
         let mut outgoing = outgoing;
         outgoing.body_mut().meter_for(claim.backend());
         let attempt = tokio::time::timeout(
-            proxy.config.request_timeout,
+            proxy.config().request_timeout,
             send(claim.backend(), proxy, outgoing),
         )
         .await;
@@ -268,7 +268,8 @@ async fn forward_to_backend(
 pub(crate) fn timed_out(proxy: &RoleProxy, backend: &Backend) -> (StatusCode, String) {
     let message = format!(
         "backend {} did not answer within {:?}",
-        backend.id, proxy.config.request_timeout
+        backend.id,
+        proxy.config().request_timeout
     );
     (StatusCode::GATEWAY_TIMEOUT, message)
 }
@@ -312,7 +313,7 @@ async fn send(
             },
         }
     }
-    let mut sender = match pool::connect(backend.addr, proxy.config.connect_timeout).await {
+    let mut sender = match pool::connect(backend.addr, proxy.config().connect_timeout).await {
         Ok(sender) => sender,
         Err(error) => {
             let error = format!("connect to {}: {error}", backend.addr);

@@ -170,7 +170,7 @@ async fn next_request(
     proxy: &RoleProxy,
     stop: &mut watch::Receiver<Stop>,
 ) -> Option<ParsedRequest> {
-    let idle_deadline = tokio::time::Instant::now() + proxy.config.idle_timeout;
+    let idle_deadline = tokio::time::Instant::now() + proxy.config().idle_timeout;
     let mut head_deadline = None;
     loop {
         if !conn.buf.is_empty() {
@@ -179,7 +179,7 @@ async fn next_request(
                 parsed => return Some(parsed),
             }
             head_deadline.get_or_insert_with(|| {
-                tokio::time::Instant::now() + proxy.config.request_head_timeout
+                tokio::time::Instant::now() + proxy.config().request_head_timeout
             });
         }
         // Checked before reading: a client that keeps sending cannot hold the handover up
@@ -199,7 +199,7 @@ async fn next_request(
                         if head_deadline.is_some() {
                             let message = format!(
                                 "request head not received within {:?}",
-                                proxy.config.request_head_timeout
+                                proxy.config().request_head_timeout
                             );
                             let status = StatusCode::REQUEST_TIMEOUT;
                             respond_error(conn, proxy, status, &message, true, Instant::now()).await;
@@ -220,7 +220,7 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
     let started = Instant::now();
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     conn.buf.advance(head.len);
-    let limit = proxy.config.max_body;
+    let limit = proxy.config().max_body;
     if head.body > limit {
         let message = forward::too_large_message(proxy, limit);
         return respond_error(
@@ -250,7 +250,7 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
         let backend = claim.backend().clone();
         backend.metrics.add_received(buffered as u64);
         let attempt = tokio::time::timeout(
-            proxy.config.request_timeout,
+            proxy.config().request_timeout,
             send(
                 conn,
                 proxy,
@@ -298,7 +298,7 @@ async fn send(
 ) -> Result<(Upstream, ResponseHead), Failure> {
     let mut upstream = match backend.raw.checkout() {
         Some(upstream) => upstream,
-        None => match pool::connect_tcp(backend.addr, proxy.config.connect_timeout).await {
+        None => match pool::connect_tcp(backend.addr, proxy.config().connect_timeout).await {
             Ok(stream) => Upstream {
                 stream,
                 buf: BytesMut::with_capacity(READ_RESERVE),

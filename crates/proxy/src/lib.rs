@@ -179,7 +179,11 @@ impl Default for ProxyConfig {
 #[derive(Debug)]
 pub struct RoleProxy {
     pub role: String,
-    pub config: ProxyConfig,
+    /// Fixed for the frontend's life: the mode and `max_connections` (its listener's slots).
+    fixed: ProxyConfig,
+    /// The rest, changed in place by [`RoleProxy::set_config`]: read with plain loads on the
+    /// hot path, no lock.
+    tunables: Tunables,
     backends: RwLock<Vec<Arc<Backend>>>,
     next: AtomicUsize,
     pub stats: ProxyStats,
@@ -193,7 +197,8 @@ impl RoleProxy {
     pub fn new(role: impl Into<String>, config: ProxyConfig) -> Arc<Self> {
         Arc::new(RoleProxy {
             role: role.into(),
-            config,
+            fixed: config,
+            tunables: Tunables::new(&config),
             backends: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             stats: ProxyStats::default(),
@@ -204,6 +209,32 @@ impl RoleProxy {
 
     /// Replaces the backend set in one step. When this returns, every request bound for a
     /// backend that is no longer in the set is already counted in that backend's in-flight.
+    /// The settings now.
+    pub fn config(&self) -> ProxyConfig {
+        let t = &self.tunables;
+        let duration = |d: &AtomicU64| Duration::from_nanos(d.load(Ordering::Relaxed));
+        ProxyConfig {
+            mode: self.fixed.mode,
+            max_connections: self.fixed.max_connections,
+            connect_timeout: duration(&t.connect_timeout),
+            request_timeout: duration(&t.request_timeout),
+            idle_timeout: duration(&t.idle_timeout),
+            request_head_timeout: duration(&t.request_head_timeout),
+            max_body: t.max_body.load(Ordering::Relaxed),
+            max_connections_per_client: match t.max_connections_per_client.load(Ordering::Relaxed) {
+                0 => None,
+                n => Some(n),
+            },
+        }
+    }
+
+    /// Changes the settings that can change under open connections (timeouts, body limit,
+    /// connections per client); each request reads them as it goes. The mode and
+    /// `max_connections` stay what the frontend started with.
+    pub fn set_config(&self, config: &ProxyConfig) {
+        self.tunables.store(config);
+    }
+
     pub fn set_backends(&self, backends: Vec<Arc<Backend>>) {
         let mut current = self.backends.write().unwrap_or_else(|p| p.into_inner());
         let now = now_mark();
@@ -289,6 +320,50 @@ impl Drop for InFlight {
     }
 }
 
+/// The settings of a frontend that change in place, as plain atomics.
+#[derive(Debug)]
+struct Tunables {
+    connect_timeout: AtomicU64,
+    request_timeout: AtomicU64,
+    idle_timeout: AtomicU64,
+    request_head_timeout: AtomicU64,
+    max_body: AtomicU64,
+    /// 0: no limit.
+    max_connections_per_client: AtomicUsize,
+}
+
+impl Tunables {
+    fn new(config: &ProxyConfig) -> Tunables {
+        let tunables = Tunables {
+            connect_timeout: AtomicU64::new(0),
+            request_timeout: AtomicU64::new(0),
+            idle_timeout: AtomicU64::new(0),
+            request_head_timeout: AtomicU64::new(0),
+            max_body: AtomicU64::new(0),
+            max_connections_per_client: AtomicUsize::new(0),
+        };
+        tunables.store(config);
+        tunables
+    }
+
+    fn store(&self, config: &ProxyConfig) {
+        let nanos = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&self.connect_timeout, nanos(config.connect_timeout));
+        set(&self.request_timeout, nanos(config.request_timeout));
+        set(&self.idle_timeout, nanos(config.idle_timeout));
+        set(
+            &self.request_head_timeout,
+            nanos(config.request_head_timeout),
+        );
+        set(&self.max_body, config.max_body);
+        self.max_connections_per_client.store(
+            config.max_connections_per_client.unwrap_or(0),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// What a drain found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
@@ -361,7 +436,7 @@ pub async fn serve(
     inherited: Vec<Parked>,
 ) -> Leftover {
     let slots = Arc::new(tokio::sync::Semaphore::new(
-        proxy.config.max_connections.max(1),
+        proxy.config().max_connections.max(1),
     ));
     let clients = Arc::new(ClientCounts::default());
     let mut connections = tokio::task::JoinSet::new();
@@ -397,7 +472,7 @@ pub async fn serve(
             },
         };
         pause = ACCEPT_PAUSE_MIN;
-        let Some(admitted) = clients.admit(client.ip(), proxy.config.max_connections_per_client)
+        let Some(admitted) = clients.admit(client.ip(), proxy.config().max_connections_per_client)
         else {
             proxy
                 .stats
@@ -408,7 +483,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (stop, proxy) = (stop.clone(), proxy.clone());
         connections.spawn(async move {
-            let parked = match proxy.config.mode {
+            let parked = match proxy.config().mode {
                 Mode::Http => h1::serve(stream, client, bytes::Bytes::new(), proxy, stop).await,
                 Mode::Tcp => {
                     tunnel::serve_tcp(stream, proxy).await;
@@ -503,8 +578,8 @@ async fn serve_hyper<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = proxy.config.idle_timeout;
-    let proxy_head_timeout = proxy.config.request_head_timeout;
+    let idle_timeout = proxy.config().idle_timeout;
+    let proxy_head_timeout = proxy.config().request_head_timeout;
     let service = TowerToHyperService::new(ProxyService::new(proxy, client));
     // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -45,7 +45,7 @@ pub(crate) async fn serve_tcp(client: TcpStream, proxy: Arc<RoleProxy>) {
     while let Some(claim) = proxy.pick(&tried) {
         let backend = claim.backend().clone();
         match tokio::time::timeout(
-            proxy.config.connect_timeout,
+            proxy.config().connect_timeout,
             TcpStream::connect(backend.addr),
         )
         .await
