@@ -82,6 +82,7 @@ pub async fn restart(
     fds: OwnFds<'_>,
     restarts: u32,
     ready: impl FnOnce(),
+    mut stop_asked: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
     let binary = match binary {
         Some(path) => path,
@@ -111,6 +112,13 @@ pub async fn restart(
     ready();
     // The caller's answer goes out before this program ends.
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // Ctrl-C or SIGTERM during the handover: stop instead (after serving again, so the stop
+    // drains as usual).
+    if stop_asked() {
+        let _ = std::fs::remove_file(&path);
+        controller.resume(handover);
+        bail!("a stop signal came during the restart: stopping instead");
+    }
     let env = [
         (HANDOVER_ENV, path.as_os_str().to_owned()),
         (RESTARTS_ENV, OsString::from((restarts + 1).to_string())),
@@ -156,10 +164,45 @@ fn exec(binary: &Path, env: &[(&str, OsString)]) -> std::io::Error {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = vars.iter().map(|v| v.as_ptr()).collect();
     envp.push(std::ptr::null());
+    // A stop or restart signal that comes while the next program starts waits (a blocked
+    // signal stays pending across execve) instead of killing the process with its default
+    // action: the next program unblocks them once it handles them.
+    let old = set_stop_signals(libc::SIG_BLOCK);
     // SAFETY: every pointer is to a NUL-terminated string that outlives the call, and both
     // arrays end with a null pointer.
     unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    std::io::Error::last_os_error()
+    let error = std::io::Error::last_os_error();
+    // SAFETY: restores this thread's mask as it was.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    error
+}
+
+/// Blocks or unblocks SIGINT, SIGTERM and SIGHUP on the calling thread; returns the old mask.
+fn set_stop_signals(how: libc::c_int) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; pthread_sigmask
+    // changes only the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(how, &set, &mut old);
+        old
+    }
+}
+
+/// Called once `phoenix up` handles SIGINT, SIGTERM and SIGHUP: unblocks them where the
+/// previous program blocked them before `execve` (every thread of this program inherited the
+/// mask; the main thread, which lives as long as the process, takes delivery). Children get
+/// an empty mask whatever this one is (the standard library resets it).
+pub async fn unblock_stop_signals() {
+    set_stop_signals(libc::SIG_UNBLOCK);
+    let _ = tokio::task::spawn_blocking(|| {
+        phoenix_driver::launcher::on_main_thread(|| set_stop_signals(libc::SIG_UNBLOCK))
+    })
+    .await;
 }
 
 /// Checks that `binary` is a Phoenix this process may run: an absolute path to an executable

@@ -91,6 +91,11 @@ fn plan_api(args: &UpArgs) -> anyhow::Result<ApiPlan> {
 }
 
 pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Handled from the start: a signal that came during a restart was kept pending for us.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    crate::restart::unblock_stop_signals().await;
     let api_plan = plan_api(&args)?;
     raise_descriptor_limit();
     std::fs::create_dir_all(state)
@@ -222,9 +227,6 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let restarts_so_far = inheritance.as_ref().map_or(0, |i| i.restarts);
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         let (binary, reply) = tokio::select! {
             _ = interrupt.recv() => break,
@@ -244,13 +246,31 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
                 let _ = reply.send(Ok(()));
             }
         };
-        let outcome =
-            crate::restart::restart(&controller, state, binary, fds, restarts_so_far, ready).await;
+        let mut stopping = false;
+        let stop_asked = || {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            stopping |= interrupt.poll_recv(&mut cx).is_ready();
+            stopping |= terminate.poll_recv(&mut cx).is_ready();
+            stopping
+        };
+        let outcome = crate::restart::restart(
+            &controller,
+            state,
+            binary,
+            fds,
+            restarts_so_far,
+            ready,
+            stop_asked,
+        )
+        .await;
         if let Err(error) = outcome {
             eprintln!("phoenix up: not restarted: {error:#}");
             if let Some(reply) = reply.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let _ = reply.send(Err(format!("{error:#}")));
             }
+        }
+        if stopping {
+            break;
         }
     }
     println!(

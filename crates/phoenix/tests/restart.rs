@@ -106,7 +106,8 @@ fn ten_restarts_and_an_upgrade_under_load_fail_no_request_and_keep_every_instanc
 }
 
 #[test]
-fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refused() {
+fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refused_and_ctrl_c_during_a_restart_stops()
+ {
     let phoenix = Phoenix::start(&Fleet::version("v1"));
     let pids = processes_under(&phoenix.state());
     let dir = tempfile::tempdir().unwrap();
@@ -133,6 +134,13 @@ fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refus
             .get(phoenix.proxy_addr(), "/")
             .contains("version v1")
     );
+
+    // Ctrl-C right after SIGHUP, whichever program gets it, stops everything cleanly.
+    let mut phoenix = phoenix;
+    signal(up_info(&phoenix)["pid"].as_u64().unwrap() as u32, 1);
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(phoenix.interrupt().success(), "{}", phoenix.log());
+    assert_eq!(processes_under(&phoenix.state()), Vec::<u32>::new());
 }
 
 /// A POST with a 100-byte body through the role's proxy: the status code.
