@@ -598,21 +598,7 @@ impl Controller {
             }
         };
         let secrets = crate::secrets::Secrets::capture(&fleet);
-        for (name, role) in &fleet.roles {
-            // A secret that cannot be read is an error now, not at the first deploy.
-            secrets
-                .values(&fleet, &role.run.secrets)
-                .map_err(|e| match e {
-                    FleetError::Secret {
-                        name: secret,
-                        reason,
-                    } => FleetError::Secret {
-                        name: secret,
-                        reason: format!("{reason} (role {name})"),
-                    },
-                    other => other,
-                })?;
-        }
+        check_secrets(&fleet, &secrets)?;
         let mut roles = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, config) in &fleet.roles {
@@ -865,6 +851,51 @@ impl Controller {
                 json!({"instances_stopped": stopped, "tasks_left": tasks_left}),
             )
             .await;
+    }
+}
+
+/// Every role's secrets can be read: an error now, not at the first deploy.
+fn check_secrets(fleet: &FleetFile, secrets: &crate::secrets::Secrets) -> Result<(), FleetError> {
+    for (name, role) in &fleet.roles {
+        secrets
+            .values(fleet, &role.run.secrets)
+            .map_err(|e| match e {
+                FleetError::Secret {
+                    name: secret,
+                    reason,
+                } => FleetError::Secret {
+                    name: secret,
+                    reason: format!("{reason} (role {name})"),
+                },
+                other => other,
+            })?;
+    }
+    Ok(())
+}
+
+impl Controller {
+    /// What the next program would refuse at its start, checked before a restart hands the
+    /// fleet over: the fleet file parses, every role's secrets can be read, its drivers can
+    /// run here, and an address a role moves to is free. Blocks (call it off the runtime).
+    pub fn check_restart(&self) -> Result<(), FleetError> {
+        let fleet = self.inner.reload_fleet()?;
+        check_secrets(&fleet, &crate::secrets::Secrets::capture(&fleet))?;
+        crate::drivers::Drivers::open(&fleet, &self.inner.state_dir, false, None)?;
+        for (name, config) in &fleet.roles {
+            let kept = self.inner.role(name).is_ok_and(|role| {
+                let now = role.listen();
+                now.ip() == config.listen.ip()
+                    && (config.listen.port() == 0 || config.listen.port() == now.port())
+            });
+            if !kept {
+                std::net::TcpListener::bind(config.listen).map_err(|cause| FleetError::Listen {
+                    role: name.clone(),
+                    addr: config.listen,
+                    cause,
+                })?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -89,6 +89,11 @@ pub async fn restart(
         None => std::env::current_exe().context("cannot find this program's own path")?,
     };
     let version = check_binary(&binary).await?;
+    // The next program reads the fleet file again: a mistake in it must not end the fleet.
+    let checking = controller.clone();
+    tokio::task::spawn_blocking(move || checking.check_restart())
+        .await?
+        .context("not restarted (the fleet keeps running as it is)")?;
     let asked_at = now_ms();
     let handover = controller.hand_over().await?;
     let path = state.join(HANDOVER_FILE);

@@ -126,6 +126,23 @@ fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refus
         assert_eq!(output.status.code(), Some(1), "{binary}: {stderr}");
         assert!(stderr.contains(why), "{binary}: {stderr}");
     }
+    // A mistake in the fleet file is found before anything is handed over.
+    let good = std::fs::read_to_string(phoenix.fleet_path()).unwrap();
+    std::fs::write(
+        phoenix.fleet_path(),
+        good.replace("instances = 3", "instances = \"three\""),
+    )
+    .unwrap();
+    let output = phoenix.cli(&["restart"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not restarted")
+            && stderr.contains("phoenix.toml:")
+            && stderr.contains("instances"),
+        "{stderr}"
+    );
+    std::fs::write(phoenix.fleet_path(), good).unwrap();
     // Nothing moved.
     assert_eq!(up_info(&phoenix)["restarts"], 0);
     assert_eq!(processes_under(&phoenix.state()), pids);
