@@ -86,9 +86,9 @@ pub async fn restart(
 ) -> anyhow::Result<()> {
     let binary = match binary {
         Some(path) => path,
-        None => std::env::current_exe().context("cannot find this program's own path")?,
+        None => this_binary()?,
     };
-    let version = check_binary(&binary).await?;
+    let binary = check_binary(&binary).await?;
     // The next program reads the fleet file again: a mistake in it must not end the fleet.
     let checking = controller.clone();
     tokio::task::spawn_blocking(move || checking.check_restart())
@@ -109,7 +109,7 @@ pub async fn restart(
         return Err(error.into());
     }
     println!(
-        "phoenix up: restarting as {} ({version}): {} instances and {} open connections kept",
+        "phoenix up: restarting as {}: {} instances and {} open connections kept",
         binary.display(),
         handover.handed.instances.len(),
         handover.handed.parked.len()
@@ -137,6 +137,17 @@ pub async fn restart(
     let _ = std::fs::remove_file(&path);
     controller.resume(handover);
     Err(error).with_context(|| format!("cannot run {}", binary.display()))
+}
+
+/// The path this program was run from. A package upgrade that replaced the file leaves
+/// `/proc/self/exe` saying `PATH (deleted)`: the file now at PATH is the one to run.
+fn this_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe().context("cannot find this program's own path")?;
+    let text = path.as_os_str().as_bytes();
+    Ok(match text.strip_suffix(b" (deleted)") {
+        Some(rest) => PathBuf::from(std::ffi::OsStr::from_bytes(rest)),
+        None => path,
+    })
 }
 
 /// Replaces this program with `binary`, with this program's arguments and environment plus
@@ -211,11 +222,14 @@ pub async fn unblock_stop_signals() {
 }
 
 /// Checks that `binary` is a Phoenix this process may run: an absolute path to an executable
-/// file that only its owner (root or this user) can change, answering `--version` as Phoenix.
-async fn check_binary(binary: &Path) -> anyhow::Result<String> {
+/// file that only its owner (root or this user) can change or replace, answering `--version`
+/// as Phoenix. Returns the file's own path (links resolved), which is what runs.
+async fn check_binary(binary: &Path) -> anyhow::Result<PathBuf> {
     if !binary.is_absolute() {
         bail!("{}: give the binary's absolute path", binary.display());
     }
+    // The file itself, not a link someone could point elsewhere between the check and the run.
+    let binary = &std::fs::canonicalize(binary).with_context(|| format!("{}", binary.display()))?;
     let meta = std::fs::metadata(binary).with_context(|| format!("{}", binary.display()))?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -231,6 +245,18 @@ async fn check_binary(binary: &Path) -> anyhow::Result<String> {
             meta.uid()
         );
     }
+    // Nor may others replace it in its directory (a sticky one, like /tmp, lets only its owner).
+    let parent = binary.parent().unwrap_or(Path::new("/"));
+    let dir = std::fs::metadata(parent).with_context(|| format!("{}", parent.display()))?;
+    let dir_mode = dir.permissions().mode();
+    if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+        bail!(
+            "{}: others may replace files in {} (mode {:o})",
+            binary.display(),
+            parent.display(),
+            dir_mode & 0o7777
+        );
+    }
     let output = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new(binary)
@@ -244,7 +270,10 @@ async fn check_binary(binary: &Path) -> anyhow::Result<String> {
     .with_context(|| format!("cannot run {}", binary.display()))?;
     let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
     match text.strip_prefix("phoenix ") {
-        Some(version) if output.status.success() => Ok(version.to_string()),
+        Some(version) if output.status.success() => {
+            println!("phoenix up: {} is phoenix {version}", binary.display());
+            Ok(binary.clone())
+        }
         _ => bail!(
             "{}: not a Phoenix binary (`--version` said {text:?})",
             binary.display()

@@ -116,7 +116,14 @@ fn an_upgrade_to_a_binary_that_is_not_phoenix_or_that_others_can_change_is_refus
     let writable = dir.path().join("phoenix-writable");
     std::fs::copy(phoenix_bin(), &writable).unwrap();
     std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    let in_open_dir = open_dir.join("phoenix");
+    std::fs::copy(phoenix_bin(), &in_open_dir).unwrap();
+    std::fs::set_permissions(&in_open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     for (binary, why) in [
+        (in_open_dir.to_str().unwrap(), "others may replace files in"),
         (not_phoenix.to_str().unwrap(), "not a Phoenix binary"),
         (writable.to_str().unwrap(), "others could change it"),
         ("/nonexistent/phoenix", "no such file"),
