@@ -671,7 +671,7 @@ impl Controller {
             )
             .await;
         for (bound, role) in listeners {
-            let parked = crate::roles::take_parked(&mut inherited, &role.name);
+            let parked = crate::handover::take_role(&mut inherited.parked, &role.name);
             role.serve(bound, parked);
         }
         inner.spawn(event_loop(Arc::downgrade(&inner), events_rx));

@@ -147,7 +147,8 @@ impl Controller {
     }
 }
 
-fn take_role(parked: &mut Vec<(String, Parked)>, role: &str) -> Vec<Parked> {
+/// The connections parked for `role`, taken out of `parked`.
+pub(crate) fn take_role(parked: &mut Vec<(String, Parked)>, role: &str) -> Vec<Parked> {
     let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(parked)
         .into_iter()
         .partition(|(r, _)| r == role);

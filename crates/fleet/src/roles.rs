@@ -90,15 +90,6 @@ pub(crate) fn take_inherited(
     bound.map(|bound| (bound, listeners))
 }
 
-/// The connections the previous program parked for `role`.
-pub(crate) fn take_parked(inherited: &mut crate::handover::Handed, role: &str) -> Vec<Parked> {
-    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut inherited.parked)
-        .into_iter()
-        .partition(|(r, _)| r == role);
-    inherited.parked = rest;
-    mine.into_iter().map(|(_, parked)| parked).collect()
-}
-
 impl Role {
     /// Serves the role's proxy on `listeners`, and on the client connections a previous
     /// program parked (each with the listener that accepted it).
