@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Phoenix, hello_bin, text};
+use common::{Phoenix, hello_bin, processes_under, text};
 use serde_json::Value;
 
 fn runnable() -> bool {
@@ -458,4 +458,68 @@ fn a_policy_that_cannot_be_enforced_stops_phoenix_up() {
             && stderr.contains("cannot be enforced here"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_restart_keeps_the_bridge_the_policy_and_every_instance() {
+    if !runnable() {
+        return;
+    }
+    let mut phoenix = Phoenix::launch(fleet_dir(), &[], Some(common::Netns::new()));
+    for role in ["web", "api", "db"] {
+        phoenix.wait_role(role, 1);
+    }
+    let pids = processes_under(&phoenix.state());
+    let gateway = gateway(&phoenix);
+    let port = listen(&phoenix, "db").port();
+    let (_, db_addr) = instance(&phoenix, "db");
+
+    let out = phoenix.cli_ok(&["restart"]);
+    assert!(out.contains("3 of 3 instances kept running"), "{out}");
+    assert_eq!(
+        processes_under(&phoenix.state()),
+        pids,
+        "the same instances"
+    );
+    assert_eq!(
+        instance(&phoenix, "db").1,
+        db_addr,
+        "the same address on the bridge"
+    );
+    // The policy holds for the instances taken over, through the proxy and around it.
+    api_in_web_out(&phoenix, &gateway, port);
+    let (ip, db_port) = (db_addr.ip().to_string(), db_addr.port());
+    let direct = get_from(&phoenix, "api", &ip, db_port);
+    assert!(
+        answered(&direct, "db"),
+        "api reaches db's instance: {}{}\n{}",
+        text(&direct.stdout),
+        text(&direct.stderr),
+        phoenix.log()
+    );
+    assert!(!answered(&get_from(&phoenix, "web", &ip, db_port), "db"));
+    // A new instance after the restart gets a free address, not a kept one.
+    phoenix.cli_ok(&["scale", "web", "2"]);
+    phoenix.wait_role("web", 2);
+    let status = phoenix.status();
+    let mut addrs: Vec<String> = status["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["generations"].as_array().unwrap().clone())
+        .flat_map(|g| g["instances"].as_array().unwrap().clone())
+        .map(|i| {
+            i["address"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let count = addrs.len();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), count, "no address handed out twice: {addrs:?}");
 }

@@ -97,7 +97,11 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
                 let mut stop = stop_rx.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| handle(app.clone(), req));
-                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    // A client that sends its request and shuts its side (`printf ... | nc`)
+                    // still gets the answer.
+                    let conn = http1::Builder::new()
+                        .half_close(true)
+                        .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
