@@ -109,6 +109,7 @@ fn phoenix_run(
         workdir: "/".into(),
         user: String::new(),
         log_path: work.join(format!("{name}.log")),
+        output: None,
         network,
         port: None,
         resources: Resources::default(),

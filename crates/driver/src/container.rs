@@ -425,12 +425,8 @@ impl ContainerDriver {
         plan: &Path,
     ) -> Result<(tokio::process::Child, u32, u64), DriverError> {
         let io = |action| DriverError::io(&spec.name, action);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_path)
-            .map_err(io("open log file"))?;
-        let log_err = log.try_clone().map_err(io("open log file"))?;
+        let (log, log_err) = crate::Output::or_file(spec.output.as_ref(), &spec.log_path)
+            .map_err(io("open its output"))?;
         let (ready_read, ready_write) = std::io::pipe().map_err(io("make a pipe"))?;
         let ready_write = OwnedFd::from(ready_write);
         let ready_fd = ready_write.as_raw_fd();

@@ -61,8 +61,11 @@ pub struct InstanceSpec {
     /// `USER[:GROUP]` by name or number, resolved in the image's `/etc/passwd` and
     /// `/etc/group`; empty: root inside the instance's user namespace.
     pub user: String,
-    /// Where stdout and stderr go.
+    /// Where stdout and stderr go, unless `output` says otherwise.
     pub log_path: PathBuf,
+    /// Pipes Phoenix reads the instance's stdout and stderr from (line by line, into the log
+    /// store), instead of `log_path`.
+    pub output: Option<Output>,
     /// The host's network, or an address on Phoenix's bridge.
     pub network: Network,
     /// The port the instance serves on (`PORT`); `None` picks a free one (host network only).
@@ -88,6 +91,39 @@ impl std::fmt::Debug for InstanceSpec {
             .field("resources", &self.resources)
             .field("secrets", &self.secrets)
             .finish_non_exhaustive()
+    }
+}
+
+/// The write ends of the pipes an instance's stdout and stderr go to.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub stdout: Arc<std::os::fd::OwnedFd>,
+    pub stderr: Arc<std::os::fd::OwnedFd>,
+}
+
+impl Output {
+    /// Stdio for a child: its own copies of the two ends.
+    pub(crate) fn stdio(&self) -> std::io::Result<(std::process::Stdio, std::process::Stdio)> {
+        Ok((
+            std::process::Stdio::from(self.stdout.try_clone()?),
+            std::process::Stdio::from(self.stderr.try_clone()?),
+        ))
+    }
+
+    /// Stdio for a child: `output`'s pipes, or `log_path` opened for appending.
+    pub(crate) fn or_file(
+        output: Option<&Output>,
+        log_path: &std::path::Path,
+    ) -> std::io::Result<(std::process::Stdio, std::process::Stdio)> {
+        if let Some(output) = output {
+            return output.stdio();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
+        let log_err = log.try_clone()?;
+        Ok((log.into(), log_err.into()))
     }
 }
 

@@ -2,7 +2,6 @@
 //! the host, as the user running Phoenix, in its own process group, with a free loopback port
 //! in `PORT`. No isolation: for development and for hosts where containers cannot run.
 
-use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -81,12 +80,8 @@ impl Driver for ProcessDriver {
             None => free_port().map_err(io("find a free port"))?,
         };
         let secrets = write_secrets(spec).map_err(io("write its secrets"))?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_path)
-            .map_err(io("open log file"))?;
-        let log_err = log.try_clone().map_err(io("open log file"))?;
+        let (log, log_err) = crate::Output::or_file(spec.output.as_ref(), &spec.log_path)
+            .map_err(io("open its output"))?;
         let mut command = Command::new(&program);
         command
             .args(&spec.argv[1..])

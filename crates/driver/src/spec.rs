@@ -225,6 +225,7 @@ mod tests {
             workdir: String::new(),
             user: String::new(),
             log_path: "/state/logs/web-1a2b3c.log".into(),
+            output: None,
             network: Network::Host,
             port: Some(8080),
             resources: Resources {

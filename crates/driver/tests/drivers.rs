@@ -821,6 +821,7 @@ fn shell_spec(name: &str, root: &Path, state: &Path, script: &str) -> InstanceSp
         workdir: "/".into(),
         user: String::new(),
         log_path: state.join(format!("{name}.log")),
+        output: None,
         network: Network::Host,
         port: None,
         resources: Resources::default(),

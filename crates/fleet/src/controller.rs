@@ -389,9 +389,28 @@ pub(crate) struct Inner {
     applied: Mutex<FleetFile>,
     /// Every background task (loops, replacements): shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
+    /// Instances' output into the log store.
+    pub capture: crate::capture::Capture,
 }
 
 impl Inner {
+    /// The last `count` lines `instance` wrote (from the log store).
+    pub(crate) fn log_tail(
+        &self,
+        instance: &crate::instance::Instance,
+        count: usize,
+    ) -> Vec<String> {
+        phoenix_observe::logs::tail(
+            self.capture.store_dir(),
+            &instance.role,
+            &instance.name,
+            count,
+        )
+        .into_iter()
+        .map(|line| line.text)
+        .collect()
+    }
+
     pub fn role(&self, name: &str) -> Result<Arc<Role>, FleetError> {
         let roles = self.roles.read().unwrap_or_else(|p| p.into_inner());
         roles
@@ -566,6 +585,15 @@ impl Controller {
                 })?;
         }
         let store = Arc::new(Store::open(state_dir.join("state.db"))?);
+        let capture = crate::capture::Capture::start(
+            crate::capture::store_dir(&state_dir),
+            options.clock.clone(),
+        )
+        .map_err(|cause| FleetError::Io {
+            what: "open the log store".into(),
+            cause,
+        })?;
+        capture.inherit(std::mem::take(&mut inherited.outputs));
         store.check()?;
         let metrics_path = state_dir.join("metrics.db");
         phoenix_store::private_file(&metrics_path).map_err(|cause| FleetError::Io {
@@ -651,6 +679,7 @@ impl Controller {
             recent: Default::default(),
             applied: Mutex::new(fleet.clone()),
             tasks: tokio_util::task::TaskTracker::new(),
+            capture,
         });
         // Instances handed over by the previous program are taken over, not killed.
         let handed: Vec<_> = std::mem::take(&mut inherited.instances)

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::config::RoleConfig;
 use crate::controller::{Controller, Generation, Inner, Role};
-use crate::instance::{self, Instance, log_tail};
+use crate::instance::{self, Instance};
 use crate::verify::{self, VerifyOptions};
 use crate::{FleetError, FleetFile, bake};
 
@@ -520,7 +520,12 @@ async fn boot_generation(
         let instances = generation.instances();
         for instance in &instances {
             if let Some(exit) = instance.ended() {
+                inner
+                    .capture
+                    .wait_ended(&instance.name, Duration::from_millis(500))
+                    .await;
                 return Err(startup_failure(
+                    inner,
                     instance,
                     &format!("exited during startup ({exit})"),
                 ));
@@ -546,6 +551,7 @@ async fn boot_generation(
                 .last_error()
                 .unwrap_or_else(|| "no health check has passed yet".into());
             return Err(startup_failure(
+                inner,
                 sick,
                 &format!("not healthy within {timeout:?}: last health check: {error}"),
             ));
@@ -554,13 +560,13 @@ async fn boot_generation(
     }
 }
 
-fn startup_failure(instance: &Instance, what: &str) -> String {
-    let tail = log_tail(&instance.log_path, 10);
+fn startup_failure(inner: &Inner, instance: &Instance, what: &str) -> String {
+    let tail = inner.log_tail(instance, 10);
     let mut reason = format!("instance {} {what}", instance.name);
     if !tail.is_empty() {
         reason.push_str(&format!(
-            "\nlast lines of {}:\n  {}",
-            instance.log_path.display(),
+            "\nlast lines of its output (more: phoenix logs {}):\n  {}",
+            instance.name,
             tail.join("\n  ")
         ));
     }
@@ -745,12 +751,14 @@ pub(crate) async fn adopt_live(
                     process,
                     addr: handed.addr,
                     driver: driver.clone(),
-                    log_path: inner
-                        .state_dir
-                        .join("logs")
-                        .join(format!("{}.log", handed.name)),
                     healthy: handed.healthy,
                 };
+                inner.capture.resume(&crate::capture::Source {
+                    role: role.name.clone(),
+                    instance: handed.name.clone(),
+                    generation: row.id,
+                    image: phoenix_image::short_digest(&row.image).to_string(),
+                });
                 let instance = instance::supervise(inner, role, row.id, watched);
                 live.add(instance);
             }

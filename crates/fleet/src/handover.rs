@@ -53,6 +53,8 @@ pub struct Handed {
     pub parked: Vec<(String, Parked)>,
     pub instances: Vec<HandedInstance>,
     pub bridge: Option<HandedBridge>,
+    /// The read ends of running instances' stdout and stderr pipes (by instance and stream).
+    pub outputs: Vec<(String, &'static str, OwnedFd)>,
 }
 
 /// A fleet handed over and waiting for the next program: no deploy, scale or renewal starts
@@ -88,6 +90,7 @@ impl Controller {
             guards.push(guard);
         }
         let mut handed = Handed {
+            outputs: inner.capture.handed(),
             bridge: inner.drivers.bridge().map(|b| HandedBridge {
                 name: b.name().to_string(),
                 subnet: b.subnet().to_string(),
@@ -174,6 +177,9 @@ struct HandoverFile {
     parked: Vec<ParkedFd>,
     instances: Vec<HandedInstance>,
     bridge: Option<HandedBridge>,
+    /// Output pipes' read ends: instance, stream, descriptor.
+    #[serde(default)]
+    outputs: Vec<(String, String, RawFd)>,
     /// Descriptors of the program's own (its lock, its API sockets), by name.
     extra: BTreeMap<String, RawFd>,
 }
@@ -228,6 +234,13 @@ impl Handed {
                 .collect(),
             instances: self.instances.clone(),
             bridge: self.bridge.clone(),
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(instance, stream, fd)| {
+                    (instance.clone(), stream.to_string(), note(fd.as_fd()))
+                })
+                .collect(),
             extra: extra
                 .iter()
                 .map(|(name, fd)| (name.clone(), note(*fd)))
@@ -260,11 +273,11 @@ impl Handed {
             )));
         }
         let mut taken = std::collections::BTreeSet::new();
-        let mut take = |fd: RawFd, socket: bool| -> Result<OwnedFd, FleetError> {
+        let mut take = |fd: RawFd, kind: Kind| -> Result<OwnedFd, FleetError> {
             if fd < 3 || !taken.insert(fd) {
                 return Err(bad(format!("descriptor {fd} cannot be handed over")));
             }
-            inherited_fd(fd, socket).map_err(|e| bad(format!("descriptor {fd}: {e}")))
+            inherited_fd(fd, kind).map_err(|e| bad(format!("descriptor {fd}: {e}")))
         };
         let mut handed = Handed {
             instances: file.instances,
@@ -274,10 +287,10 @@ impl Handed {
         for (role, fd) in file.frontends {
             handed
                 .frontends
-                .push((role, std::net::TcpListener::from(take(fd, true)?)));
+                .push((role, std::net::TcpListener::from(take(fd, Kind::Socket)?)));
         }
         for parked in file.parked {
-            let stream = std::net::TcpStream::from(take(parked.fd, true)?);
+            let stream = std::net::TcpStream::from(take(parked.fd, Kind::Socket)?);
             let buffered = unhex(&parked.buffered)
                 .ok_or_else(|| bad(format!("descriptor {}: bad buffered bytes", parked.fd)))?;
             let parked_conn = Parked {
@@ -287,9 +300,19 @@ impl Handed {
             };
             handed.parked.push((parked.role, parked_conn));
         }
+        for (instance, stream, fd) in file.outputs {
+            let stream = match stream.as_str() {
+                "stdout" => "stdout",
+                "stderr" => "stderr",
+                other => return Err(bad(format!("no stream {other:?}"))),
+            };
+            handed
+                .outputs
+                .push((instance, stream, take(fd, Kind::Pipe)?));
+        }
         let mut extra = BTreeMap::new();
         for (name, fd) in file.extra {
-            extra.insert(name, take(fd, false)?);
+            extra.insert(name, take(fd, Kind::Any)?);
         }
         Ok((handed, extra, file.version))
     }
@@ -358,15 +381,30 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of inherited descriptor `fd` if it is open (and a socket, if asked).
-fn inherited_fd(fd: RawFd, socket: bool) -> std::io::Result<OwnedFd> {
+/// What an inherited descriptor must be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Socket,
+    Pipe,
+    Any,
+}
+
+/// Takes ownership of inherited descriptor `fd` if it is open and of the `kind` asked.
+fn inherited_fd(fd: RawFd, kind: Kind) -> std::io::Result<OwnedFd> {
     // SAFETY: fstat writes into a local; an fd that is not open fails with EBADF.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut stat) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    if socket && stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(std::io::Error::other("not a socket"));
+    let format = stat.st_mode & libc::S_IFMT;
+    match kind {
+        Kind::Socket if format != libc::S_IFSOCK => {
+            return Err(std::io::Error::other("not a socket"));
+        }
+        Kind::Pipe if format != libc::S_IFIFO => {
+            return Err(std::io::Error::other("not a pipe"));
+        }
+        _ => {}
     }
     // SAFETY: the descriptor is open, was passed to this program for this purpose, and is
     // taken once (the caller refuses duplicates).

@@ -44,6 +44,8 @@ async fn get(addr: SocketAddr, path: &str) -> Result<(), String> {
     let request = http::Request::get(path)
         .header(http::header::HOST, addr.to_string())
         .header(http::header::USER_AGENT, "phoenix-health")
+        // One probe, one connection: the instance closes it once it has answered.
+        .header(http::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("GET {path}: {e}"))?;
     let response = sender

@@ -30,7 +30,6 @@ pub(crate) struct Instance {
     pub watcher: u32,
     /// What runs it: where its CPU and memory use are read.
     pub driver: Arc<dyn Driver>,
-    pub log_path: PathBuf,
     pub started: Instant,
     state: Mutex<HealthState>,
     flags: Mutex<Flags>,
@@ -228,6 +227,7 @@ pub(crate) fn spec(
         workdir: config.working_dir.clone(),
         user: run.user.clone().unwrap_or_else(|| config.user.clone()),
         log_path,
+        output: None,
         network: launch.network.clone(),
         port,
         resources: Resources {
@@ -278,7 +278,22 @@ pub(crate) async fn start(
         secrets: generation.secrets.clone(),
         hosts: inner.role_hosts(),
     };
-    let spec = spec(&name, root, config, &launch, &extra, log_path.clone());
+    let mut spec = spec(&name, root, config, &launch, &extra, log_path.clone());
+    let source = crate::capture::Source {
+        role: role.name.clone(),
+        instance: name.clone(),
+        generation: generation.id,
+        image: phoenix_image::short_digest(&generation.image).to_string(),
+    };
+    spec.output = Some(
+        inner
+            .capture
+            .pipes(&source)
+            .map_err(|cause| FleetError::Io {
+                what: format!("make the output pipes of {name}"),
+                cause,
+            })?,
+    );
     let driver = role.placement.driver.clone();
     // The row is written before the process exists, so a crash of Phoenix at any moment after
     // the start leaves a record that recovery accounts for.
@@ -326,7 +341,6 @@ pub(crate) async fn start(
         process,
         addr,
         driver,
-        log_path,
         healthy: false,
     };
     Ok(supervise(inner, role, generation.id, watched))
@@ -338,7 +352,6 @@ pub(crate) struct Watched {
     pub process: Process,
     pub addr: std::net::SocketAddr,
     pub driver: Arc<dyn Driver>,
-    pub log_path: PathBuf,
     /// Known healthy already (taken over from the previous program): routable at once.
     pub healthy: bool,
 }
@@ -356,7 +369,6 @@ pub(crate) fn supervise(
         process,
         addr,
         driver,
-        log_path,
         healthy,
     } = watched;
     let (stop, stop_rx) = watch::channel(false);
@@ -378,7 +390,6 @@ pub(crate) fn supervise(
         start_time: process.start_time,
         watcher: process.watcher_pid(),
         driver,
-        log_path,
         started: Instant::now(),
         state: Mutex::new(HealthState {
             status,
@@ -459,7 +470,13 @@ impl Supervisor {
             detail["memory_limit"] = json!(self.memory_limit);
         }
         if status == InstanceStatus::Died {
-            detail["log_tail"] = json!(log_tail(&instance.log_path, 10));
+            // Its last lines: once its streams ended, they are in the store.
+            self.inner
+                .capture
+                .wait_ended(&instance.name, std::time::Duration::from_millis(500))
+                .await;
+            detail["log_tail"] = json!(self.inner.log_tail(instance, 10));
+            detail["logs"] = json!(format!("phoenix logs {}", instance.name));
             tracing::warn!(instance = %instance.name, exit = %exit, "instance died");
         }
         self.inner.journal(Some(&instance.role), kind, detail).await;

@@ -5,6 +5,7 @@ mod apply;
 mod autoscale;
 mod autoscale_loop;
 mod bake;
+mod capture;
 mod clock;
 pub mod config;
 mod controller;
@@ -29,6 +30,7 @@ mod verify;
 pub use apply::ApplyReport;
 pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
 pub use bake::{BakeOutcome, bake_image, refresh_index};
+pub use capture::store_dir as log_store_dir;
 pub use clock::{Clock, ManualClock, Namer, SystemClock};
 pub use config::{
     AgentSettings, CheckKind, ConfigError, DeployConfig, DriverKind, FleetFile, HealthConfig,

@@ -28,6 +28,7 @@ impl Controller {
                 denied.packets,
             );
         }
+        let dropped = self.inner.capture.dropped();
         for role in self.inner.roles() {
             let role_label = format!("role=\"{}\"", label(&role.name));
             let generations: Vec<_> = role.live().into_iter().chain(role.others()).collect();
@@ -73,6 +74,14 @@ impl Controller {
                 "",
                 &role_label,
                 live,
+            );
+            out.sample(
+                "phoenix_logs_dropped_total",
+                "counter",
+                "Lines of the role's instances dropped because the log store fell behind.",
+                "",
+                &role_label,
+                dropped.get(&role.name).copied().unwrap_or(0),
             );
             for (generation, instance) in &instances {
                 let labels = format!(

@@ -4,6 +4,7 @@
 //! keyed by the role, so it stays when every instance it had is gone.
 
 mod db;
+pub mod logs;
 
 pub use db::{MetricsDb, Point, Resolution, Sample};
 

@@ -14,7 +14,7 @@ pub const GROUPS: &[(&str, &[&str])] = &[
         "Fleet",
         &[
             "up", "restart", "upgrade", "plan", "apply", "deploy", "rollback", "scale", "protect",
-            "standby", "status", "history", "metrics", "top", "exec", "state",
+            "standby", "status", "logs", "history", "metrics", "top", "exec", "state",
         ],
     ),
     (

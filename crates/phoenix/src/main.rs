@@ -12,6 +12,7 @@ mod image_cmd;
 mod load;
 mod load_cmd;
 mod locate;
+mod logs_cmd;
 mod metrics_cmd;
 mod plan_cmd;
 mod proxy_cmd;
@@ -70,6 +71,8 @@ enum Command {
     Exec(exec_cmd::ExecArgs),
     /// Roles, generations, instances, health and image digests.
     Status(commands::StatusArgs),
+    /// What a role's or an instance's instances wrote, from the log store (`-f` follows).
+    Logs(logs_cmd::LogsArgs),
     /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
     History(commands::HistoryArgs),
     /// Bake image recipes of the fleet file into the image store.
@@ -208,6 +211,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
             Command::Deploy(args) => commands::deploy(&state, args).await,
             Command::Rollback(args) => commands::rollback(&state, args).await,
             Command::Status(args) => commands::status(&state, args).await,
+            Command::Logs(args) => logs_cmd::logs(&state, args).await,
             Command::Scale(args) => scale_cmd::scale(&state, args).await,
             Command::Metrics(args) => metrics_cmd::metrics(&state, args).await,
             Command::Top(args) => metrics_cmd::top(&state, args).await,

@@ -42,7 +42,7 @@ pub struct TopArgs {
 }
 
 /// A duration that also takes days (`7d`).
-fn parse_age(text: &str) -> Result<Duration, String> {
+pub fn parse_age(text: &str) -> Result<Duration, String> {
     match text.strip_suffix('d') {
         Some(days) => days
             .parse::<u64>()

@@ -92,6 +92,8 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
         tokio::select! {
             _ = term.recv() => break,
             accepted = listener.accept() => {
+                // Finished connections leave the set (it counts the open ones at SIGTERM).
+                while connections.try_join_next().is_some() {}
                 let Ok((stream, _)) = accepted else { continue };
                 let app = app.clone();
                 let mut stop = stop_rx.clone();

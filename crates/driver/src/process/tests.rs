@@ -27,6 +27,7 @@ fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
         workdir: "/srv".into(),
         user: String::new(),
         log_path: dir.join("web-abc123.log"),
+        output: None,
         network: Network::Host,
         port: None,
         resources: crate::Resources::default(),

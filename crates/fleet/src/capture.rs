@@ -1,0 +1,269 @@
+//! Instances' stdout and stderr, line by line, into the log store
+//! (`phoenix_observe::logs`): a reader task per stream stamps each line with its time, stream,
+//! role, instance, generation and image; a bounded queue feeds one writer thread. A slow disk
+//! never blocks an instance: when the queue is full, lines are dropped and counted per role.
+//! The read ends cross `phoenix restart` (a copy of each is kept for the handover).
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use phoenix_observe::logs::{LogLine, LogStore, MAX_LINE, Retention, Stream, split_line};
+use tokio::io::AsyncReadExt;
+
+use crate::Clock;
+
+/// Lines waiting for the writer: a burst beyond this is dropped (and counted).
+const QUEUE: usize = 65_536;
+
+/// Where the log store of state directory `state_dir` is.
+pub fn store_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("logs").join("store")
+}
+
+/// Whose output a stream is.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    pub role: String,
+    pub instance: String,
+    pub generation: i64,
+    pub image: String,
+}
+
+pub(crate) struct Capture {
+    store_dir: PathBuf,
+    queue: SyncSender<(String, LogLine)>,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    dropped: Mutex<BTreeMap<String, u64>>,
+    /// Copies of the read ends by instance and stream, for the handover.
+    pipes: Mutex<BTreeMap<(String, &'static str), OwnedFd>>,
+    /// Read ends the previous program handed over, until their instance is taken over.
+    inherited: Mutex<BTreeMap<(String, &'static str), OwnedFd>>,
+    /// Streams still open, by instance; notified as each ends.
+    open: Mutex<BTreeMap<String, usize>>,
+    ended: tokio::sync::Notify,
+}
+
+fn stream_name(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    }
+}
+
+impl Capture {
+    /// Starts the writer of the store in `store_dir`.
+    pub fn start(store_dir: PathBuf, clock: Arc<dyn Clock>) -> std::io::Result<Capture> {
+        let store = LogStore::open(&store_dir, Retention::default())?;
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let writer_clock = clock.clone();
+        std::thread::Builder::new()
+            .name("phoenix-logs".into())
+            .spawn(move || write_lines(store, lines, writer_clock))?;
+        Ok(Capture {
+            store_dir,
+            queue,
+            clock,
+            shared: Arc::default(),
+        })
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// Pipes for a new instance's stdout and stderr: their read ends are read from now on;
+    /// the write ends go to the driver.
+    pub fn pipes(&self, source: &Source) -> std::io::Result<phoenix_driver::Output> {
+        let (out_read, out_write) = std::io::pipe()?;
+        let (err_read, err_write) = std::io::pipe()?;
+        self.watch(source, Stream::Stdout, OwnedFd::from(out_read))?;
+        self.watch(source, Stream::Stderr, OwnedFd::from(err_read))?;
+        Ok(phoenix_driver::Output {
+            stdout: Arc::new(OwnedFd::from(out_write)),
+            stderr: Arc::new(OwnedFd::from(err_write)),
+        })
+    }
+
+    /// Reads one stream of `source` until its instance closes it.
+    fn watch(&self, source: &Source, stream: Stream, read: OwnedFd) -> std::io::Result<()> {
+        let key = (source.instance.clone(), stream_name(stream));
+        let copy = read.try_clone()?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+        lock(&self.shared.pipes).insert(key.clone(), copy);
+        *lock(&self.shared.open)
+            .entry(source.instance.clone())
+            .or_default() += 1;
+        let reader = Reader {
+            source: source.clone(),
+            stream,
+            queue: self.queue.clone(),
+            clock: self.clock.clone(),
+            shared: self.shared.clone(),
+        };
+        tokio::spawn(reader.run(receiver, key));
+        Ok(())
+    }
+
+    /// Read ends of every running instance's streams, for the next program.
+    pub fn handed(&self) -> Vec<(String, &'static str, OwnedFd)> {
+        lock(&self.shared.pipes)
+            .iter()
+            .filter_map(|((instance, stream), fd)| {
+                Some((instance.clone(), *stream, fd.try_clone().ok()?))
+            })
+            .collect()
+    }
+
+    /// Keeps the read ends the previous program handed over until their instances are taken
+    /// over ([`Capture::resume`]).
+    pub fn inherit(&self, outputs: Vec<(String, &'static str, OwnedFd)>) {
+        let mut inherited = lock(&self.shared.inherited);
+        for (instance, stream, fd) in outputs {
+            inherited.insert((instance, stream), fd);
+        }
+    }
+
+    /// Reads an instance taken over from where the previous program stopped.
+    pub fn resume(&self, source: &Source) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let key = (source.instance.clone(), stream_name(stream));
+            let Some(fd) = lock(&self.shared.inherited).remove(&key) else {
+                continue;
+            };
+            if let Err(error) = self.watch(source, stream, fd) {
+                tracing::warn!(instance = %source.instance, %error, "its output is not captured");
+            }
+        }
+    }
+
+    /// Waits (up to `limit`) until every stream of `instance` has ended: its last lines are
+    /// queued then.
+    pub async fn wait_ended(&self, instance: &str, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.shared.ended.notified();
+                if lock(&self.shared.open)
+                    .get(instance)
+                    .is_none_or(|n| *n == 0)
+                {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        // The writer takes the queue within a moment.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Lines dropped so far because the writer fell behind, by role.
+    pub fn dropped(&self) -> BTreeMap<String, u64> {
+        lock(&self.shared.dropped).clone()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Reader {
+    source: Source,
+    stream: Stream,
+    queue: SyncSender<(String, LogLine)>,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+}
+
+impl Reader {
+    async fn run(
+        self,
+        mut receiver: tokio::net::unix::pipe::Receiver,
+        key: (String, &'static str),
+    ) {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let read = match receiver.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&chunk[..read]);
+            let mut start = 0;
+            while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
+                self.emit(&pending[start..start + end], false);
+                start += end + 1;
+            }
+            pending.drain(..start);
+            // A line that never ends is kept in pieces, not in memory.
+            while pending.len() > MAX_LINE {
+                let piece: Vec<u8> = pending.drain(..MAX_LINE).collect();
+                self.emit(&piece, true);
+            }
+        }
+        if !pending.is_empty() {
+            self.emit(&pending, false);
+        }
+        lock(&self.shared.pipes).remove(&key);
+        if let Some(open) = lock(&self.shared.open).get_mut(&self.source.instance) {
+            *open = open.saturating_sub(1);
+        }
+        self.shared.ended.notify_waiters();
+    }
+
+    fn emit(&self, bytes: &[u8], continued: bool) {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        let at = self.clock.now_ms();
+        let pieces = split_line(text);
+        let last = pieces.len() - 1;
+        for (i, (piece, split)) in pieces.into_iter().enumerate() {
+            let line = LogLine {
+                at,
+                stream: self.stream,
+                instance: self.source.instance.clone(),
+                generation: self.source.generation,
+                image: self.source.image.clone(),
+                text: piece,
+                split: split || (continued && i == last),
+            };
+            if let Err(TrySendError::Full(_)) =
+                self.queue.try_send((self.source.role.clone(), line))
+            {
+                *lock(&self.shared.dropped)
+                    .entry(self.source.role.clone())
+                    .or_default() += 1;
+            }
+        }
+    }
+}
+
+/// The writer: takes what is queued, a batch at a time, and appends it by role.
+fn write_lines(store: LogStore, lines: Receiver<(String, LogLine)>, clock: Arc<dyn Clock>) {
+    let mut failing = false;
+    while let Ok(first) = lines.recv() {
+        let mut batch: BTreeMap<String, Vec<LogLine>> = BTreeMap::new();
+        batch.entry(first.0).or_default().push(first.1);
+        for (role, line) in lines.try_iter().take(4096) {
+            batch.entry(role).or_default().push(line);
+        }
+        for (role, lines) in batch {
+            match store.append(&role, &lines, clock.now_ms()) {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::error!(%role, %error, "cannot write to the log store");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The log store: every instance's output, line by line, kept by role after its instances are
+//! gone (as the talks' Fluentd kept logs off disposable servers).
+//!
+//! Layout, under the store's directory: `ROLE/SEQ.jsonl` is a role's active segment (one JSON
+//! object a line), `ROLE/SEQ.jsonl.gz` its sealed ones (gzip), `SEQ` a 10-digit number that
+//! only grows. A segment is sealed past `segment_bytes`; sealed segments go oldest first while
+//! the role holds more than `max_bytes` or their newest line is older than `max_age`. One
+//! writer appends; readers (`phoenix logs`, even without `phoenix up`) read the files.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// One line an instance wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When Phoenix read it, ms since the epoch.
+    #[serde(with = "phoenix_image::wire_time")]
+    pub at: i64,
+    pub stream: Stream,
+    pub instance: String,
+    pub generation: i64,
+    /// The instance's image (its short digest).
+    pub image: String,
+    pub text: String,
+    /// The line went on past the length limit: the rest follows in the next line(s).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub split: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How much a role keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_bytes: u64,
+    pub max_age_ms: i64,
+    /// An active segment past this is sealed (compressed).
+    pub segment_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_bytes: 1 << 30,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+            segment_bytes: 8 << 20,
+        }
+    }
+}
+
+/// The longest line kept whole; longer ones are split and marked.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Splits `text` (one line, without its newline) into pieces of at most [`MAX_LINE`] bytes on
+/// character boundaries; every piece but the last is marked `split`.
+pub fn split_line(text: &str) -> Vec<(String, bool)> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while rest.len() > MAX_LINE {
+        let mut cut = MAX_LINE;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push((rest[..cut].to_string(), true));
+        rest = &rest[cut..];
+    }
+    pieces.push((rest.to_string(), false));
+    pieces
+}
+
+/// The writer's side of the store.
+#[derive(Debug)]
+pub struct LogStore {
+    dir: PathBuf,
+    retention: Retention,
+    active: Mutex<BTreeMap<String, Active>>,
+}
+
+#[derive(Debug)]
+struct Active {
+    seq: u64,
+    file: File,
+    bytes: u64,
+}
+
+impl LogStore {
+    pub fn open(dir: impl Into<PathBuf>, retention: Retention) -> io::Result<LogStore> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        Ok(LogStore {
+            dir,
+            retention,
+            active: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends `lines` of `role` (in the order given); seals and prunes as the retention says.
+    pub fn append(&self, role: &str, lines: &[LogLine], now_ms: i64) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let role_dir = role_dir(&self.dir, role)?;
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let segment = match active.entry(role.to_string()) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(open_active(&role_dir)?)
+            }
+        };
+        let mut buf = Vec::with_capacity(lines.len() * 128);
+        for line in lines {
+            serde_json::to_writer(&mut buf, line).map_err(io::Error::other)?;
+            buf.push(b'\n');
+        }
+        segment.file.write_all(&buf)?;
+        segment.bytes += buf.len() as u64;
+        if segment.bytes >= self.retention.segment_bytes {
+            let sealed = segment.seq;
+            *segment = new_active(&role_dir, sealed + 1)?;
+            seal(&role_dir, sealed)?;
+            prune(&role_dir, &self.retention, now_ms)?;
+        }
+        Ok(())
+    }
+}
+
+/// `DIR/ROLE`, refusing a role name that is not a plain file name.
+fn role_dir(dir: &Path, role: &str) -> io::Result<PathBuf> {
+    let plain = !role.is_empty()
+        && role
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !plain {
+        return Err(io::Error::other(format!("bad role name {role:?}")));
+    }
+    let path = dir.join(role);
+    fs::create_dir_all(&path)?;
+    Ok(path)
+}
+
+fn segment_name(seq: u64, sealed: bool) -> String {
+    if sealed {
+        format!("{seq:010}.jsonl.gz")
+    } else {
+        format!("{seq:010}.jsonl")
+    }
+}
+
+/// The segments of a role directory, oldest first: (seq, sealed, path).
+fn segments(role_dir: &Path) -> io::Result<Vec<(u64, bool, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(role_dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let (stem, sealed) = match name.strip_suffix(".jsonl.gz") {
+            Some(stem) => (stem.to_string(), true),
+            None => match name.strip_suffix(".jsonl") {
+                Some(stem) => (stem.to_string(), false),
+                None => continue,
+            },
+        };
+        if let Ok(seq) = stem.parse::<u64>() {
+            found.push((seq, sealed, entry.path()));
+        }
+    }
+    found.sort_by_key(|(seq, sealed, _)| (*seq, *sealed));
+    Ok(found)
+}
+
+/// The newest unsealed segment to append to (one a previous writer left), or a new one.
+fn open_active(role_dir: &Path) -> io::Result<Active> {
+    let all = segments(role_dir)?;
+    match all.last() {
+        Some((seq, false, path)) => {
+            let file = OpenOptions::new().append(true).open(path)?;
+            let bytes = file.metadata()?.len();
+            Ok(Active {
+                seq: *seq,
+                file,
+                bytes,
+            })
+        }
+        Some((seq, true, _)) => new_active(role_dir, seq + 1),
+        None => new_active(role_dir, 1),
+    }
+}
+
+fn new_active(role_dir: &Path, seq: u64) -> io::Result<Active> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(role_dir.join(segment_name(seq, false)))?;
+    Ok(Active {
+        seq,
+        file,
+        bytes: 0,
+    })
+}
+
+/// Compresses segment `seq` (written whole under a temporary name, then renamed).
+fn seal(role_dir: &Path, seq: u64) -> io::Result<()> {
+    let plain = role_dir.join(segment_name(seq, false));
+    let sealed = role_dir.join(segment_name(seq, true));
+    let tmp = role_dir.join(format!("{seq:010}.tmp"));
+    {
+        let mut input = File::open(&plain)?;
+        let out = File::create(&tmp)?;
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+        io::copy(&mut input, &mut gz)?;
+        gz.finish()?.sync_all()?;
+    }
+    fs::rename(&tmp, &sealed)?;
+    fs::remove_file(&plain)
+}
+
+/// Removes sealed segments, oldest first, past the role's size or age.
+fn prune(role_dir: &Path, retention: &Retention, now_ms: i64) -> io::Result<()> {
+    let all = segments(role_dir)?;
+    let mut total: u64 = all
+        .iter()
+        .map(|(_, _, p)| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    for (_, sealed, path) in &all {
+        if !sealed {
+            continue;
+        }
+        let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let too_old = newest_at(path).is_some_and(|at| now_ms - at > retention.max_age_ms);
+        if total <= retention.max_bytes && !too_old {
+            break;
+        }
+        fs::remove_file(path)?;
+        total = total.saturating_sub(size);
+    }
+    Ok(())
+}
+
+/// The time of the last line of a sealed segment.
+fn newest_at(path: &Path) -> Option<i64> {
+    read_segment(path, true).ok()?.last().map(|line| line.at)
+}
+
+/// Every line of a segment; a line that does not parse (a torn write) is skipped.
+fn read_segment(path: &Path, sealed: bool) -> io::Result<Vec<LogLine>> {
+    let file = File::open(path)?;
+    let reader: Box<dyn Read> = if sealed {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut lines = Vec::new();
+    for raw in BufReader::new(reader).split(b'\n') {
+        if let Ok(line) = serde_json::from_slice::<LogLine>(&raw?) {
+            lines.push(line);
+        }
+    }
+    Ok(lines)
+}
+
+/// Which lines to read.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub role: String,
+    pub instance: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub generation: Option<i64>,
+    pub grep: Option<regex::Regex>,
+}
+
+impl Query {
+    fn matches(&self, line: &LogLine) -> bool {
+        self.instance.as_ref().is_none_or(|i| *i == line.instance)
+            && self.since.is_none_or(|t| line.at >= t)
+            && self.until.is_none_or(|t| line.at <= t)
+            && self.generation.is_none_or(|g| g == line.generation)
+            && self.grep.as_ref().is_none_or(|re| re.is_match(&line.text))
+    }
+}
+
+/// Where a reader is in a role's logs: the active segment and the bytes read of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// Reads the lines `query` asks for, in time order, from the store at `dir`; returns them and
+/// the position after the last (to follow from).
+pub fn read(dir: &Path, query: &Query) -> io::Result<(Vec<LogLine>, Position)> {
+    let role_dir = dir.join(&query.role);
+    if !role_dir.is_dir() {
+        return Ok((Vec::new(), Position::default()));
+    }
+    let mut lines = Vec::new();
+    let mut position = Position::default();
+    for (seq, sealed, path) in segments(&role_dir)? {
+        // A segment wholly before `since` is skipped cheaply once sealed.
+        if sealed
+            && let Some(since) = query.since
+            && newest_at(&path).is_some_and(|at| at < since)
+        {
+            continue;
+        }
+        let segment = match read_segment(&path, sealed) {
+            Ok(segment) => segment,
+            // Sealed (renamed) between the listing and the read: read the sealed one.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !sealed => {
+                read_segment(&role_dir.join(segment_name(seq, true)), true)?
+            }
+            Err(e) => return Err(e),
+        };
+        lines.extend(segment.into_iter().filter(|l| query.matches(l)));
+        if !sealed {
+            position = Position {
+                seq,
+                offset: fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+            };
+        } else {
+            position = Position {
+                seq: seq + 1,
+                offset: 0,
+            };
+        }
+    }
+    // Lines of several instances arrive interleaved: stable by time.
+    lines.sort_by_key(|l| l.at);
+    Ok((lines, position))
+}
+
+/// The lines written after `from` (for `phoenix logs -f`), and the new position. Follows the
+/// writer from one segment to the next.
+pub fn read_after(
+    dir: &Path,
+    query: &Query,
+    from: Position,
+) -> io::Result<(Vec<LogLine>, Position)> {
+    let role_dir = dir.join(&query.role);
+    let mut lines = Vec::new();
+    let mut position = from;
+    if !role_dir.is_dir() {
+        return Ok((lines, position));
+    }
+    for (seq, sealed, path) in segments(&role_dir)? {
+        if seq < position.seq {
+            continue;
+        }
+        let skip = if seq == position.seq {
+            position.offset
+        } else {
+            0
+        };
+        let (bytes, read_to) = if sealed {
+            let mut all = Vec::new();
+            flate2::read::GzDecoder::new(File::open(&path)?).read_to_end(&mut all)?;
+            let len = all.len() as u64;
+            (all.split_off(skip.min(len) as usize), None)
+        } else {
+            let mut file = File::open(&path)?;
+            io::Seek::seek(&mut file, io::SeekFrom::Start(skip))?;
+            let mut all = Vec::new();
+            file.read_to_end(&mut all)?;
+            // Only whole lines: a line being written is read next time.
+            let whole = all.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            all.truncate(whole);
+            let end = skip + whole as u64;
+            (all, Some(end))
+        };
+        for raw in bytes.split(|b| *b == b'\n') {
+            if let Ok(line) = serde_json::from_slice::<LogLine>(raw)
+                && query.matches(&line)
+            {
+                lines.push(line);
+            }
+        }
+        position = match read_to {
+            Some(end) => Position { seq, offset: end },
+            None => Position {
+                seq: seq + 1,
+                offset: 0,
+            },
+        };
+    }
+    Ok((lines, position))
+}
+
+/// The last `count` lines of `instance` (of role `role`), oldest first: what a failure shows.
+pub fn tail(dir: &Path, role: &str, instance: &str, count: usize) -> Vec<LogLine> {
+    let query = Query {
+        role: role.to_string(),
+        instance: Some(instance.to_string()),
+        ..Query::default()
+    };
+    let Ok(all) = segments(&dir.join(role)) else {
+        return Vec::new();
+    };
+    // Newest segments first, until enough lines are found.
+    let mut found: Vec<LogLine> = Vec::new();
+    for (_, sealed, path) in all.iter().rev() {
+        let Ok(segment) = read_segment(path, *sealed) else {
+            continue;
+        };
+        let mut mine: Vec<LogLine> = segment.into_iter().filter(|l| query.matches(l)).collect();
+        mine.append(&mut found);
+        found = mine;
+        if found.len() >= count {
+            break;
+        }
+    }
+    let skip = found.len().saturating_sub(count);
+    found.split_off(skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(at: i64, instance: &str, text: &str) -> LogLine {
+        LogLine {
+            at,
+            stream: Stream::Stdout,
+            instance: instance.into(),
+            generation: 1,
+            image: "abc".into(),
+            text: text.into(),
+            split: false,
+        }
+    }
+
+    #[test]
+    fn lines_are_kept_by_role_sealed_compressed_read_in_order_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_bytes: 20_000,
+            max_age_ms: 1_000_000,
+            segment_bytes: 4_000,
+        };
+        let store = LogStore::open(dir.path(), retention).unwrap();
+        for i in 0..400 {
+            let instance = if i % 2 == 0 { "web-a" } else { "web-b" };
+            store
+                .append("web", &[line(i, instance, &format!("line {i}"))], i)
+                .unwrap();
+        }
+        let files = segments(&dir.path().join("web")).unwrap();
+        assert!(files.iter().filter(|(_, sealed, _)| *sealed).count() >= 3);
+        assert_eq!(files.iter().filter(|(_, sealed, _)| !sealed).count(), 1);
+        // Older sealed segments went to stay within 20,000 bytes.
+        let total: u64 = files
+            .iter()
+            .map(|(_, _, p)| fs::metadata(p).unwrap().len())
+            .sum();
+        assert!(total <= 20_000 + 4_000, "{total}");
+        let query = Query {
+            role: "web".into(),
+            ..Query::default()
+        };
+        let (all, position) = read(dir.path(), &query).unwrap();
+        assert_eq!(all.last().unwrap().text, "line 399");
+        assert!(all.windows(2).all(|w| w[0].at <= w[1].at));
+        // Nothing lost between the oldest kept line and the newest.
+        let first = all[0].at;
+        assert_eq!(all.len() as i64, 400 - first);
+
+        // Following: what comes after the position, across a seal.
+        for i in 400..500 {
+            store
+                .append("web", &[line(i, "web-a", &format!("line {i}"))], i)
+                .unwrap();
+        }
+        let (after, _) = read_after(dir.path(), &query, position).unwrap();
+        let texts: Vec<_> = after.iter().map(|l| l.at).collect();
+        assert_eq!(texts, (400..500).collect::<Vec<_>>());
+
+        // Filters and the tail of one instance.
+        let grep = Query {
+            role: "web".into(),
+            instance: Some("web-b".into()),
+            grep: Some(regex::Regex::new("line 3[0-9]9$").unwrap()),
+            ..Query::default()
+        };
+        let (found, _) = read(dir.path(), &grep).unwrap();
+        let texts: Vec<_> = found.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "line 309", "line 319", "line 329", "line 339", "line 349", "line 359", "line 369",
+                "line 379", "line 389", "line 399"
+            ]
+        );
+        let last = tail(dir.path(), "web", "web-b", 3);
+        let texts: Vec<_> = last.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["line 395", "line 397", "line 399"]);
+    }
+
+    #[test]
+    fn sealed_segments_past_their_age_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_bytes: u64::MAX,
+            max_age_ms: 1_000,
+            segment_bytes: 200,
+        };
+        let store = LogStore::open(dir.path(), retention).unwrap();
+        for i in 0..20 {
+            store
+                .append("web", &[line(i, "web-a", "old line")], i)
+                .unwrap();
+        }
+        store
+            .append("web", &[line(50_000, "web-a", &"new ".repeat(60))], 50_000)
+            .unwrap();
+        let (all, _) = read(
+            dir.path(),
+            &Query {
+                role: "web".into(),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert!(all.iter().all(|l| l.at >= 50_000), "{all:?}");
+    }
+
+    #[test]
+    fn long_lines_are_split_on_character_boundaries_and_marked() {
+        let text = "é".repeat(MAX_LINE); // 2 bytes a character
+        let pieces = split_line(&text);
+        assert_eq!(pieces.len(), 2);
+        assert!(pieces[0].1 && !pieces[1].1);
+        assert!(pieces.iter().all(|(p, _)| p.len() <= MAX_LINE));
+        let joined: String = pieces.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(joined, text);
+        assert_eq!(split_line("short"), vec![("short".to_string(), false)]);
+    }
+
+    #[test]
+    fn a_role_name_that_is_not_a_plain_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Retention::default()).unwrap();
+        for bad in ["../x", "a/b", "", "."] {
+            assert!(store.append(bad, &[line(1, "x", "y")], 1).is_err(), "{bad}");
+        }
+    }
+}
