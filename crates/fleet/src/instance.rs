@@ -477,6 +477,10 @@ impl Supervisor {
                 .await;
             detail["log_tail"] = json!(self.inner.log_tail(instance, 10));
             detail["logs"] = json!(format!("phoenix logs {}", instance.name));
+            detail["log_position"] = json!(phoenix_observe::logs::end_position(
+                self.inner.capture.store_dir(),
+                &instance.role
+            ));
             tracing::warn!(instance = %instance.name, exit = %exit, "instance died");
         }
         self.inner.journal(Some(&instance.role), kind, detail).await;

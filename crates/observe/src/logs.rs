@@ -211,11 +211,76 @@ fn new_active(role_dir: &Path, seq: u64) -> io::Result<Active> {
     })
 }
 
-/// Compresses segment `seq` (written whole under a temporary name, then renamed).
+/// What a sealed segment holds, in `SEQ.idx` beside it: readers skip a segment without
+/// decompressing it when its times, instances or generations cannot match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Index {
+    first_at: i64,
+    last_at: i64,
+    lines: u64,
+    instances: Vec<String>,
+    generations: Vec<i64>,
+}
+
+impl Index {
+    fn of(lines: &[LogLine]) -> Index {
+        let mut index = Index {
+            first_at: lines.first().map_or(0, |l| l.at),
+            last_at: lines.iter().map(|l| l.at).max().unwrap_or(0),
+            lines: lines.len() as u64,
+            ..Index::default()
+        };
+        for line in lines {
+            if !index.instances.contains(&line.instance) {
+                index.instances.push(line.instance.clone());
+            }
+            if !index.generations.contains(&line.generation) {
+                index.generations.push(line.generation);
+            }
+        }
+        index
+    }
+
+    /// Whether a line of this segment could match `query`.
+    fn may_match(&self, query: &Query) -> bool {
+        query.since.is_none_or(|t| self.last_at >= t)
+            && query.until.is_none_or(|t| self.first_at <= t)
+            && query
+                .instance
+                .as_ref()
+                .is_none_or(|i| self.instances.contains(i))
+            && query
+                .generation
+                .is_none_or(|g| self.generations.contains(&g))
+    }
+}
+
+fn index_path(role_dir: &Path, seq: u64) -> PathBuf {
+    role_dir.join(format!("{seq:010}.idx"))
+}
+
+/// The index of sealed segment `seq`, or one made from its lines (an older store).
+fn index_of(role_dir: &Path, seq: u64) -> Option<Index> {
+    if let Ok(bytes) = fs::read(index_path(role_dir, seq))
+        && let Ok(index) = serde_json::from_slice(&bytes)
+    {
+        return Some(index);
+    }
+    let lines = read_segment(&role_dir.join(segment_name(seq, true)), true).ok()?;
+    Some(Index::of(&lines))
+}
+
+/// Compresses segment `seq` (written whole under a temporary name, then renamed) and writes
+/// its index.
 fn seal(role_dir: &Path, seq: u64) -> io::Result<()> {
     let plain = role_dir.join(segment_name(seq, false));
     let sealed = role_dir.join(segment_name(seq, true));
     let tmp = role_dir.join(format!("{seq:010}.tmp"));
+    let index = Index::of(&read_segment(&plain, false)?);
+    fs::write(
+        index_path(role_dir, seq),
+        serde_json::to_vec(&index).map_err(io::Error::other)?,
+    )?;
     {
         let mut input = File::open(&plain)?;
         let out = File::create(&tmp)?;
@@ -234,24 +299,21 @@ fn prune(role_dir: &Path, retention: &Retention, now_ms: i64) -> io::Result<()> 
         .iter()
         .map(|(_, _, p)| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
-    for (_, sealed, path) in &all {
+    for (seq, sealed, path) in &all {
         if !sealed {
             continue;
         }
         let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let too_old = newest_at(path).is_some_and(|at| now_ms - at > retention.max_age_ms);
+        let too_old = index_of(role_dir, *seq)
+            .is_some_and(|index| now_ms - index.last_at > retention.max_age_ms);
         if total <= retention.max_bytes && !too_old {
             break;
         }
         fs::remove_file(path)?;
+        let _ = fs::remove_file(index_path(role_dir, *seq));
         total = total.saturating_sub(size);
     }
     Ok(())
-}
-
-/// The time of the last line of a sealed segment.
-fn newest_at(path: &Path) -> Option<i64> {
-    read_segment(path, true).ok()?.last().map(|line| line.at)
 }
 
 /// Every line of a segment; a line that does not parse (a torn write) is skipped.
@@ -293,10 +355,30 @@ impl Query {
 }
 
 /// Where a reader is in a role's logs: the active segment and the bytes read of it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
+    #[serde(rename = "segment")]
     pub seq: u64,
     pub offset: u64,
+}
+
+/// The end of what role `role` has in the store now: a journal entry carries it, so its lines
+/// are those before it.
+pub fn end_position(dir: &Path, role: &str) -> Position {
+    let Ok(all) = segments(&dir.join(role)) else {
+        return Position::default();
+    };
+    match all.last() {
+        Some((seq, false, path)) => Position {
+            seq: *seq,
+            offset: fs::metadata(path).map_or(0, |m| m.len()),
+        },
+        Some((seq, true, _)) => Position {
+            seq: seq + 1,
+            offset: 0,
+        },
+        None => Position::default(),
+    }
 }
 
 /// Reads the lines `query` asks for, in time order, from the store at `dir`; returns them and
@@ -309,11 +391,12 @@ pub fn read(dir: &Path, query: &Query) -> io::Result<(Vec<LogLine>, Position)> {
     let mut lines = Vec::new();
     let mut position = Position::default();
     for (seq, sealed, path) in segments(&role_dir)? {
-        // A segment wholly before `since` is skipped cheaply once sealed.
-        if sealed
-            && let Some(since) = query.since
-            && newest_at(&path).is_some_and(|at| at < since)
-        {
+        // A sealed segment that cannot match is skipped by its index, undecompressed.
+        if sealed && index_of(&role_dir, seq).is_some_and(|index| !index.may_match(query)) {
+            position = Position {
+                seq: seq + 1,
+                offset: 0,
+            };
             continue;
         }
         let segment = match read_segment(&path, sealed) {
@@ -505,6 +588,45 @@ mod tests {
         let last = tail(dir.path(), "web", "web-b", 3);
         let texts: Vec<_> = last.iter().map(|l| l.text.as_str()).collect();
         assert_eq!(texts, ["line 395", "line 397", "line 399"]);
+    }
+
+    #[test]
+    fn sealed_segments_have_an_index_that_spares_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            segment_bytes: 2_000,
+            ..Retention::default()
+        };
+        let store = LogStore::open(dir.path(), retention).unwrap();
+        for i in 0..100 {
+            let mut l = line(i * 1000, "web-a", &format!("line {i}"));
+            l.generation = 1 + i / 50;
+            store.append("web", &[l], i * 1000).unwrap();
+        }
+        let role_dir = dir.path().join("web");
+        let sealed: Vec<u64> = segments(&role_dir)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, sealed, _)| *sealed)
+            .map(|(seq, _, _)| seq)
+            .collect();
+        assert!(sealed.len() >= 2);
+        let first = index_of(&role_dir, sealed[0]).unwrap();
+        assert_eq!(
+            (first.first_at, first.instances.clone()),
+            (0, vec!["web-a".to_string()])
+        );
+        assert!(first.lines > 0 && first.last_at > 0);
+        // A sealed segment whose index says no is not read: corrupt one, the answer stands.
+        fs::write(role_dir.join(segment_name(sealed[0], true)), b"not gzip").unwrap();
+        let query = Query {
+            role: "web".into(),
+            generation: Some(2),
+            ..Query::default()
+        };
+        let (found, _) = read(dir.path(), &query).unwrap();
+        assert_eq!(found.len(), 50);
+        assert!(found.iter().all(|l| l.generation == 2));
     }
 
     #[test]

@@ -96,6 +96,14 @@ fn logs_by_role_outlive_instances_restarts_and_phoenix_up() {
     });
     let died = &phoenix.events("instance.died")[0]["detail"];
     assert_eq!(died["logs"], format!("phoenix logs {name}"));
+    assert_eq!(died["log_position"]["segment"], 1, "{died}");
+    let offset = died["log_position"]["offset"].as_u64().unwrap() as usize;
+    let segment = std::fs::read(phoenix.state().join("logs/store/web/0000000001.jsonl")).unwrap();
+    let before = String::from_utf8_lossy(&segment[..offset]);
+    assert!(
+        before.ends_with('\n') && before.contains(&format!("\"instance\":\"{name}\"")),
+        "the position follows the instance's lines"
+    );
     assert!(
         died["log_tail"][0]
             .as_str()
