@@ -132,13 +132,17 @@ impl Controller {
     pub fn resume(&self, handover: Handover) {
         let Handover { handed, guards } = handover;
         let mut parked = handed.parked;
+        let mut by_role: BTreeMap<String, Vec<tokio::net::TcpListener>> = BTreeMap::new();
         for (role, listener) in handed.frontends {
-            let Ok(role) = self.inner.role(&role) else {
-                continue;
-            };
-            let mine: Vec<Parked> = take_role(&mut parked, &role.name);
             if let Ok(listener) = listener_to_tokio(listener) {
-                role.serve(vec![listener], mine);
+                by_role.entry(role).or_default().push(listener);
+            }
+        }
+        // Each role's listeners together: a parked connection goes to the one that took it.
+        for (name, listeners) in by_role {
+            let mine = take_role(&mut parked, &name);
+            if let Ok(role) = self.inner.role(&name) {
+                role.serve(listeners, mine);
             }
         }
         drop(guards);

@@ -279,3 +279,41 @@ fn a_handover_keeps_instances_listeners_and_idle_connections() {
         assert!(driver.running().is_empty());
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_given_back_serves_on_with_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fleet(dir.path(), "v1", 2);
+    let driver = FakeDriver::default();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let controller = Controller::open(options(dir.path(), &driver, &clock))
+        .await
+        .unwrap();
+    assert!(controller.converge().await.is_empty());
+    let addr = controller.listen_addrs()["web"];
+    let mut idle = TcpStream::connect(addr).unwrap();
+    let mut idle = tokio::task::spawn_blocking(move || {
+        assert_eq!(version_of(&get_on(&mut idle)), "v1");
+        idle
+    })
+    .await
+    .unwrap();
+    let handover = controller.hand_over().await.unwrap();
+    assert_eq!(handover.handed.parked.len(), 1);
+    // While handed over, nothing that changes the role may start.
+    let busy = controller.scale("web", 3, &Progress::none()).await;
+    assert!(busy.unwrap_err().to_string().contains("already running"));
+    controller.resume(handover);
+    let answer = tokio::task::spawn_blocking(move || get_on(&mut idle))
+        .await
+        .unwrap();
+    assert_eq!(
+        version_of(&answer),
+        "v1",
+        "the parked connection is served again"
+    );
+    assert_eq!(version_of(&get(addr)), "v1");
+    controller.scale("web", 3, &Progress::none()).await.unwrap();
+    assert_eq!(driver.running().len(), 3);
+    controller.shutdown().await;
+}
