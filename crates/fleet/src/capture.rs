@@ -35,9 +35,15 @@ pub(crate) struct Source {
 
 pub(crate) struct Capture {
     store_dir: PathBuf,
-    queue: SyncSender<(String, LogLine)>,
+    queue: SyncSender<Item>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
+}
+
+/// What the writer is given: a role's line, or a request to say when all before it is written.
+enum Item {
+    Line(String, LogLine),
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 #[derive(Default)]
@@ -161,8 +167,35 @@ impl Capture {
             }
         })
         .await;
-        // The writer takes the queue within a moment.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.flush().await;
+    }
+
+    /// Waits (up to `limit`) until every captured stream has ended, then until its lines are
+    /// written: at shutdown, the instances' last words are kept.
+    pub async fn drain(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.shared.ended.notified();
+                if lock(&self.shared.open).values().all(|n| *n == 0) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        self.flush().await;
+    }
+
+    /// Returns once everything queued so far is written (or after 2 s).
+    async fn flush(&self) {
+        let (done, written) = std::sync::mpsc::channel();
+        let queue = self.queue.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if queue.send(Item::Flush(done)).is_ok() {
+                let _ = written.recv_timeout(Duration::from_secs(2));
+            }
+        })
+        .await;
     }
 
     /// Lines dropped so far because the writer fell behind, by role.
@@ -178,7 +211,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Reader {
     source: Source,
     stream: Stream,
-    queue: SyncSender<(String, LogLine)>,
+    queue: SyncSender<Item>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
 }
@@ -235,9 +268,8 @@ impl Reader {
                 text: piece,
                 split: split || (continued && i == last),
             };
-            if let Err(TrySendError::Full(_)) =
-                self.queue.try_send((self.source.role.clone(), line))
-            {
+            let item = Item::Line(self.source.role.clone(), line);
+            if let Err(TrySendError::Full(_)) = self.queue.try_send(item) {
                 *lock(&self.shared.dropped)
                     .entry(self.source.role.clone())
                     .or_default() += 1;
@@ -246,14 +278,18 @@ impl Reader {
     }
 }
 
-/// The writer: takes what is queued, a batch at a time, and appends it by role.
-fn write_lines(store: LogStore, lines: Receiver<(String, LogLine)>, clock: Arc<dyn Clock>) {
+/// The writer: takes what is queued, a batch at a time, and appends it by role; a flush is
+/// answered once everything before it is written.
+fn write_lines(store: LogStore, queue: Receiver<Item>, clock: Arc<dyn Clock>) {
     let mut failing = false;
-    while let Ok(first) = lines.recv() {
+    while let Ok(first) = queue.recv() {
         let mut batch: BTreeMap<String, Vec<LogLine>> = BTreeMap::new();
-        batch.entry(first.0).or_default().push(first.1);
-        for (role, line) in lines.try_iter().take(4096) {
-            batch.entry(role).or_default().push(line);
+        let mut flushes = Vec::new();
+        for item in std::iter::once(first).chain(queue.try_iter().take(4096)) {
+            match item {
+                Item::Line(role, line) => batch.entry(role).or_default().push(line),
+                Item::Flush(done) => flushes.push(done),
+            }
         }
         for (role, lines) in batch {
             match store.append(&role, &lines, clock.now_ms()) {
@@ -264,6 +300,9 @@ fn write_lines(store: LogStore, lines: Receiver<(String, LogLine)>, clock: Arc<d
                 }
                 Err(_) => {}
             }
+        }
+        for done in flushes {
+            let _ = done.send(());
         }
     }
 }

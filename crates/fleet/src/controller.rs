@@ -854,6 +854,8 @@ impl Controller {
         }
         let stopped = stopping.len();
         crate::deploy::stop_all(&stopping).await;
+        // Their last lines reach the log store before Phoenix ends.
+        inner.capture.drain(Duration::from_secs(3)).await;
         // Instance members leave, then the host's member.
         let members_task = inner
             .members_task
