@@ -108,14 +108,18 @@ fn prometheus_scrapes_labels_and_a_known_rate_and_loads_the_example_rules() {
             .unwrap(),
     );
     let log = || std::fs::read_to_string(work.path().join("prometheus.log")).unwrap_or_default();
+    // Ready (its storage open) answers 200; before that, queries get 503.
+    wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(prometheus_addr).is_ok()
+            && get_once(prometheus_addr, "/-/ready").starts_with("HTTP/1.1 200")
+    });
     wait_for(
         "Prometheus scraping phoenix up",
         Duration::from_secs(60),
         || {
-            std::net::TcpStream::connect(prometheus_addr).is_ok()
-                && query(prometheus_addr, "up{job=\"phoenix\"}")
-                    .first()
-                    .is_some_and(|r| r["value"][1] == "1")
+            query(prometheus_addr, "up{job=\"phoenix\"}")
+                .first()
+                .is_some_and(|r| r["value"][1] == "1")
         },
     );
 
