@@ -35,6 +35,7 @@ pub(crate) struct Source {
 
 pub(crate) struct Capture {
     store_dir: PathBuf,
+    store: Arc<LogStore>,
     queue: SyncSender<Item>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
@@ -56,6 +57,8 @@ struct Shared {
     /// Streams still open, by instance; notified as each ends.
     open: Mutex<BTreeMap<String, usize>>,
     ended: tokio::sync::Notify,
+    /// Notified after each batch the writer appends (forwarders wake on it).
+    written: Arc<tokio::sync::Notify>,
 }
 
 fn stream_name(stream: Stream) -> &'static str {
@@ -68,18 +71,35 @@ fn stream_name(stream: Stream) -> &'static str {
 impl Capture {
     /// Starts the writer of the store in `store_dir`.
     pub fn start(store_dir: PathBuf, clock: Arc<dyn Clock>) -> std::io::Result<Capture> {
-        let store = LogStore::open(&store_dir, Retention::default())?;
+        let store = Arc::new(LogStore::open(&store_dir, Retention::default())?);
         let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
-        let writer_clock = clock.clone();
+        let shared = Arc::<Shared>::default();
+        let (writer_store, writer_clock) = (store.clone(), clock.clone());
+        let written = shared.written.clone();
         std::thread::Builder::new()
             .name("phoenix-logs".into())
-            .spawn(move || write_lines(store, lines, writer_clock))?;
+            .spawn(move || write_lines(&writer_store, lines, writer_clock, &written))?;
         Ok(Capture {
             store_dir,
+            store,
             queue,
             clock,
-            shared: Arc::default(),
+            shared,
         })
+    }
+
+    /// Gives each role the retention its fleet file says.
+    pub fn set_retentions(&self, roles: &BTreeMap<String, crate::RoleConfig>) {
+        for (name, config) in roles {
+            let max_age_ms = i64::try_from(config.logs.max_age.as_millis()).unwrap_or(i64::MAX);
+            self.store
+                .set_retention(name, Retention::new(config.logs.max_size, max_age_ms));
+        }
+    }
+
+    /// Notified after each batch written to the store.
+    pub fn written(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.written.clone()
     }
 
     pub fn store_dir(&self) -> &Path {
@@ -280,7 +300,12 @@ impl Reader {
 
 /// The writer: takes what is queued, a batch at a time, and appends it by role; a flush is
 /// answered once everything before it is written.
-fn write_lines(store: LogStore, queue: Receiver<Item>, clock: Arc<dyn Clock>) {
+fn write_lines(
+    store: &LogStore,
+    queue: Receiver<Item>,
+    clock: Arc<dyn Clock>,
+    written: &tokio::sync::Notify,
+) {
     let mut failing = false;
     while let Ok(first) = queue.recv() {
         let mut batch: BTreeMap<String, Vec<LogLine>> = BTreeMap::new();
@@ -301,6 +326,7 @@ fn write_lines(store: LogStore, queue: Receiver<Item>, clock: Arc<dyn Clock>) {
                 Err(_) => {}
             }
         }
+        written.notify_waiters();
         for done in flushes {
             let _ = done.send(());
         }

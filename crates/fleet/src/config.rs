@@ -10,9 +10,11 @@ use std::time::Duration;
 use phoenix_image::Recipe;
 
 mod agent;
+mod logs;
 mod policy;
 mod runtime;
 pub use agent::AgentSettings;
+pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
@@ -45,6 +47,8 @@ pub struct FleetFile {
     pub network: NetworkConfig,
     /// `[secret.NAME]`: where each secret's value comes from.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// `[logs]`: the log store's default retention and the forwarding sinks.
+    pub logs: LogsConfig,
 }
 
 /// One `[role.NAME]` section.
@@ -73,6 +77,8 @@ pub struct RoleConfig {
     pub run: RunConfig,
     /// `allow_from` / `allow_cidrs`: who may reach the role; `None`: everyone.
     pub guard: Option<phoenix_driver::Guard>,
+    /// How much of the role's output the log store keeps (`logs`, else `[logs]`).
+    pub logs: LogRetention,
 }
 
 /// The keys of `[role.NAME]` that say how its instances run; all given at start, none baked.
@@ -332,6 +338,8 @@ struct RawFleet {
     network: Option<Spanned<NetworkConfig>>,
     #[serde(default)]
     secret: BTreeMap<Spanned<String>, Spanned<SecretSource>>,
+    #[serde(default)]
+    logs: Option<LogsConfig>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +387,8 @@ struct RawRole {
     allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     allow_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    logs: Option<LogRetention>,
 }
 
 fn one() -> Spanned<u32> {
@@ -451,6 +461,7 @@ impl FleetFile {
             },
             None => NetworkConfig::default(),
         };
+        let logs = raw.logs.unwrap_or_default();
         let mut roles = BTreeMap::new();
         let mut guards = Vec::new();
         let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
@@ -545,10 +556,13 @@ impl FleetFile {
                     secrets: role.secrets.into_iter().map(Spanned::into_inner).collect(),
                 },
                 guard: None,
+                logs: role.logs.unwrap_or(logs.keep()),
             };
             roles.insert(name.into_inner(), config);
         }
         policy::apply(guards, &mut roles, &at)?;
+        logs::check_forward(&logs, &roles, text)
+            .map_err(|(offset, why)| invalid(path, text, offset, why))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() {
             PathBuf::from(".")
@@ -575,6 +589,7 @@ impl FleetFile {
             agent,
             network,
             secrets,
+            logs,
         })
     }
 }
@@ -734,7 +749,7 @@ fn invalid(path: &Path, text: &str, offset: usize, message: String) -> ConfigErr
     }
 }
 
-/// Parses a duration string: an integer and a unit (`ms`, `s`, `m`, `h`), e.g. `"500ms"`.
+/// Parses a duration string: an integer and a unit (`ms`, `s`, `m`, `h`, `d`), e.g. `"500ms"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit = &text[digits.len()..];
@@ -744,6 +759,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value.saturating_mul(1_000),
         "m" => value.saturating_mul(60_000),
         "h" => value.saturating_mul(3_600_000),
+        "d" => value.saturating_mul(86_400_000),
         _ => return Err(bad_duration(text)),
     };
     Ok(Duration::from_millis(millis))
@@ -751,7 +767,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn bad_duration(text: &str) -> String {
     format!(
-        "invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
+        "invalid duration {text:?}: write a whole number and a unit, like \"500ms\", \"2s\", \"1m\", \"1h\" or \"7d\""
     )
 }
 
@@ -776,7 +792,7 @@ fn bad_size(text: &str) -> String {
     )
 }
 
-fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+pub(crate) fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {
@@ -792,7 +808,7 @@ fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
 // Every duration in the fleet file has a range: outside it a value cannot work (a zero
 // interval spins a worker, a timeout of centuries overflows the clock), so it is refused where
 // it is written and the error points at it.
-const DAY: Duration = Duration::from_secs(86_400);
+pub(crate) const DAY: Duration = Duration::from_secs(86_400);
 
 /// How often something repeats (health checks, autoscaler ticks, drift checks): 10ms to a day.
 pub(crate) fn period<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
@@ -822,7 +838,7 @@ fn optional_lifetime<'de, D: Deserializer<'de>>(
     duration_within(deserializer, Duration::from_secs(1), 365 * DAY).map(Some)
 }
 
-fn duration_within<'de, D: Deserializer<'de>>(
+pub(crate) fn duration_within<'de, D: Deserializer<'de>>(
     deserializer: D,
     min: Duration,
     max: Duration,

@@ -391,6 +391,8 @@ pub(crate) struct Inner {
     tasks: tokio_util::task::TaskTracker,
     /// Instances' output into the log store.
     pub capture: crate::capture::Capture,
+    /// `[logs.forward.*]`: the store's lines on to other log systems.
+    pub forwarding: tokio::sync::Mutex<crate::forward::Forwarding>,
 }
 
 impl Inner {
@@ -594,6 +596,13 @@ impl Controller {
             cause,
         })?;
         capture.inherit(std::mem::take(&mut inherited.outputs));
+        capture.set_retentions(&fleet.roles);
+        let forwarding = crate::forward::Forwarding::start(
+            &fleet.logs.forward,
+            capture.store_dir(),
+            &state_dir,
+            capture.written(),
+        );
         store.check()?;
         let metrics_path = state_dir.join("metrics.db");
         phoenix_store::private_file(&metrics_path).map_err(|cause| FleetError::Io {
@@ -680,6 +689,7 @@ impl Controller {
             applied: Mutex::new(fleet.clone()),
             tasks: tokio_util::task::TaskTracker::new(),
             capture,
+            forwarding: tokio::sync::Mutex::new(forwarding),
         });
         // Instances handed over by the previous program are taken over, not killed.
         let handed: Vec<_> = std::mem::take(&mut inherited.instances)
@@ -856,6 +866,14 @@ impl Controller {
         crate::deploy::stop_all(&stopping).await;
         // Their last lines reach the log store before Phoenix ends.
         inner.capture.drain(Duration::from_secs(3)).await;
+        // And on to the sinks, as far as they take them in a few seconds (the rest goes at
+        // the next start).
+        inner
+            .forwarding
+            .lock()
+            .await
+            .stop(Duration::from_secs(3))
+            .await;
         // Instance members leave, then the host's member.
         let members_task = inner
             .members_task

@@ -12,6 +12,7 @@ mod controller;
 mod deploy;
 mod drift;
 mod drivers;
+mod forward;
 mod handover;
 mod health;
 mod instance;
@@ -40,6 +41,7 @@ pub use config::{
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};
 pub use drivers::ID_OFFSET;
+pub use forward::positions_path as forward_positions_path;
 pub use handover::{Handed, HandedBridge, HandedInstance, Handover};
 pub use instance::Flags;
 pub use lifecycle::ChaosConfig;

@@ -130,6 +130,30 @@ impl Controller {
                 }
             }
         }
+        let forwarding = self.inner.forwarding.lock().await;
+        for (sink, stats) in forwarding.stats() {
+            let labels = format!("sink=\"{}\"", label(sink));
+            let counters = [
+                (
+                    "phoenix_logs_forwarded_total",
+                    "Lines a [logs.forward] sink confirmed (sent again after an outage: counted again).",
+                    stats.sent.load(Ordering::Relaxed),
+                ),
+                (
+                    "phoenix_logs_forward_failures_total",
+                    "Failed attempts to send to a [logs.forward] sink (each is retried).",
+                    stats.failures.load(Ordering::Relaxed),
+                ),
+                (
+                    "phoenix_logs_forward_rejected_total",
+                    "Lines a [logs.forward] sink refused for good (HTTP 4xx); they stay in the store.",
+                    stats.rejected.load(Ordering::Relaxed),
+                ),
+            ];
+            for (name, help, value) in counters {
+                out.sample(name, "counter", help, "", &labels, value);
+            }
+        }
         out.render()
     }
 }

@@ -141,8 +141,8 @@ pub(crate) fn base(running: &Running) -> String {
         text.push_str(&format!("image {name} {recipe:?}\n"));
     }
     text.push_str(&format!(
-        "{:?} {:?}",
-        running.applied.agent, running.applied.network
+        "{:?} {:?} {:?}",
+        running.applied.agent, running.applied.network, running.applied.logs
     ));
     phoenix_image::sha256_digest(text.as_bytes())
 }
@@ -182,6 +182,9 @@ pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
     }
     if running.applied.network != desired.network {
         changes.push(section_change("network"));
+    }
+    if running.applied.logs != desired.logs {
+        changes.push(section_change("logs"));
     }
     Plan {
         base: base(running),
@@ -320,6 +323,8 @@ fn role_diff(
             ("autoscale", format!("{:?}", c.autoscale), How::InPlace),
             ("max_age", format!("{:?}", c.max_age), How::InPlace),
             ("chaos", format!("{:?}", c.chaos), How::InPlace),
+            // The store takes a role's retention when Phoenix starts.
+            ("logs", format!("{:?}", c.logs), How::Restart),
             ("driver", format!("{:?}", c.run.driver), How::Restart),
             ("runtime", format!("{:?}", c.run.runtime), How::Restart),
             ("network", format!("{:?}", c.run.network), How::Restart),

@@ -5,6 +5,7 @@
 
 mod db;
 pub mod logs;
+pub mod ship;
 
 pub use db::{MetricsDb, Point, Resolution, Sample};
 

@@ -48,6 +48,18 @@ pub struct Retention {
     pub segment_bytes: u64,
 }
 
+impl Retention {
+    /// Keeps at most `max_bytes` and lines no older than `max_age_ms`; segments are an
+    /// eighth of `max_bytes`, at most 8 MiB, so pruning takes small steps.
+    pub fn new(max_bytes: u64, max_age_ms: i64) -> Retention {
+        Retention {
+            max_bytes,
+            max_age_ms,
+            segment_bytes: (max_bytes / 8).clamp(64 << 10, 8 << 20),
+        }
+    }
+}
+
 impl Default for Retention {
     fn default() -> Self {
         Retention {
@@ -82,7 +94,9 @@ pub fn split_line(text: &str) -> Vec<(String, bool)> {
 #[derive(Debug)]
 pub struct LogStore {
     dir: PathBuf,
+    /// Every role's retention unless `retentions` has its own.
     retention: Retention,
+    retentions: Mutex<BTreeMap<String, Retention>>,
     active: Mutex<BTreeMap<String, Active>>,
 }
 
@@ -100,12 +114,24 @@ impl LogStore {
         Ok(LogStore {
             dir,
             retention,
+            retentions: Mutex::new(BTreeMap::new()),
             active: Mutex::new(BTreeMap::new()),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Gives role `role` its own retention (from its next append).
+    pub fn set_retention(&self, role: &str, retention: Retention) {
+        let mut retentions = self.retentions.lock().unwrap_or_else(|p| p.into_inner());
+        retentions.insert(role.to_string(), retention);
+    }
+
+    fn retention_of(&self, role: &str) -> Retention {
+        let retentions = self.retentions.lock().unwrap_or_else(|p| p.into_inner());
+        retentions.get(role).copied().unwrap_or(self.retention)
     }
 
     /// Appends `lines` of `role` (in the order given); seals and prunes as the retention says.
@@ -128,11 +154,12 @@ impl LogStore {
         }
         segment.file.write_all(&buf)?;
         segment.bytes += buf.len() as u64;
-        if segment.bytes >= self.retention.segment_bytes {
+        let retention = self.retention_of(role);
+        if segment.bytes >= retention.segment_bytes {
             let sealed = segment.seq;
             *segment = new_active(&role_dir, sealed + 1)?;
             seal(&role_dir, sealed)?;
-            prune(&role_dir, &self.retention, now_ms)?;
+            prune(&role_dir, &retention, now_ms)?;
         }
         Ok(())
     }
@@ -432,6 +459,17 @@ pub fn read_after(
     query: &Query,
     from: Position,
 ) -> io::Result<(Vec<LogLine>, Position)> {
+    read_from(dir, query, from, usize::MAX)
+}
+
+/// At most `limit` lines matching `query` written after `from`, in the order written, and the
+/// position just after the last line read (a forwarder resumes there exactly).
+pub fn read_from(
+    dir: &Path,
+    query: &Query,
+    from: Position,
+    limit: usize,
+) -> io::Result<(Vec<LogLine>, Position)> {
     let role_dir = dir.join(&query.role);
     let mut lines = Vec::new();
     let mut position = from;
@@ -447,36 +485,47 @@ pub fn read_after(
         } else {
             0
         };
-        let (bytes, read_to) = if sealed {
+        let bytes = if sealed {
             let mut all = Vec::new();
             flate2::read::GzDecoder::new(File::open(&path)?).read_to_end(&mut all)?;
             let len = all.len() as u64;
-            (all.split_off(skip.min(len) as usize), None)
+            all.split_off(skip.min(len) as usize)
         } else {
-            let mut file = File::open(&path)?;
+            let mut file = match File::open(&path) {
+                Ok(file) => file,
+                // Sealed since the listing: the next read finds it sealed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+            };
             io::Seek::seek(&mut file, io::SeekFrom::Start(skip))?;
             let mut all = Vec::new();
             file.read_to_end(&mut all)?;
-            // Only whole lines: a line being written is read next time.
-            let whole = all.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-            all.truncate(whole);
-            let end = skip + whole as u64;
-            (all, Some(end))
+            all
         };
-        for raw in bytes.split(|b| *b == b'\n') {
-            if let Ok(line) = serde_json::from_slice::<LogLine>(raw)
+        position = Position { seq, offset: skip };
+        let mut rest = &bytes[..];
+        // Only whole lines: a line being written is read next time.
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            if lines.len() >= limit {
+                return Ok((lines, position));
+            }
+            if let Ok(line) = serde_json::from_slice::<LogLine>(&rest[..end])
                 && query.matches(&line)
             {
                 lines.push(line);
             }
+            position.offset += end as u64 + 1;
+            rest = &rest[end + 1..];
         }
-        position = match read_to {
-            Some(end) => Position { seq, offset: end },
-            None => Position {
+        if sealed {
+            position = Position {
                 seq: seq + 1,
                 offset: 0,
-            },
-        };
+            };
+        } else {
+            // The active segment: everything whole is read.
+            break;
+        }
     }
     Ok((lines, position))
 }
@@ -588,6 +637,42 @@ mod tests {
         let last = tail(dir.path(), "web", "web-b", 3);
         let texts: Vec<_> = last.iter().map(|l| l.text.as_str()).collect();
         assert_eq!(texts, ["line 395", "line 397", "line 399"]);
+    }
+
+    #[test]
+    fn reading_in_batches_resumes_exactly_across_seals() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            segment_bytes: 1_500,
+            ..Retention::default()
+        };
+        let store = LogStore::open(dir.path(), retention).unwrap();
+        let query = Query {
+            role: "web".into(),
+            ..Query::default()
+        };
+        let (mut seen, mut position) = (Vec::new(), Position::default());
+        for i in 0..300 {
+            store
+                .append("web", &[line(i, "web-a", &format!("line {i}"))], i)
+                .unwrap();
+            if i % 40 == 0 {
+                // A reader keeping up in batches of 7, as a forwarder does.
+                loop {
+                    let (batch, next) = read_from(dir.path(), &query, position, 7).unwrap();
+                    assert!(batch.len() <= 7);
+                    position = next;
+                    if batch.is_empty() {
+                        break;
+                    }
+                    seen.extend(batch.into_iter().map(|l| l.at));
+                }
+            }
+        }
+        let (rest, _) = read_from(dir.path(), &query, position, usize::MAX).unwrap();
+        seen.extend(rest.into_iter().map(|l| l.at));
+        assert_eq!(seen, (0..300).collect::<Vec<_>>());
+        assert!(segments(&dir.path().join("web")).unwrap().len() > 5);
     }
 
     #[test]

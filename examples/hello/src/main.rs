@@ -5,6 +5,9 @@
 //! - `GET /slow/MS` answers after MS milliseconds (to watch requests finish during a drain).
 //! - `GET /alloc/MIB` takes MIB mebibytes of memory and keeps them (to watch a memory limit).
 //!
+//! With `TICKS=N` it also prints `tick 1` to `tick N` on stdout, one every `TICK_MS`
+//! milliseconds (default 1): a numbered stream to follow through the log store and beyond.
+//!
 //! It listens on `HOST`:`PORT` (`HOST` defaults to 127.0.0.1), takes its instance name from
 //! `PHOENIX_INSTANCE` and its version from `VERSION`. On SIGTERM it stops accepting and lets
 //! in-flight requests finish.
@@ -40,7 +43,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH)"
+            "usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH, TICKS, TICK_MS)"
         );
         return;
     }
@@ -80,8 +83,26 @@ async fn main() {
         "hello {} version {} listening on {addr} (healthy: {})",
         app.instance, app.version, !app.fail_health
     );
+    if let Some(ticks) = std::env::var("TICKS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let every = std::env::var("TICK_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(1);
+        tokio::spawn(tick(ticks, Duration::from_millis(every)));
+    }
     serve(listener, app).await;
     println!("hello: stopped");
+}
+
+async fn tick(count: u64, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    for n in 1..=count {
+        interval.tick().await;
+        println!("tick {n}");
+    }
 }
 
 async fn serve(listener: TcpListener, app: Arc<App>) {

@@ -47,7 +47,7 @@ fn unknown_keys_name_file_line_column_and_key() {
         error(&text),
         "fleet/phoenix.toml:10:1: [role.web] key `instancs`: unknown field `instancs`, expected one of \
          `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`, `proxy`, `drift_check`, `autoscale`, `max_age`, `chaos`, \
-         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`, `allow_from`, `allow_cidrs`"
+         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`, `allow_from`, `allow_cidrs`, `logs`"
     );
     let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
     let message = error(&text);
@@ -65,7 +65,7 @@ fn bad_values_name_the_key() {
     assert_eq!(
         error(&text),
         "fleet/phoenix.toml:12:12: [role.web.health] key `interval`: invalid duration \"5 seconds\": \
-         write a whole number and a unit, like \"500ms\", \"2s\", \"1m\" or \"1h\""
+         write a whole number and a unit, like \"500ms\", \"2s\", \"1m\", \"1h\" or \"7d\""
     );
     let text = GOOD.replace("127.0.0.1:8080", "localhost");
     assert!(
@@ -228,7 +228,8 @@ fn durations_parse_with_units() {
     assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
     assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
     assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-    for bad in ["", "5", "ms", "1.5s", "-1s", "2 s", "1d"] {
+    assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+    for bad in ["", "5", "ms", "1.5s", "-1s", "2 s", "1w"] {
         assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
     }
 }
@@ -396,4 +397,87 @@ fn network_policies_are_read_and_checked_where_they_are_written() {
             && allowed_on_host.contains(":19:15: "),
         "{allowed_on_host}"
     );
+}
+
+#[test]
+fn logs_take_retention_by_role_and_sinks_by_url() {
+    let text = format!(
+        "{GOOD}logs = {{ max_size = \"64MiB\", max_age = \"2d\" }}\n\
+         [role.api]\nimage = \"hello\"\nlisten = \"127.0.0.1:8081\"\n\n\
+         [logs]\nmax_age = \"3d\"\n\n\
+         [logs.forward.central]\nurl = \"tcp://127.0.0.1:5514\"\nroles = [\"web\"]\n\n\
+         [logs.forward.loki]\nurl = \"http://127.0.0.1:3100\"\n"
+    );
+    let fleet = parse(&text).unwrap();
+    assert_eq!(
+        fleet.roles["web"].logs,
+        LogRetention {
+            max_size: 64 << 20,
+            max_age: Duration::from_secs(2 * 86_400)
+        }
+    );
+    assert_eq!(
+        fleet.roles["api"].logs,
+        LogRetention {
+            max_size: 1 << 30,
+            max_age: Duration::from_secs(3 * 86_400)
+        }
+    );
+    let central = &fleet.logs.forward["central"];
+    assert_eq!(
+        central.url,
+        Sink::SyslogTcp("127.0.0.1:5514".parse().unwrap())
+    );
+    assert_eq!(central.roles, ["web"]);
+    assert_eq!(
+        fleet.logs.forward["loki"].url,
+        Sink::Loki {
+            addr: "127.0.0.1:3100".parse().unwrap(),
+            path: "/loki/api/v1/push".into()
+        }
+    );
+    // Without [logs]: 1 GiB and 7 days a role, no sinks.
+    let plain = parse(GOOD).unwrap();
+    assert_eq!(plain.roles["web"].logs, LogRetention::default());
+    assert_eq!(
+        plain.roles["web"].logs.max_age,
+        Duration::from_secs(7 * 86_400)
+    );
+    assert!(plain.logs.forward.is_empty());
+}
+
+#[test]
+fn bad_logs_settings_name_the_line_and_the_key() {
+    let cases = [
+        (
+            "[logs.forward.x]\nurl = \"syslog://h:1\"\n",
+            "unknown scheme \"syslog\"",
+        ),
+        (
+            "[logs.forward.x]\nurl = \"tcp://127.0.0.1\"\n",
+            "a port is required",
+        ),
+        (
+            "[logs.forward.x]\nurl = \"https://127.0.0.1:1/x\"\n",
+            "not supported yet",
+        ),
+        (
+            "[logs.forward.x]\nurl = \"udp://127.0.0.1:514\"\nroles = [\"wbe\"]\n",
+            "[logs.forward.x] key `roles`: no [role.wbe] in this file (roles: web)",
+        ),
+        ("[logs]\nmax_size = \"10KiB\"\n", "too small"),
+        ("[logs]\nmax_age = \"5s\"\n", "out of range"),
+        ("[logs]\nmax_sise = \"1GiB\"\n", "unknown field `max_sise`"),
+        (
+            "[logs.forward.x]\nurl = \"tcp://127.0.0.1:514\"\nrole = []\n",
+            "unknown field `role`",
+        ),
+    ];
+    let lines = GOOD.lines().count();
+    for (extra, expected) in cases {
+        let message = error(&format!("{GOOD}\n{extra}"));
+        assert!(message.contains(expected), "{extra}: {message}");
+        let line: usize = message.split(':').nth(1).unwrap().parse().unwrap();
+        assert!(line > lines, "{extra}: {message}");
+    }
 }
