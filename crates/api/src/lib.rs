@@ -1,4 +1,4 @@
-//! The HTTP API that the CLI (and later the dashboard) talks to.
+//! The HTTP API that the CLI talks to, and the web dashboard (`dashboard`).
 //!
 //! By default it is served only on a Unix socket in the state directory, mode 0600, to its
 //! owner (peer credentials are checked too). TCP is opt-in and always authenticated: a bearer
@@ -9,6 +9,7 @@
 //! deploy half done.
 
 pub mod access;
+pub mod dashboard;
 mod listen;
 mod restart;
 mod stream;
@@ -52,6 +53,15 @@ struct AppState {
     owner: u32,
     /// Where `phoenix restart` and `phoenix upgrade` go (only `phoenix up` restarts).
     restarts: Option<Restarts>,
+    /// The dashboard whose login URLs `POST /v1/dashboard/login` makes, when one is served.
+    dashboard: Option<DashboardLink>,
+}
+
+/// What the API needs to hand out dashboard logins: the sessions and where the page is.
+#[derive(Clone)]
+pub struct DashboardLink {
+    pub sessions: Arc<dashboard::Sessions>,
+    pub addr: SocketAddr,
 }
 
 /// One line of a deploy stream.
@@ -72,13 +82,19 @@ pub fn check_tcp(addr: SocketAddr, tokens: &[Token], mutual_tls: bool) -> Result
 }
 
 /// The API's routes, behind the authorization layer.
-pub fn router(controller: Controller, tokens: Vec<Token>, restarts: Option<Restarts>) -> Router {
+pub fn router(
+    controller: Controller,
+    tokens: Vec<Token>,
+    restarts: Option<Restarts>,
+    dashboard: Option<DashboardLink>,
+) -> Router {
     let state = AppState {
         controller,
         tokens: tokens.into(),
         // SAFETY: geteuid has no preconditions.
         owner: unsafe { libc::geteuid() },
         restarts,
+        dashboard,
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -90,6 +106,7 @@ pub fn router(controller: Controller, tokens: Vec<Token>, restarts: Option<Resta
         .route("/v1/apply", post(apply))
         .route("/v1/up", get(restart::up_info))
         .route("/v1/restart", post(restart::restart))
+        .route("/v1/dashboard/login", post(dashboard_login))
         .route("/v1/roles/{role}/deploy", post(deploy))
         .route("/v1/roles/{role}/rollback", post(rollback))
         .route("/v1/roles/{role}/scale", post(scale))
@@ -106,31 +123,8 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     let Some(connection) = request.extensions().get::<Connection>().cloned() else {
         return refuse(StatusCode::FORBIDDEN, "no connection information");
     };
-    if let Some(hosts) = &connection.hosts {
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()));
-        match host {
-            Some(host) if hosts.allows(host) => {}
-            Some(host) => {
-                return refuse(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    &format!("Host {host:?} is not this API's address"),
-                );
-            }
-            None => return refuse(StatusCode::BAD_REQUEST, "the request has no Host"),
-        }
-        if let Some(origin) = request.headers().get(header::ORIGIN) {
-            let origin = origin.to_str().unwrap_or("?");
-            if !hosts.allows_origin(origin) {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    &format!("requests from origin {origin:?} are refused"),
-                );
-            }
-        }
+    if let Some(refusal) = host_refusal(&connection, &request) {
+        return refusal;
     }
     let (caller, scope) = match caller(&state, &connection.peer, &request) {
         Ok(found) => found,
@@ -159,6 +153,37 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
             .await;
     }
     next.run(request).await
+}
+
+/// On TCP, the request's Host names the listener and its Origin (when sent) is the listener
+/// itself: no other site, and no DNS rebinding, reaches the API or the dashboard.
+pub(crate) fn host_refusal(connection: &Connection, request: &Request) -> Option<Response> {
+    let hosts = connection.hosts.as_ref()?;
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if hosts.allows(host) => {}
+        Some(host) => {
+            return Some(refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("Host {host:?} is not this API's address"),
+            ));
+        }
+        None => return Some(refuse(StatusCode::BAD_REQUEST, "the request has no Host")),
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("?");
+        if !hosts.allows_origin(origin) {
+            return Some(refuse(
+                StatusCode::FORBIDDEN,
+                &format!("requests from origin {origin:?} are refused"),
+            ));
+        }
+    }
+    None
 }
 
 /// Who made `request`, and what they may do; or why they are turned away.
@@ -204,6 +229,22 @@ fn caller(
 
 fn refuse(status: StatusCode, message: &str) -> Response {
     (status, format!("{message}\n")).into_response()
+}
+
+/// A one-time login URL for the dashboard (an operator's call: it opens a session).
+async fn dashboard_login(State(state): State<AppState>) -> Response {
+    let Some(link) = &state.dashboard else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "this phoenix up serves no dashboard (it was started with --no-dashboard)",
+        );
+    };
+    let token = link.sessions.mint_login();
+    Json(json!({
+        "url": format!("http://{}/login?token={token}", link.addr),
+        "expires_in_seconds": 120,
+    }))
+    .into_response()
 }
 
 async fn status(State(state): State<AppState>) -> Json<phoenix_fleet::FleetStatus> {

@@ -9,12 +9,26 @@ use http_body::{Body, Frame};
 use tokio::sync::mpsc;
 
 pub(crate) struct ChannelBody {
-    rx: mpsc::UnboundedReceiver<Bytes>,
+    rx: Receiver,
+}
+
+enum Receiver {
+    Unbounded(mpsc::UnboundedReceiver<Bytes>),
+    /// A sender that gets ahead of a slow client waits for it.
+    Bounded(mpsc::Receiver<Bytes>),
 }
 
 impl ChannelBody {
     pub(crate) fn new(rx: mpsc::UnboundedReceiver<Bytes>) -> Self {
-        ChannelBody { rx }
+        ChannelBody {
+            rx: Receiver::Unbounded(rx),
+        }
+    }
+
+    pub(crate) fn bounded(rx: mpsc::Receiver<Bytes>) -> Self {
+        ChannelBody {
+            rx: Receiver::Bounded(rx),
+        }
     }
 }
 
@@ -26,8 +40,10 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|next| next.map(|bytes| Ok(Frame::data(bytes))))
+        let next = match &mut self.rx {
+            Receiver::Unbounded(rx) => rx.poll_recv(cx),
+            Receiver::Bounded(rx) => rx.poll_recv(cx),
+        };
+        next.map(|next| next.map(|bytes| Ok(Frame::data(bytes))))
     }
 }

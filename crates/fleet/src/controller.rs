@@ -826,6 +826,11 @@ impl Controller {
         &self.inner.store
     }
 
+    /// The controller's clock, in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
     /// Journals a state-changing API call and who made it, before it runs: the entries the
     /// call itself writes follow it.
     pub async fn journal_api_call(&self, role: Option<&str>, actor: &str, call: &str) {

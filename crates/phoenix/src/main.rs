@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod client;
 mod commands;
+mod dashboard_cmd;
 mod demo;
 mod exec_cmd;
 mod failure;
@@ -71,6 +72,8 @@ enum Command {
     Exec(exec_cmd::ExecArgs),
     /// Roles, generations, instances, health and image digests.
     Status(commands::StatusArgs),
+    /// A one-time login URL for the web dashboard of the running `phoenix up` (`--open`).
+    Dashboard(dashboard_cmd::DashboardArgs),
     /// What a role's or an instance's instances wrote, from the log store (`-f` follows).
     Logs(logs_cmd::LogsArgs),
     /// The journal of a role: deploys, switches, aborts, instance starts and deaths.
@@ -205,6 +208,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(&state, args).await,
             Command::Restart(args) => restart::restart_cmd(&state, args).await,
+            Command::Dashboard(args) => dashboard_cmd::dashboard(&state, args).await,
             Command::Upgrade(args) => restart::upgrade_cmd(&state, args).await,
             Command::Plan(args) => plan_cmd::plan(&state, args).await,
             Command::Apply(args) => plan_cmd::apply(&state, args).await,

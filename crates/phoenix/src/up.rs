@@ -38,6 +38,13 @@ pub struct UpArgs {
     pub api_tls_key: Option<PathBuf>,
     #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
     pub api_client_ca: Option<PathBuf>,
+    /// Serve the web dashboard here (loopback only: it is plain HTTP; reach it from elsewhere
+    /// through `ssh -L`). `phoenix dashboard` prints a login URL.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub dashboard_listen: SocketAddr,
+    /// Serve no dashboard.
+    #[arg(long, conflicts_with = "dashboard_listen")]
+    pub no_dashboard: bool,
     /// Refused: a token on the command line shows in `ps` to every user.
     #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
@@ -72,6 +79,35 @@ fn load_tokens(args: &UpArgs) -> anyhow::Result<Vec<phoenix_api::Token>> {
 struct ApiPlan {
     tokens: Vec<phoenix_api::Token>,
     tcp: Option<(SocketAddr, Option<std::sync::Arc<rustls::ServerConfig>>)>,
+}
+
+/// Serves the dashboard on `addr`, a loopback address: it speaks plain HTTP.
+async fn serve_dashboard(
+    controller: &Controller,
+    addr: SocketAddr,
+    tokens: &[phoenix_api::Token],
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(
+    phoenix_api::DashboardLink,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    if !addr.ip().is_loopback() {
+        bail!(
+            "--dashboard-listen {addr}: the dashboard serves plain HTTP, so only on a loopback address (127.0.0.1, ::1); from another machine, forward a port over SSH (ssh -L 7080:127.0.0.1:7080 HOST)"
+        );
+    }
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for the dashboard (--dashboard-listen)")
+    })?;
+    let addr = listener.local_addr()?;
+    let sessions = phoenix_api::dashboard::Sessions::new();
+    let router =
+        phoenix_api::dashboard::router(controller.clone(), sessions.clone(), tokens.to_vec());
+    let hosts = phoenix_api::HostPolicy::new(addr, &[]);
+    let task = tokio::spawn(phoenix_api::serve_tcp(
+        listener, None, hosts, router, stopped,
+    ));
+    Ok((phoenix_api::DashboardLink { sessions, addr }, task))
 }
 
 fn plan_api(args: &UpArgs) -> anyhow::Result<ApiPlan> {
@@ -122,8 +158,28 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
             inheritance.as_ref(),
         ))),
     };
-    let router = phoenix_api::router(controller.clone(), api_plan.tokens, Some(restarts.clone()));
     let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
+    let mut apis = Vec::new();
+    let dashboard = match args.no_dashboard {
+        true => None,
+        false => {
+            let (link, task) = serve_dashboard(
+                &controller,
+                args.dashboard_listen,
+                &api_plan.tokens,
+                api_stopped.clone(),
+            )
+            .await?;
+            apis.push(task);
+            Some(link)
+        }
+    };
+    let router = phoenix_api::router(
+        controller.clone(),
+        api_plan.tokens,
+        Some(restarts.clone()),
+        dashboard.clone(),
+    );
     let socket_path = state.join(API_SOCKET);
     let socket = match inheritance.as_mut().and_then(|i| i.api_socket.take()) {
         Some(fd) => {
@@ -137,12 +193,18 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     // Copies that outlive the serving tasks, for the next program.
     let socket_fd = socket.as_fd().try_clone_to_owned()?;
     let mut tcp_fd = None;
-    let mut apis = vec![tokio::spawn(phoenix_api::serve_unix(
+    apis.push(tokio::spawn(phoenix_api::serve_unix(
         socket,
         router.clone(),
         api_stopped.clone(),
-    ))];
+    )));
     let mut served_on = format!("API {} (owner only)", socket_path.display());
+    if let Some(link) = &dashboard {
+        served_on.push_str(&format!(
+            ", dashboard http://{} (`phoenix dashboard` prints a login URL)",
+            link.addr
+        ));
+    }
     if let Some((addr, tls)) = api_plan.tcp {
         let inherited_tcp = inheritance.as_mut().and_then(|i| i.api_tcp.take());
         let listener = match inherited_tcp.map(std::net::TcpListener::from) {
