@@ -209,14 +209,13 @@ impl ImageStore {
         }
         // The file manifest of a Phoenix image travels with it; other images get theirs
         // computed on first use.
-        if let Some(files) = manifest.annotations.get(crate::store::ANNOTATION_FILES) {
-            if layout
+        if let Some(files) = manifest.annotations.get(crate::store::ANNOTATION_FILES)
+            && layout
                 .join("blobs/sha256")
                 .join(digest_hex(files)?)
                 .exists()
-            {
-                self.copy_blob(layout, files)?;
-            }
+        {
+            self.copy_blob(layout, files)?;
         }
         self.write_blob(&bytes, &descriptor.media_type)?;
         Ok(descriptor.digest.clone())

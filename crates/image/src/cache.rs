@@ -73,11 +73,11 @@ impl StatCache {
             sha256,
         };
         let key = path.to_string_lossy();
-        if let Some(known) = self.old.get(key.as_ref()) {
-            if *known == stamp(known.sha256.clone()) {
-                self.new.insert(key.into_owned(), known.clone());
-                return Ok(known.sha256.clone());
-            }
+        if let Some(known) = self.old.get(key.as_ref())
+            && *known == stamp(known.sha256.clone())
+        {
+            self.new.insert(key.into_owned(), known.clone());
+            return Ok(known.sha256.clone());
         }
         let sha256 = crate::files::sha256_file(path)?;
         self.hashed += 1;
@@ -93,10 +93,10 @@ impl StatCache {
     /// Writes what this bake saw, when it differs from what was loaded.
     pub(crate) fn save(self) {
         let Some(path) = self.path else { return };
-        if self.new != self.old {
-            if let Ok(bytes) = serde_json::to_vec(&self.new) {
-                let _ = crate::store::write_atomic(&path, &bytes);
-            }
+        if self.new != self.old
+            && let Ok(bytes) = serde_json::to_vec(&self.new)
+        {
+            let _ = crate::store::write_atomic(&path, &bytes);
         }
     }
 }

@@ -194,16 +194,16 @@ impl ImageStore {
     /// image) the one computed from its layers on first use.
     pub fn files(&self, digest: &str) -> Result<FileManifest, ImageError> {
         let manifest = self.manifest(digest)?;
-        if let Some(files) = manifest.annotations.get(ANNOTATION_FILES) {
-            if self.contains(files) {
-                return parse("file manifest", &self.read_blob(files)?);
-            }
+        if let Some(files) = manifest.annotations.get(ANNOTATION_FILES)
+            && self.contains(files)
+        {
+            return parse("file manifest", &self.read_blob(files)?);
         }
         let side = self.cache_dir().join("files").join(digest_hex(digest)?);
-        if let Ok(bytes) = fs::read(&side) {
-            if let Ok(files) = serde_json::from_slice(&bytes) {
-                return Ok(files);
-            }
+        if let Ok(bytes) = fs::read(&side)
+            && let Ok(files) = serde_json::from_slice(&bytes)
+        {
+            return Ok(files);
         }
         let mut layers = Vec::new();
         for layer in &manifest.layers {

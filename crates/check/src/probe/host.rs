@@ -125,13 +125,13 @@ fn parse_stanzas(
                 .find_map(|l| l.strip_prefix(key))
                 .map(str::trim)
         };
-        if let (Some(name), Some(version)) = (field(name_key), field(version_key)) {
-            if installed(stanza) {
-                packages
-                    .entry(name.to_string())
-                    .or_default()
-                    .push(version.to_string());
-            }
+        if let (Some(name), Some(version)) = (field(name_key), field(version_key))
+            && installed(stanza)
+        {
+            packages
+                .entry(name.to_string())
+                .or_default()
+                .push(version.to_string());
         }
     }
     packages
