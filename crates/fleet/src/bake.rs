@@ -94,7 +94,11 @@ fn bake_one(
             known: fleet.images.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
     let started = Instant::now();
-    let baked = images.bake_with(recipe, &fleet.dir, options, progress)?;
+    let mut recording = Recording::new(progress, name);
+    let baked = images.bake_with(recipe, &fleet.dir, options, &mut recording);
+    let digest = baked.as_ref().map(|b| b.digest.as_str()).unwrap_or("");
+    recording.store(images, digest);
+    let baked = baked?;
     let known = store.images()?;
     let new = !known
         .iter()
@@ -123,6 +127,106 @@ fn bake_one(
         millis: started.elapsed().as_millis() as u64,
         warnings: baked.warnings,
     })
+}
+
+/// The log store's directory of bake steps' output (`run`, mmdebstrap); `_` keeps it apart
+/// from every role.
+pub const BAKE_LOGS: &str = "_bake";
+
+/// Lines of one bake kept for the store; a longer output keeps its first ones and counts the rest.
+const BAKE_LINES: usize = 100_000;
+
+/// Passes a bake's progress on, and records its command output for the log store, each line
+/// stamped as it comes.
+struct Recording<'a> {
+    inner: &'a mut dyn Progress,
+    instance: String,
+    lines: Vec<phoenix_observe::logs::LogLine>,
+    dropped: u64,
+    /// Whether a command wrote anything (steps alone are not worth keeping).
+    said: bool,
+}
+
+impl<'a> Recording<'a> {
+    fn new(inner: &'a mut dyn Progress, name: &str) -> Recording<'a> {
+        Recording {
+            inner,
+            instance: format!("bake-{name}"),
+            lines: Vec::new(),
+            dropped: 0,
+            said: false,
+        }
+    }
+
+    /// Appends what the bake's commands wrote to `_bake` in the store beside `images`.
+    fn store(mut self, images: &ImageStore, digest: &str) {
+        if self.dropped > 0 {
+            let note = format!("[phoenix: {} more lines of output not kept]", self.dropped);
+            self.push(note);
+        }
+        if !self.said {
+            return;
+        }
+        let image = phoenix_image::short_digest(digest).to_string();
+        for line in &mut self.lines {
+            line.image.clone_from(&image);
+        }
+        let Some(state_dir) = images.root().parent() else {
+            return;
+        };
+        let dir = crate::capture::store_dir(state_dir);
+        let stored = phoenix_observe::logs::LogStore::open(&dir, Default::default())
+            .and_then(|store| store.append(BAKE_LOGS, &self.lines, now_ms()));
+        if let Err(error) = stored {
+            tracing::warn!(%error, "cannot store the bake's output");
+        }
+    }
+
+    fn push(&mut self, text: String) {
+        for (piece, split) in phoenix_observe::logs::split_line(&text) {
+            self.lines.push(phoenix_observe::logs::LogLine {
+                at: now_ms(),
+                stream: phoenix_observe::logs::Stream::Stdout,
+                instance: self.instance.clone(),
+                generation: 0,
+                image: String::new(),
+                text: piece,
+                split,
+            });
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    use crate::Clock;
+    crate::SystemClock.now_ms()
+}
+
+impl Progress for Recording<'_> {
+    fn step(&mut self, index: usize, total: usize, what: &str) {
+        self.inner.step(index, total, what);
+        if self.lines.len() < BAKE_LINES {
+            self.push(format!("[phoenix: step {index}/{total}: {what}]"));
+        }
+    }
+
+    fn advance(&mut self, done: u64, total: u64) {
+        self.inner.advance(done, total);
+    }
+
+    fn finished(&mut self, report: &phoenix_image::StepReport) {
+        self.inner.finished(report);
+    }
+
+    fn line(&mut self, line: &str) {
+        self.inner.line(line);
+        self.said = true;
+        if self.lines.len() < BAKE_LINES {
+            self.push(line.to_string());
+        } else {
+            self.dropped += 1;
+        }
+    }
 }
 
 /// Rewrites the layout's `index.json` from the recorded images: each name's newest bake.

@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use phoenix_observe::logs::{LogLine, LogStore, MAX_LINE, Retention, Stream, split_line};
+use phoenix_observe::logs::{LogLine, LogStore, MAX_LINE, Position, Retention, Stream, split_line};
 use tokio::io::AsyncReadExt;
 
 use crate::Clock;
@@ -121,13 +121,6 @@ impl Capture {
 
     /// Reads one stream of `source` until its instance closes it.
     fn watch(&self, source: &Source, stream: Stream, read: OwnedFd) -> std::io::Result<()> {
-        let key = (source.instance.clone(), stream_name(stream));
-        let copy = read.try_clone()?;
-        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
-        lock(&self.shared.pipes).insert(key.clone(), copy);
-        *lock(&self.shared.open)
-            .entry(source.instance.clone())
-            .or_default() += 1;
         let reader = Reader {
             source: source.clone(),
             stream,
@@ -135,8 +128,7 @@ impl Capture {
             clock: self.clock.clone(),
             shared: self.shared.clone(),
         };
-        tokio::spawn(reader.run(receiver, key));
-        Ok(())
+        reader.start(read)
     }
 
     /// Read ends of every running instance's streams, for the next program.
@@ -224,6 +216,95 @@ impl Capture {
     }
 }
 
+/// The output of a one-off process (a verification's instance): read line by line as an
+/// instance's is, kept in memory (up to [`QUEUE`] lines, the rest counted), and appended to
+/// the store when it ends. No writer thread: the store takes the lines in one batch, under its
+/// lock, beside `phoenix up`'s writer.
+pub(crate) struct OneOff {
+    source: Source,
+    store_dir: PathBuf,
+    lines: Receiver<Item>,
+    shared: Arc<Shared>,
+}
+
+impl OneOff {
+    /// Pipes for `source`'s stdout and stderr, read from now on.
+    pub fn start(
+        store_dir: PathBuf,
+        source: Source,
+        clock: Arc<dyn Clock>,
+    ) -> std::io::Result<(OneOff, phoenix_driver::Output)> {
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let shared = Arc::<Shared>::default();
+        let (out_read, out_write) = std::io::pipe()?;
+        let (err_read, err_write) = std::io::pipe()?;
+        for (stream, read) in [(Stream::Stdout, out_read), (Stream::Stderr, err_read)] {
+            let reader = Reader {
+                source: source.clone(),
+                stream,
+                queue: queue.clone(),
+                clock: clock.clone(),
+                shared: shared.clone(),
+            };
+            reader.start(OwnedFd::from(read))?;
+        }
+        let output = phoenix_driver::Output {
+            stdout: Arc::new(OwnedFd::from(out_write)),
+            stderr: Arc::new(OwnedFd::from(err_write)),
+        };
+        let one_off = OneOff {
+            source,
+            store_dir,
+            lines,
+            shared,
+        };
+        Ok((one_off, output))
+    }
+
+    /// Waits (up to `limit`) for both streams to end, appends what they said to the store, and
+    /// returns it with the store's position after it.
+    pub async fn finish(self, limit: Duration, now_ms: i64) -> (Vec<LogLine>, Position) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.shared.ended.notified();
+                if lock(&self.shared.open).values().all(|n| *n == 0) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        let lines: Vec<LogLine> = self
+            .lines
+            .try_iter()
+            .filter_map(|item| match item {
+                Item::Line(_, line) => Some(line),
+                Item::Flush(_) => None,
+            })
+            .collect();
+        let (role, dir, kept) = (
+            self.source.role.clone(),
+            self.store_dir.clone(),
+            lines.clone(),
+        );
+        let stored = tokio::task::spawn_blocking(move || {
+            let store = LogStore::open(&dir, Retention::default())?;
+            store.append(&role, &kept, now_ms)?;
+            Ok::<_, std::io::Error>(phoenix_observe::logs::end_position(&dir, &role))
+        })
+        .await;
+        let position = match stored {
+            Ok(Ok(position)) => position,
+            Ok(Err(error)) => {
+                tracing::warn!(instance = %self.source.instance, %error, "cannot store its output");
+                Position::default()
+            }
+            Err(_) => Position::default(),
+        };
+        (lines, position)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -237,6 +318,19 @@ struct Reader {
 }
 
 impl Reader {
+    /// Reads `read` in a task of its own, its copy kept for the handover.
+    fn start(self, read: OwnedFd) -> std::io::Result<()> {
+        let key = (self.source.instance.clone(), stream_name(self.stream));
+        let copy = read.try_clone()?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+        lock(&self.shared.pipes).insert(key.clone(), copy);
+        *lock(&self.shared.open)
+            .entry(self.source.instance.clone())
+            .or_default() += 1;
+        tokio::spawn(self.run(receiver, key));
+        Ok(())
+    }
+
     async fn run(
         self,
         mut receiver: tokio::net::unix::pipe::Receiver,

@@ -212,7 +212,17 @@ async fn deploy_locked(
             "aborting: {}",
             reason.lines().next().unwrap_or_default()
         ));
-        stop_all(&generation.instances()).await;
+        let stopped = generation.instances();
+        stop_all(&stopped).await;
+        // Their last lines are in the store before the journal says where they end.
+        for instance in &stopped {
+            inner
+                .capture
+                .wait_ended(&instance.name, Duration::from_secs(2))
+                .await;
+        }
+        let log_position =
+            phoenix_observe::logs::end_position(inner.capture.store_dir(), role_name);
         generation.set_status(GenerationStatus::Aborted);
         role.remove_other(generation_id);
         let (now, why) = (inner.clock.now_ms(), reason.clone());
@@ -226,7 +236,8 @@ async fn deploy_locked(
             .journal(
                 Some(role_name),
                 "deploy.aborted",
-                json!({"deploy": deploy_id, "generation": generation_id, "reason": reason}),
+                json!({"deploy": deploy_id, "generation": generation_id, "reason": reason,
+                       "log_position": log_position}),
             )
             .await;
         return Err(FleetError::DeployAborted {
@@ -478,6 +489,12 @@ async fn verify_if_needed(
         row.total,
         row.failed,
     ));
+    if !row.passed {
+        return Err(FleetError::NotVerified {
+            image: phoenix_image::short_digest(digest).to_string(),
+            reason: verification.failure(),
+        });
+    }
     Ok(Some(Verified {
         checks: row.total,
         ms,

@@ -30,7 +30,7 @@ mod verify;
 
 pub use apply::ApplyReport;
 pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
-pub use bake::{BakeOutcome, bake_image, refresh_index};
+pub use bake::{BAKE_LOGS, BakeOutcome, bake_image, refresh_index};
 pub use capture::store_dir as log_store_dir;
 pub use clock::{Clock, ManualClock, Namer, SystemClock};
 pub use config::{
@@ -50,7 +50,7 @@ pub use scale::{FlagChange, ScaleReport};
 pub use status::{
     DeniedView, FleetStatus, GenerationView, InstanceView, PolicyView, RemoteView, RoleStatus,
 };
-pub use verify::{Verification, Verifier, VerifyOptions, checks_of, gate};
+pub use verify::{VERIFY_LOGS, Verification, Verifier, VerifyOptions, checks_of, gate};
 
 /// If this process was started as one of Phoenix's helpers (a container's shim, checks run
 /// inside an instance), runs it and exits; otherwise returns at once. Call it first thing in

@@ -60,8 +60,35 @@ impl Default for VerifyOptions {
 pub struct Verification {
     pub row: VerificationRow,
     pub report: Report,
-    /// The throwaway instance's log, when the checks failed.
+    /// The throwaway instance's last lines, when the checks failed.
     pub log_tail: Vec<String>,
+    /// Its name: `phoenix logs NAME` shows all it wrote.
+    pub instance: String,
+}
+
+/// The log store's directory of verification instances' output; `_` keeps it apart from
+/// every role (role names are a-z, 0-9 and `-`).
+pub const VERIFY_LOGS: &str = "_verify";
+
+impl Verification {
+    /// Why a deploy cannot use the image: the failed checks, the instance's last lines and
+    /// the command that shows the rest.
+    pub fn failure(&self) -> String {
+        let mut reason = format!(
+            "its verification failed {} of {} checks:\n  {}",
+            self.row.failed,
+            self.row.total,
+            self.row.failures.join("\n  ")
+        );
+        if !self.log_tail.is_empty() {
+            reason.push_str(&format!(
+                "\nlast lines of the verification instance's output (more: phoenix logs {}):\n  {}",
+                self.instance,
+                self.log_tail.join("\n  ")
+            ));
+        }
+        reason
+    }
 }
 
 /// The check file of recipe `name`, if it has one (relative paths are relative to the fleet file).
@@ -122,10 +149,23 @@ impl Verifier {
             &short_digest(digest)[..6],
             (now as u64) & 0xff_ffff
         );
-        let log_path = self
-            .state_dir
-            .join("logs")
-            .join(format!("{instance}-{now}.log"));
+        // Its output goes to the log store, under `_verify` (no role can be named so).
+        let source = crate::capture::Source {
+            role: VERIFY_LOGS.into(),
+            instance: instance.clone(),
+            generation: 0,
+            image: short_digest(digest).to_string(),
+        };
+        let (output, pipes) = crate::capture::OneOff::start(
+            crate::capture::store_dir(&self.state_dir),
+            source,
+            Arc::new(crate::SystemClock),
+        )
+        .map_err(|cause| FleetError::Io {
+            what: format!("make the output pipes of {instance}"),
+            cause,
+        })?;
+        let log_path = self.state_dir.join("logs").join(format!("{instance}.log"));
         let launch = crate::instance::Launch {
             role: "",
             secrets: self.secrets.values(fleet, &run.secrets)?,
@@ -134,15 +174,12 @@ impl Verifier {
             hosts: Vec::new(),
         };
         let extra = [("PHOENIX_ROLE", "verify".to_string())];
-        let spec = crate::instance::spec(
-            &instance,
-            root.clone(),
-            &config,
-            &launch,
-            &extra,
-            log_path.clone(),
-        );
+        let mut spec =
+            crate::instance::spec(&instance, root.clone(), &config, &launch, &extra, log_path);
+        spec.output = Some(pipes);
         let starting = (driver.clone(), spec.clone());
+        // Only the instance holds the pipes' write ends from here: its end is their end.
+        spec.output = None;
         let (mut process, addr) =
             tokio::task::spawn_blocking(move || starting.0.start(&starting.1))
                 .await
@@ -157,13 +194,14 @@ impl Verifier {
         let mut env = spec.env;
         env.push(("PORT".into(), addr.port().to_string()));
         env.push(("HOST".into(), addr.ip().to_string()));
-        env.push(("PHOENIX_INSTANCE".into(), instance));
+        env.push(("PHOENIX_INSTANCE".into(), instance.clone()));
         // Containers are checked from inside, as the instance sees itself; the process driver's
         // instances from the host, their files under the root.
         let inside = driver.id_offset(run.allow_root).map(|_| process.pid);
         let target = instance_target(&root, &config.working_dir, &env);
         let outcome = run_checks(&checks, target, inside, env, options).await;
         process.stop(options.stop_timeout).await;
+        let (lines, log_position) = output.finish(Duration::from_secs(3), now).await;
         let (suite, report) = outcome?;
         let failures: Vec<String> = report
             .failures()
@@ -186,22 +224,29 @@ impl Verifier {
             at: now,
         };
         let (store, record) = (self.store.clone(), row.clone());
+        let logs = format!("phoenix logs {instance}");
+        let detail = json!({"name": record.name, "image": record.image, "checks": record.checks,
+            "passed": record.passed, "total": record.total, "failed": record.failed,
+            "failures": record.failures, "instance": instance, "logs": logs,
+            "log_position": log_position});
         tokio::task::spawn_blocking(move || {
             store.record_verification(&record)?;
-            let detail = json!({"name": record.name, "image": record.image, "checks": record.checks,
-                "passed": record.passed, "total": record.total, "failed": record.failed, "failures": record.failures});
             store.journal(now, None, "image.verified", &detail)
         })
         .await
         .map_err(|e| FleetError::Internal(e.to_string()))??;
         let log_tail = match row.passed {
             true => Vec::new(),
-            false => crate::instance::log_tail(&log_path, 10),
+            false => {
+                let skip = lines.len().saturating_sub(10);
+                lines[skip..].iter().map(|l| l.text.clone()).collect()
+            }
         };
         Ok(Verification {
             row,
             report,
             log_tail,
+            instance,
         })
     }
 }

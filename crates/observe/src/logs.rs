@@ -141,12 +141,26 @@ impl LogStore {
         }
         let role_dir = role_dir(&self.dir, role)?;
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        // Another program may write the same role (`phoenix verify` beside `phoenix up`): one
+        // writer at a time, and a segment another one sealed is left for the new active one.
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(role_dir.join(".lock"))?;
+        lock.lock()?;
         let segment = match active.entry(role.to_string()) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::btree_map::Entry::Vacant(entry) => {
                 entry.insert(open_active(&role_dir)?)
             }
         };
+        let meta = segment.file.metadata()?;
+        if std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
+            *segment = open_active(&role_dir)?;
+        } else {
+            segment.bytes = meta.len();
+        }
         let mut buf = Vec::with_capacity(lines.len() * 128);
         for line in lines {
             serde_json::to_writer(&mut buf, line).map_err(io::Error::other)?;
@@ -673,6 +687,39 @@ mod tests {
         seen.extend(rest.into_iter().map(|l| l.at));
         assert_eq!(seen, (0..300).collect::<Vec<_>>());
         assert!(segments(&dir.path().join("web")).unwrap().len() > 5);
+    }
+
+    #[test]
+    fn two_writers_of_one_role_lose_nothing_across_seals() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            segment_bytes: 3_000,
+            ..Retention::default()
+        };
+        // Two stores on one directory, as `phoenix up` and `phoenix verify` are.
+        let a = LogStore::open(dir.path(), retention).unwrap();
+        let b = LogStore::open(dir.path(), retention).unwrap();
+        for i in 0..400 {
+            let store = if i % 3 == 0 { &b } else { &a };
+            store
+                .append("web", &[line(i, "web-a", &format!("line {i}"))], i)
+                .unwrap();
+        }
+        let (all, _) = read(
+            dir.path(),
+            &Query {
+                role: "web".into(),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            all.iter().map(|l| l.at).collect::<Vec<_>>(),
+            (0..400).collect::<Vec<_>>()
+        );
+        let files = segments(&dir.path().join("web")).unwrap();
+        assert_eq!(files.iter().filter(|(_, sealed, _)| !sealed).count(), 1);
+        assert!(files.len() > 5);
     }
 
     #[test]

@@ -116,6 +116,18 @@ fn target(dir: &Path, target: &str) -> anyhow::Result<(String, Option<String>)> 
     {
         return Ok((role.to_string(), Some(target.to_string())));
     }
+    // Verification instances and bakes are kept apart from roles, in `_verify` and `_bake`.
+    for (name, kept) in [
+        ("verify", phoenix_fleet::VERIFY_LOGS),
+        ("bake", phoenix_fleet::BAKE_LOGS),
+    ] {
+        if target == name && dir.join(kept).is_dir() {
+            return Ok((kept.to_string(), None));
+        }
+        if target.starts_with(&format!("{name}-")) && plain(target) && dir.join(kept).is_dir() {
+            return Ok((kept.to_string(), Some(target.to_string())));
+        }
+    }
     let roles = roles_with_logs(dir);
     let known = if roles.is_empty() {
         "none yet".to_string()

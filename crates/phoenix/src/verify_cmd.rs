@@ -209,6 +209,12 @@ async fn verify_image(
         other => other?,
     };
     run.print(&verification.report);
+    if !verification.log_tail.is_empty() {
+        eprintln!(
+            "last lines of the instance's output (more: phoenix logs {}):",
+            verification.instance
+        );
+    }
     for line in &verification.log_tail {
         eprintln!("  | {line}");
     }
@@ -266,10 +272,10 @@ impl Served {
     /// requests wait for the same run.
     async fn report(self: &Arc<Self>) -> Arc<Report> {
         let mut last = self.last.lock().await;
-        if let Some((at, report)) = last.as_ref() {
-            if at.elapsed() < self.cache {
-                return report.clone();
-            }
+        if let Some((at, report)) = last.as_ref()
+            && at.elapsed() < self.cache
+        {
+            return report.clone();
         }
         let served = self.clone();
         let report = tokio::task::spawn_blocking(move || {
@@ -357,10 +363,10 @@ fn negotiate(accept: Option<&http::HeaderValue>, default: Format) -> Format {
         .split(',')
         .map(|m| m.split(';').next().unwrap_or("").trim())
     {
-        if let Some(name) = media.strip_prefix("application/vnd.goss-") {
-            if let Ok(format) = name.parse() {
-                return format;
-            }
+        if let Some(name) = media.strip_prefix("application/vnd.goss-")
+            && let Ok(format) = name.parse()
+        {
+            return format;
         }
         match media {
             "application/json" => return Format::Json,

@@ -551,6 +551,23 @@ fn run_steps_are_confined_capabilities_no_new_privs_seccomp_and_no_mounts() {
         assert!(said.contains(&maps), "{maps} in {said}");
     }
     assert!(said.contains("MOUNT-REFUSED"), "{said}");
+    // The step's output is kept in the log store too, under `bake`, failed bake or not.
+    let kept = phoenix(dir.path(), &["--state", "s", "logs", "bake-bb", "--json"]);
+    let kept = String::from_utf8_lossy(&kept.stdout).into_owned();
+    let texts: Vec<String> = kept
+        .lines()
+        .map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(line["instance"], "bake-bb");
+            line["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(texts[0].starts_with("[phoenix: step 1/"), "{texts:?}");
+    assert!(texts.iter().any(|t| t == "MOUNT-REFUSED"), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.starts_with("NoNewPrivs:")),
+        "{texts:?}"
+    );
     // Its root is the image's: no trace of the host's (no /home, /usr, /work).
     let listing = said
         .lines()

@@ -314,6 +314,36 @@ fn deploys_refuse_images_that_did_not_pass_their_checks() {
         message.contains("HTTP: http://127.0.0.1:") && message.contains("body: doesn't match"),
         "{message}"
     );
+    // The cause in the instance's own words, and where to read the rest.
+    let (_, more) = message
+        .split_once("(more: phoenix logs ")
+        .unwrap_or_else(|| panic!("no logs command in {message}"));
+    let instance = more.split(')').next().unwrap().to_string();
+    assert!(instance.starts_with("verify-"), "{message}");
+    assert!(
+        message.contains(&format!("hello {instance} version v2 listening")),
+        "{message}"
+    );
+    let logged = phoenix.cli_ok(&["logs", &instance, "--json"]);
+    let first: Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
+    assert_eq!(first["instance"], instance.as_str());
+    assert_eq!(first["generation"], 0);
+    let journaled = phoenix
+        .history()
+        .into_iter()
+        .rfind(|e| e["kind"] == "image.verified")
+        .unwrap();
+    assert_eq!(journaled["detail"]["passed"], false);
+    assert_eq!(
+        journaled["detail"]["logs"],
+        format!("phoenix logs {instance}").as_str()
+    );
+    assert!(
+        journaled["detail"]["log_position"]["offset"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     assert_eq!(live_image(&phoenix), v1);
     let samples = load.stop();
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
