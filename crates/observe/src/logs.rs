@@ -98,6 +98,41 @@ pub struct LogStore {
     retention: Retention,
     retentions: Mutex<BTreeMap<String, Retention>>,
     active: Mutex<BTreeMap<String, Active>>,
+    /// Seals (compression and pruning) run here, so a seal never holds up an append.
+    sealer: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    sealing: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Work for the sealing thread.
+enum Job {
+    Seal(Seal),
+    /// Answered once every seal asked for before it is done.
+    Synced(std::sync::mpsc::Sender<()>),
+}
+
+/// A segment to compress, and the pruning after it.
+struct Seal {
+    role_dir: PathBuf,
+    seq: u64,
+    /// What the segment holds, when the writer saw every line of it.
+    index: Option<Index>,
+    retention: Retention,
+    now_ms: i64,
+}
+
+impl Drop for LogStore {
+    /// Waits for the seals under way.
+    fn drop(&mut self) {
+        self.sealer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self
+            .sealing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -105,17 +140,44 @@ struct Active {
     seq: u64,
     file: File,
     bytes: u64,
+    /// Kept as lines are appended; `None` once another writer appended too.
+    index: Option<Index>,
 }
 
 impl LogStore {
     pub fn open(dir: impl Into<PathBuf>, retention: Retention) -> io::Result<LogStore> {
         let dir = dir.into();
         fs::create_dir_all(&dir)?;
+        let (sealer, seals) = std::sync::mpsc::channel::<Job>();
+        let sealing = std::thread::Builder::new()
+            .name("phoenix-seal".into())
+            .spawn(move || {
+                for job in seals {
+                    let job = match job {
+                        Job::Seal(job) => job,
+                        Job::Synced(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
+                    let sealed = seal(&job.role_dir, job.seq, job.index)
+                        .and_then(|()| prune(&job.role_dir, &job.retention, job.now_ms));
+                    if let Err(error) = sealed {
+                        eprintln!(
+                            "phoenix: cannot seal log segment {} of {}: {error}",
+                            job.seq,
+                            job.role_dir.display()
+                        );
+                    }
+                }
+            })?;
         Ok(LogStore {
             dir,
             retention,
             retentions: Mutex::new(BTreeMap::new()),
             active: Mutex::new(BTreeMap::new()),
+            sealer: Mutex::new(Some(sealer)),
+            sealing: Mutex::new(Some(sealing)),
         })
     }
 
@@ -127,6 +189,41 @@ impl LogStore {
     pub fn set_retention(&self, role: &str, retention: Retention) {
         let mut retentions = self.retentions.lock().unwrap_or_else(|p| p.into_inner());
         retentions.insert(role.to_string(), retention);
+    }
+
+    fn seal_later(
+        &self,
+        role_dir: &Path,
+        seq: u64,
+        index: Option<Index>,
+        retention: Retention,
+        now_ms: i64,
+    ) {
+        let job = Seal {
+            role_dir: role_dir.to_path_buf(),
+            seq,
+            index,
+            retention,
+            now_ms,
+        };
+        let sealer = self.sealer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sealer) = sealer.as_ref() {
+            let _ = sealer.send(Job::Seal(job));
+        }
+    }
+
+    /// Returns once the seals asked for so far are done.
+    pub fn sync(&self) {
+        let (done, synced) = std::sync::mpsc::channel();
+        let sent = {
+            let sealer = self.sealer.lock().unwrap_or_else(|p| p.into_inner());
+            sealer
+                .as_ref()
+                .is_some_and(|s| s.send(Job::Synced(done)).is_ok())
+        };
+        if sent {
+            let _ = synced.recv();
+        }
     }
 
     fn retention_of(&self, role: &str) -> Retention {
@@ -149,34 +246,76 @@ impl LogStore {
             .write(true)
             .open(role_dir.join(".lock"))?;
         lock.lock()?;
+        let retention = self.retention_of(role);
         let segment = match active.entry(role.to_string()) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::btree_map::Entry::Vacant(entry) => {
+                // Segments a previous writer left unsealed are sealed now.
+                for seq in leftovers(&role_dir)? {
+                    self.seal_later(&role_dir, seq, None, retention, now_ms);
+                }
                 entry.insert(open_active(&role_dir)?)
             }
         };
+        // Another writer moved on to a newer segment (or sealed this one): follow it.
+        let next_exists = role_dir.join(segment_name(segment.seq + 1, false)).exists()
+            || role_dir.join(segment_name(segment.seq + 1, true)).exists();
         let meta = segment.file.metadata()?;
-        if std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
+        if next_exists || std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
             *segment = open_active(&role_dir)?;
-        } else {
+        } else if meta.len() != segment.bytes {
             segment.bytes = meta.len();
+            segment.index = None;
         }
-        let mut buf = Vec::with_capacity(lines.len() * 128);
+        let mut buf = Vec::with_capacity(lines.len() * 192);
+        let mut second = (i64::MIN, String::new());
         for line in lines {
-            serde_json::to_writer(&mut buf, line).map_err(io::Error::other)?;
-            buf.push(b'\n');
+            encode(line, &mut buf, &mut second)?;
+            if let Some(index) = &mut segment.index {
+                index.add(line);
+            }
         }
         segment.file.write_all(&buf)?;
         segment.bytes += buf.len() as u64;
-        let retention = self.retention_of(role);
         if segment.bytes >= retention.segment_bytes {
-            let sealed = segment.seq;
-            *segment = new_active(&role_dir, sealed + 1)?;
-            seal(&role_dir, sealed)?;
-            prune(&role_dir, &retention, now_ms)?;
+            let full = std::mem::replace(segment, new_active(&role_dir, segment.seq + 1)?);
+            self.seal_later(&role_dir, full.seq, full.index, retention, now_ms);
         }
         Ok(())
     }
+}
+
+/// Appends `line` as one JSON line, as serde would write it, without formatting the time
+/// afresh for every line: `second` keeps the last second's RFC 3339 text.
+fn encode(line: &LogLine, buf: &mut Vec<u8>, second: &mut (i64, String)) -> io::Result<()> {
+    let whole = line.at.div_euclid(1000);
+    if second.0 != whole {
+        let text = phoenix_image::rfc3339_ms(whole * 1000);
+        *second = (whole, text[..20].to_string());
+    }
+    let stream = match line.stream {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    };
+    buf.extend_from_slice(b"{\"at\":\"");
+    buf.extend_from_slice(second.1.as_bytes());
+    buf.extend_from_slice(
+        format!(
+            "{:03}Z\",\"stream\":\"{stream}\",\"instance\":",
+            line.at.rem_euclid(1000)
+        )
+        .as_bytes(),
+    );
+    serde_json::to_writer(&mut *buf, &line.instance).map_err(io::Error::other)?;
+    buf.extend_from_slice(format!(",\"generation\":{},\"image\":", line.generation).as_bytes());
+    serde_json::to_writer(&mut *buf, &line.image).map_err(io::Error::other)?;
+    buf.extend_from_slice(b",\"text\":");
+    serde_json::to_writer(&mut *buf, &line.text).map_err(io::Error::other)?;
+    if line.split {
+        buf.extend_from_slice(b",\"split\":true");
+    }
+    buf.extend_from_slice(b"}\n");
+    Ok(())
 }
 
 /// `DIR/ROLE`, refusing a role name that is not a plain file name.
@@ -219,7 +358,31 @@ fn segments(role_dir: &Path) -> io::Result<Vec<(u64, bool, PathBuf)>> {
         }
     }
     found.sort_by_key(|(seq, sealed, _)| (*seq, *sealed));
+    // Plain and sealed both, while a seal finishes: the sealed one is whole.
+    found.dedup_by(|later, earlier| {
+        later.0 == earlier.0 && {
+            std::mem::swap(later, earlier);
+            true
+        }
+    });
     Ok(found)
+}
+
+/// Unsealed segments older than the newest one (a writer stopped before sealing them); stale
+/// temporary files of an interrupted seal go.
+fn leftovers(role_dir: &Path) -> io::Result<Vec<u64>> {
+    for entry in fs::read_dir(role_dir)?.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let all = segments(role_dir)?;
+    let newest = all.last().map(|(seq, _, _)| *seq);
+    Ok(all
+        .iter()
+        .filter(|(seq, sealed, _)| !sealed && Some(*seq) != newest)
+        .map(|(seq, _, _)| *seq)
+        .collect())
 }
 
 /// The newest unsealed segment to append to (one a previous writer left), or a new one.
@@ -233,6 +396,7 @@ fn open_active(role_dir: &Path) -> io::Result<Active> {
                 seq: *seq,
                 file,
                 bytes,
+                index: None,
             })
         }
         Some((seq, true, _)) => new_active(role_dir, seq + 1),
@@ -249,6 +413,7 @@ fn new_active(role_dir: &Path, seq: u64) -> io::Result<Active> {
         seq,
         file,
         bytes: 0,
+        index: Some(Index::default()),
     })
 }
 
@@ -265,21 +430,25 @@ struct Index {
 
 impl Index {
     fn of(lines: &[LogLine]) -> Index {
-        let mut index = Index {
-            first_at: lines.first().map_or(0, |l| l.at),
-            last_at: lines.iter().map(|l| l.at).max().unwrap_or(0),
-            lines: lines.len() as u64,
-            ..Index::default()
-        };
+        let mut index = Index::default();
         for line in lines {
-            if !index.instances.contains(&line.instance) {
-                index.instances.push(line.instance.clone());
-            }
-            if !index.generations.contains(&line.generation) {
-                index.generations.push(line.generation);
-            }
+            index.add(line);
         }
         index
+    }
+
+    fn add(&mut self, line: &LogLine) {
+        if self.lines == 0 {
+            self.first_at = line.at;
+        }
+        self.last_at = self.last_at.max(line.at);
+        self.lines += 1;
+        if !self.instances.contains(&line.instance) {
+            self.instances.push(line.instance.clone());
+        }
+        if !self.generations.contains(&line.generation) {
+            self.generations.push(line.generation);
+        }
     }
 
     /// Whether a line of this segment could match `query`.
@@ -312,12 +481,15 @@ fn index_of(role_dir: &Path, seq: u64) -> Option<Index> {
 }
 
 /// Compresses segment `seq` (written whole under a temporary name, then renamed) and writes
-/// its index.
-fn seal(role_dir: &Path, seq: u64) -> io::Result<()> {
+/// its index (`index`, or one made from its lines).
+fn seal(role_dir: &Path, seq: u64, index: Option<Index>) -> io::Result<()> {
     let plain = role_dir.join(segment_name(seq, false));
     let sealed = role_dir.join(segment_name(seq, true));
     let tmp = role_dir.join(format!("{seq:010}.tmp"));
-    let index = Index::of(&read_segment(&plain, false)?);
+    let index = match index {
+        Some(index) => index,
+        None => Index::of(&read_segment(&plain, false)?),
+    };
     fs::write(
         index_path(role_dir, seq),
         serde_json::to_vec(&index).map_err(io::Error::other)?,
@@ -423,47 +595,157 @@ pub fn end_position(dir: &Path, role: &str) -> Position {
 }
 
 /// Reads the lines `query` asks for, in time order, from the store at `dir`; returns them and
-/// the position after the last (to follow from).
+/// the position after the last (to follow from). Segments are read on every core at once.
 pub fn read(dir: &Path, query: &Query) -> io::Result<(Vec<LogLine>, Position)> {
     let role_dir = dir.join(&query.role);
     if !role_dir.is_dir() {
         return Ok((Vec::new(), Position::default()));
     }
+    let all = segments(&role_dir)?;
+    // A sealed segment that cannot match is skipped by its index, undecompressed.
+    let wanted: Vec<&(u64, bool, PathBuf)> = all
+        .iter()
+        .filter(|(seq, sealed, _)| {
+            !*sealed || index_of(&role_dir, *seq).is_none_or(|index| index.may_match(query))
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(wanted.len().max(1));
+    let mut parts: Vec<(usize, io::Result<(Vec<LogLine>, u64)>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((seq, sealed, path)) = wanted.get(i) else {
+                            return done;
+                        };
+                        done.push((i, read_part(&role_dir, *seq, *sealed, path, query)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    parts.sort_by_key(|(i, _)| *i);
     let mut lines = Vec::new();
-    let mut position = Position::default();
-    for (seq, sealed, path) in segments(&role_dir)? {
-        // A sealed segment that cannot match is skipped by its index, undecompressed.
-        if sealed && index_of(&role_dir, seq).is_some_and(|index| !index.may_match(query)) {
-            position = Position {
-                seq: seq + 1,
-                offset: 0,
-            };
-            continue;
-        }
-        let segment = match read_segment(&path, sealed) {
-            Ok(segment) => segment,
-            // Sealed (renamed) between the listing and the read: read the sealed one.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !sealed => {
-                read_segment(&role_dir.join(segment_name(seq, true)), true)?
-            }
-            Err(e) => return Err(e),
-        };
-        lines.extend(segment.into_iter().filter(|l| query.matches(l)));
-        if !sealed {
-            position = Position {
-                seq,
-                offset: fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
-            };
-        } else {
-            position = Position {
-                seq: seq + 1,
-                offset: 0,
-            };
+    let mut consumed = None;
+    for (i, part) in parts {
+        let (found, bytes) = part?;
+        lines.extend(found);
+        if !wanted[i].1 {
+            consumed = Some((wanted[i].0, bytes));
         }
     }
+    let position = match (all.last(), consumed) {
+        // The active segment: as far as its whole lines were read.
+        (Some((seq, false, _)), Some((read_seq, bytes))) if *seq == read_seq => Position {
+            seq: *seq,
+            offset: bytes,
+        },
+        (Some((seq, false, _)), _) => Position {
+            seq: *seq,
+            offset: 0,
+        },
+        (Some((seq, true, _)), _) => Position {
+            seq: seq + 1,
+            offset: 0,
+        },
+        (None, _) => Position::default(),
+    };
     // Lines of several instances arrive interleaved: stable by time.
     lines.sort_by_key(|l| l.at);
     Ok((lines, position))
+}
+
+/// The lines of one segment that match `query`, and how many bytes of whole lines it held.
+fn read_part(
+    role_dir: &Path,
+    seq: u64,
+    sealed: bool,
+    path: &Path,
+    query: &Query,
+) -> io::Result<(Vec<LogLine>, u64)> {
+    let bytes = match segment_bytes(path, sealed) {
+        Ok(bytes) => bytes,
+        // Sealed (renamed) between the listing and the read: read the sealed one.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !sealed => {
+            segment_bytes(&role_dir.join(segment_name(seq, true)), true)?
+        }
+        // Pruned meanwhile: nothing of it is kept.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    Ok((matching(&bytes[..whole], query), whole as u64))
+}
+
+fn segment_bytes(path: &Path, sealed: bool) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let mut bytes = Vec::new();
+    if sealed {
+        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes)?;
+    } else {
+        BufReader::new(file).read_to_end(&mut bytes)?;
+    }
+    Ok(bytes)
+}
+
+/// A stored line read in place, for filtering before a line is copied out.
+#[derive(Deserialize)]
+struct LineView<'a> {
+    #[serde(borrow)]
+    at: &'a str,
+    #[serde(borrow)]
+    instance: std::borrow::Cow<'a, str>,
+    generation: i64,
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
+}
+
+impl Query {
+    /// Whether a line matches, judged on its view; the time is parsed only when asked for.
+    fn matches_view(&self, view: &LineView<'_>) -> bool {
+        if self.instance.as_ref().is_some_and(|i| *i != view.instance)
+            || self.generation.is_some_and(|g| g != view.generation)
+            || self
+                .grep
+                .as_ref()
+                .is_some_and(|re| !re.is_match(&view.text))
+        {
+            return false;
+        }
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Some(at) = phoenix_image::parse_rfc3339_ms(view.at) else {
+            return false;
+        };
+        self.since.is_none_or(|t| at >= t) && self.until.is_none_or(|t| at <= t)
+    }
+}
+
+/// The lines of `bytes` (whole JSON lines) that match `query`; a line that does not parse (a
+/// torn write) is skipped.
+fn matching(bytes: &[u8], query: &Query) -> Vec<LogLine> {
+    let mut lines = Vec::new();
+    for raw in bytes.split(|b| *b == b'\n') {
+        let Ok(view) = serde_json::from_slice::<LineView<'_>>(raw) else {
+            continue;
+        };
+        if query.matches_view(&view)
+            && let Ok(line) = serde_json::from_slice::<LogLine>(raw)
+        {
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 /// The lines written after `from` (for `phoenix logs -f`), and the new position. Follows the
@@ -490,7 +772,10 @@ pub fn read_from(
     if !role_dir.is_dir() {
         return Ok((lines, position));
     }
-    for (seq, sealed, path) in segments(&role_dir)? {
+    let all = segments(&role_dir)?;
+    let newest = all.last().map(|(seq, _, _)| *seq);
+    for (seq, sealed, path) in all {
+        let is_last = Some(seq) == newest;
         if seq < position.seq {
             continue;
         }
@@ -531,7 +816,7 @@ pub fn read_from(
             position.offset += end as u64 + 1;
             rest = &rest[end + 1..];
         }
-        if sealed {
+        if sealed || !is_last {
             position = Position {
                 seq: seq + 1,
                 offset: 0,
@@ -602,6 +887,7 @@ mod tests {
                 .append("web", &[line(i, instance, &format!("line {i}"))], i)
                 .unwrap();
         }
+        store.sync();
         let files = segments(&dir.path().join("web")).unwrap();
         assert!(files.iter().filter(|(_, sealed, _)| *sealed).count() >= 3);
         assert_eq!(files.iter().filter(|(_, sealed, _)| !sealed).count(), 1);
@@ -705,6 +991,8 @@ mod tests {
                 .append("web", &[line(i, "web-a", &format!("line {i}"))], i)
                 .unwrap();
         }
+        a.sync();
+        b.sync();
         let (all, _) = read(
             dir.path(),
             &Query {
@@ -736,6 +1024,7 @@ mod tests {
             store.append("web", &[l], i * 1000).unwrap();
         }
         let role_dir = dir.path().join("web");
+        store.sync();
         let sealed: Vec<u64> = segments(&role_dir)
             .unwrap()
             .into_iter()
@@ -778,6 +1067,7 @@ mod tests {
         store
             .append("web", &[line(50_000, "web-a", &"new ".repeat(60))], 50_000)
             .unwrap();
+        store.sync();
         let (all, _) = read(
             dir.path(),
             &Query {
@@ -787,6 +1077,28 @@ mod tests {
         )
         .unwrap();
         assert!(all.iter().all(|l| l.at >= 50_000), "{all:?}");
+    }
+
+    #[test]
+    fn lines_are_encoded_as_serde_writes_them() {
+        let mut second = (i64::MIN, String::new());
+        for (at, text, split) in [
+            (1_796_000_000_123, "plain", false),
+            (1_796_000_000_999, "quote \" and \\ and \u{1} and é", true),
+            (1_796_000_001_000, "", false),
+            (5, "early", false),
+        ] {
+            let mut l = line(at, "web-\"x", text);
+            l.split = split;
+            let mut buf = Vec::new();
+            encode(&l, &mut buf, &mut second).unwrap();
+            let mut expected = serde_json::to_vec(&l).unwrap();
+            expected.push(b'\n');
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
     }
 
     #[test]
