@@ -613,7 +613,7 @@ pub fn read(dir: &Path, query: &Query) -> io::Result<(Vec<LogLine>, Position)> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(wanted.len().max(1));
-    let mut parts: Vec<(usize, io::Result<(Vec<LogLine>, u64)>)> = std::thread::scope(|scope| {
+    let mut parts: Vec<(usize, io::Result<Part>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
@@ -664,6 +664,9 @@ pub fn read(dir: &Path, query: &Query) -> io::Result<(Vec<LogLine>, Position)> {
     Ok((lines, position))
 }
 
+/// What one segment gave a read: its matching lines, and how many bytes of whole lines it held.
+type Part = (Vec<LogLine>, u64);
+
 /// The lines of one segment that match `query`, and how many bytes of whole lines it held.
 fn read_part(
     role_dir: &Path,
@@ -671,7 +674,7 @@ fn read_part(
     sealed: bool,
     path: &Path,
     query: &Query,
-) -> io::Result<(Vec<LogLine>, u64)> {
+) -> io::Result<Part> {
     let bytes = match segment_bytes(path, sealed) {
         Ok(bytes) => bytes,
         // Sealed (renamed) between the listing and the read: read the sealed one.
