@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use crate::Clock;
 
 /// Lines waiting for the writer: a burst beyond this is dropped (and counted).
 const QUEUE: usize = 65_536;
+/// Batches waiting for the writer (each what one read of a pipe gave); lines bound the memory.
+const BATCHES: usize = 16_384;
 
 /// Where the log store of state directory `state_dir` is.
 pub fn store_dir(state_dir: &Path) -> PathBuf {
@@ -41,9 +43,10 @@ pub(crate) struct Capture {
     shared: Arc<Shared>,
 }
 
-/// What the writer is given: a role's line, or a request to say when all before it is written.
+/// What the writer is given: a role's lines (what one read of a pipe held), or a request to
+/// say when all before it is written.
 enum Item {
-    Line(String, LogLine),
+    Lines(String, Vec<LogLine>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -59,6 +62,8 @@ struct Shared {
     ended: tokio::sync::Notify,
     /// Notified after each batch the writer appends (forwarders wake on it).
     written: Arc<tokio::sync::Notify>,
+    /// Lines queued for the writer and not yet taken (at most [`QUEUE`]).
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 fn stream_name(stream: Stream) -> &'static str {
@@ -72,13 +77,13 @@ impl Capture {
     /// Starts the writer of the store in `store_dir`.
     pub fn start(store_dir: PathBuf, clock: Arc<dyn Clock>) -> std::io::Result<Capture> {
         let store = Arc::new(LogStore::open(&store_dir, Retention::default())?);
-        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let (queue, lines) = std::sync::mpsc::sync_channel(BATCHES);
         let shared = Arc::<Shared>::default();
         let (writer_store, writer_clock) = (store.clone(), clock.clone());
-        let written = shared.written.clone();
+        let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("phoenix-logs".into())
-            .spawn(move || write_lines(&writer_store, lines, writer_clock, &written))?;
+            .spawn(move || write_lines(&writer_store, lines, writer_clock, &writer_shared))?;
         Ok(Capture {
             store_dir,
             store,
@@ -234,7 +239,7 @@ impl OneOff {
         source: Source,
         clock: Arc<dyn Clock>,
     ) -> std::io::Result<(OneOff, phoenix_driver::Output)> {
-        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let (queue, lines) = std::sync::mpsc::sync_channel(BATCHES);
         let shared = Arc::<Shared>::default();
         let (out_read, out_write) = std::io::pipe()?;
         let (err_read, err_write) = std::io::pipe()?;
@@ -277,9 +282,9 @@ impl OneOff {
         let lines: Vec<LogLine> = self
             .lines
             .try_iter()
-            .filter_map(|item| match item {
-                Item::Line(_, line) => Some(line),
-                Item::Flush(_) => None,
+            .flat_map(|item| match item {
+                Item::Lines(_, lines) => lines,
+                Item::Flush(_) => Vec::new(),
             })
             .collect();
         let (role, dir, kept) = (
@@ -343,21 +348,27 @@ impl Reader {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            // What one read holds arrived by then: one time for all of it.
+            let at = self.clock.now_ms();
+            let mut batch = Vec::new();
             pending.extend_from_slice(&chunk[..read]);
             let mut start = 0;
             while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
-                self.emit(&pending[start..start + end], false);
+                self.line(&mut batch, at, &pending[start..start + end], false);
                 start += end + 1;
             }
             pending.drain(..start);
             // A line that never ends is kept in pieces, not in memory.
             while pending.len() > MAX_LINE {
                 let piece: Vec<u8> = pending.drain(..MAX_LINE).collect();
-                self.emit(&piece, true);
+                self.line(&mut batch, at, &piece, true);
             }
+            self.send(batch);
         }
         if !pending.is_empty() {
-            self.emit(&pending, false);
+            let mut batch = Vec::new();
+            self.line(&mut batch, self.clock.now_ms(), &pending, false);
+            self.send(batch);
         }
         lock(&self.shared.pipes).remove(&key);
         if let Some(open) = lock(&self.shared.open).get_mut(&self.source.instance) {
@@ -366,47 +377,67 @@ impl Reader {
         self.shared.ended.notify_waiters();
     }
 
-    fn emit(&self, bytes: &[u8], continued: bool) {
+    /// Adds the line in `bytes` to `batch` (in pieces if it is longer than [`MAX_LINE`]).
+    fn line(&self, batch: &mut Vec<LogLine>, at: i64, bytes: &[u8], continued: bool) {
         let text = String::from_utf8_lossy(bytes);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        let at = self.clock.now_ms();
+        let line = |text: String, split: bool| LogLine {
+            at,
+            stream: self.stream,
+            instance: self.source.instance.clone(),
+            generation: self.source.generation,
+            image: self.source.image.clone(),
+            text,
+            split,
+        };
+        if text.len() <= MAX_LINE {
+            batch.push(line(text.to_string(), continued));
+            return;
+        }
         let pieces = split_line(text);
         let last = pieces.len() - 1;
         for (i, (piece, split)) in pieces.into_iter().enumerate() {
-            let line = LogLine {
-                at,
-                stream: self.stream,
-                instance: self.source.instance.clone(),
-                generation: self.source.generation,
-                image: self.source.image.clone(),
-                text: piece,
-                split: split || (continued && i == last),
-            };
-            let item = Item::Line(self.source.role.clone(), line);
-            if let Err(TrySendError::Full(_)) = self.queue.try_send(item) {
-                *lock(&self.shared.dropped)
-                    .entry(self.source.role.clone())
-                    .or_default() += 1;
-            }
+            batch.push(line(piece, split || (continued && i == last)));
+        }
+    }
+
+    /// Queues `batch` for the writer, or drops and counts it when the queue is full.
+    fn send(&self, batch: Vec<LogLine>) {
+        use std::sync::atomic::Ordering;
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len();
+        let queued = self.shared.queued.fetch_add(count, Ordering::AcqRel);
+        let taken = queued + count <= QUEUE
+            && self
+                .queue
+                .try_send(Item::Lines(self.source.role.clone(), batch))
+                .is_ok();
+        if !taken {
+            self.shared.queued.fetch_sub(count, Ordering::AcqRel);
+            *lock(&self.shared.dropped)
+                .entry(self.source.role.clone())
+                .or_default() += count as u64;
         }
     }
 }
 
 /// The writer: takes what is queued, a batch at a time, and appends it by role; a flush is
 /// answered once everything before it is written.
-fn write_lines(
-    store: &LogStore,
-    queue: Receiver<Item>,
-    clock: Arc<dyn Clock>,
-    written: &tokio::sync::Notify,
-) {
+fn write_lines(store: &LogStore, queue: Receiver<Item>, clock: Arc<dyn Clock>, shared: &Shared) {
     let mut failing = false;
     while let Ok(first) = queue.recv() {
         let mut batch: BTreeMap<String, Vec<LogLine>> = BTreeMap::new();
         let mut flushes = Vec::new();
         for item in std::iter::once(first).chain(queue.try_iter().take(4096)) {
             match item {
-                Item::Line(role, line) => batch.entry(role).or_default().push(line),
+                Item::Lines(role, lines) => {
+                    shared
+                        .queued
+                        .fetch_sub(lines.len(), std::sync::atomic::Ordering::AcqRel);
+                    batch.entry(role).or_default().extend(lines);
+                }
                 Item::Flush(done) => flushes.push(done),
             }
         }
@@ -420,7 +451,7 @@ fn write_lines(
                 Err(_) => {}
             }
         }
-        written.notify_waiters();
+        shared.written.notify_waiters();
         for done in flushes {
             let _ = done.send(());
         }
