@@ -487,23 +487,7 @@ impl Bridge {
     /// the instance exists.
     pub fn lease(self: &Arc<Self>, role: &str, unique: &str) -> Result<Lease, DriverError> {
         let addr = self.free_address()?;
-        let link = link_name(unique);
-        let mut lease = Lease {
-            bridge: self.clone(),
-            addr,
-            link: link.clone(),
-            member: None,
-        };
-        if let Some(firewall) = self.firewall.get() {
-            let member = Member {
-                link,
-                addr,
-                role: firewall.role_index(role),
-            };
-            firewall.admit(&member)?;
-            lease.member = Some(member);
-        }
-        Ok(lease)
+        self.lease_at(role, unique, addr)
     }
 
     /// Takes `addr` again for an instance that kept it across `phoenix restart`; with a
@@ -527,6 +511,17 @@ impl Bridge {
                 self.name, self.subnet
             )));
         }
+        self.lease_at(role, unique, addr)
+    }
+
+    /// The lease of `addr` (already marked used) for instance `unique` of `role`; with a
+    /// network policy, its link joins the role's set.
+    fn lease_at(
+        self: &Arc<Self>,
+        role: &str,
+        unique: &str,
+        addr: Ipv4Addr,
+    ) -> Result<Lease, DriverError> {
         let link = link_name(unique);
         let mut lease = Lease {
             bridge: self.clone(),

@@ -135,8 +135,9 @@ impl Sink {
                 .to_socket_addrs()
                 .ok()
                 .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| {
-                    format!("{authority:?} in {url:?} is not HOST:PORT (a port is required)")
+                .ok_or_else(|| match authority.rsplit_once(':') {
+                    None => format!("{authority:?} in {url:?} has no port: write HOST:PORT"),
+                    Some(_) => format!("{authority:?} in {url:?} is not HOST:PORT with a known host and a port number"),
                 })
         };
         match scheme {

@@ -455,7 +455,11 @@ fn bad_logs_settings_name_the_line_and_the_key() {
         ),
         (
             "[logs.forward.x]\nurl = \"tcp://127.0.0.1\"\n",
-            "a port is required",
+            "has no port",
+        ),
+        (
+            "[logs.forward.x]\nurl = \"tcp://127.0.0.1:51a4\"\n",
+            "is not HOST:PORT with a known host and a port number",
         ),
         (
             "[logs.forward.x]\nurl = \"https://127.0.0.1:1/x\"\n",
