@@ -298,8 +298,12 @@ fn the_dashboard_follows_a_deploy_live_in_chromium() {
         json!("hello")
     );
 
-    // A deploy, watched without reloading: a mark set now must survive.
+    // A deploy, watched without reloading: a mark set now must survive. A slow request on the
+    // old generation keeps the deploy draining for 4 s, so its middle can be seen.
     browser.eval("window.phoenixMark = 42");
+    let proxy = phoenix.proxy_addr();
+    let slow = std::thread::spawn(move || get_once(proxy, "/slow/4000"));
+    std::thread::sleep(Duration::from_millis(300));
     phoenix.write_fleet(&Fleet {
         instances: 2,
         ..Fleet::version("v2")
@@ -319,11 +323,15 @@ fn the_dashboard_follows_a_deploy_live_in_chromium() {
         Duration::from_secs(30),
     );
     browser.wait_until(
-        "the page to show generation 2 live",
-        &format!("{LIVE} === '2'"),
+        "the page to show generation 2 live while generation 1 drains",
+        &format!(
+            "{LIVE} === '2' && [...document.querySelectorAll('[data-role=\"web\"] p')].some(p => p.textContent === 'Generation 1 (draining)')"
+        ),
         Duration::from_secs(60),
     );
     assert!(deploy.wait().unwrap().success());
+    let answer = slow.join().unwrap();
+    assert!(answer.contains("version v1"), "{answer}");
     assert_eq!(
         browser.eval("window.phoenixMark"),
         json!(42),
