@@ -66,6 +66,30 @@ struct Shared {
     queued: std::sync::atomic::AtomicUsize,
 }
 
+impl Shared {
+    /// Waits (up to `limit`) until every stream of `instance` (of every instance, with `None`)
+    /// has ended.
+    async fn wait_ended(&self, instance: Option<&str>, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.ended.notified();
+                let ended = {
+                    let open = lock(&self.open);
+                    match instance {
+                        Some(instance) => open.get(instance).is_none_or(|n| *n == 0),
+                        None => open.values().all(|n| *n == 0),
+                    }
+                };
+                if ended {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+}
+
 fn stream_name(stream: Stream) -> &'static str {
     match stream {
         Stream::Stdout => "stdout",
@@ -171,35 +195,14 @@ impl Capture {
     /// Waits (up to `limit`) until every stream of `instance` has ended: its last lines are
     /// queued then.
     pub async fn wait_ended(&self, instance: &str, limit: Duration) {
-        let _ = tokio::time::timeout(limit, async {
-            loop {
-                let notified = self.shared.ended.notified();
-                if lock(&self.shared.open)
-                    .get(instance)
-                    .is_none_or(|n| *n == 0)
-                {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
+        self.shared.wait_ended(Some(instance), limit).await;
         self.flush().await;
     }
 
     /// Waits (up to `limit`) until every captured stream has ended, then until its lines are
     /// written: at shutdown, the instances' last words are kept.
     pub async fn drain(&self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, async {
-            loop {
-                let notified = self.shared.ended.notified();
-                if lock(&self.shared.open).values().all(|n| *n == 0) {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
+        self.shared.wait_ended(None, limit).await;
         self.flush().await;
     }
 
@@ -269,16 +272,7 @@ impl OneOff {
     /// Waits (up to `limit`) for both streams to end, appends what they said to the store, and
     /// returns it with the store's position after it.
     pub async fn finish(self, limit: Duration, now_ms: i64) -> (Vec<LogLine>, Position) {
-        let _ = tokio::time::timeout(limit, async {
-            loop {
-                let notified = self.shared.ended.notified();
-                if lock(&self.shared.open).values().all(|n| *n == 0) {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
+        self.shared.wait_ended(None, limit).await;
         let lines: Vec<LogLine> = self
             .lines
             .try_iter()
