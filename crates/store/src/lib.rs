@@ -4,6 +4,7 @@
 //! Every time is a Unix timestamp in milliseconds supplied by the caller, so that the
 //! controller's clock stays injectable.
 
+pub mod etcd;
 mod rows;
 mod schema;
 
