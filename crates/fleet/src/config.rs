@@ -10,10 +10,12 @@ use std::time::Duration;
 use phoenix_image::Recipe;
 
 mod agent;
+mod cluster;
 mod logs;
 mod policy;
 mod runtime;
 pub use agent::AgentSettings;
+pub use cluster::ClusterConfig;
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource};
 use serde::{Deserialize, Deserializer};
@@ -49,6 +51,8 @@ pub struct FleetFile {
     pub secrets: BTreeMap<String, SecretSource>,
     /// `[logs]`: the log store's default retention and the forwarding sinks.
     pub logs: LogsConfig,
+    /// `[cluster]`: the fleet spans hosts, its state in etcd (`None`: one machine, SQLite).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// One `[role.NAME]` section.
@@ -79,6 +83,8 @@ pub struct RoleConfig {
     pub guard: Option<phoenix_driver::Guard>,
     /// How much of the role's output the log store keeps (`logs`, else `[logs]`).
     pub logs: LogRetention,
+    /// `hosts = { tag = "zone=a" }`: the hosts of a cluster this role may run on.
+    pub hosts: crate::cluster::HostConstraint,
 }
 
 /// The keys of `[role.NAME]` that say how its instances run; all given at start, none baked.
@@ -340,6 +346,8 @@ struct RawFleet {
     secret: BTreeMap<Spanned<String>, Spanned<SecretSource>>,
     #[serde(default)]
     logs: Option<LogsConfig>,
+    #[serde(default)]
+    cluster: Option<Spanned<ClusterConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -389,6 +397,8 @@ struct RawRole {
     allow_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     logs: Option<LogRetention>,
+    #[serde(default)]
+    hosts: Option<Spanned<cluster::RawHosts>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -527,6 +537,13 @@ impl FleetFile {
             )? {
                 guards.push(guard);
             }
+            let hosts = match &role.hosts {
+                Some(hosts) => hosts
+                    .get_ref()
+                    .constraint(&role_name)
+                    .map_err(|why| at(hosts.span(), why))?,
+                None => Default::default(),
+            };
             let mut health = role.health.into_inner();
             if health.check.is_none() && role.proxy.mode == ProxyMode::Tcp {
                 health.check = Some(CheckKind::Tcp);
@@ -557,6 +574,7 @@ impl FleetFile {
                 },
                 guard: None,
                 logs: role.logs.unwrap_or(logs.keep()),
+                hosts,
             };
             roles.insert(name.into_inner(), config);
         }
@@ -581,7 +599,17 @@ impl FleetFile {
             },
             None => None,
         };
+        let cluster = match raw.cluster {
+            Some(cluster) => {
+                let span = cluster.span();
+                let mut cluster = cluster.into_inner();
+                cluster.check(&dir).map_err(|why| at(span, why))?;
+                Some(cluster)
+            }
+            None => None,
+        };
         Ok(FleetFile {
+            cluster,
             path: path.to_path_buf(),
             dir,
             images,
@@ -674,6 +702,23 @@ fn runtime_settings(
 
 /// Two listen addresses that cannot both be bound: one port, and one address or either the
 /// unspecified one. Port 0 asks for any free port, so it never collides.
+/// A secret kept in a file beside the fleet file: it must be readable by its owner only.
+/// `what` names the key, for errors.
+pub(crate) fn read_private_file(dir: &Path, file: &Path, what: &str) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(file);
+    let shown = path.display();
+    let metadata = std::fs::metadata(&path).map_err(|e| format!("{what}: {shown}: {e}"))?;
+    if metadata.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{what}: {shown} can be read by other users (mode {:o}): chmod 600 {shown}",
+            metadata.mode() & 0o7777
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{what}: {shown}: {e}"))?;
+    Ok(text.trim().to_string())
+}
+
 fn same_listener(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()

@@ -7,6 +7,7 @@ mod autoscale_loop;
 mod bake;
 mod capture;
 mod clock;
+pub mod cluster;
 pub mod config;
 mod controller;
 mod deploy;
@@ -34,9 +35,9 @@ pub use bake::{BAKE_LOGS, BakeOutcome, bake_image, refresh_index};
 pub use capture::store_dir as log_store_dir;
 pub use clock::{Clock, ManualClock, Namer, SystemClock};
 pub use config::{
-    AgentSettings, CheckKind, ConfigError, DeployConfig, DriverKind, FleetFile, HealthConfig,
-    NetworkConfig, NetworkMode, ProxyMode, ProxySettings, ResourcesConfig, RoleConfig, RunConfig,
-    SecretSource, Strategy, parse_duration, parse_size,
+    AgentSettings, CheckKind, ClusterConfig, ConfigError, DeployConfig, DriverKind, FleetFile,
+    HealthConfig, NetworkConfig, NetworkMode, ProxyMode, ProxySettings, ResourcesConfig,
+    RoleConfig, RunConfig, SecretSource, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};

@@ -131,25 +131,13 @@ impl AgentSettings {
     /// Reads `encrypt_file` (relative to `dir`) into `encrypt`: the file must be its owner's
     /// alone and hold a valid key.
     pub(super) fn load_key_file(&mut self, dir: &Path) -> Result<(), String> {
-        use std::os::unix::fs::MetadataExt;
         let Some(file) = &self.encrypt_file else {
             return Ok(());
         };
-        let path = dir.join(file);
-        let shown = path.display();
-        let metadata = std::fs::metadata(&path)
-            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
-        if metadata.mode() & 0o077 != 0 {
-            return Err(format!(
-                "[agent] key `encrypt_file`: {shown} can be read by other users (mode {:o}): chmod 600 {shown}",
-                metadata.mode() & 0o7777
-            ));
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
-        let key = text.trim().to_string();
+        let what = "[agent] key `encrypt_file`";
+        let key = super::read_private_file(dir, file, what)?;
         phoenix_gossip::Key::from_base64(&key)
-            .map_err(|e| format!("[agent] key `encrypt_file`: {shown}: {e}"))?;
+            .map_err(|e| format!("{what}: {}: {e}", dir.join(file).display()))?;
         self.encrypt = Some(key);
         Ok(())
     }

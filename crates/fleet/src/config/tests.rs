@@ -47,7 +47,7 @@ fn unknown_keys_name_file_line_column_and_key() {
         error(&text),
         "fleet/phoenix.toml:10:1: [role.web] key `instancs`: unknown field `instancs`, expected one of \
          `image`, `instances`, `listen`, `stop_timeout`, `health`, `deploy`, `proxy`, `drift_check`, `autoscale`, `max_age`, `chaos`, \
-         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`, `allow_from`, `allow_cidrs`, `logs`"
+         `driver`, `runtime`, `network`, `port`, `user`, `allow_root`, `resources`, `env`, `secrets`, `allow_from`, `allow_cidrs`, `logs`, `hosts`"
     );
     let text = GOOD.replace("from = \"scratch\"", "from = \"scratch\"\nentrypiont = []");
     let message = error(&text);
@@ -484,4 +484,91 @@ fn bad_logs_settings_name_the_line_and_the_key() {
         let line: usize = message.split(':').nth(1).unwrap().parse().unwrap();
         assert!(line > lines, "{extra}: {message}");
     }
+}
+
+#[test]
+fn a_cluster_table_is_read_and_its_mistakes_named() {
+    let fleet = parse(&format!(
+        "{GOOD}hosts = {{ tag = [\"zone=a\", \"disk=ssd\"] }}\n\n[cluster]\netcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nprefix = \"/phoenix/prod\"\n"
+    ))
+    .unwrap();
+    let cluster = fleet.cluster.unwrap();
+    assert_eq!(cluster.prefix, "/phoenix/prod/");
+    assert_eq!(cluster.lease, Duration::from_secs(3));
+    assert_eq!(
+        fleet.roles["web"].hosts.tags,
+        [
+            ("zone".to_string(), "a".to_string()),
+            ("disk".into(), "ssd".into())
+        ]
+    );
+    assert!(parse(GOOD).unwrap().cluster.is_none());
+    for (table, says) in [
+        ("etcd = []", "list at least one etcd client URL"),
+        (
+            "etcd = [\"10.0.0.1:2379\"]",
+            "must start with http:// or https://",
+        ),
+        ("etcd = [\"http://10.0.0.1\"]", "has no port"),
+        ("etcd = [\"https://e:2379\"]", "[cluster] key `ca`"),
+        (
+            "etcd = [\"http://e:2379\"]\nprefix = \"phoenix\"",
+            "[cluster] key `prefix`",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nlease = \"1s\"",
+            "write between 2s and 1m",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nuser = \"root\"",
+            "also give `password_file`",
+        ),
+        (
+            "etcd = [\"https://e:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"",
+            "give both",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nendpoints = []",
+            "unknown field `endpoints`",
+        ),
+    ] {
+        let message = error(&format!("{GOOD}\n[cluster]\n{table}\n"));
+        assert!(message.contains(says), "{table}: {message}");
+        assert!(message.contains("fleet/phoenix.toml:"), "{message}");
+    }
+    let message = error(&format!("{GOOD}hosts = {{ tag = \"zone\" }}\n"));
+    assert!(
+        message.contains("[role.web] key `hosts`: tag \"zone\" must be KEY=VALUE"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_etcd_password_comes_from_an_owner_only_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet_path = dir.path().join("phoenix.toml");
+    let text = format!(
+        "{GOOD}\n[cluster]\netcd = [\"http://10.0.0.1:2379\"]\nuser = \"phoenix\"\npassword_file = \"etcd.password\"\n"
+    );
+    let file = dir.path().join("etcd.password");
+    std::fs::write(&file, "hunter2\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cluster = FleetFile::parse(&fleet_path, &text)
+        .unwrap()
+        .cluster
+        .unwrap();
+    assert_eq!(cluster.password.as_deref(), Some("hunter2"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let message = FleetFile::parse(&fleet_path, &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("[cluster] key `password_file`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("can be read by other users (mode 640)"),
+        "{message}"
+    );
 }
