@@ -235,11 +235,9 @@ impl Placer {
 /// The fuller of CPU and memory after placing, in millionths (0 when the host declares none).
 fn fullness(used: Capacity, capacity: Capacity) -> u64 {
     let share = |used: u64, capacity: u64| {
-        if capacity == 0 {
-            0
-        } else {
-            used.saturating_mul(1_000_000) / capacity
-        }
+        used.saturating_mul(1_000_000)
+            .checked_div(capacity)
+            .unwrap_or(0)
     };
     share(used.cpu_millis, capacity.cpu_millis).max(share(used.memory, capacity.memory))
 }
