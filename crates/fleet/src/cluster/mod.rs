@@ -1,6 +1,379 @@
-//! A fleet across hosts: hosts register in etcd, one of them leads as the controller, and
-//! placement decides which host runs each instance.
+//! A fleet across hosts. Every host registers in etcd under a lease of its own; one host at a
+//! time leads as the controller, elected on another lease; every write of the controller is
+//! fenced by its lease, so a deposed controller changes nothing. Placement decides which host
+//! runs each instance.
+//!
+//! Keys, under the fleet's prefix:
+//!
+//! | key                 | value                        | lease          |
+//! |---------------------|------------------------------|----------------|
+//! | `leader`            | the leading host's name      | the leader's   |
+//! | `hosts/NAME`        | [`HostRecord`] (JSON)        | the host's     |
+//! | `drain/NAME`        | why, and since when          | none           |
+//! | `journal/SEQ`       | a journal event (JSON)       | none (fenced)  |
 
+mod host;
 mod placement;
 
+pub use host::{HostRecord, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use phoenix_store::etcd::{Candidate, Compare, Etcd, EtcdError, EtcdOptions, Leadership, Op};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::ClusterConfig;
+
+/// A failure of the cluster layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(
+        "host name {name:?} is already in the cluster, registered from {address}: give each machine its own name (phoenix up --host-name)"
+    )]
+    NameTaken {
+        name: String,
+        address: std::net::IpAddr,
+    },
+    #[error("no host {name:?} in the cluster (hosts: {known})")]
+    UnknownHost { name: String, known: String },
+    #[error("this host does not lead the cluster now ({leader} does); try again on it or wait")]
+    NotLeader { leader: String },
+}
+
+/// The cluster as `phoenix status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This host's name.
+    pub host: String,
+    /// The leading host, if any host leads now.
+    pub leader: Option<String>,
+    pub hosts: Vec<HostStatus>,
+}
+
+/// One host in `phoenix status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Its lease is alive (it answers etcd).
+    pub alive: bool,
+    /// `phoenix host drain` put it out of placement.
+    pub draining: bool,
+    /// The state of its gossip member, as this host sees it (`alive`, `suspect`, `failed`,
+    /// `left`), when known.
+    pub gossip: Option<String>,
+    /// Instances it runs.
+    pub instances: u32,
+}
+
+/// A journal event, as kept in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEvent {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub host: String,
+    pub detail: serde_json::Value,
+}
+
+/// This host's membership of the cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster(Arc<Inner>);
+
+struct Inner {
+    etcd: Etcd,
+    prefix: String,
+    ttl: Duration,
+    record: HostRecord,
+    /// Set while this host leads; its writes are fenced by it.
+    leadership: Mutex<Option<Arc<Leadership>>>,
+    leading: watch::Sender<bool>,
+    next_seq: Mutex<u64>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({} in {:?})", self.0.record.name, self.0.etcd)
+    }
+}
+
+impl Cluster {
+    /// Registers this host and starts campaigning to lead.
+    pub async fn join(
+        config: &ClusterConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        record: HostRecord,
+    ) -> Result<Self, ClusterError> {
+        let etcd = Etcd::new(EtcdOptions {
+            endpoints: config.etcd.clone(),
+            tls,
+            credentials: config.user.clone().zip(config.password.clone()),
+            timeout: config.request_timeout,
+        })?;
+        let prefix = config.prefix.clone();
+        let host_key = format!("{prefix}hosts/{}", record.name);
+        let lease = host::register(&etcd, &host_key, &record, config.lease).await?;
+        let (stop, stopped) = watch::channel(false);
+        let cluster = Cluster(Arc::new(Inner {
+            etcd: etcd.clone(),
+            prefix,
+            ttl: config.lease,
+            record: record.clone(),
+            leadership: Mutex::new(None),
+            leading: watch::channel(false).0,
+            next_seq: Mutex::new(0),
+            stop,
+            tasks: Mutex::new(Vec::new()),
+        }));
+        let keeper = host::keep_registered(etcd, host_key, record, config.lease, lease, stopped);
+        cluster.spawn(keeper);
+        cluster.spawn(cluster.clone().campaign_forever());
+        Ok(cluster)
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.0.tasks.lock().unwrap().push(handle);
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.0.prefix)
+    }
+
+    /// This host's name.
+    pub fn host_name(&self) -> &str {
+        &self.0.record.name
+    }
+
+    /// Whether this host leads now.
+    pub fn is_leader(&self) -> bool {
+        *self.0.leading.borrow()
+    }
+
+    /// Changes whenever this host starts or stops leading.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.0.leading.subscribe()
+    }
+
+    async fn campaign_forever(self) {
+        let candidate = Candidate::new(
+            self.0.etcd.clone(),
+            self.key("leader"),
+            self.0.record.name.clone(),
+            self.0.ttl,
+        );
+        let mut stopped = self.0.stop.subscribe();
+        loop {
+            let won = tokio::select! {
+                won = candidate.campaign() => won,
+                _ = stopped.wait_for(|s| *s) => return,
+            };
+            let leadership = match won {
+                Ok(leadership) => Arc::new(leadership),
+                Err(e) => {
+                    tracing::warn!("cannot campaign to lead the cluster: {e}");
+                    tokio::time::sleep(self.0.ttl / 3).await;
+                    continue;
+                }
+            };
+            self.take_office(leadership.clone()).await;
+            let stopping = tokio::select! {
+                _ = leadership.lost() => false,
+                _ = stopped.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                self.step_down();
+                if let Some(leadership) = Arc::into_inner(leadership) {
+                    let _ = leadership.resign().await;
+                }
+                return;
+            }
+            tracing::warn!("this host lost the lead of the cluster (its etcd lease expired)");
+            self.step_down();
+        }
+    }
+
+    async fn take_office(&self, leadership: Arc<Leadership>) {
+        let last = self.0.etcd.last_under(&self.key("journal/")).await;
+        let next = match last {
+            Ok(Some(kv)) => {
+                kv.key_str()
+                    .rsplit('/')
+                    .next()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + 1
+            }
+            Ok(None) => 1,
+            Err(e) => {
+                tracing::warn!("cannot read the cluster journal: {e}");
+                1
+            }
+        };
+        *self.0.next_seq.lock().unwrap() = next;
+        *self.0.leadership.lock().unwrap() = Some(leadership.clone());
+        self.0.leading.send_replace(true);
+        tracing::info!(host = %self.0.record.name, term = leadership.term(), "this host leads the cluster");
+        let detail = serde_json::json!({ "term": leadership.term() });
+        if let Err(e) = self.journal("controller.elected", detail).await {
+            tracing::warn!("cannot journal the election: {e}");
+        }
+    }
+
+    fn step_down(&self) {
+        *self.0.leadership.lock().unwrap() = None;
+        self.0.leading.send_replace(false);
+    }
+
+    /// The leadership to fence a write with, or who leads instead.
+    async fn office(&self) -> Result<Arc<Leadership>, ClusterError> {
+        if let Some(leadership) = self.0.leadership.lock().unwrap().clone() {
+            return Ok(leadership);
+        }
+        let leader = self.0.etcd.get(&self.key("leader")).await?;
+        Err(ClusterError::NotLeader {
+            leader: leader.map_or("no host".into(), |kv| {
+                String::from_utf8_lossy(&kv.value).into_owned()
+            }),
+        })
+    }
+
+    /// Appends an event to the cluster's journal; only the leader can, fenced by its lease.
+    pub async fn journal(
+        &self,
+        kind: &str,
+        detail: serde_json::Value,
+    ) -> Result<u64, ClusterError> {
+        let leadership = self.office().await?;
+        loop {
+            let seq = *self.0.next_seq.lock().unwrap();
+            let key = self.key(&format!("journal/{seq:020}"));
+            let event = ClusterEvent {
+                seq,
+                at_ms: now_ms(),
+                kind: kind.to_string(),
+                host: self.0.record.name.clone(),
+                detail: detail.clone(),
+            };
+            let value = serde_json::to_vec(&event).unwrap_or_default();
+            let done = leadership
+                .txn(&[Compare::absent(key.as_str())], &[Op::put(key, value)])
+                .await;
+            let mut next = self.0.next_seq.lock().unwrap();
+            match done {
+                Ok(result) if result.succeeded => {
+                    *next = seq + 1;
+                    return Ok(seq);
+                }
+                // Written by a previous leader after we read the last entry: skip past it.
+                Ok(_) => *next = seq + 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The newest `limit` events of the cluster's journal, oldest first.
+    pub async fn history(&self, limit: usize) -> Result<Vec<ClusterEvent>, ClusterError> {
+        let (_, kvs) = self.0.etcd.get_prefix(&self.key("journal/")).await?;
+        let skip = kvs.len().saturating_sub(limit);
+        Ok(kvs
+            .iter()
+            .skip(skip)
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect())
+    }
+
+    /// Every registered host, whether it drains, and who leads. `gossip` gives the state of a
+    /// host's gossip member by name; `instances` how many instances a host runs.
+    pub async fn status(
+        &self,
+        gossip: &dyn Fn(&str) -> Option<String>,
+        instances: &dyn Fn(&str) -> u32,
+    ) -> Result<ClusterStatus, ClusterError> {
+        let (_, hosts) = self.0.etcd.get_prefix(&self.key("hosts/")).await?;
+        let (_, drains) = self.0.etcd.get_prefix(&self.key("drain/")).await?;
+        let leader = self.0.etcd.get(&self.key("leader")).await?;
+        let draining: Vec<String> = drains
+            .iter()
+            .filter_map(|kv| kv.key_str().rsplit('/').next().map(str::to_string))
+            .collect();
+        let hosts = hosts
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<HostRecord>(&kv.value).ok())
+            .map(|record| HostStatus {
+                alive: true,
+                draining: draining.contains(&record.name),
+                gossip: gossip(&record.name),
+                instances: instances(&record.name),
+                record,
+            })
+            .collect();
+        Ok(ClusterStatus {
+            host: self.0.record.name.clone(),
+            leader: leader.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+            hosts,
+        })
+    }
+
+    /// Takes `host` out of placement (`on`) or puts it back. Any host may ask; the leader
+    /// journals it.
+    pub async fn set_draining(&self, host: &str, on: bool) -> Result<(), ClusterError> {
+        let (_, hosts) = self.0.etcd.get_prefix(&self.key("hosts/")).await?;
+        let names: Vec<String> = hosts
+            .iter()
+            .filter_map(|kv| kv.key_str().rsplit('/').next().map(str::to_string))
+            .collect();
+        let key = self.key(&format!("drain/{host}"));
+        if on {
+            if !names.iter().any(|n| n == host) {
+                return Err(ClusterError::UnknownHost {
+                    name: host.to_string(),
+                    known: names.join(", "),
+                });
+            }
+            let value = serde_json::json!({ "since_ms": now_ms(), "by": self.0.record.name });
+            self.0.etcd.put(&key, value.to_string(), 0).await?;
+        } else {
+            self.0.etcd.delete(&key, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster: resigns the lead at once (another host takes over without waiting
+    /// for the lease) and stops renewing the host's lease.
+    pub async fn leave(&self) {
+        self.0.stop.send_replace(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.0.tasks.lock().unwrap());
+        for task in tasks {
+            let _ = tokio::time::timeout(self.0.ttl, task).await;
+        }
+        let key = self.key(&format!("hosts/{}", self.0.record.name));
+        let _ = self.0.etcd.delete(&key, false).await;
+    }
+}
+
+#[cfg(test)]
+impl Cluster {
+    /// Stops every task without a word to etcd, as `kill -9` would.
+    fn vanish(self) {
+        for task in self.0.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests;

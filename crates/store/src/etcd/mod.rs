@@ -126,6 +126,16 @@ impl Etcd {
         self.range(prefix.as_bytes(), true).await
     }
 
+    /// The last key under `prefix`, in key order (a journal's newest entry).
+    pub async fn last_under(&self, prefix: &str) -> Result<Option<KeyValue>> {
+        let mut body = wire::range(prefix.as_bytes(), true);
+        body["limit"] = json!("1");
+        body["sort_order"] = json!("DESCEND");
+        body["sort_target"] = json!("KEY");
+        let answer: wire::RangeAnswer = self.call("kv/range", body).await?;
+        Ok(answer.kvs.into_iter().next())
+    }
+
     async fn range(&self, key: &[u8], prefix: bool) -> Result<(i64, Vec<KeyValue>)> {
         let answer: wire::RangeAnswer = self.call("kv/range", wire::range(key, prefix)).await?;
         Ok((answer.header.revision, answer.kvs))

@@ -76,6 +76,10 @@ async fn keys_values_transactions_and_prefixes() {
     assert!(!stale.succeeded);
     assert_eq!(etcd.get("/t/a").await.unwrap().unwrap().value, b"1");
 
+    let last = etcd.last_under("/t/").await.unwrap().unwrap();
+    assert_eq!(last.key_str(), "/t/once");
+    assert_eq!(etcd.last_under("/nothing/").await.unwrap(), None);
+
     etcd.delete("/t/", true).await.unwrap();
     assert_eq!(etcd.get_prefix("/t/").await.unwrap().1, vec![]);
     assert_eq!(etcd.get("/u/c").await.unwrap().unwrap().value, b"elsewhere");

@@ -1,0 +1,178 @@
+//! Hosts joining, leading, leaving and dying, against a real etcd member.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use phoenix_store::etcd::test_util::{EtcdCluster, etcd_binary};
+
+use super::*;
+
+fn etcd() -> Option<EtcdCluster> {
+    if etcd_binary().is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "etcd is required here (apt-get install etcd-server)"
+        );
+        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    Some(EtcdCluster::start(1, IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("etcd starts"))
+}
+
+fn config(etcd: &EtcdCluster) -> ClusterConfig {
+    let text = format!(
+        "[image.i]\nfrom = \"scratch\"\n[role.r]\nimage = \"i\"\nlisten = \"127.0.0.1:1\"\n[cluster]\netcd = {:?}\nprefix = \"/test/\"\nlease = \"2s\"\n",
+        etcd.endpoints()
+    );
+    let fleet = crate::FleetFile::parse(std::path::Path::new("phoenix.toml"), &text).unwrap();
+    fleet.cluster.unwrap()
+}
+
+fn record(name: &str, last_octet: u8) -> HostRecord {
+    HostRecord {
+        name: name.into(),
+        address: IpAddr::V4(Ipv4Addr::new(10, 99, 0, last_octet)),
+        gossip: None,
+        tags: [("zone".to_string(), "a".to_string())].into(),
+        cpu_millis: 2000,
+        memory: 1 << 30,
+        version: "test".into(),
+        started_at_ms: 0,
+    }
+}
+
+async fn leader_among(hosts: &[&Cluster], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let leading: Vec<usize> = (0..hosts.len()).filter(|i| hosts[*i].is_leader()).collect();
+        assert!(leading.len() <= 1, "two hosts lead at once: {leading:?}");
+        if let [one] = leading[..] {
+            return one;
+        }
+        assert!(Instant::now() < deadline, "no host leads after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn no_gossip(_: &str) -> Option<String> {
+    None
+}
+fn no_instances(_: &str) -> u32 {
+    0
+}
+
+#[tokio::test]
+async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies() {
+    let Some(etcd) = etcd() else { return };
+    let config = config(&etcd);
+    let mut hosts = Vec::new();
+    for (n, name) in ["h1", "h2", "h3"].iter().enumerate() {
+        hosts.push(
+            Cluster::join(&config, None, record(name, n as u8 + 1))
+                .await
+                .unwrap(),
+        );
+    }
+    let first = leader_among(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
+    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    let names: Vec<&str> = status
+        .hosts
+        .iter()
+        .map(|h| h.record.name.as_str())
+        .collect();
+    assert_eq!(names, ["h1", "h2", "h3"]);
+    assert_eq!(status.leader.as_deref(), Some(hosts[first].host_name()));
+    assert_eq!(status.hosts[1].record, record("h2", 2));
+
+    // A follower cannot write the journal, and says who can.
+    let follower = (first + 1) % 3;
+    let refused = hosts[follower]
+        .journal("test", serde_json::json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "this host does not lead the cluster now ({} does); try again on it or wait",
+            hosts[first].host_name()
+        )
+    );
+
+    // The leader leaves: another leads well before a lease would have expired.
+    let left = Instant::now();
+    let leaving = hosts.remove(first);
+    leaving.leave().await;
+    let second = leader_among(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
+    assert!(
+        left.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        left.elapsed()
+    );
+    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    assert_eq!(status.hosts.len(), 2);
+
+    // The new leader dies without a word (kill -9): after its lease runs out (2 s), the last
+    // host leads and the dead one is off the list.
+    let died = Instant::now();
+    let dead = hosts.remove(second);
+    dead.vanish();
+    let _ = leader_among(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(6)).await;
+    let took = died.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    let names: Vec<&str> = status
+        .hosts
+        .iter()
+        .map(|h| h.record.name.as_str())
+        .collect();
+    assert_eq!(names, [hosts[0].host_name()]);
+
+    // Each election is in the journal, numbered without gaps across leaders.
+    let history = hosts[0].history(10).await.unwrap();
+    let seen: Vec<(u64, &str)> = history.iter().map(|e| (e.seq, e.kind.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "controller.elected"),
+            (2, "controller.elected"),
+            (3, "controller.elected")
+        ]
+    );
+    let leaders: Vec<&str> = history.iter().map(|e| e.host.as_str()).collect();
+    assert_eq!(leaders[2], hosts[0].host_name());
+    assert_ne!(leaders[0], leaders[1]);
+}
+
+#[tokio::test]
+async fn two_machines_with_one_name_are_refused_and_draining_is_by_known_name() {
+    let Some(etcd) = etcd() else { return };
+    let config = config(&etcd);
+    let h1 = Cluster::join(&config, None, record("h1", 1)).await.unwrap();
+    let clash = Cluster::join(&config, None, record("h1", 7))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        clash.to_string(),
+        "host name \"h1\" is already in the cluster, registered from 10.99.0.1: give each machine its own name (phoenix up --host-name)"
+    );
+    // The same machine coming back (a restart) takes its record over.
+    let again = Cluster::join(&config, None, record("h1", 1)).await.unwrap();
+
+    let unknown = h1.set_draining("h9", true).await.unwrap_err();
+    assert_eq!(
+        unknown.to_string(),
+        "no host \"h9\" in the cluster (hosts: h1)"
+    );
+    h1.set_draining("h1", true).await.unwrap();
+    let status = again
+        .status(&no_gossip, &|name: &str| if name == "h1" { 4 } else { 0 })
+        .await
+        .unwrap();
+    assert!(status.hosts[0].draining);
+    assert_eq!(status.hosts[0].instances, 4);
+    h1.set_draining("h1", false).await.unwrap();
+    assert!(!again.status(&no_gossip, &no_instances).await.unwrap().hosts[0].draining);
+}
