@@ -113,6 +113,7 @@ pub fn router(
         .route("/v1/roles/{role}/heal-drift", post(heal_drift))
         .route("/v1/instances/{name}/protect", post(protect))
         .route("/v1/instances/{name}/standby", post(standby))
+        .route("/v1/hosts/{name}/drain", post(drain_host))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -392,11 +393,34 @@ async fn set_flag(
     }
 }
 
+/// `phoenix host drain|undrain`: `{"on": bool}`.
+async fn drain_host(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: FlagRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return failure(StatusCode::BAD_REQUEST, &format!("bad request: {error}")),
+    };
+    match state.controller.set_host_draining(&name, request.on).await {
+        Ok(()) => Json(serde_json::json!({"host": name, "draining": request.on})).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
+    }
+}
+
 /// 404 for an unknown role or instance, 409 for a busy role, 422 otherwise.
 fn error_status(error: &phoenix_fleet::FleetError) -> StatusCode {
     use phoenix_fleet::FleetError;
     match error {
-        FleetError::UnknownRole { .. } | FleetError::UnknownInstance(_) => StatusCode::NOT_FOUND,
+        FleetError::UnknownRole { .. }
+        | FleetError::UnknownInstance(_)
+        | FleetError::Cluster(phoenix_fleet::cluster::ClusterError::UnknownHost { .. }) => {
+            StatusCode::NOT_FOUND
+        }
+        FleetError::Cluster(phoenix_fleet::cluster::ClusterError::Etcd(_)) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         FleetError::Busy { .. } => StatusCode::CONFLICT,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     }

@@ -91,6 +91,23 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// A client that trusts `ca` and shows a certificate only when given one: how `phoenix up`
+/// reaches etcd members over `https://` (`[cluster] ca`, `cert`, `key`).
+pub fn client_config_maybe_identity(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    if let Some((cert, key)) = identity {
+        return client_config(ca, cert, key);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The name a client checks the server's certificate against.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string())

@@ -30,6 +30,10 @@ pub struct Options {
     pub driver: Option<Arc<dyn Driver>>,
     /// What the previous program of this process handed over (`phoenix restart`).
     pub inherited: Option<crate::handover::Handed>,
+    /// This machine as a host of a `[cluster]` (ignored without one).
+    pub host: crate::cluster::HostSettings,
+    /// TLS to the etcd members, for `https://` endpoints.
+    pub cluster_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Options {
@@ -42,6 +46,8 @@ impl Options {
             bake: BakeOptions::default(),
             driver: None,
             inherited: None,
+            host: Default::default(),
+            cluster_tls: None,
         }
     }
 }
@@ -391,6 +397,8 @@ pub(crate) struct Inner {
     tasks: tokio_util::task::TaskTracker,
     /// Instances' output into the log store.
     pub capture: crate::capture::Capture,
+    /// This host's membership of a `[cluster]`, when the fleet file has one.
+    pub cluster: Option<crate::cluster::Cluster>,
     /// `[logs.forward.*]`: the store's lines on to other log systems.
     pub forwarding: tokio::sync::Mutex<crate::forward::Forwarding>,
 }
@@ -620,8 +628,22 @@ impl Controller {
         let (events, events_rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
         // The fleet file's `[agent]`, or a lone agent without one.
-        let agent_settings = fleet.agent.clone().unwrap_or_else(AgentSettings::lone);
+        let mut agent_settings = fleet.agent.clone().unwrap_or_else(AgentSettings::lone);
+        // In a cluster the host's gossip member carries the host's name.
+        if let (Some(_), Some(name)) = (&fleet.cluster, &options.host.name) {
+            agent_settings.node = Some(name.clone());
+        }
         let membership = Membership::start(&agent_settings, &state_dir).await?;
+        let cluster = match &fleet.cluster {
+            Some(config) => {
+                let record = options.host.record(membership.host_member());
+                Some(
+                    crate::cluster::Cluster::join(config, options.cluster_tls.clone(), record)
+                        .await?,
+                )
+            }
+            None => None,
+        };
         let drivers = match options.driver {
             Some(driver) => crate::drivers::Drivers::single(&fleet, driver),
             None => {
@@ -690,6 +712,7 @@ impl Controller {
             tasks: tokio_util::task::TaskTracker::new(),
             capture,
             forwarding: tokio::sync::Mutex::new(forwarding),
+            cluster,
         });
         // Instances handed over by the previous program are taken over, not killed.
         let handed: Vec<_> = std::mem::take(&mut inherited.instances)
@@ -726,6 +749,17 @@ impl Controller {
         }
         inner.spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })
+    }
+
+    /// `phoenix host drain|undrain HOST`.
+    pub async fn set_host_draining(&self, host: &str, on: bool) -> Result<(), FleetError> {
+        let cluster = self.inner.cluster.as_ref().ok_or(FleetError::NoCluster)?;
+        cluster.set_draining(host, on).await?;
+        let kind = if on { "host.drained" } else { "host.undrained" };
+        self.inner
+            .journal(None, kind, json!({ "host": host }))
+            .await;
+        Ok(())
     }
 
     /// Brings every role to its desired state: the live generation recorded in the state is
@@ -889,6 +923,9 @@ impl Controller {
             let _ = task.await;
         }
         let _ = inner.membership.host().leave().await;
+        if let Some(cluster) = &inner.cluster {
+            cluster.leave().await;
+        }
         let cleanup = inner.clone();
         let _ = tokio::task::spawn_blocking(move || cleanup.drivers.shut_down()).await;
         // Every background task sees the shutdown and ends; none is cut off mid-write.

@@ -49,7 +49,8 @@ pub use lifecycle::ChaosConfig;
 pub use plan::{Change, How, Op, Plan};
 pub use scale::{FlagChange, ScaleReport};
 pub use status::{
-    DeniedView, FleetStatus, GenerationView, InstanceView, PolicyView, RemoteView, RoleStatus,
+    ClusterView, DeniedView, FleetStatus, GenerationView, InstanceView, PolicyView, RemoteView,
+    RoleStatus,
 };
 pub use verify::{VERIFY_LOGS, Verification, Verifier, VerifyOptions, checks_of, gate};
 
@@ -74,6 +75,12 @@ pub enum FleetError {
     Image(#[from] phoenix_image::ImageError),
     #[error(transparent)]
     Store(#[from] phoenix_store::StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error(
+        "this fleet runs on one machine: hosts exist only with a [cluster] table in the fleet file"
+    )]
+    NoCluster,
     #[error(transparent)]
     Driver(#[from] phoenix_driver::DriverError),
     #[error(transparent)]

@@ -102,6 +102,11 @@ impl Membership {
         &self.host
     }
 
+    /// The host agent's name and gossip address.
+    pub fn host_member(&self) -> (&str, SocketAddr) {
+        (&self.host_name, self.host_addr)
+    }
+
     /// Makes the instance members match `desired` (name → tags): new instances join, changed
     /// ones update their tags, gone ones leave gracefully.
     async fn reconcile(&self, desired: BTreeMap<String, BTreeMap<String, String>>) {

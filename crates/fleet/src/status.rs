@@ -1,5 +1,6 @@
 //! A snapshot of the fleet for `phoenix status`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,19 @@ use crate::controller::{Controller, Generation};
 pub struct FleetStatus {
     pub state_dir: String,
     pub roles: Vec<RoleStatus>,
+    /// The hosts of a `[cluster]` and who leads (absent on one machine); `error` says why they
+    /// could not be read (etcd unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// `phoenix status`'s view of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<crate::cluster::ClusterStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,7 +163,42 @@ impl Controller {
         FleetStatus {
             state_dir: self.inner.state_dir.display().to_string(),
             roles,
+            cluster: self.cluster_view().await,
         }
+    }
+
+    /// Hosts from etcd, with the state of each one's gossip member and its instances as this
+    /// host's agent sees them.
+    async fn cluster_view(&self) -> Option<ClusterView> {
+        use crate::membership::{TAG_HOST, TAG_KIND};
+        let cluster = self.inner.cluster.as_ref()?;
+        let members = self.agent().members().await.unwrap_or_default();
+        let is_host =
+            |m: &phoenix_gossip::Member| m.tags.get(TAG_KIND).map(String::as_str) == Some("host");
+        let gossip: BTreeMap<String, String> = members
+            .iter()
+            .filter(|m| is_host(m))
+            .map(|m| (m.name.clone(), m.status.as_str().to_string()))
+            .collect();
+        let mut instances: BTreeMap<String, u32> = BTreeMap::new();
+        for member in members
+            .iter()
+            .filter(|m| !is_host(m) && m.status == phoenix_gossip::Status::Alive)
+        {
+            if let Some(host) = member.tags.get(TAG_HOST) {
+                *instances.entry(host.clone()).or_default() += 1;
+            }
+        }
+        Some(match cluster.status(&gossip, &instances).await {
+            Ok(status) => ClusterView {
+                status: Some(status),
+                error: None,
+            },
+            Err(e) => ClusterView {
+                status: None,
+                error: Some(e.to_string()),
+            },
+        })
     }
 }
 

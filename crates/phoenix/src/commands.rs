@@ -309,6 +309,13 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
             println!("  {}", policy_line(policy));
         }
     }
+    if let Some(cluster) = &status.cluster {
+        match (&cluster.status, &cluster.error) {
+            (Some(cluster), _) => print!("{}", crate::host_cmd::hosts_table(cluster)),
+            (None, Some(error)) => println!("cluster: cannot read the hosts: {error}"),
+            (None, None) => {}
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

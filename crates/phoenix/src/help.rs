@@ -24,6 +24,7 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "protect",
             "standby",
             "status",
+            "host",
             "dashboard",
             "logs",
             "history",

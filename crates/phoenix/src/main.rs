@@ -9,6 +9,7 @@ mod exec_cmd;
 mod failure;
 mod handlers;
 mod help;
+mod host_cmd;
 mod image_cmd;
 mod load;
 mod load_cmd;
@@ -70,8 +71,10 @@ enum Command {
     Top(metrics_cmd::TopArgs),
     /// Run a command inside a running instance, as its user (exit code passed through).
     Exec(exec_cmd::ExecArgs),
-    /// Roles, generations, instances, health and image digests.
+    /// Roles, generations, instances, health and image digests (and hosts, in a cluster).
     Status(commands::StatusArgs),
+    /// The hosts of a cluster: list them, drain one, undrain it.
+    Host(host_cmd::HostArgs),
     /// A one-time login URL for the web dashboard of the running `phoenix up` (`--open`).
     Dashboard(dashboard_cmd::DashboardArgs),
     /// What a role's or an instance's instances wrote, from the log store (`-f` follows).
@@ -221,6 +224,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
             Command::Top(args) => metrics_cmd::top(&state, args).await,
             Command::Protect(args) => scale_cmd::flag(&state, "protect", args).await,
             Command::Standby(args) => scale_cmd::flag(&state, "standby", args).await,
+            Command::Host(args) => host_cmd::run(&state, args).await,
             Command::History(args) => commands::history(&state, args).await,
             Command::Bake(args) => commands::bake(&state, args).await,
             Command::Images(args) => commands::images(&state, args).await,

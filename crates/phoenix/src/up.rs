@@ -48,9 +48,92 @@ pub struct UpArgs {
     /// Refused: a token on the command line shows in `ps` to every user.
     #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub host: HostArgs,
     /// Seed for generated instance names (for reproducible runs).
     #[arg(long, hide = true)]
     pub seed: Option<u64>,
+}
+
+/// This machine as a host of a `[cluster]` fleet (ignored without one).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// The host's name in the cluster [default: the gossip agent's name, the machine's host
+    /// name]. Each machine needs its own.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
+    /// The address other hosts reach this one's instances and proxy at [default: the gossip
+    /// agent's address].
+    #[arg(long, value_name = "IP")]
+    pub host_address: Option<std::net::IpAddr>,
+    /// A tag roles can ask for (`[role.X] hosts = { tag = "zone=a" }`); repeat for more.
+    #[arg(long = "host-tag", value_name = "KEY=VALUE")]
+    pub host_tags: Vec<String>,
+    /// CPUs this host offers instances [default: all of them].
+    #[arg(long, value_name = "CPUS")]
+    pub host_cpus: Option<f64>,
+    /// Memory this host offers instances, like 16GiB [default: all of it].
+    #[arg(long, value_name = "SIZE")]
+    pub host_memory: Option<String>,
+}
+
+impl HostArgs {
+    fn settings(&self) -> anyhow::Result<phoenix_fleet::cluster::HostSettings> {
+        let mut tags = std::collections::BTreeMap::new();
+        for tag in &self.host_tags {
+            match tag.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    tags.insert(k.to_string(), v.to_string());
+                }
+                _ => bail!("--host-tag {tag:?}: write KEY=VALUE, like zone=a"),
+            }
+        }
+        if let Some(name) = &self.host_name
+            && (name.is_empty()
+                || name.len() > 63
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        {
+            bail!("--host-name {name:?}: use 1 to 63 letters, digits, '-' and '.'");
+        }
+        if let Some(cpus) = self.host_cpus
+            && !(0.01..=4096.0).contains(&cpus)
+        {
+            bail!("--host-cpus {cpus}: give between 0.01 and 4096");
+        }
+        let memory = match &self.host_memory {
+            Some(text) => Some(
+                phoenix_fleet::parse_size(text)
+                    .map_err(|e| anyhow::anyhow!("--host-memory: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(phoenix_fleet::cluster::HostSettings {
+            name: self.host_name.clone(),
+            address: self.host_address,
+            tags,
+            cpus: self.host_cpus,
+            memory,
+        })
+    }
+}
+
+/// TLS to the etcd members of the fleet file's `[cluster]`, when it names a CA.
+fn cluster_tls(file: &Path) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    let Ok(fleet) = phoenix_fleet::FleetFile::load(file) else {
+        return Ok(None); // Controller::open reports what is wrong with the file.
+    };
+    let Some(cluster) = fleet.cluster else {
+        return Ok(None);
+    };
+    let Some(ca) = &cluster.ca else {
+        return Ok(None);
+    };
+    let identity = cluster.cert.as_deref().zip(cluster.key.as_deref());
+    Ok(Some(phoenix_api::tls::client_config_maybe_identity(
+        ca, identity,
+    )?))
 }
 
 /// The file in the state directory where the owner's API socket is.
@@ -147,6 +230,8 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     options.seed = args.seed;
     options.bake = bake_options()?;
     options.inherited = inheritance.as_mut().map(|i| std::mem::take(&mut i.handed));
+    options.host = args.host.settings()?;
+    options.cluster_tls = cluster_tls(&file)?;
     let controller = Controller::open(options).await?;
     let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
     // `phoenix members`, `event` and `query` find the agent here.

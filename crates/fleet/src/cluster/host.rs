@@ -19,7 +19,7 @@ pub struct HostRecord {
     pub address: IpAddr,
     /// Its gossip agent's address, when it runs one.
     #[serde(default)]
-    pub gossip: Option<SocketAddr>,
+    pub gossip_addr: Option<SocketAddr>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// What it offers instances: thousandths of a core, bytes of memory.
@@ -28,6 +28,39 @@ pub struct HostRecord {
     /// Phoenix's version on it.
     pub version: String,
     pub started_at_ms: i64,
+}
+
+/// This machine as a host, from `phoenix up`'s flags; what is not given is found out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostSettings {
+    /// Default: the gossip agent's member name (the machine's host name).
+    pub name: Option<String>,
+    /// Default: the gossip agent's address.
+    pub address: Option<IpAddr>,
+    pub tags: BTreeMap<String, String>,
+    /// Default: every CPU of the machine.
+    pub cpus: Option<f64>,
+    /// Default: all of its memory.
+    pub memory: Option<u64>,
+}
+
+impl HostSettings {
+    /// The record this host registers, given its gossip member's name and address.
+    pub fn record(&self, (member, gossip): (&str, SocketAddr)) -> HostRecord {
+        let cpus = self.cpus.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+        });
+        HostRecord {
+            name: self.name.clone().unwrap_or_else(|| member.to_string()),
+            address: self.address.unwrap_or(gossip.ip()),
+            gossip_addr: Some(gossip),
+            tags: self.tags.clone(),
+            cpu_millis: (cpus * 1000.0).round() as u64,
+            memory: self.memory.unwrap_or_else(memory_total),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_ms: super::now_ms(),
+        }
+    }
 }
 
 /// Registers `record` at `key` under a new lease. A key held by another host's record (a

@@ -15,9 +15,10 @@
 mod host;
 mod placement;
 
-pub use host::{HostRecord, memory_total};
+pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -290,12 +291,12 @@ impl Cluster {
             .collect())
     }
 
-    /// Every registered host, whether it drains, and who leads. `gossip` gives the state of a
-    /// host's gossip member by name; `instances` how many instances a host runs.
+    /// Every registered host, whether it drains, and who leads. `gossip` has the state of
+    /// hosts' gossip members by name; `instances` how many instances each host runs.
     pub async fn status(
         &self,
-        gossip: &dyn Fn(&str) -> Option<String>,
-        instances: &dyn Fn(&str) -> u32,
+        gossip: &BTreeMap<String, String>,
+        instances: &BTreeMap<String, u32>,
     ) -> Result<ClusterStatus, ClusterError> {
         let (_, hosts) = self.0.etcd.get_prefix(&self.key("hosts/")).await?;
         let (_, drains) = self.0.etcd.get_prefix(&self.key("drain/")).await?;
@@ -310,8 +311,8 @@ impl Cluster {
             .map(|record| HostStatus {
                 alive: true,
                 draining: draining.contains(&record.name),
-                gossip: gossip(&record.name),
-                instances: instances(&record.name),
+                gossip: gossip.get(&record.name).cloned(),
+                instances: instances.get(&record.name).copied().unwrap_or(0),
                 record,
             })
             .collect();

@@ -32,7 +32,7 @@ fn record(name: &str, last_octet: u8) -> HostRecord {
     HostRecord {
         name: name.into(),
         address: IpAddr::V4(Ipv4Addr::new(10, 99, 0, last_octet)),
-        gossip: None,
+        gossip_addr: None,
         tags: [("zone".to_string(), "a".to_string())].into(),
         cpu_millis: 2000,
         memory: 1 << 30,
@@ -54,11 +54,11 @@ async fn leader_among(hosts: &[&Cluster], within: Duration) -> usize {
     }
 }
 
-fn no_gossip(_: &str) -> Option<String> {
-    None
+fn no_gossip() -> BTreeMap<String, String> {
+    BTreeMap::new()
 }
-fn no_instances(_: &str) -> u32 {
-    0
+fn no_instances() -> BTreeMap<String, u32> {
+    BTreeMap::new()
 }
 
 #[tokio::test]
@@ -74,7 +74,10 @@ async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies(
         );
     }
     let first = leader_among(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
-    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    let status = hosts[0]
+        .status(&no_gossip(), &no_instances())
+        .await
+        .unwrap();
     let names: Vec<&str> = status
         .hosts
         .iter()
@@ -108,7 +111,10 @@ async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies(
         "{:?}",
         left.elapsed()
     );
-    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    let status = hosts[0]
+        .status(&no_gossip(), &no_instances())
+        .await
+        .unwrap();
     assert_eq!(status.hosts.len(), 2);
 
     // The new leader dies without a word (kill -9): after its lease runs out (2 s), the last
@@ -122,7 +128,10 @@ async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    let status = hosts[0].status(&no_gossip, &no_instances).await.unwrap();
+    let status = hosts[0]
+        .status(&no_gossip(), &no_instances())
+        .await
+        .unwrap();
     let names: Vec<&str> = status
         .hosts
         .iter()
@@ -168,11 +177,18 @@ async fn two_machines_with_one_name_are_refused_and_draining_is_by_known_name() 
     );
     h1.set_draining("h1", true).await.unwrap();
     let status = again
-        .status(&no_gossip, &|name: &str| if name == "h1" { 4 } else { 0 })
+        .status(&no_gossip(), &[("h1".to_string(), 4)].into())
         .await
         .unwrap();
     assert!(status.hosts[0].draining);
     assert_eq!(status.hosts[0].instances, 4);
     h1.set_draining("h1", false).await.unwrap();
-    assert!(!again.status(&no_gossip, &no_instances).await.unwrap().hosts[0].draining);
+    assert!(
+        !again
+            .status(&no_gossip(), &no_instances())
+            .await
+            .unwrap()
+            .hosts[0]
+            .draining
+    );
 }

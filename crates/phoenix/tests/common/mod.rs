@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod rig;
+
 pub fn phoenix_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_phoenix"))
 }

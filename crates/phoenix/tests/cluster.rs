@@ -1,0 +1,201 @@
+//! A fleet across hosts: five `phoenix up` hosts, each in a network namespace of its own on a
+//! test bridge, sharing three etcd members; one leads, a killed leader is replaced, hosts are
+//! drained by name.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::rig::Rig;
+use common::{Fleet, Phoenix, wait_for};
+use phoenix_store::etcd::test_util::{EtcdCluster, etcd_binary};
+use serde_json::Value;
+
+const HOSTS: usize = 5;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn hosts_of(phoenix: &Phoenix) -> Option<Value> {
+    let output = phoenix.cli(&["host", "ls", "--json"]);
+    if !output.status.success() {
+        eprintln!(
+            "phoenix host ls: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let view: Value = serde_json::from_slice(&output.stdout).ok()?;
+    Some(view["status"].clone())
+}
+
+fn leader(phoenix: &Phoenix) -> Option<String> {
+    hosts_of(phoenix)?["leader"].as_str().map(str::to_string)
+}
+
+fn names(hosts: &Value) -> Vec<String> {
+    hosts["hosts"]
+        .as_array()
+        .map(|hosts| {
+            hosts
+                .iter()
+                .map(|h| h["name"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
+    if !is_root() || etcd_binary().is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "this test needs root and etcd (apt-get install etcd-server)"
+        );
+        eprintln!("skipped: needs root (network namespaces) and etcd");
+        return;
+    }
+    let rig = Rig::new(HOSTS);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let cluster = format!(
+        "\n[cluster]\netcd = {:?}\nlease = \"2s\"\n",
+        etcd.endpoints()
+    );
+    let cluster: &'static str = Box::leak(cluster.into_boxed_str());
+    let mut hosts = Vec::new();
+    for n in 0..HOSTS {
+        let mut fleet = Fleet::version("v1");
+        fleet.instances = 1;
+        fleet.more = cluster;
+        fleet.agent = Some(format!(
+            "bind = \"{}:7946\"\njoin = [\"{}:7946\"]\nencrypt_file = \"gossip.key\"\n",
+            rig.host_ip(n),
+            rig.host_ip(0)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        fleet.write_to(dir.path());
+        // Gossip beyond loopback is sealed: one cluster key in a 0600 file on every host.
+        let key = dir.path().join("gossip.key");
+        std::fs::write(&key, "cGhvZW5peC1nb3NzaXAtdGVzdC1rZXktMzItYnl0ZSE=\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let name = format!("h{n}");
+        let address = rig.host_ip(n).to_string();
+        let zone = format!("zone={}", if n < 3 { "a" } else { "b" });
+        let args = [
+            "--host-name",
+            &name,
+            "--host-address",
+            &address,
+            "--host-tag",
+            &zone,
+        ];
+        hosts.push(Phoenix::launch(dir, &args, Some(rig.netns(n))));
+    }
+    for host in &mut hosts {
+        host.wait_serving(1);
+    }
+
+    // Every host sees all five, each with its address, tags and live gossip; one leads.
+    let mut seen = Value::Null;
+    wait_for("five hosts and a leader", Duration::from_secs(30), || {
+        seen = hosts_of(&hosts[0]).unwrap_or_default();
+        names(&seen).len() == HOSTS && seen["leader"].is_string()
+    });
+    assert_eq!(names(&seen), ["h0", "h1", "h2", "h3", "h4"]);
+    for (n, host) in seen["hosts"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(host["address"], rig.host_ip(n).to_string());
+        assert_eq!(host["tags"]["zone"], if n < 3 { "a" } else { "b" });
+        assert_eq!(host["draining"], false);
+    }
+    wait_for(
+        "every host's gossip member alive",
+        Duration::from_secs(20),
+        || {
+            hosts_of(&hosts[1]).is_some_and(|seen| {
+                seen["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|h| h["gossip"] == "alive")
+            })
+        },
+    );
+    let first: String = seen["leader"].as_str().unwrap().to_string();
+    for host in &hosts {
+        assert_eq!(
+            leader(host).as_deref(),
+            Some(first.as_str()),
+            "every host sees one leader"
+        );
+    }
+    let text = hosts[2].cli_ok(&["status"]);
+    assert!(text.contains(&format!("host {first:<12}")), "{text}");
+    assert!(text.contains("[leader"), "{text}");
+
+    // kill -9 the leader: another host leads within 5 s (a 2 s lease, then an election).
+    let n = first[1..].parse::<usize>().unwrap();
+    let killed = Instant::now();
+    hosts[n].kill9();
+    let witness = (n + 1) % HOSTS;
+    let mut second = None;
+    wait_for("a new leader", Duration::from_secs(10), || {
+        second = leader(&hosts[witness]).filter(|l| *l != first);
+        second.is_some()
+    });
+    let took = killed.elapsed();
+    eprintln!(
+        "time to a new leader after kill -9 of {first}: {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    wait_for(
+        "the dead host off the list",
+        Duration::from_secs(10),
+        || hosts_of(&hosts[witness]).is_some_and(|seen| !names(&seen).contains(&first)),
+    );
+
+    // Drain by name, from any host; a name that is no host is refused with the list.
+    let other = (n + 2) % HOSTS;
+    let drained = format!("h{other}");
+    let out = hosts[witness].cli_ok(&["host", "drain", &drained]);
+    assert_eq!(out, format!("{drained}: draining (out of placement)\n"));
+    let seen = hosts_of(&hosts[other]).unwrap();
+    let host = seen["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == drained.as_str());
+    assert_eq!(host.unwrap()["draining"], true);
+    let refused = hosts[witness].cli(&["host", "drain", "h-typo"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("no host \"h-typo\" in the cluster (hosts: "),
+        "{message}"
+    );
+    hosts[witness].cli_ok(&["host", "undrain", &drained]);
+    let seen = hosts_of(&hosts[other]).unwrap();
+    assert!(
+        seen["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["draining"] == false)
+    );
+    let history = hosts[witness].cli_ok(&["history", "--json"]);
+    assert!(
+        history.contains("host.drained") && history.contains("host.undrained"),
+        "{history}"
+    );
+
+    // The killed host comes back under its name and takes its record over.
+    hosts[n].restart(1);
+    wait_for("the host back", Duration::from_secs(20), || {
+        hosts_of(&hosts[witness]).is_some_and(|seen| names(&seen).len() == HOSTS)
+    });
+    drop(hosts);
+    drop(etcd);
+}
