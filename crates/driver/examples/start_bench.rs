@@ -112,6 +112,7 @@ fn phoenix_run(
         output: None,
         network,
         port: None,
+        host_ip: std::net::Ipv4Addr::LOCALHOST,
         resources: Resources::default(),
         secrets: Vec::new(),
         allow_root,

@@ -317,7 +317,7 @@ impl Driver for ContainerDriver {
                     Some(port) => port,
                     None => crate::process::free_port().map_err(io("find a free port"))?,
                 };
-                (None, None, Some(Ipv4Addr::LOCALHOST), port)
+                (None, None, Some(spec.host_ip), port)
             }
         };
         let own_addr = lease.as_ref().map(|l| l.addr);

@@ -70,6 +70,9 @@ pub struct InstanceSpec {
     pub network: Network,
     /// The port the instance serves on (`PORT`); `None` picks a free one (host network only).
     pub port: Option<u16>,
+    /// The address an instance on the host's network listens on: loopback on one machine,
+    /// the host's address in a cluster (other hosts' proxies reach it there).
+    pub host_ip: Ipv4Addr,
     pub resources: Resources,
     /// Files for `/run/secrets/NAME`, mode 0400, owned by the instance's user.
     pub secrets: Vec<Secret>,

@@ -88,7 +88,11 @@ impl Driver for ProcessDriver {
             .current_dir(workdir)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .envs(crate::listen_env(&spec.name, "127.0.0.1", port))
+            .envs(crate::listen_env(
+                &spec.name,
+                &spec.host_ip.to_string(),
+                port,
+            ))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -123,7 +127,7 @@ impl Driver for ProcessDriver {
             .map_err(io("start process"))?;
         let pid = child.id().unwrap_or(0);
         let start_time = process_start_time(pid).unwrap_or(0);
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let address = SocketAddr::from((spec.host_ip, port));
         Ok((
             Process {
                 pid,

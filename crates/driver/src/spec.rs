@@ -228,6 +228,7 @@ mod tests {
             output: None,
             network: Network::Host,
             port: Some(8080),
+            host_ip: std::net::Ipv4Addr::LOCALHOST,
             resources: Resources {
                 cpus: Some(0.5),
                 memory: Some(256 << 20),

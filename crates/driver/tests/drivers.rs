@@ -824,6 +824,7 @@ fn shell_spec(name: &str, root: &Path, state: &Path, script: &str) -> InstanceSp
         output: None,
         network: Network::Host,
         port: None,
+        host_ip: std::net::Ipv4Addr::LOCALHOST,
         resources: Resources::default(),
         secrets: Vec::new(),
         allow_root: false,

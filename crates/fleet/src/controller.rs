@@ -404,6 +404,15 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Where instances on the host's network listen: this host's address in a cluster (so
+    /// other hosts' proxies reach them), loopback on one machine.
+    pub(crate) fn host_ip(&self) -> std::net::Ipv4Addr {
+        match self.cluster.as_ref().map(|c| c.address()) {
+            Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => ip,
+            _ => std::net::Ipv4Addr::LOCALHOST,
+        }
+    }
+
     /// The last `count` lines `instance` wrote (from the log store).
     pub(crate) fn log_tail(
         &self,

@@ -183,6 +183,8 @@ pub(crate) struct Launch<'a> {
     pub network: Network,
     pub secrets: Vec<Secret>,
     pub hosts: Vec<(String, Ipv4Addr)>,
+    /// Where an instance on the host's network listens (see `InstanceSpec::host_ip`).
+    pub host_ip: Ipv4Addr,
 }
 
 /// What the driver needs to start `name` from an unpacked image: its entrypoint, working
@@ -230,6 +232,7 @@ pub(crate) fn spec(
         output: None,
         network: launch.network.clone(),
         port,
+        host_ip: launch.host_ip,
         resources: Resources {
             cpus: run.resources.cpus,
             memory: run.resources.memory,
@@ -277,6 +280,7 @@ pub(crate) async fn start(
         network: role.placement.network.clone(),
         secrets: generation.secrets.clone(),
         hosts: inner.role_hosts(),
+        host_ip: inner.host_ip(),
     };
     let mut spec = spec(&name, root, config, &launch, &extra, log_path.clone());
     let source = crate::capture::Source {

@@ -172,6 +172,7 @@ impl Verifier {
             run: &run,
             network: placement.network.clone(),
             hosts: Vec::new(),
+            host_ip: std::net::Ipv4Addr::LOCALHOST,
         };
         let extra = [("PHOENIX_ROLE", "verify".to_string())];
         let mut spec =

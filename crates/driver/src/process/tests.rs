@@ -30,6 +30,7 @@ fn spec(dir: &Path, root: PathBuf) -> InstanceSpec {
         output: None,
         network: Network::Host,
         port: None,
+        host_ip: std::net::Ipv4Addr::LOCALHOST,
         resources: crate::Resources::default(),
         secrets: Vec::new(),
         // The tests may run as root: the process driver runs instances as its caller.

@@ -14,9 +14,11 @@
 
 mod host;
 mod placement;
+mod plan;
 
 pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
+pub use plan::{RoleDemand, RolePlacement, plan_role};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -151,6 +153,11 @@ impl Cluster {
     /// This host's name.
     pub fn host_name(&self) -> &str {
         &self.0.record.name
+    }
+
+    /// The address other hosts reach this one at.
+    pub fn address(&self) -> std::net::IpAddr {
+        self.0.record.address
     }
 
     /// Whether this host leads now.

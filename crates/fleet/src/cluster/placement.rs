@@ -57,6 +57,11 @@ impl HostConstraint {
         Ok(Self { tags })
     }
 
+    /// Whether `host` has every tag.
+    pub fn matches(&self, host: &HostView) -> bool {
+        self.mismatch(host).is_none()
+    }
+
     /// Why `host` does not match, if it does not.
     fn mismatch(&self, host: &HostView) -> Option<String> {
         self.tags.iter().find_map(|(k, v)| match host.tags.get(k) {
