@@ -681,6 +681,12 @@ impl Controller {
                 .role_size(name)?
                 .filter(|(_, file)| *file == config.instances)
                 .map(|(size, _)| size);
+            // In a cluster a host starts each role small; the placement then says how many.
+            let size = if fleet.cluster.is_some() {
+                Some(1)
+            } else {
+                size
+            };
             let role = Role::new(
                 name,
                 config.clone(),
@@ -755,6 +761,13 @@ impl Controller {
         inner.spawn(crate::sampling::run(weak.clone(), metrics));
         for role in inner.roles() {
             crate::roles::spawn_loops(&inner, &role.name);
+        }
+        if let Some(cluster) = inner.cluster.clone() {
+            inner.spawn(crate::cluster::reconcile::lead(
+                weak.clone(),
+                cluster.clone(),
+            ));
+            inner.spawn(crate::cluster::reconcile::follow(weak.clone(), cluster));
         }
         inner.spawn(crate::membership::follow_members(weak, membership));
         Ok(Controller { inner })

@@ -47,27 +47,19 @@ fn names(hosts: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
-    if !is_root() || etcd_binary().is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
-            "this test needs root and etcd (apt-get install etcd-server)"
-        );
-        eprintln!("skipped: needs root (network namespaces) and etcd");
-        return;
-    }
-    let rig = Rig::new(HOSTS);
-    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+/// Starts `count` hosts on `rig`, host n in namespace n as `hN` (zone a for the first three,
+/// b after), every one with the same fleet file (`web` of `instances`) and gossip key, and
+/// waits until each serves.
+fn start_hosts(rig: &Rig, etcd: &EtcdCluster, count: usize, instances: u32) -> Vec<Phoenix> {
     let cluster = format!(
         "\n[cluster]\netcd = {:?}\nlease = \"2s\"\n",
         etcd.endpoints()
     );
     let cluster: &'static str = Box::leak(cluster.into_boxed_str());
     let mut hosts = Vec::new();
-    for n in 0..HOSTS {
+    for n in 0..count {
         let mut fleet = Fleet::version("v1");
-        fleet.instances = 1;
+        fleet.instances = instances;
         fleet.more = cluster;
         fleet.agent = Some(format!(
             "bind = \"{}:7946\"\njoin = [\"{}:7946\"]\nencrypt_file = \"gossip.key\"\n",
@@ -94,9 +86,46 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
         ];
         hosts.push(Phoenix::launch(dir, &args, Some(rig.netns(n))));
     }
-    for host in &mut hosts {
-        host.wait_serving(1);
+    for (n, host) in hosts.iter().enumerate() {
+        let name = format!("h{n}");
+        wait_for(
+            &format!("{name} up and registered"),
+            Duration::from_secs(60),
+            || hosts_of(host).is_some_and(|seen| names(&seen).contains(&name)),
+        );
     }
+    hosts
+}
+
+/// Healthy instances of web's live generation on this host.
+fn local_healthy(phoenix: &Phoenix) -> usize {
+    phoenix
+        .live_instances()
+        .iter()
+        .filter(|i| i["status"] == "healthy")
+        .count()
+}
+
+fn skip() -> bool {
+    if !is_root() || etcd_binary().is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "this test needs root and etcd (apt-get install etcd-server)"
+        );
+        eprintln!("skipped: needs root (network namespaces) and etcd");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(HOSTS);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let mut hosts = start_hosts(&rig, &etcd, HOSTS, 1);
 
     // Every host sees all five, each with its address, tags and live gossip; one leads.
     let mut seen = Value::Null;
@@ -196,6 +225,106 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
     wait_for("the host back", Duration::from_secs(20), || {
         hosts_of(&hosts[witness]).is_some_and(|seen| names(&seen).len() == HOSTS)
     });
+    drop(hosts);
+    drop(etcd);
+}
+
+#[test]
+fn a_role_spreads_over_hosts_moves_off_a_drained_one_and_is_replaced_after_a_host_dies() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(3);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let hosts = start_hosts(&rig, &etcd, 3, 3);
+
+    // Three instances of web, one on each host.
+    wait_for(
+        "one web instance on each host",
+        Duration::from_secs(30),
+        || {
+            hosts
+                .iter()
+                .all(|h| h.live_instances().len() == 1 && local_healthy(h) == 1)
+        },
+    );
+    let names: Vec<String> = hosts
+        .iter()
+        .map(|h| h.live_instances()[0]["name"].as_str().unwrap().to_string())
+        .collect();
+    // Each instance listens on its host's address, and h0's proxy reaches all three.
+    for (n, host) in hosts.iter().enumerate() {
+        let address = host.live_instances()[0]["address"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            address.starts_with(&format!("{}:", rig.host_ip(n))),
+            "{address}"
+        );
+    }
+    let proxy = hosts[0].proxy_addr();
+    let mut served = std::collections::BTreeSet::new();
+    wait_for(
+        "h0's proxy serving every host's instance",
+        Duration::from_secs(30),
+        || {
+            let body = hosts[0].get(proxy, "/");
+            let answer = body.split("hello from ").nth(1).unwrap_or("");
+            if let Some(name) = answer.split_whitespace().next() {
+                served.insert(name.to_string());
+            }
+            names.iter().all(|n| served.contains(n))
+        },
+    );
+
+    // Drain h1 under load through h0's proxy: its instance moves (started elsewhere, healthy,
+    // then stopped on h1) and no request fails.
+    let load = hosts[0].load(proxy, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    hosts[2].cli_ok(&["host", "drain", "h1"]);
+    wait_for(
+        "h1 empty, its instance on h0 or h2",
+        Duration::from_secs(40),
+        || {
+            hosts[1].live_instances().is_empty()
+                && local_healthy(&hosts[0]) + local_healthy(&hosts[2]) == 3
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    eprintln!(
+        "drain of h1 under load: {} requests, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(samples.len() > 200, "{}", samples.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    hosts[2].cli_ok(&["host", "undrain", "h1"]);
+
+    // kill -9 every process of h2 (phoenix up and its instances): after its lease (2 s) the
+    // controller places h2's instances on the hosts left.
+    let on_h2 = local_healthy(&hosts[2]);
+    assert!(on_h2 >= 1, "{on_h2}");
+    let killed = Instant::now();
+    rig.kill_host(2);
+    wait_for(
+        "h2's instances replaced on h0 and h1",
+        Duration::from_secs(40),
+        || local_healthy(&hosts[0]) + local_healthy(&hosts[1]) == 3,
+    );
+    eprintln!(
+        "time to replace {on_h2} instance(s) of a host killed with SIGKILL: {} ms",
+        killed.elapsed().as_millis()
+    );
+    let history = hosts[0].cli_ok(&["history", "--json"]);
+    assert!(history.contains("role.placed"), "{history}");
     drop(hosts);
     drop(etcd);
 }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use phoenix_store::etcd::{Compare, Etcd, Op};
@@ -104,7 +106,7 @@ pub(super) async fn keep_registered(
     key: String,
     record: HostRecord,
     ttl: Duration,
-    mut lease: i64,
+    lease: Arc<AtomicI64>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut renewed = Instant::now();
@@ -113,7 +115,7 @@ pub(super) async fn keep_registered(
             _ = tokio::time::sleep(ttl / 3) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match etcd.keep_alive(lease).await {
+        match etcd.keep_alive(lease.load(Ordering::Relaxed)).await {
             Ok(left) if left > 0 => {
                 renewed = Instant::now();
                 continue;
@@ -127,7 +129,7 @@ pub(super) async fn keep_registered(
         match register(&etcd, &key, &record, ttl).await {
             Ok(new) => {
                 tracing::info!("registered again in etcd after losing the host lease");
-                lease = new;
+                lease.store(new, Ordering::Relaxed);
                 renewed = Instant::now();
             }
             Err(e) => tracing::warn!("cannot register this host in etcd: {e}"),

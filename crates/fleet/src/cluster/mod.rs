@@ -11,16 +11,20 @@
 //! | `hosts/NAME`        | [`HostRecord`] (JSON)        | the host's     |
 //! | `drain/NAME`        | why, and since when          | none           |
 //! | `journal/SEQ`       | a journal event (JSON)       | none (fenced)  |
+//! | `placements/ROLE`   | [`RolePlacement`]: per host  | none (fenced)  |
+//! | `reports/NAME`      | healthy instances per role   | the host's     |
 
 mod host;
 mod placement;
 mod plan;
+pub(crate) mod reconcile;
 
 pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
 pub use plan::{RoleDemand, RolePlacement, plan_role};
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +101,8 @@ struct Inner {
     leadership: Mutex<Option<Arc<Leadership>>>,
     leading: watch::Sender<bool>,
     next_seq: Mutex<u64>,
+    /// The host's lease (renewed, or replaced after etcd was away): what its reports hang on.
+    host_lease: Arc<AtomicI64>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -124,6 +130,7 @@ impl Cluster {
         let host_key = format!("{prefix}hosts/{}", record.name);
         let lease = host::register(&etcd, &host_key, &record, config.lease).await?;
         let (stop, stopped) = watch::channel(false);
+        let host_lease = Arc::new(AtomicI64::new(lease));
         let cluster = Cluster(Arc::new(Inner {
             etcd: etcd.clone(),
             prefix,
@@ -132,10 +139,12 @@ impl Cluster {
             leadership: Mutex::new(None),
             leading: watch::channel(false).0,
             next_seq: Mutex::new(0),
+            host_lease: host_lease.clone(),
             stop,
             tasks: Mutex::new(Vec::new()),
         }));
-        let keeper = host::keep_registered(etcd, host_key, record, config.lease, lease, stopped);
+        let keeper =
+            host::keep_registered(etcd, host_key, record, config.lease, host_lease, stopped);
         cluster.spawn(keeper);
         cluster.spawn(cluster.clone().campaign_forever());
         Ok(cluster)
@@ -153,6 +162,11 @@ impl Cluster {
     /// This host's name.
     pub fn host_name(&self) -> &str {
         &self.0.record.name
+    }
+
+    /// The time to live of the leases.
+    pub fn lease(&self) -> Duration {
+        self.0.ttl
     }
 
     /// The address other hosts reach this one at.
@@ -352,6 +366,75 @@ impl Cluster {
             self.0.etcd.delete(&key, false).await?;
         }
         Ok(())
+    }
+
+    /// Writes `value` at `rest` under the prefix; only the leader can, fenced by its lease.
+    pub async fn put_fenced(&self, rest: &str, value: Vec<u8>) -> Result<(), ClusterError> {
+        let leadership = self.office().await?;
+        leadership
+            .txn(&[], &[Op::put(self.key(rest), value)])
+            .await?;
+        Ok(())
+    }
+
+    /// Every role's placement.
+    pub async fn placements(&self) -> Result<BTreeMap<String, RolePlacement>, ClusterError> {
+        let prefix = self.key("placements/");
+        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let role = kv.key_str().strip_prefix(&prefix)?.to_string();
+                Some((role, serde_json::from_slice(&kv.value).ok()?))
+            })
+            .collect())
+    }
+
+    /// Every live host as placement sees it.
+    pub async fn host_views(&self) -> Result<Vec<HostView>, ClusterError> {
+        let status = self.status(&BTreeMap::new(), &BTreeMap::new()).await?;
+        Ok(status
+            .hosts
+            .into_iter()
+            .map(|h| HostView {
+                name: h.record.name,
+                tags: h.record.tags,
+                capacity: Capacity {
+                    cpu_millis: h.record.cpu_millis,
+                    memory: h.record.memory,
+                },
+                draining: h.draining,
+                alive: h.alive,
+            })
+            .collect())
+    }
+
+    /// What each host reports: healthy instances of each role's live generation.
+    pub async fn reports(&self) -> Result<BTreeMap<String, BTreeMap<String, u32>>, ClusterError> {
+        let prefix = self.key("reports/");
+        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let host = kv.key_str().strip_prefix(&prefix)?.to_string();
+                Some((host, serde_json::from_slice(&kv.value).ok()?))
+            })
+            .collect())
+    }
+
+    /// Reports this host's healthy instances per role (held by the host's lease, so a dead
+    /// host's report goes with it).
+    pub async fn report(&self, healthy: &BTreeMap<String, u32>) -> Result<(), ClusterError> {
+        let key = self.key(&format!("reports/{}", self.0.record.name));
+        let value = serde_json::to_vec(healthy).unwrap_or_default();
+        let lease = self.0.host_lease.load(Ordering::Relaxed);
+        self.0.etcd.put(&key, value, lease).await?;
+        Ok(())
+    }
+
+    /// Resolves when this host's cluster membership is stopping.
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.0.stop.subscribe()
     }
 
     /// Leaves the cluster: resigns the lead at once (another host takes over without waiting

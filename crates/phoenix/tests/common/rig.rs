@@ -11,9 +11,11 @@ use std::sync::Arc;
 use super::Netns;
 
 pub struct Rig {
+    tag: u32,
     bridge: String,
     namespaces: Vec<String>,
-    /// The third octet of 10.231.X.0/24, from the test's pid, so parallel tests differ.
+    /// The third octet of 10.231.X.0/24, from the test's pid and the rig's number, so that
+    /// parallel tests differ.
     net: u8,
 }
 
@@ -33,10 +35,14 @@ fn ip(args: &[&str]) {
 impl Rig {
     /// A bridge and `hosts` namespaces on it.
     pub fn new(hosts: usize) -> Rig {
+        // Rigs of one test binary run side by side: each gets its own names and subnet.
+        static RIGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = RIGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let tag = pid % 100_000;
-        let net = (pid % 200) as u8 + 20;
+        let tag = (pid % 10_000) * 10 + nth % 10;
+        let net = ((pid * 4 + nth) % 230 + 20) as u8;
         let mut rig = Rig {
+            tag,
             bridge: format!("phxb{tag}"),
             namespaces: Vec::new(),
             net,
@@ -87,9 +93,23 @@ impl Rig {
         Netns(Arc::new(file))
     }
 
+    /// Kills every process in host `n`'s namespace with SIGKILL: the host dies whole.
+    pub fn kill_host(&self, n: usize) {
+        let output = Command::new("ip")
+            .args(["netns", "pids", &self.namespaces[n]])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+
     /// Cuts host `n` off the bridge (`up = false`) or connects it again.
     pub fn link(&self, n: usize, up: bool) {
-        let veth = format!("phx{}v{n}", std::process::id() % 100_000);
+        let veth = format!("phx{}v{n}", self.tag);
         ip(&["link", "set", &veth, if up { "up" } else { "down" }]);
     }
 }

@@ -1,0 +1,213 @@
+//! The two loops of a host in a cluster. On the leader, placement: every few hundred
+//! milliseconds it reads the hosts, their reports and the placements, plans each role again
+//! and writes what changed, fenced. On every host, following: it brings each role's live
+//! generation to the number of instances placed on it, and reports how many are healthy.
+//!
+//! Both poll etcd rather than watch it: three small range reads per tick per host, which a
+//! few dozen hosts do not feel; watches are the way to a thousand (see `bench/cluster`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Cluster, Placer, RoleDemand, RolePlacement, plan_role};
+use crate::controller::Inner;
+
+/// How often the loops look.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What each role asks of placement, from the fleet file as applied.
+pub(crate) fn demands(inner: &Inner) -> BTreeMap<String, RoleDemand> {
+    inner
+        .roles()
+        .iter()
+        .map(|role| {
+            let config = role.config();
+            let demand = RoleDemand {
+                instances: config.instances,
+                demand: super::Capacity::of(&config.run.resources),
+                constraint: config.hosts.clone(),
+            };
+            (role.name.clone(), demand)
+        })
+        .collect()
+}
+
+/// While this host leads: plans every role and writes the placements that changed.
+pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
+    let mut stopping = cluster.stopping();
+    let mut leading = cluster.leading();
+    let mut settling = Settling::new(cluster.lease() * 2);
+    // The last failure journaled per role, so a lasting one is journaled once.
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        if !*leading.borrow_and_update() {
+            continue;
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if strong.is_shutting_down() {
+            return;
+        }
+        let wanted = demands(&strong);
+        drop(strong);
+        if let Err(e) = place_once(&cluster, &wanted, &mut failed, &mut settling).await {
+            tracing::debug!("placement round failed: {e}");
+        }
+    }
+}
+
+/// Hosts start at about the same time when a cluster starts: a role is placed for the first
+/// time only once the set of hosts has not changed for a while, so that it spreads over all
+/// of them instead of piling onto the first few to register.
+struct Settling {
+    period: Duration,
+    seen: Vec<String>,
+    since: tokio::time::Instant,
+}
+
+impl Settling {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            seen: Vec::new(),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether `hosts` have been the same for the period.
+    fn settled(&mut self, hosts: &[super::HostView]) -> bool {
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        if names != self.seen {
+            self.seen = names;
+            self.since = tokio::time::Instant::now();
+        }
+        self.since.elapsed() >= self.period
+    }
+}
+
+async fn place_once(
+    cluster: &Cluster,
+    wanted: &BTreeMap<String, RoleDemand>,
+    failed: &mut BTreeMap<String, String>,
+    settling: &mut Settling,
+) -> Result<(), super::ClusterError> {
+    let hosts = cluster.host_views().await?;
+    let settled = settling.settled(&hosts);
+    let reports = cluster.reports().await?;
+    let current = cluster.placements().await?;
+    let mut placer = Placer::new(hosts.clone());
+    for (role, want) in wanted {
+        let healthy: BTreeMap<String, u32> = reports
+            .iter()
+            .map(|(host, roles)| (host.clone(), roles.get(role).copied().unwrap_or(0)))
+            .collect();
+        let before = current.get(role);
+        if before.is_none() && !settled {
+            continue;
+        }
+        match plan_role(role, want, before, &hosts, &mut placer, &healthy) {
+            Ok(next) if Some(&next) != before => {
+                let value = serde_json::to_vec(&next).unwrap_or_default();
+                cluster
+                    .put_fenced(&format!("placements/{role}"), value)
+                    .await?;
+                failed.remove(role);
+                let detail = json!({"role": role, "from": before, "to": next});
+                cluster.journal("placement.changed", detail).await?;
+            }
+            Ok(_) => {
+                failed.remove(role);
+            }
+            Err(error) => {
+                let text = error.to_string();
+                if failed.get(role) != Some(&text) {
+                    tracing::warn!(%role, "{text}");
+                    cluster
+                        .journal("placement.failed", json!({"role": role, "error": text}))
+                        .await?;
+                    failed.insert(role.clone(), text);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// On every host: each role's live generation follows the instances placed here, and the
+/// healthy ones are reported.
+pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
+    let mut stopping = cluster.stopping();
+    let mut reported: Option<BTreeMap<String, u32>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if strong.is_shutting_down() {
+            return;
+        }
+        match cluster.placements().await {
+            Ok(placements) => apply(&strong, cluster.host_name(), &placements).await,
+            Err(e) => tracing::debug!("cannot read placements: {e}"),
+        }
+        let healthy = healthy_counts(&strong);
+        if reported.as_ref() != Some(&healthy) {
+            match cluster.report(&healthy).await {
+                Ok(()) => reported = Some(healthy),
+                Err(e) => tracing::debug!("cannot report to etcd: {e}"),
+            }
+        }
+    }
+}
+
+/// Resizes each role whose live generation has another number of instances than placed here;
+/// a role busy with a deploy or a scale is left for the next tick.
+async fn apply(inner: &Arc<Inner>, host: &str, placements: &BTreeMap<String, RolePlacement>) {
+    for role in inner.roles() {
+        let Some(placement) = placements.get(&role.name) else {
+            continue;
+        };
+        let Some(live) = role.live() else { continue };
+        let target = placement.on(host);
+        if live.instances().len() as u32 == target {
+            continue;
+        }
+        let Ok(_lock) = role.try_deploy_guard() else {
+            continue;
+        };
+        let progress = crate::Progress::none();
+        match crate::scale::resize(inner, &role, target, true, &progress).await {
+            Ok(report) => {
+                let detail = json!({"placed": target});
+                let _ =
+                    crate::scale::journal_scale(inner, &role, &report, "role.placed", detail).await;
+            }
+            Err(error) => tracing::warn!(role = %role.name, %error, "cannot follow the placement"),
+        }
+    }
+}
+
+/// Healthy instances of each role's live generation on this host.
+fn healthy_counts(inner: &Inner) -> BTreeMap<String, u32> {
+    inner
+        .roles()
+        .iter()
+        .map(|role| {
+            let healthy = role.live().map_or(0, |g| {
+                g.instances().iter().filter(|i| i.is_healthy()).count()
+            });
+            (role.name.clone(), healthy as u32)
+        })
+        .collect()
+}
