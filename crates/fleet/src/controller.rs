@@ -133,6 +133,10 @@ pub struct RemoteBackend {
     pub host: String,
     /// Whether this host's own health check of it passes (only then it gets traffic).
     pub healthy: bool,
+    /// Its generation is the live one on its host.
+    pub live: bool,
+    /// Its image, as a short digest.
+    pub image: String,
 }
 
 /// One role at run time.
@@ -162,6 +166,10 @@ pub(crate) struct Role {
     killed_on_purpose: Mutex<Vec<String>>,
     /// The driver and network its instances run on.
     pub placement: crate::drivers::Placement,
+    /// In a cluster: other hosts' instances serve when they run the image this host's live
+    /// generation runs (so every host's proxy switches with its own switch, without waiting
+    /// for the `live` tags to spread); on their own, when they say they are live.
+    by_image: std::sync::atomic::AtomicBool,
 }
 
 impl Role {
@@ -189,7 +197,14 @@ impl Role {
             killed_on_purpose: Mutex::new(Vec::new()),
             size: Mutex::new(size),
             placement,
+            by_image: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Chooses other hosts' instances by image (in a cluster), not by their `live` tag.
+    pub(crate) fn choose_remote_by_image(&self) {
+        self.by_image
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn listen(&self) -> SocketAddr {
@@ -301,12 +316,18 @@ impl Role {
 
     fn backends(&self, live: Option<&Arc<Generation>>) -> Vec<Arc<phoenix_proxy::Backend>> {
         let mut backends = healthy_backends(live);
+        let by_image = self.by_image.load(std::sync::atomic::Ordering::Relaxed);
+        let image = live.map(|g| crate::membership::short(&g.image));
+        let serves = |r: &RemoteBackend| match (&image, by_image) {
+            (Some(image), true) => r.image == *image,
+            _ => r.live,
+        };
         backends.extend(
             self.remote
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|r| r.healthy)
+                .filter(|r| r.healthy && serves(r))
                 .map(|r| r.backend.clone()),
         );
         backends
@@ -695,6 +716,9 @@ impl Controller {
                 membership.wake.clone(),
                 drivers.placement(name),
             );
+            if fleet.cluster.is_some() {
+                role.choose_remote_by_image();
+            }
             listeners.push((bound, role.clone()));
             roles.insert(name.clone(), role);
         }
@@ -811,14 +835,16 @@ impl Controller {
                 Some(generation) => {
                     crate::deploy::restart_live(&self.inner, &role, generation).await
                 }
-                None => self
-                    .deploy(
-                        &role.name,
-                        crate::DeployOptions::default(),
-                        &crate::Progress::none(),
-                    )
-                    .await
-                    .map(drop),
+                // This host's own first deploy, also in a cluster (where every host bakes the
+                // same recipe into the same image).
+                None => crate::deploy::deploy(
+                    &self.inner,
+                    &role.name,
+                    crate::DeployOptions::default(),
+                    &crate::Progress::none(),
+                )
+                .await
+                .map(drop),
             };
             if let Err(error) = result {
                 tracing::error!(role = %role.name, %error, "role did not come up");

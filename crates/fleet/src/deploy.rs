@@ -115,7 +115,33 @@ impl Controller {
         options: DeployOptions,
         progress: &Progress,
     ) -> Result<DeployReport, FleetError> {
-        deploy(&self.inner, role, options, progress).await
+        match self.inner.cluster.clone() {
+            Some(cluster) => {
+                crate::cluster::rollout::deploy(&self.inner, &cluster, role, options, progress)
+                    .await
+            }
+            None => deploy(&self.inner, role, options, progress).await,
+        }
+    }
+}
+
+/// Between booting a new generation and switching to it, in a cluster: this host tells the
+/// controller whether its part booted, then waits for the word to switch (or to abort).
+pub(crate) struct Gate {
+    pub booted: tokio::sync::oneshot::Sender<Result<(), String>>,
+    pub go: tokio::sync::oneshot::Receiver<Result<(), String>>,
+}
+
+impl Gate {
+    async fn pass(self, booted: Result<(), String>) -> Result<(), String> {
+        let failed = booted.is_err();
+        let _ = self.booted.send(booted.clone());
+        if failed {
+            return booted;
+        }
+        self.go
+            .await
+            .unwrap_or_else(|_| Err("the cluster's rollout ended without a word".into()))
     }
 }
 
@@ -125,12 +151,23 @@ pub(crate) async fn deploy(
     options: DeployOptions,
     progress: &Progress,
 ) -> Result<DeployReport, FleetError> {
+    deploy_gated(inner, role_name, options, progress, None).await
+}
+
+/// A deploy whose switch waits at `gate`, when there is one.
+pub(crate) async fn deploy_gated(
+    inner: &Arc<Inner>,
+    role_name: &str,
+    options: DeployOptions,
+    progress: &Progress,
+    gate: Option<Gate>,
+) -> Result<DeployReport, FleetError> {
     let role = inner.role(role_name)?;
     let _lock = role.try_deploy_guard()?;
     // A deploy that fails changes nothing: the role keeps the settings and recipe it serves
     // with (what `plan` compares against).
     let (config, applied) = (role.config(), inner.applied());
-    let result = deploy_locked(inner, &role, role_name, options, progress).await;
+    let result = deploy_locked(inner, &role, role_name, options, progress, gate).await;
     if result.is_err() {
         role.set_config(config);
         inner.note_deployed(&applied, role_name);
@@ -144,6 +181,7 @@ async fn deploy_locked(
     role_name: &str,
     options: DeployOptions,
     progress: &Progress,
+    gate: Option<Gate>,
 ) -> Result<DeployReport, FleetError> {
     let started = Instant::now();
     if inner.is_shutting_down() {
@@ -198,7 +236,7 @@ async fn deploy_locked(
     role.add_other(generation.clone());
 
     let boot = Instant::now();
-    if let Err(reason) = boot_generation(
+    let booted = boot_generation(
         inner,
         role,
         &generation,
@@ -206,8 +244,12 @@ async fn deploy_locked(
         config.deploy.healthy_timeout,
         progress,
     )
-    .await
-    {
+    .await;
+    let booted = match gate {
+        Some(gate) => gate.pass(booted).await,
+        None => booted,
+    };
+    if let Err(reason) = booted {
         progress.say(format!(
             "aborting: {}",
             reason.lines().next().unwrap_or_default()
@@ -392,7 +434,7 @@ async fn rollback_image(
 /// Picks the image to deploy: the rollback target, the given reference, or a fresh bake of the
 /// role's recipe from the (re-read) fleet file. Returns the digest, whether it was newly baked,
 /// and the verification this deploy ran.
-async fn choose_image(
+pub(crate) async fn choose_image(
     inner: &Arc<Inner>,
     role: &Role,
     live: Option<&Arc<Generation>>,

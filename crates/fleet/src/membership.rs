@@ -201,7 +201,7 @@ fn desired_members(
     desired
 }
 
-fn short(digest: &str) -> String {
+pub(crate) fn short(digest: &str) -> String {
     digest
         .trim_start_matches("sha256:")
         .chars()
@@ -285,7 +285,7 @@ async fn next_change(events: &mut tokio::sync::broadcast::Receiver<Event>) -> bo
     }
 }
 
-/// An instance another host announces as serving.
+/// An instance another host announces as healthy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Candidate {
     name: String,
@@ -295,13 +295,20 @@ struct Candidate {
     sig: Option<String>,
 }
 
-/// Other hosts' alive, healthy, live instance members.
-fn candidates(members: &[Member], own_host: &str) -> Vec<Candidate> {
+/// What may change on a candidate without its admission starting over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Serving {
+    live: bool,
+    image: String,
+}
+
+/// Other hosts' alive, healthy instance members (live or about to be: a role's proxy picks
+/// the ones that serve, see `Role::backends`), and what they serve.
+fn candidates(members: &[Member], own_host: &str) -> Vec<(Candidate, Serving)> {
     let mut found = Vec::new();
     for member in members {
         let serving = member.status == Status::Alive
             && tag(member, TAG_HOST).is_some_and(|h| h != own_host)
-            && tag(member, TAG_LIVE) == Some("true")
             && tag(member, TAG_HEALTH) == Some("healthy");
         let (Some(role), Some(host), Some(addr)) = (
             tag(member, TAG_ROLE),
@@ -311,13 +318,18 @@ fn candidates(members: &[Member], own_host: &str) -> Vec<Candidate> {
             continue;
         };
         if serving {
-            found.push(Candidate {
+            let candidate = Candidate {
                 name: member.name.clone(),
                 role: role.to_string(),
                 host: host.to_string(),
                 addr,
                 sig: tag(member, TAG_SIG).map(str::to_string),
-            });
+            };
+            let serving = Serving {
+                live: tag(member, TAG_LIVE) == Some("true"),
+                image: tag(member, TAG_IMAGE).unwrap_or_default().to_string(),
+            };
+            found.push((candidate, serving));
         }
     }
     found
@@ -326,6 +338,7 @@ fn candidates(members: &[Member], own_host: &str) -> Vec<Candidate> {
 /// One admitted remote instance: its backend, and the health check this host runs on it.
 struct Remote {
     candidate: Candidate,
+    serving: Serving,
     backend: Arc<Backend>,
     healthy: Arc<std::sync::atomic::AtomicBool>,
     checker: tokio::task::JoinHandle<()>,
@@ -348,7 +361,7 @@ impl Remotes {
     async fn update(
         &mut self,
         inner: &Inner,
-        candidates: Vec<Candidate>,
+        candidates: Vec<(Candidate, Serving)>,
         key: Option<&AdmissionKey>,
         checked: &Arc<Notify>,
     ) {
@@ -358,7 +371,7 @@ impl Remotes {
             .filter(|(name, remote)| {
                 !candidates
                     .iter()
-                    .any(|c| &c.name == *name && *c == remote.candidate)
+                    .any(|(c, _)| &c.name == *name && *c == remote.candidate)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -370,10 +383,13 @@ impl Remotes {
             }
         }
         self.refused
-            .retain(|name| candidates.iter().any(|c| &c.name == name));
-        for candidate in candidates {
-            if self.admitted.contains_key(&candidate.name) || self.refused.contains(&candidate.name)
-            {
+            .retain(|name| candidates.iter().any(|(c, _)| &c.name == name));
+        for (candidate, serving) in candidates {
+            if let Some(remote) = self.admitted.get_mut(&candidate.name) {
+                remote.serving = serving;
+                continue;
+            }
+            if self.refused.contains(&candidate.name) {
                 continue;
             }
             let Ok(role) = inner.role(&candidate.role) else {
@@ -407,6 +423,7 @@ impl Remotes {
                 name,
                 Remote {
                     candidate,
+                    serving,
                     backend,
                     healthy,
                     checker,
@@ -425,6 +442,8 @@ impl Remotes {
                 backend: r.backend.clone(),
                 host: r.candidate.host.clone(),
                 healthy: r.healthy.load(std::sync::atomic::Ordering::Acquire),
+                live: r.serving.live,
+                image: r.serving.image.clone(),
             })
             .collect();
         remote.sort_by(|a, b| a.backend.id.cmp(&b.backend.id));
@@ -549,7 +568,7 @@ mod tests {
     }
 
     #[test]
-    fn only_other_hosts_alive_healthy_live_instances_are_candidates() {
+    fn only_other_hosts_alive_healthy_instances_are_candidates_with_what_they_serve() {
         let members = vec![
             member("a", "other", Status::Alive, "healthy", true),
             member("bb", "me", Status::Alive, "healthy", true),
@@ -557,11 +576,16 @@ mod tests {
             member("dddd", "other", Status::Alive, "starting", true),
             member("eeeee", "other", Status::Alive, "healthy", false),
         ];
-        let names: Vec<String> = candidates(&members, "me")
+        let found: Vec<(String, bool)> = candidates(&members, "me")
             .into_iter()
-            .map(|c| c.name)
+            .map(|(c, serving)| (c.name, serving.live))
             .collect();
-        assert_eq!(names, vec!["a"]);
+        // A healthy instance of a generation not live yet is a candidate too: in a cluster
+        // the proxy picks it by image at the switch; otherwise only live ones serve.
+        assert_eq!(
+            found,
+            vec![("a".to_string(), true), ("eeeee".to_string(), false)]
+        );
     }
 
     #[test]

@@ -188,6 +188,9 @@ impl Controller {
                 .placement_like(&config_run)
                 .unwrap_or_else(|| inner.drivers.placement(name)),
         );
+        if inner.cluster.is_some() {
+            role.choose_remote_by_image();
+        }
         inner.insert_role(role.clone());
         role.serve(listeners, Vec::new());
         spawn_loops(inner, name);

@@ -51,21 +51,10 @@ fn names(hosts: &Value) -> Vec<String> {
 /// b after), every one with the same fleet file (`web` of `instances`) and gossip key, and
 /// waits until each serves.
 fn start_hosts(rig: &Rig, etcd: &EtcdCluster, count: usize, instances: u32) -> Vec<Phoenix> {
-    let cluster = format!(
-        "\n[cluster]\netcd = {:?}\nlease = \"2s\"\n",
-        etcd.endpoints()
-    );
-    let cluster: &'static str = Box::leak(cluster.into_boxed_str());
     let mut hosts = Vec::new();
     for n in 0..count {
-        let mut fleet = Fleet::version("v1");
+        let mut fleet = fleet_for(rig, etcd, n, "v1");
         fleet.instances = instances;
-        fleet.more = cluster;
-        fleet.agent = Some(format!(
-            "bind = \"{}:7946\"\njoin = [\"{}:7946\"]\nencrypt_file = \"gossip.key\"\n",
-            rig.host_ip(n),
-            rig.host_ip(0)
-        ));
         let dir = tempfile::tempdir().unwrap();
         fleet.write_to(dir.path());
         // Gossip beyond loopback is sealed: one cluster key in a 0600 file on every host.
@@ -95,6 +84,22 @@ fn start_hosts(rig: &Rig, etcd: &EtcdCluster, count: usize, instances: u32) -> V
         );
     }
     hosts
+}
+
+/// Host `n`'s fleet file of `version`: the same on every host but for the gossip address.
+fn fleet_for(rig: &Rig, etcd: &EtcdCluster, n: usize, version: &str) -> Fleet {
+    let cluster = format!(
+        "\n[cluster]\netcd = {:?}\nlease = \"2s\"\n",
+        etcd.endpoints()
+    );
+    let mut fleet = Fleet::version(version);
+    fleet.more = Box::leak(cluster.into_boxed_str());
+    fleet.agent = Some(format!(
+        "bind = \"{}:7946\"\njoin = [\"{}:7946\"]\nencrypt_file = \"gossip.key\"\n",
+        rig.host_ip(n),
+        rig.host_ip(0)
+    ));
+    fleet
 }
 
 /// Healthy instances of web's live generation on this host.
@@ -325,6 +330,110 @@ fn a_role_spreads_over_hosts_moves_off_a_drained_one_and_is_replaced_after_a_hos
     );
     let history = hosts[0].cli_ok(&["history", "--json"]);
     assert!(history.contains("role.placed"), "{history}");
+    drop(hosts);
+    drop(etcd);
+}
+
+/// Versions answering through `proxy` in `count` requests from inside `phoenix`'s namespace.
+fn versions(phoenix: &Phoenix, proxy: std::net::SocketAddr, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let body = phoenix.get(proxy, "/");
+            let answer = body.split(" version ").nth(1).unwrap_or("");
+            answer.split_whitespace().next().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(3);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let hosts = start_hosts(&rig, &etcd, 3, 3);
+    wait_for("web placed one per host", Duration::from_secs(30), || {
+        hosts_of(&hosts[0]).is_some_and(|seen| {
+            let web = &seen["placements"]["web"]["hosts"];
+            (0..3).all(|n| web[format!("h{n}")] == 1)
+        }) && hosts.iter().all(|h| local_healthy(h) == 1)
+    });
+    let proxy = hosts[1].proxy_addr();
+    wait_for(
+        "h1's proxy reaching all three",
+        Duration::from_secs(30),
+        || {
+            hosts[1].status()["roles"][0]["remote"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2)
+        },
+    );
+
+    // The same new fleet file on every host, deployed from h2, under load through h1's proxy.
+    for (n, host) in hosts.iter().enumerate() {
+        let mut v2 = fleet_for(&rig, &etcd, n, "v2");
+        v2.instances = 3;
+        host.write_fleet(&v2);
+    }
+    let load = hosts[1].load(proxy, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = hosts[2].cli_ok(&["deploy", "web"]);
+    assert!(out.contains("switched every host"), "{out}");
+
+    // Every host serves v2 at once: nothing but v2 through h1's proxy from now on.
+    let after: Vec<String> = versions(&hosts[1], proxy, 30);
+    assert!(after.iter().all(|v| v == "v2"), "{after:?}");
+    for host in &hosts {
+        let live = host.live_instances();
+        assert_eq!(live.len(), 1, "{live:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    eprintln!(
+        "deploy across 3 hosts under load: {} requests, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    // Old before new: no v1 answer after the first v2 one (one switch, not one per host).
+    let served: Vec<&str> = samples
+        .iter()
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect();
+    let first_v2 = served.iter().position(|v| *v == "v2").expect("v2 served");
+    let late_v1 = served[first_v2..].iter().filter(|v| **v == "v1").count();
+    eprintln!(
+        "v1 answers after the first v2 one: {late_v1} of {}",
+        served.len() - first_v2
+    );
+
+    // A version that never becomes healthy: the rollout aborts, naming the host, and every
+    // host keeps serving v2.
+    for (n, host) in hosts.iter().enumerate() {
+        let mut broken = fleet_for(&rig, &etcd, n, "v3");
+        broken.instances = 3;
+        broken.fail_health = true;
+        broken.healthy_timeout = "3s";
+        host.write_fleet(&broken);
+    }
+    let refused = hosts[0].cli(&["deploy", "web"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("h0: ") || message.contains("h1: ") || message.contains("h2: "),
+        "{message}"
+    );
+    let after: Vec<String> = versions(&hosts[1], proxy, 20);
+    assert!(after.iter().all(|v| v == "v2"), "{after:?}");
+    let history = hosts[0].cli_ok(&["history", "--json"]);
+    assert!(history.contains("deploy.aborted"), "{history}");
     drop(hosts);
     drop(etcd);
 }

@@ -18,6 +18,7 @@ mod host;
 mod placement;
 mod plan;
 pub(crate) mod reconcile;
+pub(crate) mod rollout;
 
 pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
@@ -50,6 +51,8 @@ pub enum ClusterError {
     UnknownHost { name: String, known: String },
     #[error("this host does not lead the cluster now ({leader} does); try again on it or wait")]
     NotLeader { leader: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The cluster as `phoenix status` shows it.
@@ -60,6 +63,9 @@ pub struct ClusterStatus {
     /// The leading host, if any host leads now.
     pub leader: Option<String>,
     pub hosts: Vec<HostStatus>,
+    /// How many instances of each role each host runs, as the controller placed them.
+    #[serde(default)]
+    pub placements: BTreeMap<String, RolePlacement>,
 }
 
 /// One host in `phoenix status`.
@@ -76,6 +82,16 @@ pub struct HostStatus {
     pub gossip: Option<String>,
     /// Instances it runs.
     pub instances: u32,
+}
+
+/// What a host reports of a role (`reports/NAME`, per role).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleReport {
+    /// Healthy instances of its live generation.
+    pub healthy: u32,
+    /// The live generation's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A journal event, as kept in etcd.
@@ -341,6 +357,7 @@ impl Cluster {
             host: self.0.record.name.clone(),
             leader: leader.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
             hosts,
+            placements: self.placements().await?,
         })
     }
 
@@ -370,10 +387,13 @@ impl Cluster {
 
     /// Writes `value` at `rest` under the prefix; only the leader can, fenced by its lease.
     pub async fn put_fenced(&self, rest: &str, value: Vec<u8>) -> Result<(), ClusterError> {
+        self.write_fenced(&[Op::put(self.key(rest), value)]).await
+    }
+
+    /// Runs `ops` in one transaction fenced by the leader's lease.
+    pub(crate) async fn write_fenced(&self, ops: &[Op]) -> Result<(), ClusterError> {
         let leadership = self.office().await?;
-        leadership
-            .txn(&[], &[Op::put(self.key(rest), value)])
-            .await?;
+        leadership.txn(&[], ops).await?;
         Ok(())
     }
 
@@ -410,7 +430,9 @@ impl Cluster {
     }
 
     /// What each host reports: healthy instances of each role's live generation.
-    pub async fn reports(&self) -> Result<BTreeMap<String, BTreeMap<String, u32>>, ClusterError> {
+    pub async fn reports(
+        &self,
+    ) -> Result<BTreeMap<String, BTreeMap<String, RoleReport>>, ClusterError> {
         let prefix = self.key("reports/");
         let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
         Ok(kvs
@@ -424,7 +446,7 @@ impl Cluster {
 
     /// Reports this host's healthy instances per role (held by the host's lease, so a dead
     /// host's report goes with it).
-    pub async fn report(&self, healthy: &BTreeMap<String, u32>) -> Result<(), ClusterError> {
+    pub async fn report(&self, healthy: &BTreeMap<String, RoleReport>) -> Result<(), ClusterError> {
         let key = self.key(&format!("reports/{}", self.0.record.name));
         let value = serde_json::to_vec(healthy).unwrap_or_default();
         let lease = self.0.host_lease.load(Ordering::Relaxed);

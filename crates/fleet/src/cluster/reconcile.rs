@@ -57,9 +57,27 @@ pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
             return;
         }
         let wanted = demands(&strong);
+        let timeouts: BTreeMap<String, Duration> = strong
+            .roles()
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.config().deploy.healthy_timeout + Duration::from_secs(600),
+                )
+            })
+            .collect();
         drop(strong);
         if let Err(e) = place_once(&cluster, &wanted, &mut failed, &mut settling).await {
             tracing::debug!("placement round failed: {e}");
+        }
+        let rollouts = async {
+            let hosts = cluster.host_views().await?;
+            let placements = cluster.placements().await?;
+            super::rollout::lead(&cluster, &hosts, &placements, &timeouts).await
+        };
+        if let Err(e) = rollouts.await {
+            tracing::debug!("rollout round failed: {e}");
         }
     }
 }
@@ -107,7 +125,7 @@ async fn place_once(
     for (role, want) in wanted {
         let healthy: BTreeMap<String, u32> = reports
             .iter()
-            .map(|(host, roles)| (host.clone(), roles.get(role).copied().unwrap_or(0)))
+            .map(|(host, roles)| (host.clone(), roles.get(role).map_or(0, |r| r.healthy)))
             .collect();
         let before = current.get(role);
         if before.is_none() && !settled {
@@ -145,7 +163,8 @@ async fn place_once(
 /// healthy ones are reported.
 pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
     let mut stopping = cluster.stopping();
-    let mut reported: Option<BTreeMap<String, u32>> = None;
+    let mut reported: Option<BTreeMap<String, super::RoleReport>> = None;
+    let mut following = super::rollout::Following::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -157,6 +176,7 @@ pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
         if strong.is_shutting_down() {
             return;
         }
+        super::rollout::follow(&strong, &cluster, &mut following).await;
         match cluster.placements().await {
             Ok(placements) => apply(&strong, cluster.host_name(), &placements).await,
             Err(e) => tracing::debug!("cannot read placements: {e}"),
@@ -199,15 +219,20 @@ async fn apply(inner: &Arc<Inner>, host: &str, placements: &BTreeMap<String, Rol
 }
 
 /// Healthy instances of each role's live generation on this host.
-fn healthy_counts(inner: &Inner) -> BTreeMap<String, u32> {
+fn healthy_counts(inner: &Inner) -> BTreeMap<String, super::RoleReport> {
     inner
         .roles()
         .iter()
         .map(|role| {
-            let healthy = role.live().map_or(0, |g| {
+            let live = role.live();
+            let healthy = live.as_ref().map_or(0, |g| {
                 g.instances().iter().filter(|i| i.is_healthy()).count()
             });
-            (role.name.clone(), healthy as u32)
+            let report = super::RoleReport {
+                healthy: healthy as u32,
+                image: live.map(|g| g.image.clone()),
+            };
+            (role.name.clone(), report)
         })
         .collect()
 }
