@@ -24,6 +24,10 @@ pub struct ClusterView {
     pub status: Option<crate::cluster::ClusterStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether this host believes it leads (known without etcd: a host cut off from etcd
+    /// steps down when its lease can no longer be renewed).
+    #[serde(default)]
+    pub leading: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,10 +197,12 @@ impl Controller {
             Ok(status) => ClusterView {
                 status: Some(status),
                 error: None,
+                leading: cluster.is_leader(),
             },
             Err(e) => ClusterView {
                 status: None,
                 error: Some(e.to_string()),
+                leading: cluster.is_leader(),
             },
         })
     }

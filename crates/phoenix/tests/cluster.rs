@@ -130,7 +130,7 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
     }
     let rig = Rig::new(HOSTS);
     let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
-    let mut hosts = start_hosts(&rig, &etcd, HOSTS, 1);
+    let mut hosts = start_hosts(&rig, &etcd, HOSTS, HOSTS as u32);
 
     // Every host sees all five, each with its address, tags and live gossip; one leads.
     let mut seen = Value::Null;
@@ -169,10 +169,22 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
     assert!(text.contains(&format!("host {first:<12}")), "{text}");
     assert!(text.contains("[leader"), "{text}");
 
-    // kill -9 the leader: another host leads within 5 s (a 2 s lease, then an election).
+    // kill -9 every process of the leader's host, under load through two other hosts'
+    // proxies: another host leads within 5 s (a 2 s lease, then an election), and no request
+    // fails (the dead host's instance is retried around, then replaced).
     let n = first[1..].parse::<usize>().unwrap();
+    wait_for("web placed one per host", Duration::from_secs(30), || {
+        hosts.iter().all(|h| local_healthy(h) == 1)
+    });
+    let (a, b) = ((n + 1) % HOSTS, (n + 2) % HOSTS);
+    let loads = [
+        hosts[a].load(hosts[a].proxy_addr(), 2),
+        hosts[b].load(hosts[b].proxy_addr(), 2),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
-    hosts[n].kill9();
+    rig.kill_host(n);
+    let _ = hosts[n].child.wait();
     let witness = (n + 1) % HOSTS;
     let mut second = None;
     wait_for("a new leader", Duration::from_secs(10), || {
@@ -185,6 +197,30 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
         took.as_millis()
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
+    wait_for(
+        "the dead host's instance replaced",
+        Duration::from_secs(30),
+        || {
+            (0..HOSTS)
+                .filter(|m| *m != n)
+                .map(|m| local_healthy(&hosts[m]))
+                .sum::<usize>()
+                == HOSTS
+        },
+    );
+    let samples: Vec<_> = loads.into_iter().flat_map(|l| l.stop()).collect();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    eprintln!(
+        "controller host killed under load through two hosts: {} requests, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
     wait_for(
         "the dead host off the list",
         Duration::from_secs(10),
@@ -226,7 +262,7 @@ fn hosts_elect_one_leader_replace_a_killed_one_and_drain_by_name() {
     );
 
     // The killed host comes back under its name and takes its record over.
-    hosts[n].restart(1);
+    hosts[n].respawn();
     wait_for("the host back", Duration::from_secs(20), || {
         hosts_of(&hosts[witness]).is_some_and(|seen| names(&seen).len() == HOSTS)
     });
@@ -317,6 +353,11 @@ fn a_role_spreads_over_hosts_moves_off_a_drained_one_and_is_replaced_after_a_hos
     // controller places h2's instances on the hosts left.
     let on_h2 = local_healthy(&hosts[2]);
     assert!(on_h2 >= 1, "{on_h2}");
+    let loads = [
+        hosts[0].load(proxy, 2),
+        hosts[1].load(hosts[1].proxy_addr(), 2),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     rig.kill_host(2);
     wait_for(
@@ -324,9 +365,21 @@ fn a_role_spreads_over_hosts_moves_off_a_drained_one_and_is_replaced_after_a_hos
         Duration::from_secs(40),
         || local_healthy(&hosts[0]) + local_healthy(&hosts[1]) == 3,
     );
+    let replaced = killed.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let samples: Vec<_> = loads.into_iter().flat_map(|l| l.stop()).collect();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     eprintln!(
-        "time to replace {on_h2} instance(s) of a host killed with SIGKILL: {} ms",
-        killed.elapsed().as_millis()
+        "host h2 killed with SIGKILL under load through h0 and h1: {on_h2} instance(s) replaced in {} ms; {} requests, {} failed",
+        replaced.as_millis(),
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
     );
     let history = hosts[0].cli_ok(&["history", "--json"]);
     assert!(history.contains("role.placed"), "{history}");
@@ -434,6 +487,187 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     assert!(after.iter().all(|v| v == "v2"), "{after:?}");
     let history = hosts[0].cli_ok(&["history", "--json"]);
     assert!(history.contains("deploy.aborted"), "{history}");
+    drop(hosts);
+    drop(etcd);
+}
+
+/// The cluster as host `phoenix` sees it, even when it cannot reach etcd.
+fn cluster_view(phoenix: &Phoenix) -> Value {
+    phoenix.status()["cluster"].clone()
+}
+
+#[test]
+fn losing_etcd_members_and_partitioning_the_leader_keep_the_fleet_serving() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(3);
+    let mut etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let hosts = start_hosts(&rig, &etcd, 3, 3);
+    wait_for("web placed one per host", Duration::from_secs(30), || {
+        hosts_of(&hosts[0]).is_some_and(|seen| {
+            let web = &seen["placements"]["web"]["hosts"];
+            (0..3).all(|n| web[format!("h{n}")] == 1)
+        }) && hosts.iter().all(|h| local_healthy(h) == 1)
+    });
+
+    // One etcd member of three stops: nothing changes, changes still go through.
+    etcd.kill(2);
+    hosts[0].cli_ok(&["host", "drain", "h1"]);
+    hosts[0].cli_ok(&["host", "undrain", "h1"]);
+
+    // Two stop: every proxy keeps serving (from another host, under load), and a change
+    // waits and says why.
+    let first = leader(&hosts[0]).unwrap();
+    let n: usize = first[1..].parse().unwrap();
+    let other = (n + 1) % 3;
+    let proxy = hosts[other].proxy_addr();
+    let load = hosts[other].load(proxy, 4);
+    etcd.kill(1);
+    let refused = hosts[other].cli(&["host", "drain", "h0"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("Changes wait until a quorum of etcd members answers"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let view = cluster_view(&hosts[other]);
+    assert!(
+        view["error"].as_str().unwrap_or("").contains("quorum"),
+        "{view}"
+    );
+    etcd.restart(1).unwrap();
+    etcd.restart(2).unwrap();
+    wait_for(
+        "changes going through again",
+        Duration::from_secs(30),
+        || hosts[other].cli(&["host", "drain", "h0"]).status.success(),
+    );
+    hosts[other].cli_ok(&["host", "undrain", "h0"]);
+    let samples = load.stop();
+    let failed = samples.iter().filter(|s| s.result.is_err()).count();
+    eprintln!(
+        "two of three etcd members down: {} requests, {failed} failed",
+        samples.len()
+    );
+    assert_eq!(failed, 0);
+    assert!(samples.len() > 100, "{}", samples.len());
+
+    // Cut the leading host off: another host leads, the cut one steps down and its proxy
+    // keeps serving its own instance; its instance is placed elsewhere meanwhile.
+    let leading = leader(&hosts[0]).unwrap();
+    let cut: usize = leading[1..].parse().unwrap();
+    let witness = (cut + 1) % 3;
+    let cut_at = Instant::now();
+    rig.link(cut, false);
+    wait_for(
+        "a leader on the connected side",
+        Duration::from_secs(15),
+        || leader(&hosts[witness]).is_some_and(|l| l != leading),
+    );
+    eprintln!(
+        "partition of leader {leading}: new leader in {} ms",
+        cut_at.elapsed().as_millis()
+    );
+    wait_for(
+        "the cut host stepping down",
+        Duration::from_secs(15),
+        || cluster_view(&hosts[cut])["leading"] == false,
+    );
+    let own = hosts[cut].proxy_addr();
+    let body = hosts[cut].get(own, "/");
+    assert!(body.contains("hello from"), "{body}");
+    wait_for(
+        "its instance placed on the other two",
+        Duration::from_secs(30),
+        || {
+            (0..3)
+                .filter(|m| *m != cut)
+                .map(|m| local_healthy(&hosts[m]))
+                .sum::<usize>()
+                == 3
+        },
+    );
+
+    // Heal: the cut host comes back with nothing placed on it, so no instance is doubled.
+    rig.link(cut, true);
+    wait_for(
+        "the cut host back and empty",
+        Duration::from_secs(30),
+        || {
+            hosts_of(&hosts[witness]).is_some_and(|seen| names(&seen).len() == 3)
+                && local_healthy(&hosts[cut]) == 0
+                && hosts[cut].live_instances().is_empty()
+        },
+    );
+    let total: usize = hosts.iter().map(local_healthy).sum();
+    assert_eq!(total, 3, "three instances in all after the heal");
+    drop(hosts);
+    drop(etcd);
+}
+
+#[test]
+fn a_deploy_whose_controller_dies_midway_ends_whole_on_every_host() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(3);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let mut hosts = start_hosts(&rig, &etcd, 3, 3);
+    wait_for("web placed one per host", Duration::from_secs(30), || {
+        hosts_of(&hosts[0]).is_some_and(|seen| {
+            let web = &seen["placements"]["web"]["hosts"];
+            (0..3).all(|n| web[format!("h{n}")] == 1)
+        }) && hosts.iter().all(|h| local_healthy(h) == 1)
+    });
+    let leading = leader(&hosts[0]).unwrap();
+    let dead: usize = leading[1..].parse().unwrap();
+    let (from, other) = ((dead + 1) % 3, (dead + 2) % 3);
+
+    // v2 starts slowly (3 s), so the rollout is still booting when its controller dies.
+    for (n, host) in hosts.iter().enumerate() {
+        let mut v2 = fleet_for(&rig, &etcd, n, "v2");
+        v2.instances = 3;
+        v2.role_keys = "env = { START_DELAY_MS = \"3000\" }\n";
+        host.write_fleet(&v2);
+    }
+    let state = hosts[from].state();
+    let dir = hosts[from].dir.path().to_path_buf();
+    let netns = rig.netns(from);
+    let deploy = std::thread::spawn(move || {
+        let mut command = std::process::Command::new(common::phoenix_bin());
+        command
+            .arg("--state")
+            .arg(&state)
+            .args(["deploy", "web"])
+            .current_dir(dir);
+        netns.apply(&mut command);
+        command.output().unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    rig.kill_host(dead);
+    let _ = hosts[dead].child.wait();
+    let output = deploy.join().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    eprintln!(
+        "deploy across a controller failover: {}",
+        said.lines().last().unwrap_or("")
+    );
+
+    // Finished or rolled back, but the same on both surviving hosts' proxies: never half.
+    let seen: Vec<String> = [from, other]
+        .iter()
+        .flat_map(|n| versions(&hosts[*n], hosts[*n].proxy_addr(), 20))
+        .collect();
+    let expected = if output.status.success() { "v2" } else { "v1" };
+    assert!(seen.iter().all(|v| v == expected), "{said}\n{seen:?}");
+    assert!(
+        output.status.success(),
+        "the new controller finishes the rollout: {said}"
+    );
+    hosts.remove(dead);
     drop(hosts);
     drop(etcd);
 }

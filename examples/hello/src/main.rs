@@ -43,7 +43,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: hello [--fail-health]   (env: PORT, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH, TICKS, TICK_MS)"
+            "usage: hello [--fail-health]   (env: PORT, HOST, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH, START_DELAY_MS, TICKS, TICK_MS)"
         );
         return;
     }
@@ -72,6 +72,13 @@ async fn main() {
         Err(_) => [127, 0, 0, 1].into(),
     };
     let addr = SocketAddr::new(host, port);
+    // A slow start, for tests that need a deploy to be under way for a while.
+    if let Some(ms) = std::env::var("START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {

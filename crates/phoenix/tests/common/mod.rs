@@ -326,8 +326,13 @@ impl Phoenix {
 
     /// Starts `phoenix up` again on the same state (after a crash).
     pub fn restart(&mut self, instances: u32) {
-        self.child = spawn_up(self.dir.path(), &self.extra_args, self.netns.as_ref());
+        self.respawn();
         self.wait_serving(instances);
+    }
+
+    /// Starts `phoenix up` again on the same directory, without waiting for it.
+    pub fn respawn(&mut self) {
+        self.child = spawn_up(self.dir.path(), &self.extra_args, self.netns.as_ref());
     }
 
     /// Runs a `phoenix` CLI command against this state directory.
