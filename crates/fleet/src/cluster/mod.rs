@@ -17,8 +17,8 @@
 mod host;
 mod placement;
 mod plan;
-pub(crate) mod reconcile;
-pub(crate) mod rollout;
+pub mod reconcile;
+pub mod rollout;
 
 pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};

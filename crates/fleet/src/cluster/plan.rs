@@ -48,12 +48,14 @@ pub fn plan_role(
     placer: &mut Placer,
     healthy: &BTreeMap<String, u32>,
 ) -> Result<RolePlacement, PlacementError> {
+    let by_name: std::collections::HashMap<&str, &HostView> =
+        hosts.iter().map(|h| (h.name.as_str(), h)).collect();
     let fit = |name: &str| {
-        hosts
-            .iter()
-            .any(|h| h.name == name && h.alive && !h.draining && want.constraint.matches(h))
+        by_name
+            .get(name)
+            .is_some_and(|h| h.alive && !h.draining && want.constraint.matches(h))
     };
-    let alive = |name: &str| hosts.iter().any(|h| h.name == name && h.alive);
+    let alive = |name: &str| by_name.get(name).is_some_and(|h| h.alive);
     let mut kept: BTreeMap<String, u32> = BTreeMap::new();
     let mut leaving: BTreeMap<String, u32> = BTreeMap::new();
     for (host, count) in current.map(|c| &c.hosts).into_iter().flatten() {

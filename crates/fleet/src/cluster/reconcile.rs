@@ -39,9 +39,7 @@ pub(crate) fn demands(inner: &Inner) -> BTreeMap<String, RoleDemand> {
 pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
     let mut stopping = cluster.stopping();
     let mut leading = cluster.leading();
-    let mut settling = Settling::new(cluster.lease() * 2);
-    // The last failure journaled per role, so a lasting one is journaled once.
-    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut rounds = PlacementRounds::new(cluster.lease() * 2);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -68,15 +66,10 @@ pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
             })
             .collect();
         drop(strong);
-        if let Err(e) = place_once(&cluster, &wanted, &mut failed, &mut settling).await {
+        if let Err(e) = rounds.round(&cluster, &wanted).await {
             tracing::debug!("placement round failed: {e}");
         }
-        let rollouts = async {
-            let hosts = cluster.host_views().await?;
-            let placements = cluster.placements().await?;
-            super::rollout::lead(&cluster, &hosts, &placements, &timeouts).await
-        };
-        if let Err(e) = rollouts.await {
+        if let Err(e) = rollout_round(&cluster, &timeouts).await {
             tracing::debug!("rollout round failed: {e}");
         }
     }
@@ -111,12 +104,50 @@ impl Settling {
     }
 }
 
+/// The controller's placement, one round at a time (what its loop runs every 250 ms; public
+/// for `bench/cluster`, which drives it against simulated hosts).
+pub struct PlacementRounds {
+    settling: Settling,
+    /// The last failure journaled per role, so a lasting one is journaled once.
+    failed: BTreeMap<String, String>,
+}
+
+impl PlacementRounds {
+    /// First placements wait until the host set has been stable for `settle`.
+    pub fn new(settle: Duration) -> Self {
+        Self {
+            settling: Settling::new(settle),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Plans every role once and writes what changed; how many roles changed.
+    pub async fn round(
+        &mut self,
+        cluster: &Cluster,
+        wanted: &BTreeMap<String, RoleDemand>,
+    ) -> Result<usize, super::ClusterError> {
+        place_once(cluster, wanted, &mut self.failed, &mut self.settling).await
+    }
+}
+
+/// The controller's rollout round: requests become rollouts, booted ones switch or abort.
+pub async fn rollout_round(
+    cluster: &Cluster,
+    timeouts: &BTreeMap<String, Duration>,
+) -> Result<(), super::ClusterError> {
+    let hosts = cluster.host_views().await?;
+    let placements = cluster.placements().await?;
+    super::rollout::lead(cluster, &hosts, &placements, timeouts).await
+}
+
 async fn place_once(
     cluster: &Cluster,
     wanted: &BTreeMap<String, RoleDemand>,
     failed: &mut BTreeMap<String, String>,
     settling: &mut Settling,
-) -> Result<(), super::ClusterError> {
+) -> Result<usize, super::ClusterError> {
+    let mut changed = 0;
     let hosts = cluster.host_views().await?;
     let settled = settling.settled(&hosts);
     let reports = cluster.reports().await?;
@@ -137,6 +168,7 @@ async fn place_once(
                 cluster
                     .put_fenced(&format!("placements/{role}"), value)
                     .await?;
+                changed += 1;
                 failed.remove(role);
                 let detail = json!({"role": role, "from": before, "to": next});
                 cluster.journal("placement.changed", detail).await?;
@@ -156,7 +188,7 @@ async fn place_once(
             }
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// On every host: each role's live generation follows the instances placed here, and the

@@ -82,7 +82,8 @@ impl Cluster {
         Ok(Self::read_map(&prefix, &kvs))
     }
 
-    async fn request_rollout(&self, role: &str, image: &str) -> Result<(), ClusterError> {
+    /// Asks the controller to roll `image` out (what `phoenix deploy` does after baking).
+    pub async fn request_rollout(&self, role: &str, image: &str) -> Result<(), ClusterError> {
         let intent = Intent {
             image: image.to_string(),
             by: self.host_name().to_string(),
