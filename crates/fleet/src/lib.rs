@@ -75,7 +75,7 @@ pub enum FleetError {
     Image(#[from] phoenix_image::ImageError),
     #[error(transparent)]
     Store(#[from] phoenix_store::StoreError),
-    #[error("cluster: {0}")]
+    #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(
         "this fleet runs on one machine: hosts exist only with a [cluster] table in the fleet file"

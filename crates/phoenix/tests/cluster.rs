@@ -528,7 +528,7 @@ fn losing_etcd_members_and_partitioning_the_leader_keep_the_fleet_serving() {
     assert_eq!(refused.status.code(), Some(1));
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        message.contains("Changes wait until a quorum of etcd members answers"),
+        message.contains("etcd is down or has lost its quorum: changes wait until it answers"),
         "{message}"
     );
     std::thread::sleep(Duration::from_secs(3));

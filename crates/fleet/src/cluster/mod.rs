@@ -53,6 +53,11 @@ pub enum ClusterError {
     NotLeader { leader: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("cannot join the cluster (is etcd running at the endpoints of [cluster] etcd?)")]
+    Join {
+        #[source]
+        source: EtcdError,
+    },
 }
 
 /// The cluster as `phoenix status` shows it.
@@ -144,7 +149,12 @@ impl Cluster {
         })?;
         let prefix = config.prefix.clone();
         let host_key = format!("{prefix}hosts/{}", record.name);
-        let lease = host::register(&etcd, &host_key, &record, config.lease).await?;
+        let lease = host::register(&etcd, &host_key, &record, config.lease)
+            .await
+            .map_err(|e| match e {
+                ClusterError::Etcd(source) => ClusterError::Join { source },
+                other => other,
+            })?;
         let (stop, stopped) = watch::channel(false);
         let host_lease = Arc::new(AtomicI64::new(lease));
         let cluster = Cluster(Arc::new(Inner {
@@ -301,9 +311,14 @@ impl Cluster {
                 detail: detail.clone(),
             };
             let value = serde_json::to_vec(&event).unwrap_or_default();
-            let done = leadership
-                .txn(&[Compare::absent(key.as_str())], &[Op::put(key, value)])
-                .await;
+            // The journal keeps its last JOURNAL_KEPT events: each append drops the one that
+            // falls out of the window.
+            let mut ops = vec![Op::put(key.as_str(), value)];
+            if seq > JOURNAL_KEPT {
+                let old = self.key(&format!("journal/{:020}", seq - JOURNAL_KEPT));
+                ops.push(Op::delete(old));
+            }
+            let done = leadership.txn(&[Compare::absent(key.as_str())], &ops).await;
             let mut next = self.0.next_seq.lock().unwrap();
             match done {
                 Ok(result) if result.succeeded => {
@@ -481,6 +496,9 @@ impl Cluster {
         }
     }
 }
+
+/// How many events the cluster journal in etcd keeps.
+const JOURNAL_KEPT: u64 = 10_000;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

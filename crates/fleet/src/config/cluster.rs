@@ -113,6 +113,14 @@ impl ClusterConfig {
         {
             *file = dir.join(&*file);
         }
+        let clear_text = self.etcd.iter().find(|url| {
+            phoenix_store::etcd::Endpoint::parse(url).is_ok_and(|e| !e.tls && !is_loopback(&e.host))
+        });
+        if let (Some(_), Some(url)) = (&self.user, clear_text) {
+            return Err(format!(
+                "[cluster] key `user`: the password would cross the network in clear text to {url}: use https:// endpoints (with `ca`) or client certificates"
+            ));
+        }
         match (&self.user, &self.password_file) {
             (Some(_), Some(file)) => {
                 let password = read_private_file(dir, file, "[cluster] key `password_file`")?;
@@ -127,6 +135,13 @@ impl ClusterConfig {
         }
         Ok(())
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `[role.X] hosts = { tag = "zone=a" }` or `{ tag = ["zone=a", "disk=ssd"] }`.

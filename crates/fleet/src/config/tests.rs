@@ -520,8 +520,12 @@ fn a_cluster_table_is_read_and_its_mistakes_named() {
             "write between 2s and 1m",
         ),
         (
-            "etcd = [\"http://e:2379\"]\nuser = \"root\"",
+            "etcd = [\"http://127.0.0.1:2379\"]\nuser = \"root\"",
             "also give `password_file`",
+        ),
+        (
+            "etcd = [\"http://10.0.0.1:2379\"]\nuser = \"root\"\npassword_file = \"p\"",
+            "the password would cross the network in clear text to http://10.0.0.1:2379",
         ),
         (
             "etcd = [\"https://e:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"",
@@ -549,7 +553,7 @@ fn the_etcd_password_comes_from_an_owner_only_file() {
     let dir = tempfile::tempdir().unwrap();
     let fleet_path = dir.path().join("phoenix.toml");
     let text = format!(
-        "{GOOD}\n[cluster]\netcd = [\"http://10.0.0.1:2379\"]\nuser = \"phoenix\"\npassword_file = \"etcd.password\"\n"
+        "{GOOD}\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nuser = \"phoenix\"\npassword_file = \"etcd.password\"\n"
     );
     let file = dir.path().join("etcd.password");
     std::fs::write(&file, "hunter2\n").unwrap();

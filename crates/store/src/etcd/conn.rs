@@ -156,12 +156,7 @@ impl Pool {
             async move {
                 let (sender, response) = self.send(index, path, body).await?;
                 let status = response.status();
-                let bytes =
-                    tokio::time::timeout(self.options.timeout, response.into_body().collect())
-                        .await
-                        .map_err(|_| Failure("timed out reading the answer".into()))?
-                        .map_err(|e| Failure(e.to_string()))?
-                        .to_bytes();
+                let bytes = read_bounded(response.into_body(), self.options.timeout).await?;
                 self.idle.lock().unwrap().push((index, sender));
                 Ok((status, bytes))
             }
@@ -187,7 +182,7 @@ impl Pool {
                     });
                     return Ok((status, Bytes::new()));
                 }
-                let bytes = response.into_body().collect().await.map(|b| b.to_bytes());
+                let bytes = read_bounded(response.into_body(), self.options.timeout).await;
                 Ok((status, bytes.unwrap_or_default()))
             }
         })
@@ -338,12 +333,7 @@ impl Pool {
         .map_err(|_| Failure("authentication timed out".into()))?
         .map_err(|e| Failure(e.to_string()))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Failure(e.to_string()))?
-            .to_bytes();
+        let bytes = read_bounded(response.into_body(), self.options.timeout).await?;
         let token: Token = serde_json::from_slice(&bytes).map_err(|_| {
             let error: ErrorAnswer = serde_json::from_slice(&bytes).unwrap_or_default();
             Failure(format!(
@@ -390,6 +380,21 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+/// An answer's body, whole: at most 64 MiB (etcd's own answers stay far below; a larger one
+/// is not etcd's) and within `timeout`.
+async fn read_bounded(
+    body: Incoming,
+    timeout: std::time::Duration,
+) -> std::result::Result<Bytes, Failure> {
+    const MAX_ANSWER: usize = 64 << 20;
+    let limited = http_body_util::Limited::new(body, MAX_ANSWER);
+    let collected = tokio::time::timeout(timeout, limited.collect())
+        .await
+        .map_err(|_| Failure(format!("no whole answer within {timeout:?}")))?
+        .map_err(|e| Failure(format!("reading the answer: {e}")))?;
+    Ok(collected.to_bytes())
 }
 
 /// etcd's "invalid auth token" (the simple tokens of etcd 3.4 live in one member's memory).

@@ -33,7 +33,7 @@ pub enum EtcdError {
     #[error("etcd endpoint {endpoint:?}: {what}")]
     BadEndpoint { endpoint: String, what: String },
     #[error(
-        "no etcd endpoint could be used ({tried}); the last said: {last}. Changes wait until a quorum of etcd members answers"
+        "no etcd endpoint could be used ({tried}); the last said: {last}. etcd is down or has lost its quorum: changes wait until it answers"
     )]
     Unavailable { tried: String, last: String },
     #[error("etcd {endpoint} refused {path}: {message} (gRPC code {code})")]

@@ -293,3 +293,61 @@ fn https_endpoints_need_tls_settings() {
     .unwrap_err();
     assert!(error.to_string().contains("no TLS settings"), "{error}");
 }
+
+/// A peer that is not etcd: answers every connection with `answer`, then (if `flood`) zeros
+/// without end.
+async fn hostile_peer(answer: &'static [u8], flood: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                let zeros = vec![0u8; 1 << 20];
+                while flood && stream.write_all(&zeros).await.is_ok() {}
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_hostile_endpoint_gets_a_bounded_error_not_our_memory() {
+    let huge = hostile_peer(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n",
+        true,
+    )
+    .await;
+    let error = client(vec![huge]).get("/k").await.unwrap_err().to_string();
+    assert!(
+        error.contains("reading the answer") || error.contains("no whole answer"),
+        "{error}"
+    );
+
+    let garbage = hostile_peer(b"SSH-2.0-OpenSSH_9.2\r\n", false).await;
+    let error = client(vec![garbage])
+        .get("/k")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("no etcd endpoint could be used"),
+        "{error}"
+    );
+
+    let not_json = hostile_peer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false).await;
+    let error = client(vec![not_json])
+        .get("/k")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("answered something that is not etcd's"),
+        "{error}"
+    );
+}
