@@ -671,3 +671,61 @@ fn a_deploy_whose_controller_dies_midway_ends_whole_on_every_host() {
     drop(hosts);
     drop(etcd);
 }
+
+#[test]
+fn hosts_reach_etcd_over_mutual_tls_and_a_host_without_a_certificate_is_refused() {
+    if skip() {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    common::make_certificates(certs.path());
+    let file = |name: &str| certs.path().join(name);
+    let tls = phoenix_store::etcd::test_util::Tls {
+        ca: file("ca.pem"),
+        cert: file("server.pem"),
+        key: file("server.key"),
+    };
+    let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let etcd = EtcdCluster::start_with(1, loopback, Some(tls)).expect("etcd over TLS");
+    let endpoint = &etcd.endpoints()[0];
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let fleet = |identity: bool| {
+        let mut fleet = Fleet::version("v1");
+        fleet.instances = 1;
+        let client = if identity {
+            format!(
+                "cert = {:?}\nkey = {:?}\n",
+                file("client.pem"),
+                file("client.key")
+            )
+        } else {
+            String::new()
+        };
+        let table = format!(
+            "\n[cluster]\netcd = [{endpoint:?}]\nca = {:?}\n{client}",
+            file("ca.pem")
+        );
+        fleet.more = Box::leak(table.into_boxed_str());
+        fleet
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    fleet(true).write_to(dir.path());
+    let host = Phoenix::launch(dir, &["--host-name", "tls-host"], None);
+    wait_for(
+        "the host registered over TLS",
+        Duration::from_secs(60),
+        || hosts_of(&host).is_some_and(|seen| seen["leader"] == "tls-host"),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    fleet(false).write_to(dir.path());
+    let mut refused = Phoenix::launch(dir, &["--host-name", "no-cert"], None);
+    let status = refused.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = refused.log();
+    assert!(log.contains("cannot join the cluster"), "{log}");
+    assert!(log.contains("fatal alert: BadCertificate"), "{log}");
+    assert!(log.contains("check [cluster] ca, cert and key"), "{log}");
+    drop(host);
+}

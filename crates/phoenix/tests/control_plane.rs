@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Fleet, Phoenix, phoenix, phoenix_bin, text, unix_request};
+use common::{Fleet, Phoenix, make_certificates, phoenix, phoenix_bin, text, unix_request};
 
 const READ_SECRET: &str = "read-0123456789abcdef";
 const OPERATE_SECRET: &str = "ops-fedcba9876543210";
@@ -279,75 +279,6 @@ fn the_socket_is_its_owners_and_tcp_takes_scoped_tokens_and_names_the_caller() {
     );
     let scaled = phoenix.events("role.scaled");
     assert_eq!(scaled.len(), 2, "{scaled:?}");
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-fn make_certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (Debian's package) is installed");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            text(&output.stderr)
-        );
-    };
-    // Extensions make them version 3, as WebPKI requires.
-    std::fs::write(dir.join("server.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=phoenix test CA",
-    ]);
-    for name in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.cnf"),
-        ]);
-    }
 }
 
 #[test]

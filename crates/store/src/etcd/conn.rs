@@ -2,8 +2,8 @@
 //! failover from one member to the next and etcd's token authentication.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -66,7 +66,41 @@ impl Endpoint {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-type Sender = SendRequest<Full<Bytes>>;
+/// One connection to a member: where requests go, and why it died, when it did (hyper's own
+/// error says only "channel closed"; the cause, say a TLS alert, is the connection task's).
+struct Sender {
+    requests: SendRequest<Full<Bytes>>,
+    died: Arc<Mutex<Option<String>>>,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.requests.is_closed()
+    }
+
+    /// Sends `request` and waits for the answer's head, within `timeout`.
+    async fn exchange(
+        &mut self,
+        request: hyper::Request<Full<Bytes>>,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<hyper::Response<Incoming>, Failure> {
+        let sent = tokio::time::timeout(timeout, async {
+            self.requests.ready().await?;
+            self.requests.send_request(request).await
+        })
+        .await
+        .map_err(|_| Failure(format!("no answer within {timeout:?}")))?;
+        match sent {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                // Let the connection task record its reason first.
+                tokio::task::yield_now().await;
+                let died = self.died.lock().unwrap().take();
+                Err(Failure(died.unwrap_or_else(|| chain(&e))))
+            }
+        }
+    }
+}
 
 /// Every member, the one in use, idle connections and each member's auth token.
 pub(crate) struct Pool {
@@ -246,9 +280,16 @@ impl Pool {
             }
             tried.push(url);
         }
+        let tls = ["alert", "certificate", "TLS", "tls"];
+        let hint = if tls.iter().any(|word| last.contains(word)) {
+            "The TLS handshake failed: check [cluster] ca, cert and key against etcd's certificates"
+        } else {
+            "etcd is down or has lost its quorum: changes wait until it answers"
+        };
         Err(EtcdError::Unavailable {
             tried: tried.join(", "),
             last,
+            hint,
         })
     }
 
@@ -293,15 +334,8 @@ impl Pool {
         }
         let request = request
             .body(Full::new(body))
-            .map_err(|e| Failure(e.to_string()))?;
-        let timeout = self.options.timeout;
-        let response = tokio::time::timeout(timeout, async {
-            sender.ready().await?;
-            sender.send_request(request).await
-        })
-        .await
-        .map_err(|_| Failure(format!("no answer within {timeout:?}")))?
-        .map_err(|e| Failure(e.to_string()))?;
+            .map_err(|e| Failure(chain(&e)))?;
+        let response = sender.exchange(request, self.options.timeout).await?;
         Ok((sender, response))
     }
 
@@ -323,15 +357,9 @@ impl Pool {
             )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| Failure(e.to_string()))?;
+            .map_err(|e| Failure(chain(&e)))?;
         let mut sender = sender;
-        let response = tokio::time::timeout(self.options.timeout, async {
-            sender.ready().await?;
-            sender.send_request(request).await
-        })
-        .await
-        .map_err(|_| Failure("authentication timed out".into()))?
-        .map_err(|e| Failure(e.to_string()))?;
+        let response = sender.exchange(request, self.options.timeout).await?;
         let status = response.status();
         let bytes = read_bounded(response.into_body(), self.options.timeout).await?;
         let token: Token = serde_json::from_slice(&bytes).map_err(|_| {
@@ -372,14 +400,31 @@ impl Pool {
             }
             _ => Box::new(tcp),
         };
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (requests, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| Failure(e.to_string()))?;
+            .map_err(|e| Failure(chain(&e)))?;
+        let died = Arc::new(Mutex::new(None));
+        let record = died.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            if let Err(e) = connection.await {
+                *record.lock().unwrap() = Some(chain(&e));
+            }
         });
-        Ok(sender)
+        Ok(Sender { requests, died })
     }
+}
+
+/// An error with its causes: hyper says only "connection error" where the cause is, say, a
+/// TLS alert.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// An answer's body, whole: at most 64 MiB (etcd's own answers stay far below; a larger one

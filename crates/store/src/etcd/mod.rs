@@ -32,10 +32,13 @@ use conn::Pool;
 pub enum EtcdError {
     #[error("etcd endpoint {endpoint:?}: {what}")]
     BadEndpoint { endpoint: String, what: String },
-    #[error(
-        "no etcd endpoint could be used ({tried}); the last said: {last}. etcd is down or has lost its quorum: changes wait until it answers"
-    )]
-    Unavailable { tried: String, last: String },
+    #[error("no etcd endpoint could be used ({tried}); the last said: {last}. {hint}")]
+    Unavailable {
+        tried: String,
+        last: String,
+        /// What to do: fix the TLS settings, or wait for a quorum.
+        hint: &'static str,
+    },
     #[error("etcd {endpoint} refused {path}: {message} (gRPC code {code})")]
     Refused {
         endpoint: String,

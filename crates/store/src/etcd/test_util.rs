@@ -10,12 +10,24 @@ use std::time::{Duration, Instant};
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// Client TLS: the CA clients must be signed by, and the members' certificate and key.
+    tls: Option<Tls>,
+}
+
+/// PEM files for serving clients over TLS with client certificates.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 struct Member {
     name: String,
     client: String,
     peer: String,
+    /// Plain HTTP `/health`, also when clients speak TLS.
+    metrics: String,
     child: Option<Child>,
 }
 
@@ -30,17 +42,24 @@ pub fn etcd_binary() -> Option<PathBuf> {
 impl EtcdCluster {
     /// Starts `size` members on `ip`, each on free ports, and waits until they are healthy.
     pub fn start(size: usize, ip: IpAddr) -> std::io::Result<Self> {
+        Self::start_with(size, ip, None)
+    }
+
+    /// The same, serving clients over TLS and admitting only certificates `tls.ca` signed.
+    pub fn start_with(size: usize, ip: IpAddr, tls: Option<Tls>) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         for n in 0..size {
             members.push(Member {
                 name: format!("etcd{n}"),
-                client: format!("http://{}", with_port(ip, free_port(ip)?)),
+                client: format!("{scheme}://{}", with_port(ip, free_port(ip)?)),
                 peer: format!("http://{}", with_port(ip, free_port(ip)?)),
+                metrics: format!("http://{}", with_port(ip, free_port(ip)?)),
                 child: None,
             });
         }
-        let mut cluster = Self { dir, members };
+        let mut cluster = Self { dir, members, tls };
         for n in 0..size {
             cluster.spawn(n)?;
         }
@@ -76,7 +95,18 @@ impl EtcdCluster {
         let member = &self.members[n];
         let data = self.dir.path().join(&member.name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", member.name)))?;
-        let child = Command::new(etcd_binary().unwrap_or_else(|| "etcd".into()))
+        let mut command = Command::new(etcd_binary().unwrap_or_else(|| "etcd".into()));
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&member.name)
             .arg("--data-dir")
@@ -84,6 +114,7 @@ impl EtcdCluster {
             .args(["--listen-client-urls", &member.client])
             .args(["--advertise-client-urls", &member.client])
             .args(["--listen-peer-urls", &member.peer])
+            .args(["--listen-metrics-urls", &member.metrics])
             .args(["--initial-advertise-peer-urls", &member.peer])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", "phoenix-test"])
@@ -101,7 +132,7 @@ impl EtcdCluster {
     fn wait_healthy(&self, within: Duration) -> std::io::Result<()> {
         let deadline = Instant::now() + within;
         for member in &self.members {
-            let address = member.client.trim_start_matches("http://").to_string();
+            let address = member.metrics.trim_start_matches("http://").to_string();
             while !healthy(&address) {
                 if Instant::now() > deadline {
                     return Err(std::io::Error::other(format!(
