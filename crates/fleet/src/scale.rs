@@ -47,7 +47,13 @@ impl Controller {
         instances: u32,
         progress: &Progress,
     ) -> Result<ScaleReport, FleetError> {
-        scale(&self.inner, role, instances, progress).await
+        match self.inner.cluster.clone() {
+            Some(cluster) => {
+                crate::cluster::reconcile::scale(&self.inner, &cluster, role, instances, progress)
+                    .await
+            }
+            None => scale(&self.inner, role, instances, progress).await,
+        }
     }
 
     /// Sets or clears `protect` or `standby` on instance `name`; returns its flags.

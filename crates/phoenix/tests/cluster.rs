@@ -349,6 +349,28 @@ fn a_role_spreads_over_hosts_moves_off_a_drained_one_and_is_replaced_after_a_hos
     );
     hosts[2].cli_ok(&["host", "undrain", "h1"]);
 
+    // Scale across hosts: the undrained host gets work on the next scale; scaling in takes
+    // from the fullest hosts.
+    let out = hosts[0].cli_ok(&["scale", "web", "5"]);
+    assert!(out.contains("scaled web from 3 to 5"), "{out}");
+    let total = |hosts: &[Phoenix]| hosts.iter().map(local_healthy).sum::<usize>();
+    assert_eq!(total(&hosts), 5);
+    assert!(
+        local_healthy(&hosts[1]) >= 1,
+        "h1 back in placement gets work"
+    );
+    let out = hosts[1].cli_ok(&["scale", "web", "3"]);
+    assert!(out.contains("scaled web from 5 to 3"), "{out}");
+    wait_for(
+        "one web instance on each host again",
+        Duration::from_secs(30),
+        || {
+            hosts
+                .iter()
+                .all(|h| local_healthy(h) == 1 && h.live_instances().len() == 1)
+        },
+    );
+
     // kill -9 every process of h2 (phoenix up and its instances): after its lease (2 s) the
     // controller places h2's instances on the hosts left.
     let on_h2 = local_healthy(&hosts[2]);

@@ -469,6 +469,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sets a role's size across hosts (`phoenix scale`): it holds until the fleet file's
+    /// `instances` (`file`) changes. Any host may ask; the controller places it.
+    pub async fn set_size(
+        &self,
+        role: &str,
+        instances: u32,
+        file: u32,
+    ) -> Result<(), ClusterError> {
+        let key = self.key(&format!("sizes/{role}"));
+        let value = serde_json::json!({ "instances": instances, "file": file });
+        self.0.etcd.put(&key, value.to_string(), 0).await?;
+        Ok(())
+    }
+
+    /// Sizes set by `phoenix scale`: role → (instances, the file's instances then).
+    pub async fn sizes(&self) -> Result<BTreeMap<String, (u32, u32)>, ClusterError> {
+        #[derive(Deserialize)]
+        struct Size {
+            instances: u32,
+            file: u32,
+        }
+        let prefix = self.key("sizes/");
+        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let role = kv.key_str().strip_prefix(&prefix)?.to_string();
+                let size: Size = serde_json::from_slice(&kv.value).ok()?;
+                Some((role, (size.instances, size.file)))
+            })
+            .collect())
+    }
+
     /// Resolves when this host's cluster membership is stopping.
     pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
         self.0.stop.subscribe()

@@ -35,6 +35,87 @@ pub(crate) fn demands(inner: &Inner) -> BTreeMap<String, RoleDemand> {
         .collect()
 }
 
+/// The fleet file's sizes, with those `phoenix scale` set while the file's stayed the same.
+async fn with_sizes(
+    cluster: &Cluster,
+    mut wanted: BTreeMap<String, RoleDemand>,
+) -> BTreeMap<String, RoleDemand> {
+    let Ok(sizes) = cluster.sizes().await else {
+        return wanted;
+    };
+    for (role, want) in wanted.iter_mut() {
+        if let Some((instances, file)) = sizes.get(role)
+            && *file == want.instances
+        {
+            want.instances = *instances;
+        }
+    }
+    wanted
+}
+
+/// `phoenix scale` in a cluster: sets the size, then waits until the controller has placed it
+/// and every host runs its share, healthy.
+pub(crate) async fn scale(
+    inner: &Arc<Inner>,
+    cluster: &Cluster,
+    role_name: &str,
+    instances: u32,
+    progress: &crate::Progress,
+) -> Result<crate::ScaleReport, crate::FleetError> {
+    let started = std::time::Instant::now();
+    let role = inner.role(role_name)?;
+    if instances == 0 {
+        return Err(crate::FleetError::Scale(format!(
+            "{role_name}: scale to at least 1 instance (the role would stop serving)"
+        )));
+    }
+    let config = role.config();
+    let from = cluster
+        .placements()
+        .await?
+        .get(role_name)
+        .map_or(0, |p| p.total);
+    cluster
+        .set_size(role_name, instances, config.instances)
+        .await?;
+    progress.say(format!(
+        "asked the controller for {instances} instances of {role_name}"
+    ));
+    let limit = config.deploy.healthy_timeout + Duration::from_secs(60);
+    loop {
+        let placement = cluster.placements().await?.remove(role_name);
+        let reports = cluster.reports().await?;
+        let healthy: u32 = reports
+            .values()
+            .filter_map(|roles| roles.get(role_name))
+            .map(|r| r.healthy)
+            .sum();
+        if let Some(placement) = placement
+            && placement.total == instances
+            && placement.leaving.is_empty()
+            && healthy == instances
+        {
+            break;
+        }
+        if started.elapsed() > limit {
+            return Err(crate::FleetError::Scale(format!(
+                "{role_name}: {healthy} of {instances} instances healthy across hosts after {} s (see `phoenix host ls`)",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(crate::ScaleReport {
+        role: role_name.to_string(),
+        from,
+        to: instances,
+        started: Vec::new(),
+        stopped: Vec::new(),
+        abandoned_requests: 0,
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
+
 /// While this host leads: plans every role and writes the placements that changed.
 pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
     let mut stopping = cluster.stopping();
@@ -66,6 +147,7 @@ pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
             })
             .collect();
         drop(strong);
+        let wanted = with_sizes(&cluster, wanted).await;
         if let Err(e) = rounds.round(&cluster, &wanted).await {
             tracing::debug!("placement round failed: {e}");
         }
