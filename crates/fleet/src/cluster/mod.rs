@@ -414,13 +414,22 @@ impl Cluster {
 
     /// Every role's placement.
     pub async fn placements(&self) -> Result<BTreeMap<String, RolePlacement>, ClusterError> {
-        let prefix = self.key("placements/");
+        self.read_under("placements/").await
+    }
+
+    /// Every JSON value under `rest` of the prefix, by the rest of its key (values that do not
+    /// parse are left out: they are not Phoenix's).
+    pub(crate) async fn read_under<T: serde::de::DeserializeOwned>(
+        &self,
+        rest: &str,
+    ) -> Result<BTreeMap<String, T>, ClusterError> {
+        let prefix = self.key(rest);
         let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
         Ok(kvs
             .iter()
             .filter_map(|kv| {
-                let role = kv.key_str().strip_prefix(&prefix)?.to_string();
-                Some((role, serde_json::from_slice(&kv.value).ok()?))
+                let name = kv.key_str().strip_prefix(&prefix)?.to_string();
+                Some((name, serde_json::from_slice(&kv.value).ok()?))
             })
             .collect())
     }
@@ -448,15 +457,7 @@ impl Cluster {
     pub async fn reports(
         &self,
     ) -> Result<BTreeMap<String, BTreeMap<String, RoleReport>>, ClusterError> {
-        let prefix = self.key("reports/");
-        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let host = kv.key_str().strip_prefix(&prefix)?.to_string();
-                Some((host, serde_json::from_slice(&kv.value).ok()?))
-            })
-            .collect())
+        self.read_under("reports/").await
     }
 
     /// Reports this host's healthy instances per role (held by the host's lease, so a dead
@@ -490,15 +491,10 @@ impl Cluster {
             instances: u32,
             file: u32,
         }
-        let prefix = self.key("sizes/");
-        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let role = kv.key_str().strip_prefix(&prefix)?.to_string();
-                let size: Size = serde_json::from_slice(&kv.value).ok()?;
-                Some((role, (size.instances, size.file)))
-            })
+        let sizes: BTreeMap<String, Size> = self.read_under("sizes/").await?;
+        Ok(sizes
+            .into_iter()
+            .map(|(role, size)| (role, (size.instances, size.file)))
             .collect())
     }
 

@@ -63,23 +63,9 @@ struct Ready {
 }
 
 impl Cluster {
-    fn read_map<T: serde::de::DeserializeOwned>(
-        prefix: &str,
-        kvs: &[phoenix_store::etcd::KeyValue],
-    ) -> BTreeMap<String, T> {
-        kvs.iter()
-            .filter_map(|kv| {
-                let rest = kv.key_str().strip_prefix(prefix)?.to_string();
-                Some((rest, serde_json::from_slice(&kv.value).ok()?))
-            })
-            .collect()
-    }
-
     /// Every role's last rollout.
     pub async fn rollouts(&self) -> Result<BTreeMap<String, Rollout>, ClusterError> {
-        let prefix = self.key("rollouts/");
-        let (_, kvs) = self.0.etcd.get_prefix(&prefix).await?;
-        Ok(Self::read_map(&prefix, &kvs))
+        self.read_under("rollouts/").await
     }
 
     /// Asks the controller to roll `image` out (what `phoenix deploy` does after baking).
@@ -116,9 +102,7 @@ pub(crate) async fn lead(
     placements: &BTreeMap<String, RolePlacement>,
     timeouts: &BTreeMap<String, Duration>,
 ) -> Result<(), ClusterError> {
-    let prefix = cluster.key("intents/deploy/");
-    let (_, kvs) = cluster.0.etcd.get_prefix(&prefix).await?;
-    let intents: BTreeMap<String, Intent> = Cluster::read_map(&prefix, &kvs);
+    let intents: BTreeMap<String, Intent> = cluster.read_under("intents/deploy/").await?;
     let rollouts = cluster.rollouts().await?;
     for (role, intent) in intents {
         let last = rollouts.get(&role);
@@ -150,9 +134,7 @@ pub(crate) async fn lead(
         if rollout.phase != Phase::Boot {
             continue;
         }
-        let prefix = cluster.key(&format!("ready/{role}/"));
-        let (_, kvs) = cluster.0.etcd.get_prefix(&prefix).await?;
-        let ready: BTreeMap<String, Ready> = Cluster::read_map(&prefix, &kvs);
+        let ready: BTreeMap<String, Ready> = cluster.read_under(&format!("ready/{role}/")).await?;
         // Not placed yet (the hosts are still settling): nothing to wait for yet.
         let Some(placement) = placements.get(&role) else {
             continue;

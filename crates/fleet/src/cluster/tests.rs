@@ -3,17 +3,12 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use phoenix_store::etcd::test_util::{EtcdCluster, etcd_binary};
+use phoenix_store::etcd::test_util::{EtcdCluster, etcd_or_skip};
 
 use super::*;
 
 fn etcd() -> Option<EtcdCluster> {
-    if etcd_binary().is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
-            "etcd is required here (apt-get install etcd-server)"
-        );
-        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    if !etcd_or_skip() {
         return None;
     }
     Some(EtcdCluster::start(1, IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("etcd starts"))

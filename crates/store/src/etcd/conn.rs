@@ -2,8 +2,8 @@
 //! failover from one member to the next and etcd's token authentication.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -70,7 +70,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// error says only "channel closed"; the cause, say a TLS alert, is the connection task's).
 struct Sender {
     requests: SendRequest<Full<Bytes>>,
-    died: Arc<Mutex<Option<String>>>,
+    died: Option<tokio::sync::oneshot::Receiver<String>>,
 }
 
 impl Sender {
@@ -93,9 +93,15 @@ impl Sender {
         match sent {
             Ok(response) => Ok(response),
             Err(e) => {
-                // Let the connection task record its reason first.
-                tokio::task::yield_now().await;
-                let died = self.died.lock().unwrap().take();
+                // The connection task knows why; it tells as it ends, right after.
+                let wait = std::time::Duration::from_millis(500);
+                let died = match self.died.take() {
+                    Some(died) => tokio::time::timeout(wait, died)
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok()),
+                    None => None,
+                };
                 Err(Failure(died.unwrap_or_else(|| chain(&e))))
             }
         }
@@ -403,14 +409,16 @@ impl Pool {
         let (requests, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| Failure(chain(&e)))?;
-        let died = Arc::new(Mutex::new(None));
-        let record = died.clone();
+        let (tell, died) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                *record.lock().unwrap() = Some(chain(&e));
+                let _ = tell.send(chain(&e));
             }
         });
-        Ok(Sender { requests, died })
+        Ok(Sender {
+            requests,
+            died: Some(died),
+        })
     }
 }
 

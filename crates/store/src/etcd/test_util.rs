@@ -39,6 +39,20 @@ pub fn etcd_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Whether etcd can be started here; where it cannot, says `skipped` (or fails, where
+/// `PHOENIX_REQUIRE_TOOLS` says every tool must be there, as in CI).
+pub fn etcd_or_skip() -> bool {
+    if etcd_binary().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+        "etcd is required here (apt-get install etcd-server)"
+    );
+    eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    false
+}
+
 impl EtcdCluster {
     /// Starts `size` members on `ip`, each on free ports, and waits until they are healthy.
     pub fn start(size: usize, ip: IpAddr) -> std::io::Result<Self> {

@@ -3,18 +3,13 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use super::test_util::{EtcdCluster, etcd_binary};
+use super::test_util::{EtcdCluster, etcd_or_skip};
 use super::*;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn cluster(size: usize) -> Option<EtcdCluster> {
-    if etcd_binary().is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
-            "etcd is required here (apt-get install etcd-server)"
-        );
-        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    if !etcd_or_skip() {
         return None;
     }
     Some(EtcdCluster::start(size, LOOPBACK).expect("etcd starts"))
