@@ -652,6 +652,13 @@ fn a_deploy_whose_controller_dies_midway_ends_whole_on_every_host() {
         output.status.success(),
         "the new controller finishes the rollout: {said}"
     );
+    // Each host deployed with its own fleet file's settings for the role: v2's slow start.
+    for n in [from, other] {
+        let finished = hosts[n].events("deploy.finished");
+        let last = &finished.last().unwrap()["detail"]["report"];
+        let booted = last["boot_to_healthy_ms"].as_u64().unwrap();
+        assert!(booted >= 3000, "h{n} booted v2 in {booted} ms: {last}");
+    }
     hosts.remove(dead);
     drop(hosts);
     drop(etcd);

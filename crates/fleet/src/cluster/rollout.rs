@@ -293,16 +293,20 @@ fn gate(
     )
 }
 
-/// This host's deploy of `image` for a rollout: the image is baked from this host's fleet file
-/// when it is not here yet, and must come out the same.
+/// This host's deploy of `image` for a rollout, with the role's settings from this host's
+/// fleet file (the same file on every host); the image is baked from it when it is not here
+/// yet, and must come out the same. A deploy that fails keeps the settings the role had.
 async fn run_local(inner: &Arc<Inner>, role: &str, image: &str, gate: Option<Gate>) {
-    if let Err(reason) = have_image(inner, role, image).await {
-        tracing::error!(%role, "{reason}");
-        if let Some(gate) = gate {
-            let _ = gate.booted.send(Err(reason));
+    let before = match prepare(inner, role, image).await {
+        Ok(before) => before,
+        Err(reason) => {
+            tracing::error!(%role, "{reason}");
+            if let Some(gate) = gate {
+                let _ = gate.booted.send(Err(reason));
+            }
+            return;
         }
-        return;
-    }
+    };
     let options = DeployOptions {
         image: Some(image.to_string()),
         rollback: None,
@@ -310,10 +314,40 @@ async fn run_local(inner: &Arc<Inner>, role: &str, image: &str, gate: Option<Gat
     let result = crate::deploy::deploy_gated(inner, role, options, &Progress::none(), gate).await;
     if let Err(error) = result {
         tracing::warn!(%role, %error, "this host's part of the rollout did not finish");
+        if let (Ok(running), (config, applied)) = (inner.role(role), before) {
+            running.set_config(config);
+            inner.note_deployed(&applied, role);
+        }
     }
 }
 
-async fn have_image(inner: &Arc<Inner>, role: &str, image: &str) -> Result<(), String> {
+/// Takes the role's settings from the fleet file and makes sure the image is here; the
+/// settings and applied file from before.
+async fn prepare(
+    inner: &Arc<Inner>,
+    role_name: &str,
+    image: &str,
+) -> Result<(crate::RoleConfig, crate::FleetFile), String> {
+    let role = inner.role(role_name).map_err(|e| e.to_string())?;
+    let fleet = inner.reload_fleet().map_err(|e| e.to_string())?;
+    let config = fleet
+        .roles
+        .get(role_name)
+        .cloned()
+        .ok_or_else(|| format!("role {role_name} is not in this host's fleet file"))?;
+    have_image(inner, &fleet, &config.image, image).await?;
+    let before = (role.config(), inner.applied());
+    role.set_config(config);
+    inner.note_deployed(&fleet, role_name);
+    Ok(before)
+}
+
+async fn have_image(
+    inner: &Arc<Inner>,
+    fleet: &crate::FleetFile,
+    recipe: &str,
+    image: &str,
+) -> Result<(), String> {
     let wanted = image.to_string();
     if inner
         .db(move |s| s.find_image(&wanted))
@@ -324,13 +358,7 @@ async fn have_image(inner: &Arc<Inner>, role: &str, image: &str) -> Result<(), S
     {
         return Ok(());
     }
-    let fleet = inner.reload_fleet().map_err(|e| e.to_string())?;
-    let recipe = fleet
-        .roles
-        .get(role)
-        .map(|r| r.image.clone())
-        .ok_or_else(|| format!("role {role} is not in this host's fleet file"))?;
-    let outcome = crate::bake::bake_in_background(inner, fleet, recipe.clone())
+    let outcome = crate::bake::bake_in_background(inner, fleet.clone(), recipe.to_string())
         .await
         .map_err(|e| e.to_string())?;
     if outcome.digest != image {
@@ -362,8 +390,10 @@ pub(crate) async fn deploy(
     let previous_image = live.as_ref().map(|g| g.image.clone());
     let (image, baked, verified) =
         crate::deploy::choose_image(inner, &role, live.as_ref(), &options, progress).await?;
+    let bake_ms = started.elapsed().as_millis() as u64;
     let before = cluster.rollouts().await?.get(role_name).map_or(0, |r| r.id);
     cluster.request_rollout(role_name, &image).await?;
+    let requested = Instant::now();
     progress.say(format!(
         "asked the controller to roll {} out to every host",
         phoenix_image::short_digest(&image)
@@ -392,6 +422,8 @@ pub(crate) async fn deploy(
         });
     }
     // Switched: every host with instances of the role serves the new image at its next look.
+    let booted_ms = requested.elapsed().as_millis() as u64;
+    let switched = Instant::now();
     let placements = cluster.placements().await?;
     let placement = placements.get(role_name).cloned().unwrap_or_default();
     loop {
@@ -431,9 +463,11 @@ pub(crate) async fn deploy(
         previous_image,
         baked,
         instances: placements.get(role_name).map_or(0, |p| p.total),
-        bake_ms: 0,
-        boot_to_healthy_ms: 0,
-        switch_us: 0,
+        // In a cluster: the rollout from the request to the controller's switch (every host
+        // booted and healthy), then until every host with instances serves the new image.
+        bake_ms,
+        boot_to_healthy_ms: booted_ms,
+        switch_us: switched.elapsed().as_micros() as u64,
         drain_ms: 0,
         stop_ms: 0,
         verified,
