@@ -28,6 +28,9 @@ pub struct ClusterView {
     /// steps down when its lease can no longer be renewed).
     #[serde(default)]
     pub leading: bool,
+    /// Roles this host's fleet file defines otherwise than the controller's: role → how.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub divergent: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,11 +201,13 @@ impl Controller {
                 status: Some(status),
                 error: None,
                 leading: cluster.is_leader(),
+                divergent: cluster.divergence_seen(),
             },
             Err(e) => ClusterView {
                 status: None,
                 error: Some(e.to_string()),
                 leading: cluster.is_leader(),
+                divergent: cluster.divergence_seen(),
             },
         })
     }

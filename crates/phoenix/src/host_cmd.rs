@@ -44,8 +44,13 @@ pub async fn run(state: &Path, args: HostArgs) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cluster)?);
             } else if let Some(error) = cluster.error {
                 anyhow::bail!("cannot read the cluster's hosts: {error}");
-            } else if let Some(cluster) = cluster.status {
-                print!("{}", hosts_table(&cluster));
+            } else if let Some(status) = &cluster.status {
+                print!("{}", hosts_table(status));
+            }
+            for (role, how) in &cluster.divergent {
+                println!(
+                    "warning: role {role} in this host's fleet file differs from the controller's: {how}"
+                );
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -13,16 +13,23 @@
 //! | `journal/SEQ`       | a journal event (JSON)       | none (fenced)  |
 //! | `placements/ROLE`   | [`RolePlacement`]: per host  | none (fenced)  |
 //! | `reports/NAME`      | healthy instances per role   | the host's     |
+//! | `roles/ROLE`        | [`RoleSpec`]: the definition | none (fenced)  |
+//! | `sizes/ROLE`        | `phoenix scale`'s size       | none           |
+//! | `rollouts/ROLE`     | the last rollout and phase   | none (fenced)  |
+//! | `intents/deploy/R`  | a deploy asked for           | none           |
+//! | `ready/ROLE/NAME`   | a host's part booted (or not)| the host's     |
 
 mod host;
 mod placement;
 mod plan;
 pub mod reconcile;
 pub mod rollout;
+mod spec;
 
 pub use host::{HostRecord, HostSettings, memory_total};
 pub use placement::{Capacity, HostConstraint, HostView, PlacementError, Placer};
 pub use plan::{RoleDemand, RolePlacement, plan_role};
+pub use spec::{RoleSpec, difference};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -122,6 +129,8 @@ struct Inner {
     leadership: Mutex<Option<Arc<Leadership>>>,
     leading: watch::Sender<bool>,
     next_seq: Mutex<u64>,
+    /// Where this host's fleet file says otherwise than the controller's: role → how.
+    divergent: Mutex<BTreeMap<String, String>>,
     /// The host's lease (renewed, or replaced after etcd was away): what its reports hang on.
     host_lease: Arc<AtomicI64>,
     stop: watch::Sender<bool>,
@@ -165,6 +174,7 @@ impl Cluster {
             leadership: Mutex::new(None),
             leading: watch::channel(false).0,
             next_seq: Mutex::new(0),
+            divergent: Mutex::new(BTreeMap::new()),
             host_lease: host_lease.clone(),
             stop,
             tasks: Mutex::new(Vec::new()),
@@ -496,6 +506,22 @@ impl Cluster {
             .into_iter()
             .map(|(role, size)| (role, (size.instances, size.file)))
             .collect())
+    }
+
+    /// Keeps where this host's roles differ from the controller's, warning once per change.
+    pub(crate) fn note_divergence(&self, now: BTreeMap<String, String>) {
+        let mut divergent = self.0.divergent.lock().unwrap();
+        if *divergent != now {
+            for (role, how) in &now {
+                tracing::warn!(%role, "this host's fleet file differs from the controller's: {how}");
+            }
+            *divergent = now;
+        }
+    }
+
+    /// Where this host's fleet file says otherwise than the controller's (as last seen).
+    pub fn divergence_seen(&self) -> BTreeMap<String, String> {
+        self.0.divergent.lock().unwrap().clone()
     }
 
     /// Resolves when this host's cluster membership is stopping.

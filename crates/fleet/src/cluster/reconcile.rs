@@ -35,6 +35,15 @@ pub(crate) fn demands(inner: &Inner) -> BTreeMap<String, RoleDemand> {
         .collect()
 }
 
+/// Every role as this host runs it (the fleet file as applied).
+fn specs(inner: &Inner) -> BTreeMap<String, super::RoleSpec> {
+    inner
+        .roles()
+        .iter()
+        .map(|role| (role.name.clone(), super::RoleSpec::of(&role.config())))
+        .collect()
+}
+
 /// The fleet file's sizes, with those `phoenix scale` set while the file's stayed the same.
 async fn with_sizes(
     cluster: &Cluster,
@@ -146,7 +155,11 @@ pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
                 )
             })
             .collect();
+        let specs = specs(&strong);
         drop(strong);
+        if let Err(e) = cluster.define_roles(&specs).await {
+            tracing::debug!("cannot define the roles in etcd: {e}");
+        }
         let wanted = with_sizes(&cluster, wanted).await;
         if let Err(e) = rounds.round(&cluster, &wanted).await {
             tracing::debug!("placement round failed: {e}");
@@ -291,6 +304,9 @@ pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
             return;
         }
         super::rollout::follow(&strong, &cluster, &mut following).await;
+        if let Ok(divergent) = cluster.divergence(&specs(&strong)).await {
+            cluster.note_divergence(divergent);
+        }
         match cluster.placements().await {
             Ok(placements) => apply(&strong, cluster.host_name(), &placements).await,
             Err(e) => tracing::debug!("cannot read placements: {e}"),

@@ -187,3 +187,50 @@ async fn two_machines_with_one_name_are_refused_and_draining_is_by_known_name() 
             .draining
     );
 }
+
+#[tokio::test]
+async fn the_controller_defines_roles_in_etcd_and_a_host_with_another_fleet_file_is_told_how() {
+    let Some(etcd) = etcd() else { return };
+    let config = config(&etcd);
+    let h1 = Cluster::join(&config, None, record("h1", 1)).await.unwrap();
+    let _ = leader_among(&[&h1], Duration::from_secs(5)).await;
+    let h2 = Cluster::join(&config, None, record("h2", 2)).await.unwrap();
+    let specs = |text: &str| -> BTreeMap<String, RoleSpec> {
+        let fleet = crate::FleetFile::parse(std::path::Path::new("phoenix.toml"), text).unwrap();
+        fleet
+            .roles
+            .iter()
+            .map(|(name, role)| (name.clone(), RoleSpec::of(role)))
+            .collect()
+    };
+    let file = |instances: u32, secret: &str| {
+        format!(
+            "[image.i]\nfrom = \"scratch\"\n[secret.{secret}]\nenv = \"X\"\n[role.web]\nimage = \"i\"\ninstances = {instances}\nlisten = \"127.0.0.1:1\"\nsecrets = [\"{secret}\"]\nhosts = {{ tag = \"zone=a\" }}\n"
+        )
+    };
+    let leader = specs(&file(3, "db_password"));
+    assert_eq!(h1.define_roles(&leader).await.unwrap(), 1);
+    assert_eq!(
+        h1.define_roles(&leader).await.unwrap(),
+        0,
+        "unchanged: nothing written"
+    );
+    let stored = h2.role_specs().await.unwrap();
+    assert_eq!(stored, leader);
+    // The secret is there by name only.
+    assert_eq!(stored["web"].secrets, ["db_password"]);
+    assert_eq!(stored["web"].hosts, ["zone=a"]);
+
+    // A follower cannot define roles; it learns how its own file differs.
+    let refused = h2.define_roles(&specs(&file(4, "db_password"))).await;
+    assert!(
+        matches!(refused, Err(ClusterError::NotLeader { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(h2.divergence(&leader).await.unwrap(), BTreeMap::new());
+    let other = h2.divergence(&specs(&file(4, "api_key"))).await.unwrap();
+    assert_eq!(
+        other["web"],
+        "instances: 3 there, 4 here; secrets: [\"db_password\"] there, [\"api_key\"] here"
+    );
+}
