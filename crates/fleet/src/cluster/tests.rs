@@ -49,6 +49,14 @@ async fn leader_among(hosts: &[&Cluster], within: Duration) -> usize {
     }
 }
 
+fn names_of(status: &ClusterStatus) -> Vec<&str> {
+    status
+        .hosts
+        .iter()
+        .map(|h| h.record.name.as_str())
+        .collect()
+}
+
 fn no_gossip() -> BTreeMap<String, String> {
     BTreeMap::new()
 }
@@ -73,11 +81,7 @@ async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies(
         .status(&no_gossip(), &no_instances())
         .await
         .unwrap();
-    let names: Vec<&str> = status
-        .hosts
-        .iter()
-        .map(|h| h.record.name.as_str())
-        .collect();
+    let names = names_of(&status);
     assert_eq!(names, ["h1", "h2", "h3"]);
     assert_eq!(status.leader.as_deref(), Some(hosts[first].host_name()));
     assert_eq!(status.hosts[1].record, record("h2", 2));
@@ -127,11 +131,7 @@ async fn hosts_register_one_leads_and_another_takes_over_when_it_leaves_or_dies(
         .status(&no_gossip(), &no_instances())
         .await
         .unwrap();
-    let names: Vec<&str> = status
-        .hosts
-        .iter()
-        .map(|h| h.record.name.as_str())
-        .collect();
+    let names = names_of(&status);
     assert_eq!(names, [hosts[0].host_name()]);
 
     // Each election is in the journal, numbered without gaps across leaders.
