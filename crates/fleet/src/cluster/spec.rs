@@ -108,6 +108,10 @@ impl Cluster {
     ) -> Result<BTreeMap<String, String>, ClusterError> {
         let theirs = self.role_specs().await?;
         let mut found = BTreeMap::new();
+        // Nothing defined yet (the controller has not had its first round): nothing to say.
+        if theirs.is_empty() {
+            return Ok(found);
+        }
         for (role, spec) in &theirs {
             match ours.get(role) {
                 Some(mine) => {

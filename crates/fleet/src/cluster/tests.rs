@@ -209,6 +209,12 @@ async fn the_controller_defines_roles_in_etcd_and_a_host_with_another_fleet_file
         )
     };
     let leader = specs(&file(3, "db_password"));
+    let before = h2.divergence(&specs(&file(4, "api_key"))).await.unwrap();
+    assert_eq!(
+        before,
+        BTreeMap::new(),
+        "nothing defined yet: nothing to compare"
+    );
     assert_eq!(h1.define_roles(&leader).await.unwrap(), 1);
     assert_eq!(
         h1.define_roles(&leader).await.unwrap(),
