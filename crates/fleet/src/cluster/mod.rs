@@ -127,7 +127,6 @@ struct Inner {
     record: HostRecord,
     /// Set while this host leads; its writes are fenced by it.
     leadership: Mutex<Option<Arc<Leadership>>>,
-    leading: watch::Sender<bool>,
     next_seq: Mutex<u64>,
     /// Where this host's fleet file says otherwise than the controller's: role → how.
     divergent: Mutex<BTreeMap<String, String>>,
@@ -172,7 +171,6 @@ impl Cluster {
             ttl: config.lease,
             record: record.clone(),
             leadership: Mutex::new(None),
-            leading: watch::channel(false).0,
             next_seq: Mutex::new(0),
             divergent: Mutex::new(BTreeMap::new()),
             host_lease: host_lease.clone(),
@@ -212,12 +210,7 @@ impl Cluster {
 
     /// Whether this host leads now.
     pub fn is_leader(&self) -> bool {
-        *self.0.leading.borrow()
-    }
-
-    /// Changes whenever this host starts or stops leading.
-    pub fn leading(&self) -> watch::Receiver<bool> {
-        self.0.leading.subscribe()
+        self.0.leadership.lock().unwrap().is_some()
     }
 
     async fn campaign_forever(self) {
@@ -277,7 +270,6 @@ impl Cluster {
         };
         *self.0.next_seq.lock().unwrap() = next;
         *self.0.leadership.lock().unwrap() = Some(leadership.clone());
-        self.0.leading.send_replace(true);
         tracing::info!(host = %self.0.record.name, term = leadership.term(), "this host leads the cluster");
         let detail = serde_json::json!({ "term": leadership.term() });
         if let Err(e) = self.journal("controller.elected", detail).await {
@@ -287,7 +279,6 @@ impl Cluster {
 
     fn step_down(&self) {
         *self.0.leadership.lock().unwrap() = None;
-        self.0.leading.send_replace(false);
     }
 
     /// The leadership to fence a write with, or who leads instead.
@@ -360,19 +351,14 @@ impl Cluster {
         gossip: &BTreeMap<String, String>,
         instances: &BTreeMap<String, u32>,
     ) -> Result<ClusterStatus, ClusterError> {
-        let (_, hosts) = self.0.etcd.get_prefix(&self.key("hosts/")).await?;
-        let (_, drains) = self.0.etcd.get_prefix(&self.key("drain/")).await?;
         let leader = self.0.etcd.get(&self.key("leader")).await?;
-        let draining: Vec<String> = drains
-            .iter()
-            .filter_map(|kv| kv.key_str().rsplit('/').next().map(str::to_string))
-            .collect();
-        let hosts = hosts
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<HostRecord>(&kv.value).ok())
-            .map(|record| HostStatus {
+        let hosts = self
+            .hosts()
+            .await?
+            .into_iter()
+            .map(|(record, draining)| HostStatus {
                 alive: true,
-                draining: draining.contains(&record.name),
+                draining,
                 gossip: gossip.get(&record.name).cloned(),
                 instances: instances.get(&record.name).copied().unwrap_or(0),
                 record,
@@ -386,13 +372,33 @@ impl Cluster {
         })
     }
 
+    /// Every registered host (its record under its lease), and whether it drains.
+    async fn hosts(&self) -> Result<Vec<(HostRecord, bool)>, ClusterError> {
+        let hosts: BTreeMap<String, HostRecord> = self.read_under("hosts/").await?;
+        // A drain mark counts by its key, whatever its value.
+        let prefix = self.key("drain/");
+        let (_, drains) = self.0.etcd.get_prefix(&prefix).await?;
+        let draining: Vec<&str> = drains
+            .iter()
+            .filter_map(|kv| kv.key_str().strip_prefix(&prefix))
+            .collect();
+        Ok(hosts
+            .into_values()
+            .map(|record| {
+                let draining = draining.contains(&record.name.as_str());
+                (record, draining)
+            })
+            .collect())
+    }
+
     /// Takes `host` out of placement (`on`) or puts it back. Any host may ask; the leader
     /// journals it.
     pub async fn set_draining(&self, host: &str, on: bool) -> Result<(), ClusterError> {
-        let (_, hosts) = self.0.etcd.get_prefix(&self.key("hosts/")).await?;
-        let names: Vec<String> = hosts
-            .iter()
-            .filter_map(|kv| kv.key_str().rsplit('/').next().map(str::to_string))
+        let names: Vec<String> = self
+            .hosts()
+            .await?
+            .into_iter()
+            .map(|(record, _)| record.name)
             .collect();
         let key = self.key(&format!("drain/{host}"));
         if on {
@@ -444,21 +450,21 @@ impl Cluster {
             .collect())
     }
 
-    /// Every live host as placement sees it.
+    /// Every live host as placement sees it (a host whose lease ran out is not listed).
     pub async fn host_views(&self) -> Result<Vec<HostView>, ClusterError> {
-        let status = self.status(&BTreeMap::new(), &BTreeMap::new()).await?;
-        Ok(status
-            .hosts
+        Ok(self
+            .hosts()
+            .await?
             .into_iter()
-            .map(|h| HostView {
-                name: h.record.name,
-                tags: h.record.tags,
+            .map(|(record, draining)| HostView {
+                name: record.name,
+                tags: record.tags,
                 capacity: Capacity {
-                    cpu_millis: h.record.cpu_millis,
-                    memory: h.record.memory,
+                    cpu_millis: record.cpu_millis,
+                    memory: record.memory,
                 },
-                draining: h.draining,
-                alive: h.alive,
+                draining,
+                alive: true,
             })
             .collect())
     }

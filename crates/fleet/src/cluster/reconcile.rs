@@ -128,14 +128,13 @@ pub(crate) async fn scale(
 /// While this host leads: plans every role and writes the placements that changed.
 pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
     let mut stopping = cluster.stopping();
-    let mut leading = cluster.leading();
     let mut rounds = PlacementRounds::new(cluster.lease() * 2);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
-        if !*leading.borrow_and_update() {
+        if !cluster.is_leader() {
             continue;
         }
         let Some(strong) = inner.upgrade() else {
