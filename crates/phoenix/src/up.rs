@@ -79,15 +79,12 @@ pub struct HostArgs {
 
 impl HostArgs {
     fn settings(&self) -> anyhow::Result<phoenix_fleet::cluster::HostSettings> {
-        let mut tags = std::collections::BTreeMap::new();
-        for tag in &self.host_tags {
-            match tag.split_once('=') {
-                Some((k, v)) if !k.is_empty() => {
-                    tags.insert(k.to_string(), v.to_string());
-                }
-                _ => bail!("--host-tag {tag:?}: write KEY=VALUE, like zone=a"),
-            }
-        }
+        // The same KEY=VALUE a role's `hosts = { tag = ... }` is written in.
+        let tags = phoenix_fleet::cluster::HostConstraint::parse(&self.host_tags)
+            .map_err(|why| anyhow::anyhow!("--host-tag: {why}"))?
+            .tags
+            .into_iter()
+            .collect();
         if let Some(name) = &self.host_name
             && (name.is_empty()
                 || name.len() > 63

@@ -63,6 +63,15 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// A JSON POST of `path` to this member.
+    fn post(&self, path: &str) -> hyper::http::request::Builder {
+        hyper::Request::post(path)
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+    }
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -326,13 +335,8 @@ impl Pool {
         body: Bytes,
     ) -> std::result::Result<(Sender, hyper::Response<Incoming>), Failure> {
         let token = self.token(index).await?;
-        let endpoint = &self.endpoints[index];
-        let mut request = hyper::Request::post(format!("/v3/{path}"))
-            .header(
-                hyper::header::HOST,
-                format!("{}:{}", endpoint.host, endpoint.port),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+        let mut request = self.endpoints[index]
+            .post(&format!("/v3/{path}"))
             // etcd's require-leader: a member without a leader refuses instead of hanging.
             .header("grpc-metadata-hasleader", "true");
         if let Some(token) = token {
@@ -355,13 +359,8 @@ impl Pool {
         }
         let body = serde_json::to_vec(&Authenticate { name, password }).unwrap_or_default();
         let sender = self.connect(index).await?;
-        let endpoint = &self.endpoints[index];
-        let request = hyper::Request::post("/v3/auth/authenticate")
-            .header(
-                hyper::header::HOST,
-                format!("{}:{}", endpoint.host, endpoint.port),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+        let request = self.endpoints[index]
+            .post("/v3/auth/authenticate")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| Failure(chain(&e)))?;
         let mut sender = sender;
