@@ -147,12 +147,7 @@ pub(crate) async fn lead(inner: Weak<Inner>, cluster: Cluster) {
         let timeouts: BTreeMap<String, Duration> = strong
             .roles()
             .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.config().deploy.healthy_timeout + Duration::from_secs(600),
-                )
-            })
+            .map(|r| (r.name.clone(), super::rollout::limit(&r.config())))
             .collect();
         let specs = specs(&strong);
         drop(strong);

@@ -94,6 +94,12 @@ impl Cluster {
     }
 }
 
+/// How long a rollout of a role may take: every host may have to bake the image first (ten
+/// minutes), then boot it (the role's `healthy_timeout`).
+pub(crate) fn limit(config: &crate::RoleConfig) -> Duration {
+    config.deploy.healthy_timeout + Duration::from_secs(600)
+}
+
 /// The controller's part, each round: requests become rollouts; a booting rollout switches
 /// when every host with instances of the role is ready, or aborts.
 pub(crate) async fn lead(
@@ -398,7 +404,7 @@ pub(crate) async fn deploy(
         "asked the controller to roll {} out to every host",
         phoenix_image::short_digest(&image)
     ));
-    let limit = role.config().deploy.healthy_timeout + Duration::from_secs(600);
+    let limit = limit(&role.config());
     let rollout = loop {
         if started.elapsed() > limit {
             return Err(FleetError::Cluster(ClusterError::Unsupported(format!(
