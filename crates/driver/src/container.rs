@@ -308,9 +308,11 @@ impl Driver for ContainerDriver {
             })?;
         let (lease, attach, host, port) = match &spec.network {
             Network::Bridge(bridge) => {
-                let lease = bridge.lease(&spec.role, &self.cgroups.path_of(&spec.name))?;
+                let port = spec.port.unwrap_or(8080);
+                let mut lease = bridge.lease(&spec.role, &self.cgroups.path_of(&spec.name))?;
+                lease.publish(port)?;
                 let attach = Attach::new(bridge, &lease);
-                (Some(lease), Some(attach), None, spec.port.unwrap_or(8080))
+                (Some(lease), Some(attach), None, port)
             }
             Network::Host => {
                 let port = match spec.port {
@@ -368,11 +370,13 @@ impl Driver for ContainerDriver {
                         adoption.name, adoption.addr
                     )));
                 };
-                Some(bridge.adopt_lease(
+                let mut lease = bridge.adopt_lease(
                     &adoption.role,
                     &self.cgroups.path_of(&adoption.name),
                     *addr.ip(),
-                )?)
+                )?;
+                lease.publish(addr.port())?;
+                Some(lease)
             }
             Network::Host => None,
         };

@@ -22,6 +22,7 @@ mod net;
 mod policy;
 mod process;
 mod procfs;
+mod publish;
 mod seccomp;
 mod shim;
 mod spec;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -27,6 +27,7 @@ use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::DriverError;
 use crate::policy::{Denied, Firewall, Member, PolicyConfig};
+use crate::publish::Publisher;
 
 /// An rtnetlink socket in the network namespace of the thread that opened it.
 pub(crate) struct Netlink {
@@ -321,6 +322,10 @@ pub struct Bridge {
     used: Mutex<BTreeSet<u32>>,
     /// The network policy's tables, once set and when some role is guarded.
     firewall: OnceLock<Firewall>,
+    /// The published ports, in a cluster.
+    publisher: OnceLock<Publisher>,
+    /// Taken over from the previous program (`phoenix restart`), not made by this one.
+    adopted: bool,
 }
 
 /// An address on the bridge and the name of the link that carries it, given back when
@@ -332,12 +337,32 @@ pub struct Lease {
     /// The host end of the instance's veth pair (at most 15 bytes).
     pub link: String,
     member: Option<Member>,
+    /// The host port other hosts reach it at, once published.
+    published: Option<u16>,
+}
+
+impl Lease {
+    /// Publishes the instance serving on `port` to other hosts, when its bridge publishes.
+    pub fn publish(&mut self, port: u16) -> Result<(), DriverError> {
+        let Some(publisher) = self.bridge.publisher.get() else {
+            return Ok(());
+        };
+        let offset = self.bridge.offset_of(self.addr).ok_or_else(|| {
+            DriverError::Network(format!("{} is not an instance address", self.addr))
+        })?;
+        let port = publisher.add(offset, SocketAddrV4::new(self.addr, port))?;
+        self.published = Some(port);
+        Ok(())
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let (Some(firewall), Some(member)) = (self.bridge.firewall.get(), &self.member) {
             firewall.forget(member);
+        }
+        if let (Some(publisher), Some(port)) = (self.bridge.publisher.get(), self.published) {
+            publisher.remove(port);
         }
         let offset = u32::from(self.addr) - u32::from(self.bridge.subnet.network);
         self.bridge
@@ -376,6 +401,8 @@ impl Bridge {
             subnet,
             used: Mutex::new(BTreeSet::from([0, 1])),
             firewall: OnceLock::new(),
+            publisher: OnceLock::new(),
+            adopted: true,
         }))
     }
 
@@ -436,11 +463,14 @@ impl Bridge {
         netlink.set_up(index).map_err(|e| fail("bring it up", e))?;
         // A previous run's rules must not outlive it (this run may have none).
         Firewall::remove_stale(&config.name);
+        Publisher::remove_stale(&config.name);
         Ok(Arc::new(Bridge {
             name: config.name.clone(),
             subnet,
             used: Mutex::new(BTreeSet::from([0, 1])),
             firewall: OnceLock::new(),
+            publisher: OnceLock::new(),
+            adopted: false,
         }))
     }
 
@@ -454,6 +484,61 @@ impl Bridge {
         self.firewall
             .set(firewall)
             .map_err(|_| DriverError::Network("the network policy is already installed".into()))
+    }
+
+    /// Publishes every instance to other hosts at `host_ip` and a port from `first_port` on
+    /// (`first_port` + the instance's offset in the subnet), once, before any instance
+    /// starts. A bridge taken over keeps the previous program's ports until
+    /// [`Bridge::release_published`].
+    pub fn publish(&self, host_ip: Ipv4Addr, first_port: u16) -> Result<(), DriverError> {
+        let hosts = self.subnet.hosts() + 1;
+        if !crate::publish::fits(first_port, hosts) {
+            return Err(DriverError::Network(format!(
+                "published ports: {hosts} ports from {first_port} on (one per address of {}) \
+                 do not fit between 1024 and 65535: set a lower `[network] first_host_port`, or a \
+                 smaller `[network] subnet`",
+                self.subnet
+            )));
+        }
+        let publisher = Publisher::install(&self.name, host_ip, first_port, !self.adopted)?;
+        self.publisher
+            .set(publisher)
+            .map_err(|_| DriverError::Network("the ports are already published".into()))
+    }
+
+    /// Where other hosts reach the instance at `addr` on this bridge, when published.
+    pub fn published(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        let publisher = self.publisher.get()?;
+        let SocketAddr::V4(addr) = addr else {
+            return None;
+        };
+        let offset = self.offset_of(*addr.ip())?;
+        Some(publisher.address_of(offset))
+    }
+
+    /// The hosts whose connections reach published ports (the cluster's other hosts).
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = Ipv4Addr>) -> Result<(), DriverError> {
+        match self.publisher.get() {
+            Some(publisher) => publisher.set_peers(peers.into_iter().collect()),
+            None => Ok(()),
+        }
+    }
+
+    /// After taking over the previous program's instances: published ports of those not
+    /// taken over stop translating.
+    pub fn release_published(&self) -> Result<(), DriverError> {
+        match self.publisher.get() {
+            Some(publisher) => publisher.release(),
+            None => Ok(()),
+        }
+    }
+
+    /// How far into the subnet `ip` is, when it is an instance's address.
+    fn offset_of(&self, ip: Ipv4Addr) -> Option<u32> {
+        let offset = u32::from(ip).checked_sub(u32::from(self.subnet.network))?;
+        (2..=self.subnet.hosts())
+            .contains(&offset)
+            .then_some(offset)
     }
 
     /// Refused attempts between roles so far (empty without a network policy).
@@ -528,6 +613,7 @@ impl Bridge {
             addr,
             link: link.clone(),
             member: None,
+            published: None,
         };
         if let Some(firewall) = self.firewall.get() {
             let member = Member {
@@ -560,6 +646,9 @@ impl Bridge {
         let fail = |e: io::Error| DriverError::Network(format!("remove bridge {}: {e}", self.name));
         if let Some(firewall) = self.firewall.get() {
             firewall.remove();
+        }
+        if let Some(publisher) = self.publisher.get() {
+            publisher.uninstall();
         }
         let mut netlink = Netlink::open().map_err(fail)?;
         if let Some(index) = netlink.link_index(&self.name).map_err(fail)? {
@@ -741,6 +830,8 @@ mod tests {
             subnet: Subnet::parse("10.9.0.0/30").unwrap(),
             used: Mutex::new(BTreeSet::from([0, 1])),
             firewall: OnceLock::new(),
+            publisher: OnceLock::new(),
+            adopted: false,
         });
         let first = bridge.lease("web", "a").unwrap();
         assert_eq!(first.addr, Ipv4Addr::new(10, 9, 0, 2));

@@ -295,26 +295,30 @@ impl Firewall {
         }
     }
 
-    /// Feeds `script` to `nft -f -`: one transaction, all or nothing.
     fn run(&self, script: &str) -> Result<(), String> {
-        let mut child = Command::new(&self.nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.nft.display()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| format!("cannot write to nft: {e}"))?;
-        }
-        let output = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
-        }
+        run_nft(&self.nft, script)
+    }
+}
+
+/// Feeds `script` to `nft -f -`: one transaction, all or nothing.
+pub(crate) fn run_nft(nft: &std::path::Path, script: &str) -> Result<(), String> {
+    let mut child = Command::new(nft)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", nft.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("cannot write to nft: {e}"))?;
+    }
+    let output = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
     }
 }
 
@@ -338,6 +342,11 @@ fn parse_counters(json: &[u8]) -> Vec<(String, u64)> {
 }
 
 fn find_nft() -> Result<PathBuf, DriverError> {
+    nft_for("network policy (allow_from, allow_cidrs)")
+}
+
+/// The `nft` command, or an error saying that `what` needs it.
+pub(crate) fn nft_for(what: &str) -> Result<PathBuf, DriverError> {
     [
         "/usr/sbin/nft",
         "/sbin/nft",
@@ -348,11 +357,9 @@ fn find_nft() -> Result<PathBuf, DriverError> {
     .map(PathBuf::from)
     .find(|path| path.is_file())
     .ok_or_else(|| {
-        DriverError::Network(
-            "network policy (allow_from, allow_cidrs) needs nftables: install the `nftables` \
-                 package (the `nft` command)"
-                .into(),
-        )
+        DriverError::Network(format!(
+            "{what} needs nftables: install the `nftables` package (the `nft` command)"
+        ))
     })
 }
 
