@@ -17,7 +17,9 @@ mod runtime;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
-pub use runtime::{DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource};
+pub use runtime::{
+    DEFAULT_FIRST_HOST_PORT, DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource,
+};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 

@@ -428,9 +428,9 @@ impl Inner {
     /// Where instances on the host's network listen: this host's address in a cluster (so
     /// other hosts' proxies reach them), loopback on one machine.
     pub(crate) fn host_ip(&self) -> std::net::Ipv4Addr {
-        match self.cluster.as_ref().map(|c| c.address()) {
-            Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => ip,
-            _ => std::net::Ipv4Addr::LOCALHOST,
+        match &self.cluster {
+            Some(cluster) => host_ipv4(cluster.address()),
+            None => std::net::Ipv4Addr::LOCALHOST,
         }
     }
 
@@ -679,8 +679,9 @@ impl Controller {
             None => {
                 let (fleet, state) = (fleet.clone(), state_dir.clone());
                 let bridge = inherited.bridge.clone();
+                let publish_on = cluster.as_ref().map(|c| host_ipv4(c.address()));
                 tokio::task::spawn_blocking(move || {
-                    crate::drivers::Drivers::open(&fleet, &state, true, bridge.as_ref())
+                    crate::drivers::Drivers::open(&fleet, &state, true, bridge.as_ref(), publish_on)
                 })
                 .await
                 .map_err(|e| FleetError::Internal(e.to_string()))??
@@ -763,6 +764,12 @@ impl Controller {
         if !handed.is_empty() {
             let adopted = inner.adopt(&handed).await;
             inner.journal_adoption(handed.len(), adopted).await;
+        }
+        // Ports published for instances that were not taken over stop translating.
+        if let Some(bridge) = inner.drivers.bridge().cloned() {
+            tokio::task::spawn_blocking(move || bridge.release_published())
+                .await
+                .map_err(|e| FleetError::Internal(e.to_string()))??;
         }
         inner
             .journal(
@@ -1019,7 +1026,7 @@ impl Controller {
     pub fn check_restart(&self) -> Result<(), FleetError> {
         let fleet = self.inner.reload_fleet()?;
         check_secrets(&fleet, &crate::secrets::Secrets::capture(&fleet))?;
-        crate::drivers::Drivers::open(&fleet, &self.inner.state_dir, false, None)?;
+        crate::drivers::Drivers::open(&fleet, &self.inner.state_dir, false, None, None)?;
         for (name, config) in &fleet.roles {
             let kept = self.inner.role(name).is_ok_and(|role| {
                 let now = role.listen();
@@ -1115,5 +1122,13 @@ async fn replace(inner: Arc<Inner>, role: Arc<Role>, generation: i64, dead: Stri
                     .await;
             }
         }
+    }
+}
+
+/// A cluster host's IPv4 address, where its instances are reached (loopback when it has none).
+fn host_ipv4(address: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match address {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+        _ => std::net::Ipv4Addr::LOCALHOST,
     }
 }

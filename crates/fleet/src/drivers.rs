@@ -5,7 +5,7 @@
 //! error.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,12 +44,14 @@ impl Drivers {
     /// `bridge` allows it (else every role runs on the host's network: what a CLI command that
     /// runs beside `phoenix up` may do).
     /// A bridge handed over by the previous program of this process (`adopt`) is taken over
-    /// when the fleet file still asks for it.
+    /// when the fleet file still asks for it. In a cluster (`publish_on`: this host's
+    /// address) the bridge's instances are published to the other hosts.
     pub fn open(
         fleet: &FleetFile,
         state_dir: &Path,
         bridge: bool,
         adopt: Option<&crate::handover::HandedBridge>,
+        publish_on: Option<Ipv4Addr>,
     ) -> Result<Drivers, FleetError> {
         let mut drivers = Drivers::empty();
         let process: Arc<dyn Driver> = Arc::new(ProcessDriver);
@@ -79,10 +81,14 @@ impl Drivers {
                         None
                     }
                 });
-            drivers.bridge = Some(match kept {
+            let bridge = match kept {
                 Some(bridge) => bridge,
                 None => Bridge::create(&config)?,
-            });
+            };
+            if let Some(host_ip) = publish_on {
+                publish(fleet, &bridge, host_ip)?;
+            }
+            drivers.bridge = Some(bridge);
         }
         for (name, driver, network) in chosen {
             let network = match (network, &drivers.bridge) {
@@ -266,6 +272,30 @@ impl Drivers {
             tracing::warn!(%error, "removing the bridge");
         }
     }
+}
+
+/// Publishes the bridge's instances at `host_ip`, on ports no role listens on there.
+fn publish(fleet: &FleetFile, bridge: &Bridge, host_ip: Ipv4Addr) -> Result<(), FleetError> {
+    let first = fleet
+        .network
+        .first_host_port
+        .unwrap_or(crate::config::DEFAULT_FIRST_HOST_PORT);
+    let last = u32::from(first) + (1u32 << (32 - u32::from(bridge.subnet().prefix))) - 1;
+    let clash = fleet.roles.iter().find(|(_, role)| {
+        let ip = role.listen.ip();
+        (ip.is_unspecified() || ip == std::net::IpAddr::V4(host_ip))
+            && (u32::from(first)..=last).contains(&u32::from(role.listen.port()))
+    });
+    if let Some((name, role)) = clash {
+        return Err(FleetError::Driver(DriverError::Network(format!(
+            "[role.{name}] listen = \"{}\" in {}: other hosts reach this host's instances on \
+             ports {first} to {last}: choose a port outside them, or move them with \
+             `[network] first_host_port`",
+            role.listen,
+            fleet.path.display()
+        ))));
+    }
+    Ok(bridge.publish(host_ip, first)?)
 }
 
 fn bridge_config(fleet: &FleetFile, state_dir: &Path) -> Result<BridgeConfig, FleetError> {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use phoenix_driver::{Driver, Exit, InstanceSpec, Network, Process, Resources, Secret};
 use phoenix_image::{ImageConfig, ImageStore, RootLayout};
@@ -23,6 +23,9 @@ pub(crate) struct Instance {
     pub role: String,
     pub generation: i64,
     pub backend: Arc<Backend>,
+    /// Where other hosts reach it (a published port of a bridge instance, in a cluster); the
+    /// backend's address otherwise.
+    pub advertised: SocketAddr,
     /// The instance's main process on the host (a container's init), and its start time.
     pub pid: u32,
     pub start_time: u64,
@@ -390,6 +393,10 @@ pub(crate) fn supervise(
         role: role.name.clone(),
         generation,
         backend: Backend::new(name, addr),
+        advertised: match &role.placement.network {
+            Network::Bridge(bridge) => bridge.published(addr).unwrap_or(addr),
+            Network::Host => addr,
+        },
         pid: process.pid,
         start_time: process.start_time,
         watcher: process.watcher_pid(),

@@ -179,7 +179,7 @@ fn desired_members(
                 let tags = BTreeMap::from([
                     (TAG_ROLE.to_string(), role.name.clone()),
                     (TAG_HOST.to_string(), host.to_string()),
-                    (TAG_ADDR.to_string(), instance.backend.addr.to_string()),
+                    (TAG_ADDR.to_string(), instance.advertised.to_string()),
                     (TAG_GENERATION.to_string(), generation.id.to_string()),
                     (TAG_IMAGE.to_string(), short(&generation.image)),
                     (
@@ -190,7 +190,7 @@ fn desired_members(
                 ]);
                 let mut tags = tags;
                 if let Some(key) = key {
-                    let addr = instance.backend.addr.to_string();
+                    let addr = instance.advertised.to_string();
                     let sig = key.sign(&instance.name, &role.name, host, &addr);
                     tags.insert(TAG_SIG.to_string(), sig);
                 }

@@ -97,6 +97,9 @@ pub struct InstanceView {
     pub name: String,
     pub status: String,
     pub address: String,
+    /// Where other hosts reach it, when not at `address` (a published port, in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<String>,
     pub pid: u32,
     pub in_flight: usize,
     pub uptime_ms: u64,
@@ -249,6 +252,7 @@ fn view(generation: &Generation) -> GenerationView {
                 name: i.name.clone(),
                 status: i.status().to_string(),
                 address: i.backend.addr.to_string(),
+                published: (i.advertised != i.backend.addr).then(|| i.advertised.to_string()),
                 pid: i.pid,
                 in_flight: i.backend.in_flight(),
                 uptime_ms: i.started.elapsed().as_millis() as u64,

@@ -110,7 +110,7 @@ impl Verifier {
             what: format!("create {}", logs.display()),
             cause,
         })?;
-        let drivers = crate::drivers::Drivers::open(fleet, state_dir, false, None)?;
+        let drivers = crate::drivers::Drivers::open(fleet, state_dir, false, None, None)?;
         let warnings = drivers.warnings.clone();
         let verifier = Verifier {
             store: Arc::new(Store::open(state_dir.join("state.db"))?),

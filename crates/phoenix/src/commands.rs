@@ -275,7 +275,7 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
             );
             for instance in &generation.instances {
                 println!(
-                    "    {:<14} {:<10} {:<21} pid {:<7} up {:>6}s  in-flight {}{}{}",
+                    "    {:<14} {:<10} {:<21} pid {:<7} up {:>6}s  in-flight {}{}{}{}",
                     instance.name,
                     instance.status,
                     instance.address,
@@ -287,6 +287,11 @@ pub async fn status(state: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> 
                         (false, true) => "  [protected]",
                         _ => "",
                     },
+                    instance
+                        .published
+                        .as_deref()
+                        .map(|p| format!("  published at {p}"))
+                        .unwrap_or_default(),
                     instance
                         .last_error
                         .as_deref()

@@ -51,10 +51,22 @@ fn names(hosts: &Value) -> Vec<String> {
 /// b after), every one with the same fleet file (`web` of `instances`) and gossip key, and
 /// waits until each serves.
 fn start_hosts(rig: &Rig, etcd: &EtcdCluster, count: usize, instances: u32) -> Vec<Phoenix> {
+    start_hosts_on(rig, etcd, count, instances, "host")
+}
+
+/// As `start_hosts`, with web's instances on `network` (`host` or `bridge`).
+fn start_hosts_on(
+    rig: &Rig,
+    etcd: &EtcdCluster,
+    count: usize,
+    instances: u32,
+    network: &'static str,
+) -> Vec<Phoenix> {
     let mut hosts = Vec::new();
     for n in 0..count {
         let mut fleet = fleet_for(rig, etcd, n, "v1");
         fleet.instances = instances;
+        fleet.network = network;
         let dir = tempfile::tempdir().unwrap();
         fleet.write_to(dir.path());
         // Gossip beyond loopback is sealed: one cluster key in a 0600 file on every host.
@@ -416,14 +428,33 @@ fn versions(phoenix: &Phoenix, proxy: std::net::SocketAddr, count: usize) -> Vec
         .collect()
 }
 
+/// The one live instance of web on `phoenix`: its address and where other hosts reach it.
+fn only_instance(phoenix: &Phoenix) -> (String, Option<String>) {
+    let live = phoenix.live_instances();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let address = live[0]["address"].as_str().unwrap().to_string();
+    (address, live[0]["published"].as_str().map(str::to_string))
+}
+
+/// A TCP connection to `addr` from inside `netns`, given a second: opened, or why not.
+fn connect(netns: common::Netns, addr: std::net::SocketAddr) -> Result<(), std::io::ErrorKind> {
+    netns.run(move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .map(drop)
+            .map_err(|e| e.kind())
+    })
+}
+
 #[test]
 fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     if skip() {
         return;
     }
-    let rig = Rig::new(3);
+    // Three hosts, and a fourth namespace on the same network that is no host: an outsider.
+    let rig = Rig::new(4);
     let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
-    let hosts = start_hosts(&rig, &etcd, 3, 3);
+    // Instances in containers on each host's own bridge (the default network).
+    let hosts = start_hosts_on(&rig, &etcd, 3, 3, "bridge");
     wait_one_per_host(&hosts);
     let proxy = hosts[1].proxy_addr();
     wait_for(
@@ -436,10 +467,46 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
         },
     );
 
+    // Each instance is on its host's bridge, published at its host's address; other hosts'
+    // proxies send to that published address.
+    let (address, published) = only_instance(&hosts[0]);
+    let published: std::net::SocketAddr = published.expect("published").parse().unwrap();
+    assert_eq!(published.ip(), rig.host_ip(0));
+    assert!((20002..24096).contains(&published.port()), "{published}");
+    assert!(
+        !address.starts_with(&rig.host_ip(0).to_string()),
+        "{address}"
+    );
+    let remote = hosts[1].status()["roles"][0]["remote"].to_string();
+    assert!(remote.contains(&published.to_string()), "{remote}");
+    assert!(hosts[1].get(published, "/").contains("hello from"));
+    // Nobody else reaches it: not at the published port from a machine that is no host, not
+    // at its bridge address routed through the host.
+    let outsider = rig.netns(3);
+    // Not translated for it: the host's own closed port answers.
+    assert_eq!(
+        connect(outsider.clone(), published),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+    let instance: std::net::SocketAddr = address.parse().unwrap();
+    let route = format!("{}/32", instance.ip());
+    let status = std::process::Command::new("ip")
+        .args(["-n", &rig.namespace_name(3), "route", "add", &route, "via"])
+        .arg(rig.host_ip(0).to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Not forwarded: dropped, so the attempt runs out of time.
+    assert_eq!(
+        connect(outsider, instance),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+
     // The same new fleet file on every host, deployed from h2, under load through h1's proxy.
     for (n, host) in hosts.iter().enumerate() {
         let mut v2 = fleet_for(&rig, &etcd, n, "v2");
         v2.instances = 3;
+        v2.network = "bridge";
         host.write_fleet(&v2);
     }
     let load = hosts[1].load(proxy, 4);
@@ -456,6 +523,17 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let samples = none_failed("deploy across 3 hosts under load", vec![load]);
+    // v2 is published at a port of its own, and v1's port closes once v1 has stopped.
+    let (_, now_published) = only_instance(&hosts[0]);
+    let now_published: std::net::SocketAddr = now_published.unwrap().parse().unwrap();
+    assert_ne!(now_published, published);
+    assert!(hosts[1].get(now_published, "/").contains("version v2"));
+    // Closed, not translated to an address nobody holds now (that would run out of time).
+    wait_for(
+        "v1's published port closed",
+        Duration::from_secs(20),
+        || connect(rig.netns(1), published) == Err(std::io::ErrorKind::ConnectionRefused),
+    );
     // Old before new: no v1 answer after the first v2 one (one switch, not one per host).
     let served: Vec<&str> = samples
         .iter()
@@ -473,6 +551,7 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     for (n, host) in hosts.iter().enumerate() {
         let mut broken = fleet_for(&rig, &etcd, n, "v3");
         broken.instances = 3;
+        broken.network = "bridge";
         broken.fail_health = true;
         broken.healthy_timeout = "3s";
         host.write_fleet(&broken);
@@ -486,8 +565,12 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     );
     let after: Vec<String> = versions(&hosts[1], proxy, 20);
     assert!(after.iter().all(|v| v == "v2"), "{after:?}");
-    let history = hosts[0].cli_ok(&["history", "--json"]);
-    assert!(history.contains("deploy.aborted"), "{history}");
+    // Each host journals its own part once the word reaches it (within a tick or two).
+    wait_for("h0's journal of the abort", Duration::from_secs(10), || {
+        hosts[0]
+            .cli_ok(&["history", "--json"])
+            .contains("deploy.aborted")
+    });
     drop(hosts);
     drop(etcd);
 }

@@ -391,6 +391,12 @@ impl Cluster {
             .collect())
     }
 
+    /// The address of every registered host.
+    pub async fn host_addresses(&self) -> Result<Vec<std::net::IpAddr>, ClusterError> {
+        let hosts: BTreeMap<String, HostRecord> = self.read_under("hosts/").await?;
+        Ok(hosts.into_values().map(|record| record.address).collect())
+    }
+
     /// Takes `host` out of placement (`on`) or puts it back. Any host may ask; the leader
     /// journals it.
     pub async fn set_draining(&self, host: &str, on: bool) -> Result<(), ClusterError> {

@@ -298,6 +298,7 @@ pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
             return;
         }
         super::rollout::follow(&strong, &cluster, &mut following).await;
+        admit_peers(&strong, &cluster).await;
         if let Ok(divergent) = cluster.divergence(&specs(&strong)).await {
             cluster.note_divergence(divergent);
         }
@@ -312,6 +313,28 @@ pub(crate) async fn follow(inner: Weak<Inner>, cluster: Cluster) {
                 Err(e) => tracing::debug!("cannot report to etcd: {e}"),
             }
         }
+    }
+}
+
+/// Lets the cluster's hosts (and only them) reach this host's bridge instances at their
+/// published ports. Hosts that etcd no longer lists keep their access until it answers again.
+async fn admit_peers(inner: &Arc<Inner>, cluster: &Cluster) {
+    let Some(bridge) = inner.drivers.bridge().cloned() else {
+        return;
+    };
+    let addresses = match cluster.host_addresses().await {
+        Ok(addresses) => addresses,
+        Err(e) => return tracing::debug!("cannot read the hosts: {e}"),
+    };
+    let peers = addresses.into_iter().filter_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let peers: Vec<_> = peers.collect();
+    match tokio::task::spawn_blocking(move || bridge.set_peers(peers)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot admit the cluster's hosts"),
+        Err(error) => tracing::warn!(%error, "cannot admit the cluster's hosts"),
     }
 }
 

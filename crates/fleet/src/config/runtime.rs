@@ -97,7 +97,15 @@ pub struct NetworkConfig {
     /// The bridge's name (default `phx` and 8 hex digits of the state directory's path).
     #[serde(default)]
     pub bridge: Option<String>,
+    /// In a cluster, other hosts reach an instance on the bridge at this host's address and
+    /// port `first_host_port` + the instance's offset in the subnet (default 20000: 20002 to
+    /// 24095 for a /20).
+    #[serde(default)]
+    pub first_host_port: Option<u16>,
 }
+
+/// Where published ports start unless `[network] first_host_port` says otherwise.
+pub const DEFAULT_FIRST_HOST_PORT: u16 = 20000;
 
 impl NetworkConfig {
     pub(crate) fn problem(&self) -> Option<String> {
@@ -105,6 +113,13 @@ impl NetworkConfig {
             && let Err(why) = phoenix_driver::Subnet::parse(subnet)
         {
             return Some(format!("key `subnet`: {why}"));
+        }
+        if let Some(port) = self.first_host_port
+            && port < 1024
+        {
+            return Some(format!(
+                "key `first_host_port`: {port} is a privileged port: choose one from 1024 on"
+            ));
         }
         if let Some(bridge) = &self.bridge
             && !(1..=15).contains(&bridge.len())

@@ -576,3 +576,17 @@ fn the_etcd_password_comes_from_an_owner_only_file() {
         "{message}"
     );
 }
+
+#[test]
+fn published_ports_start_where_the_network_table_says() {
+    let fleet = parse(&format!("{GOOD}\n[network]\nfirst_host_port = 30000\n")).unwrap();
+    assert_eq!(fleet.network.first_host_port, Some(30000));
+    assert_eq!(parse(GOOD).unwrap().network.first_host_port, None);
+    let low = error(&format!("{GOOD}\n[network]\nfirst_host_port = 80\n"));
+    assert!(
+        low.contains("[network] key `first_host_port`: 80 is a privileged port"),
+        "{low}"
+    );
+    let huge = error(&format!("{GOOD}\n[network]\nfirst_host_port = 70000\n"));
+    assert!(huge.contains("first_host_port"), "{huge}");
+}

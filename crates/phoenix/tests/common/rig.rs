@@ -93,6 +93,11 @@ impl Rig {
         Netns(Arc::new(file))
     }
 
+    /// The name of host `n`'s namespace (for `ip -n`).
+    pub fn namespace_name(&self, n: usize) -> String {
+        self.namespaces[n].clone()
+    }
+
     /// Kills every process in host `n`'s namespace with SIGKILL: the host dies whole.
     pub fn kill_host(&self, n: usize) {
         let output = Command::new("ip")
