@@ -29,7 +29,9 @@ pub(crate) struct Publisher {
 struct Published {
     /// Host port → the instance's address and port.
     ports: BTreeMap<u16, SocketAddrV4>,
-    peers: BTreeSet<Ipv4Addr>,
+    /// `None` until this program knows them: the table keeps what it has (after a restart,
+    /// the previous program's peers).
+    peers: Option<BTreeSet<Ipv4Addr>>,
     /// Taking over a previous program's table: its elements stay until `release`.
     held: bool,
 }
@@ -96,10 +98,10 @@ impl Publisher {
     /// The hosts whose connections are translated (the cluster's hosts).
     pub(crate) fn set_peers(&self, peers: BTreeSet<Ipv4Addr>) -> Result<(), DriverError> {
         let mut state = self.lock();
-        if state.peers == peers {
+        if state.peers.as_ref() == Some(&peers) {
             return Ok(());
         }
-        state.peers = peers;
+        state.peers = Some(peers);
         self.sync(&state)
     }
 
@@ -117,14 +119,17 @@ impl Publisher {
             return Ok(());
         }
         let t = &self.table;
-        let mut script = format!("flush set ip {t} peers\nflush map ip {t} ports\n");
-        if !state.peers.is_empty() {
-            let peers: Vec<String> = state.peers.iter().map(Ipv4Addr::to_string).collect();
-            let _ = writeln!(
-                script,
-                "add element ip {t} peers {{ {} }}",
-                peers.join(", ")
-            );
+        let mut script = format!("flush map ip {t} ports\n");
+        if let Some(peers) = &state.peers {
+            let _ = writeln!(script, "flush set ip {t} peers");
+            if !peers.is_empty() {
+                let peers: Vec<String> = peers.iter().map(Ipv4Addr::to_string).collect();
+                let _ = writeln!(
+                    script,
+                    "add element ip {t} peers {{ {} }}",
+                    peers.join(", ")
+                );
+            }
         }
         if !state.ports.is_empty() {
             let ports: Vec<String> = state

@@ -571,6 +571,52 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
             .cli_ok(&["history", "--json"])
             .contains("deploy.aborted")
     });
+
+    // h0 restarted in place (`phoenix restart`) hands its instance over: its published port
+    // answers other hosts all along.
+    let (_, kept) = only_instance(&hosts[0]);
+    let kept: std::net::SocketAddr = kept.unwrap().parse().unwrap();
+    let direct = hosts[1].load(kept, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // New connections too, not only kept-alive ones: the translation itself stays.
+    let fresh = {
+        let (stop, netns) = (stop.clone(), rig.netns(1));
+        std::thread::spawn(move || {
+            netns.enter();
+            let (mut opened, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::net::TcpStream::connect_timeout(&kept, Duration::from_secs(1)) {
+                    Ok(_) => opened += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (opened, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = hosts[0].cli_ok(&["restart"]);
+    assert!(out.contains("1 of 1 instances kept running"), "{out}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(only_instance(&hosts[0]).1, Some(kept.to_string()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (opened, failed) = fresh.join().unwrap();
+    eprintln!(
+        "h0 restarted: {opened} new connections to {kept} from h1, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(opened > 50, "{opened}");
+    let samples = none_failed(
+        &format!("h0 restarted, its instance at {kept} from h1"),
+        vec![direct],
+    );
+    assert!(samples.len() > 100, "{}", samples.len());
     drop(hosts);
     drop(etcd);
 }
