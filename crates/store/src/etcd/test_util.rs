@@ -61,6 +61,22 @@ impl EtcdCluster {
 
     /// The same, serving clients over TLS and admitting only certificates `tls.ca` signed.
     pub fn start_with(size: usize, ip: IpAddr, tls: Option<Tls>) -> std::io::Result<Self> {
+        // A free port found here may be taken by another test before etcd binds it: a member
+        // that exits at once is tried again with other ports.
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(size, ip, tls.clone()) {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) if attempt < 3 => {
+                    eprintln!("etcd members did not start ({error}); again with other ports");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn try_start(size: usize, ip: IpAddr, tls: Option<Tls>) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
@@ -143,20 +159,31 @@ impl EtcdCluster {
         Ok(())
     }
 
-    fn wait_healthy(&self, within: Duration) -> std::io::Result<()> {
+    fn wait_healthy(&mut self, within: Duration) -> std::io::Result<()> {
         let deadline = Instant::now() + within;
-        for member in &self.members {
+        for member in &mut self.members {
             let address = member.metrics.trim_start_matches("http://").to_string();
             while !healthy(&address) {
+                // The log goes with the cluster's directory: its last lines go in the error.
+                let log = self.dir.path().join(format!("{}.log", member.name));
+                let tail = || {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let last: Vec<&str> = text.lines().rev().take(3).collect();
+                    last.join(" | ")
+                };
+                if let Some(Ok(Some(exit))) = member.child.as_mut().map(|c| c.try_wait()) {
+                    return Err(std::io::Error::other(format!(
+                        "etcd member {} exited ({exit}): {}",
+                        member.name,
+                        tail()
+                    )));
+                }
                 if Instant::now() > deadline {
                     return Err(std::io::Error::other(format!(
-                        "etcd member {} at {} did not become healthy in {within:?}; its log: {}",
+                        "etcd member {} at {} did not become healthy in {within:?}: {}",
                         member.name,
                         member.client,
-                        self.dir
-                            .path()
-                            .join(format!("{}.log", member.name))
-                            .display()
+                        tail()
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(100));
