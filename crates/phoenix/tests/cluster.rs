@@ -572,6 +572,14 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
             .contains("deploy.aborted")
     });
 
+    // A rollback from any host is a rollout too: v1 again on every host, under load.
+    let load = hosts[1].load(proxy, 2);
+    let out = hosts[0].cli_ok(&["rollback", "web"]);
+    assert!(out.contains("switched every host"), "{out}");
+    let after: Vec<String> = versions(&hosts[1], proxy, 20);
+    assert!(after.iter().all(|v| v == "v1"), "{after:?}");
+    none_failed("rollback across 3 hosts under load", vec![load]);
+
     // h0 restarted in place (`phoenix restart`) hands its instance over: its published port
     // answers other hosts all along.
     let (_, kept) = only_instance(&hosts[0]);

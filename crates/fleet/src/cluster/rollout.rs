@@ -386,11 +386,6 @@ pub(crate) async fn deploy(
     progress: &Progress,
 ) -> Result<DeployReport, FleetError> {
     let started = Instant::now();
-    if options.rollback.is_some() {
-        return Err(FleetError::Cluster(ClusterError::Unsupported(
-            "rollback across hosts: deploy the earlier image with `phoenix deploy ROLE --image REF`".into(),
-        )));
-    }
     let role = inner.role(role_name)?;
     let live = role.live();
     let previous_image = live.as_ref().map(|g| g.image.clone());
