@@ -46,6 +46,10 @@ pub(crate) async fn run(inner: Weak<Inner>, role_name: String) {
         if scaler.as_ref().is_none_or(|s| s.config != config) {
             scaler = Some(Autoscaler::new(config.clone()));
         }
+        if let Some(cluster) = strong.cluster.clone() {
+            crate::cluster::autoscale::step(&strong, &cluster, &role, &config, &mut scaler).await;
+            continue;
+        }
         let scaler = scaler.as_mut().expect("set above");
         let Some(seen) = observe(&strong, &role, &config) else {
             continue;

@@ -51,22 +51,22 @@ fn names(hosts: &Value) -> Vec<String> {
 /// b after), every one with the same fleet file (`web` of `instances`) and gossip key, and
 /// waits until each serves.
 fn start_hosts(rig: &Rig, etcd: &EtcdCluster, count: usize, instances: u32) -> Vec<Phoenix> {
-    start_hosts_on(rig, etcd, count, instances, "host")
+    start_hosts_with(rig, etcd, count, instances, |_| {})
 }
 
-/// As `start_hosts`, with web's instances on `network` (`host` or `bridge`).
-fn start_hosts_on(
+/// As `start_hosts`, with the fleet file changed by `change` (on every host alike).
+fn start_hosts_with(
     rig: &Rig,
     etcd: &EtcdCluster,
     count: usize,
     instances: u32,
-    network: &'static str,
+    change: impl Fn(&mut Fleet),
 ) -> Vec<Phoenix> {
     let mut hosts = Vec::new();
     for n in 0..count {
         let mut fleet = fleet_for(rig, etcd, n, "v1");
         fleet.instances = instances;
-        fleet.network = network;
+        change(&mut fleet);
         let dir = tempfile::tempdir().unwrap();
         fleet.write_to(dir.path());
         // Gossip beyond loopback is sealed: one cluster key in a 0600 file on every host.
@@ -454,7 +454,7 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     let rig = Rig::new(4);
     let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
     // Instances in containers on each host's own bridge (the default network).
-    let hosts = start_hosts_on(&rig, &etcd, 3, 3, "bridge");
+    let hosts = start_hosts_with(&rig, &etcd, 3, 3, |f| f.network = "bridge");
     wait_one_per_host(&hosts);
     let proxy = hosts[1].proxy_addr();
     wait_for(
@@ -873,4 +873,69 @@ fn hosts_reach_etcd_over_mutual_tls_and_a_host_without_a_certificate_is_refused(
     assert!(log.contains("fatal alert: BadCertificate"), "{log}");
     assert!(log.contains("check [cluster] ca, cert and key"), "{log}");
     drop(host);
+}
+
+#[test]
+fn the_leader_autoscales_a_role_from_every_hosts_share_of_the_load() {
+    if skip() {
+        return;
+    }
+    let rig = Rig::new(2);
+    let etcd = EtcdCluster::start(3, rig.gateway()).expect("three etcd members on the bridge");
+    let hosts = start_hosts_with(&rig, &etcd, 2, 1, |fleet| {
+        fleet.autoscale = Some(
+            "min = 1\nmax = 4\nmetric = \"rps_per_instance\"\ntarget = 20\ninterval = \"500ms\"\n\
+             window = \"1s\"\nwarmup = \"1s\"\nstabilization = \"3s\"\n",
+        );
+    });
+    let total = |hosts: &[Phoenix]| hosts.iter().map(local_healthy).sum::<usize>();
+    wait_for("one instance in all", Duration::from_secs(30), || {
+        total(&hosts) == 1
+    });
+    // Load through both hosts' proxies: far above 20 requests/s per instance.
+    let loads = vec![
+        hosts[0].load(hosts[0].proxy_addr(), 2),
+        hosts[1].load(hosts[1].proxy_addr(), 2),
+    ];
+    let step = Instant::now();
+    wait_for(
+        "four instances across the hosts",
+        Duration::from_secs(60),
+        || total(&hosts) == 4,
+    );
+    eprintln!(
+        "load step to 4 instances across 2 hosts: {:?}",
+        step.elapsed()
+    );
+    // Spread by the placement: two on each host.
+    assert_eq!(local_healthy(&hosts[0]), 2);
+    assert_eq!(local_healthy(&hosts[1]), 2);
+    std::thread::sleep(Duration::from_millis(500));
+    none_failed("autoscaling out across 2 hosts under load", loads);
+
+    // Quiet: back to one instance in all, one step at a time, after the stabilization window.
+    wait_for("back to one instance", Duration::from_secs(60), || {
+        total(&hosts) == 1
+    });
+    let leader = leader(&hosts[0]).expect("a leader");
+    let on_leader = &hosts[if leader == "h0" { 0 } else { 1 }];
+    let scaled = on_leader.events("autoscale.scaled");
+    let steps: Vec<(u64, u64, u64)> = scaled
+        .iter()
+        .map(|e| {
+            let d = &e["detail"];
+            let n = |k: &str| d[k].as_u64().unwrap();
+            (n("from"), n("to"), n("hosts"))
+        })
+        .collect();
+    assert!(steps.iter().any(|(from, to, _)| to > from), "{steps:?}");
+    assert!(steps.iter().all(|(_, _, hosts)| *hosts == 2), "{steps:?}");
+    let ins: Vec<(u64, u64)> = steps
+        .iter()
+        .filter(|(from, to, _)| to < from)
+        .map(|(from, to, _)| (*from, *to))
+        .collect();
+    assert_eq!(ins, [(4, 3), (3, 2), (2, 1)], "one at a time: {steps:?}");
+    drop(hosts);
+    drop(etcd);
 }

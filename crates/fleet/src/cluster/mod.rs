@@ -19,6 +19,7 @@
 //! | `intents/deploy/R`  | a deploy asked for           | none           |
 //! | `ready/ROLE/NAME`   | a host's part booted (or not)| the host's     |
 
+pub(crate) mod autoscale;
 mod host;
 mod placement;
 mod plan;
@@ -485,10 +486,16 @@ impl Cluster {
     /// Reports this host's healthy instances per role (held by the host's lease, so a dead
     /// host's report goes with it).
     pub async fn report(&self, healthy: &BTreeMap<String, RoleReport>) -> Result<(), ClusterError> {
-        let key = self.key(&format!("reports/{}", self.0.record.name));
         let value = serde_json::to_vec(healthy).unwrap_or_default();
+        self.put_own(&format!("reports/{}", self.0.record.name), value)
+            .await
+    }
+
+    /// Writes `value` at `rest` under the prefix, held by this host's lease (it goes when the
+    /// host does).
+    pub(crate) async fn put_own(&self, rest: &str, value: Vec<u8>) -> Result<(), ClusterError> {
         let lease = self.0.host_lease.load(Ordering::Relaxed);
-        self.0.etcd.put(&key, value, lease).await?;
+        self.0.etcd.put(&self.key(rest), value, lease).await?;
         Ok(())
     }
 
