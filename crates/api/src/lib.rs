@@ -102,6 +102,7 @@ pub fn router(
         .route("/metrics", get(metrics))
         .route("/v1/images", get(images))
         .route("/v1/history", get(history))
+        .route("/v1/cluster/history", get(cluster_history))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
         .route("/v1/up", get(restart::up_info))
@@ -283,6 +284,18 @@ async fn history(State(state): State<AppState>, Query(query): Query<HistoryQuery
         Ok(Ok(rows)) => Json(rows).into_response(),
         Ok(Err(error)) => failure(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
         Err(error) => failure(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    }
+}
+
+/// The cluster's journal (in etcd): `?limit=N`, 200 by default.
+async fn cluster_history(
+    State(state): State<AppState>,
+    Query(query): Query<HistoryQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(200) as usize;
+    match state.controller.cluster_history(limit).await {
+        Ok(events) => Json(events).into_response(),
+        Err(error) => failure(error_status(&error), &error.to_string()),
     }
 }
 

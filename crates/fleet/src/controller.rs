@@ -815,6 +815,15 @@ impl Controller {
         Ok(())
     }
 
+    /// The cluster's journal, newest `limit` events, oldest first (`phoenix history --cluster`).
+    pub async fn cluster_history(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::cluster::ClusterEvent>, FleetError> {
+        let cluster = self.inner.cluster.as_ref().ok_or(FleetError::NoCluster)?;
+        Ok(cluster.history(limit).await?)
+    }
+
     /// Brings every role to its desired state: the live generation recorded in the state is
     /// started again; a role without one gets its first deploy. Returns per-role failures.
     pub async fn converge(&self) -> Vec<(String, FleetError)> {

@@ -55,6 +55,10 @@ pub struct HistoryArgs {
     /// The newest N events.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// The cluster's journal in etcd (rollouts, placements, leaders, every host's), not this
+    /// host's.
+    #[arg(long)]
+    pub cluster: bool,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -352,6 +356,9 @@ fn policy_line(policy: &phoenix_fleet::PolicyView) -> String {
 }
 
 pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    if args.cluster {
+        return cluster_history(state, args).await;
+    }
     // A role the journal never named is a typo, not an empty history.
     let path = state.join("state.db");
     if let Some(role) = &args.role
@@ -405,6 +412,36 @@ pub async fn history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode
             row.role.as_deref().unwrap_or("-"),
             row.kind,
             describe(&row.detail)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phoenix history --cluster [ROLE]`: the cluster's journal, through `phoenix up`.
+async fn cluster_history(state: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(state, &args.api)?;
+    let query = format!("/v1/cluster/history?limit={}", args.limit);
+    let events: Vec<phoenix_fleet::cluster::ClusterEvent> = client.get_json(&query).await?;
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| {
+            args.role
+                .as_deref()
+                .is_none_or(|role| e.detail["role"].as_str() == Some(role))
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for event in events {
+        println!(
+            "{:>5}  {}  {:<10} {:<22} {}",
+            event.seq,
+            clock_time(event.at_ms),
+            event.host,
+            event.kind,
+            describe(&event.detail)
         );
     }
     Ok(ExitCode::SUCCESS)

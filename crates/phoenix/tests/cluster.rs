@@ -936,6 +936,23 @@ fn the_leader_autoscales_a_role_from_every_hosts_share_of_the_load() {
         .map(|(from, to, _)| (*from, *to))
         .collect();
     assert_eq!(ins, [(4, 3), (3, 2), (2, 1)], "one at a time: {steps:?}");
+    // The cluster's journal shows the same decisions from any host, by the leader.
+    let other = &hosts[if leader == "h0" { 1 } else { 0 }];
+    let journal: Value =
+        serde_json::from_str(&other.cli_ok(&["history", "--cluster", "web", "--json"])).unwrap();
+    let by_leader: Vec<&Value> = journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "autoscale.scaled")
+        .collect();
+    assert_eq!(by_leader.len(), steps.len(), "{journal}");
+    assert!(by_leader.iter().all(|e| e["host"] == leader.as_str()));
+    let text = other.cli_ok(&["history", "--cluster"]);
+    assert!(
+        text.contains("autoscale.scaled") && text.contains("placement.changed"),
+        "{text}"
+    );
     drop(hosts);
     drop(etcd);
 }
