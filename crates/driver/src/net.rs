@@ -500,7 +500,9 @@ impl Bridge {
                 self.subnet
             )));
         }
-        let publisher = Publisher::install(&self.name, host_ip, first_port, !self.adopted)?;
+        let last_port = first_port + (hosts - 1) as u16;
+        let ports = (first_port, last_port);
+        let publisher = Publisher::install(&self.name, host_ip, ports, !self.adopted)?;
         self.publisher
             .set(publisher)
             .map_err(|_| DriverError::Network("the ports are already published".into()))

@@ -363,7 +363,7 @@ pub(crate) fn nft_for(what: &str) -> Result<PathBuf, DriverError> {
     })
 }
 
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
 }

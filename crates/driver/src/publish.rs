@@ -4,7 +4,9 @@
 //! One nftables table of family `ip`, named after the bridge, translates (DNAT) connections
 //! from the cluster's hosts (`peers`) only. Translation needs the host's IPv4 forwarding on;
 //! the same table drops every other packet forwarded to or from the bridge, so forwarding
-//! routes nothing else there (an address on the bridge is not reachable by a route).
+//! routes nothing else there (an address on the bridge is not reachable by a route). On the
+//! sending side, only Phoenix's own user (its proxies) may connect to the peers' published
+//! ports: another local user cannot go around a peer's proxy (and its network policy).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use crate::DriverError;
-use crate::policy::{nft_for, run_nft};
+use crate::policy::{effective_uid, nft_for, run_nft};
 
 /// The published ports of one bridge.
 #[derive(Debug)]
@@ -43,9 +45,10 @@ impl Publisher {
     pub(crate) fn install(
         bridge: &str,
         host_ip: Ipv4Addr,
-        first_port: u16,
+        ports: (u16, u16),
         fresh: bool,
     ) -> Result<Publisher, DriverError> {
+        let first_port = ports.0;
         let publisher = Publisher {
             nft: nft_for("publishing bridge instances to other hosts ([cluster])")?,
             table: bridge.to_string(),
@@ -60,7 +63,7 @@ impl Publisher {
         if fresh {
             script.push_str(&clear_script(bridge));
         }
-        script.push_str(&table_script(bridge, host_ip));
+        script.push_str(&table_script(bridge, host_ip, ports, effective_uid()));
         run_nft(&publisher.nft, &script).map_err(|why| {
             DriverError::Network(format!("published ports: cannot install the rules: {why}"))
         })?;
@@ -177,21 +180,25 @@ fn clear_script(bridge: &str) -> String {
 
 /// The table (declared so that a previous program's sets keep their elements) and its rules
 /// (made again).
-fn table_script(bridge: &str, host_ip: Ipv4Addr) -> String {
+fn table_script(bridge: &str, host_ip: Ipv4Addr, ports: (u16, u16), uid: u32) -> String {
+    let (first, last) = ports;
     format!(
         "table ip {bridge} {{\n\
          \x20 set peers {{ type ipv4_addr; }}\n\
          \x20 map ports {{ type inet_service : ipv4_addr . inet_service; }}\n\
          \x20 chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
          \x20 chain forward {{ type filter hook forward priority filter; policy accept; }}\n\
+         \x20 chain output {{ type filter hook output priority filter; policy accept; }}\n\
          }}\n\
          flush chain ip {bridge} prerouting\n\
          flush chain ip {bridge} forward\n\
+         flush chain ip {bridge} output\n\
          add rule ip {bridge} prerouting ip daddr {host_ip} ip saddr @peers dnat ip to tcp dport map @ports\n\
          add rule ip {bridge} forward oifname \"{bridge}\" ct status dnat accept\n\
          add rule ip {bridge} forward iifname \"{bridge}\" ct status dnat accept\n\
          add rule ip {bridge} forward oifname \"{bridge}\" drop\n\
-         add rule ip {bridge} forward iifname \"{bridge}\" drop\n"
+         add rule ip {bridge} forward iifname \"{bridge}\" drop\n\
+         add rule ip {bridge} output ip daddr @peers tcp dport {first}-{last} meta skuid != {uid} reject with tcp reset\n"
     )
 }
 
@@ -224,11 +231,14 @@ mod tests {
 
     #[test]
     fn the_table_translates_only_for_peers_to_the_host_address() {
-        let script = table_script("phx0", Ipv4Addr::new(10, 0, 0, 1));
+        let script = table_script("phx0", Ipv4Addr::new(10, 0, 0, 1), (20000, 24095), 0);
         assert!(script.contains(
             "prerouting ip daddr 10.0.0.1 ip saddr @peers dnat ip to tcp dport map @ports"
         ));
         assert!(script.contains("forward oifname \"phx0\" drop"));
         assert!(script.contains("forward iifname \"phx0\" drop"));
+        assert!(script.contains(
+            "output ip daddr @peers tcp dport 20000-24095 meta skuid != 0 reject with tcp reset"
+        ));
     }
 }

@@ -480,6 +480,10 @@ fn a_deploy_switches_every_host_at_once_and_a_failing_one_changes_nothing() {
     let remote = hosts[1].status()["roles"][0]["remote"].to_string();
     assert!(remote.contains(&published.to_string()), "{remote}");
     assert!(hosts[1].get(published, "/").contains("hello from"));
+    // Only Phoenix's user (its proxy) on a peer: another local user there is refused.
+    let nobody = common::connect_as_nobody(&rig.netns(1), published);
+    let said = common::text(&nobody.stderr);
+    assert!(said.contains("refused"), "{said}");
     // Nobody else reaches it: not at the published port from a machine that is no host, not
     // at its bridge address routed through the host.
     let outsider = rig.netns(3);

@@ -146,34 +146,6 @@ fn connects_from(phoenix: &Phoenix, from: &str, addr: SocketAddr) -> bool {
     })
 }
 
-/// busybox nc to `addr` as uid and gid 65534, in Phoenix's namespace.
-fn connect_as_nobody(phoenix: &Phoenix, addr: SocketAddr) -> Output {
-    use std::os::unix::process::CommandExt;
-    let mut command = Command::new("/bin/busybox");
-    command.args([
-        "nc",
-        "-w",
-        "2",
-        &addr.ip().to_string(),
-        &addr.port().to_string(),
-    ]);
-    phoenix.netns.as_ref().unwrap().apply(&mut command);
-    // SAFETY: setgroups, setgid and setuid are async-signal-safe; run after the setns above.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.stdin(std::process::Stdio::null());
-    command.output().unwrap()
-}
-
 /// What must hold in every generation: api in, web out (counted exactly), through the proxy.
 fn api_in_web_out(phoenix: &Phoenix, gateway: &str, port: u16) {
     let via_api = get_from(phoenix, "api", gateway, port);
@@ -246,7 +218,7 @@ fn db_answers_api_and_refuses_web_across_deploys_counting_every_refusal() {
     assert_eq!(refused(&phoenix, "outside"), 2);
     // A local user who is not root cannot reach db's instance directly; root (the proxy and
     // the health checks) can.
-    let nobody = connect_as_nobody(&phoenix, db_addr);
+    let nobody = common::connect_as_nobody(phoenix.netns.as_ref().unwrap(), db_addr);
     assert!(
         text(&nobody.stderr).contains("refused"),
         "{}",

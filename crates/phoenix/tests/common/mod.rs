@@ -895,3 +895,31 @@ pub fn make_certificates(dir: &Path) {
         ]);
     }
 }
+
+/// busybox nc to `addr` as uid and gid 65534 inside `netns`: a local user who is not root.
+pub fn connect_as_nobody(netns: &Netns, addr: SocketAddr) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("/bin/busybox");
+    command.args([
+        "nc",
+        "-w",
+        "2",
+        &addr.ip().to_string(),
+        &addr.port().to_string(),
+    ]);
+    netns.apply(&mut command);
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe; run after the setns above.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.stdin(std::process::Stdio::null());
+    command.output().unwrap()
+}
