@@ -679,7 +679,11 @@ impl Controller {
             None => {
                 let (fleet, state) = (fleet.clone(), state_dir.clone());
                 let bridge = inherited.bridge.clone();
-                let publish_on = cluster.as_ref().map(|c| host_ipv4(c.address()));
+                // On loopback (a one-machine cluster) there is nobody to publish to.
+                let publish_on = cluster
+                    .as_ref()
+                    .map(|c| host_ipv4(c.address()))
+                    .filter(|ip| !ip.is_loopback());
                 tokio::task::spawn_blocking(move || {
                     crate::drivers::Drivers::open(&fleet, &state, true, bridge.as_ref(), publish_on)
                 })
