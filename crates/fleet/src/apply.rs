@@ -186,6 +186,17 @@ impl Controller {
                 .push(self.add_role(name, config, progress).await?);
             report.added.push(name.to_string());
         }
+        let routed = crate::listeners::Listeners::update_routes(&self.inner, &desired.listeners)?;
+        if plan
+            .changes
+            .iter()
+            .any(|c| c.role.is_none() && c.key.as_deref().is_some_and(|k| k.ends_with(" routes")))
+        {
+            progress.say(format!(
+                "routes of listener(s) {} replaced",
+                routed.join(", ")
+            ));
+        }
         self.inner.set_applied(desired);
         Ok(report)
     }

@@ -11,11 +11,13 @@ use phoenix_image::Recipe;
 
 mod agent;
 mod cluster;
+mod listener;
 mod logs;
 mod policy;
 mod runtime;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
+pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{
     DEFAULT_FIRST_HOST_PORT, DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource,
@@ -55,6 +57,8 @@ pub struct FleetFile {
     pub logs: LogsConfig,
     /// `[cluster]`: the fleet spans hosts, its state in etcd (`None`: one machine, SQLite).
     pub cluster: Option<ClusterConfig>,
+    /// `[listener.NAME]`: edge addresses routing to roles by host and path, TLS optional.
+    pub listeners: BTreeMap<String, ListenerConfig>,
 }
 
 /// One `[role.NAME]` section.
@@ -350,6 +354,8 @@ struct RawFleet {
     logs: Option<LogsConfig>,
     #[serde(default)]
     cluster: Option<Spanned<ClusterConfig>>,
+    #[serde(default)]
+    listener: BTreeMap<Spanned<String>, Spanned<ListenerConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -610,8 +616,10 @@ impl FleetFile {
             }
             None => None,
         };
+        let listeners = check_listeners(raw.listener, &roles, &dir, &at)?;
         Ok(FleetFile {
             cluster,
+            listeners,
             path: path.to_path_buf(),
             dir,
             images,
@@ -622,6 +630,61 @@ impl FleetFile {
             logs,
         })
     }
+}
+
+/// Checks every `[listener.NAME]`: its own keys, that its roles exist, and that no two
+/// listeners or roles share an address.
+fn check_listeners(
+    raw: BTreeMap<Spanned<String>, Spanned<ListenerConfig>>,
+    roles: &BTreeMap<String, RoleConfig>,
+    dir: &Path,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<BTreeMap<String, ListenerConfig>, ConfigError> {
+    let mut listeners = BTreeMap::new();
+    let mut taken: Vec<(SocketAddr, String)> = roles
+        .iter()
+        .filter(|(_, r)| r.listen.port() != 0)
+        .map(|(name, r)| (r.listen, format!("role {name}")))
+        .collect();
+    for (name, listener) in raw {
+        check_name(name.get_ref()).map_err(|why| {
+            at(
+                name.span(),
+                format!("listener name {:?} {why}", name.get_ref()),
+            )
+        })?;
+        let span = listener.span();
+        let name = name.into_inner();
+        let mut listener = listener.into_inner();
+        listener
+            .check(&name, dir)
+            .map_err(|why| at(span.clone(), why))?;
+        if let Some(role) = listener
+            .roles()
+            .into_iter()
+            .find(|r| !roles.contains_key(*r))
+        {
+            let known: Vec<&str> = roles.keys().map(String::as_str).collect();
+            return Err(at(
+                span,
+                format!(
+                    "[listener.{name}]: no role {role:?} in this file (roles: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
+        for addr in std::iter::once(listener.listen).chain(listener.redirect_http) {
+            if let Some((_, owner)) = taken.iter().find(|(a, _)| a.port() != 0 && *a == addr) {
+                return Err(at(
+                    span,
+                    format!("[listener.{name}]: {addr} is already {owner}'s address"),
+                ));
+            }
+            taken.push((addr, format!("listener {name}")));
+        }
+        listeners.insert(name, listener);
+    }
+    Ok(listeners)
 }
 
 /// The driver and network a role resolves to, once its runtime keys are checked.

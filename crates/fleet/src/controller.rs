@@ -422,6 +422,8 @@ pub(crate) struct Inner {
     pub cluster: Option<crate::cluster::Cluster>,
     /// `[logs.forward.*]`: the store's lines on to other log systems.
     pub forwarding: tokio::sync::Mutex<crate::forward::Forwarding>,
+    /// `[listener.NAME]`: the edge listeners.
+    pub(crate) listeners: crate::listeners::Listeners,
 }
 
 impl Inner {
@@ -757,7 +759,11 @@ impl Controller {
             capture,
             forwarding: tokio::sync::Mutex::new(forwarding),
             cluster,
+            listeners: Default::default(),
         });
+        // Edge listeners bind before anything starts: a bad certificate or a taken address
+        // stops `phoenix up` here, naming the listener.
+        crate::listeners::Listeners::start(&inner, &fleet.listeners).await?;
         // Instances handed over by the previous program are taken over, not killed.
         let handed: Vec<_> = std::mem::take(&mut inherited.instances)
             .into_iter()

@@ -18,6 +18,7 @@ mod handover;
 mod health;
 mod instance;
 mod lifecycle;
+mod listeners;
 mod membership;
 mod metrics;
 mod plan;
@@ -36,8 +37,8 @@ pub use capture::store_dir as log_store_dir;
 pub use clock::{Clock, ManualClock, Namer, SystemClock};
 pub use config::{
     AgentSettings, CheckKind, ClusterConfig, ConfigError, DeployConfig, DriverKind, FleetFile,
-    HealthConfig, NetworkConfig, NetworkMode, ProxyMode, ProxySettings, ResourcesConfig,
-    RoleConfig, RunConfig, SecretSource, Strategy, parse_duration, parse_size,
+    HealthConfig, ListenerConfig, NetworkConfig, NetworkMode, ProxyMode, ProxySettings,
+    ResourcesConfig, RoleConfig, RunConfig, SecretSource, Strategy, parse_duration, parse_size,
 };
 pub use controller::{Controller, Options};
 pub use deploy::{DeployOptions, DeployReport, Progress, RollbackTo, Verified};

@@ -141,8 +141,11 @@ pub(crate) fn base(running: &Running) -> String {
         text.push_str(&format!("image {name} {recipe:?}\n"));
     }
     text.push_str(&format!(
-        "{:?} {:?} {:?}",
-        running.applied.agent, running.applied.network, running.applied.logs
+        "{:?} {:?} {:?} {:?}",
+        running.applied.agent,
+        running.applied.network,
+        running.applied.logs,
+        running.applied.listeners
     ));
     phoenix_image::sha256_digest(text.as_bytes())
 }
@@ -186,6 +189,10 @@ pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
     if running.applied.logs != desired.logs {
         changes.push(section_change("logs"));
     }
+    changes.extend(listener_changes(
+        &running.applied.listeners,
+        &desired.listeners,
+    ));
     Plan {
         base: base(running),
         fleet_text: text.to_string(),
@@ -215,6 +222,40 @@ fn role_change(op: Op, name: &str, config: &RoleConfig, policy: bool) -> Change 
         new,
         how,
     }
+}
+
+/// `[listener.NAME]`: routes change in place; a listener added or removed, or its address,
+/// certificates, redirect or HSTS changed, waits for a restart.
+fn listener_changes(
+    old: &std::collections::BTreeMap<String, crate::ListenerConfig>,
+    new: &std::collections::BTreeMap<String, crate::ListenerConfig>,
+) -> Vec<Change> {
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let mut changes = Vec::new();
+    for name in names {
+        let (before, after) = (old.get(name), new.get(name));
+        let frame = |l: &crate::ListenerConfig| (l.listen, l.tls.clone(), l.redirect_http, l.hsts);
+        let routes = |l: &crate::ListenerConfig| l.describe_routes();
+        let (key, how) = match (before, after) {
+            (Some(a), Some(b)) if frame(a) != frame(b) => {
+                (format!("listener {name}"), How::Restart)
+            }
+            (Some(a), Some(b)) if routes(a) != routes(b) => {
+                (format!("listener {name} routes"), How::InPlace)
+            }
+            (Some(_), Some(_)) => continue,
+            _ => (format!("listener {name}"), How::Restart),
+        };
+        changes.push(Change {
+            op: Op::Change,
+            role: None,
+            new: after.map(routes),
+            old: before.map(routes),
+            key: Some(key),
+            how,
+        });
+    }
+    changes
 }
 
 fn section_change(key: &str) -> Change {

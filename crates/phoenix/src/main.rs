@@ -20,6 +20,7 @@ mod plan_cmd;
 mod proxy_cmd;
 mod restart;
 mod scale_cmd;
+mod tls_cmd;
 mod up;
 mod verify_cmd;
 
@@ -119,6 +120,8 @@ enum Command {
     Tags(agent_cmd::TagsArgs),
     /// Print a new random gossip key (base64, 32 bytes), for `[agent] encrypt_file`.
     Keygen,
+    /// TLS helpers: a self-signed development certificate for a `[listener.NAME]`.
+    Tls(tls_cmd::TlsArgs),
     /// Check the state directory's database (`phoenix up` refuses a damaged one).
     State(commands::StateArgs),
     /// Install, use, remove or list gossip encryption keys on every member.
@@ -245,6 +248,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
             Command::Tags(args) => agent_cmd::tags(&state, args).await,
             Command::Keys(args) => agent_cmd::keys(&state, args).await,
             Command::State(args) => commands::state(&state, args),
+            Command::Tls(args) => tls_cmd::run(args),
             Command::Keygen => {
                 println!("{}", phoenix_gossip::Key::generate()?.to_base64());
                 Ok(ExitCode::SUCCESS)

@@ -90,7 +90,7 @@ impl Replay {
     }
 }
 
-async fn forward(
+pub(crate) async fn forward(
     proxy: &RoleProxy,
     client_ip: HeaderValue,
     request: Request<Incoming>,

@@ -6,7 +6,9 @@
 //! an old backend: none can slip through and land on an instance that is being stopped.
 
 mod body;
+pub mod certs;
 mod chunked;
+pub mod edge;
 mod forward;
 mod h1;
 mod metrics;

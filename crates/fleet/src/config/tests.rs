@@ -590,3 +590,56 @@ fn published_ports_start_where_the_network_table_says() {
     let huge = error(&format!("{GOOD}\n[network]\nfirst_host_port = 70000\n"));
     assert!(huge.contains("first_host_port"), "{huge}");
 }
+
+#[test]
+fn listeners_are_read_and_their_mistakes_named() {
+    let listener = |body: &str| format!("{GOOD}\n[listener.public]\n{body}\n");
+    let fleet = parse(&listener(
+        "listen = \"127.0.0.1:8443\"\ntls = { cert = \"c.pem\", key = \"k.pem\" }\nhsts = \"1d\"\nroutes = [{ host = \"*.example.test\", path_prefix = \"/assets\", role = \"web\" }]",
+    ))
+    .unwrap();
+    let public = &fleet.listeners["public"];
+    assert_eq!(public.tls.len(), 1);
+    assert!(public.tls[0].cert.is_absolute());
+    assert_eq!(public.hsts, Some(Duration::from_secs(86_400)));
+    assert_eq!(public.describe_routes(), "*.example.test/assets → web");
+    for (body, says) in [
+        ("listen = \"127.0.0.1:8443\"", "say where requests go"),
+        (
+            "listen = \"127.0.0.1:8443\"\nrole = \"web\"\nroutes = [{ role = \"web\" }]",
+            "either `role`",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nrole = \"nope\"",
+            "no role \"nope\"",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nrole = \"web\"\nhsts = \"1d\"",
+            "HSTS needs `tls`",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nrole = \"web\"\nredirect_http = \"127.0.0.1:8080\"",
+            "redirects to HTTPS need `tls`",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nroutes = [{ host = \"bad host\", role = \"web\" }]",
+            "is not a host name",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nroutes = [{ path_prefix = \"assets\", role = \"web\" }]",
+            "must start with /",
+        ),
+        (
+            "listen = \"127.0.0.1:8443\"\nrole = \"web\"\ntls = \"x\"",
+            "write tls = {",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nrole = \"web\"",
+            "already role web's address",
+        ),
+    ] {
+        let message = error(&listener(body));
+        assert!(message.contains(says), "{body}: {message}");
+        assert!(message.contains("phoenix.toml:"), "{message}");
+    }
+}

@@ -248,6 +248,21 @@ impl Phoenix {
         phoenix
     }
 
+    /// `phoenix up` on `fleet`, once `prepare` has written more files beside it.
+    pub fn start_prepared(fleet: &Fleet, prepare: impl FnOnce(&Path)) -> Phoenix {
+        let dir = tempfile::tempdir().unwrap();
+        fleet.write_to(dir.path());
+        prepare(dir.path());
+        let mut phoenix = Phoenix::launch(dir, &[], None);
+        phoenix.wait_serving(fleet.instances);
+        phoenix
+    }
+
+    /// The directory of the fleet file (and the state under it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// `phoenix up` on the fleet file already in `dir`, without waiting for it.
     pub fn launch(dir: tempfile::TempDir, extra_args: &[&str], netns: Option<Netns>) -> Phoenix {
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
