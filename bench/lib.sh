@@ -4,3 +4,37 @@
 need() {
     command -v "$1" >/dev/null || { apt-get update -q && apt-get install -y -q "$2"; }
 }
+
+# wait_port PORT: waits (5 s at most) until something listens on 127.0.0.1:PORT.
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on $1" >&2
+    return 1
+}
+
+# wrk_measure URL [WRK ARGS...]: wrk on CPU 1 with $connections connections for $seconds
+# seconds; prints "requests/s p50_ms p99_ms errors".
+wrk_measure() {
+    local url=$1 out
+    shift
+    out=$(taskset -c 1 wrk -t1 -c"$connections" -d"${seconds}s" --latency "$@" "$url")
+    python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+if "Requests/sec" not in out or not re.search(r"99%\s+[\d.]", out):
+    sys.exit(f"wrk gave no usable result:\n{out}")
+def ms(v):
+    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
+    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errors += int(m.group(1)) if m else 0
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {errors}")
+PY
+}

@@ -94,30 +94,10 @@ http {
 CONF
 
 taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
 wait_port $b1
 
-# Runs wrk against $1 and prints "requests/s p50_ms p99_ms errors".
-measure() {
-    local out
-    out=$(taskset -c 1 wrk -t1 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$1/")
-    python3 - "$out" <<'PY'
-import re, sys
-out = sys.argv[1]
-if "Requests/sec" not in out or not re.search(r"99%\s+[\d.]", out):
-    sys.exit(f"wrk gave no usable result:\n{out}")
-def ms(v):
-    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
-    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
-errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-errors += int(m.group(1)) if m else 0
-print(f"{rps:.0f} {p50:.3f} {p99:.3f} {errors}")
-PY
-}
+# Runs wrk against port $1 and prints "requests/s p50_ms p99_ms errors".
+measure() { wrk_measure "http://127.0.0.1:$1/"; }
 
 start_proxy() {
     case $1 in

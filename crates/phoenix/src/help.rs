@@ -56,7 +56,10 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "monitor",
         ],
     ),
-    ("Tools", &["demo", "load", "proxy", "completions", "man"]),
+    (
+        "Tools",
+        &["demo", "load", "proxy", "tls", "completions", "man"],
+    ),
 ];
 
 /// The top-level command with its help listing the commands by group.

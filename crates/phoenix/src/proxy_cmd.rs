@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use phoenix_proxy::certs::{CertPair, CertStore};
+use phoenix_proxy::edge::{Edge, HostMatch, Route, Router, serve_edge};
 use phoenix_proxy::{Backend, ProxyConfig, RoleProxy};
 use tokio::net::TcpListener;
 
@@ -21,6 +23,12 @@ pub struct ProxyArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Terminate TLS with this certificate chain (PEM), as a `[listener.NAME]` does.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
@@ -35,19 +43,36 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!(
-        "phoenix proxy: http://{} -> {} backends",
+        "phoenix proxy: {scheme}://{} -> {} backends",
         listener.local_addr()?,
         args.backends.len()
     );
     let (stop, stopped) = tokio::sync::watch::channel(phoenix_proxy::Stop::Serve);
-    let serving = tokio::spawn(phoenix_proxy::serve(
-        listener,
-        proxy,
-        stopped,
-        Duration::from_secs(10),
-        Vec::new(),
-    ));
+    let grace = Duration::from_secs(10);
+    let serving = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            // The edge listener's path: TLS, then one route to every backend.
+            let certs = CertStore::load(vec![CertPair { cert, key }])?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
+            let route = Route {
+                host: HostMatch::Any,
+                path_prefix: "/".into(),
+                role: "proxy".into(),
+                target: proxy,
+            };
+            let edge = Edge::new("proxy", Router::new(vec![route]), true, None);
+            tokio::spawn(serve_edge(listener, edge, Some(acceptor), stopped, grace))
+        }
+        _ => tokio::spawn(async move {
+            phoenix_proxy::serve(listener, proxy, stopped, grace, Vec::new()).await;
+        }),
+    };
     tokio::signal::ctrl_c().await?;
     stop.send_replace(phoenix_proxy::Stop::Drain);
     let _ = serving.await;
