@@ -24,14 +24,16 @@ wrk_measure() {
     python3 - "$out" <<'PY'
 import re, sys
 out = sys.argv[1]
-if "Requests/sec" not in out or not re.search(r"99%\s+[\d.]", out):
+if "Requests/sec" not in out or not re.search(r"^\s+99%\s+[\d.]", out, re.M):
     sys.exit(f"wrk gave no usable result:\n{out}")
 def ms(v):
-    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
-    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v)
+    if not m:
+        sys.exit(f"wrk printed a latency of {v!r}:\n{out}")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[m.group(2)]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
 errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
 m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errors += int(m.group(1)) if m else 0
