@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::chunked::Chunked;
 use crate::pool::{self, Upstream};
+use crate::splice;
 use crate::{Backend, InFlight, Parked, RoleProxy, Stop, forward, policy, stop_asked};
 
 /// Longest request or response head accepted on the fast path.
@@ -45,6 +46,8 @@ struct Client {
     /// The response as it goes to the client.
     downstream: BytesMut,
     client_ip: String,
+    /// For splicing large bodies; made on first use and dropped if a splice breaks.
+    pipe: Option<splice::Pipe>,
 }
 
 /// A request head the fast path can forward, already rewritten into `Client::upstream_head`.
@@ -130,6 +133,7 @@ pub(crate) async fn serve(
         upstream_head: BytesMut::with_capacity(1024),
         downstream: BytesMut::with_capacity(READ_RESERVE),
         client_ip: client.ip().to_string(),
+        pipe: None,
     };
     loop {
         let head = match next_request(&mut conn, &proxy, &mut stop).await {
@@ -407,6 +411,13 @@ async fn relay(
         if body_done(framing) {
             break true;
         }
+        if let Framing::Length(left) = framing
+            && left >= splice::MIN_BODY
+        {
+            let complete = splice_body(conn, &mut upstream, left, &mut sent).await;
+            framing = Framing::Length(0);
+            break complete;
+        }
         upstream.buf.reserve(READ_RESERVE);
         match upstream.stream.read_buf(&mut upstream.buf).await {
             Ok(0) => break framing == Framing::UntilClose,
@@ -426,6 +437,49 @@ async fn relay(
         After::KeepAlive
     } else {
         After::Close
+    }
+}
+
+/// Sends the rest of a body of known length (`left` bytes, none of them read yet) from the
+/// backend to the client with splice(2), or by copying when no pipe can be had.
+/// Returns whether the whole body got through.
+async fn splice_body(
+    conn: &mut Client,
+    upstream: &mut Upstream,
+    left: u64,
+    sent: &mut u64,
+) -> bool {
+    if conn.pipe.is_none() {
+        conn.pipe = splice::Pipe::new()
+            .inspect_err(|error| tracing::debug!(%error, "no pipe for splicing, copying instead"))
+            .ok();
+    }
+    let Some(pipe) = &conn.pipe else {
+        return copy_body(conn, upstream, left, sent).await;
+    };
+    let relayed = splice::relay(pipe, &upstream.stream, &conn.stream, left, |moved| {
+        *sent += moved as u64
+    })
+    .await;
+    match relayed {
+        Ok(()) => true,
+        Err(broken) => {
+            tracing::debug!(error = %broken, cause = ?std::error::Error::source(&broken), "spliced body broken off");
+            conn.pipe = None;
+            false
+        }
+    }
+}
+
+/// The copying fallback of [`splice_body`].
+async fn copy_body(conn: &mut Client, upstream: &mut Upstream, left: u64, sent: &mut u64) -> bool {
+    let mut body = (&mut upstream.stream).take(left);
+    match tokio::io::copy(&mut body, &mut conn.stream).await {
+        Ok(copied) => {
+            *sent += copied;
+            copied == left
+        }
+        Err(_) => false,
     }
 }
 

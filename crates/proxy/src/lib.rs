@@ -14,6 +14,7 @@ mod h1;
 mod metrics;
 mod policy;
 mod pool;
+mod splice;
 mod tunnel;
 
 pub use body::ResponseBody;

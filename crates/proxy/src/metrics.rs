@@ -99,6 +99,11 @@ impl TrafficMetrics {
         self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Response body bytes sent so far.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent_bytes.load(Ordering::Relaxed)
+    }
+
     /// Request body bytes received so far.
     pub fn received_bytes(&self) -> u64 {
         self.received_bytes.load(Ordering::Relaxed)

@@ -245,3 +245,84 @@ async fn a_backend_with_a_malformed_answer_gives_502() {
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(answer.contains("invalid Content-Length"), "{answer}");
 }
+
+/// A 1 MiB body of known length (spliced) and a backend that breaks off after 100 KiB.
+static LARGE: std::sync::LazyLock<(Vec<u8>, Vec<u8>)> = std::sync::LazyLock::new(|| {
+    let mut next = xorshift(7);
+    let body: Vec<u8> = (0..1 << 20).map(|_| next() as u8).collect();
+    let mut whole =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    whole.extend_from_slice(&body);
+    (whole, body)
+});
+
+fn large(_: &str, path: &str) -> (&'static [u8], bool) {
+    let whole = &LARGE.0;
+    match path {
+        "/large" => (whole, false),
+        "/broken" => (&whole[..100 * 1024], true),
+        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall", false),
+    }
+}
+
+#[tokio::test]
+async fn large_bodies_arrive_whole_between_small_ones_on_one_keep_alive_connection() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    let only = Backend::new("a", scripted(large).await);
+    proxy.set_backends(vec![only.clone()]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut sender = client(addr).await;
+    for path in ["/large", "/small", "/large", "/large", "/small"] {
+        let (status, _, body) = exchange(&mut sender, "GET", path, b"").await;
+        assert_eq!(status, 200, "{path}");
+        if path == "/large" {
+            assert!(
+                body == LARGE.1,
+                "{path}: {} bytes, not the body sent",
+                body.len()
+            );
+        } else {
+            assert_eq!(&body[..], b"small");
+        }
+    }
+    assert_eq!(
+        only.raw.idle.lock().unwrap().len(),
+        1,
+        "one backend connection served all five"
+    );
+    assert_eq!(
+        proxy.metrics.sent_bytes(),
+        3 * (1 << 20) + 2 * 5,
+        "every body byte counted as sent"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_breaks_off_a_large_body_closes_the_client_connection() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    proxy.set_backends(vec![Backend::new("a", scripted(large).await)]);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /broken HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed, not left hanging")
+        .unwrap();
+    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body_sent = 100 * 1024 - (LARGE.0.len() - LARGE.1.len());
+    assert_eq!(
+        answer.len() - head_end,
+        body_sent,
+        "every byte the backend sent"
+    );
+    assert_eq!(&answer[head_end..], &LARGE.1[..body_sent]);
+    // The next client is served: the broken pipe was not reused.
+    let mut sender = client(addr).await;
+    let (status, _, body) = exchange(&mut sender, "GET", "/large", b"").await;
+    assert_eq!(status, 200);
+    assert!(body == LARGE.1);
+}
