@@ -187,8 +187,9 @@ pub struct RoleProxy {
     /// The rest, changed in place by [`RoleProxy::set_config`]: read with plain loads on the
     /// hot path, no lock.
     tunables: Tunables,
-    backends: RwLock<Vec<Arc<Backend>>>,
-    next: AtomicUsize,
+    backends: RwLock<Sets>,
+    /// Counts requests to split them between the sets.
+    turn: AtomicU64,
     pub stats: ProxyStats,
     /// Every response of the role, the proxy's own error answers included.
     pub metrics: Arc<TrafficMetrics>,
@@ -202,8 +203,8 @@ impl RoleProxy {
             role: role.into(),
             fixed: config,
             tunables: Tunables::new(&config),
-            backends: RwLock::new(Vec::new()),
-            next: AtomicUsize::new(0),
+            backends: RwLock::new(Sets::default()),
+            turn: AtomicU64::new(0),
             stats: ProxyStats::default(),
             metrics: Arc::default(),
             reconfiguration: Histogram::default(),
@@ -238,10 +239,27 @@ impl RoleProxy {
         self.tunables.store(config);
     }
 
+    /// Replaces the live backend set in one step.
     pub fn set_backends(&self, backends: Vec<Arc<Backend>>) {
-        let mut current = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        let mut sets = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        self.note_membership(&sets.live.backends, &backends);
+        sets.live.backends = backends;
+    }
+
+    /// Sends `share` (in basis points, 0 to 10,000) of the requests to `backends` (a canary)
+    /// and the rest to the live set, spread evenly; an empty set or a zero share ends it.
+    pub fn set_canary(&self, backends: Vec<Arc<Backend>>, share: u32) {
+        let mut sets = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        self.note_membership(&sets.canary.backends, &backends);
+        sets.canary.backends = backends;
+        sets.canary_share = share.min(10_000);
+    }
+
+    /// Starts the reconfiguration clock of backends entering a set; records it for the ones
+    /// leaving whose health change caused it.
+    fn note_membership(&self, current: &[Arc<Backend>], next: &[Arc<Backend>]) {
         let now = now_mark();
-        for added in backends
+        for added in next
             .iter()
             .filter(|b| !current.iter().any(|c| Arc::ptr_eq(c, b)))
         {
@@ -252,7 +270,7 @@ impl RoleProxy {
         }
         for removed in current
             .iter()
-            .filter(|c| !backends.iter().any(|b| Arc::ptr_eq(c, b)))
+            .filter(|c| !next.iter().any(|b| Arc::ptr_eq(c, b)))
         {
             removed.eligible_since.store(0, Ordering::Release);
             let changed = removed.changed_at.swap(0, Ordering::AcqRel);
@@ -261,30 +279,33 @@ impl RoleProxy {
                     .record(Duration::from_nanos(now.saturating_sub(changed)));
             }
         }
-        *current = backends;
     }
 
-    /// A snapshot of the current backend set.
+    /// A snapshot of the live backend set.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
-        self.backends
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let sets = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        sets.live.backends.clone()
     }
 
-    /// Picks the next backend round-robin, skipping `tried` ones and, while others remain,
-    /// ones marked down. The in-flight count is raised before the lock is released.
+    /// The canary set and its share in basis points.
+    pub fn canary(&self) -> (Vec<Arc<Backend>>, u32) {
+        let sets = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        (sets.canary.backends.clone(), sets.canary_share)
+    }
+
+    /// Picks the next backend: the canary set on its share of the turns, else the live set,
+    /// round-robin within the set, skipping `tried` ones and, while others remain, ones
+    /// marked down; the other set when the chosen one has nothing left. The in-flight count
+    /// is raised before the lock is released.
     fn pick(&self, tried: &[Arc<Backend>]) -> Option<InFlight> {
-        let backends = self.backends.read().unwrap_or_else(|p| p.into_inner());
-        let count = backends.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
-        // Round-robin from `start`: an untried backend that is up, else any untried one.
-        let in_turn = || (0..count).map(|i| &backends[(start + i) % count]);
-        let chosen = in_turn()
-            .filter(untried)
-            .find(|b| !b.is_down())
-            .or_else(|| in_turn().find(untried))?;
+        let sets = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let (first, second) = if canary_turn(turn, sets.canary_share) {
+            (&sets.canary, &sets.live)
+        } else {
+            (&sets.live, &sets.canary)
+        };
+        let chosen = first.pick(tried).or_else(|| second.pick(tried))?;
         let since = chosen.eligible_since.load(Ordering::Acquire);
         if since != 0
             && chosen
@@ -299,6 +320,43 @@ impl RoleProxy {
                 .store(latency.as_micros() as u64, Ordering::Release);
         }
         Some(InFlight::new(chosen.clone()))
+    }
+}
+
+/// Whether request number `turn` goes to the canary: exactly `share` in 10,000 of any run of
+/// turns, spread evenly (no bursts), with no randomness.
+fn canary_turn(turn: u64, share: u32) -> bool {
+    let share = u64::from(share);
+    share > 0 && (turn + 1) * share / 10_000 > turn * share / 10_000
+}
+
+/// The live and the canary backend sets.
+#[derive(Debug, Default)]
+struct Sets {
+    live: BackendSet,
+    canary: BackendSet,
+    /// The canary's share of requests, in basis points.
+    canary_share: u32,
+}
+
+/// Backends taken in turn.
+#[derive(Debug, Default)]
+struct BackendSet {
+    backends: Vec<Arc<Backend>>,
+    next: AtomicUsize,
+}
+
+impl BackendSet {
+    /// The next untried backend round-robin that is up, else any untried one.
+    fn pick(&self, tried: &[Arc<Backend>]) -> Option<&Arc<Backend>> {
+        let count = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        let in_turn = || (0..count).map(|i| &self.backends[(start + i) % count]);
+        in_turn()
+            .filter(untried)
+            .find(|b| !b.is_down())
+            .or_else(|| in_turn().find(untried))
     }
 }
 

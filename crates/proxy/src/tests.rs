@@ -167,6 +167,57 @@ async fn round_robin_over_the_backends() {
 }
 
 #[tokio::test]
+async fn a_canary_gets_its_share_spread_over_its_backends_and_nothing_after_it_ends() {
+    let proxy = RoleProxy::new("web", ProxyConfig::default());
+    proxy.set_backends(vec![
+        Backend::new("live1", backend("live1").await),
+        Backend::new("live2", backend("live2").await),
+    ]);
+    let canary = vec![
+        Backend::new("canary1", backend("canary1").await),
+        Backend::new("canary2", backend("canary2").await),
+    ];
+    proxy.set_canary(canary.clone(), 2_500);
+    let (addr, _stop) = frontend(proxy.clone()).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        let (status, body) = get(addr, "/x").await;
+        assert_eq!(status, 200);
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    let expected: std::collections::BTreeMap<String, i32> = [
+        ("canary1 /x", 25),
+        ("canary2 /x", 25),
+        ("live1 /x", 75),
+        ("live2 /x", 75),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(canary[0].metrics.total_responses(), 25);
+
+    proxy.set_canary(Vec::new(), 0);
+    for _ in 0..10 {
+        assert!(get(addr, "/x").await.1.starts_with("live"));
+    }
+}
+
+#[test]
+fn canary_turns_are_exactly_the_share_and_evenly_spread() {
+    for share in [1, 500, 2_500, 5_000, 9_999, 10_000] {
+        let turns: Vec<u64> = (0..10_000).filter(|&t| canary_turn(t, share)).collect();
+        assert_eq!(turns.len() as u32, share, "share {share}");
+        let widest = turns.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(
+            widest <= 10_000 / u64::from(share) + 1,
+            "share {share}: a gap of {widest} turns"
+        );
+    }
+    assert!((0..10_000).all(|t| !canary_turn(t, 0)));
+}
+
+#[tokio::test]
 async fn a_refused_connection_is_retried_on_another_backend_and_marked_down() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let dead = Backend::new("dead", refusing().await);
@@ -366,7 +417,13 @@ async fn only_idempotent_requests_are_retried_after_a_backend_fails_mid_request(
         // The dropping backend comes first in turn, then the good one.
         let dropper = Backend::new("dropper", dropping().await);
         proxy.set_backends(vec![dropper, Backend::new("good", backend("good").await)]);
-        proxy.next.store(0, Ordering::Relaxed);
+        proxy
+            .backends
+            .read()
+            .unwrap()
+            .live
+            .next
+            .store(0, Ordering::Relaxed);
         let get = raw(
             addr,
             b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -376,7 +433,13 @@ async fn only_idempotent_requests_are_retried_after_a_backend_fails_mid_request(
             get.starts_with("HTTP/1.1 200") && get.ends_with("good /x"),
             "GET is retried: {get}"
         );
-        proxy.next.store(0, Ordering::Relaxed);
+        proxy
+            .backends
+            .read()
+            .unwrap()
+            .live
+            .next
+            .store(0, Ordering::Relaxed);
         let post =
             b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
         let post = raw(addr, post).await;
