@@ -11,12 +11,14 @@ use phoenix_image::Recipe;
 
 mod agent;
 mod cluster;
+mod deploy;
 mod listener;
 mod logs;
 mod policy;
 mod runtime;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
+pub use deploy::{CanaryConfig, DeployConfig, Strategy};
 pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{
@@ -267,28 +269,6 @@ fn default_max_body() -> u64 {
     16 << 20
 }
 
-/// `[role.NAME.deploy]`: how a new generation replaces the live one.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeployConfig {
-    #[serde(default)]
-    pub strategy: Strategy,
-    /// How long a new generation may take to become healthy before the deploy is aborted.
-    #[serde(default = "default_healthy_timeout", deserialize_with = "timeout")]
-    pub healthy_timeout: Duration,
-    /// How long in-flight requests on the old generation may take to finish after the switch.
-    #[serde(default = "default_drain", deserialize_with = "grace")]
-    pub drain: Duration,
-}
-
-/// Deploy strategies. Rolling and canary come with their own issue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum Strategy {
-    #[default]
-    #[serde(rename = "blue-green")]
-    BlueGreen,
-}
-
 fn default_health_path() -> String {
     "/healthz".into()
 }
@@ -304,12 +284,6 @@ fn default_healthy_threshold() -> u32 {
 fn default_unhealthy_threshold() -> u32 {
     3
 }
-fn default_healthy_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_drain() -> Duration {
-    Duration::from_secs(30)
-}
 fn default_stop_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -323,16 +297,6 @@ impl Default for HealthConfig {
             timeout: default_health_timeout(),
             healthy_threshold: default_healthy_threshold(),
             unhealthy_threshold: default_unhealthy_threshold(),
-        }
-    }
-}
-
-impl Default for DeployConfig {
-    fn default() -> Self {
-        DeployConfig {
-            strategy: Strategy::BlueGreen,
-            healthy_timeout: default_healthy_timeout(),
-            drain: default_drain(),
         }
     }
 }

@@ -5,6 +5,7 @@ mod apply;
 mod autoscale;
 mod autoscale_loop;
 mod bake;
+mod canary;
 mod capture;
 mod clock;
 pub mod cluster;

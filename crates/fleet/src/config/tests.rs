@@ -77,7 +77,9 @@ fn bad_values_name_the_key() {
     );
     let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\n");
     assert!(
-        error(&text).contains("key `strategy`: unknown variant `rolling`, expected `blue-green`"),
+        error(&text).contains(
+            "key `strategy`: unknown variant `rolling`, expected `blue-green` or `canary`"
+        ),
         "{}",
         error(&text)
     );
@@ -641,5 +643,71 @@ fn listeners_are_read_and_their_mistakes_named() {
         let message = error(&listener(body));
         assert!(message.contains(says), "{body}: {message}");
         assert!(message.contains("phoenix.toml:"), "{message}");
+    }
+}
+
+#[test]
+fn a_canary_deploy_takes_its_steps_and_analysis_from_the_file() {
+    let text = format!(
+        "{GOOD}\n[role.web.deploy]\nstrategy = \"canary\"\nsteps = [\"1%\", \"12.5%\", \"50%\"]\ninterval = \"10s\"\nmin_requests = 500\nmax_error_increase = \"0.5%\"\nmax_p99_increase = \"150%\"\n"
+    );
+    let deploy = &parse(&text).unwrap().roles["web"].deploy;
+    assert_eq!(deploy.strategy, Strategy::Canary);
+    assert_eq!(
+        deploy.canary,
+        CanaryConfig {
+            steps: vec![100, 1_250, 5_000],
+            interval: Duration::from_secs(10),
+            min_requests: 500,
+            max_error_increase: 50,
+            max_p99_increase: 15_000,
+        }
+    );
+    let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"canary\"\n");
+    assert_eq!(
+        parse(&text).unwrap().roles["web"].deploy.canary,
+        CanaryConfig::default()
+    );
+}
+
+#[test]
+fn canary_settings_that_cannot_work_are_refused_where_they_are_written() {
+    for (deploy, expected) in [
+        (
+            "steps = [\"5%\"]",
+            "11:1: [role.web]: `steps` applies to strategy = \"canary\" only",
+        ),
+        (
+            "strategy = \"canary\"\nsteps = [\"50%\", \"25%\"]",
+            "`steps`: \"25%\" does not grow",
+        ),
+        (
+            "strategy = \"canary\"\nsteps = [\"100%\"]",
+            "`steps`: \"100%\" is out of range",
+        ),
+        (
+            "strategy = \"canary\"\nsteps = [\"five\"]",
+            "`steps`: \"five\" is not a percentage",
+        ),
+        ("strategy = \"canary\"\nsteps = []", "`steps` is empty"),
+        (
+            "strategy = \"canary\"\ninterval = \"0s\"",
+            "`interval`: \"0s\" is out of range",
+        ),
+        (
+            "strategy = \"canary\"\nmin_requests = 0",
+            "`min_requests`: 0 would judge a step on no traffic",
+        ),
+        (
+            "strategy = \"canary\"\nmax_error_increase = \"101%\"",
+            "`max_error_increase`: \"101%\" is out of range",
+        ),
+    ] {
+        let text = format!("{GOOD}\n[role.web.deploy]\n{deploy}\n");
+        let message = error(&text);
+        assert!(
+            message.starts_with("fleet/phoenix.toml:") && message.contains(expected),
+            "{deploy}: {message}"
+        );
     }
 }
