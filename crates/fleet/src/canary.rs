@@ -9,12 +9,17 @@
 //! negligible, or large but from a handful of requests, decides nothing.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use phoenix_proxy::Backend;
 use phoenix_proxy::Histogram;
 use serde::Serialize;
 
+use serde_json::json;
+
+use crate::Progress;
 use crate::config::CanaryConfig;
+use crate::controller::{Generation, Inner, Role};
 
 /// The z-score a one-sided test at 99 % confidence must exceed.
 const Z_99: f64 = 2.326;
@@ -183,6 +188,120 @@ fn mann_whitney_z(canary: &[u64], live: &[u64]) -> f64 {
         return 0.0;
     }
     (u - n1 * n2 / 2.0) / variance.sqrt()
+}
+
+/// Runs a canary deploy's steps: `generation` (booted and healthy) takes each step's share
+/// of requests for the step's interval while it is compared with `live`. Returns once every
+/// step passed (the caller switches), or the reason it failed, with the canary's traffic
+/// already back on the live generation and drained.
+pub(crate) async fn run_steps(
+    inner: &Inner,
+    role: &Role,
+    live: &Arc<Generation>,
+    generation: &Arc<Generation>,
+    deploy_id: i64,
+    progress: &Progress,
+) -> Result<(), String> {
+    let config = role.config();
+    let canary = &config.deploy.canary;
+    let steps = canary.steps.len();
+    for (index, &share) in canary.steps.iter().enumerate() {
+        let step = index + 1;
+        let percent = f64::from(share) / 100.0;
+        role.set_canary(Some((generation.clone(), share)));
+        progress.say(format!(
+            "canary step {step}/{steps}: {percent}% of requests to generation {} for {:?}",
+            generation.id, canary.interval
+        ));
+        inner
+            .journal(
+                Some(&role.name),
+                "deploy.canary_step",
+                json!({"deploy": deploy_id, "generation": generation.id, "step": step, "share_percent": percent}),
+            )
+            .await;
+        let judged = hold_step(live, generation, canary).await;
+        let (passed, figures) = match &judged {
+            Ok(figures) => (true, figures),
+            Err((_, figures)) => (false, figures),
+        };
+        inner
+            .journal(
+                Some(&role.name),
+                if passed {
+                    "deploy.canary_passed"
+                } else {
+                    "deploy.canary_failed"
+                },
+                json!({"deploy": deploy_id, "generation": generation.id, "step": step,
+                       "share_percent": percent, "figures": figures,
+                       "reason": judged.as_ref().err().map(|(why, _)| why)}),
+            )
+            .await;
+        if let Err((why, _)) = judged {
+            let reason = format!("canary failed at {percent}% of requests: {why}");
+            progress.say(reason.clone());
+            end(role, generation, config.deploy.drain).await;
+            return Err(reason);
+        }
+        progress.say(format!(
+            "canary step {step}/{steps} passed: {} requests, errors {}% against {}%, p99 {} against {} ms",
+            figures.canary_requests,
+            figures.canary_error_percent,
+            figures.live_error_percent,
+            figures.canary_p99_ms.map_or("-".into(), |v| v.to_string()),
+            figures.live_p99_ms.map_or("-".into(), |v| v.to_string()),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes the canary's share back to the live generation and waits for its requests.
+async fn end(role: &Role, generation: &Arc<Generation>, drain: Duration) {
+    role.set_canary(None);
+    let backends: Vec<_> = generation
+        .instances()
+        .iter()
+        .map(|i| i.backend.clone())
+        .collect();
+    phoenix_proxy::drain(&backends, drain).await;
+}
+
+/// Holds one step for its interval, judging every second: a canary found worse fails at
+/// once; one still short of `min_requests` after three intervals fails as inconclusive.
+async fn hold_step(
+    live: &Arc<Generation>,
+    generation: &Arc<Generation>,
+    config: &CanaryConfig,
+) -> Result<Figures, (String, Figures)> {
+    let backends = |g: &Arc<Generation>| -> Vec<Arc<Backend>> {
+        g.instances().iter().map(|i| i.backend.clone()).collect()
+    };
+    let (canary_start, live_start) = (
+        Sample::of(&backends(generation)),
+        Sample::of(&backends(live)),
+    );
+    let started = Instant::now();
+    let tick = (config.interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        let canary = Sample::of(&backends(generation)).since(&canary_start);
+        let live_now = Sample::of(&backends(live)).since(&live_start);
+        let (verdict, figures) = judge(&canary, &live_now, config);
+        let held = started.elapsed();
+        match verdict {
+            Verdict::Worse(why) => return Err((why, figures)),
+            Verdict::Healthy if held >= config.interval => return Ok(figures),
+            Verdict::TooFew if held >= config.interval * 3 => {
+                let why = format!(
+                    "inconclusive: {} canary and {} live requests in {:?}, fewer than min_requests = {}",
+                    figures.canary_requests, figures.live_requests, held, config.min_requests
+                );
+                return Err((why, figures));
+            }
+            _ => {}
+        }
+    }
 }
 
 fn round(value: f64) -> f64 {

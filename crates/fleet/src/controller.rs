@@ -154,6 +154,8 @@ pub(crate) struct Role {
     live: Mutex<Option<Arc<Generation>>>,
     /// Generations starting (in a deploy) or draining.
     others: Mutex<Vec<Arc<Generation>>>,
+    /// A canary generation in a deploy and its share of requests (basis points).
+    canary: Mutex<Option<(Arc<Generation>, u32)>>,
     /// Recent unexpected deaths, for crash-loop backoff.
     deaths: Mutex<Vec<Instant>>,
     /// Live, healthy instances of this role on other hosts (from gossip).
@@ -191,6 +193,7 @@ impl Role {
             deploy_lock: Arc::new(tokio::sync::Mutex::new(())),
             live: Mutex::new(None),
             others: Mutex::new(Vec::new()),
+            canary: Mutex::new(None),
             deaths: Mutex::new(Vec::new()),
             remote: Mutex::new(Vec::new()),
             changed,
@@ -294,7 +297,26 @@ impl Role {
     pub fn refresh_backends(&self) {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         self.proxy.set_backends(self.backends(live.as_ref()));
+        drop(live);
+        self.refresh_canary();
         self.changed.notify_one();
+    }
+
+    /// Sends `share` basis points of the requests to `generation`'s healthy instances (a
+    /// canary), or, with `None`, none.
+    pub fn set_canary(&self, canary: Option<(Arc<Generation>, u32)>) {
+        *self.canary.lock().unwrap_or_else(|p| p.into_inner()) = canary;
+        self.refresh_canary();
+    }
+
+    fn refresh_canary(&self) {
+        let canary = self.canary.lock().unwrap_or_else(|p| p.into_inner());
+        match canary.as_ref() {
+            Some((generation, share)) => self
+                .proxy
+                .set_canary(healthy_backends(Some(generation)), *share),
+            None => self.proxy.set_canary(Vec::new(), 0),
+        }
     }
 
     /// Makes `generation` the live one and moves traffic to it atomically; returns the old one.

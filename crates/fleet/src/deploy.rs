@@ -1,4 +1,5 @@
-//! Blue-green deploys: boot a new generation, gate on health, switch atomically, drain the old.
+//! Deploys: boot a new generation, gate on health (and, for a canary, on its analysis),
+//! switch atomically, drain the old.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::config::RoleConfig;
+use crate::config::{RoleConfig, Strategy};
 use crate::controller::{Controller, Generation, Inner, Role};
 use crate::instance::{self, Instance};
 use crate::verify::{self, VerifyOptions};
@@ -116,6 +117,9 @@ impl Controller {
         progress: &Progress,
     ) -> Result<DeployReport, FleetError> {
         match self.inner.cluster.clone() {
+            Some(_) if self.inner.role(role)?.config().deploy.strategy == Strategy::Canary => {
+                Err(FleetError::CanaryInCluster { role: role.into() })
+            }
             Some(cluster) => {
                 crate::cluster::rollout::deploy(&self.inner, &cluster, role, options, progress)
                     .await
@@ -245,9 +249,12 @@ async fn deploy_locked(
         progress,
     )
     .await;
-    let booted = match gate {
-        Some(gate) => gate.pass(booted).await,
-        None => booted,
+    let booted = match (gate, &live) {
+        (Some(gate), _) => gate.pass(booted).await,
+        (None, Some(live)) if booted.is_ok() && config.deploy.strategy == Strategy::Canary => {
+            crate::canary::run_steps(inner, role, live, &generation, deploy_id, progress).await
+        }
+        (None, _) => booted,
     };
     if let Err(reason) = booted {
         progress.say(format!(
@@ -293,6 +300,8 @@ async fn deploy_locked(
     let switch = Instant::now();
     let old = role.switch_to(generation.clone());
     let switch_us = switch.elapsed().as_micros() as u64;
+    // A promoted canary's share is now part of the live set.
+    role.set_canary(None);
     role.remove_other(generation_id);
     let now = inner.clock.now_ms();
     let old_id = old.as_ref().map(|g| g.id);

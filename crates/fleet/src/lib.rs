@@ -93,6 +93,10 @@ pub enum FleetError {
     NotVerified { image: String, reason: String },
     #[error("no role {role:?} (roles: {known})")]
     UnknownRole { role: String, known: String },
+    #[error(
+        "role {role}: strategy = \"canary\" deploys on one machine only for now; in a cluster, deploys are blue-green"
+    )]
+    CanaryInCluster { role: String },
     #[error("no [image.{name}] in {file} (images: {known})")]
     UnknownImage {
         name: String,

@@ -1,6 +1,7 @@
 //! `hello`: the example app Phoenix deploys.
 //!
-//! - `GET /` answers `hello from INSTANCE version VERSION`.
+//! - `GET /` answers `hello from INSTANCE version VERSION`; with `ERROR_PERCENT=N` exactly N in
+//!   every 100 of them (evenly spread) answer 500 instead (a bad release, for canary tests).
 //! - `GET /healthz` answers 200, or 503 when started with `--fail-health` or `FAIL_HEALTH=1`.
 //! - `GET /slow/MS` answers after MS milliseconds (to watch requests finish during a drain).
 //! - `GET /alloc/MIB` takes MIB mebibytes of memory and keeps them (to watch a memory limit).
@@ -32,6 +33,9 @@ struct App {
     instance: String,
     version: String,
     fail_health: bool,
+    /// Of every 100 answers to `/`, how many are 500s.
+    error_percent: u64,
+    answered: std::sync::atomic::AtomicU64,
 }
 
 fn env_flag(name: &str) -> bool {
@@ -43,7 +47,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: hello [--fail-health]   (env: PORT, HOST, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH, START_DELAY_MS, TICKS, TICK_MS)"
+            "usage: hello [--fail-health]   (env: PORT, HOST, VERSION, PHOENIX_INSTANCE, FAIL_HEALTH, ERROR_PERCENT, START_DELAY_MS, TICKS, TICK_MS)"
         );
         return;
     }
@@ -62,6 +66,15 @@ async fn main() {
         instance: std::env::var("PHOENIX_INSTANCE").unwrap_or_else(|_| "local".into()),
         version: std::env::var("VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
         fail_health: args.iter().any(|a| a == "--fail-health") || env_flag("FAIL_HEALTH"),
+        error_percent: match std::env::var("ERROR_PERCENT").map(|p| p.parse::<u64>()) {
+            Ok(Ok(percent)) if percent <= 100 => percent,
+            Ok(_) => {
+                eprintln!("hello: ERROR_PERCENT must be a whole number from 0 to 100");
+                std::process::exit(2);
+            }
+            Err(_) => 0,
+        },
+        answered: std::sync::atomic::AtomicU64::new(0),
     });
     let host: std::net::IpAddr = match std::env::var("HOST").map(|h| h.parse()) {
         Ok(Ok(host)) => host,
@@ -190,7 +203,18 @@ async fn handle(
             ),
         }
     } else if path == "/" {
-        (StatusCode::OK, greeting(&app))
+        let n = app
+            .answered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Request n fails when it crosses the next multiple of 100 / ERROR_PERCENT.
+        if (n + 1) * app.error_percent / 100 > n * app.error_percent / 100 {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failing (ERROR_PERCENT={})\n", app.error_percent),
+            )
+        } else {
+            (StatusCode::OK, greeting(&app))
+        }
     } else {
         (StatusCode::NOT_FOUND, "not found\n".to_string())
     };
