@@ -18,7 +18,7 @@ mod policy;
 mod runtime;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
-pub use deploy::{CanaryConfig, DeployConfig, Strategy};
+pub use deploy::{CanaryConfig, DeployConfig, RollingConfig, Strategy};
 pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{

@@ -117,8 +117,12 @@ impl Controller {
         progress: &Progress,
     ) -> Result<DeployReport, FleetError> {
         match self.inner.cluster.clone() {
-            Some(_) if self.inner.role(role)?.config().deploy.strategy == Strategy::Canary => {
-                Err(FleetError::CanaryInCluster { role: role.into() })
+            Some(_) if self.inner.role(role)?.config().deploy.strategy != Strategy::BlueGreen => {
+                let strategy = self.inner.role(role)?.config().deploy.strategy.name();
+                Err(FleetError::StrategyInCluster {
+                    role: role.into(),
+                    strategy,
+                })
             }
             Some(cluster) => {
                 crate::cluster::rollout::deploy(&self.inner, &cluster, role, options, progress)
@@ -240,15 +244,22 @@ async fn deploy_locked(
     role.add_other(generation.clone());
 
     let boot = Instant::now();
-    let booted = boot_generation(
-        inner,
-        role,
-        &generation,
-        size,
-        config.deploy.healthy_timeout,
-        progress,
-    )
-    .await;
+    let booted = match &live {
+        Some(live) if config.deploy.strategy == Strategy::Rolling && gate.is_none() => {
+            crate::rolling::replace(inner, role, live, &generation, size, deploy_id, progress).await
+        }
+        _ => {
+            boot_generation(
+                inner,
+                role,
+                &generation,
+                size,
+                config.deploy.healthy_timeout,
+                progress,
+            )
+            .await
+        }
+    };
     let booted = match (gate, &live) {
         (Some(gate), _) => gate.pass(booted).await,
         (None, Some(live)) if booted.is_ok() && config.deploy.strategy == Strategy::Canary => {
@@ -567,7 +578,7 @@ async fn gate(
 
 /// Starts `count` instances of `generation` and waits until every one is healthy.
 /// Returns the reason when one dies or the timeout passes.
-async fn boot_generation(
+pub(crate) async fn boot_generation(
     inner: &Arc<Inner>,
     role: &Role,
     generation: &Arc<Generation>,

@@ -25,6 +25,7 @@ mod metrics;
 mod plan;
 mod recover;
 mod roles;
+mod rolling;
 mod sampling;
 mod scale;
 mod secrets;
@@ -94,9 +95,12 @@ pub enum FleetError {
     #[error("no role {role:?} (roles: {known})")]
     UnknownRole { role: String, known: String },
     #[error(
-        "role {role}: strategy = \"canary\" deploys on one machine only for now; in a cluster, deploys are blue-green"
+        "role {role}: strategy = \"{strategy}\" deploys on one machine only for now; in a cluster, deploys are blue-green"
     )]
-    CanaryInCluster { role: String },
+    StrategyInCluster {
+        role: String,
+        strategy: &'static str,
+    },
     #[error("no [image.{name}] in {file} (images: {known})")]
     UnknownImage {
         name: String,

@@ -17,6 +17,26 @@ pub struct DeployConfig {
     pub drain: Duration,
     /// The canary's steps and analysis (used with `strategy = "canary"`).
     pub canary: CanaryConfig,
+    /// Batches of a rolling deploy (used with `strategy = "rolling"`).
+    pub rolling: RollingConfig,
+}
+
+/// How many instances a rolling deploy adds and takes away at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollingConfig {
+    /// New instances started beyond the role's size at a time.
+    pub max_surge: u32,
+    /// Old instances taken out of service before their replacements are healthy.
+    pub max_unavailable: u32,
+}
+
+impl Default for RollingConfig {
+    fn default() -> Self {
+        RollingConfig {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
+    }
 }
 
 /// Deploy strategies.
@@ -31,6 +51,21 @@ pub enum Strategy {
     /// that comparison.
     #[serde(rename = "canary")]
     Canary,
+    /// The live generation's instances are replaced a few at a time: at most `max_surge`
+    /// more than the role's size run at once, at most `max_unavailable` fewer serve.
+    #[serde(rename = "rolling")]
+    Rolling,
+}
+
+impl Strategy {
+    /// The name the fleet file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::BlueGreen => "blue-green",
+            Strategy::Canary => "canary",
+            Strategy::Rolling => "rolling",
+        }
+    }
 }
 
 /// A canary's steps and the analysis that decides each one.
@@ -67,6 +102,7 @@ impl Default for DeployConfig {
             healthy_timeout: Duration::from_secs(30),
             drain: Duration::from_secs(30),
             canary: CanaryConfig::default(),
+            rolling: RollingConfig::default(),
         }
     }
 }
@@ -90,6 +126,10 @@ struct RawDeploy {
     max_error_increase: Option<String>,
     #[serde(default)]
     max_p99_increase: Option<String>,
+    #[serde(default)]
+    max_surge: Option<u32>,
+    #[serde(default)]
+    max_unavailable: Option<u32>,
 }
 
 fn optional_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -105,6 +145,24 @@ impl TryFrom<RawDeploy> for DeployConfig {
 
     fn try_from(raw: RawDeploy) -> Result<Self, String> {
         let defaults = DeployConfig::default();
+        let rolling_keys = [
+            ("max_surge", raw.max_surge.is_some()),
+            ("max_unavailable", raw.max_unavailable.is_some()),
+        ];
+        if raw.strategy != Strategy::Rolling
+            && let Some((key, _)) = rolling_keys.iter().find(|(_, set)| *set)
+        {
+            return Err(format!(
+                "`{key}` applies to strategy = \"rolling\" only (this deploy is {})",
+                raw.strategy.name()
+            ));
+        }
+        let mut rolling = defaults.rolling;
+        rolling.max_surge = raw.max_surge.unwrap_or(rolling.max_surge);
+        rolling.max_unavailable = raw.max_unavailable.unwrap_or(rolling.max_unavailable);
+        if rolling.max_surge == 0 && rolling.max_unavailable == 0 {
+            return Err("`max_surge` and `max_unavailable` are both 0: a rolling deploy could never replace an instance; make one of them at least 1".into());
+        }
         let canary_keys = [
             ("steps", raw.steps.is_some()),
             ("interval", raw.interval.is_some()),
@@ -116,7 +174,8 @@ impl TryFrom<RawDeploy> for DeployConfig {
             && let Some((key, _)) = canary_keys.iter().find(|(_, set)| *set)
         {
             return Err(format!(
-                "`{key}` applies to strategy = \"canary\" only (this deploy is blue-green)"
+                "`{key}` applies to strategy = \"canary\" only (this deploy is {})",
+                raw.strategy.name()
             ));
         }
         let mut canary = defaults.canary;
@@ -150,6 +209,7 @@ impl TryFrom<RawDeploy> for DeployConfig {
             healthy_timeout: raw.healthy_timeout.unwrap_or(defaults.healthy_timeout),
             drain: raw.drain.unwrap_or(defaults.drain),
             canary,
+            rolling,
         })
     }
 }

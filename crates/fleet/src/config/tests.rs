@@ -75,10 +75,10 @@ fn bad_values_name_the_key() {
         "{}",
         error(&text)
     );
-    let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\n");
+    let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolled\"\n");
     assert!(
         error(&text).contains(
-            "key `strategy`: unknown variant `rolling`, expected `blue-green` or `canary`"
+            "key `strategy`: unknown variant `rolled`, expected one of `blue-green`, `canary`, `rolling`"
         ),
         "{}",
         error(&text)
@@ -691,6 +691,14 @@ fn canary_settings_that_cannot_work_are_refused_where_they_are_written() {
         ),
         ("strategy = \"canary\"\nsteps = []", "`steps` is empty"),
         (
+            "strategy = \"canary\"\nmax_surge = 2",
+            "`max_surge` applies to strategy = \"rolling\" only (this deploy is canary)",
+        ),
+        (
+            "strategy = \"rolling\"\nmax_surge = 0",
+            "`max_surge` and `max_unavailable` are both 0",
+        ),
+        (
             "strategy = \"canary\"\ninterval = \"0s\"",
             "`interval`: \"0s\" is out of range",
         ),
@@ -710,4 +718,25 @@ fn canary_settings_that_cannot_work_are_refused_where_they_are_written() {
             "{deploy}: {message}"
         );
     }
+}
+
+#[test]
+fn a_rolling_deploy_takes_its_batches_from_the_file() {
+    let text = format!(
+        "{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\nmax_surge = 0\nmax_unavailable = 2\n"
+    );
+    let deploy = &parse(&text).unwrap().roles["web"].deploy;
+    assert_eq!(deploy.strategy, Strategy::Rolling);
+    assert_eq!(
+        deploy.rolling,
+        RollingConfig {
+            max_surge: 0,
+            max_unavailable: 2
+        }
+    );
+    let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"rolling\"\n");
+    assert_eq!(
+        parse(&text).unwrap().roles["web"].deploy.rolling,
+        RollingConfig::default()
+    );
 }

@@ -1,5 +1,6 @@
-//! Canary deploys end to end: the real binary, the real hello app (one release of it answering
-//! 5 % errors), real load through the proxy, the analysis' figures read back from the journal.
+//! Canary and rolling deploys end to end: the real binary, the real hello app (one release of
+//! it answering 5 % errors, one never healthy), real load through the proxy, the analysis'
+//! figures and the batches read back from the journal.
 
 mod common;
 
@@ -136,5 +137,74 @@ fn a_canary_with_five_percent_errors_is_rolled_back_and_a_good_one_is_promoted()
     assert!(
         last.iter().all(|s| s.result.as_deref() == Ok("v3")),
         "after the promotion every request is v3: {last:?}"
+    );
+}
+
+fn rolling(version: &str, batches: &'static str) -> Fleet {
+    let mut fleet = Fleet::version(version);
+    fleet.more = batches;
+    fleet
+}
+
+#[test]
+fn a_rolling_deploy_replaces_one_instance_at_a_time_and_a_failed_one_leaves_the_old_size() {
+    let surge = "strategy = \"rolling\"\nmax_surge = 1\nmax_unavailable = 0\n";
+    let mut phoenix = Phoenix::start(&rolling("v1", surge));
+    phoenix.wait_serving(3);
+    let load = Load::start(phoenix.proxy_addr(), 4);
+    while load.count() < 100 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    phoenix.write_fleet(&rolling("v2", surge));
+    let output = phoenix.cli_ok(&["deploy", "web"]);
+    assert!(
+        output.contains("rolling: 3 of 3 instances on generation 2, 0 of generation 1 left"),
+        "{output}"
+    );
+    let batches: Vec<(u64, u64)> = phoenix
+        .events("deploy.batch")
+        .iter()
+        .map(|e| {
+            let d = &e["detail"];
+            (d["new"].as_u64().unwrap(), d["old"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(batches, [(1, 2), (2, 1), (3, 0)], "one instance at a time");
+    let upgraded = load.count();
+
+    // Never healthy, one old instance taken out first: the failure brings the old size back.
+    let mut broken = rolling(
+        "v3",
+        "strategy = \"rolling\"\nmax_surge = 0\nmax_unavailable = 1\n",
+    );
+    broken.fail_health = true;
+    broken.healthy_timeout = "2s";
+    phoenix.write_fleet(&broken);
+    let output = phoenix.cli(&["deploy", "web"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("generation 2 keeps serving"), "{stderr}");
+    assert_eq!(phoenix.status()["roles"][0]["live_generation"], 2);
+    let live = phoenix.live_instances();
+    assert_eq!(live.len(), 3, "back to 3 instances: {live:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.stop();
+
+    let (_, _, failed) = tally(&samples, "v2");
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let during: Vec<&str> = samples[..upgraded]
+        .iter()
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect();
+    let mixed = during.windows(2).any(|w| w[0] != w[1]);
+    assert!(mixed && during.contains(&"v1") && during.contains(&"v2"));
+    let after: Vec<_> = samples[upgraded..]
+        .iter()
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect();
+    assert!(
+        after.iter().all(|v| *v == "v2"),
+        "v3 never served: {:?}",
+        after.iter().find(|v| **v != "v2")
     );
 }
