@@ -12,6 +12,7 @@ use phoenix_image::Recipe;
 mod agent;
 mod cluster;
 mod deploy;
+mod hooks;
 mod listener;
 mod logs;
 mod policy;
@@ -19,6 +20,7 @@ mod runtime;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
 pub use deploy::{CanaryConfig, DeployConfig, RollingConfig, Strategy};
+pub use hooks::{Hook, HooksConfig};
 pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
 pub use runtime::{
@@ -59,6 +61,8 @@ pub struct FleetFile {
     pub logs: LogsConfig,
     /// `[cluster]`: the fleet spans hosts, its state in etcd (`None`: one machine, SQLite).
     pub cluster: Option<ClusterConfig>,
+    /// `[hooks]`: commands run at points of every deploy.
+    pub hooks: HooksConfig,
     /// `[listener.NAME]`: edge addresses routing to roles by host and path, TLS optional.
     pub listeners: BTreeMap<String, ListenerConfig>,
 }
@@ -320,6 +324,8 @@ struct RawFleet {
     cluster: Option<Spanned<ClusterConfig>>,
     #[serde(default)]
     listener: BTreeMap<Spanned<String>, Spanned<ListenerConfig>>,
+    #[serde(default)]
+    hooks: Option<Spanned<HooksConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -581,7 +587,23 @@ impl FleetFile {
             None => None,
         };
         let listeners = check_listeners(raw.listener, &roles, &dir, &at)?;
+        let hooks = match raw.hooks {
+            Some(hooks) => {
+                let span = hooks.span();
+                let mut hooks = hooks.into_inner();
+                hooks.check(&dir).map_err(|why| at(span.clone(), why))?;
+                if cluster.is_some() && !hooks.is_empty() {
+                    return Err(at(
+                        span,
+                        "[hooks] run on one machine only for now: remove them or [cluster]".into(),
+                    ));
+                }
+                hooks
+            }
+            None => HooksConfig::default(),
+        };
         Ok(FleetFile {
+            hooks,
             cluster,
             listeners,
             path: path.to_path_buf(),

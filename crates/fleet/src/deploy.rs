@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::config::{RoleConfig, Strategy};
+use crate::config::{Hook, RoleConfig, Strategy};
 use crate::controller::{Controller, Generation, Inner, Role};
+use crate::hooks::{self, Facts};
 use crate::instance::{self, Instance};
 use crate::verify::{self, VerifyOptions};
 use crate::{FleetError, FleetFile, bake};
@@ -196,10 +197,34 @@ async fn deploy_locked(
         return Err(FleetError::ShuttingDown);
     }
     let live = role.live();
+    // The hooks of the file as it is now (deploys pick up edits), else as last applied.
+    let hooks = inner
+        .reload_fleet()
+        .map(|f| f.hooks)
+        .unwrap_or_else(|_| inner.applied().hooks);
+    let mut facts = Facts {
+        role: role_name.to_string(),
+        strategy: role.config().deploy.strategy.name(),
+        previous_image: live.as_ref().map(|g| g.image.clone()),
+        live_generation: live.as_ref().map(|g| g.id),
+        ..Facts::default()
+    };
+    let vetoed = |reason| FleetError::HookRefused {
+        role: role_name.to_string(),
+        reason,
+    };
+    hooks::run(inner, &hooks, Hook::BeforeBake, &facts, progress)
+        .await
+        .map_err(vetoed)?;
     let (image, baked, verified) =
         choose_image(inner, role, live.as_ref(), &options, progress).await?;
+    facts.image = Some(image.clone());
+    hooks::run(inner, &hooks, Hook::AfterVerify, &facts, progress)
+        .await
+        .map_err(vetoed)?;
     let bake_ms = started.elapsed().as_millis() as u64 - verified.map_or(0, |v| v.ms);
     let config = role.config();
+    facts.strategy = config.deploy.strategy.name();
     // Sized to the role now (a `phoenix scale` included), not only to the file.
     let size = role.desired();
     let previous_image = live.as_ref().map(|g| g.image.clone());
@@ -230,6 +255,7 @@ async fn deploy_locked(
             ))
         })
         .await?;
+    (facts.deploy, facts.generation) = (Some(deploy_id), Some(generation_id));
     let detail = json!({"deploy": deploy_id, "generation": generation_id, "image": image, "previous_image": previous_image, "instances": size, "rollback": options.rollback.is_some()});
     inner
         .journal(Some(role_name), "deploy.started", detail)
@@ -244,9 +270,25 @@ async fn deploy_locked(
     role.add_other(generation.clone());
 
     let boot = Instant::now();
+    let rolling = live.is_some() && config.deploy.strategy == Strategy::Rolling && gate.is_none();
     let booted = match &live {
-        Some(live) if config.deploy.strategy == Strategy::Rolling && gate.is_none() => {
-            crate::rolling::replace(inner, role, live, &generation, size, deploy_id, progress).await
+        // A rolling deploy moves traffic from its first batch: the veto comes before it.
+        Some(live) if rolling => {
+            match hooks::run(inner, &hooks, Hook::BeforeSwitch, &facts, progress).await {
+                Ok(()) => {
+                    crate::rolling::replace(
+                        inner,
+                        role,
+                        live,
+                        &generation,
+                        size,
+                        deploy_id,
+                        progress,
+                    )
+                    .await
+                }
+                vetoed => vetoed,
+            }
         }
         _ => {
             boot_generation(
@@ -260,6 +302,11 @@ async fn deploy_locked(
             .await
         }
     };
+    // Healthy, no traffic yet (a canary's first step included): the hook may veto.
+    let booted = match booted {
+        Ok(()) if !rolling => hooks::run(inner, &hooks, Hook::BeforeSwitch, &facts, progress).await,
+        other => other,
+    };
     let booted = match (gate, &live) {
         (Some(gate), _) => gate.pass(booted).await,
         (None, Some(live)) if booted.is_ok() && config.deploy.strategy == Strategy::Canary => {
@@ -272,6 +319,14 @@ async fn deploy_locked(
             "aborting: {}",
             reason.lines().next().unwrap_or_default()
         ));
+        // A canary failed at a step still has its share: back to the live generation.
+        role.set_canary(None);
+        let serving: Vec<_> = generation
+            .instances()
+            .iter()
+            .map(|i| i.backend.clone())
+            .collect();
+        phoenix_proxy::drain(&serving, config.deploy.drain).await;
         let stopped = generation.instances();
         stop_all(&stopped).await;
         // Their last lines are in the store before the journal says where they end.
@@ -300,6 +355,9 @@ async fn deploy_locked(
                        "log_position": log_position}),
             )
             .await;
+        facts.reason = Some(reason.clone());
+        // Reported in the journal and the progress; the deploy has failed either way.
+        let _ = hooks::run(inner, &hooks, Hook::OnAbort, &facts, progress).await;
         return Err(FleetError::DeployAborted {
             role: role_name.into(),
             reason,
@@ -334,6 +392,9 @@ async fn deploy_locked(
     progress.say(format!(
         "switched {role_name} to generation {generation_id} in {switch_us} µs"
     ));
+    facts.live_generation = Some(generation_id);
+    // Too late to veto: a failure is in the journal and the progress.
+    let _ = hooks::run(inner, &hooks, Hook::AfterSwitch, &facts, progress).await;
 
     let (mut drain_ms, mut stop_ms, mut abandoned_requests) = (0, 0, 0);
     if let Some(old) = old {

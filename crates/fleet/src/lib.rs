@@ -17,6 +17,7 @@ mod drivers;
 mod forward;
 mod handover;
 mod health;
+mod hooks;
 mod instance;
 mod lifecycle;
 mod listeners;
@@ -94,6 +95,8 @@ pub enum FleetError {
     NotVerified { image: String, reason: String },
     #[error("no role {role:?} (roles: {known})")]
     UnknownRole { role: String, known: String },
+    #[error("deploy of {role} stopped before it began (nothing changed): {reason}")]
+    HookRefused { role: String, reason: String },
     #[error(
         "role {role}: strategy = \"{strategy}\" deploys on one machine only for now; in a cluster, deploys are blue-green"
     )]

@@ -317,3 +317,210 @@ async fn a_handover_given_back_serves_on_with_its_connections() {
     assert_eq!(driver.running().len(), 3);
     controller.shutdown().await;
 }
+
+/// Hook scripts in `dir/hooks`: each appends its `PHOENIX_*` facts to `dir/hooks.log`;
+/// `before_switch` says "tests red" and vetoes while `dir/veto` exists, `before_bake`
+/// refuses while `dir/closed` exists.
+fn write_hooks(dir: &Path, timeout: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let hooks = dir.join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    let record = format!(
+        "echo \"$PHOENIX_HOOK role=$PHOENIX_ROLE strategy=$PHOENIX_STRATEGY deploy=$PHOENIX_DEPLOY generation=$PHOENIX_GENERATION live=$PHOENIX_LIVE_GENERATION image=${{PHOENIX_IMAGE:+set}} previous=${{PHOENIX_PREVIOUS_IMAGE:+set}} reason=$PHOENIX_REASON\" >> {log}",
+        log = dir.join("hooks.log").display()
+    );
+    let scripts = [
+        ("record", String::new()),
+        (
+            "gate",
+            format!(
+                "if [ -e {veto} ]; then echo tests red; echo see the report >&2; exit 3; fi\n",
+                veto = dir.join("veto").display()
+            ),
+        ),
+        (
+            "open",
+            format!(
+                "if [ -e {closed} ]; then echo deploys are frozen; exit 1; fi\n",
+                closed = dir.join("closed").display()
+            ),
+        ),
+    ];
+    for (name, body) in scripts {
+        let path = hooks.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{record}\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let fleet = dir.join("phoenix.toml");
+    let mut text = std::fs::read_to_string(&fleet).unwrap();
+    text.push_str(&format!(
+        "\n[hooks]\nbefore_bake = [\"./hooks/open\"]\nafter_verify = [\"./hooks/record\"]\nbefore_switch = [\"./hooks/gate\"]\nafter_switch = [\"./hooks/record\"]\non_abort = [\"./hooks/record\"]\ntimeout = \"{timeout}\"\n"
+    ));
+    std::fs::write(fleet, text).unwrap();
+}
+
+fn hook_log(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("hooks.log")).unwrap_or_default();
+    std::fs::remove_file(dir.join("hooks.log")).ok();
+    text.lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_see_the_deploy_and_may_stop_it_before_traffic_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    write_fleet(path, "v1", 2);
+    write_hooks(path, "10s");
+    let driver = FakeDriver::default();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let controller = Controller::open(options(path, &driver, &clock))
+        .await
+        .unwrap();
+    assert!(controller.converge().await.is_empty());
+    let addr = controller.listen_addrs()["web"];
+    let first = hook_log(path);
+    assert_eq!(
+        first,
+        [
+            "before_bake role=web strategy=blue-green deploy= generation= live= image= previous= reason=",
+            "after_verify role=web strategy=blue-green deploy= generation= live= image=set previous= reason=",
+            "before_switch role=web strategy=blue-green deploy=1 generation=1 live= image=set previous= reason=",
+            "after_switch role=web strategy=blue-green deploy=1 generation=1 live=1 image=set previous= reason=",
+        ]
+    );
+
+    // before_switch vetoes v2: the new generation is stopped, v1 serves on, on_abort is told why.
+    write_fleet(path, "v2", 2);
+    write_hooks(path, "10s");
+    std::fs::write(path.join("veto"), "").unwrap();
+    let (progress, mut said) = Progress::channel();
+    let vetoed = controller
+        .deploy("web", DeployOptions::default(), &progress)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(vetoed.contains("generation 1 keeps serving"), "{vetoed}");
+    assert!(
+        vetoed.contains("hook before_switch failed (exit status: 3)"),
+        "{vetoed}"
+    );
+    let mut lines = Vec::new();
+    while let Ok(line) = said.try_recv() {
+        lines.push(line);
+    }
+    assert!(
+        lines.contains(&"[before_switch] tests red".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"[before_switch] see the report".to_string()),
+        "{lines:?}"
+    );
+    assert_eq!(version_of(&get(addr)), "v1");
+    assert_eq!((driver.running().len(), driver.started()), (2, 4));
+    let log = hook_log(path);
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log[2].starts_with("before_switch role=web strategy=blue-green deploy=2 generation=2 live=1 image=set previous=set"), "{log:?}");
+    assert!(
+        log[3].starts_with("on_abort role=web strategy=blue-green deploy=2 generation=2 live=1 image=set previous=set reason=hook before_switch failed"),
+        "{log:?}"
+    );
+    let journal = controller.store().history(Some("web"), 1000).unwrap();
+    let gate = journal
+        .iter()
+        .filter(|e| e.kind == "deploy.hook")
+        .find(|e| e.detail["hook"] == "before_switch" && e.detail["deploy"] == 2)
+        .expect("the veto is journaled");
+    assert_eq!(gate.detail["ok"], false);
+    // stdout and stderr are two pipes: their lines interleave as they come.
+    let mut output: Vec<String> = serde_json::from_value(gate.detail["output"].clone()).unwrap();
+    output.sort();
+    assert_eq!(output, ["see the report", "tests red"]);
+
+    // before_bake refuses: nothing is baked or started at all.
+    std::fs::remove_file(path.join("veto")).unwrap();
+    std::fs::write(path.join("closed"), "").unwrap();
+    let refused = controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("stopped before it began"), "{refused}");
+    assert!(refused.contains("before_bake failed"), "{refused}");
+    assert_eq!(driver.started(), 4);
+    assert_eq!(hook_log(path).len(), 1);
+
+    // Open again: v2 goes live and after_switch sees it.
+    std::fs::remove_file(path.join("closed")).unwrap();
+    let report = controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap();
+    assert_eq!(version_of(&get(addr)), "v2");
+    let log = hook_log(path);
+    assert_eq!(
+        log.last().unwrap(),
+        &format!(
+            "after_switch role=web strategy=blue-green deploy=3 generation={g} live={g} image=set previous=set reason=",
+            g = report.generation
+        )
+    );
+    controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_past_its_time_is_killed_with_what_it_started() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    write_fleet(path, "v1", 1);
+    write_hooks(path, "300ms");
+    // The gate starts a long child and waits for it: both must go at the time limit.
+    let pid_file = path.join("child.pid");
+    let gate = path.join("hooks/gate");
+    std::fs::write(
+        &gate,
+        format!(
+            "#!/bin/sh\nsleep 600 &\necho $! > {}\nwait\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&gate, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let driver = FakeDriver::default();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let controller = Controller::open(options(path, &driver, &clock))
+        .await
+        .unwrap();
+    let failed = controller.converge().await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]
+            .1
+            .to_string()
+            .contains("hook before_switch timed out after 300ms and was killed"),
+        "{}",
+        failed[0].1
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Reaped by init once killed; /proc/PID goes (or turns into another process, never `sleep 600`).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.starts_with("sleep\u{0}600"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hook's child outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        driver.running().is_empty(),
+        "the first generation never went live"
+    );
+    controller.shutdown().await;
+}

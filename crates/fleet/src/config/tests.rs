@@ -740,3 +740,58 @@ fn a_rolling_deploy_takes_its_batches_from_the_file() {
         RollingConfig::default()
     );
 }
+
+#[test]
+fn hooks_are_programs_next_to_the_fleet_file_and_their_mistakes_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = dir.path().join("hooks");
+    std::fs::create_dir(&hooks).unwrap();
+    std::fs::write(hooks.join("gate"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(hooks.join("gate"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(hooks.join("plain"), "not a program\n").unwrap();
+    let file = dir.path().join("phoenix.toml");
+    let parse = |body: &str| FleetFile::parse(&file, &format!("{GOOD}\n[hooks]\n{body}\n"));
+
+    let fleet = parse(
+        "before_switch = [\"./hooks/gate\", \"--strict\"]\nafter_switch = [\"logger\", \"-t\", \"phoenix\"]\ntimeout = \"5s\"",
+    )
+    .unwrap();
+    let gate = fleet.hooks.command(Hook::BeforeSwitch).unwrap();
+    assert_eq!(
+        gate,
+        [hooks.join("gate").display().to_string(), "--strict".into()]
+    );
+    assert_eq!(
+        fleet.hooks.command(Hook::AfterSwitch).unwrap()[0],
+        "logger",
+        "found in PATH"
+    );
+    assert_eq!(fleet.hooks.command(Hook::BeforeBake), None);
+    assert_eq!(fleet.hooks.timeout, Duration::from_secs(5));
+    assert_eq!(parse("").unwrap().hooks.timeout, Duration::from_secs(60));
+    assert!(Hook::BeforeSwitch.may_veto() && !Hook::AfterSwitch.may_veto());
+
+    for (body, says) in [
+        ("before_switch = []", "`before_switch` is empty"),
+        (
+            "on_abort = [\"./hooks/plain\"]",
+            "hooks/plain is not an executable file",
+        ),
+        (
+            "after_verify = [\"./hooks/missing\"]",
+            "hooks/missing is not an executable file",
+        ),
+        ("before_deploy = [\"x\"]", "unknown field `before_deploy`"),
+        ("timeout = \"0s\"", "timeout"),
+        ("before_bake = \"./hooks/gate\"", "invalid type"),
+        (
+            "after_switch = [\"true\"]\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]",
+            "[hooks] run on one machine only for now",
+        ),
+    ] {
+        let message = parse(body).unwrap_err().to_string();
+        assert!(message.contains(says), "{body}: {message}");
+        assert!(message.contains("phoenix.toml:1"), "{body}: {message}");
+    }
+}
