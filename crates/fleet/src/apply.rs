@@ -197,6 +197,13 @@ impl Controller {
                 routed.join(", ")
             ));
         }
+        let journal = self.inner.webhook_journal();
+        self.inner
+            .webhooks
+            .lock()
+            .await
+            .reconfigure(&desired.webhooks, &journal)
+            .await;
         self.inner.set_applied(desired);
         Ok(report)
     }

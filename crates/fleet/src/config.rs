@@ -17,6 +17,7 @@ mod listener;
 mod logs;
 mod policy;
 mod runtime;
+mod webhook;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
 pub use deploy::{CanaryConfig, DeployConfig, RollingConfig, Strategy};
@@ -28,6 +29,7 @@ pub use runtime::{
 };
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+pub use webhook::{Endpoint, WebhookConfig};
 
 /// An invalid or unreadable fleet file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +65,8 @@ pub struct FleetFile {
     pub cluster: Option<ClusterConfig>,
     /// `[hooks]`: commands run at points of every deploy.
     pub hooks: HooksConfig,
+    /// `[webhook.NAME]`: journal events POSTed to URLs.
+    pub webhooks: BTreeMap<String, WebhookConfig>,
     /// `[listener.NAME]`: edge addresses routing to roles by host and path, TLS optional.
     pub listeners: BTreeMap<String, ListenerConfig>,
 }
@@ -326,6 +330,8 @@ struct RawFleet {
     listener: BTreeMap<Spanned<String>, Spanned<ListenerConfig>>,
     #[serde(default)]
     hooks: Option<Spanned<HooksConfig>>,
+    #[serde(default)]
+    webhook: BTreeMap<Spanned<String>, Spanned<WebhookConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -602,8 +608,10 @@ impl FleetFile {
             }
             None => HooksConfig::default(),
         };
+        let webhooks = check_webhooks(raw.webhook, cluster.is_some(), &dir, &at)?;
         Ok(FleetFile {
             hooks,
+            webhooks,
             cluster,
             listeners,
             path: path.to_path_buf(),
@@ -620,6 +628,34 @@ impl FleetFile {
 
 /// Checks every `[listener.NAME]`: its own keys, that its roles exist, and that no two
 /// listeners or roles share an address.
+fn check_webhooks(
+    raw: BTreeMap<Spanned<String>, Spanned<WebhookConfig>>,
+    in_cluster: bool,
+    dir: &Path,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<BTreeMap<String, WebhookConfig>, ConfigError> {
+    let mut webhooks = BTreeMap::new();
+    for (name, webhook) in raw {
+        check_name(name.get_ref()).map_err(|why| {
+            at(
+                name.span(),
+                format!("webhook name {:?} {why}", name.get_ref()),
+            )
+        })?;
+        let span = webhook.span();
+        if in_cluster {
+            return Err(at(
+                span,
+                "[webhook] is sent from one machine only for now: remove it or [cluster]".into(),
+            ));
+        }
+        let mut webhook = webhook.into_inner();
+        webhook.check(dir).map_err(|why| at(span, why))?;
+        webhooks.insert(name.into_inner(), webhook);
+    }
+    Ok(webhooks)
+}
+
 fn check_listeners(
     raw: BTreeMap<Spanned<String>, Spanned<ListenerConfig>>,
     roles: &BTreeMap<String, RoleConfig>,

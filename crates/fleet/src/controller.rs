@@ -446,6 +446,10 @@ pub(crate) struct Inner {
     pub forwarding: tokio::sync::Mutex<crate::forward::Forwarding>,
     /// `[listener.NAME]`: the edge listeners.
     pub(crate) listeners: crate::listeners::Listeners,
+    /// The newest journal sequence number: webhook senders wake on it.
+    journal_written: watch::Sender<i64>,
+    /// `[webhook.NAME]`: journal events sent on.
+    pub(crate) webhooks: tokio::sync::Mutex<crate::webhooks::Webhooks>,
 }
 
 impl Inner {
@@ -553,11 +557,24 @@ impl Inner {
         let now = self.clock.now_ms();
         let role = role.map(str::to_string);
         tracing::info!(role = role.as_deref().unwrap_or("-"), "{kind} {detail}");
-        if let Err(error) = self
+        match self
             .db(move |s| s.journal(now, role.as_deref(), kind, &detail))
             .await
         {
-            tracing::error!(%error, "writing the journal");
+            Ok(seq) => {
+                self.journal_written.send_replace(seq);
+            }
+            Err(error) => tracing::error!(%error, "writing the journal"),
+        }
+    }
+
+    /// What webhook senders read the journal with.
+    pub(crate) fn webhook_journal(&self) -> crate::webhooks::Journal {
+        crate::webhooks::Journal {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            written: self.journal_written.subscribe(),
+            state_dir: self.state_dir.clone(),
         }
     }
 
@@ -666,6 +683,16 @@ impl Controller {
             capture.written(),
         );
         store.check()?;
+        let (journal_written, _) = watch::channel(store.journal_last_seq()?);
+        let webhooks = crate::webhooks::Webhooks::start(
+            &fleet.webhooks,
+            &crate::webhooks::Journal {
+                store: store.clone(),
+                clock: options.clock.clone(),
+                written: journal_written.subscribe(),
+                state_dir: state_dir.clone(),
+            },
+        );
         let metrics_path = state_dir.join("metrics.db");
         phoenix_store::private_file(&metrics_path).map_err(|cause| FleetError::Io {
             what: format!("create {}", metrics_path.display()),
@@ -782,6 +809,8 @@ impl Controller {
             forwarding: tokio::sync::Mutex::new(forwarding),
             cluster,
             listeners: Default::default(),
+            journal_written,
+            webhooks: tokio::sync::Mutex::new(webhooks),
         });
         // Edge listeners bind before anything starts: a bad certificate or a taken address
         // stops `phoenix up` here, naming the listener.
@@ -1008,6 +1037,13 @@ impl Controller {
             .lock()
             .await
             .stop(Duration::from_secs(3))
+            .await;
+        // Webhook senders finish the attempt under way, if it is quick.
+        inner
+            .webhooks
+            .lock()
+            .await
+            .stop(Duration::from_secs(2))
             .await;
         // Instance members leave, then the host's member.
         let members_task = inner

@@ -31,7 +31,9 @@ mod sampling;
 mod scale;
 mod secrets;
 mod status;
+pub mod test_util;
 mod verify;
+mod webhooks;
 
 pub use apply::ApplyReport;
 pub use autoscale::{AutoscaleConfig, Autoscaler, Decision, Observation, Policy, ScaleMetric};
@@ -57,6 +59,7 @@ pub use status::{
     RoleStatus,
 };
 pub use verify::{VERIFY_LOGS, Verification, Verifier, VerifyOptions, checks_of, gate};
+pub use webhooks::sign as sign_webhook;
 
 /// If this process was started as one of Phoenix's helpers (a container's shim, checks run
 /// inside an instance), runs it and exits; otherwise returns at once. Call it first thing in

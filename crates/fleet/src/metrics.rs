@@ -154,6 +154,31 @@ impl Controller {
                 out.sample(name, "counter", help, "", &labels, value);
             }
         }
+        drop(forwarding);
+        let webhooks = self.inner.webhooks.lock().await;
+        for (webhook, stats) in webhooks.stats() {
+            let labels = format!("webhook=\"{}\"", label(webhook));
+            let counters = [
+                (
+                    "phoenix_webhook_delivered_total",
+                    "Journal events a [webhook] receiver answered with 2xx.",
+                    stats.delivered.load(Ordering::Relaxed),
+                ),
+                (
+                    "phoenix_webhook_failures_total",
+                    "Failed attempts to send to a [webhook] receiver.",
+                    stats.failures.load(Ordering::Relaxed),
+                ),
+                (
+                    "phoenix_webhook_given_up_total",
+                    "Journal events a [webhook] gave up on (journaled as webhook.failed).",
+                    stats.given_up.load(Ordering::Relaxed),
+                ),
+            ];
+            for (name, help, value) in counters {
+                out.sample(name, "counter", help, "", &labels, value);
+            }
+        }
         out.render()
     }
 }

@@ -141,11 +141,12 @@ pub(crate) fn base(running: &Running) -> String {
         text.push_str(&format!("image {name} {recipe:?}\n"));
     }
     text.push_str(&format!(
-        "{:?} {:?} {:?} {:?}",
+        "{:?} {:?} {:?} {:?} {:?}",
         running.applied.agent,
         running.applied.network,
         running.applied.logs,
-        running.applied.listeners
+        running.applied.listeners,
+        running.applied.webhooks
     ));
     phoenix_image::sha256_digest(text.as_bytes())
 }
@@ -193,6 +194,13 @@ pub(crate) fn plan(running: &Running, desired: &FleetFile, text: &str) -> Plan {
         &running.applied.listeners,
         &desired.listeners,
     ));
+    if running.applied.webhooks != desired.webhooks {
+        // Senders start over with the new settings, each where it left off.
+        changes.push(Change {
+            how: How::InPlace,
+            ..section_change("webhooks")
+        });
+    }
     Plan {
         base: base(running),
         fleet_text: text.to_string(),

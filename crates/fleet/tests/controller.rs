@@ -524,3 +524,215 @@ async fn a_hook_past_its_time_is_killed_with_what_it_started() {
     );
     controller.shutdown().await;
 }
+
+const WEBHOOK_SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// Adds `[webhook.ci]` sending `deploy.*` to `url`, its secret in an owner-only file.
+fn write_webhook(dir: &Path, url: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = dir.join("webhook.secret");
+    std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fleet = dir.join("phoenix.toml");
+    let mut text = std::fs::read_to_string(&fleet).unwrap();
+    text.push_str(&format!(
+        "\n[webhook.ci]\nurl = \"{url}\"\nevents = [\"deploy.*\"]\nsecret_file = \"webhook.secret\"\nretries = 3\nretry_delay = \"10ms\"\n"
+    ));
+    std::fs::write(fleet, text).unwrap();
+}
+
+/// The deliveries up to the one of `deploy.finished` of `deploy`, checking each signature.
+fn deliveries_until_finished(
+    receiver: &phoenix_fleet::test_util::WebhookReceiver,
+    deploy: i64,
+) -> Vec<phoenix_fleet::test_util::Received> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let received = receiver.received();
+        let finished = received.iter().any(|r| {
+            let body = r.json();
+            body["kind"] == "deploy.finished"
+                && body["detail"]["deploy"] == deploy
+                && r.status == 200
+        });
+        if finished {
+            for r in &received {
+                let timestamp: i64 = r.headers["x-phoenix-timestamp"].parse().unwrap();
+                assert_eq!(
+                    r.headers["x-phoenix-signature"],
+                    phoenix_fleet::sign_webhook(WEBHOOK_SECRET, timestamp, &r.body),
+                    "{r:?}"
+                );
+                assert_eq!(timestamp, 1_700_000_000, "the injected clock's time");
+                let body = r.json();
+                assert_eq!(r.headers["x-phoenix-event"], body["kind"].as_str().unwrap());
+                assert_eq!(
+                    r.headers["x-phoenix-delivery"],
+                    format!("ci-{}", body["id"])
+                );
+                assert_eq!(r.headers["content-type"], "application/json");
+                assert_eq!(r.path, "/hooks/phoenix?team=web");
+            }
+            return received;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deploy {deploy} never reached the receiver: {received:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kinds(received: &[phoenix_fleet::test_util::Received]) -> Vec<(i64, String, u16)> {
+    received
+        .iter()
+        .map(|r| {
+            let body = r.json();
+            (
+                body["id"].as_i64().unwrap(),
+                body["kind"].as_str().unwrap().to_string(),
+                r.status,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_signed_journal_events_in_order_retried_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let receiver = phoenix_fleet::test_util::WebhookReceiver::start();
+    let url = receiver.url("/hooks/phoenix?team=web");
+    let write = |version: &str| {
+        write_fleet(path, version, 1);
+        write_webhook(path, &url);
+    };
+    write("v1");
+    let driver = FakeDriver::default();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let controller = Controller::open(options(path, &driver, &clock))
+        .await
+        .unwrap();
+    assert!(controller.converge().await.is_empty());
+    let first = kinds(&tokio::task::block_in_place(|| {
+        deliveries_until_finished(&receiver, 1)
+    }));
+    assert_eq!(first.first().unwrap().1, "deploy.started", "{first:?}");
+    assert_eq!(first.last().unwrap().1, "deploy.finished", "{first:?}");
+    assert!(
+        first.windows(2).all(|w| w[0].0 < w[1].0),
+        "in journal order: {first:?}"
+    );
+    assert!(
+        first.iter().all(|(_, kind, _)| kind.starts_with("deploy.")),
+        "{first:?}"
+    );
+
+    // The receiver fails twice: the same event is sent again, then the rest in order.
+    receiver.answer(&[503, 503]);
+    write("v2");
+    controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap();
+    let second = kinds(&tokio::task::block_in_place(|| {
+        deliveries_until_finished(&receiver, 2)
+    }))[first.len()..]
+        .to_vec();
+    let started = second[0].0;
+    assert_eq!(
+        second[..3],
+        [
+            (started, "deploy.started".into(), 503),
+            (started, "deploy.started".into(), 503),
+            (started, "deploy.started".into(), 200),
+        ],
+        "{second:?}"
+    );
+    assert!(
+        second[3..]
+            .iter()
+            .all(|(id, _, status)| *id > started && *status == 200)
+    );
+
+    // A 4xx is not retried: the event is given up on and journaled, the next ones go on.
+    receiver.answer(&[422]);
+    write("v3");
+    controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap();
+    let third = kinds(&tokio::task::block_in_place(|| {
+        deliveries_until_finished(&receiver, 3)
+    }));
+    let refused = third
+        .iter()
+        .position(|(_, _, status)| *status == 422)
+        .unwrap();
+    assert_eq!(third[refused].1, "deploy.started");
+    assert!(
+        third[refused + 1..]
+            .iter()
+            .all(|(id, _, status)| *id > third[refused].0 && *status == 200)
+    );
+    let journal = controller.store().history(None, 1000).unwrap();
+    let failed: Vec<_> = journal
+        .iter()
+        .filter(|e| e.kind == "webhook.failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].detail["webhook"], "ci");
+    assert_eq!(failed[0].detail["kind"], "deploy.started");
+    assert_eq!(failed[0].detail["reason"], "refused with HTTP 422");
+    let metrics = controller.metrics_text().await;
+    assert!(
+        metrics.contains("phoenix_webhook_failures_total{webhook=\"ci\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("phoenix_webhook_given_up_total{webhook=\"ci\"} 1"),
+        "{metrics}"
+    );
+    controller.shutdown().await;
+
+    // A restart goes on after the last event sent: nothing twice, the next deploy's events.
+    let sent = receiver.received().len();
+    // While Phoenix is down, something else journals an event: it is sent after the restart.
+    let store = phoenix_store::Store::open(path.join(".phoenix/state.db")).unwrap();
+    let missed = store
+        .journal(
+            1,
+            Some("web"),
+            "deploy.interrupted",
+            &serde_json::json!({"deploy": 99}),
+        )
+        .unwrap();
+    drop(store);
+    let mut reopened = options(path, &driver, &clock);
+    // Another seed: the same one would name the new instances as the first run did.
+    reopened.seed = Some(8);
+    let controller = Controller::open(reopened).await.unwrap();
+    let failed = controller.converge().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    write("v4");
+    let report = controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap();
+    let after = kinds(&tokio::task::block_in_place(|| {
+        deliveries_until_finished(&receiver, report.generation)
+    }))[sent..]
+        .to_vec();
+    assert_eq!(
+        after[0],
+        (missed, "deploy.interrupted".into(), 200),
+        "{after:?}"
+    );
+    assert_eq!(after[1].1, "deploy.started", "{after:?}");
+    let last_before = kinds(&receiver.received()[..sent]).last().unwrap().0;
+    assert!(
+        after.iter().all(|(id, _, _)| *id > last_before),
+        "{after:?}"
+    );
+    controller.shutdown().await;
+}

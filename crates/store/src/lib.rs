@@ -585,16 +585,27 @@ impl Store {
     }
 
     pub fn history(&self, role: Option<&str>, limit: u32) -> Result<Vec<JournalRow>> {
+        self.journal_rows(
+            "SELECT seq, at, role, kind, detail FROM (
+               SELECT * FROM journal WHERE ?1 IS NULL OR role = ?1 OR role IS NULL ORDER BY seq DESC LIMIT ?2
+             ) ORDER BY seq",
+            params![role, limit],
+        )
+    }
+
+    /// Up to `limit` journal entries after sequence number `after`, oldest first.
+    pub fn journal_after(&self, after: i64, limit: u32) -> Result<Vec<JournalRow>> {
+        self.journal_rows(
+            "SELECT seq, at, role, kind, detail FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, limit],
+        )
+    }
+
+    fn journal_rows(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<JournalRow>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT seq, at, role, kind, detail FROM (
-                   SELECT * FROM journal WHERE ?1 IS NULL OR role = ?1 OR role IS NULL ORDER BY seq DESC LIMIT ?2
-                 ) ORDER BY seq",
-            )
-            .map_err(|e| self.sql(e))?;
+        let mut stmt = conn.prepare(sql).map_err(|e| self.sql(e))?;
         let raw = stmt
-            .query_map(params![role, limit], JournalRow::from_row)
+            .query_map(params, JournalRow::from_row)
             .map_err(|e| self.sql(e))?;
         let raw: Vec<_> = raw
             .collect::<std::result::Result<_, _>>()
@@ -607,6 +618,15 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The sequence number of the newest journal entry (0 when there is none).
+    pub fn journal_last_seq(&self) -> Result<i64> {
+        self.conn()
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM journal", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| self.sql(e))
     }
 
     /// The journal entry with sequence number `seq`, if any.

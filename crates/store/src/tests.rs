@@ -180,6 +180,15 @@ fn journal_is_append_only_and_filtered_by_role() {
         store.journal_entry(seq).unwrap().unwrap().detail,
         json!({"pid": 1})
     );
+    assert_eq!(store.journal_last_seq().unwrap(), seq);
+    let after: Vec<_> = store
+        .journal_after(seq - 2, 1)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.role))
+        .collect();
+    assert_eq!(after, [(seq - 1, Some("worker".to_string()))]);
+    assert!(store.journal_after(seq, 10).unwrap().is_empty());
     let conn = store.conn();
     assert!(
         conn.execute("DELETE FROM journal", []).is_err(),

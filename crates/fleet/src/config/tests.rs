@@ -795,3 +795,128 @@ fn hooks_are_programs_next_to_the_fleet_file_and_their_mistakes_named() {
         assert!(message.contains("phoenix.toml:1"), "{body}: {message}");
     }
 }
+
+#[test]
+fn webhooks_read_their_secret_and_their_mistakes_are_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(dir.path().join("short.secret"), "abc").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("short.secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("open.secret"), "0123456789abcdef0123").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("open.secret"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+    let file = dir.path().join("phoenix.toml");
+    let parse = |body: &str| {
+        FleetFile::parse(
+            &file,
+            &format!("{GOOD}\n[webhook.chat]\nsecret_file = \"hook.secret\"\n{body}\n"),
+        )
+    };
+
+    let fleet = parse(
+        "url = \"https://hooks.example.test/phoenix?room=ops\"\nevents = [\"deploy.finished\", \"instance.*\"]\nca = \"ca.pem\"",
+    )
+    .unwrap();
+    let chat = &fleet.webhooks["chat"];
+    assert_eq!(
+        chat.url,
+        Endpoint {
+            tls: true,
+            host: "hooks.example.test".into(),
+            port: 443,
+            path: "/phoenix?room=ops".into()
+        }
+    );
+    assert_eq!(chat.secret, "0123456789abcdef0123");
+    assert!(
+        !format!("{chat:?}").contains("0123456789"),
+        "the secret stays out of Debug"
+    );
+    assert_eq!((chat.retries, chat.timeout), (5, Duration::from_secs(5)));
+    assert!(chat.wants("deploy.finished") && chat.wants("instance.died"));
+    assert!(!chat.wants("deploy.started") && !chat.wants("instances.x"));
+    let all = parse("url = \"http://127.0.0.1:9000\"\nevents = [\"*\"]").unwrap();
+    let all = &all.webhooks["chat"];
+    assert_eq!((all.url.port, all.url.path.as_str()), (9000, "/"));
+    assert!(all.wants("role.scaled") && !all.wants("webhook.failed"));
+    assert_eq!(
+        Endpoint::parse("http://[::1]:8080/x").unwrap().to_string(),
+        "http://[::1]:8080/x"
+    );
+
+    for (body, says) in [
+        (
+            "url = \"ftp://x/\"\nevents = [\"*\"]",
+            "is not an http:// or https:// URL",
+        ),
+        (
+            "url = \"http://x:0/\"\nevents = [\"*\"]",
+            "\"0\" is not a port number",
+        ),
+        (
+            "url = \"http://u:p@x/\"\nevents = [\"*\"]",
+            "credentials in the URL",
+        ),
+        (
+            "url = \"http://bad host/\"\nevents = [\"*\"]",
+            "is not a host name",
+        ),
+        ("url = \"http://x/\"\nevents = []", "`events` is empty"),
+        (
+            "url = \"http://x/\"\nevents = [\"deploys.*\"]",
+            "\"deploys.*\" is not an event kind",
+        ),
+        (
+            "url = \"http://x/\"\nevents = [\"deploy\"]",
+            "\"deploy\" is not an event kind",
+        ),
+        (
+            "url = \"http://x/\"\nevents = [\"*\"]\nca = \"ca.pem\"",
+            "`ca` is for https:// URLs only",
+        ),
+        (
+            "url = \"http://x/\"\nevents = [\"*\"]\nretry_delay = \"1ms\"",
+            "retry_delay",
+        ),
+        (
+            "url = \"http://x/\"\nevents = [\"*\"]\nsecret = \"inline\"",
+            "unknown field `secret`",
+        ),
+    ] {
+        let message = parse(body).unwrap_err().to_string();
+        assert!(message.contains(says), "{body}: {message}");
+        assert!(message.contains("phoenix.toml:1"), "{body}: {message}");
+    }
+    let with_secret = |secret: &str| {
+        FleetFile::parse(
+            &file,
+            &format!("{GOOD}\n[webhook.chat]\nurl = \"http://x/\"\nevents = [\"*\"]\nsecret_file = \"{secret}\"\n"),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(with_secret("short.secret").contains("holds 3 characters"));
+    assert!(with_secret("open.secret").contains("can be read by other users"));
+    assert!(with_secret("missing.secret").contains("missing.secret"));
+    let in_cluster = FleetFile::parse(
+        &file,
+        &format!("{GOOD}\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\n\n[webhook.chat]\nurl = \"http://x/\"\nevents = [\"*\"]\nsecret_file = \"hook.secret\"\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        in_cluster.contains("[webhook] is sent from one machine only"),
+        "{in_cluster}"
+    );
+}
