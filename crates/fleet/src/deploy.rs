@@ -169,10 +169,34 @@ pub(crate) async fn deploy_gated(
     role_name: &str,
     options: DeployOptions,
     progress: &Progress,
-    gate: Option<Gate>,
+    mut gate: Option<Gate>,
+) -> Result<DeployReport, FleetError> {
+    let result = deploy_guarded(inner, role_name, options, progress, &mut gate).await;
+    // A failure before the gate was reached still tells the cluster why.
+    if let (Err(error), Some(gate)) = (&result, gate) {
+        let _ = gate.booted.send(Err(error.to_string()));
+    }
+    result
+}
+
+async fn deploy_guarded(
+    inner: &Arc<Inner>,
+    role_name: &str,
+    options: DeployOptions,
+    progress: &Progress,
+    gate: &mut Option<Gate>,
 ) -> Result<DeployReport, FleetError> {
     let role = inner.role(role_name)?;
-    let _lock = role.try_deploy_guard()?;
+    let _lock = match gate {
+        // A host's part of a rollout queues behind what this host is still finishing (the
+        // drain of an aborted rollout); a deploy asked for by hand is refused at once.
+        Some(_) => tokio::time::timeout(ROLLOUT_QUEUE_WAIT, role.deploy_guard())
+            .await
+            .map_err(|_| FleetError::Busy {
+                role: role_name.to_string(),
+            })?,
+        None => role.try_deploy_guard()?,
+    };
     // A deploy that fails changes nothing: the role keeps the settings and recipe it serves
     // with (what `plan` compares against).
     let (config, applied) = (role.config(), inner.applied());
@@ -184,13 +208,16 @@ pub(crate) async fn deploy_gated(
     result
 }
 
+/// How long a host's part of a rollout waits for the role's previous change to end.
+const ROLLOUT_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
 async fn deploy_locked(
     inner: &Arc<Inner>,
     role: &Arc<Role>,
     role_name: &str,
     options: DeployOptions,
     progress: &Progress,
-    gate: Option<Gate>,
+    gate: &mut Option<Gate>,
 ) -> Result<DeployReport, FleetError> {
     let started = Instant::now();
     if inner.is_shutting_down() {
@@ -307,7 +334,7 @@ async fn deploy_locked(
         Ok(()) if !rolling => hooks::run(inner, &hooks, Hook::BeforeSwitch, &facts, progress).await,
         other => other,
     };
-    let booted = match (gate, &live) {
+    let booted = match (gate.take(), &live) {
         (Some(gate), _) => gate.pass(booted).await,
         (None, Some(live)) if booted.is_ok() && config.deploy.strategy == Strategy::Canary => {
             crate::canary::run_steps(inner, role, live, &generation, deploy_id, progress).await
@@ -924,4 +951,88 @@ pub(crate) async fn adopt_live(
         .journal(Some(&role.name), "role.adopted", detail)
         .await;
     Ok(adopted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Options};
+    use phoenix_driver::test_util::FakeDriver;
+
+    /// A role `web` of one instance whose image says `version`.
+    fn write_fleet(dir: &std::path::Path, version: &str) {
+        std::fs::write(dir.join("app"), b"#!/bin/true\n").unwrap();
+        let fleet = format!(
+            "[image.app]\nfrom = \"scratch\"\ncontext = \"{}\"\n\
+             copy = [{{ src = \"app\", dst = \"/app\" }}]\nenv = {{ VERSION = \"{version}\" }}\n\
+             entrypoint = [\"/app\"]\n\n[role.web]\nimage = \"app\"\ninstances = 1\n\
+             listen = \"127.0.0.1:0\"\nnetwork = \"host\"\nstop_timeout = \"1s\"\n\n\
+             [role.web.health]\ninterval = \"10ms\"\ntimeout = \"500ms\"\n\
+             healthy_threshold = 1\nunhealthy_threshold = 1\n\n\
+             [role.web.deploy]\nhealthy_timeout = \"1s\"\ndrain = \"10ms\"\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("phoenix.toml"), fleet).unwrap();
+    }
+
+    type Word = Result<(), String>;
+
+    /// A gate, how its host reports booting, and how the controller gives the word.
+    fn gate() -> (
+        Gate,
+        tokio::sync::oneshot::Receiver<Word>,
+        tokio::sync::oneshot::Sender<Word>,
+    ) {
+        let (booted, booted_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go) = tokio::sync::oneshot::channel();
+        (Gate { booted, go }, booted_rx, go_tx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hosts_part_of_a_rollout_waits_for_the_roles_last_change_and_says_why_it_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        write_fleet(dir.path(), "v1");
+        let driver = FakeDriver::default();
+        let mut options =
+            Options::new(dir.path().join(".phoenix"), dir.path().join("phoenix.toml"));
+        options.driver = Some(Arc::new(driver.clone()));
+        options.clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let controller = Controller::open(options).await.unwrap();
+        assert!(controller.converge().await.is_empty());
+        let inner = controller.inner.clone();
+        let role = inner.role("web").unwrap();
+
+        // The role is still busy (an aborted rollout draining): the part queues, then runs.
+        write_fleet(dir.path(), "v2");
+        let busy = role.try_deploy_guard().unwrap();
+        let (part, mut booted, go) = gate();
+        let queued = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let options = DeployOptions::default();
+                deploy_gated(&inner, "web", options, &Progress::none(), Some(part)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(booted.try_recv().is_err(), "booted while the role was busy");
+        drop(busy);
+        assert_eq!(booted.await.unwrap(), Ok(()));
+        go.send(Ok(())).unwrap();
+        assert_eq!(queued.await.unwrap().unwrap().generation, 2);
+
+        // A part that fails before it boots anything tells the cluster the reason.
+        std::fs::write(dir.path().join("phoenix.toml"), "[role.web\n").unwrap();
+        let (part, booted, _go) = gate();
+        let failed = deploy_gated(
+            &inner,
+            "web",
+            DeployOptions::default(),
+            &Progress::none(),
+            Some(part),
+        )
+        .await;
+        let reason = booted.await.unwrap().unwrap_err();
+        assert_eq!(reason, failed.unwrap_err().to_string());
+        assert!(reason.contains("phoenix.toml"), "{reason}");
+    }
 }
