@@ -101,8 +101,8 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// Tell the whole story in about a minute, in a temporary state directory.
     Demo(demo::DemoArgs),
-    /// Open-loop HTTP load at a fixed rate; latency percentiles (from each request's due time)
-    /// and errors.
+    /// Open-loop HTTP load at a fixed rate or from a scenario file (weighted requests, ramp
+    /// stages, thresholds); latency percentiles (from each request's due time) and errors.
     Load(load_cmd::LoadArgs),
     /// Run the proxy alone in front of a fixed list of backends.
     Proxy(proxy_cmd::ProxyArgs),
