@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for SECONDS each (default 30): the gossip packet decoder, goss
-# check files, image layers, OCI archives, fleet files and the proxy's HTTP heads. Needs a
+# check files, image layers, OCI archives, fleet files, load scenarios and the proxy's HTTP
+# heads. Needs a
 # nightly toolchain and cargo-fuzz (`rustup toolchain install nightly; cargo install
 # cargo-fuzz`). Crashes are kept in fuzz/artifacts/TARGET and fail the run.
 #
@@ -11,7 +12,7 @@ seconds=${1:-30}
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(gossip_packet check_file layer oci_archive fleet_file http_head)
+    targets=(gossip_packet check_file layer oci_archive fleet_file load_scenario http_head)
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -18,3 +18,37 @@ pub use run::{Target, run};
 pub use scenario::{RequestSpec, Scenario, ScenarioError, Stage};
 pub use schedule::due_times;
 pub use threshold::{Threshold, ThresholdError};
+
+/// For `cargo fuzz` (see `fuzz/`) and the seeded test.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use crate::{Scenario, ScenarioError};
+
+    /// Any bytes as a scenario file: a checked scenario of a bounded size, or an error whose
+    /// line is inside the file; never a panic.
+    pub fn scenario_file(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        match Scenario::parse(Path::new("/nonexistent/load.toml"), &text) {
+            Ok(scenario) => {
+                assert!(scenario.scheduled() <= 10_000_000);
+                assert!(!scenario.requests.is_empty() && !scenario.stages.is_empty());
+            }
+            Err(ScenarioError::Invalid {
+                line,
+                column,
+                message,
+                ..
+            }) => {
+                let lines = text.split('\n').count();
+                assert!(
+                    (1..=lines).contains(&line),
+                    "line {line} of {lines}: {message}"
+                );
+                assert!(column >= 1 && !message.is_empty());
+            }
+            Err(ScenarioError::Read { .. }) => {}
+        }
+    }
+}

@@ -612,3 +612,41 @@ expect_status = [201]
         }
     }
 }
+
+/// Seeded mutation fuzzing of a full scenario: a value or an error inside the file, never a
+/// panic.
+#[test]
+fn mutated_scenarios_never_panic_and_errors_point_inside_the_file() {
+    let seed = "url = \"http://127.0.0.1:8080\"\nconnections = 8\ntimeout = \"1m30s\"\nstart_rate = 5\n\n\
+        [[stage]]\nduration = \"2s\"\ntarget = 50\n\n[[request]]\nname = \"order\"\nweight = 2\n\
+        method = \"POST\"\npath = \"/orders?x=1\"\nheaders = { \"Content-Type\" = \"application/json\" }\n\
+        body = '{\"item\": 1}'\nexpect_status = [201]\n\n[thresholds]\nhttp_req_failed = [\"rate<0.01\"]\n\
+        \"http_req_duration{name:order}\" = [\"p(99.9)<=250\", \"avg<5\"]\n";
+    let alphabet: Vec<char> = "[]{}=\".,:#\n 0123456789abcxyz_-<>()ms\u{1F525}\\'"
+        .chars()
+        .collect();
+    let mut state: u64 = 0x10ad;
+    let mut next = |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
+    for _ in 0..3000 {
+        let mut chars: Vec<char> = seed.chars().collect();
+        for _ in 0..1 + next(5) {
+            let at = next(chars.len() + 1);
+            let c = alphabet[next(alphabet.len())];
+            match next(3) {
+                0 if at < chars.len() => {
+                    chars.remove(at);
+                }
+                1 => chars.insert(at, c),
+                _ if at < chars.len() => chars[at] = c,
+                _ => {}
+            }
+        }
+        let text: String = chars.into_iter().collect();
+        crate::fuzzing::scenario_file(text.as_bytes());
+    }
+}
