@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for SECONDS each (default 30): the gossip packet decoder, goss
 # check files, image layers, OCI archives, fleet files, load scenarios and the proxy's HTTP
-# heads. Needs a
-# nightly toolchain and cargo-fuzz (`rustup toolchain install nightly; cargo install
-# cargo-fuzz`). Crashes are kept in fuzz/artifacts/TARGET and fail the run.
+# heads. Needs a nightly toolchain and cargo-fuzz (`rustup toolchain install nightly; cargo
+# install cargo-fuzz`). Crashes are kept in fuzz/artifacts/TARGET and fail the run.
 #
 # Usage: fuzz/run.sh [SECONDS] [TARGET...]
 set -euo pipefail
