@@ -346,7 +346,7 @@ struct RawRole {
     #[serde(default = "default_health")]
     health: Spanned<HealthConfig>,
     #[serde(default)]
-    deploy: DeployConfig,
+    deploy: Option<Spanned<DeployConfig>>,
     #[serde(default)]
     proxy: ProxySettings,
     #[serde(default, deserialize_with = "optional_period")]
@@ -455,6 +455,21 @@ impl FleetFile {
             },
             None => NetworkConfig::default(),
         };
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let cluster = match raw.cluster {
+            Some(cluster) => {
+                let span = cluster.span();
+                let mut cluster = cluster.into_inner();
+                cluster.check(&dir).map_err(|why| at(span, why))?;
+                Some(cluster)
+            }
+            None => None,
+        };
         let logs = raw.logs.unwrap_or_default();
         let mut roles = BTreeMap::new();
         let mut guards = Vec::new();
@@ -528,6 +543,17 @@ impl FleetFile {
                     .map_err(|why| at(hosts.span(), why))?,
                 None => Default::default(),
             };
+            let deploy = match role.deploy {
+                Some(deploy) => {
+                    let span = deploy.span();
+                    let mut deploy = deploy.into_inner();
+                    deploy.load_test =
+                        check_load_test(&dir, deploy.load_test, cluster.is_some())
+                            .map_err(|why| at(span, format!("[role.{role_name}.deploy] {why}")))?;
+                    deploy
+                }
+                None => DeployConfig::default(),
+            };
             let mut health = role.health.into_inner();
             if health.check.is_none() && role.proxy.mode == ProxyMode::Tcp {
                 health.check = Some(CheckKind::Tcp);
@@ -538,7 +564,7 @@ impl FleetFile {
                 listen,
                 stop_timeout: role.stop_timeout,
                 health,
-                deploy: role.deploy,
+                deploy,
                 proxy: role.proxy,
                 drift_check: role.drift_check,
                 autoscale: role.autoscale,
@@ -565,12 +591,6 @@ impl FleetFile {
         policy::apply(guards, &mut roles, &at)?;
         logs::check_forward(&logs, &roles, text)
             .map_err(|(offset, why)| invalid(path, text, offset, why))?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
         let agent = match raw.agent {
             Some(agent) => match agent.get_ref().problem() {
                 Some(problem) => return Err(at(agent.span(), problem)),
@@ -581,15 +601,6 @@ impl FleetFile {
                     Some(agent)
                 }
             },
-            None => None,
-        };
-        let cluster = match raw.cluster {
-            Some(cluster) => {
-                let span = cluster.span();
-                let mut cluster = cluster.into_inner();
-                cluster.check(&dir).map_err(|why| at(span, why))?;
-                Some(cluster)
-            }
             None => None,
         };
         let listeners = check_listeners(raw.listener, &roles, &dir, &at)?;
@@ -624,6 +635,24 @@ impl FleetFile {
             logs,
         })
     }
+}
+
+/// A role's `load_test`: a scenario beside the fleet file that reads and checks; one machine
+/// only for now.
+fn check_load_test(
+    dir: &Path,
+    file: Option<PathBuf>,
+    clustered: bool,
+) -> Result<Option<PathBuf>, String> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    if clustered {
+        return Err("`load_test` runs on one machine only for now: remove it or [cluster]".into());
+    }
+    let path = dir.join(&file);
+    phoenix_load::Scenario::load(&path).map_err(|e| format!("`load_test`: {e}"))?;
+    Ok(Some(path))
 }
 
 /// Checks every `[listener.NAME]`: its own keys, that its roles exist, and that no two

@@ -236,7 +236,7 @@ async fn deploy_locked(
         live_generation: live.as_ref().map(|g| g.id),
         ..Facts::default()
     };
-    let vetoed = |reason| FleetError::HookRefused {
+    let vetoed = |reason| FleetError::StoppedBeforeStart {
         role: role_name.to_string(),
         reason,
     };
@@ -265,8 +265,19 @@ async fn deploy_locked(
         size
     ));
 
-    // Read now, before anything is recorded: a secret that cannot be read stops the deploy.
+    // Read now, before anything is recorded: a secret or load test that cannot be read stops
+    // the deploy.
     role_secrets(inner, &config)?;
+    let load_test = match &config.deploy.load_test {
+        Some(path) => Some((
+            path,
+            crate::load_test::read(path).map_err(|reason| FleetError::StoppedBeforeStart {
+                role: role_name.to_string(),
+                reason,
+            })?,
+        )),
+        None => None,
+    };
     let now = inner.clock.now_ms();
     let (role_key, image_key, from) = (
         role_name.to_string(),
@@ -329,7 +340,23 @@ async fn deploy_locked(
             .await
         }
     };
-    // Healthy, no traffic yet (a canary's first step included): the hook may veto.
+    // Healthy, no traffic yet (a canary's first step included): the load test and the hook
+    // may stop it.
+    let booted = match (booted, &load_test) {
+        (Ok(()), Some((path, scenario))) => {
+            let run = crate::load_test::run(
+                inner,
+                role_name,
+                &generation,
+                path,
+                scenario,
+                deploy_id,
+                progress,
+            );
+            run.await
+        }
+        (booted, _) => booted,
+    };
     let booted = match booted {
         Ok(()) if !rolling => hooks::run(inner, &hooks, Hook::BeforeSwitch, &facts, progress).await,
         other => other,

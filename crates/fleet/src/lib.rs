@@ -21,6 +21,7 @@ mod hooks;
 mod instance;
 mod lifecycle;
 mod listeners;
+mod load_test;
 mod membership;
 mod metrics;
 mod plan;
@@ -99,7 +100,7 @@ pub enum FleetError {
     #[error("no role {role:?} (roles: {known})")]
     UnknownRole { role: String, known: String },
     #[error("deploy of {role} stopped before it began (nothing changed): {reason}")]
-    HookRefused { role: String, reason: String },
+    StoppedBeforeStart { role: String, reason: String },
     #[error(
         "role {role}: strategy = \"{strategy}\" deploys on one machine only for now; in a cluster, deploys are blue-green"
     )]

@@ -1,5 +1,6 @@
 //! `[role.NAME.deploy]`: how a new generation replaces the live one.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -19,6 +20,9 @@ pub struct DeployConfig {
     pub canary: CanaryConfig,
     /// Batches of a rolling deploy (used with `strategy = "rolling"`).
     pub rolling: RollingConfig,
+    /// A `phoenix load` scenario run against the new generation before it takes traffic;
+    /// failing thresholds abort the deploy (a path beside the fleet file once checked).
+    pub load_test: Option<PathBuf>,
 }
 
 /// How many instances a rolling deploy adds and takes away at a time.
@@ -103,6 +107,7 @@ impl Default for DeployConfig {
             drain: Duration::from_secs(30),
             canary: CanaryConfig::default(),
             rolling: RollingConfig::default(),
+            load_test: None,
         }
     }
 }
@@ -130,6 +135,8 @@ struct RawDeploy {
     max_surge: Option<u32>,
     #[serde(default)]
     max_unavailable: Option<u32>,
+    #[serde(default)]
+    load_test: Option<String>,
 }
 
 fn optional_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -204,7 +211,19 @@ impl TryFrom<RawDeploy> for DeployConfig {
             canary.max_p99_increase =
                 percent(&text, 100_000).map_err(|e| format!("`max_p99_increase`: {e}"))?;
         }
+        let load_test = match raw.load_test {
+            Some(file) if file.trim().is_empty() => {
+                return Err(
+                    "`load_test` is empty: name a scenario file, like \"load.toml\"".into(),
+                );
+            }
+            Some(_) if raw.strategy == Strategy::Rolling => {
+                return Err("`load_test` runs against the whole new generation before it takes traffic, and a rolling deploy moves traffic batch by batch: use strategy = \"blue-green\" or \"canary\"".into());
+            }
+            other => other.map(PathBuf::from),
+        };
         Ok(DeployConfig {
+            load_test,
             strategy: raw.strategy,
             healthy_timeout: raw.healthy_timeout.unwrap_or(defaults.healthy_timeout),
             drain: raw.drain.unwrap_or(defaults.drain),

@@ -920,3 +920,57 @@ fn webhooks_read_their_secret_and_their_mistakes_are_named() {
         "{in_cluster}"
     );
 }
+
+#[test]
+fn a_load_test_is_a_scenario_beside_the_fleet_file_and_its_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = "[[stage]]\nduration = \"5s\"\ntarget = 20\n";
+    std::fs::write(dir.path().join("load.toml"), scenario).unwrap();
+    std::fs::write(
+        dir.path().join("broken.toml"),
+        "[[stage]]\nduration = \"5 s\"\ntarget = 1\n",
+    )
+    .unwrap();
+    let file = dir.path().join("phoenix.toml");
+    let parse = |deploy: &str, more: &str| {
+        FleetFile::parse(
+            &file,
+            &format!("{GOOD}\n[role.web.deploy]\n{deploy}\n{more}"),
+        )
+    };
+    let fleet = parse("load_test = \"load.toml\"", "").unwrap();
+    assert_eq!(
+        fleet.roles["web"].deploy.load_test,
+        Some(dir.path().join("load.toml"))
+    );
+    let canary = parse("strategy = \"canary\"\nload_test = \"load.toml\"", "").unwrap();
+    assert!(canary.roles["web"].deploy.load_test.is_some());
+
+    for (deploy, more, says) in [
+        (
+            "load_test = \"missing.toml\"",
+            "",
+            "`load_test`: cannot read load scenario",
+        ),
+        (
+            "load_test = \"broken.toml\"",
+            "",
+            "broken.toml:2:12: `duration` \"5 s\"",
+        ),
+        ("load_test = \"\"", "", "`load_test` is empty"),
+        (
+            "strategy = \"rolling\"\nload_test = \"load.toml\"",
+            "",
+            "use strategy = \"blue-green\" or \"canary\"",
+        ),
+        (
+            "load_test = \"load.toml\"",
+            "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\n",
+            "[role.web.deploy] `load_test` runs on one machine only for now",
+        ),
+    ] {
+        let message = parse(deploy, more).unwrap_err().to_string();
+        assert!(message.contains(says), "{deploy}: {message}");
+        assert!(message.contains("phoenix.toml:1"), "{deploy}: {message}");
+    }
+}
