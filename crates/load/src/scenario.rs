@@ -76,12 +76,8 @@ pub struct RequestSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("cannot read load scenario {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read load scenario {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
     #[error("{path}:{line}:{column}: {message}")]
     Invalid {
         path: PathBuf,
@@ -146,17 +142,12 @@ impl Scenario {
 
     /// Reads and checks a scenario file; `body_file`s are read relative to it.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
-        let read = |source| ScenarioError::Read {
+        let read = |reason: String| ScenarioError::Read {
             path: path.to_path_buf(),
-            source,
+            reason,
         };
-        let size = std::fs::metadata(path).map_err(read)?.len();
-        if size > MAX_FILE {
-            return Err(read(std::io::Error::other(format!(
-                "{size} bytes is more than a scenario's {MAX_FILE}"
-            ))));
-        }
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        let bytes = read_bounded(path, MAX_FILE).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|_| read("it is not UTF-8 text".into()))?;
         Scenario::parse(path, &text)
     }
 
@@ -386,12 +377,14 @@ fn request(raw: RawRequest, dir: &Path, at: &At) -> Result<RequestSpec, Scenario
             ));
         }
         (Some(body), None) => Bytes::from(body.into_inner()),
-        (None, Some(file)) => read_body(&dir.join(file.get_ref())).map_err(|why| {
-            at(
-                file.span(),
-                format!("`body_file` {:?}: {why}", file.get_ref()),
-            )
-        })?,
+        (None, Some(file)) => read_bounded(&dir.join(file.get_ref()), MAX_BODY)
+            .map(Bytes::from)
+            .map_err(|why| {
+                at(
+                    file.span(),
+                    format!("`body_file` {:?}: {why}", file.get_ref()),
+                )
+            })?,
         (None, None) => Bytes::new(),
     };
     let expect_status = match raw.expect_status {
@@ -425,14 +418,25 @@ fn request(raw: RawRequest, dir: &Path, at: &At) -> Result<RequestSpec, Scenario
     })
 }
 
-fn read_body(path: &Path) -> Result<Bytes, String> {
-    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if size > MAX_BODY {
-        return Err(format!("{size} bytes is more than a body's {MAX_BODY}"));
+/// At most `limit` bytes of a regular file (not `/dev/zero`, a FIFO or a directory).
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    // Looked at before opening too: opening a FIFO would wait for a writer.
+    let regular = |m: std::fs::Metadata| match m.is_file() {
+        true => Ok(()),
+        false => Err("it is not a regular file".to_string()),
+    };
+    regular(std::fs::metadata(path).map_err(|e| e.to_string())?)?;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    regular(file.metadata().map_err(|e| e.to_string())?)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("it is larger than {limit} bytes"));
     }
-    std::fs::read(path)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    Ok(bytes)
 }
 
 fn check_rate(rate: f64) -> Result<f64, String> {
@@ -600,6 +604,36 @@ expect_status = [201]
                 "{text:?}\n{error}\nexpected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn devices_fifos_and_huge_files_are_refused_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for path in [Path::new("/dev/zero"), &fifo, dir.path()] {
+            let error = Scenario::load(path).unwrap_err().to_string();
+            assert!(error.ends_with("it is not a regular file"), "{error}");
+        }
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_FILE + 1) as usize]).unwrap();
+        let error = Scenario::load(&big).unwrap_err().to_string();
+        assert!(error.contains("larger than 1048576 bytes"), "{error}");
+        let text =
+            "[[stage]]\nduration = \"1s\"\ntarget = 1\n[[request]]\nbody_file = \"/dev/zero\"\n";
+        let error = parse(text).unwrap_err();
+        assert!(
+            error.contains(
+                "/srv/load.toml:5:13: `body_file` \"/dev/zero\": it is not a regular file"
+            ),
+            "{error}"
+        );
     }
 
     #[test]
