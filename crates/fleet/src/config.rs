@@ -16,6 +16,7 @@ mod hooks;
 mod listener;
 mod logs;
 mod policy;
+mod review;
 mod runtime;
 mod webhook;
 pub use agent::AgentSettings;
@@ -24,6 +25,7 @@ pub use deploy::{CanaryConfig, DeployConfig, RollingConfig, Strategy};
 pub use hooks::{Hook, HooksConfig};
 pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
+pub use review::{ReviewCopy, review_copy};
 pub use runtime::{
     DEFAULT_FIRST_HOST_PORT, DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource,
 };

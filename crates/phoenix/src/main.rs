@@ -19,6 +19,7 @@ mod metrics_cmd;
 mod plan_cmd;
 mod proxy_cmd;
 mod restart;
+mod review_cmd;
 mod scale_cmd;
 mod tls_cmd;
 mod up;
@@ -76,6 +77,8 @@ enum Command {
     Status(commands::StatusArgs),
     /// The hosts of a cluster: list them, drain one, undrain it.
     Host(host_cmd::HostArgs),
+    /// Review fleets: isolated copies of the fleet from a branch or directory (up, ls, down).
+    Review(review_cmd::ReviewArgs),
     /// A one-time login URL for the web dashboard of the running `phoenix up` (`--open`).
     Dashboard(dashboard_cmd::DashboardArgs),
     /// What a role's or an instance's instances wrote, from the log store (`-f` follows).
@@ -213,6 +216,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(&state, args).await,
+            Command::Review(args) => review_cmd::run(&state, args).await,
             Command::Restart(args) => restart::restart_cmd(&state, args).await,
             Command::Dashboard(args) => dashboard_cmd::dashboard(&state, args).await,
             Command::Upgrade(args) => restart::upgrade_cmd(&state, args).await,

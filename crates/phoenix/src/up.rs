@@ -53,6 +53,12 @@ pub struct UpArgs {
     /// Seed for generated instance names (for reproducible runs).
     #[arg(long, hide = true)]
     pub seed: Option<u64>,
+    /// Stop everything once no role has had a request for this long (a review fleet's `ttl`).
+    #[arg(long, hide = true, value_parser = crate::review_cmd::parse_ttl)]
+    pub idle_exit: Option<std::time::Duration>,
+    /// A review fleet's directory, removed once `--idle-exit` has stopped everything.
+    #[arg(long, hide = true, requires = "idle_exit")]
+    pub review_dir: Option<PathBuf>,
 }
 
 /// This machine as a host of a `[cluster]` fleet (ignored without one).
@@ -371,10 +377,17 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let restarts_so_far = inheritance.as_ref().map_or(0, |i| i.restarts);
+    let mut idle = std::pin::pin!(idle_for(&controller, args.idle_exit));
+    let mut expired = false;
     loop {
         let (binary, reply) = tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+            _ = &mut idle => {
+                expired = true;
+                println!("phoenix up: no request for {:?}: stopping (the review fleet's ttl)", args.idle_exit.unwrap_or_default());
+                break;
+            }
             _ = hangup.recv() => (None, None),
             Some(asked) = restart_asked.recv() => (asked.binary, Some(asked.reply)),
         };
@@ -432,7 +445,33 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&socket_path);
     drop(lock);
     println!("phoenix up: stopped");
+    if let (true, Some(dir)) = (expired, &args.review_dir) {
+        crate::review_cmd::remove_expired(dir);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ends once no role has answered a request for `ttl` (never without one).
+async fn idle_for(controller: &Controller, ttl: Option<std::time::Duration>) {
+    let Some(ttl) = ttl else {
+        return std::future::pending().await;
+    };
+    let (mut seen, mut since) = (u64::MAX, tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1).min(ttl)).await;
+        let requests: u64 = controller
+            .status()
+            .await
+            .roles
+            .iter()
+            .map(|r| r.requests)
+            .sum();
+        if requests != seen {
+            (seen, since) = (requests, tokio::time::Instant::now());
+        } else if since.elapsed() >= ttl {
+            return;
+        }
+    }
 }
 
 /// `SOURCE_DATE_EPOCH` (reproducible-builds.org) sets the time recorded in images; `run`
