@@ -209,7 +209,7 @@ async fn start(
     }
     let log = std::fs::File::create(dir.join("up.log"))?;
     let state = dir.join("state");
-    let child = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--state")
         .arg(&state)
         .arg("up")
@@ -240,7 +240,7 @@ async fn start(
         pid: child.id(),
     };
     std::fs::write(dir.join("review.json"), serde_json::to_vec_pretty(&review)?)?;
-    match wait_serving(dir, &review).await {
+    match wait_serving(dir, &mut child).await {
         Ok(status) => Ok((review, status)),
         Err(error) => {
             stop(&review, dir).await;
@@ -278,6 +278,9 @@ fn copy_source(
                 src.join(crate::locate::FLEET_FILE),
                 from_dir.display().to_string(),
             ))
+        }
+        Some(reference) if reference.starts_with('-') => {
+            bail!("--from {reference:?}: a branch, tag or commit does not start with `-`")
         }
         Some(reference) => {
             let top = git(fleet_dir, &["rev-parse", "--show-toplevel"]).with_context(|| {
@@ -379,12 +382,13 @@ fn copy_tree(from: &Path, to: &Path, state: &Path) -> anyhow::Result<()> {
 
 /// Polls the review's API until every role has a live generation with all its instances
 /// healthy, or its `phoenix up` ended, or 3 minutes passed.
-async fn wait_serving(dir: &Path, review: &Review) -> anyhow::Result<FleetStatus> {
+async fn wait_serving(dir: &Path, child: &mut std::process::Child) -> anyhow::Result<FleetStatus> {
     let state = dir.join("state");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        if !alive(review, dir) {
-            bail!("its phoenix up ended");
+        // Our own child: asked directly (its command line may not be readable yet).
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("its phoenix up ended ({status})");
         }
         if state.join("api.sock").exists()
             && let Ok(client) = Client::new(&state, &owner())
