@@ -40,3 +40,21 @@ errors += int(m.group(1)) if m else 0
 print(f"{rps:.0f} {p50:.3f} {p99:.3f} {errors}")
 PY
 }
+
+# h2load_measure URL: h2load on CPU 1 for $seconds seconds; prints "requests/s - - errors"
+# (h2load reports no percentiles).
+h2load_measure() {
+    local out
+    out=$(taskset -c 1 h2load -c 20 -m 10 -D "$seconds" "$1" 2>&1)
+    python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+r = re.search(r"requests: \d+ total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+if not m or not r:
+    sys.exit(f"h2load gave no usable result:\n{out}")
+s = re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+errors = sum(int(n) for n in r.groups()) + (sum(int(n) for n in s.groups()) if s else 0)
+print(f"{float(m.group(1)):.0f} nan nan {errors}")
+PY
+}

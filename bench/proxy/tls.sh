@@ -2,9 +2,11 @@
 # bench/proxy/tls.sh: TLS termination, Phoenix against HAProxy and nginx, in one run, with the
 # same certificate (ECDSA P-256, from `phoenix tls dev-cert`) and the same backends.
 #
-# Two workloads, each proxy alone on CPU 0 with one thread, wrk and the backends on CPU 1:
+# Three workloads, each proxy alone on CPU 0 with one thread, the clients and the backends on
+# CPU 1:
 #   keep-alive   requests/s over $CONNECTIONS kept-alive TLS connections (TLS 1.3)
 #   handshakes   a new TLS connection per request (`Connection: close`): full handshakes/s
+#   h2           HTTP/2 over TLS (ALPN h2), h2load -c 20 -m 10 (needs nghttp2-client)
 # Phoenix runs the edge listener's path (`phoenix proxy --tls-cert --tls-key`: rustls, then
 # the role proxy); HAProxy `bind ... ssl crt`, nginx `listen ... ssl`, both with OpenSSL.
 #
@@ -19,6 +21,7 @@ source bench/lib.sh
 need haproxy haproxy
 need nginx nginx
 need wrk wrk
+need h2load nghttp2-client
 cargo build --release -p phoenix --quiet
 phoenix=$PWD/target/release/phoenix
 
@@ -131,6 +134,7 @@ for round in $(seq "$rounds"); do
         start_proxy $name
         echo "keep-alive $name $(wrk_measure "$url")" >> "$work/results"
         echo "handshakes $name $(wrk_measure "$url" -H 'Connection: close')" >> "$work/results"
+        echo "h2 $name $(h2load_measure "$url")" >> "$work/results"
         stop_proxy
     done
 done
@@ -141,7 +145,7 @@ for line in open(sys.argv[1]):
     load, name, rps, p50, p99, errors = line.split()
     rows.setdefault((load, name), []).append((float(rps), float(p50), float(p99), int(errors)))
 print(f"{'':22} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs haproxy':>11} {'vs nginx':>9}")
-for load in ["keep-alive", "handshakes"]:
+for load in ["keep-alive", "handshakes", "h2"]:
     med = {n: tuple(statistics.median(v[i] for v in rows[(load, n)]) for i in range(3))
               + (sum(v[3] for v in rows[(load, n)]),) for n in ["phoenix", "haproxy", "nginx"]}
     for name in ["phoenix", "haproxy", "nginx"]:

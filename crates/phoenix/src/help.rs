@@ -25,6 +25,7 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "standby",
             "status",
             "host",
+            "review",
             "dashboard",
             "logs",
             "history",
