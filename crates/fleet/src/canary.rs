@@ -132,12 +132,14 @@ pub fn judge(canary: &Sample, live: &Sample, config: &CanaryConfig) -> (Verdict,
         return (Verdict::Worse(reason), figures);
     }
     let latency_margin = 1.0 + f64::from(config.max_p99_increase) / 10_000.0;
+    let tolerance_ms = config.p99_tolerance.as_secs_f64() * 1000.0;
     if let (Some(canary_p99), Some(live_p99)) = (figures.canary_p99_ms, figures.live_p99_ms)
         && figures.latency_z > Z_99
         && canary_p99 > live_p99 * latency_margin
+        && canary_p99 - live_p99 > tolerance_ms
     {
         let reason = format!(
-            "p99 latency up to {canary_p99} ms against the live generation's {live_p99} ms (z = {:.1}, slower at 99% confidence and more than {}% above)",
+            "p99 latency up to {canary_p99} ms against the live generation's {live_p99} ms (z = {:.1}, slower at 99% confidence, more than {}% and {tolerance_ms} ms above)",
             figures.latency_z,
             config.max_p99_increase / 100
         );
@@ -376,6 +378,20 @@ mod tests {
         let (verdict, figures) = judge(&at_bucket(200, 0, 1), &live, &config);
         assert_eq!(verdict, Verdict::Healthy);
         assert!(figures.latency_z < -10.0);
+        // Slower for certain, but by 2.5 ms: within the default tolerance of 5 ms, unless
+        // the tolerance is lowered.
+        let (verdict, figures) = judge(&at_bucket(200, 0, 5), &live, &config); // <= 5 ms
+        assert!(figures.latency_z > 10.0, "{figures:?}");
+        assert_eq!(verdict, Verdict::Healthy);
+        let strict = CanaryConfig {
+            p99_tolerance: Duration::from_millis(1),
+            ..CanaryConfig::default()
+        };
+        let (verdict, _) = judge(&at_bucket(200, 0, 5), &live, &strict);
+        assert!(
+            matches!(&verdict, Verdict::Worse(why) if why.contains("more than 20% and 1 ms above")),
+            "{verdict:?}"
+        );
     }
 
     #[test]

@@ -68,9 +68,30 @@ fn git(dir: &Path, args: &[&str]) {
     assert!(status.success(), "git {args:?}");
 }
 
+/// Burns every review left when the test ends, passed or not: a review is a detached process
+/// that would outlive the test.
+struct BurnAll(std::path::PathBuf);
+
+impl Drop for BurnAll {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("reviews")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let _ = std::process::Command::new(common::phoenix_bin())
+                .arg("--state")
+                .arg(&self.0)
+                .args(["review", "down"])
+                .arg(entry.file_name())
+                .output();
+        }
+    }
+}
+
 #[test]
 fn review_fleets_serve_their_own_versions_beside_the_main_one_and_leave_no_trace() {
     let mut phoenix = Phoenix::start(&Fleet::version("v1"));
+    let _burn = BurnAll(phoenix.state());
     phoenix.wait_serving(3);
     let main = phoenix.proxy_addr();
     // A branch `feature` whose fleet file says v3, the working tree v2.

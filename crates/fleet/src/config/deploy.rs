@@ -85,6 +85,10 @@ pub struct CanaryConfig {
     pub max_error_increase: u32,
     /// How much higher (in basis points of the live p99) the canary's p99 may be.
     pub max_p99_increase: u32,
+    /// A p99 higher by no more than this is never a failure, whatever the ratio: fresh
+    /// instances answer their first requests a little slower (new connections, cold caches),
+    /// and 0.5 ms against 1 ms is no regression.
+    pub p99_tolerance: Duration,
 }
 
 impl Default for CanaryConfig {
@@ -95,6 +99,7 @@ impl Default for CanaryConfig {
             min_requests: 100,
             max_error_increase: 100,
             max_p99_increase: 2_000,
+            p99_tolerance: Duration::from_millis(5),
         }
     }
 }
@@ -131,6 +136,8 @@ struct RawDeploy {
     max_error_increase: Option<String>,
     #[serde(default)]
     max_p99_increase: Option<String>,
+    #[serde(default)]
+    p99_tolerance: Option<String>,
     #[serde(default)]
     max_surge: Option<u32>,
     #[serde(default)]
@@ -176,6 +183,7 @@ impl TryFrom<RawDeploy> for DeployConfig {
             ("min_requests", raw.min_requests.is_some()),
             ("max_error_increase", raw.max_error_increase.is_some()),
             ("max_p99_increase", raw.max_p99_increase.is_some()),
+            ("p99_tolerance", raw.p99_tolerance.is_some()),
         ];
         if raw.strategy != Strategy::Canary
             && let Some((key, _)) = canary_keys.iter().find(|(_, set)| *set)
@@ -210,6 +218,15 @@ impl TryFrom<RawDeploy> for DeployConfig {
         if let Some(text) = raw.max_p99_increase {
             canary.max_p99_increase =
                 percent(&text, 100_000).map_err(|e| format!("`max_p99_increase`: {e}"))?;
+        }
+        if let Some(text) = raw.p99_tolerance {
+            canary.p99_tolerance =
+                parse_duration(&text).map_err(|e| format!("`p99_tolerance`: {e}"))?;
+            if canary.p99_tolerance > Duration::from_secs(60) {
+                return Err(format!(
+                    "`p99_tolerance`: {text:?} is out of range: write 0ms to 60s"
+                ));
+            }
         }
         let load_test = match raw.load_test {
             Some(file) if file.trim().is_empty() => {

@@ -649,7 +649,7 @@ fn listeners_are_read_and_their_mistakes_named() {
 #[test]
 fn a_canary_deploy_takes_its_steps_and_analysis_from_the_file() {
     let text = format!(
-        "{GOOD}\n[role.web.deploy]\nstrategy = \"canary\"\nsteps = [\"1%\", \"12.5%\", \"50%\"]\ninterval = \"10s\"\nmin_requests = 500\nmax_error_increase = \"0.5%\"\nmax_p99_increase = \"150%\"\n"
+        "{GOOD}\n[role.web.deploy]\nstrategy = \"canary\"\nsteps = [\"1%\", \"12.5%\", \"50%\"]\ninterval = \"10s\"\nmin_requests = 500\nmax_error_increase = \"0.5%\"\nmax_p99_increase = \"150%\"\np99_tolerance = \"2ms\"\n"
     );
     let deploy = &parse(&text).unwrap().roles["web"].deploy;
     assert_eq!(deploy.strategy, Strategy::Canary);
@@ -661,6 +661,7 @@ fn a_canary_deploy_takes_its_steps_and_analysis_from_the_file() {
             min_requests: 500,
             max_error_increase: 50,
             max_p99_increase: 15_000,
+            p99_tolerance: Duration::from_millis(2),
         }
     );
     let text = format!("{GOOD}\n[role.web.deploy]\nstrategy = \"canary\"\n");
