@@ -61,6 +61,8 @@ struct Review {
     ttl_seconds: u64,
     created_at: u64,
     pid: u32,
+    /// The pid's start time (clock ticks since boot): a reused pid is not the review's.
+    start_time: u64,
 }
 
 /// `--ttl`: between a minute and 30 days.
@@ -126,7 +128,7 @@ async fn up(
 ) -> anyhow::Result<ExitCode> {
     let dir = reviews.join(name);
     if let Some(review) = read_review(&dir)
-        && alive(&review, &dir)
+        && alive(&review)
     {
         bail!(
             "review {name} is up already (pid {}): `phoenix review down {name}` first",
@@ -238,12 +240,13 @@ async fn start(
         ttl_seconds: ttl.as_secs(),
         created_at,
         pid: child.id(),
+        start_time: phoenix_driver::process_start_time(child.id()).unwrap_or_default(),
     };
     std::fs::write(dir.join("review.json"), serde_json::to_vec_pretty(&review)?)?;
     match wait_serving(dir, &mut child).await {
         Ok(status) => Ok((review, status)),
         Err(error) => {
-            stop(&review, dir).await;
+            stop(&review).await;
             let log = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -386,7 +389,7 @@ async fn wait_serving(dir: &Path, child: &mut std::process::Child) -> anyhow::Re
     let state = dir.join("state");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        // Our own child: asked directly (its command line may not be readable yet).
+        // Our own child: waited on directly, for its exit status in the message.
         if let Ok(Some(status)) = child.try_wait() {
             bail!("its phoenix up ended ({status})");
         }
@@ -432,7 +435,7 @@ async fn ls(reviews: &Path, json: bool) -> anyhow::Result<ExitCode> {
         let Some(review) = read_review(&dir) else {
             continue;
         };
-        let status = match alive(&review, &dir) {
+        let status = match alive(&review) {
             true => match Client::new(&dir.join("state"), &owner()) {
                 Ok(client) => client.get_json::<FleetStatus>("/v1/status").await.ok(),
                 Err(_) => None,
@@ -493,7 +496,7 @@ fn view(dir: &Path, review: &Review, status: Option<&FleetStatus>) -> ReviewView
         .as_secs();
     ReviewView {
         name: review.name.clone(),
-        state: if alive(review, dir) { "up" } else { "stopped" },
+        state: if alive(review) { "up" } else { "stopped" },
         from: review.from.clone(),
         pid: review.pid,
         age_seconds: now.saturating_sub(review.created_at),
@@ -529,7 +532,7 @@ async fn down(reviews: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode
             }
         );
     };
-    let forced = stop(&review, &dir).await;
+    let forced = stop(&review).await;
     remove_dir(&dir)?;
     if json {
         println!(
@@ -548,13 +551,13 @@ async fn down(reviews: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode
 
 /// Stops the review's `phoenix up` (SIGTERM: it drains and stops its instances), killing it
 /// after a minute; true when it had to be killed.
-async fn stop(review: &Review, dir: &Path) -> bool {
-    if !alive(review, dir) {
+async fn stop(review: &Review) -> bool {
+    if !alive(review) {
         return false;
     }
     signal(review.pid, libc::SIGTERM);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while alive(review, dir) {
+    while alive(review) {
         if tokio::time::Instant::now() > deadline {
             signal(review.pid, libc::SIGKILL);
             return true;
@@ -571,19 +574,9 @@ fn signal(pid: u32, signal: i32) {
     }
 }
 
-/// Whether the review's `phoenix up` still runs: its pid is a live process whose command line
-/// names the review's directory (not a reused pid), and not a zombie.
-fn alive(review: &Review, dir: &Path) -> bool {
-    let proc = PathBuf::from(format!("/proc/{}", review.pid));
-    let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let named = cmdline.split(|b| *b == 0).any(|arg| arg == needle);
-    let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-    named && !zombie
+/// Whether the review's `phoenix up` still runs: the process started then, not a zombie.
+fn alive(review: &Review) -> bool {
+    phoenix_driver::process_alive(review.pid, review.start_time)
 }
 
 fn read_review(dir: &Path) -> Option<Review> {
