@@ -49,7 +49,7 @@ pub(crate) async fn run(
         addrs,
     };
     let report = phoenix_load::run(scenario, &target).await;
-    let failed = failures(scenario, &report);
+    let failed = report.failures();
     say(progress, &report);
     let detail = json!({
         "deploy": deploy, "generation": generation.id, "file": path, "passed": failed.is_empty(),
@@ -68,22 +68,6 @@ pub(crate) async fn run(
     ))
 }
 
-/// What failed: the thresholds that did not hold, or without thresholds any error.
-fn failures(scenario: &Scenario, report: &Report) -> Vec<String> {
-    if scenario.thresholds.is_empty() {
-        return match report.errors {
-            0 => Vec::new(),
-            n => vec![format!("{n} of {} requests failed", report.scheduled)],
-        };
-    }
-    report
-        .thresholds
-        .iter()
-        .filter(|t| !t.passed)
-        .map(|t| format!("{} (was {})", t.threshold, round(t.actual)))
-        .collect()
-}
-
 fn say(progress: &Progress, report: &Report) {
     let l = &report.latency_ms;
     progress.say(format!(
@@ -92,15 +76,6 @@ fn say(progress: &Progress, report: &Report) {
     ));
     for t in &report.thresholds {
         let mark = if t.passed { "ok" } else { "FAILED" };
-        progress.say(format!(
-            "  {mark} {} (was {})",
-            t.threshold,
-            round(t.actual)
-        ));
+        progress.say(format!("  {mark} {} (was {})", t.threshold, t.was()));
     }
-}
-
-/// Four significant decimals are enough to read.
-fn round(value: f64) -> f64 {
-    (value * 10_000.0).round() / 10_000.0
 }

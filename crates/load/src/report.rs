@@ -41,6 +41,31 @@ pub struct ThresholdResult {
     pub passed: bool,
 }
 
+impl Report {
+    /// Why the run failed, empty when it passed: the thresholds that did not hold or, for a
+    /// scenario without thresholds, any failed request.
+    pub fn failures(&self) -> Vec<String> {
+        if self.thresholds.is_empty() {
+            return match self.errors {
+                0 => Vec::new(),
+                n => vec![format!("{n} of {} requests failed", self.scheduled)],
+            };
+        }
+        self.thresholds
+            .iter()
+            .filter(|t| !t.passed)
+            .map(|t| format!("{} (was {})", t.threshold, t.was()))
+            .collect()
+    }
+}
+
+impl ThresholdResult {
+    /// The measured value to four decimals, enough to read.
+    pub fn was(&self) -> f64 {
+        (self.actual * 10_000.0).round() / 10_000.0
+    }
+}
+
 #[derive(Debug, Default, Serialize, Clone, Copy)]
 pub struct Percentiles {
     pub min: f64,
@@ -249,6 +274,10 @@ mod tests {
             ]
         );
         assert!(!report.passed);
+        assert_eq!(
+            report.failures(),
+            ["http_req_failed{name:slow} rate<0.2 (was 0.3333)"]
+        );
         assert_eq!(report.requests["slow"].errors, 1);
         assert_eq!(report.requests["fast"].count, 5);
         assert_eq!(report.error_kinds["status 500"], 1);

@@ -54,10 +54,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         print_report(&scenario, &report);
     }
     // Thresholds decide when there are some (as k6's); otherwise any error fails the run.
-    let passed = match scenario.thresholds.is_empty() {
-        true => report.errors == 0,
-        false => report.passed,
-    };
+    let passed = report.failures().is_empty();
     Ok(if passed {
         ExitCode::SUCCESS
     } else {
