@@ -131,15 +131,24 @@ pub(crate) fn summarise(
         ..Report::default()
     };
     let mut all = Vec::with_capacity(outcomes.len());
-    let mut by_request: Vec<(Vec<u64>, u64)> = vec![(Vec::new(), 0); scenario.requests.len()];
+    // By request name (two [[request]]s may share one): latencies and errors; every name is
+    // reported, answered or not.
+    let mut samples: BTreeMap<&str, (Vec<u64>, u64)> = scenario
+        .requests
+        .iter()
+        .map(|r| (r.name.as_str(), Default::default()))
+        .collect();
     for outcome in &outcomes {
         all.push(outcome.micros);
-        by_request[outcome.request].0.push(outcome.micros);
+        let sample = samples
+            .entry(&scenario.requests[outcome.request].name)
+            .or_default();
+        sample.0.push(outcome.micros);
         match &outcome.error {
             None => report.ok += 1,
             Some(kind) => {
                 report.errors += 1;
-                by_request[outcome.request].1 += 1;
+                sample.1 += 1;
                 *report.error_kinds.entry(kind.clone()).or_default() += 1;
             }
         }
@@ -147,13 +156,6 @@ pub(crate) fn summarise(
     all.sort_unstable();
     report.achieved_rps = all.len() as f64 / seconds.max(f64::EPSILON);
     report.latency_ms = Percentiles::of(&all);
-    let mut samples: BTreeMap<&str, (Vec<u64>, u64)> = BTreeMap::new();
-    for (spec, (mut micros, errors)) in scenario.requests.iter().zip(by_request) {
-        micros.sort_unstable();
-        let entry = samples.entry(&spec.name).or_default();
-        entry.0.extend(micros);
-        entry.1 += errors;
-    }
     for (name, (micros, errors)) in &mut samples {
         micros.sort_unstable();
         let request = RequestReport {
