@@ -236,19 +236,20 @@ async fn deploy_locked(
         live_generation: live.as_ref().map(|g| g.id),
         ..Facts::default()
     };
-    let vetoed = |reason| FleetError::StoppedBeforeStart {
+    // A hook's veto, or a load test that cannot be read, before anything started.
+    let stopped = |reason| FleetError::StoppedBeforeStart {
         role: role_name.to_string(),
         reason,
     };
     hooks::run(inner, &hooks, Hook::BeforeBake, &facts, progress)
         .await
-        .map_err(vetoed)?;
+        .map_err(stopped)?;
     let (image, baked, verified) =
         choose_image(inner, role, live.as_ref(), &options, progress).await?;
     facts.image = Some(image.clone());
     hooks::run(inner, &hooks, Hook::AfterVerify, &facts, progress)
         .await
-        .map_err(vetoed)?;
+        .map_err(stopped)?;
     let bake_ms = started.elapsed().as_millis() as u64 - verified.map_or(0, |v| v.ms);
     let config = role.config();
     facts.strategy = config.deploy.strategy.name();
@@ -269,13 +270,7 @@ async fn deploy_locked(
     // the deploy.
     role_secrets(inner, &config)?;
     let load_test = match &config.deploy.load_test {
-        Some(path) => Some((
-            path,
-            crate::load_test::read(path).map_err(|reason| FleetError::StoppedBeforeStart {
-                role: role_name.to_string(),
-                reason,
-            })?,
-        )),
+        Some(path) => Some((path, crate::load_test::read(path).map_err(stopped)?)),
         None => None,
     };
     let now = inner.clock.now_ms();
@@ -344,7 +339,7 @@ async fn deploy_locked(
     // may stop it.
     let booted = match (booted, &load_test) {
         (Ok(()), Some((path, scenario))) => {
-            let run = crate::load_test::run(
+            crate::load_test::run(
                 inner,
                 role_name,
                 &generation,
@@ -352,8 +347,8 @@ async fn deploy_locked(
                 scenario,
                 deploy_id,
                 progress,
-            );
-            run.await
+            )
+            .await
         }
         (booted, _) => booted,
     };
