@@ -80,16 +80,14 @@ impl Threshold {
             }
             None => (metric, None),
         };
-        let metric = match name {
-            "http_req_failed" => Metric::Failed,
-            "http_req_duration" => Metric::Duration,
-            "http_reqs" => Metric::Requests,
-            other => {
-                return Err(error(format!(
-                    "unknown metric {other:?}: write http_req_failed, http_req_duration or http_reqs"
-                )));
-            }
-        };
+        let metric = [Metric::Failed, Metric::Duration, Metric::Requests]
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                error(format!(
+                    "unknown metric {name:?}: write http_req_failed, http_req_duration or http_reqs"
+                ))
+            })?;
         let compact: String = expression.chars().filter(|c| !c.is_whitespace()).collect();
         let at = compact.find(['<', '>', '=']).ok_or_else(|| {
             error(format!(
@@ -97,15 +95,16 @@ impl Threshold {
             ))
         })?;
         let (left, right) = compact.split_at(at);
+        // Two-character signs first: `<=` is not `<` and `=5`.
         let (operator, value) = [
-            ("<=", Operator::LessOrEqual),
-            (">=", Operator::GreaterOrEqual),
-            ("==", Operator::Equal),
-            ("<", Operator::Less),
-            (">", Operator::Greater),
+            Operator::LessOrEqual,
+            Operator::GreaterOrEqual,
+            Operator::Equal,
+            Operator::Less,
+            Operator::Greater,
         ]
         .into_iter()
-        .find_map(|(sign, op)| right.strip_prefix(sign).map(|v| (op, v)))
+        .find_map(|op| right.strip_prefix(op.sign()).map(|v| (op, v)))
         .ok_or_else(|| {
             error(format!(
                 "{expression:?}: the comparison is one of < <= > >= =="
@@ -150,21 +149,53 @@ impl Threshold {
 }
 
 fn aggregation(text: &str) -> Option<Aggregation> {
-    Some(match text {
-        "rate" => Aggregation::Rate,
-        "count" => Aggregation::Count,
-        "avg" => Aggregation::Avg,
-        "min" => Aggregation::Min,
-        "med" => Aggregation::Med,
-        "max" => Aggregation::Max,
-        _ => {
-            let p: f64 = text.strip_prefix("p(")?.strip_suffix(')')?.parse().ok()?;
-            if !(0.0..=100.0).contains(&p) {
-                return None;
-            }
-            Aggregation::Percentile(p)
+    use Aggregation::*;
+    if let Some(named) = [Rate, Count, Avg, Min, Med, Max]
+        .into_iter()
+        .find(|a| a.name() == text)
+    {
+        return Some(named);
+    }
+    let p: f64 = text.strip_prefix("p(")?.strip_suffix(')')?.parse().ok()?;
+    (0.0..=100.0).contains(&p).then_some(Percentile(p))
+}
+
+impl Metric {
+    /// k6's name.
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Failed => "http_req_failed",
+            Metric::Duration => "http_req_duration",
+            Metric::Requests => "http_reqs",
         }
-    })
+    }
+}
+
+impl Aggregation {
+    /// As written in an expression: `avg`, `p(99)`, ….
+    fn name(self) -> String {
+        match self {
+            Aggregation::Rate => "rate".into(),
+            Aggregation::Count => "count".into(),
+            Aggregation::Avg => "avg".into(),
+            Aggregation::Min => "min".into(),
+            Aggregation::Med => "med".into(),
+            Aggregation::Max => "max".into(),
+            Aggregation::Percentile(p) => format!("p({p})"),
+        }
+    }
+}
+
+impl Operator {
+    fn sign(self) -> &'static str {
+        match self {
+            Operator::Less => "<",
+            Operator::LessOrEqual => "<=",
+            Operator::Greater => ">",
+            Operator::GreaterOrEqual => ">=",
+            Operator::Equal => "==",
+        }
+    }
 }
 
 fn fits(metric: Metric, aggregation: Aggregation) -> bool {
@@ -185,32 +216,12 @@ fn allowed(metric: Metric) -> &'static str {
 
 impl fmt::Display for Threshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let metric = match self.metric {
-            Metric::Failed => "http_req_failed",
-            Metric::Duration => "http_req_duration",
-            Metric::Requests => "http_reqs",
-        };
-        write!(f, "{metric}")?;
+        write!(f, "{}", self.metric.name())?;
         if let Some(name) = &self.request {
             write!(f, "{{name:{name}}}")?;
         }
-        let aggregation = match self.aggregation {
-            Aggregation::Rate => "rate".to_string(),
-            Aggregation::Count => "count".to_string(),
-            Aggregation::Avg => "avg".to_string(),
-            Aggregation::Min => "min".to_string(),
-            Aggregation::Med => "med".to_string(),
-            Aggregation::Max => "max".to_string(),
-            Aggregation::Percentile(p) => format!("p({p})"),
-        };
-        let operator = match self.operator {
-            Operator::Less => "<",
-            Operator::LessOrEqual => "<=",
-            Operator::Greater => ">",
-            Operator::GreaterOrEqual => ">=",
-            Operator::Equal => "==",
-        };
-        write!(f, " {aggregation}{operator}{}", self.value)
+        let (aggregation, sign) = (self.aggregation.name(), self.operator.sign());
+        write!(f, " {aggregation}{sign}{}", self.value)
     }
 }
 
