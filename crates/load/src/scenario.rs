@@ -201,21 +201,13 @@ impl Scenario {
             None => 0.0,
         };
         scenario.stages = stages(raw.stages, &at)?;
-        let total = scenario
-            .stages
-            .iter()
-            .fold((scenario.start_rate, 0.0), |(from, sum), s| {
-                (
-                    s.target,
-                    sum + (from + s.target) / 2.0 * s.duration.as_secs_f64(),
-                )
-            });
-        if total.1 > MAX_REQUESTS {
+        let total = crate::schedule::requests_due(scenario.start_rate, &scenario.stages);
+        if total > MAX_REQUESTS {
             return Err(at(
                 0..0,
                 format!(
                     "the stages schedule {:.0} requests, more than one run's {MAX_REQUESTS}: split the scenario",
-                    total.1
+                    total
                 ),
             ));
         }
@@ -259,7 +251,7 @@ impl Scenario {
 
     /// How many requests the stages schedule.
     pub fn scheduled(&self) -> usize {
-        crate::due_times(self.start_rate, &self.stages).len()
+        crate::schedule::due_count(self.start_rate, &self.stages)
     }
 
     /// How long the stages last.

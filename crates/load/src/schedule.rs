@@ -29,6 +29,23 @@ pub fn due_times(start_rate: f64, stages: &[Stage]) -> Vec<Duration> {
     due
 }
 
+/// How many requests `due_times` gives, without making them: the area under the rate
+/// (requests number 0, 1, … below it are due).
+pub(crate) fn due_count(start_rate: f64, stages: &[Stage]) -> usize {
+    let area = requests_due(start_rate, stages);
+    (area - 1e-9).ceil().max(0.0) as usize
+}
+
+/// The area under the rate of `stages`: requests due in all, fractional.
+pub(crate) fn requests_due(start_rate: f64, stages: &[Stage]) -> f64 {
+    let (mut rate, mut sum) = (start_rate, 0.0);
+    for stage in stages {
+        sum += (rate + stage.target) / 2.0 * stage.duration.as_secs_f64();
+        rate = stage.target;
+    }
+    sum
+}
+
 /// The time within a stage ramping from `from` to `to` requests a second over `length`
 /// seconds at which `count` requests have been due: the root of
 /// `(to - from) / (2 length) t² + from t = count`.
@@ -73,6 +90,24 @@ mod tests {
         assert_eq!(in_second(15), 100);
         assert_eq!((in_second(20), in_second(29)), (95, 5));
         assert!(due[1999] < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_count_without_the_times_is_the_same() {
+        let cases: [(f64, &[Stage]); 5] = [
+            (200.0, &[stage(2, 200.0)]),
+            (0.0, &[stage(10, 100.0), stage(10, 100.0), stage(10, 0.0)]),
+            (0.0, &[stage(5, 0.0), stage(1, 10.0)]),
+            (5.0, &[stage(10, 50.0), stage(1, 0.0)]),
+            (0.0, &[stage(3, 0.0)]),
+        ];
+        for (start, stages) in cases {
+            assert_eq!(
+                due_count(start, stages),
+                due_times(start, stages).len(),
+                "{stages:?}"
+            );
+        }
     }
 
     #[test]
