@@ -123,6 +123,13 @@ fn local_healthy(phoenix: &Phoenix) -> usize {
         .count()
 }
 
+/// Other hosts' instances of web that `phoenix`'s proxy has admitted and found healthy.
+fn healthy_remote(phoenix: &Phoenix) -> usize {
+    phoenix.status()["roles"][0]["remote"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|r| r["healthy"] == true).count())
+}
+
 /// Waits until the controller has placed web one per host and each host runs it, healthy.
 fn wait_one_per_host(hosts: &[Phoenix]) {
     wait_for("web placed one per host", Duration::from_secs(30), || {
@@ -896,6 +903,16 @@ fn the_leader_autoscales_a_role_from_every_hosts_share_of_the_load() {
     wait_for("one instance in all", Duration::from_secs(30), || {
         total(&hosts) == 1
     });
+    // The host without it serves once its proxy has admitted and checked the other's.
+    wait_for(
+        "each proxy reaching the one instance",
+        Duration::from_secs(30),
+        || {
+            hosts
+                .iter()
+                .all(|h| local_healthy(h) + healthy_remote(h) == 1)
+        },
+    );
     // Load through both hosts' proxies: far above 20 requests/s per instance.
     let loads = vec![
         hosts[0].load(hosts[0].proxy_addr(), 2),
