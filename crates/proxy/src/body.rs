@@ -37,26 +37,20 @@ pub(crate) struct Meter {
     pub(crate) backend: Option<Arc<Backend>>,
 }
 
-/// The body sent to a backend: the client's (counted against `max_body`), or none for a
-/// replayed request.
+/// The body sent to a backend: the client's, counted against `max_body`.
 #[derive(Debug)]
-pub(crate) enum UpstreamBody {
-    Client {
-        body: Incoming,
-        seen: u64,
-        limit: u64,
-        meter: Meter,
-    },
-    Empty,
+pub(crate) struct UpstreamBody {
+    pub(crate) body: Incoming,
+    pub(crate) seen: u64,
+    pub(crate) limit: u64,
+    pub(crate) meter: Meter,
 }
 
 impl UpstreamBody {
     /// Counts the bytes of this attempt against `backend`.
     pub(crate) fn meter_for(&mut self, backend: &Arc<Backend>) {
-        if let UpstreamBody::Client { body, meter, .. } = self
-            && !body.is_end_stream()
-        {
-            meter.backend = Some(backend.clone());
+        if !self.body.is_end_stream() {
+            self.meter.backend = Some(backend.clone());
         }
     }
 }
@@ -69,46 +63,34 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Client {
-                body,
-                seen,
-                limit,
-                meter,
-            } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
-                    *seen += bytes;
-                    if *seen > *limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *limit }))));
-                    }
-                    meter.role.add_received(bytes);
-                    if let Some(backend) = &meter.backend {
-                        backend.metrics.add_received(bytes);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
+                this.seen += bytes;
+                if this.seen > this.limit {
+                    let limit = this.limit;
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                 }
-                Poll::Ready(Some(Err(error))) => {
-                    Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))))
+                this.meter.role.add_received(bytes);
+                if let Some(backend) = &this.meter.backend {
+                    backend.metrics.add_received(bytes);
                 }
-                other => other.map(|frame| frame.map(|result| result.map_err(Into::into))),
-            },
-            UpstreamBody::Empty => Poll::Ready(None),
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))))
+            }
+            other => other.map(|frame| frame.map(|result| result.map_err(Into::into))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Client { body, .. } => body.is_end_stream(),
-            UpstreamBody::Empty => true,
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Client { body, .. } => body.size_hint(),
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-        }
+        self.body.size_hint()
     }
 }
 
@@ -119,12 +101,17 @@ pub struct ResponseBody(Kind);
 #[derive(Debug)]
 enum Kind {
     Upstream(UpstreamResponse),
+    Raw(crate::raw::RawBody),
     Message(Option<Bytes>),
 }
 
 impl ResponseBody {
     pub(crate) fn upstream(response: UpstreamResponse) -> Self {
         ResponseBody(Kind::Upstream(response))
+    }
+
+    pub(crate) fn raw(body: crate::raw::RawBody) -> Self {
+        ResponseBody(Kind::Raw(body))
     }
 
     pub(crate) fn empty() -> Self {
@@ -138,14 +125,15 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Raw(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Kind::Message(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
         }
     }
@@ -153,6 +141,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Raw(body) => body.is_end_stream(),
             Kind::Message(text) => text.is_none(),
         }
     }
@@ -160,6 +149,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Upstream(body) => body.size_hint(),
+            Kind::Raw(body) => body.size_hint(),
             Kind::Message(text) => {
                 SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
             }

@@ -65,6 +65,26 @@ impl Chunked {
         Ok(at)
     }
 
+    /// Decodes from the start of `bytes`: consumes framing up to the next run of chunk data
+    /// and that run; returns how many bytes were consumed and where the data is among them
+    /// (empty when `bytes` held only framing, or the body ended).
+    pub(crate) fn decode(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(usize, std::ops::Range<usize>), Malformed> {
+        let mut at = 0;
+        while at < bytes.len() && !self.is_done() {
+            if let Chunked::Data(left) = *self {
+                let take = left.min((bytes.len() - at) as u64) as usize;
+                self.scan(&bytes[at..at + take])?;
+                return Ok((at + take, at..at + take));
+            }
+            *self = self.step(bytes[at])?;
+            at += 1;
+        }
+        Ok((at, at..at))
+    }
+
     fn step(self, byte: u8) -> Result<Chunked, Malformed> {
         Ok(match (self, byte) {
             (Chunked::Size { size, digits }, _) if byte.is_ascii_hexdigit() => {
@@ -139,6 +159,35 @@ mod tests {
             scan_in_pieces(b"A \r\n0123456789\r\n0\r\n\r\n", 3),
             Ok(Some(21))
         );
+    }
+
+    /// Decodes `body` fed in pieces of `piece` bytes: the data, and whether it ended.
+    fn decode_in_pieces(body: &[u8], piece: usize) -> Result<(Vec<u8>, bool), Malformed> {
+        let mut decoder = Chunked::default();
+        let mut data = Vec::new();
+        for mut part in body.chunks(piece) {
+            while !part.is_empty() && !decoder.is_done() {
+                let (used, run) = decoder.decode(part)?;
+                data.extend_from_slice(&part[run]);
+                part = &part[used..];
+            }
+        }
+        Ok((data, decoder.is_done()))
+    }
+
+    #[test]
+    fn decodes_the_data_whatever_the_pieces() {
+        let body = b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: yes\r\n\r\n";
+        for piece in 1..=body.len() {
+            let (data, done) = decode_in_pieces(body, piece).unwrap();
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "piece {piece}");
+            assert!(done, "piece {piece}");
+        }
+        assert_eq!(
+            decode_in_pieces(b"5\r\nhel", 2),
+            Ok((b"hel".to_vec(), false))
+        );
+        assert_eq!(decode_in_pieces(b"5\nhello", 1), Err(Malformed));
     }
 
     #[test]

@@ -71,25 +71,6 @@ enum Failure {
     Sent(hyper::Error),
 }
 
-/// What is needed to send a body-less request again.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: http::Version,
-    headers: HeaderMap,
-}
-
-impl Replay {
-    fn request(&self) -> Request<UpstreamBody> {
-        let mut request = Request::new(UpstreamBody::Empty);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        request
-    }
-}
-
 pub(crate) async fn forward(
     proxy: &RoleProxy,
     client_ip: HeaderValue,
@@ -140,15 +121,12 @@ async fn forward_to_backend(
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
     let mut upgrade = upgrade.map(|(_, client_side)| client_side);
-    // Without a body, an idempotent request can be sent again even after a backend failed mid-way.
-    let replayable = upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream();
-    let replay = replayable.then(|| Replay {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        version: parts.version,
-        headers: parts.headers.clone(),
-    });
-    let body = UpstreamBody::Client {
+    // Without a body, an idempotent request can be sent again even after a backend failed
+    // mid-way: those go over raw connections (see `raw`); the rest stay on hyper's client.
+    if upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream() {
+        return crate::raw::forward(proxy, &parts, started).await;
+    }
+    let body = UpstreamBody {
         body,
         seen: 0,
         limit,
@@ -162,12 +140,10 @@ async fn forward_to_backend(
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_error = None;
     while let Some(claim) = proxy.pick(&tried) {
-        let outgoing = match (request.take(), &replay) {
-            (Some(request), _) => request,
-            (None, Some(replay)) => replay.request(),
-            (None, None) => break,
+        // A request goes again only when it never left (`Failure::NotSent` gives it back).
+        let Some(mut outgoing) = request.take() else {
+            break;
         };
-        let mut outgoing = outgoing;
         outgoing.body_mut().meter_for(claim.backend());
         let attempt = tokio::time::timeout(
             proxy.config().request_timeout,
@@ -249,7 +225,6 @@ async fn forward_to_backend(
                 };
                 return error_response(proxy, StatusCode::BAD_REQUEST, &message);
             }
-            Failure::Sent(error) if replay.is_some() => error.to_string(),
             Failure::Sent(error) => {
                 let (status, message) = failed(backend, &error);
                 return error_response(proxy, status, &message);
@@ -436,7 +411,11 @@ pub(crate) fn error_text(proxy: &RoleProxy, status: StatusCode, message: &str) -
     Bytes::from(format!("{} {message}\n", status.as_u16()))
 }
 
-fn error_response(proxy: &RoleProxy, status: StatusCode, message: &str) -> Response<ResponseBody> {
+pub(crate) fn error_response(
+    proxy: &RoleProxy,
+    status: StatusCode,
+    message: &str,
+) -> Response<ResponseBody> {
     let body = ResponseBody::message(error_text(proxy, status, message));
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -34,7 +34,7 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head (as hyper).
 const MAX_HEADERS: usize = 100;
 /// Free space kept in a read buffer before each read.
-const READ_RESERVE: usize = 8 * 1024;
+pub(crate) const READ_RESERVE: usize = 8 * 1024;
 
 /// One client connection and its buffers, reused from request to request.
 struct Client {
@@ -74,24 +74,24 @@ enum ParsedRequest {
 
 /// How a response body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     Length(u64),
     Chunked(Chunked),
     UntilClose,
 }
 
-/// A final response head, already rewritten into `Client::downstream`.
+/// A final response head (its fields already given to a [`HeadSink`]).
 #[derive(Debug, Clone, Copy)]
-struct ResponseHead {
+pub(crate) struct ResponseHead {
     /// Length of the backend's head in its read buffer.
-    len: usize,
-    status: u16,
-    framing: Framing,
+    pub(crate) len: usize,
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
     /// The backend keeps the connection open after this response.
-    reusable: bool,
+    pub(crate) reusable: bool,
 }
 
-enum ParsedResponse {
+pub(crate) enum ParsedResponse {
     Final(ResponseHead),
     /// A 1xx answer of `len` bytes to skip (the final one follows).
     Interim(usize),
@@ -666,6 +666,33 @@ fn parse_request(buf: &[u8], client_ip: &str, out: &mut BytesMut) -> ParsedReque
     })
 }
 
+/// Where a parsed response head goes, field by field: rewritten into bytes for an HTTP/1.1
+/// client here, or into a header map for hyper's path ([`crate::raw`]).
+pub(crate) trait HeadSink {
+    fn status(&mut self, status: u16, reason: &str);
+    fn field(&mut self, name: &str, value: &[u8]);
+}
+
+/// The head for an HTTP/1.1 client, in bytes: status line, fields, `Via`, and `Connection:
+/// close` when the connection ends after it.
+struct ClientHead<'a>(&'a mut BytesMut);
+
+impl HeadSink for ClientHead<'_> {
+    fn status(&mut self, status: u16, reason: &str) {
+        let out = &mut *self.0;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(&status_digits(status));
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn field(&mut self, name: &str, value: &[u8]) {
+        push_field(self.0, name.as_bytes(), value);
+    }
+}
+
 /// Parses a response head at the start of `buf` and writes the head for the client into
 /// `out`: hop-by-hop fields removed (a chunked `Transfer-Encoding` stays, the body passes
 /// through as it is), `Via` added, and `Connection: close` when the connection ends after it.
@@ -674,6 +701,26 @@ fn parse_response(
     head_method: bool,
     client_close: bool,
     out: &mut BytesMut,
+) -> Result<ParsedResponse, &'static str> {
+    let parsed = parse_response_into(buf, head_method, true, &mut ClientHead(out))?;
+    if let ParsedResponse::Final(head) = &parsed {
+        push_field(out, b"via", policy::VIA.as_bytes());
+        if client_close || head.framing == Framing::UntilClose {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(parsed)
+}
+
+/// Parses a response head at the start of `buf` and gives `sink` its status and the fields to
+/// forward: hop-by-hop ones removed; a chunked `Transfer-Encoding` only when `pass_chunked`
+/// (the body then passes through as it is), and never a `Content-Length` beside it.
+pub(crate) fn parse_response_into(
+    buf: &[u8],
+    head_method: bool,
+    pass_chunked: bool,
+    sink: &mut impl HeadSink,
 ) -> Result<ParsedResponse, &'static str> {
     let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -727,27 +774,18 @@ fn parse_response(
         tokens.keep_alive
     };
     let reusable = keep_alive && framing != Framing::UntilClose;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&status_digits(status));
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    sink.status(status, response.reason.unwrap_or_default());
     for field in response.headers.iter() {
         // With a Transfer-Encoding, Content-Length is meaningless (RFC 9112, 6.3).
         let stale_length = chunked.is_some() && field.name.eq_ignore_ascii_case("content-length");
-        // The body passes through as it is, so its Transfer-Encoding goes with it.
-        let framing = chunked.is_some() && field.name.eq_ignore_ascii_case("transfer-encoding");
+        let framing = pass_chunked
+            && chunked.is_some()
+            && field.name.eq_ignore_ascii_case("transfer-encoding");
         if stale_length || (tokens.is_hop_by_hop(field.name) && !framing) {
             continue;
         }
-        push_field(out, field.name.as_bytes(), field.value);
+        sink.field(field.name, field.value);
     }
-    push_field(out, b"via", policy::VIA.as_bytes());
-    if client_close || framing == Framing::UntilClose {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
     Ok(ParsedResponse::Final(ResponseHead {
         len,
         status,
@@ -762,7 +800,7 @@ fn status_digits(status: u16) -> [u8; 3] {
     [digit(status / 100), digit(status / 10), digit(status)]
 }
 
-fn push_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+pub(crate) fn push_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

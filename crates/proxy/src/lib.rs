@@ -14,6 +14,7 @@ mod h1;
 mod metrics;
 mod policy;
 mod pool;
+mod raw;
 mod splice;
 mod tunnel;
 

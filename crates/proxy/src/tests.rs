@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use super::*;
 
 mod fast_path;
+mod h2_streams;
 
 /// A seeded xorshift64 generator for the decoders' fuzz tests.
 pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {

@@ -8,7 +8,7 @@ use super::*;
 /// A backend speaking raw HTTP/1.1: for each request it writes `answer(method, path)` and,
 /// when that returns `true`, closes the connection (as for a body that runs to the close,
 /// or a backend whose keep-alive timeout just fired).
-async fn scripted(answer: fn(&str, &str) -> (&'static [u8], bool)) -> SocketAddr {
+pub(super) async fn scripted(answer: fn(&str, &str) -> (&'static [u8], bool)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -74,7 +74,7 @@ async fn exchange(
     (parts.status.as_u16(), parts.headers, body)
 }
 
-fn framings(method: &str, path: &str) -> (&'static [u8], bool) {
+pub(super) fn framings(method: &str, path: &str) -> (&'static [u8], bool) {
     match (method, path) {
         (_, "/chunked") => (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
@@ -247,7 +247,7 @@ async fn a_backend_with_a_malformed_answer_gives_502() {
 }
 
 /// A 1 MiB body of known length (spliced) and a backend that breaks off after 100 KiB.
-static LARGE: std::sync::LazyLock<(Vec<u8>, Vec<u8>)> = std::sync::LazyLock::new(|| {
+pub(super) static LARGE: std::sync::LazyLock<(Vec<u8>, Vec<u8>)> = std::sync::LazyLock::new(|| {
     let mut next = xorshift(7);
     let body: Vec<u8> = (0..1 << 20).map(|_| next() as u8).collect();
     let mut whole =
@@ -256,7 +256,7 @@ static LARGE: std::sync::LazyLock<(Vec<u8>, Vec<u8>)> = std::sync::LazyLock::new
     (whole, body)
 });
 
-fn large(_: &str, path: &str) -> (&'static [u8], bool) {
+pub(super) fn large(_: &str, path: &str) -> (&'static [u8], bool) {
     let whole = &LARGE.0;
     match path {
         "/large" => (whole, false),
