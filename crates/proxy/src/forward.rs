@@ -120,12 +120,26 @@ async fn forward_to_backend(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let mut upgrade = upgrade.map(|(_, client_side)| client_side);
+    let upgrade = upgrade.map(|(_, client_side)| client_side);
     // Without a body, an idempotent request can be sent again even after a backend failed
-    // mid-way: those go over raw connections (see `raw`); the rest stay on hyper's client.
+    // mid-way: those go over raw connections (see `raw`); the rest stay on hyper's client,
+    // boxed: its larger state would otherwise be allocated and moved for every request.
     if upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream() {
-        return crate::raw::forward(proxy, &parts, started).await;
+        crate::raw::forward(proxy, &parts, started).await
+    } else {
+        Box::pin(forward_with_hyper(proxy, parts, body, upgrade, started)).await
     }
+}
+
+/// Forwards a request with a body, or an upgrade, through hyper's client.
+async fn forward_with_hyper(
+    proxy: &RoleProxy,
+    parts: http::request::Parts,
+    body: Incoming,
+    mut upgrade: Option<hyper::upgrade::OnUpgrade>,
+    started: Instant,
+) -> Response<ResponseBody> {
+    let limit = proxy.config().max_body;
     let body = UpstreamBody {
         body,
         seen: 0,
