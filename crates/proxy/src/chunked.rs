@@ -217,17 +217,23 @@ mod tests {
         let mut next = crate::tests::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..2000 {
             let mut body = Vec::new();
+            let mut data = Vec::new();
             for _ in 0..next() % 5 {
                 let size = (next() % 300) as usize + 1;
                 body.extend_from_slice(format!("{size:x}\r\n").as_bytes());
-                body.extend((0..size).map(|_| next() as u8));
+                let chunk: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+                body.extend_from_slice(&chunk);
+                data.extend_from_slice(&chunk);
                 body.extend_from_slice(b"\r\n");
             }
             body.extend_from_slice(b"0\r\n\r\n");
             let piece = (next() % 64) as usize + 1;
             assert_eq!(scan_in_pieces(&body, piece), Ok(Some(body.len())));
+            let (decoded, done) = decode_in_pieces(&body, piece).unwrap();
+            assert!(done && decoded == data, "decoded whole in pieces of {piece}");
             let garbage: Vec<u8> = (0..next() % 200).map(|_| next() as u8).collect();
             let _ = scan_in_pieces(&garbage, piece);
+            let _ = decode_in_pieces(&garbage, piece);
         }
     }
 }
