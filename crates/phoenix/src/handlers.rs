@@ -1,6 +1,6 @@
 //! Event handler scripts (`--event-handler [TYPE=]SCRIPT`), run as Serf runs them: Serf's
 //! environment (with `PHOENIX_*` aliases), member lines or the payload on stdin, and for a
-//! query, the script's stdout as the answer. Scripts run off the gossip path: a slow one
+//! query, the script's output (stdout and stderr, as Serf) as the answer. Scripts run off the gossip path: a slow one
 //! delays other scripts, never the agent; queries run at once, each in its own task, since
 //! their answers have a deadline.
 
@@ -14,8 +14,8 @@ use phoenix_gossip::rpc::EventFilter;
 use phoenix_gossip::{Agent, Event, Member, QueryEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Most bytes of a script's stdout kept for a query's answer (Serf keeps 8 KiB; the answer
-/// itself must fit the response limit).
+/// Most bytes of a script's output kept for a query's answer: the last 8 KiB, as Serf keeps
+/// them (the answer itself must fit the response limit).
 const MAX_OUTPUT: usize = 8 * 1024;
 
 /// One `--event-handler`.
@@ -25,19 +25,19 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// Serf's rule: what precedes the first `=` is the event filter, and it must be a valid
+    /// one (`bogus-event=x` is refused, as `serf agent` refuses it); without `=`, the whole is
+    /// the script, for every event.
     pub fn parse(spec: &str) -> Result<Handler> {
-        // `TYPE=SCRIPT` when the part before `=` is a valid filter; else the whole is a script.
-        if let Some((kinds, script)) = spec.split_once('=')
-            && let Ok(filter) = EventFilter::parse(kinds)
-        {
-            return Ok(Handler {
-                filter,
-                script: script.to_string(),
-            });
+        let (kinds, script) = spec.split_once('=').unwrap_or(("*", spec));
+        let filter =
+            EventFilter::parse(kinds).map_err(|e| anyhow!("Invalid event script: {spec} ({e})"))?;
+        if script.trim().is_empty() {
+            bail!("Invalid event script: {spec} (no script)");
         }
         Ok(Handler {
-            filter: EventFilter::parse("*").map_err(|e| anyhow!(e))?,
-            script: spec.to_string(),
+            filter,
+            script: script.to_string(),
         })
     }
 }
@@ -96,7 +96,7 @@ async fn answer(agent: Agent, handlers: Arc<Vec<Handler>>, query: QueryEvent) {
         .iter()
         .filter(|h| h.filter.allows("query", Some(&query.name)))
     {
-        match invoke(&handler.script, &env, &query.payload).await {
+        match invoke(&handler.script, &env, &with_newline(&query.payload)).await {
             Ok(output) if !output.is_empty() && !answered => {
                 answered = true;
                 if let Err(error) = agent.respond(query.id, output).await {
@@ -132,9 +132,31 @@ fn serf_env(kind: &str, me: &Member) -> Vec<(String, String)> {
         ),
     ];
     for (key, value) in &me.tags {
-        env.push((format!("SERF_TAG_{}", key.to_uppercase()), value.clone()));
+        env.push((format!("SERF_TAG_{}", env_name(key)), value.clone()));
     }
     env
+}
+
+/// A tag name as Serf puts it in a variable name: upper case, and every character outside
+/// `[A-Z0-9_]` replaced by `_` (`build-id` gives `SERF_TAG_BUILD_ID`, which `/bin/sh` keeps).
+fn env_name(tag: &str) -> String {
+    tag.to_uppercase()
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' | '0'..='9' | '_' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// A payload as Serf hands it to a handler: with a newline at the end when it has none, so
+/// that `read line` sees a one-line payload.
+fn with_newline(payload: &[u8]) -> Vec<u8> {
+    let mut stdin = payload.to_vec();
+    if stdin.last().is_some_and(|&last| last != b'\n') {
+        stdin.push(b'\n');
+    }
+    stdin
 }
 
 /// The environment and stdin of a batch: the payload of a user event, Serf's member lines
@@ -145,7 +167,7 @@ fn batch_input(batch: &Batch, me: &Member) -> (Vec<(String, String)>, Vec<u8>) {
             let mut env = serf_env("user", me);
             env.push(("SERF_USER_EVENT".into(), user.name.clone()));
             env.push(("SERF_USER_LTIME".into(), user.ltime.to_string()));
-            (env, user.payload.clone())
+            (env, with_newline(&user.payload))
         }
         Batch::Members(kind, members) => {
             let lines: String = members.iter().map(member_line).collect();
@@ -171,7 +193,8 @@ fn member_line(member: &Member) -> String {
 }
 
 /// Runs one script with `env` (and its `PHOENIX_*` aliases) and `stdin`; returns what it
-/// printed (at most [`MAX_OUTPUT`] bytes).
+/// printed on stdout and stderr, in the order it came, as Serf keeps it: the last
+/// [`MAX_OUTPUT`] bytes.
 async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<Vec<u8>> {
     let aliases: Vec<(String, String)> = env
         .iter()
@@ -183,7 +206,7 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
         .envs(env.iter().cloned().chain(aliases))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {script}"))?;
@@ -196,25 +219,41 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
         }
         drop(input);
     };
-    let mut stdout = child.stdout.take().context("the script's stdout")?;
-    let read = async move {
-        let mut output = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            let room = MAX_OUTPUT.saturating_sub(output.len());
-            output.extend_from_slice(&chunk[..n.min(room)]);
-        }
-        output
-    };
-    let ((), output) = tokio::join!(feed, read);
+    let stdout = child.stdout.take().context("the script's stdout")?;
+    let stderr = child.stderr.take().context("the script's stderr")?;
+    let ((), output) = tokio::join!(feed, read_output(stdout, stderr));
     let status = child.wait().await?;
+    tracing::debug!(%script, output = %String::from_utf8_lossy(&output), "event handler output");
     if !status.success() {
         bail!("{script} exited with {status}");
     }
     Ok(output)
+}
+
+/// Both output streams of a script into one buffer, as they come; only the last
+/// [`MAX_OUTPUT`] bytes are kept.
+async fn read_output(
+    mut stdout: tokio::process::ChildStdout,
+    mut stderr: tokio::process::ChildStderr,
+) -> Vec<u8> {
+    let mut output = Vec::new();
+    let (mut out_open, mut err_open) = (true, true);
+    let (mut out_chunk, mut err_chunk) = ([0u8; 4096], [0u8; 4096]);
+    while out_open || err_open {
+        let (read, open, chunk) = tokio::select! {
+            n = stdout.read(&mut out_chunk), if out_open => (n, &mut out_open, &out_chunk),
+            n = stderr.read(&mut err_chunk), if err_open => (n, &mut err_open, &err_chunk),
+        };
+        match read {
+            Ok(n) if n > 0 => {
+                output.extend_from_slice(&chunk[..n]);
+                let over = output.len().saturating_sub(MAX_OUTPUT);
+                output.drain(..over);
+            }
+            _ => *open = false,
+        }
+    }
+    output
 }
 
 #[cfg(test)]
@@ -239,5 +278,40 @@ mod tests {
         let env = serf_env("member-join", &member);
         assert!(env.contains(&("SERF_SELF_ROLE".into(), "web".into())));
         assert!(env.contains(&("SERF_TAG_DC".into(), "east".into())));
+    }
+
+    #[test]
+    fn tag_names_become_variable_names_as_serf_makes_them() {
+        assert_eq!(env_name("build-id"), "BUILD_ID");
+        assert_eq!(env_name("a.b c/d"), "A_B_C_D");
+        assert_eq!(env_name("zone_2"), "ZONE_2");
+    }
+
+    #[test]
+    fn handlers_parse_as_serf_parses_them() {
+        let every = Handler::parse("./h.sh").unwrap();
+        assert!(every.filter.allows("member-reap", None));
+        let some = Handler::parse("member-join,user:deploy=./h.sh --x=1").unwrap();
+        assert_eq!(some.script, "./h.sh --x=1");
+        assert!(some.filter.allows("user", Some("deploy")));
+        assert!(!some.filter.allows("user", Some("other")));
+        for bad in ["bogus-event=x", "FOO=1 ./h.sh", "member-join="] {
+            let error = Handler::parse(bad).err().expect(bad).to_string();
+            assert!(error.contains("Invalid event script"), "{bad}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_gets_a_one_line_payload_with_a_newline_and_answers_with_stderr_too() {
+        let script = r#"read line; echo "got $line"; echo "warned" >&2"#;
+        let output = invoke(script, &[], &with_newline(b"hello")).await.unwrap();
+        assert_eq!(String::from_utf8(output).unwrap(), "got hello\nwarned\n");
+        assert_eq!(with_newline(b"two\n"), b"two\n");
+        assert_eq!(with_newline(b""), b"");
+        // Only the last 8 KiB are kept, as Serf's circular buffer keeps them.
+        let long = "i=0; while [ $i -lt 3000 ]; do printf 'line %05d\\n' $i; i=$((i+1)); done";
+        let output = invoke(long, &[], b"").await.unwrap();
+        assert_eq!(output.len(), MAX_OUTPUT);
+        assert!(output.ends_with(b"line 02999\n"));
     }
 }

@@ -230,7 +230,10 @@ mod tests {
             let piece = (next() % 64) as usize + 1;
             assert_eq!(scan_in_pieces(&body, piece), Ok(Some(body.len())));
             let (decoded, done) = decode_in_pieces(&body, piece).unwrap();
-            assert!(done && decoded == data, "decoded whole in pieces of {piece}");
+            assert!(
+                done && decoded == data,
+                "decoded whole in pieces of {piece}"
+            );
             let garbage: Vec<u8> = (0..next() % 200).map(|_| next() as u8).collect();
             let _ = scan_in_pieces(&garbage, piece);
             let _ = decode_in_pieces(&garbage, piece);
