@@ -48,6 +48,11 @@ pub async fn run(agent: Agent, handlers: Vec<Handler>) {
     let handlers = Arc::new(handlers);
     let mut events = agent.subscribe();
     let mut coalescer = Coalescer::serf();
+    // Serf's handlers hear the local node join too (a lone agent's first event), coalesced
+    // with the members it meets on its way in.
+    if let Some(me) = myself(&agent).await {
+        coalescer.push(Event::MemberJoin(me), Instant::now());
+    }
     loop {
         let deadline = coalescer.deadline();
         let batches = tokio::select! {
@@ -278,6 +283,52 @@ mod tests {
         let env = serf_env("member-join", &member);
         assert!(env.contains(&("SERF_SELF_ROLE".into(), "web".into())));
         assert!(env.contains(&("SERF_TAG_DC".into(), "east".into())));
+    }
+
+    /// Waits up to 10 s for `path` to hold `count` lines.
+    async fn lines(path: &std::path::Path, count: usize) -> Vec<String> {
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            if lines.len() >= count {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{} never held {count} lines", path.display());
+    }
+
+    #[tokio::test]
+    async fn a_lone_agent_hears_itself_join_and_its_own_tag_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let mut config = phoenix_gossip::AgentConfig::new("solo", "127.0.0.1:0".parse().unwrap());
+        config.tags.insert("build-id".into(), "41".into());
+        config.tags.insert("role".into(), "one".into());
+        let agent = Agent::start(config).await.unwrap();
+        let script = format!(
+            r#"while read -r name addr role tags; do echo "$SERF_EVENT $name $tags $SERF_TAG_BUILD_ID"; done >> {}"#,
+            seen.display()
+        );
+        let handlers = vec![Handler::parse(&script).unwrap()];
+        let running = tokio::spawn(run(agent.clone(), handlers));
+        assert_eq!(
+            lines(&seen, 1).await,
+            ["member-join solo build-id=41,role=one 41"],
+            "the local node's own join"
+        );
+        let tags = std::collections::BTreeMap::from([
+            ("build-id".into(), "42".into()),
+            ("role".into(), "one".into()),
+        ]);
+        agent.set_tags(tags).await.unwrap();
+        assert_eq!(
+            lines(&seen, 2).await[1],
+            "member-update solo build-id=42,role=one 42",
+            "its own tag change"
+        );
+        running.abort();
+        let _ = agent.leave().await;
     }
 
     #[test]

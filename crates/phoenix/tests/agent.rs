@@ -105,8 +105,12 @@ fn agents_gossip_run_serf_handlers_and_leave_gracefully() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     wait("a's handler ran for the join and the event", || {
         let seen = std::fs::read_to_string(&record).unwrap_or_default();
-        seen.contains("member-join|a|web|z1||||b\t127.0.0.1\tdb\trole=db")
-            && seen.contains("|deploy|v2\n")
+        // As in Serf: the local node's own join too (alone, or coalesced with b's), and the
+        // payload with a newline added (then the script's own `echo`).
+        seen.contains("member-join|a|web|z1||||")
+            && seen.contains("a\t127.0.0.1\tweb\trole=web,zone=z1\n")
+            && seen.contains("b\t127.0.0.1\tdb\trole=db\n")
+            && seen.contains("|deploy|v2\n\n")
     });
     let seen = std::fs::read_to_string(&record).unwrap();
     let line = seen.lines().find(|l| l.starts_with("user|")).unwrap();

@@ -211,8 +211,13 @@ impl Actor {
             Command::SetTags(tags, reply) => {
                 let mut id = self.foca.identity().next();
                 id.tags = tags;
-                if let Err(error) = self.foca.change_identity(id, &mut self.runtime) {
-                    tracing::warn!(%error, "could not change tags");
+                match self.foca.change_identity(id, &mut self.runtime) {
+                    // Serf reports its own tag change to its handlers as a member update.
+                    Ok(()) => {
+                        let me = member_of(self.foca.identity(), Status::Alive);
+                        let _ = self.events.send(Event::MemberUpdate(me));
+                    }
+                    Err(error) => tracing::warn!(%error, "could not change tags"),
                 }
                 let _ = reply.send(());
             }
