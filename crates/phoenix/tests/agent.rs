@@ -222,6 +222,15 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     wait("serf sees b's new tag", || {
         text(&cli(&serf, &["members", &rpc_a, "-tag", "version=2"]).stdout).starts_with("b ")
     });
+    // No network coordinates yet: `serf rtt` says so at once instead of waiting for ever.
+    let serf_path = serf.to_str().unwrap();
+    let rtt = cli(
+        Path::new("timeout"),
+        &["10", serf_path, "rtt", &rpc_a, "a", "b"],
+    );
+    let said = text(&rtt.stderr) + &text(&rtt.stdout);
+    assert_ne!(rtt.status.code(), Some(124), "serf rtt hung");
+    assert!(said.contains("Could not find a coordinate"), "{said}");
     // Queries: every member's handler answers; filters pick who does.
     let asked = serf_ok(&["query", &rpc_a, "-timeout=2s", "uptime", "hello"]);
     for name in ["a", "b", "c"] {

@@ -61,6 +61,24 @@ pub struct JoinResponse {
     pub num: i32,
 }
 
+/// `get-coordinate`'s answer: a node's network coordinate, when one is known (`Ok`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CoordinateResponse {
+    pub coord: Coordinate,
+    pub ok: bool,
+}
+
+/// A Vivaldi coordinate in Serf's shape (8 dimensions, error, adjustment, height).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Coordinate {
+    pub vec: Vec<f64>,
+    pub error: f64,
+    pub adjustment: f64,
+    pub height: f64,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct MembersFilteredRequest {

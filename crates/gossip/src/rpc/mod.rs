@@ -103,6 +103,8 @@ struct Session {
     streams: HashMap<u64, tokio::task::JoinHandle<()>>,
     /// The command just run sent its own response header (it goes on streaming records).
     replied: bool,
+    /// The connection ends after this answer (an unknown command, as in Serf).
+    close: bool,
 }
 
 impl Session {
@@ -115,6 +117,7 @@ impl Session {
             authenticated,
             streams: HashMap::new(),
             replied: false,
+            close: false,
         }
     }
 
@@ -149,9 +152,9 @@ impl Session {
                 Err(error) => break Err(error),
             };
             let (header, body) = request;
-            let close = header.command == "leave";
+            let leave = header.command == "leave";
             self.handle(header, &body, &out).await;
-            if close {
+            if leave || self.close {
                 break Ok(());
             }
         };
@@ -510,7 +513,15 @@ impl Session {
                 );
                 Ok(encoded(&all))
             }
-            other => Err(format!("Unsupported command: {other}").into()),
+            // No network coordinates yet: every node's is unknown, which `serf rtt` reports
+            // at once (it waits for this body, error or not).
+            "get-coordinate" => Ok(encoded(&CoordinateResponse::default())),
+            // Serf answers an unknown command and closes the connection: a client waiting for
+            // a body it will never get is released.
+            _ => {
+                self.close = true;
+                Err("Unsupported command".into())
+            }
         }
     }
 }
