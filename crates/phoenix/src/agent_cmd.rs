@@ -127,13 +127,17 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             .await?;
         eprintln!("phoenix agent: joined through {through}");
     }
-    let mut events = agent.subscribe();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             eprintln!("phoenix agent: leaving the cluster");
             agent.leave().await?;
         }
-        _ = async { while events.recv().await.is_ok() {} } => {}
+        // `serf leave` (the RPC `leave`) stops the agent, and with it the process, as Serf's.
+        _ = agent.stopped() => {
+            // The RPC answer to `leave` is on its way out: give it a moment before exiting.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            eprintln!("phoenix agent: left the cluster");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -165,6 +165,16 @@ fn agents_gossip_run_serf_handlers_and_leave_gracefully() {
     wait("a lists b as left, not failed", || {
         status_of(&members(&a), "b").as_deref() == Some("left")
     });
+    // As Serf's: the agent that left has exited, and its RPC port is free.
+    let mut b = b;
+    wait(
+        "b's process exits after leaving",
+        || matches!(b.child.try_wait(), Ok(Some(status)) if status.success()),
+    );
+    assert!(
+        std::net::TcpStream::connect(b.rpc).is_err(),
+        "RPC port released"
+    );
 }
 
 /// The stock `serf` CLI from Debian's package, unchanged, against a Phoenix agent.

@@ -192,6 +192,11 @@ impl Agent {
         self.request(|reply| Command::SetTags(tags, reply)).await
     }
 
+    /// Resolves once the agent has stopped (it left, by this handle or another).
+    pub async fn stopped(&self) {
+        self.commands.closed().await
+    }
+
     /// Leaves gracefully: others list this member as `left`, not `failed`. The agent stops.
     pub async fn leave(&self) -> Result<(), GossipError> {
         self.request(Command::Leave).await
