@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::broadcast::Query;
-use crate::filter::tags_match;
+use crate::filter::query_tags_match;
 use crate::identity::NodeId;
 
 /// Name prefix of the queries agents answer themselves (keyring changes).
@@ -129,7 +129,7 @@ pub(crate) struct Incoming {
 /// True when `me` is among the members the query asks.
 pub(crate) fn is_asked(query: &Query, me: &NodeId) -> bool {
     (query.filter_nodes.is_empty() || query.filter_nodes.contains(&me.name))
-        && tags_match(&query.filter_tags, &me.tags)
+        && query_tags_match(&query.filter_tags, &me.tags)
 }
 
 /// Serf's default query timeout: gossip interval × 16 × ⌈log10(N + 1)⌉.

@@ -198,10 +198,12 @@ impl RpcArgs {
 pub struct MembersArgs {
     #[command(flatten)]
     rpc: RpcArgs,
-    /// Only members with this status (alive, suspect, failed, left).
+    /// Only members whose status matches this regular expression, anchored as Serf anchors
+    /// it (`^PATTERN$`): alive, suspect, failed, left.
     #[arg(long)]
     status: Option<String>,
-    /// Only members with this tag KEY=VALUE (`*` matches any run of characters); repeatable.
+    /// Only members whose tag KEY matches the regular expression PATTERN, anchored as Serf
+    /// anchors it (`^PATTERN$`; a missing tag is ""): KEY=PATTERN, repeatable.
     #[arg(long = "tag", value_parser = key_value)]
     tags: Vec<(String, String)>,
     #[arg(long)]
@@ -453,7 +455,8 @@ pub struct QueryArgs {
     /// Only this node answers; repeatable.
     #[arg(long = "node")]
     nodes: Vec<String>,
-    /// Only nodes with this tag KEY=PATTERN answer (`*` matches any run); repeatable.
+    /// Only nodes whose tag KEY matches the regular expression PATTERN (unanchored, as in
+    /// Serf) answer: KEY=PATTERN, repeatable.
     #[arg(long = "tag", value_parser = key_value)]
     tags: Vec<(String, String)>,
     /// How long to wait for answers, e.g. `5s` or `500ms` (default: the agent's, which grows

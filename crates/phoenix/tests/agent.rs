@@ -226,6 +226,26 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
         filtered.starts_with("b ") && !filtered.contains("a "),
         "{filtered}"
     );
+    // Filters are Go-style regular expressions, anchored as Serf anchors them.
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["members", &rpc_a];
+        all.extend_from_slice(args);
+        let out = serf_ok(&all);
+        let mut names: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&["-tag", "role=w.b"]), ["a"]);
+    assert_eq!(names(&["-tag", "role=web|db"]), ["a", "b"]);
+    assert_eq!(names(&["-name", "[ab]"]), ["a", "b"]);
+    assert_eq!(names(&["-status", "ali.e", "-name", "c"]), ["c"]);
+    let bad = cli(&serf, &["members", &rpc_a, "-tag", "role=("]);
+    let said = text(&bad.stderr) + &text(&bad.stdout);
+    assert!(!bad.status.success(), "{said}");
+    assert!(said.contains("Failed to compile regex"), "{said}");
     assert!(serf_ok(&["event", &rpc_a, "deploy", "v2"]).contains("Event 'deploy' dispatched"));
     assert!(serf_ok(&["event", &rpc_a, "no-payload"]).contains("dispatched"));
     serf_ok(&["tags", &rpc_b, "-set", "version=2"]);
@@ -257,6 +277,12 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     let by_tag = serf_ok(&["query", &rpc_b, "-timeout=2s", "-tag", "role=db", "who"]);
     assert!(by_tag.contains("Total Responses: 1"), "{by_tag}");
     assert!(by_tag.contains("Response from 'b': b:who:"), "{by_tag}");
+    // A query's tag filter is unanchored, as in Serf: `ca` picks `cache`, `web|db` two.
+    let unanchored = serf_ok(&["query", &rpc_b, "-timeout=2s", "-tag", "role=ca", "who"]);
+    assert!(unanchored.contains("Total Responses: 1"), "{unanchored}");
+    assert!(unanchored.contains("Response from 'c'"), "{unanchored}");
+    let either = serf_ok(&["query", &rpc_b, "-timeout=2s", "-tag", "role=web|db", "who"]);
+    assert!(either.contains("Total Responses: 2"), "{either}");
     let by_node = serf_ok(&[
         "query",
         &rpc_b,

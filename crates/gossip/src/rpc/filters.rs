@@ -5,25 +5,34 @@ use std::collections::BTreeMap;
 use super::encode;
 use super::messages::{MemberEventRecord, QueryEventRecord, RpcMember, UserEventRecord};
 use crate::agent::{Event, Member};
-use crate::filter::{glob, tags_match};
+use regex::Regex;
 
-/// `members-filtered`: tags and name are anchored regular expressions in Serf; here they
-/// match whole values, with `*` as a wildcard (see [`crate::filter`]).
-pub struct MemberFilter<'a> {
-    tags: &'a BTreeMap<String, String>,
-    status: &'a str,
-    name: &'a str,
+use crate::filter::{TagPatterns, anchored};
+
+/// `members-filtered`: tags, status and name are regular expressions anchored as Serf
+/// anchors them (see [`crate::filter`]); an empty status or name matches any.
+pub struct MemberFilter {
+    tags: TagPatterns,
+    status: Option<Regex>,
+    name: Option<Regex>,
 }
 
-impl<'a> MemberFilter<'a> {
-    pub fn new(tags: &'a BTreeMap<String, String>, status: &'a str, name: &'a str) -> Self {
-        MemberFilter { tags, status, name }
+impl MemberFilter {
+    pub fn new(tags: &BTreeMap<String, String>, status: &str, name: &str) -> Result<Self, String> {
+        let optional = |pattern: &str| (!pattern.is_empty()).then(|| anchored(pattern)).transpose();
+        Ok(MemberFilter {
+            tags: TagPatterns::new(tags, anchored)?,
+            status: optional(status)?,
+            name: optional(name)?,
+        })
     }
 
     pub fn matches(&self, member: &Member) -> bool {
-        (self.status.is_empty() || glob(self.status, member.status.as_str()))
-            && (self.name.is_empty() || glob(self.name, &member.name))
-            && tags_match(self.tags, &member.tags)
+        self.status
+            .as_ref()
+            .is_none_or(|s| s.is_match(member.status.as_str()))
+            && self.name.as_ref().is_none_or(|n| n.is_match(&member.name))
+            && self.tags.match_all(&member.tags)
     }
 }
 

@@ -317,7 +317,7 @@ impl Session {
             "members-filtered" => {
                 let request: MembersFilteredRequest = body_of(body)?;
                 let members = agent.members().await.map_err(|e| e.to_string())?;
-                let filter = MemberFilter::new(&request.tags, &request.status, &request.name);
+                let filter = MemberFilter::new(&request.tags, &request.status, &request.name)?;
                 let members = members
                     .iter()
                     .filter(|m| filter.matches(m))
