@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use phoenix_gossip::coalesce::{Batch, Coalescer};
 use phoenix_gossip::rpc::EventFilter;
 use phoenix_gossip::{Agent, Event, Member, QueryEvent};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Most bytes of a script's output kept for a query's answer: the last 8 KiB, as Serf keeps
 /// them (the answer itself must fit the response limit).
@@ -205,16 +205,22 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
         .iter()
         .map(|(k, v)| (k.replacen("SERF_", "PHOENIX_", 1), v.clone()))
         .collect();
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
-        .envs(env.iter().cloned().chain(aliases))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {script}"))?;
+    // One pipe for stdout and stderr, as `2>&1` does: the output keeps the order written.
+    let (reader, writer) = std::io::pipe().context("a pipe for the script's output")?;
+    let mut child = {
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .envs(env.iter().cloned().chain(aliases))
+            .stdin(Stdio::piped())
+            .stdout(writer.try_clone()?)
+            .stderr(writer)
+            .kill_on_drop(true);
+        // The command (and its copies of the pipe's write end) goes when this block ends, so
+        // the reader sees the end of the output when the script's last process exits.
+        command.spawn().with_context(|| format!("start {script}"))?
+    };
     let mut input = child.stdin.take();
     let stdin = stdin.to_vec();
     let feed = async move {
@@ -224,9 +230,9 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
         }
         drop(input);
     };
-    let stdout = child.stdout.take().context("the script's stdout")?;
-    let stderr = child.stderr.take().context("the script's stderr")?;
-    let ((), output) = tokio::join!(feed, read_output(stdout, stderr));
+    let read = tokio::task::spawn_blocking(move || read_output(reader));
+    let ((), output) = tokio::join!(feed, read);
+    let output = output.context("the script's output")?;
     let status = child.wait().await?;
     tracing::debug!(%script, output = %String::from_utf8_lossy(&output), "event handler output");
     if !status.success() {
@@ -235,28 +241,18 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
     Ok(output)
 }
 
-/// Both output streams of a script into one buffer, as they come; only the last
-/// [`MAX_OUTPUT`] bytes are kept.
-async fn read_output(
-    mut stdout: tokio::process::ChildStdout,
-    mut stderr: tokio::process::ChildStderr,
-) -> Vec<u8> {
+/// A script's output to its end; only the last [`MAX_OUTPUT`] bytes are kept.
+fn read_output(mut reader: std::io::PipeReader) -> Vec<u8> {
+    use std::io::Read;
     let mut output = Vec::new();
-    let (mut out_open, mut err_open) = (true, true);
-    let (mut out_chunk, mut err_chunk) = ([0u8; 4096], [0u8; 4096]);
-    while out_open || err_open {
-        let (read, open, chunk) = tokio::select! {
-            n = stdout.read(&mut out_chunk), if out_open => (n, &mut out_open, &out_chunk),
-            n = stderr.read(&mut err_chunk), if err_open => (n, &mut err_open, &err_chunk),
-        };
-        match read {
-            Ok(n) if n > 0 => {
-                output.extend_from_slice(&chunk[..n]);
-                let over = output.len().saturating_sub(MAX_OUTPUT);
-                output.drain(..over);
-            }
-            _ => *open = false,
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = reader.read(&mut chunk) {
+        if n == 0 {
+            break;
         }
+        output.extend_from_slice(&chunk[..n]);
+        let over = output.len().saturating_sub(MAX_OUTPUT);
+        output.drain(..over);
     }
     output
 }
