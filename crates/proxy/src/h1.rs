@@ -319,34 +319,55 @@ async fn send(
         return Err(Failure::Sent(error.to_string()));
     }
     forward_body(conn, &mut upstream, backend, proxy, unread).await?;
+    let downstream = &mut conn.downstream;
+    let parse = |buf: &[u8]| parse_response(buf, head_method, client_close, downstream);
+    match read_response_head(&mut upstream, parse).await {
+        Ok(response) => Ok((upstream, response)),
+        Err(HeadError::Unanswered(error) | HeadError::Failed(error)) => Err(Failure::Sent(error)),
+    }
+}
+
+/// Why no final response head came from a backend.
+pub(crate) enum HeadError {
+    /// The backend sent nothing (a pooled connection it had closed, typically).
+    Unanswered(String),
+    Failed(String),
+}
+
+/// Reads from `upstream` until `parse` finds a final response head (1xx ones are skipped);
+/// the head's bytes are consumed from the buffer.
+pub(crate) async fn read_response_head(
+    upstream: &mut Upstream,
+    mut parse: impl FnMut(&[u8]) -> Result<ParsedResponse, &'static str>,
+) -> Result<ResponseHead, HeadError> {
+    let mut answered = !upstream.buf.is_empty();
     loop {
-        match parse_response(
-            &upstream.buf,
-            head_method,
-            client_close,
-            &mut conn.downstream,
-        ) {
+        match parse(&upstream.buf) {
             Ok(ParsedResponse::Final(response)) => {
                 upstream.buf.advance(response.len);
-                return Ok((upstream, response));
+                return Ok(response);
             }
             Ok(ParsedResponse::Interim(len)) => {
                 upstream.buf.advance(len);
                 continue;
             }
             Ok(ParsedResponse::Partial) => {}
-            Err(error) => return Err(Failure::Sent(error.to_string())),
+            Err(error) => return Err(HeadError::Failed(error.to_string())),
         }
         upstream.buf.reserve(READ_RESERVE);
-        match upstream.stream.read_buf(&mut upstream.buf).await {
-            Ok(0) => {
-                return Err(Failure::Sent(
-                    "closed the connection before answering".into(),
-                ));
+        let error = match upstream.stream.read_buf(&mut upstream.buf).await {
+            Ok(0) => "closed the connection before answering".to_string(),
+            Ok(_) => {
+                answered = true;
+                continue;
             }
-            Ok(_) => {}
-            Err(error) => return Err(Failure::Sent(error.to_string())),
-        }
+            Err(error) => error.to_string(),
+        };
+        return Err(if answered {
+            HeadError::Failed(error)
+        } else {
+            HeadError::Unanswered(error)
+        });
     }
 }
 

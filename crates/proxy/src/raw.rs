@@ -14,14 +14,14 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::body::ResponseBody;
-use crate::h1::{self, Framing, HeadSink, ParsedResponse, READ_RESERVE, ResponseHead};
+use crate::h1::{self, Framing, HeadError, HeadSink, READ_RESERVE, ResponseHead};
 use crate::metrics::TrafficMetrics;
 use crate::pool::{self, Upstream};
 use crate::{Backend, InFlight, RoleProxy, forward, policy};
@@ -122,8 +122,8 @@ async fn send(
     if let Some(upstream) = backend.raw.checkout() {
         match exchange(upstream, head, head_method).await {
             Ok(answer) => return Ok(answer),
-            Err(Exchange::Unanswered(_)) => {}
-            Err(Exchange::Failed(error)) => return Err(failed(error)),
+            Err(HeadError::Unanswered(_)) => {}
+            Err(HeadError::Failed(error)) => return Err(failed(error)),
         }
     }
     let stream = pool::connect_tcp(backend.addr, proxy.config().connect_timeout)
@@ -139,14 +139,8 @@ async fn send(
     exchange(upstream, head, head_method)
         .await
         .map_err(|e| match e {
-            Exchange::Unanswered(error) | Exchange::Failed(error) => failed(error),
+            HeadError::Unanswered(error) | HeadError::Failed(error) => failed(error),
         })
-}
-
-enum Exchange {
-    /// The backend answered nothing (a pooled connection it had closed, typically).
-    Unanswered(String),
-    Failed(String),
 }
 
 /// Writes the request head on `upstream` and reads the final response head (1xx skipped).
@@ -154,44 +148,21 @@ async fn exchange(
     mut upstream: Upstream,
     head: &[u8],
     head_method: bool,
-) -> Result<Answer, Exchange> {
+) -> Result<Answer, HeadError> {
     if let Err(error) = upstream.stream.write_all(head).await {
-        return Err(Exchange::Unanswered(error.to_string()));
+        return Err(HeadError::Unanswered(error.to_string()));
     }
-    let mut answered = false;
-    loop {
-        let mut fields = Fields::default();
-        match h1::parse_response_into(&upstream.buf, head_method, false, &mut fields) {
-            Ok(ParsedResponse::Final(head)) => {
-                upstream.buf.advance(head.len);
-                return Ok(Answer {
-                    upstream,
-                    head,
-                    fields,
-                });
-            }
-            Ok(ParsedResponse::Interim(len)) => {
-                upstream.buf.advance(len);
-                continue;
-            }
-            Ok(ParsedResponse::Partial) => {}
-            Err(error) => return Err(Exchange::Failed(error.to_string())),
-        }
-        upstream.buf.reserve(READ_RESERVE);
-        let error = match upstream.stream.read_buf(&mut upstream.buf).await {
-            Ok(0) => "closed the connection before answering".to_string(),
-            Ok(_) => {
-                answered = true;
-                continue;
-            }
-            Err(error) => error.to_string(),
-        };
-        return Err(if answered {
-            Exchange::Failed(error)
-        } else {
-            Exchange::Unanswered(error)
-        });
-    }
+    let mut fields = Fields::default();
+    let parse = |buf: &[u8]| {
+        fields = Fields::default();
+        h1::parse_response_into(buf, head_method, false, &mut fields)
+    };
+    let head = h1::read_response_head(&mut upstream, parse).await?;
+    Ok(Answer {
+        upstream,
+        head,
+        fields,
+    })
 }
 
 /// The response's status and the fields forwarded to the client.
