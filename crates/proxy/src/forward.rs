@@ -22,7 +22,7 @@ use crate::body::{
 };
 use crate::pool::{self, Sender};
 use crate::tunnel;
-use crate::{Backend, RoleProxy, policy};
+use crate::{Backend, InFlight, RoleProxy, policy};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -150,10 +150,8 @@ async fn forward_with_hyper(
         },
     };
     let mut request = Some(Request::from_parts(parts, body));
-    // Backends that failed this request; empty (no allocation) on the usual path.
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    let mut last_error = None;
-    while let Some(claim) = proxy.pick(&tried) {
+    let mut attempts = Attempts::default();
+    while let Some(claim) = attempts.next(proxy) {
         // A request goes again only when it never left (`Failure::NotSent` gives it back).
         let Some(mut outgoing) = request.take() else {
             break;
@@ -217,17 +215,14 @@ async fn forward_with_hyper(
             }
         };
         let backend = claim.backend();
-        let error = match failure {
+        let (error, refused) = match failure {
             Failure::NotSent {
                 request: unsent,
                 error,
                 refused,
             } => {
-                if refused {
-                    backend.down.store(true, Ordering::Release);
-                }
                 request = Some(*unsent);
-                error
+                (error, refused)
             }
             Failure::Sent(error) if caused_by::<BodyTooLarge>(&error) => {
                 return too_large(proxy, limit);
@@ -244,13 +239,49 @@ async fn forward_with_hyper(
                 return error_response(proxy, status, &message);
             }
         };
+        attempts.failed(proxy, backend.clone(), error, refused);
+    }
+    let (status, message) = attempts.exhausted(proxy);
+    error_response(proxy, status, &message)
+}
+
+/// The backends one request has tried and why the last one failed: the book every path's
+/// retry loop keeps (the fast path, raw connections, hyper's client).
+#[derive(Default)]
+pub(crate) struct Attempts {
+    /// Empty (no allocation) on the usual path.
+    tried: Vec<Arc<Backend>>,
+    last_error: Option<String>,
+}
+
+impl Attempts {
+    /// The next backend to try, claimed; `None` when none is left.
+    pub(crate) fn next(&self, proxy: &RoleProxy) -> Option<InFlight> {
+        proxy.pick(&self.tried)
+    }
+
+    /// `backend` failed the request in a way that lets it go elsewhere; one that `refused`
+    /// the connection is marked down until a health check passes.
+    pub(crate) fn failed(
+        &mut self,
+        proxy: &RoleProxy,
+        backend: Arc<Backend>,
+        error: String,
+        refused: bool,
+    ) {
+        if refused {
+            backend.down.store(true, Ordering::Release);
+        }
         tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
         proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tried.push(backend.clone());
-        last_error = Some(error);
+        self.tried.push(backend);
+        self.last_error = Some(error);
     }
-    let (status, message) = exhausted(proxy, last_error);
-    error_response(proxy, status, &message)
+
+    /// The answer once no backend is left to try.
+    pub(crate) fn exhausted(&mut self, proxy: &RoleProxy) -> (StatusCode, String) {
+        exhausted(proxy, self.last_error.take())
+    }
 }
 
 /// The answer when `backend` did not answer within the request timeout.

@@ -245,11 +245,10 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
     let mut unread = head.body - buffered as u64;
     // A request whose every byte is in hand can be sent again, when its method allows.
     let replayable = unread == 0 && head.idempotent;
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    let mut last_error = None;
+    let mut attempts = forward::Attempts::default();
     let (status, message) = loop {
-        let Some(claim) = proxy.pick(&tried) else {
-            break forward::exhausted(proxy, last_error);
+        let Some(claim) = attempts.next(proxy) else {
+            break attempts.exhausted(proxy);
         };
         let backend = claim.backend().clone();
         backend.metrics.add_received(buffered as u64);
@@ -265,25 +264,17 @@ async fn exchange(conn: &mut Client, proxy: &RoleProxy, head: RequestHead) -> Af
             ),
         )
         .await;
-        let error = match attempt {
+        let (error, refused) = match attempt {
             Ok(Ok((upstream, response))) => {
                 return relay(conn, proxy, claim, upstream, response, started, head.close).await;
             }
             Ok(Err(Failure::Client)) => return After::Close,
-            Ok(Err(Failure::NotSent { error, refused })) => {
-                if refused {
-                    backend.down.store(true, Ordering::Release);
-                }
-                error
-            }
-            Ok(Err(Failure::Sent(error))) if replayable => error,
+            Ok(Err(Failure::NotSent { error, refused })) => (error, refused),
+            Ok(Err(Failure::Sent(error))) if replayable => (error, false),
             Ok(Err(Failure::Sent(error))) => break forward::failed(&backend, &error),
             Err(_) => break forward::timed_out(proxy, &backend),
         };
-        tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
-        proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tried.push(backend);
-        last_error = Some(error);
+        attempts.failed(proxy, backend, error, refused);
     };
     // A body the client is still sending cannot be skipped: the connection ends.
     let close = head.close || unread > 0;

@@ -10,7 +10,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -35,11 +34,10 @@ pub(crate) async fn forward(
 ) -> Response<ResponseBody> {
     let head = request_head(parts);
     let head_method = parts.method == Method::HEAD;
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    let mut last_error = None;
+    let mut attempts = forward::Attempts::default();
     let (status, message) = loop {
-        let Some(claim) = proxy.pick(&tried) else {
-            break forward::exhausted(proxy, last_error);
+        let Some(claim) = attempts.next(proxy) else {
+            break attempts.exhausted(proxy);
         };
         let backend = claim.backend().clone();
         let attempt = tokio::time::timeout(
@@ -47,20 +45,13 @@ pub(crate) async fn forward(
             send(&backend, proxy, &head, head_method),
         )
         .await;
-        let error = match attempt {
+        match attempt {
             Ok(Ok(answer)) => return respond(proxy, claim, answer, started),
             Ok(Err(Failure { error, refused })) => {
-                if refused {
-                    backend.down.store(true, Ordering::Release);
-                }
-                error
+                attempts.failed(proxy, backend, error, refused);
             }
             Err(_) => break forward::timed_out(proxy, &backend),
-        };
-        tracing::debug!(role = %proxy.role, backend = %backend.id, %error, "request failed, trying another backend");
-        proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tried.push(backend);
-        last_error = Some(error);
+        }
     };
     forward::error_response(proxy, status, &message)
 }
@@ -152,11 +143,9 @@ async fn exchange(
     if let Err(error) = upstream.stream.write_all(head).await {
         return Err(HeadError::Unanswered(error.to_string()));
     }
+    // The sink hears only a final head, so one set of fields serves every parse attempt.
     let mut fields = Fields::default();
-    let parse = |buf: &[u8]| {
-        fields = Fields::default();
-        h1::parse_response_into(buf, head_method, false, &mut fields)
-    };
+    let parse = |buf: &[u8]| h1::parse_response_into(buf, head_method, false, &mut fields);
     let head = h1::read_response_head(&mut upstream, parse).await?;
     Ok(Answer {
         upstream,
