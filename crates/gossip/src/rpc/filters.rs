@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 
+use regex::Regex;
+
 use super::encode;
 use super::messages::{MemberEventRecord, QueryEventRecord, RpcMember, UserEventRecord};
 use crate::agent::{Event, Member};
-use regex::Regex;
-
 use crate::filter::{TagPatterns, anchored};
 
 /// `members-filtered`: tags, status and name are regular expressions anchored as Serf
