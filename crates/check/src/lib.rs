@@ -19,6 +19,8 @@ mod suite;
 mod template;
 mod yaml;
 
+pub use probe::net::interface_ips;
+
 use std::path::PathBuf;
 
 /// The parsing entry point for `fuzz/` (not a stable API).

@@ -12,11 +12,12 @@ pub mod health;
 mod identity;
 pub mod keyring;
 pub mod packet;
+pub mod persist;
 pub mod query;
 pub mod rpc;
 pub mod snapshot;
 
-pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Stats, Status};
+pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Profile, Stats, Status};
 pub use broadcast::{MAX_EVENT_SIZE, MAX_QUERY_SIZE, UserEvent};
 pub use keyring::{Key, KeyError, Keyring};
 pub use query::{KeyAnswer, KeyReport, QueryEvent, QueryHandle, QueryParams, QueryReply};
@@ -68,4 +69,6 @@ pub enum GossipError {
     NotEncrypted,
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("cannot keep the keyring: {0}")]
+    KeyringFile(#[from] persist::FileError),
 }

@@ -189,7 +189,7 @@ async fn a_restarted_agent_rejoins_from_its_snapshot_unless_it_left() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !std::fs::read_to_string(&snapshot)
         .unwrap_or_default()
-        .contains("alive a ")
+        .contains("alive: a ")
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -216,7 +216,11 @@ async fn a_restarted_agent_rejoins_from_its_snapshot_unless_it_left() {
         status_of(m, "c") == Some(Status::Left)
     })
     .await;
-    assert!(std::fs::read_to_string(&snapshot).unwrap().contains("left"));
+    assert!(
+        std::fs::read_to_string(&snapshot)
+            .unwrap()
+            .contains("\nleave\n")
+    );
     let c = Agent::start(with_snapshot(5)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

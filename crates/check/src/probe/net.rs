@@ -203,16 +203,24 @@ pub fn read_interfaces() -> Result<Vec<Interface>, String> {
             }
         })
         .collect();
-    for (name, addr) in interface_addrs()? {
+    for (name, ip, prefix) in interface_addrs()? {
         if let Some(interface) = all.iter_mut().find(|i| i.name == name) {
-            interface.addrs.push(addr);
+            interface.addrs.push(format!("{ip}/{prefix}"));
         }
     }
     Ok(all)
 }
 
-/// (interface, `addr/prefix`) pairs from getifaddrs(3).
-fn interface_addrs() -> Result<Vec<(String, String)>, String> {
+/// The IP addresses of the host's network interfaces, as (interface name, address).
+pub fn interface_ips() -> Result<Vec<(String, IpAddr)>, String> {
+    Ok(interface_addrs()?
+        .into_iter()
+        .map(|(name, ip, _)| (name, ip))
+        .collect())
+}
+
+/// (interface, address, prefix length) from getifaddrs(3).
+fn interface_addrs() -> Result<Vec<(String, IpAddr, u32)>, String> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -235,7 +243,7 @@ fn interface_addrs() -> Result<Vec<(String, String)>, String> {
                 let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
                     .to_string_lossy()
                     .into_owned();
-                found.push((name, format!("{ip}/{prefix}")));
+                found.push((name, ip, prefix));
             }
             cursor = ifa.ifa_next;
         }

@@ -55,10 +55,10 @@ impl Agent {
         let previous = config
             .snapshot
             .as_deref()
-            .map(Snapshot::read)
+            .map(|path| Snapshot::read(path, config.rejoin_after_leave))
             .unwrap_or_default();
         let log = Arc::new(Mutex::new(EventLog::after(
-            previous.clock,
+            previous.event_clock,
             previous.query_clock,
         )));
         let mut swim = config.swim.clone();
@@ -90,6 +90,7 @@ impl Agent {
             events: events.clone(),
             stats: stats.clone(),
             reap_after: config.reap_after,
+            reap_left_after: config.reap_left_after,
             joins: Vec::new(),
             outbox: Vec::new(),
             swim,
@@ -97,6 +98,9 @@ impl Agent {
             sized_for: 0,
             snapshot: config.snapshot,
             snapshot_dirty: false,
+            member_clock: previous.member_clock,
+            keyring_file: config.keyring_file,
+            tags_file: config.tags_file,
             event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),
             query_limit: RateLimit::new(config.query_rate.0, config.query_rate.1),
             rng: SmallRng::seed_from_u64(config.seed.wrapping_add(1)),

@@ -29,7 +29,7 @@ mod queries;
 mod types;
 
 pub use handle::Agent;
-pub use types::{AgentConfig, Event, Member, Stats, Status};
+pub use types::{AgentConfig, Event, Member, Profile, Stats, Status};
 
 enum Command {
     Join(SocketAddr, oneshot::Sender<()>),
@@ -85,6 +85,7 @@ struct Actor {
     events: broadcast::Sender<Event>,
     stats: Arc<Stats>,
     reap_after: Duration,
+    reap_left_after: Duration,
     /// Joins waiting for a member at their address.
     joins: Vec<(SocketAddr, oneshot::Sender<()>)>,
     /// Packets to send once foca is done.
@@ -96,6 +97,10 @@ struct Actor {
     snapshot: Option<std::path::PathBuf>,
     /// Membership changed since the snapshot was last written.
     snapshot_dirty: bool,
+    /// Serf's member clock from the snapshot, written back unchanged.
+    member_clock: u64,
+    keyring_file: Option<std::path::PathBuf>,
+    tags_file: Option<std::path::PathBuf>,
     event_limit: RateLimit,
     query_limit: RateLimit,
     /// Picks query ids and relays.
@@ -209,6 +214,12 @@ impl Actor {
                 let _ = reply.send(self.fire(name, payload, coalesce));
             }
             Command::SetTags(tags, reply) => {
+                // As Serf: the file first, so a restart never loses a change others saw.
+                if let Some(path) = &self.tags_file
+                    && let Err(error) = crate::persist::save_tags(path, &tags)
+                {
+                    tracing::error!(%error, "cannot keep the tags");
+                }
                 let mut id = self.foca.identity().next();
                 id.tags = tags;
                 match self.foca.change_identity(id, &mut self.runtime) {
@@ -239,11 +250,17 @@ impl Actor {
 
     fn change_keys(&mut self, op: KeyOp) -> Result<Vec<String>, GossipError> {
         let keyring = self.keyring.as_mut().ok_or(GossipError::NotEncrypted)?;
+        let changes = !matches!(op, KeyOp::List);
         match op {
             KeyOp::Install(key) => keyring.install(key),
             KeyOp::Use(key) => keyring.use_key(&key)?,
             KeyOp::Remove(key) => keyring.remove(&key)?,
             KeyOp::List => {}
+        }
+        if let Some(path) = &self.keyring_file
+            && changes
+        {
+            keyring.save_file(path)?;
         }
         Ok(keyring.keys().iter().map(Key::to_base64).collect())
     }
@@ -481,7 +498,8 @@ impl Actor {
             (log.clock.now(), log.query_clock.now())
         };
         let snapshot = Snapshot {
-            clock,
+            member_clock: self.member_clock,
+            event_clock: clock,
             query_clock,
             alive: self
                 .members
@@ -500,11 +518,15 @@ impl Actor {
         self.save_snapshot(false);
         let now = Instant::now();
         self.incoming.retain(|_, q| q.deadline > now);
-        let reap_after = self.reap_after;
+        let (reap_after, reap_left_after) = (self.reap_after, self.reap_left_after);
         let expired: Vec<String> = self
             .members
             .iter()
-            .filter(|(_, k)| k.status != Status::Alive && k.since.elapsed() >= reap_after)
+            .filter(|(_, k)| match k.status {
+                Status::Alive => false,
+                Status::Left => k.since.elapsed() >= reap_left_after,
+                Status::Suspect | Status::Failed => k.since.elapsed() >= reap_after,
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in expired {

@@ -26,14 +26,25 @@ pub struct AgentConfig {
     pub seed: u64,
     /// Probe, suspicion and dissemination settings (memberlist's LAN defaults by default).
     pub swim: foca::Config,
-    /// How long failed and left members are listed before they are forgotten.
+    /// How long failed members are listed (and tried again) before they are forgotten
+    /// (Serf's `reconnect_timeout`).
     pub reap_after: Duration,
+    /// How long members that left are listed before they are forgotten (Serf's
+    /// `tombstone_timeout`).
+    pub reap_left_after: Duration,
     /// Suspicion lasts `suspicion_mult × max(1, log10 N) × probe_period` for N members, and
     /// updates are retransmitted `8 × log10(N + 1)` times: both follow the cluster's size as
     /// it changes, as memberlist does (`swim` holds the values for a lone agent).
     pub suspicion_mult: f64,
     /// Where to keep the snapshot (members and clock) for rejoining after a restart.
     pub snapshot: Option<std::path::PathBuf>,
+    /// Rejoin through the snapshot even after a graceful leave (Serf's `rejoin_after_leave`).
+    pub rejoin_after_leave: bool,
+    /// Where to keep the keyring after every change (Serf's `keyring_file`: a JSON list of
+    /// base64 keys, primary first, mode 0600), so a restarted agent has the rotated keys.
+    pub keyring_file: Option<std::path::PathBuf>,
+    /// Where to keep the tags after every change (Serf's `tags_file`: a JSON object, mode 0600).
+    pub tags_file: Option<std::path::PathBuf>,
     /// User events this agent may fire: per second on average, and in a burst.
     pub event_rate: (f64, u32),
     /// Queries this agent may ask: per second on average, and in a burst.
@@ -42,7 +53,34 @@ pub struct AgentConfig {
     pub reconnect_interval: Duration,
 }
 
+/// Serf's timing profiles (memberlist's default configurations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// Probe every second, suspicion × 4 (memberlist's `DefaultLANConfig`).
+    #[default]
+    Lan,
+    /// Probe every 5 s with a 3 s timeout, suspicion × 6 (`DefaultWANConfig`).
+    Wan,
+    /// Probe every second with a 200 ms timeout, suspicion × 3 (`DefaultLocalConfig`).
+    Local,
+}
+
 impl AgentConfig {
+    /// Takes the probe and suspicion timings of `profile`.
+    pub fn set_profile(&mut self, profile: Profile) {
+        let size = std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN);
+        (self.swim, self.suspicion_mult) = match profile {
+            Profile::Lan => (foca::Config::new_lan(size), 4.0),
+            Profile::Wan => (foca::Config::new_wan(size), 6.0),
+            Profile::Local => {
+                let mut swim = foca::Config::new_lan(size);
+                swim.probe_period = Duration::from_secs(1);
+                swim.probe_rtt = Duration::from_millis(200);
+                (swim, 3.0)
+            }
+        };
+    }
+
     pub fn new(node: impl Into<String>, bind: SocketAddr) -> Self {
         AgentConfig {
             node: node.into(),
@@ -55,8 +93,12 @@ impl AgentConfig {
                 std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN),
             ),
             reap_after: Duration::from_secs(24 * 3600),
+            reap_left_after: Duration::from_secs(24 * 3600),
             suspicion_mult: 4.0,
             snapshot: None,
+            rejoin_after_leave: false,
+            keyring_file: None,
+            tags_file: None,
             event_rate: (50.0, 100),
             query_rate: (20.0, 40),
             reconnect_interval: Duration::from_secs(30),
