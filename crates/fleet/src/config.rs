@@ -18,6 +18,7 @@ mod logs;
 mod policy;
 mod review;
 mod runtime;
+mod serf;
 mod webhook;
 pub use agent::AgentSettings;
 pub use cluster::ClusterConfig;
@@ -30,6 +31,7 @@ pub use runtime::{
     DEFAULT_FIRST_HOST_PORT, DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource,
 };
 use serde::{Deserialize, Deserializer};
+pub use serf::{SerfAgent, SerfConfig, SerfConfigError, go_duration, socket_address};
 use toml::Spanned;
 pub use webhook::{Endpoint, WebhookConfig};
 
