@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use serde_json::json;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use phoenix_fleet::AgentSettings;
+use phoenix_fleet::config::{SerfAgent, SerfConfig};
 use phoenix_gossip::Agent;
 use phoenix_gossip::rpc::{self, Client, KeyRequest, KeyResponse, MembersResponse};
 
@@ -20,25 +21,60 @@ use crate::handlers::{self, Handler};
 /// Serf's default RPC address.
 const DEFAULT_RPC: &str = "127.0.0.1:7373";
 
+/// `phoenix agent`: Serf's flags (one dash or two) and its JSON configuration files.
 #[derive(Args)]
 pub struct AgentArgs {
     #[command(flatten)]
     pub log: crate::LogArgs,
+    /// Serf's JSON configuration: a file, or a directory whose `*.json` files are read in
+    /// lexical order; repeatable, read in the order given; flags override them.
+    #[arg(
+        long = "config-file",
+        visible_alias = "config-dir",
+        value_name = "PATH"
+    )]
+    config: Vec<PathBuf>,
     /// This node's name, unique in the cluster (default: the host name).
     #[arg(long)]
     node: Option<String>,
-    /// Gossip address to bind (UDP).
-    #[arg(long, default_value = "127.0.0.1:7946")]
-    bind: SocketAddr,
+    /// Serf's old single role: the tag `role`.
+    #[arg(long)]
+    role: Option<String>,
+    /// Gossip address to bind: IP[:PORT], port 7946 by default [default: 127.0.0.1:7946].
+    #[arg(long)]
+    bind: Option<String>,
     /// Address others reach this agent at (default: the bound address).
     #[arg(long)]
-    advertise: Option<SocketAddr>,
-    /// Join the cluster through this agent; repeatable; retried until one answers.
+    advertise: Option<String>,
+    /// Bind to this network interface's address.
+    #[arg(long)]
+    iface: Option<String>,
+    /// Join the cluster through this agent at start; repeatable; retried for a minute, then
+    /// the agent exits.
     #[arg(long = "join")]
     join: Vec<String>,
+    /// Join through this agent at start, retried every --retry-interval until one answers;
+    /// repeatable.
+    #[arg(long = "retry-join")]
+    retry_join: Vec<String>,
+    /// Give up --retry-join after this many attempts and exit (0: never give up).
+    #[arg(long)]
+    retry_max: Option<i64>,
+    /// Time between --retry-join attempts [default: 30s].
+    #[arg(long, value_parser = any_duration)]
+    retry_interval: Option<Duration>,
+    /// Replay past user events on the start join (refused: not supported).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    replay: Option<bool>,
+    /// Rejoin through the snapshot even after a graceful leave.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    rejoin: Option<bool>,
     /// A tag KEY=VALUE; repeatable.
     #[arg(long = "tag", value_parser = key_value)]
     tags: Vec<(String, String)>,
+    /// Keep the tags in this JSON file (Serf's format), changes included, across restarts.
+    #[arg(long)]
+    tags_file: Option<String>,
     /// Run SCRIPT on events: `[TYPE=]SCRIPT` with TYPE as in Serf (`member-join`, `user:deploy`,
     /// a comma list…); repeatable. Handlers get Serf's environment and stdin.
     #[arg(long = "event-handler")]
@@ -46,76 +82,151 @@ pub struct AgentArgs {
     /// Encrypt gossip with this base64 AES key (16, 24 or 32 bytes, as `serf keygen` prints).
     #[arg(long)]
     encrypt: Option<String>,
-    /// Keep members and the event clock here, to rejoin by itself after a restart (unless it
-    /// left gracefully).
+    /// Keep the keyring in this JSON file (Serf's format, mode 0600), rotations included.
     #[arg(long)]
-    snapshot: Option<std::path::PathBuf>,
-    /// Address of the RPC (Serf's protocol).
-    #[arg(long, default_value = DEFAULT_RPC)]
-    rpc_addr: SocketAddr,
+    keyring_file: Option<String>,
+    /// Keep members and clocks here (Serf's snapshot format), to rejoin by itself after a
+    /// restart (unless it left gracefully).
+    #[arg(long)]
+    snapshot: Option<String>,
+    /// Address of the RPC (Serf's protocol) [default: 127.0.0.1:7373].
+    #[arg(long)]
+    rpc_addr: Option<String>,
     /// Require this token from RPC clients (needed to bind the RPC beyond loopback).
     #[arg(long)]
     rpc_auth: Option<String>,
-    /// How often to try failed members again, so a healed partition merges (Serf's
-    /// reconnect_interval).
-    #[arg(long, default_value = "30s", value_parser = phoenix_fleet::config::parse_duration)]
-    reconnect_interval: Duration,
-    /// How long failed and left members stay listed before they are forgotten.
-    #[arg(long, default_value = "24h", value_parser = phoenix_fleet::config::parse_duration)]
-    reap_after: Duration,
+    /// Serf's log level: trace, debug, info, warn or err (overrides --log).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Timing profile: lan (default), wan or local.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Serf's protocol version (refused: Phoenix agents speak their own).
+    #[arg(long)]
+    protocol: Option<i64>,
+    /// mDNS discovery (refused: not supported).
+    #[arg(long)]
+    discover: Option<String>,
+    /// mDNS interface (refused: not supported).
+    #[arg(long)]
+    mdns_iface: Option<String>,
+    /// Log to syslog (refused: the agent logs to stderr).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    syslog: Option<bool>,
+    /// Accepted for Serf's sake: Phoenix's messages are compact already.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    disable_compression: Option<bool>,
+    /// Accepted for Serf's sake (a leave waits for its own acknowledgements).
+    #[arg(long, value_parser = any_duration)]
+    broadcast_timeout: Option<Duration>,
+    /// How often to try failed members again, so a healed partition merges [default: 30s].
+    #[arg(long, value_parser = any_duration)]
+    reconnect_interval: Option<Duration>,
+    /// How long failed and left members stay listed before they are forgotten [default: 24h].
+    #[arg(long, value_parser = any_duration)]
+    reap_after: Option<Duration>,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
+/// Go's durations (`1h30m`, as Serf) or Phoenix's (`7d`).
+fn any_duration(text: &str) -> Result<Duration, String> {
+    phoenix_fleet::config::go_duration(text)
+        .or_else(|_| phoenix_fleet::config::parse_duration(text))
+}
+
 impl AgentArgs {
-    /// The options, as the `[agent]` table of a fleet file holds them.
-    fn settings(self) -> AgentSettings {
-        AgentSettings {
-            node: self.node,
-            bind: self.bind,
-            advertise: self.advertise,
-            join: self.join,
-            tags: self.tags.into_iter().collect(),
-            event_handlers: self.handlers,
-            encrypt: self.encrypt,
-            encrypt_file: None,
-            snapshot: self.snapshot,
-            rpc_addr: self.rpc_addr,
-            rpc_auth: self.rpc_auth,
+    /// The flags, as the last layer of Serf's configuration.
+    fn command_line(&self) -> SerfConfig {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        let mdns = self
+            .mdns_iface
+            .as_ref()
+            .map(|iface| json!({ "interface": iface }));
+        SerfConfig {
+            node_name: text(&self.node),
+            role: text(&self.role),
+            tags: self.tags.iter().cloned().collect(),
+            tags_file: text(&self.tags_file),
+            bind: text(&self.bind),
+            advertise: text(&self.advertise),
+            encrypt_key: text(&self.encrypt),
+            keyring_file: text(&self.keyring_file),
+            log_level: text(&self.log_level),
+            rpc_addr: text(&self.rpc_addr),
+            rpc_auth: text(&self.rpc_auth),
+            protocol: self.protocol.unwrap_or(0),
+            replay_on_join: self.replay.unwrap_or(false),
+            start_join: self.join.clone(),
+            event_handlers: self.handlers.clone(),
+            profile: text(&self.profile),
+            snapshot_path: text(&self.snapshot),
+            discover: text(&self.discover),
+            mdns,
+            interface: text(&self.iface),
             reconnect_interval: self.reconnect_interval,
-            reap_after: self.reap_after,
+            reconnect_timeout: self.reap_after,
+            tombstone_timeout: self.reap_after,
+            enable_syslog: self.syslog.unwrap_or(false),
+            retry_join: self.retry_join.clone(),
+            retry_max_attempts: self.retry_max.unwrap_or(0),
+            retry_interval: self.retry_interval,
+            rejoin_after_leave: self.rejoin.unwrap_or(false),
+            enable_compression: !self.disable_compression.unwrap_or(false),
+            broadcast_timeout: self.broadcast_timeout,
+            ..SerfConfig::default()
         }
+    }
+
+    /// Defaults, then the configuration files, then the flags, as Serf merges them.
+    fn resolve(&self) -> Result<SerfAgent> {
+        let mut config = SerfConfig::read_paths(&self.config)?;
+        config.merge(self.command_line());
+        Ok(config.resolve()?)
+    }
+
+    /// The log level: Serf's `-log-level` or `log_level` when set, else `--log`.
+    pub fn log_level(&self) -> tracing::Level {
+        self.resolve()
+            .ok()
+            .and_then(|agent| agent.log_level)
+            .unwrap_or(self.log.level)
     }
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
-    if args
+    let serf = args.resolve()?;
+    for warning in &serf.warnings {
+        eprintln!("phoenix agent: {warning}");
+    }
+    let settings = &serf.settings;
+    if settings
         .rpc_auth
         .as_deref()
         .is_some_and(|t| t.trim().is_empty())
     {
-        bail!("--rpc-auth is empty: an empty token is refused");
+        bail!("-rpc-auth is empty: an empty token is refused");
     }
-    if !args.bind.ip().is_loopback() && args.encrypt.is_none() {
+    if !settings.bind.ip().is_loopback() && settings.encrypt.is_none() {
         bail!(
-            "--bind {} is not loopback: gossip beyond this machine must be encrypted: give --encrypt KEY (from `phoenix keygen`)",
-            args.bind
+            "-bind {} is not loopback: gossip beyond this machine must be encrypted: give -encrypt KEY (from `phoenix keygen`) or -keyring-file FILE",
+            settings.bind
         );
     }
-    if !args.rpc_addr.ip().is_loopback() && args.rpc_auth.is_none() {
+    if !settings.rpc_addr.ip().is_loopback() && settings.rpc_auth.is_none() {
         bail!(
-            "--rpc-addr {} is not loopback: give --rpc-auth TOKEN",
-            args.rpc_addr
+            "-rpc-addr {} is not loopback: give -rpc-auth TOKEN",
+            settings.rpc_addr
         );
     }
-    let settings = args.settings();
-    let config = settings.agent_config(Path::new("")).context("--encrypt")?;
+    let config = serf.agent_config().context("-encrypt")?;
     let agent = Agent::start(config).await?;
-    let rpc = serve(&agent, &settings).await?;
+    let rpc = serve(&agent, settings).await?;
     eprintln!(
         "phoenix agent: node {}, gossip {}, RPC {rpc}",
         agent.name(),
@@ -127,10 +238,26 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             .await?;
         eprintln!("phoenix agent: joined through {through}");
     }
+    let retry_join = retry_join(&agent, &serf);
+    tokio::pin!(retry_join);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("phoenix agent: leaving the cluster");
-            agent.leave().await?;
+            if serf.skip_leave_on_interrupt {
+                eprintln!("phoenix agent: interrupted; stopping without leaving");
+            } else {
+                eprintln!("phoenix agent: leaving the cluster");
+                agent.leave().await?;
+            }
+        }
+        _ = terminate.recv() => {
+            // As Serf: a TERM is a failure to the others unless `leave_on_terminate`.
+            if serf.leave_on_terminate {
+                eprintln!("phoenix agent: terminated; leaving the cluster");
+                agent.leave().await?;
+            } else {
+                eprintln!("phoenix agent: terminated; stopping without leaving");
+            }
         }
         // `serf leave` (the RPC `leave`) stops the agent, and with it the process, as Serf's.
         _ = agent.stopped() => {
@@ -138,8 +265,32 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             eprintln!("phoenix agent: left the cluster");
         }
+        failed = &mut retry_join => return failed.map(|()| ExitCode::FAILURE),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serf's `-retry-join`: tries the addresses every `retry_interval` until one answers (then
+/// stays pending for ever) or `retry_max_attempts` ran out (then fails).
+async fn retry_join(agent: &Agent, serf: &SerfAgent) -> Result<()> {
+    if serf.retry_join.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match agent.join_any(&serf.retry_join, Duration::ZERO).await {
+            Ok(through) => {
+                eprintln!("phoenix agent: joined through {through} (retry-join)");
+                return std::future::pending().await;
+            }
+            Err(error) => eprintln!("phoenix agent: retry-join attempt {attempt}: {error}"),
+        }
+        if serf.retry_max_attempts > 0 && attempt >= serf.retry_max_attempts {
+            bail!("max join retry exhausted, exiting");
+        }
+        tokio::time::sleep(serf.retry_interval).await;
+    }
 }
 
 /// Serves `agent`'s RPC (Serf's protocol) at `settings.rpc_addr` and runs its event handlers

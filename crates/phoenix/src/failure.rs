@@ -69,5 +69,22 @@ pub fn kind_of(error: &anyhow::Error) -> &'static str {
 
 /// The `--json` form of a failure.
 pub fn json(error: &anyhow::Error) -> serde_json::Value {
-    json!({"error": {"kind": kind_of(error), "message": format!("{error:#}")}})
+    json!({"error": {"kind": kind_of(error), "message": message(error)}})
+}
+
+/// The error and its causes on one line, as `{:#}` writes them, but without a cause that a
+/// message already quotes (typed errors name their cause in their own message).
+pub fn message(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }

@@ -21,6 +21,7 @@ mod proxy_cmd;
 mod restart;
 mod review_cmd;
 mod scale_cmd;
+mod single_dash;
 mod tls_cmd;
 mod up;
 mod verify_cmd;
@@ -146,7 +147,7 @@ fn log_level(command: &Command) -> tracing::Level {
     match command {
         Command::Up(args) => args.log.level,
         Command::Demo(args) => args.log.level,
-        Command::Agent(args) => args.log.level,
+        Command::Agent(args) => args.log_level(),
         Command::Proxy(args) => args.log.level,
         _ => tracing::Level::WARN,
     }
@@ -163,7 +164,9 @@ pub struct LogArgs {
 fn main() -> ExitCode {
     // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
     phoenix_fleet::run_helper_if_asked();
-    let cli = match Cli::from_arg_matches(&help::command().get_matches()) {
+    let command = help::command();
+    let args = single_dash::normalize(std::env::args_os().collect(), &command);
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(args)) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
@@ -268,7 +271,7 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", failure::message(&error));
             // Scripts asked for JSON: they get the failure as JSON too, on stdout.
             if std::env::args().any(|arg| arg == "--json") {
                 println!("{}", failure::json(&error));
