@@ -200,27 +200,24 @@ impl AgentArgs {
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
+    // Serf takes an empty value as "not set"; Phoenix refuses an empty token outright.
+    if args.rpc_auth.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("--rpc-auth is empty: an empty token is refused");
+    }
     let serf = args.resolve()?;
     for warning in &serf.warnings {
         eprintln!("phoenix agent: {warning}");
     }
     let settings = &serf.settings;
-    if settings
-        .rpc_auth
-        .as_deref()
-        .is_some_and(|t| t.trim().is_empty())
-    {
-        bail!("-rpc-auth is empty: an empty token is refused");
-    }
     if !settings.bind.ip().is_loopback() && settings.encrypt.is_none() {
         bail!(
-            "-bind {} is not loopback: gossip beyond this machine must be encrypted: give -encrypt KEY (from `phoenix keygen`) or -keyring-file FILE",
+            "--bind {} is not loopback: gossip beyond this machine must be encrypted: give --encrypt KEY (from `phoenix keygen`) or --keyring-file FILE",
             settings.bind
         );
     }
     if !settings.rpc_addr.ip().is_loopback() && settings.rpc_auth.is_none() {
         bail!(
-            "-rpc-addr {} is not loopback: give -rpc-auth TOKEN",
+            "--rpc-addr {} is not loopback: give --rpc-auth TOKEN",
             settings.rpc_addr
         );
     }

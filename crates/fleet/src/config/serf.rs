@@ -274,6 +274,9 @@ impl SerfConfig {
                 Some(key.to_string())
             }
         };
+        if !self.rpc_auth.is_empty() && self.rpc_auth.trim().is_empty() {
+            return Err(invalid("rpc_auth", "a blank token is refused"));
+        }
         let node = match self.node_name.as_str() {
             "" => phoenix_gossip::host_name(),
             name => name.to_string(),

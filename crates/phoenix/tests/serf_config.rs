@@ -1,0 +1,319 @@
+//! `phoenix agent` started the Serf way: one-dash flags, JSON configuration files and
+//! directories, a tags file and a keyring file that survive restarts, and snapshots that
+//! Debian's `serf agent` and a Phoenix agent read from each other.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{addr_in_log, members_json, phoenix_bin, succeeded, text, wait_for};
+use serde_json::Value;
+
+/// A running agent process (Phoenix's or Serf's), killed with SIGKILL when dropped: no leave.
+struct Running {
+    child: Child,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `phoenix agent ARGS` logging to `log`; returns it with its gossip and RPC addresses.
+fn phoenix_agent(args: &[&str], log: &Path) -> (Running, SocketAddr, SocketAddr) {
+    let child = Command::new(phoenix_bin())
+        .arg("agent")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let gossip = addr_in_log(log, ", gossip ");
+    let rpc = addr_in_log(log, ", RPC ");
+    (Running { child }, gossip, rpc)
+}
+
+fn wait(what: &str, done: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(45), done);
+}
+
+fn member<'a>(members: &'a [Value], name: &str) -> Option<&'a Value> {
+    members.iter().find(|m| m["name"] == name)
+}
+
+fn phoenix_ok(args: &[&str]) -> String {
+    let out = Command::new(phoenix_bin()).args(args).output().unwrap();
+    succeeded(&format!("phoenix {args:?}"), out)
+}
+
+fn write_private(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn serfs_flags_and_configuration_files_start_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf.d");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(
+        conf.join("10-base.json"),
+        r#"{"node_name": "from-dir", "tags": {"dc": "one", "role": "db"}, "profile": "local"}"#,
+    )
+    .unwrap();
+    std::fs::write(conf.join("20-more.json"), r#"{"tags": {"dc": "two"}}"#).unwrap();
+    std::fs::write(conf.join("30-ignored.txt"), "not JSON, not read").unwrap();
+    let extra = dir.path().join("extra.conf");
+    std::fs::write(&extra, r#"{"node_name": "from-file", "log_level": "info"}"#).unwrap();
+    let log = dir.path().join("agent.log");
+    let (_agent, _, rpc) = phoenix_agent(
+        &[
+            "-bind=127.0.0.1:0",
+            "-rpc-addr",
+            "127.0.0.1:0",
+            "-config-dir",
+            conf.to_str().unwrap(),
+            "-config-file",
+            extra.to_str().unwrap(),
+            "-tag",
+            "role=web",
+        ],
+        &log,
+    );
+    let members = members_json(rpc, &[]);
+    assert_eq!(members.len(), 1, "{members:?}");
+    let me = member(&members, "from-file").expect("the name of the last file");
+    assert_eq!(me["tags"], serde_json::json!({"dc": "two", "role": "web"}));
+
+    // Bad input is named: the file, the line, the key.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\n  \"node_name\": \"x\",\n  \"bind_addr\": \"127.0.0.1\"\n}").unwrap();
+    let out = Command::new(phoenix_bin())
+        .args(["agent", "-config-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let error = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains(&format!("Error decoding '{}'", bad.display()))
+            && error.contains("unknown field `bind_addr`")
+            && error.contains("line 3"),
+        "{error}"
+    );
+    let out = Command::new(phoenix_bin())
+        .args(["agent", "-discover", "cluster", "-bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("option `discover` is not supported by phoenix agent"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_tags_file_and_the_keyring_file_survive_a_restart_after_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        phoenix_ok(&["keygen"]).trim().to_string(),
+        phoenix_ok(&["keygen"]).trim().to_string(),
+    );
+    let keyring = dir.path().join("keyring.json");
+    write_private(&keyring, &format!("[\"{old}\"]"));
+    let tags = dir.path().join("tags.json");
+    let args = [
+        "-node",
+        "a",
+        "-bind",
+        "127.0.0.1:0",
+        "-rpc-addr",
+        "127.0.0.1:0",
+        "-keyring-file",
+        keyring.to_str().unwrap(),
+        "-tags-file",
+        tags.to_str().unwrap(),
+    ];
+    let (a, _, rpc) = phoenix_agent(&args, &dir.path().join("a.log"));
+    let rpc_addr = rpc.to_string();
+    for step in [["--install", &new], ["--use", &new], ["--remove", &old]] {
+        phoenix_ok(&["keys", "--rpc-addr", &rpc_addr, step[0], step[1]]);
+    }
+    let kept: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(&keyring).unwrap()).unwrap();
+    assert_eq!(kept, [new.clone()]);
+    let mode = std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    phoenix_ok(&["tags", "--rpc-addr", &rpc_addr, "--set", "build=7"]);
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&tags).unwrap()).unwrap();
+    assert_eq!(kept, serde_json::json!({"build": "7"}));
+    drop(a);
+
+    // Restarted from the same files: the rotated key and the changed tags.
+    let (_a, gossip, rpc) = phoenix_agent(&args, &dir.path().join("a2.log"));
+    let join = gossip.to_string();
+    let b_args = ["-node", "b", "-bind", "127.0.0.1:0", "-rpc-addr", "127.0.0.1:0"];
+    let (_b, _, _) = phoenix_agent(
+        &[&b_args[..], &["-encrypt", &new, "-join", &join]].concat(),
+        &dir.path().join("b.log"),
+    );
+    wait("b joins a with the new key", || {
+        let members = members_json(rpc, &[]);
+        member(&members, "b").is_some_and(|b| b["status"] == "alive")
+            && member(&members, "a").is_some_and(|a| a["tags"]["build"] == "7")
+    });
+    // A keyring file others can read is refused.
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(phoenix_bin())
+        .arg("agent")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(text(&out.stderr).contains("chmod 600"), "{}", text(&out.stderr));
+}
+
+/// A free loopback port for a Serf agent (TCP and UDP both).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn serf_agent(serf: &Path, name: &str, port: u16, extra: &[&str], log: &Path) -> (Running, u16) {
+    let rpc = free_port();
+    let child = Command::new(serf)
+        .args(["agent", "-node", name, "-log-level", "debug"])
+        .arg(format!("-bind=127.0.0.1:{port}"))
+        .arg(format!("-rpc-addr=127.0.0.1:{rpc}"))
+        .args(extra)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Running { child }, rpc)
+}
+
+fn file_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The value of `NAME: N` in a snapshot.
+fn clock(snapshot: &str, name: &str) -> u64 {
+    snapshot
+        .lines()
+        .filter_map(|line| line.strip_prefix(&format!("{name}: ")))
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn serf_and_phoenix_agents_read_each_others_snapshots() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot: PathBuf = dir.path().join("s1.snapshot");
+    let (p1, p2) = (free_port(), free_port());
+    let (s1, rpc1) = serf_agent(
+        &serf,
+        "s1",
+        p1,
+        &["-snapshot", snapshot.to_str().unwrap()],
+        &dir.path().join("s1.log"),
+    );
+    let s1_log = dir.path().join("s1.log");
+    wait("s1 runs", || file_text(&s1_log).contains("Serf agent running!"));
+    let join = format!("127.0.0.1:{p1}");
+    let (s2, _) = serf_agent(&serf, "s2", p2, &["-join", &join], &dir.path().join("s2.log"));
+    let rpc1 = format!("-rpc-addr=127.0.0.1:{rpc1}");
+    wait("serf agents s1 and s2 joined, events fired", || {
+        let out = Command::new(&serf).args(["members", &rpc1]).output().unwrap();
+        text(&out.stdout).matches("alive").count() == 2
+    });
+    for payload in ["1", "2", "3"] {
+        let out = Command::new(&serf)
+            .args(["event", &rpc1, "deploy", payload])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let s2_line = format!("alive: s2 127.0.0.1:{p2}");
+    wait("s1's snapshot has s2 and the events", || {
+        let written = file_text(&snapshot);
+        written.contains(&s2_line) && clock(&written, "event-clock") >= 3
+    });
+    let serf_event_clock = clock(&file_text(&snapshot), "event-clock");
+    drop((s1, s2));
+
+    // A Phoenix agent where s2 was, and one started on s1's snapshot: it rejoins through it.
+    let bind2 = format!("127.0.0.1:{p2}");
+    let (_q2, _, _) = phoenix_agent(
+        &["-node", "q2", "-bind", &bind2, "-rpc-addr", "127.0.0.1:0"],
+        &dir.path().join("q2.log"),
+    );
+    let (q1, _, rpc) = phoenix_agent(
+        &[
+            "-node",
+            "q1",
+            "-bind",
+            "127.0.0.1:0",
+            "-rpc-addr",
+            "127.0.0.1:0",
+            "-snapshot",
+            snapshot.to_str().unwrap(),
+        ],
+        &dir.path().join("q1.log"),
+    );
+    wait("q1 rejoined through Serf's snapshot", || {
+        member(&members_json(rpc, &[]), "q2").is_some_and(|q2| q2["status"] == "alive")
+    });
+    let q2_line = format!("alive: q2 127.0.0.1:{p2}");
+    wait("q1 wrote its snapshot in Serf's format", || {
+        file_text(&snapshot).contains(&q2_line)
+    });
+    let written = file_text(&snapshot);
+    assert!(
+        clock(&written, "event-clock") >= serf_event_clock,
+        "the event clock carried over: {written}"
+    );
+    drop(q1);
+
+    // Serf reads Phoenix's snapshot: it tries to rejoin through q2.
+    let log = dir.path().join("s3.log");
+    let (_s3, _) = serf_agent(
+        &serf,
+        "s3",
+        free_port(),
+        &["-snapshot", snapshot.to_str().unwrap()],
+        &log,
+    );
+    let attempt = format!("Attempting re-join to previously known node: q2: 127.0.0.1:{p2}");
+    wait("serf read the Phoenix snapshot", || file_text(&log).contains(&attempt));
+    assert!(!file_text(&log).contains("Unrecognized snapshot line"), "{}", file_text(&log));
+}
+
+fn serf_or_skip() -> Option<PathBuf> {
+    let serf = std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join("serf"))
+        .find(|path| path.is_file());
+    if serf.is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
+            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
+        );
+        eprintln!("skipped: serf not installed (apt-get install serf)");
+    }
+    serf
+}
