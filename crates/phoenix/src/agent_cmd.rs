@@ -116,7 +116,7 @@ pub struct AgentArgs {
     /// Accepted for Serf's sake: Phoenix's messages are compact already.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     disable_compression: Option<bool>,
-    /// Accepted for Serf's sake (a leave waits for its own acknowledgements).
+    /// Accepted for Serf's sake (a leave is gossiped at once, not waited on).
     #[arg(long, value_parser = any_duration)]
     broadcast_timeout: Option<Duration>,
     /// How often to try failed members again, so a healed partition merges [default: 30s].
