@@ -62,19 +62,29 @@ impl RateLimit {
     }
 }
 
-/// A Lamport clock.
-#[derive(Debug, Default)]
+/// A Lamport clock that counts as Serf's: it starts at 1, a local event takes the current
+/// time and then advances it, and a time seen from elsewhere moves it one past. So the first
+/// event of a cluster has time 1, and handlers see the `SERF_USER_LTIME` a Serf agent gives.
+#[derive(Debug)]
 pub struct LamportClock(u64);
 
-impl LamportClock {
-    pub fn now(&self) -> u64 {
-        self.0
+impl Default for LamportClock {
+    fn default() -> Self {
+        LamportClock(1)
     }
+}
 
+impl LamportClock {
     /// The time for a new local event.
     pub fn tick(&mut self) -> u64 {
+        let time = self.0;
         self.0 += 1;
-        self.0
+        time
+    }
+
+    /// The latest time this clock has given or seen (what Serf's snapshot keeps).
+    pub fn last(&self) -> u64 {
+        self.0 - 1
     }
 
     /// Moves past a time seen from another node.
@@ -266,8 +276,13 @@ mod tests {
         assert!(log.accept(&event(5, "deploy")).is_none());
         assert!(log.accept(&event(5, "other")).is_some());
         assert_eq!((log.delivered.len(), log.duplicates), (2, 1));
-        assert_eq!(log.clock.tick(), 7);
-        assert_eq!(log.query_clock.now(), 0, "queries keep their own clock");
+        assert_eq!(log.clock.tick(), 6, "the time past what it saw, as Serf");
+        assert_eq!(log.clock.last(), 6);
+        assert_eq!(
+            log.query_clock.tick(),
+            1,
+            "queries keep their own clock, from 1"
+        );
     }
 
     #[test]
@@ -292,7 +307,7 @@ mod tests {
         assert!(log.accept(&query(1, "a")).is_none());
         assert!(log.accept(&query(2, "a")).is_some());
         assert!(log.accept(&query(1, "b")).is_some());
-        assert_eq!(log.query_clock.now(), 4);
+        assert_eq!(log.query_clock.last(), 3);
         let mut restarted = EventLog::after(0, 3);
         assert!(
             restarted.accept(&query(1, "a")).is_none(),

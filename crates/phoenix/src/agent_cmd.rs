@@ -201,7 +201,11 @@ impl AgentArgs {
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     // Serf takes an empty value as "not set"; Phoenix refuses an empty token outright.
-    if args.rpc_auth.as_deref().is_some_and(|t| t.trim().is_empty()) {
+    if args
+        .rpc_auth
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
         bail!("--rpc-auth is empty: an empty token is refused");
     }
     let serf = args.resolve()?;
@@ -223,7 +227,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     let config = serf.agent_config().context("-encrypt")?;
     let agent = Agent::start(config).await?;
-    let rpc = serve(&agent, settings).await?;
+    let (rpc, handlers) = serve(&agent, settings).await?;
     eprintln!(
         "phoenix agent: node {}, gossip {}, RPC {rpc}",
         agent.name(),
@@ -238,13 +242,15 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     let retry_join = retry_join(&agent, &serf);
     tokio::pin!(retry_join);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
+    let left = tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             if serf.skip_leave_on_interrupt {
                 eprintln!("phoenix agent: interrupted; stopping without leaving");
+                false
             } else {
                 eprintln!("phoenix agent: leaving the cluster");
                 agent.leave().await?;
+                true
             }
         }
         _ = terminate.recv() => {
@@ -255,17 +261,26 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             } else {
                 eprintln!("phoenix agent: terminated; stopping without leaving");
             }
+            serf.leave_on_terminate
         }
         // `serf leave` (the RPC `leave`) stops the agent, and with it the process, as Serf's.
         _ = agent.stopped() => {
             // The RPC answer to `leave` is on its way out: give it a moment before exiting.
             tokio::time::sleep(Duration::from_millis(200)).await;
             eprintln!("phoenix agent: left the cluster");
+            true
         }
         failed = &mut retry_join => return failed.map(|()| ExitCode::FAILURE),
+    };
+    if left {
+        // The handlers hear the agent's own leave (and whatever was still held), as Serf's.
+        let _ = tokio::time::timeout(HANDLERS_GRACE, handlers).await;
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a leaving agent waits for its handlers' last run.
+const HANDLERS_GRACE: Duration = Duration::from_secs(30);
 
 /// Serf's `-retry-join`: tries the addresses every `retry_interval` until one answers (then
 /// stays pending for ever) or `retry_max_attempts` ran out (then fails).
@@ -291,8 +306,12 @@ async fn retry_join(agent: &Agent, serf: &SerfAgent) -> Result<()> {
 }
 
 /// Serves `agent`'s RPC (Serf's protocol) at `settings.rpc_addr` and runs its event handlers
-/// (`phoenix agent` and `phoenix up` alike); returns the RPC address.
-pub async fn serve(agent: &Agent, settings: &AgentSettings) -> Result<SocketAddr> {
+/// (`phoenix agent` and `phoenix up` alike); returns the RPC address and the handlers' task,
+/// which ends once the agent stopped and the handlers ran for the last events.
+pub async fn serve(
+    agent: &Agent,
+    settings: &AgentSettings,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handlers = settings
         .event_handlers
         .iter()
@@ -307,10 +326,11 @@ pub async fn serve(agent: &Agent, settings: &AgentSettings) -> Result<SocketAddr
         agent.clone(),
         settings.rpc_auth.clone(),
     ));
-    if !handlers.is_empty() {
-        tokio::spawn(handlers::run(agent.clone(), handlers));
-    }
-    Ok(rpc)
+    let handlers = match handlers.is_empty() {
+        true => tokio::spawn(async {}),
+        false => tokio::spawn(handlers::run(agent.clone(), handlers)),
+    };
+    Ok((rpc, handlers))
 }
 
 #[derive(Args)]

@@ -43,17 +43,21 @@ impl Handler {
 }
 
 /// Runs the handlers for every event, with Serf's coalescing (1 s quiet, 3 s at most; user
-/// events fired with `--coalesce=false` pass at once).
+/// events fired with `--coalesce=false` pass at once). When the agent stops (it left), the
+/// events still held run at once, its own leave among them, as a leaving Serf agent's
+/// handlers hear it; then this returns.
 pub async fn run(agent: Agent, handlers: Vec<Handler>) {
     let handlers = Arc::new(handlers);
     let mut events = agent.subscribe();
     let mut coalescer = Coalescer::serf();
     // Serf's handlers hear the local node join too (a lone agent's first event), coalesced
     // with the members it meets on its way in.
-    if let Some(me) = myself(&agent).await {
-        coalescer.push(Event::MemberJoin(me), Instant::now());
-    }
-    loop {
+    let Some(mut me) = myself(&agent).await else {
+        return;
+    };
+    coalescer.push(Event::MemberJoin(me.clone()), Instant::now());
+    let mut stopped = false;
+    while !stopped {
         let deadline = coalescer.deadline();
         let batches = tokio::select! {
             received = events.recv() => match received {
@@ -69,21 +73,35 @@ pub async fn run(agent: Agent, handlers: Vec<Handler>) {
                 Err(_) => return,
             },
             _ = sleep_until(deadline) => coalescer.flush(Instant::now()),
-        };
-        for batch in batches {
-            let Some(me) = myself(&agent).await else {
-                return;
-            };
-            let (kind, name) = match &batch {
-                Batch::User(user) => ("user", Some(user.name.as_str())),
-                Batch::Members(kind, _) => (*kind, None),
-            };
-            let (env, stdin) = batch_input(&batch, &me);
-            for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
-                if let Err(error) = invoke(&handler.script, &env, &stdin).await {
-                    tracing::warn!(script = %handler.script, %error, "event handler failed");
+            _ = agent.stopped() => {
+                stopped = true;
+                while let Ok(event) = events.try_recv() {
+                    if !matches!(event, Event::Query(_)) {
+                        coalescer.push(event, Instant::now());
+                    }
                 }
+                coalescer.flush_all(Instant::now())
             }
+        };
+        if !stopped && let Some(now) = myself(&agent).await {
+            me = now;
+        }
+        for batch in batches {
+            run_batch(&handlers, &batch, &me).await;
+        }
+    }
+}
+
+/// Runs every handler whose filter takes `batch`, one after the other, as Serf does.
+async fn run_batch(handlers: &[Handler], batch: &Batch, me: &Member) {
+    let (kind, name) = match batch {
+        Batch::User(user) => ("user", Some(user.name.as_str())),
+        Batch::Members(kind, _) => (*kind, None),
+    };
+    let (env, stdin) = batch_input(batch, me);
+    for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
+        if let Err(error) = invoke(&handler.script, &env, &stdin).await {
+            tracing::warn!(script = %handler.script, %error, "event handler failed");
         }
     }
 }

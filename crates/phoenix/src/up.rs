@@ -236,7 +236,8 @@ pub async fn run(state: &Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     options.host = args.host.settings()?;
     options.cluster_tls = cluster_tls(&file)?;
     let controller = Controller::open(options).await?;
-    let rpc = crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
+    let (rpc, _handlers) =
+        crate::agent_cmd::serve(&controller.agent(), controller.agent_settings()).await?;
     // `phoenix members`, `event` and `query` find the agent here.
     write_atomically(state, crate::agent_cmd::RPC_ADDR_FILE, &format!("{rpc}\n"))?;
     let (restart_requests, mut restart_asked) = tokio::sync::mpsc::channel(4);

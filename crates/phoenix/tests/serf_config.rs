@@ -93,7 +93,11 @@ fn serfs_flags_and_configuration_files_start_an_agent() {
 
     // Bad input is named: the file, the line, the key.
     let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, "{\n  \"node_name\": \"x\",\n  \"bind_addr\": \"127.0.0.1\"\n}").unwrap();
+    std::fs::write(
+        &bad,
+        "{\n  \"node_name\": \"x\",\n  \"bind_addr\": \"127.0.0.1\"\n}",
+    )
+    .unwrap();
     let out = Command::new(phoenix_bin())
         .args(["agent", "-config-file", bad.to_str().unwrap()])
         .output()
@@ -146,7 +150,7 @@ fn the_tags_file_and_the_keyring_file_survive_a_restart_after_rotation() {
     }
     let kept: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(&keyring).unwrap()).unwrap();
-    assert_eq!(kept, [new.clone()]);
+    assert_eq!(kept, std::slice::from_ref(&new));
     let mode = std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     phoenix_ok(&["tags", "--rpc-addr", &rpc_addr, "--set", "build=7"]);
@@ -157,7 +161,14 @@ fn the_tags_file_and_the_keyring_file_survive_a_restart_after_rotation() {
     // Restarted from the same files: the rotated key and the changed tags.
     let (_a, gossip, rpc) = phoenix_agent(&args, &dir.path().join("a2.log"));
     let join = gossip.to_string();
-    let b_args = ["-node", "b", "-bind", "127.0.0.1:0", "-rpc-addr", "127.0.0.1:0"];
+    let b_args = [
+        "-node",
+        "b",
+        "-bind",
+        "127.0.0.1:0",
+        "-rpc-addr",
+        "127.0.0.1:0",
+    ];
     let (_b, _, _) = phoenix_agent(
         &[&b_args[..], &["-encrypt", &new, "-join", &join]].concat(),
         &dir.path().join("b.log"),
@@ -174,7 +185,11 @@ fn the_tags_file_and_the_keyring_file_survive_a_restart_after_rotation() {
         .args(args)
         .output()
         .unwrap();
-    assert!(text(&out.stderr).contains("chmod 600"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A free loopback port for a Serf agent (TCP and UDP both).
@@ -211,7 +226,7 @@ fn clock(snapshot: &str, name: &str) -> u64 {
     snapshot
         .lines()
         .filter_map(|line| line.strip_prefix(&format!("{name}: ")))
-        .last()
+        .next_back()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -232,12 +247,23 @@ fn serf_and_phoenix_agents_read_each_others_snapshots() {
         &dir.path().join("s1.log"),
     );
     let s1_log = dir.path().join("s1.log");
-    wait("s1 runs", || file_text(&s1_log).contains("Serf agent running!"));
+    wait("s1 runs", || {
+        file_text(&s1_log).contains("Serf agent running!")
+    });
     let join = format!("127.0.0.1:{p1}");
-    let (s2, _) = serf_agent(&serf, "s2", p2, &["-join", &join], &dir.path().join("s2.log"));
+    let (s2, _) = serf_agent(
+        &serf,
+        "s2",
+        p2,
+        &["-join", &join],
+        &dir.path().join("s2.log"),
+    );
     let rpc1 = format!("-rpc-addr=127.0.0.1:{rpc1}");
     wait("serf agents s1 and s2 joined, events fired", || {
-        let out = Command::new(&serf).args(["members", &rpc1]).output().unwrap();
+        let out = Command::new(&serf)
+            .args(["members", &rpc1])
+            .output()
+            .unwrap();
         text(&out.stdout).matches("alive").count() == 2
     });
     for payload in ["1", "2", "3"] {
@@ -298,8 +324,14 @@ fn serf_and_phoenix_agents_read_each_others_snapshots() {
         &log,
     );
     let attempt = format!("Attempting re-join to previously known node: q2: 127.0.0.1:{p2}");
-    wait("serf read the Phoenix snapshot", || file_text(&log).contains(&attempt));
-    assert!(!file_text(&log).contains("Unrecognized snapshot line"), "{}", file_text(&log));
+    wait("serf read the Phoenix snapshot", || {
+        file_text(&log).contains(&attempt)
+    });
+    assert!(
+        !file_text(&log).contains("Unrecognized snapshot line"),
+        "{}",
+        file_text(&log)
+    );
 }
 
 fn serf_or_skip() -> Option<PathBuf> {

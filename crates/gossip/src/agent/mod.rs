@@ -308,6 +308,9 @@ impl Actor {
         self.drain();
         self.flush().await;
         self.save_snapshot(true);
+        // As Serf's: the local node's own leave is a member event to its handlers.
+        let me = member_of(self.foca.identity(), Status::Left);
+        let _ = self.events.send(Event::MemberLeave(me));
     }
 
     /// Rescales suspicion and retransmissions when the cluster's size changed by a tenth.
@@ -495,7 +498,7 @@ impl Actor {
         self.snapshot_dirty = false;
         let (clock, query_clock) = {
             let log = self.log();
-            (log.clock.now(), log.query_clock.now())
+            (log.clock.last(), log.query_clock.last())
         };
         let snapshot = Snapshot {
             member_clock: self.member_clock,
