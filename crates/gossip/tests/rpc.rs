@@ -11,7 +11,12 @@ async fn serving() -> (phoenix_gossip::Agent, std::net::SocketAddr) {
     let agent = common::start(vec![common::config("a", 1)]).await.remove(0);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(rpc::serve(listener, agent.clone(), None));
+    tokio::spawn(rpc::serve(
+        listener,
+        agent.clone(),
+        None,
+        rpc::LogBook::default(),
+    ));
     (agent, addr)
 }
 

@@ -325,12 +325,34 @@ pub async fn serve(
         listener,
         agent.clone(),
         settings.rpc_auth.clone(),
+        crate::monitor_log::logs(),
     ));
+    tokio::spawn(log_events(agent.subscribe()));
     let handlers = match handlers.is_empty() {
         true => tokio::spawn(async {}),
         false => tokio::spawn(handlers::run(agent.clone(), handlers)),
     };
     Ok((rpc, handlers))
+}
+
+/// Logs every event the agent receives, as Serf's agent does (`monitor` shows them).
+async fn log_events(mut events: tokio::sync::broadcast::Receiver<phoenix_gossip::Event>) {
+    use phoenix_gossip::Event;
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let described = match &event {
+            Event::User(user) => format!("user-event: {}", user.name),
+            Event::Query(query) => format!("query: {}", query.name),
+            other => rpc::member_event_parts(other)
+                .map(|(kind, _)| kind.to_string())
+                .unwrap_or_default(),
+        };
+        tracing::info!(target: "agent", "Received event: {described}");
+    }
 }
 
 #[derive(Args)]

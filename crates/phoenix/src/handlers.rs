@@ -6,7 +6,7 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use phoenix_gossip::coalesce::{Batch, Coalescer};
@@ -100,8 +100,8 @@ async fn run_batch(handlers: &[Handler], batch: &Batch, me: &Member) {
     };
     let (env, stdin) = batch_input(batch, me);
     for handler in handlers.iter().filter(|h| h.filter.allows(kind, name)) {
-        if let Err(error) = invoke(&handler.script, &env, &stdin).await {
-            tracing::warn!(script = %handler.script, %error, "event handler failed");
+        if let Err(error) = invoke(kind, &handler.script, &env, &stdin).await {
+            tracing::error!(target: "agent", "Error invoking script '{}': {error:#}", handler.script);
         }
     }
 }
@@ -119,15 +119,18 @@ async fn answer(agent: Agent, handlers: Arc<Vec<Handler>>, query: QueryEvent) {
         .iter()
         .filter(|h| h.filter.allows("query", Some(&query.name)))
     {
-        match invoke(&handler.script, &env, &with_newline(&query.payload)).await {
+        let payload = with_newline(&query.payload);
+        match invoke("query", &handler.script, &env, &payload).await {
             Ok(output) if !output.is_empty() && !answered => {
                 answered = true;
                 if let Err(error) = agent.respond(query.id, output).await {
-                    tracing::warn!(script = %handler.script, query = %query.name, %error, "cannot answer the query");
+                    tracing::warn!(target: "agent", "Failed to respond to query '{}': {error}", query.name);
                 }
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(script = %handler.script, %error, "query handler failed"),
+            Err(error) => {
+                tracing::error!(target: "agent", "Error invoking script '{}': {error:#}", handler.script);
+            }
         }
     }
 }
@@ -218,7 +221,12 @@ fn member_line(member: &Member) -> String {
 /// Runs one script with `env` (and its `PHOENIX_*` aliases) and `stdin`; returns what it
 /// printed on stdout and stderr, in the order it came, as Serf keeps it: the last
 /// [`MAX_OUTPUT`] bytes.
-async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<Vec<u8>> {
+async fn invoke(
+    kind: &str,
+    script: &str,
+    env: &[(String, String)],
+    stdin: &[u8],
+) -> Result<Vec<u8>> {
     let aliases: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| (k.replacen("SERF_", "PHOENIX_", 1), v.clone()))
@@ -249,30 +257,63 @@ async fn invoke(script: &str, env: &[(String, String)], stdin: &[u8]) -> Result<
         drop(input);
     };
     let read = tokio::task::spawn_blocking(move || read_output(reader));
+    // Serf's warning for a handler that runs long (it holds up the handlers after it).
+    let slow = {
+        let script = script.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(SLOW).await;
+            tracing::warn!(target: "agent", "Script '{script}' slow, execution exceeding {SLOW:?}");
+        })
+    };
     let ((), output) = tokio::join!(feed, read);
-    let output = output.context("the script's output")?;
-    let status = child.wait().await?;
-    tracing::debug!(%script, output = %String::from_utf8_lossy(&output), "event handler output");
+    let (output, written) = output.context("the script's output")?;
+    let status = child.wait().await;
+    slow.abort();
+    let status = status?;
+    if written > output.len() {
+        tracing::warn!(
+            target: "agent",
+            "Script '{script}' generated {written} bytes of output, truncated to {}",
+            output.len()
+        );
+    }
+    tracing::debug!(
+        target: "agent",
+        "Event '{kind}' script output: {}",
+        String::from_utf8_lossy(&output)
+    );
     if !status.success() {
-        bail!("{script} exited with {status}");
+        // Go's words for it, as Serf's log shows them.
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => bail!("exit status {code}"),
+            (None, Some(signal)) => bail!("signal: {signal}"),
+            (None, None) => bail!("{status}"),
+        }
     }
     Ok(output)
 }
 
-/// A script's output to its end; only the last [`MAX_OUTPUT`] bytes are kept.
-fn read_output(mut reader: std::io::PipeReader) -> Vec<u8> {
+/// How long a handler runs before Serf's "slow" warning.
+const SLOW: Duration = Duration::from_secs(1);
+
+/// A script's output to its end; only the last [`MAX_OUTPUT`] bytes are kept. Also returns
+/// how many bytes it wrote in all.
+fn read_output(mut reader: std::io::PipeReader) -> (Vec<u8>, usize) {
     use std::io::Read;
+    let mut written = 0;
     let mut output = Vec::new();
     let mut chunk = [0u8; 4096];
     while let Ok(n) = reader.read(&mut chunk) {
         if n == 0 {
             break;
         }
+        written += n;
         output.extend_from_slice(&chunk[..n]);
         let over = output.len().saturating_sub(MAX_OUTPUT);
         output.drain(..over);
     }
-    output
+    (output, written)
 }
 
 #[cfg(test)]
@@ -369,13 +410,15 @@ mod tests {
     #[tokio::test]
     async fn a_handler_gets_a_one_line_payload_with_a_newline_and_answers_with_stderr_too() {
         let script = r#"read line; echo "got $line"; echo "warned" >&2"#;
-        let output = invoke(script, &[], &with_newline(b"hello")).await.unwrap();
+        let output = invoke("user", script, &[], &with_newline(b"hello"))
+            .await
+            .unwrap();
         assert_eq!(String::from_utf8(output).unwrap(), "got hello\nwarned\n");
         assert_eq!(with_newline(b"two\n"), b"two\n");
         assert_eq!(with_newline(b""), b"");
         // Only the last 8 KiB are kept, as Serf's circular buffer keeps them.
         let long = "i=0; while [ $i -lt 3000 ]; do printf 'line %05d\\n' $i; i=$((i+1)); done";
-        let output = invoke(long, &[], b"").await.unwrap();
+        let output = invoke("user", long, &[], b"").await.unwrap();
         assert_eq!(output.len(), MAX_OUTPUT);
         assert!(output.ends_with(b"line 02999\n"));
     }

@@ -16,6 +16,7 @@ mod load_cmd;
 mod locate;
 mod logs_cmd;
 mod metrics_cmd;
+mod monitor_log;
 mod plan_cmd;
 mod proxy_cmd;
 mod restart;
@@ -153,6 +154,27 @@ fn log_level(command: &Command) -> tracing::Level {
     }
 }
 
+/// Logs to stderr at the command's level; a command that serves Serf's RPC also keeps its
+/// agent's log, at every level, for `serf monitor`.
+fn init_logging(command: &Command) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::from_level(
+            log_level(command),
+        ));
+    let serves_rpc = matches!(command, Command::Agent(_) | Command::Up(_));
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(serves_rpc.then(monitor_log::layer))
+        .init();
+}
+
 /// `--log LEVEL` of a long-running command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
@@ -182,11 +204,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_max_level(log_level(&cli.command))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    init_logging(&cli.command);
     // The main thread forks instances (see `phoenix_driver::launcher`); the program runs on
     // another.
     phoenix_driver::launcher::serve(move || run(cli, state))

@@ -358,7 +358,7 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     let mut logged = Vec::new();
     while !logged
         .iter()
-        .any(|l: &String| l.contains("received user event: after-rotation"))
+        .any(|l: &String| l.contains("[INFO] agent: Received event: user-event: after-rotation"))
     {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {

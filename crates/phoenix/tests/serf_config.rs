@@ -349,3 +349,68 @@ fn serf_or_skip() -> Option<PathBuf> {
     }
     serf
 }
+
+/// What `serf monitor -log-level=LEVEL` prints in its first second.
+fn monitor(serf: &Path, rpc: SocketAddr, level: &str) -> (String, String) {
+    let mut child = Command::new(serf)
+        .args([
+            "monitor",
+            &format!("-rpc-addr={rpc}"),
+            &format!("-log-level={level}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (text(&out.stdout), text(&out.stdout) + &text(&out.stderr))
+}
+
+#[test]
+fn serf_monitor_replays_the_agents_log_at_its_level() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, _, rpc) = phoenix_agent(
+        &[
+            "-node",
+            "m1",
+            "-bind",
+            "127.0.0.1:0",
+            "-rpc-addr",
+            "127.0.0.1:0",
+            "-event-handler",
+            "user=echo out; exit 3",
+        ],
+        &dir.path().join("m1.log"),
+    );
+    let out = Command::new(&serf)
+        .args(["event", &format!("-rpc-addr={rpc}"), "hello"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let failed = "[ERR] agent: Error invoking script 'echo out; exit 3': exit status 3";
+    wait("the handler ran and failed", || {
+        monitor(&serf, rpc, "err").0.contains(failed)
+    });
+    // A monitor started afterwards gets the lines kept, at its level and above.
+    let (debug, _) = monitor(&serf, rpc, "debug");
+    for line in [
+        "[INFO] serf: EventMemberJoin: m1 127.0.0.1",
+        "[INFO] agent: Received event: user-event: hello",
+        "[DEBUG] agent: Event 'user' script output: out",
+        failed,
+    ] {
+        assert!(debug.contains(line), "{line:?} not in:\n{debug}");
+    }
+    let (errors, _) = monitor(&serf, rpc, "ERR");
+    assert!(
+        errors.contains(failed) && !errors.contains("[INFO]") && !errors.contains("[DEBUG]"),
+        "{errors}"
+    );
+    let (_, refused) = monitor(&serf, rpc, "error");
+    assert!(refused.contains("Unknown log level: ERROR"), "{refused}");
+}

@@ -109,6 +109,8 @@ impl Agent {
             next_incoming: 0,
             forced: HashMap::new(),
         };
+        // Serf logs its own join first.
+        tracing::info!(target: "serf", "EventMemberJoin: {} {}", config.node, advertise.ip());
         tokio::spawn(actor.run(inbox));
         let agent = Agent {
             commands,

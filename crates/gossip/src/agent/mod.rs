@@ -226,7 +226,7 @@ impl Actor {
                     // Serf reports its own tag change to its handlers as a member update.
                     Ok(()) => {
                         let me = member_of(self.foca.identity(), Status::Alive);
-                        let _ = self.events.send(Event::MemberUpdate(me));
+                        self.publish(Event::MemberUpdate(me));
                     }
                     Err(error) => tracing::warn!(%error, "could not change tags"),
                 }
@@ -310,7 +310,7 @@ impl Actor {
         self.save_snapshot(true);
         // As Serf's: the local node's own leave is a member event to its handlers.
         let me = member_of(self.foca.identity(), Status::Left);
-        let _ = self.events.send(Event::MemberLeave(me));
+        self.publish(Event::MemberLeave(me));
     }
 
     /// Rescales suspicion and retransmissions when the cluster's size changed by a tenth.
@@ -434,7 +434,7 @@ impl Actor {
             Some(known) if known.status == Status::Alive => Event::MemberUpdate(member),
             _ => Event::MemberJoin(member),
         };
-        let _ = self.events.send(event);
+        self.publish(event);
     }
 
     fn down(&mut self, id: NodeId) {
@@ -463,6 +463,22 @@ impl Actor {
         } else {
             Event::MemberFailed(member)
         };
+        self.publish(event);
+    }
+
+    /// Tells subscribers (handlers, RPC streams, the fleet) of a member event, and logs it as
+    /// Serf does, for `monitor`.
+    pub(super) fn publish(&self, event: Event) {
+        if let Some((kind, member)) = crate::rpc::member_event_parts(&event) {
+            let name = match kind {
+                "member-join" => "EventMemberJoin",
+                "member-leave" => "EventMemberLeave",
+                "member-failed" => "EventMemberFailed",
+                "member-update" => "EventMemberUpdate",
+                _ => "EventMemberReap",
+            };
+            tracing::info!(target: "serf", "{name}: {} {}", member.name, member.addr.ip());
+        }
         let _ = self.events.send(event);
     }
 
@@ -534,9 +550,7 @@ impl Actor {
             .collect();
         for name in expired {
             if let Some(known) = self.members.remove(&name) {
-                let _ = self
-                    .events
-                    .send(Event::MemberReap(member_of(&known.id, known.status)));
+                self.publish(Event::MemberReap(member_of(&known.id, known.status)));
             }
         }
     }

@@ -330,8 +330,7 @@ impl Actor {
         known.status = Status::Left;
         known.since = Instant::now();
         self.snapshot_dirty = true;
-        let _ = self
-            .events
-            .send(Event::MemberLeave(member_of(&known.id, Status::Left)));
+        let member = member_of(&known.id, Status::Left);
+        self.publish(Event::MemberLeave(member));
     }
 }

@@ -139,23 +139,3 @@ pub fn member_event_parts(event: &Event) -> Option<(&'static str, &Member)> {
         Event::User(_) | Event::Query(_) => return None,
     })
 }
-
-/// One line for `monitor`.
-pub(super) fn log_line(event: &Event) -> String {
-    match event {
-        Event::User(user) => format!(
-            "[INFO] phoenix: received user event: {} (ltime {})",
-            user.name, user.ltime
-        ),
-        Event::Query(query) => format!(
-            "[INFO] phoenix: received query: {} from {} (ltime {})",
-            query.name, query.origin, query.ltime
-        ),
-        other => match member_event_parts(other) {
-            Some((kind, member)) => {
-                format!("[INFO] phoenix: {kind}: {} {}", member.name, member.addr)
-            }
-            None => String::new(),
-        },
-    }
-}

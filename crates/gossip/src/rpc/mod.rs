@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 
 mod client;
 mod filters;
+pub mod logbook;
 mod messages;
 
 pub use client::Client;
-use filters::log_line;
 pub use filters::{EventFilter, MemberFilter, member_event_parts};
+pub use logbook::LogBook;
 use messages::MAX_REQUEST;
 pub use messages::*;
 
@@ -30,15 +31,16 @@ use crate::keyring::Key;
 use crate::query::{QueryHandle, QueryParams, QueryReply};
 
 /// Serves the RPC protocol for `agent` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Agent, auth_key: Option<String>) {
+pub async fn serve(listener: TcpListener, agent: Agent, auth_key: Option<String>, logs: LogBook) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let agent = agent.clone();
         let auth_key = auth_key.clone();
+        let logs = logs.clone();
         tokio::spawn(async move {
-            if let Err(error) = Session::new(agent, auth_key).run(stream).await {
+            if let Err(error) = Session::new(agent, auth_key, logs).run(stream).await {
                 tracing::debug!(%peer, %error, "RPC session ended");
             }
         });
@@ -101,6 +103,10 @@ struct Session {
     authenticated: bool,
     /// Open streams, monitors and queries by the `Seq` that started them.
     streams: HashMap<u64, tokio::task::JoinHandle<()>>,
+    /// The agent's log, for `monitor`.
+    logs: LogBook,
+    /// The `Seq` of this client's monitor: one at a time, as in Serf.
+    monitor: Option<u64>,
     /// The command just run sent its own response header (it goes on streaming records).
     replied: bool,
     /// The connection ends after this answer (an unknown command, as in Serf).
@@ -108,7 +114,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(agent: Agent, auth_key: Option<String>) -> Self {
+    fn new(agent: Agent, auth_key: Option<String>, logs: LogBook) -> Self {
         let authenticated = auth_key.is_none();
         Session {
             agent,
@@ -116,6 +122,8 @@ impl Session {
             handshaken: false,
             authenticated,
             streams: HashMap::new(),
+            logs,
+            monitor: None,
             replied: false,
             close: false,
         }
@@ -236,6 +244,42 @@ impl Session {
                         .is_err()
                 {
                     break;
+                }
+            }
+        });
+        self.streams.insert(seq, task);
+    }
+
+    /// Streams the agent's log at `level` and above as records answering `seq`: the lines
+    /// kept, then the live ones, until `stop`.
+    fn follow_log(
+        &mut self,
+        seq: u64,
+        out: &mpsc::UnboundedSender<Vec<u8>>,
+        level: tracing::Level,
+    ) {
+        let (backlog, mut live) = self.logs.follow();
+        self.reply_now(seq, out);
+        let out = out.clone();
+        let send = move |line: &logbook::LogLine| -> bool {
+            if line.level > level {
+                return true;
+            }
+            let record = encoded(&LogRecord {
+                log: line.text.to_string(),
+            });
+            out.send(response(seq, String::new(), record.as_deref()))
+                .is_ok()
+        };
+        let task = tokio::spawn(async move {
+            if !backlog.iter().all(&send) {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(line) if !send(&line) => return,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
                 }
             }
         });
@@ -461,16 +505,20 @@ impl Session {
                 Ok(None)
             }
             "monitor" => {
-                let _: MonitorRequest = body_of(body)?;
-                self.forward_events(seq, out, |event| {
-                    encoded(&LogRecord {
-                        log: log_line(event),
-                    })
-                });
+                let request: MonitorRequest = body_of(body)?;
+                let level = logbook::monitor_level(&request.log_level)?;
+                if self.monitor.is_some() {
+                    return Err("Monitor already exists".into());
+                }
+                self.monitor = Some(seq);
+                self.follow_log(seq, out, level);
                 Ok(None)
             }
             "stop" => {
                 let request: StopRequest = body_of(body)?;
+                if self.monitor == Some(request.stop) {
+                    self.monitor = None;
+                }
                 if let Some(task) = self.streams.remove(&request.stop) {
                     task.abort();
                 }
