@@ -82,6 +82,11 @@ impl LamportClock {
         time
     }
 
+    /// The time the next local event takes (Serf's `Time()`).
+    pub fn time(&self) -> u64 {
+        self.0
+    }
+
     /// The latest time this clock has given or seen (what Serf's snapshot keeps).
     pub fn last(&self) -> u64 {
         self.0 - 1

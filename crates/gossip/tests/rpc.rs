@@ -14,8 +14,7 @@ async fn serving() -> (phoenix_gossip::Agent, std::net::SocketAddr) {
     tokio::spawn(rpc::serve(
         listener,
         agent.clone(),
-        None,
-        rpc::LogBook::default(),
+        rpc::ServeOptions::default(),
     ));
     (agent, addr)
 }

@@ -321,12 +321,12 @@ pub async fn serve(
         .await
         .with_context(|| format!("bind the agent's RPC address {}", settings.rpc_addr))?;
     let rpc = listener.local_addr()?;
-    tokio::spawn(rpc::serve(
-        listener,
-        agent.clone(),
-        settings.rpc_auth.clone(),
-        crate::monitor_log::logs(),
-    ));
+    let options = rpc::ServeOptions {
+        auth_key: settings.rpc_auth.clone(),
+        logs: crate::monitor_log::logs(),
+        event_handlers: handlers.iter().flat_map(Handler::info_entries).collect(),
+    };
+    tokio::spawn(rpc::serve(listener, agent.clone(), options));
     tokio::spawn(log_events(agent.subscribe()));
     let handlers = match handlers.is_empty() {
         true => tokio::spawn(async {}),

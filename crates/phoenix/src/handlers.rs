@@ -40,6 +40,14 @@ impl Handler {
             script: script.to_string(),
         })
     }
+
+    /// The handler as Serf's `info` lists it: `EVENT:NAME` to the script, per filter part.
+    pub fn info_entries(&self) -> impl Iterator<Item = (String, String)> + '_ {
+        self.filter
+            .serf_keys()
+            .into_iter()
+            .map(|key| (key, self.script.clone()))
+    }
 }
 
 /// Runs the handlers for every event, with Serf's coalescing (1 s quiet, 3 s at most; user

@@ -368,11 +368,25 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     }
     let _ = monitor.kill();
     let _ = monitor.wait();
-    let info = serf_ok(&["info", &rpc_a]);
-    assert!(
-        info.contains("health_score") && info.contains("members"),
+    // `serf info` has every section of Serf's: the tags, the handlers by Serf's `EVENT:NAME`,
+    // the clocks (an event was fired: the event clock is past 1) and the runtime.
+    let info: Value = serde_json::from_str(&serf_ok(&["info", "-format=json", &rpc_a])).unwrap();
+    assert_eq!(info["agent"]["name"], "a", "{info}");
+    assert_eq!(info["tags"]["role"], "web", "{info}");
+    assert_eq!(
+        info["event_handlers"]["query:"],
+        answer["query=".len()..],
         "{info}"
     );
+    assert_eq!(info["serf"]["members"], "3", "{info}");
+    assert_eq!(info["serf"]["health_score"], "0", "{info}");
+    let event_time: u64 = info["serf"]["event_time"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(event_time >= 2, "{info}");
+    assert_eq!(info["runtime"]["os"], "linux", "{info}");
     wait("all still alive after the rotation", || {
         text(&cli(&serf, &["members", &rpc_a, "-status", "alive"]).stdout)
             .lines()

@@ -98,7 +98,7 @@ impl Agent {
             sized_for: 0,
             snapshot: config.snapshot,
             snapshot_dirty: false,
-            member_clock: previous.member_clock,
+            member_clock: previous.member_clock.max(1),
             keyring_file: config.keyring_file,
             tags_file: config.tags_file,
             event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),

@@ -148,7 +148,28 @@ impl Actor {
             }
             self.drain();
             self.flush().await;
+            self.publish_stats();
         }
+    }
+
+    /// Serf's clocks and queues, for `info`.
+    fn publish_stats(&self) {
+        let (event_time, query_time) = {
+            let log = self.log();
+            (log.clock.time(), log.query_clock.time())
+        };
+        let stats = &self.stats;
+        let set = |counter: &std::sync::atomic::AtomicU64, value: u64| {
+            counter.store(value, Ordering::Relaxed);
+        };
+        set(&stats.member_time, self.member_clock);
+        set(&stats.event_time, event_time);
+        set(&stats.query_time, query_time);
+        set(&stats.intent_queue, self.foca.updates_backlog() as u64);
+        set(
+            &stats.event_queue,
+            self.foca.custom_broadcast_backlog() as u64,
+        );
     }
 
     /// Sends the packets foca produced.

@@ -161,4 +161,12 @@ pub struct Stats {
     /// Lifeguard's local health score: 0 is healthy, up to 8 when this agent's own probes
     /// go unanswered (see [`crate::health`]).
     pub health_score: AtomicU64,
+    /// Serf's clocks as `info` shows them (`member_time`, `event_time`, `query_time`).
+    pub member_time: AtomicU64,
+    pub event_time: AtomicU64,
+    pub query_time: AtomicU64,
+    /// Member updates still to be gossiped (Serf's `intent_queue`).
+    pub intent_queue: AtomicU64,
+    /// User events and queries still to be gossiped.
+    pub event_queue: AtomicU64,
 }

@@ -42,6 +42,15 @@ impl MemberFilter {
 pub struct EventFilter(Vec<(String, Option<String>)>);
 
 impl EventFilter {
+    /// The filter as Serf's `info` lists handlers: `EVENT:NAME` for each part (`user:deploy`,
+    /// `member-join:`, `*:`).
+    pub fn serf_keys(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|(kind, name)| format!("{kind}:{}", name.as_deref().unwrap_or("")))
+            .collect()
+    }
+
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut filters = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {

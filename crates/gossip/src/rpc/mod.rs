@@ -31,16 +31,28 @@ use crate::keyring::Key;
 use crate::query::{QueryHandle, QueryParams, QueryReply};
 
 /// Serves the RPC protocol for `agent` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Agent, auth_key: Option<String>, logs: LogBook) {
+/// What an RPC server knows beside its agent.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The token clients must give (`auth`), if any.
+    pub auth_key: Option<String>,
+    /// The agent's log, for `monitor`.
+    pub logs: LogBook,
+    /// The event handlers as `info` lists them: Serf's `EVENT:NAME` to the script.
+    pub event_handlers: BTreeMap<String, String>,
+}
+
+/// Serves Serf's RPC protocol for `agent` on `listener`, each client in a task of its own.
+pub async fn serve(listener: TcpListener, agent: Agent, options: ServeOptions) {
+    let options = std::sync::Arc::new(options);
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let agent = agent.clone();
-        let auth_key = auth_key.clone();
-        let logs = logs.clone();
+        let options = options.clone();
         tokio::spawn(async move {
-            if let Err(error) = Session::new(agent, auth_key, logs).run(stream).await {
+            if let Err(error) = Session::new(agent, options).run(stream).await {
                 tracing::debug!(%peer, %error, "RPC session ended");
             }
         });
@@ -98,13 +110,11 @@ fn has_body(command: &str) -> bool {
 
 struct Session {
     agent: Agent,
-    auth_key: Option<String>,
+    options: std::sync::Arc<ServeOptions>,
     handshaken: bool,
     authenticated: bool,
     /// Open streams, monitors and queries by the `Seq` that started them.
     streams: HashMap<u64, tokio::task::JoinHandle<()>>,
-    /// The agent's log, for `monitor`.
-    logs: LogBook,
     /// The `Seq` of this client's monitor: one at a time, as in Serf.
     monitor: Option<u64>,
     /// The command just run sent its own response header (it goes on streaming records).
@@ -114,15 +124,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(agent: Agent, auth_key: Option<String>, logs: LogBook) -> Self {
-        let authenticated = auth_key.is_none();
+    fn new(agent: Agent, options: std::sync::Arc<ServeOptions>) -> Self {
+        let authenticated = options.auth_key.is_none();
         Session {
             agent,
-            auth_key,
+            options,
             handshaken: false,
             authenticated,
             streams: HashMap::new(),
-            logs,
             monitor: None,
             replied: false,
             close: false,
@@ -258,7 +267,7 @@ impl Session {
         out: &mpsc::UnboundedSender<Vec<u8>>,
         level: tracing::Level,
     ) {
-        let (backlog, mut live) = self.logs.follow();
+        let (backlog, mut live) = self.options.logs.follow();
         self.reply_now(seq, out);
         let out = out.clone();
         let send = move |line: &logbook::LogLine| -> bool {
@@ -347,7 +356,12 @@ impl Session {
                     key.len() == request.auth_key.len()
                         && bool::from(key.as_bytes().ct_eq(request.auth_key.as_bytes()))
                 };
-                if self.auth_key.as_deref().is_some_and(|k| !matches(k)) {
+                if self
+                    .options
+                    .auth_key
+                    .as_deref()
+                    .is_some_and(|k| !matches(k))
+                {
                     return Err("Invalid authentication token".into());
                 }
                 self.authenticated = true;
@@ -538,6 +552,7 @@ impl Session {
                         .map(|(k, v)| (k.to_string(), v.clone()))
                         .collect()
                 };
+                let me = members.iter().find(|m| m.name == agent.name());
                 let mut all: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
                 all.insert(
                     "agent".into(),
@@ -549,6 +564,13 @@ impl Session {
                         ("members", members.len().to_string()),
                         ("failed", count(Status::Failed)),
                         ("left", count(Status::Left)),
+                        ("member_time", load(&stats.member_time)),
+                        ("event_time", load(&stats.event_time)),
+                        ("query_time", load(&stats.query_time)),
+                        ("intent_queue", load(&stats.intent_queue)),
+                        ("event_queue", load(&stats.event_queue)),
+                        // Queries share the user events' queue; it is counted there.
+                        ("query_queue", "0".into()),
                         ("packets_received", load(&stats.packets_received)),
                         ("packets_sent", load(&stats.packets_sent)),
                         ("packets_dropped", load(&stats.packets_dropped)),
@@ -559,6 +581,12 @@ impl Session {
                         ),
                     ]),
                 );
+                all.insert(
+                    "tags".into(),
+                    me.map(|m| m.tags.clone()).unwrap_or_default(),
+                );
+                all.insert("event_handlers".into(), self.options.event_handlers.clone());
+                all.insert("runtime".into(), runtime_stats());
                 Ok(encoded(&all))
             }
             // No network coordinates yet: every node's is unknown, which `serf rtt` reports
@@ -572,6 +600,37 @@ impl Session {
             }
         }
     }
+}
+
+/// Serf's `runtime` section, in Go's words where they apply: the operating system and
+/// architecture as Go names them, the version, the threads the runtime may use
+/// (`max_procs`), its live tasks (`goroutines`) and the CPUs.
+fn runtime_stats() -> BTreeMap<String, String> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (threads, tasks) = match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            let metrics = handle.metrics();
+            (metrics.num_workers(), metrics.num_alive_tasks())
+        }
+        Err(_) => (cpus, 0),
+    };
+    BTreeMap::from([
+        ("os".into(), std::env::consts::OS.into()),
+        ("arch".into(), arch.into()),
+        (
+            "version".into(),
+            format!("phoenix {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("max_procs".into(), threads.to_string()),
+        ("goroutines".into(), tasks.to_string()),
+        ("cpu_count".into(), cpus.to_string()),
+    ])
 }
 
 /// Type erasure for encoding bodies of different types through one closure.
