@@ -108,6 +108,13 @@ pub enum Message {
         ltime: u64,
         name: String,
     },
+    /// Serf's `force-leave -prune`: as `ForceLeave`, then the member is forgotten at once
+    /// (reaped) rather than after the tombstone timeout. (A variant of its own, so agents of
+    /// an earlier version drop it rather than misread it.)
+    ForceLeavePrune {
+        ltime: u64,
+        name: String,
+    },
 }
 
 /// A query as it travels: disseminated like a user event, answered directly to `reply_to`.
@@ -163,10 +170,11 @@ impl Window {
     }
 }
 
-/// State shared between foca's broadcast handler and the agent. Events and queries keep
-/// separate Lamport clocks, as in Serf.
+/// State shared between foca's broadcast handler and the agent. Member intents (force-leave),
+/// events and queries keep separate Lamport clocks, as in Serf.
 #[derive(Debug, Default)]
 pub struct EventLog {
+    pub member_clock: LamportClock,
     pub clock: LamportClock,
     pub query_clock: LamportClock,
     events: Window,
@@ -180,8 +188,11 @@ pub struct EventLog {
 
 impl EventLog {
     /// A log that takes only events and queries after the clocks of the last snapshot.
-    pub fn after(clock: u64, query_clock: u64) -> Self {
+    pub fn after(member_clock: u64, clock: u64, query_clock: u64) -> Self {
         let mut log = EventLog::default();
+        if member_clock > 0 {
+            log.member_clock.witness(member_clock);
+        }
         log.events.floor = clock;
         log.queries.floor = query_clock;
         if clock > 0 {
@@ -207,11 +218,12 @@ impl EventLog {
                 ),
             ),
             Message::ForceLeave { ltime, name } => (2, (*ltime, name.clone(), Vec::new())),
+            Message::ForceLeavePrune { ltime, name } => (2, (*ltime, name.clone(), vec![1])),
         };
         let (window, clock) = match kind {
             0 => (&mut self.events, &mut self.clock),
             1 => (&mut self.queries, &mut self.query_clock),
-            _ => (&mut self.leaves, &mut self.clock),
+            _ => (&mut self.leaves, &mut self.member_clock),
         };
         if !window.accept(key.clone()) {
             self.duplicates += 1;
@@ -307,13 +319,13 @@ mod tests {
                 timeout_ms: 1000,
             })
         };
-        let mut log = EventLog::after(0, 2);
+        let mut log = EventLog::after(0, 0, 2);
         assert!(log.accept(&query(1, "a")).is_some());
         assert!(log.accept(&query(1, "a")).is_none());
         assert!(log.accept(&query(2, "a")).is_some());
         assert!(log.accept(&query(1, "b")).is_some());
         assert_eq!(log.query_clock.last(), 3);
-        let mut restarted = EventLog::after(0, 3);
+        let mut restarted = EventLog::after(0, 0, 3);
         assert!(
             restarted.accept(&query(1, "a")).is_none(),
             "handled before the restart"

@@ -199,27 +199,33 @@ async fn keys_rotate_on_every_member_without_losing_the_cluster() {
 }
 
 #[tokio::test]
-async fn force_leave_turns_a_failed_member_into_a_left_one_everywhere() {
-    let mut agents = start((0..3).map(|i| config(&format!("f{i}"), i)).collect()).await;
-    until(&agents[0], "three alive", |m| m.len() == 3).await;
+async fn force_leave_turns_a_failed_member_into_a_left_one_everywhere_or_prunes_it() {
+    let mut agents = start((0..4).map(|i| config(&format!("f{i}"), i)).collect()).await;
+    until(&agents[0], "four alive", |m| m.len() == 4).await;
+    let before = agents[0].event("before", b"", false).await.unwrap();
     // An alive member ignores the intent.
-    agents[0].force_leave("f1").await.unwrap();
+    agents[0].force_leave("f1", false).await.unwrap();
     assert!(matches!(
-        agents[0].force_leave("nobody").await,
+        agents[0].force_leave("nobody", false).await,
         Err(GossipError::UnknownMember(_))
     ));
     drop(agents.pop());
+    drop(agents.pop());
     for agent in &agents {
-        until(agent, "f2 failed", |m| {
-            status_of(m, "f2") == Some(Status::Failed)
+        until(agent, "f2 and f3 failed", |m| {
+            status_of(m, "f2") == Some(Status::Failed) && status_of(m, "f3") == Some(Status::Failed)
         })
         .await;
     }
-    agents[0].force_leave("f2").await.unwrap();
+    agents[0].force_leave("f2", false).await.unwrap();
+    agents[1].force_leave("f3", true).await.unwrap();
     for agent in &agents {
-        until(agent, "f2 left", |m| {
-            status_of(m, "f2") == Some(Status::Left)
+        until(agent, "f2 left, f3 forgotten", |m| {
+            status_of(m, "f2") == Some(Status::Left) && status_of(m, "f3").is_none()
         })
         .await;
     }
+    // Intents count on Serf's member clock: the user events' clock did not move.
+    let after = agents[0].event("after", b"", false).await.unwrap();
+    assert_eq!(after, before + 1);
 }

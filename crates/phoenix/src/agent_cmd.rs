@@ -726,6 +726,9 @@ pub struct ForceLeaveArgs {
     rpc: RpcArgs,
     /// The failed member to list as left.
     node: String,
+    /// Forget the member at once, everywhere, rather than list it as left until reaped.
+    #[arg(long)]
+    prune: bool,
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
@@ -734,15 +737,21 @@ pub struct ForceLeaveArgs {
 pub async fn force_leave(state: &Path, args: ForceLeaveArgs) -> Result<ExitCode> {
     let mut client = args.rpc.client(state).await?;
     let node = args.node.clone();
-    let request = rpc::ForceLeaveRequest { node: args.node };
+    let request = rpc::ForceLeaveRequest {
+        node: args.node,
+        prune: args.prune,
+    };
     client
         .call::<()>("force-leave", Some(&request))
         .await
         .map_err(|e| anyhow!(e))?;
     answer(
         args.json,
-        json!({"left": node}),
-        format!("{node} is listed as left"),
+        json!({"left": node, "pruned": args.prune}),
+        match args.prune {
+            true => format!("{node} is forgotten"),
+            false => format!("{node} is listed as left"),
+        },
     )
 }
 

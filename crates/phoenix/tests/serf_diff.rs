@@ -1,6 +1,7 @@
 //! The same handler script under Debian's `serf agent` and under `phoenix agent`, for the same
 //! sequence of events on two clusters side by side (join, user events with and without a
-//! payload, a query, a tag change, a leave, a kill -9, a force-leave, the reap): what each
+//! payload, a query, a tag change, a leave, a kill -9, a force-leave, the reap, a force-leave
+//! with -prune): what each
 //! handler saw must not differ. Both clusters are driven with the stock `serf` CLI and started
 //! with the same Serf configuration file.
 
@@ -394,6 +395,29 @@ fn handlers_see_the_same_events_under_serf_and_phoenix() {
         &["n1", "n2"],
         &["event=member-reap&n3\t", "event=member-reap&n4\t"],
         "reap",
+    );
+
+    // force-leave -prune forgets a failed member at once: a leave, then a reap.
+    both!(|c| c.start("n5", &["role=tmp"], Some("n1"), false));
+    settle(
+        &[&serf_cluster, &phoenix_cluster],
+        &["n1", "n2"],
+        &["event=member-join&n5\t"],
+        "n5 joins",
+    );
+    both!(|c| c.kill("n5"));
+    settle(
+        &[&serf_cluster, &phoenix_cluster],
+        &["n1", "n2"],
+        &["event=member-failed&n5\t"],
+        "kill -9 n5",
+    );
+    both!(|c| c.serf_cli("n2", &["force-leave", "-prune", "n5"]));
+    settle(
+        &[&serf_cluster, &phoenix_cluster],
+        &["n1", "n2"],
+        &["event=member-reap&n5\t"],
+        "prune",
     );
 
     for name in all {

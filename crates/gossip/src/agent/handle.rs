@@ -58,6 +58,7 @@ impl Agent {
             .map(|path| Snapshot::read(path, config.rejoin_after_leave))
             .unwrap_or_default();
         let log = Arc::new(Mutex::new(EventLog::after(
+            previous.member_clock,
             previous.event_clock,
             previous.query_clock,
         )));
@@ -98,7 +99,6 @@ impl Agent {
             sized_for: 0,
             snapshot: config.snapshot,
             snapshot_dirty: false,
-            member_clock: previous.member_clock.max(1),
             keyring_file: config.keyring_file,
             tags_file: config.tags_file,
             event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),

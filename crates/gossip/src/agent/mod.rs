@@ -48,7 +48,8 @@ enum Command {
         oneshot::Sender<Result<QueryHandle, GossipError>>,
     ),
     Respond(u64, Vec<u8>, oneshot::Sender<Result<(), GossipError>>),
-    ForceLeave(String, oneshot::Sender<Result<(), GossipError>>),
+    /// A member to force out; `true` to prune it (forget it at once).
+    ForceLeave(String, bool, oneshot::Sender<Result<(), GossipError>>),
 }
 
 /// A change to (or a look at) this agent's keyring.
@@ -97,8 +98,6 @@ struct Actor {
     snapshot: Option<std::path::PathBuf>,
     /// Membership changed since the snapshot was last written.
     snapshot_dirty: bool,
-    /// Serf's member clock from the snapshot, written back unchanged.
-    member_clock: u64,
     keyring_file: Option<std::path::PathBuf>,
     tags_file: Option<std::path::PathBuf>,
     event_limit: RateLimit,
@@ -111,7 +110,7 @@ struct Actor {
     incoming: HashMap<u64, Incoming>,
     next_incoming: u64,
     /// Force-leaves of members not seen failing yet, until when they apply.
-    forced: HashMap<String, Instant>,
+    forced: HashMap<String, (Instant, bool)>,
 }
 
 impl Actor {
@@ -154,15 +153,19 @@ impl Actor {
 
     /// Serf's clocks and queues, for `info`.
     fn publish_stats(&self) {
-        let (event_time, query_time) = {
+        let (member_time, event_time, query_time) = {
             let log = self.log();
-            (log.clock.time(), log.query_clock.time())
+            (
+                log.member_clock.time(),
+                log.clock.time(),
+                log.query_clock.time(),
+            )
         };
         let stats = &self.stats;
         let set = |counter: &std::sync::atomic::AtomicU64, value: u64| {
             counter.store(value, Ordering::Relaxed);
         };
-        set(&stats.member_time, self.member_clock);
+        set(&stats.member_time, member_time);
         set(&stats.event_time, event_time);
         set(&stats.query_time, query_time);
         set(&stats.intent_queue, self.foca.updates_backlog() as u64);
@@ -262,8 +265,8 @@ impl Actor {
             Command::Respond(id, payload, reply) => {
                 let _ = reply.send(self.respond(id, payload));
             }
-            Command::ForceLeave(name, reply) => {
-                let _ = reply.send(self.broadcast_force_leave(name));
+            Command::ForceLeave(name, prune, reply) => {
+                let _ = reply.send(self.broadcast_force_leave(name, prune));
             }
             Command::Leave(_) => unreachable!("handled by the loop"),
         }
@@ -418,7 +421,8 @@ impl Actor {
                     let _ = self.events.send(Event::User(event));
                 }
                 Message::Query(query) => self.on_query(query),
-                Message::ForceLeave { name, .. } => self.on_force_leave(&name),
+                Message::ForceLeave { name, .. } => self.on_force_leave(&name, false),
+                Message::ForceLeavePrune { name, .. } => self.on_force_leave(&name, true),
             }
         }
     }
@@ -467,10 +471,10 @@ impl Actor {
             return;
         }
         self.snapshot_dirty = true;
-        let forced = self
-            .forced
-            .remove(&id.name)
-            .is_some_and(|until| Instant::now() < until);
+        let (forced, prune) = match self.forced.remove(&id.name) {
+            Some((until, prune)) if Instant::now() < until => (true, prune),
+            _ => (false, false),
+        };
         let leaving = id.leaving || known.id.leaving || forced;
         known.status = if leaving {
             Status::Left
@@ -485,6 +489,17 @@ impl Actor {
             Event::MemberFailed(member)
         };
         self.publish(event);
+        if prune {
+            self.prune(&id.name);
+        }
+    }
+
+    /// Forgets a member at once (`force-leave -prune`), as a reap does.
+    pub(super) fn prune(&mut self, name: &str) {
+        if let Some(known) = self.members.remove(name) {
+            self.snapshot_dirty = true;
+            self.publish(Event::MemberReap(member_of(&known.id, known.status)));
+        }
     }
 
     /// Tells subscribers (handlers, RPC streams, the fleet) of a member event, and logs it as
@@ -533,12 +548,16 @@ impl Actor {
             return;
         }
         self.snapshot_dirty = false;
-        let (clock, query_clock) = {
+        let (member_clock, clock, query_clock) = {
             let log = self.log();
-            (log.clock.last(), log.query_clock.last())
+            (
+                log.member_clock.last(),
+                log.clock.last(),
+                log.query_clock.last(),
+            )
         };
         let snapshot = Snapshot {
-            member_clock: self.member_clock,
+            member_clock,
             event_clock: clock,
             query_clock,
             alive: self

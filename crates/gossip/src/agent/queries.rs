@@ -64,8 +64,8 @@ impl Agent {
     }
 
     /// Tells the cluster that a failed member has left for good (Serf's force-leave).
-    pub async fn force_leave(&self, node: &str) -> Result<(), GossipError> {
-        self.request(|reply| Command::ForceLeave(node.into(), reply))
+    pub async fn force_leave(&self, node: &str, prune: bool) -> Result<(), GossipError> {
+        self.request(|reply| Command::ForceLeave(node.into(), prune, reply))
             .await?
     }
 
@@ -306,25 +306,41 @@ impl Actor {
         self.outgoing.retain(|_, q| q.deadline > now);
     }
 
-    pub(super) fn broadcast_force_leave(&mut self, name: String) -> Result<(), GossipError> {
+    pub(super) fn broadcast_force_leave(
+        &mut self,
+        name: String,
+        prune: bool,
+    ) -> Result<(), GossipError> {
         // Sent even when the member still looks alive here: others may know better, and
         // whoever lists it alive ignores the intent.
         if !self.members.contains_key(&name) {
             return Err(GossipError::UnknownMember(name));
         }
-        let ltime = self.log().clock.tick();
-        self.broadcast(&Message::ForceLeave { ltime, name })
+        // An intent about a member: Serf's member clock, not the user events'.
+        let ltime = self.log().member_clock.tick();
+        match prune {
+            true => self.broadcast(&Message::ForceLeavePrune { ltime, name }),
+            false => self.broadcast(&Message::ForceLeave { ltime, name }),
+        }
     }
 
-    /// A failed member was forced out: list it as left.
-    pub(super) fn on_force_leave(&mut self, name: &str) {
+    /// A failed member was forced out: list it as left (and forget it, when pruned).
+    pub(super) fn on_force_leave(&mut self, name: &str, prune: bool) {
         let Some(known) = self.members.get_mut(name) else {
             return;
         };
+        if known.status == Status::Left {
+            if prune {
+                self.prune(name);
+            }
+            return;
+        }
         if known.status != Status::Failed {
             // This agent has not seen it fail yet: the intent waits for a while.
-            self.forced
-                .insert(name.to_string(), Instant::now() + FORCE_LEAVE_PATIENCE);
+            self.forced.insert(
+                name.to_string(),
+                (Instant::now() + FORCE_LEAVE_PATIENCE, prune),
+            );
             return;
         }
         known.status = Status::Left;
@@ -332,5 +348,8 @@ impl Actor {
         self.snapshot_dirty = true;
         let member = member_of(&known.id, Status::Left);
         self.publish(Event::MemberLeave(member));
+        if prune {
+            self.prune(name);
+        }
     }
 }

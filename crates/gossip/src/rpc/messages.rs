@@ -194,6 +194,8 @@ pub struct StopRequest {
 #[serde(rename_all = "PascalCase", default)]
 pub struct ForceLeaveRequest {
     pub node: String,
+    /// Forget the member at once rather than list it as left (`force-leave -prune`).
+    pub prune: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

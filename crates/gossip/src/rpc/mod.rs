@@ -410,7 +410,7 @@ impl Session {
             "force-leave" => {
                 let request: ForceLeaveRequest = body_of(body)?;
                 agent
-                    .force_leave(&request.node)
+                    .force_leave(&request.node, request.prune)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(None)
