@@ -5,6 +5,7 @@
 mod agent;
 mod broadcast;
 pub mod coalesce;
+pub mod coordinate;
 pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;

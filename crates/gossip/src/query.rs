@@ -69,7 +69,7 @@ pub struct QueryEvent {
 }
 
 /// Messages sent straight to one agent rather than gossiped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Direct {
     Ack {
         ltime: u64,
@@ -86,6 +86,18 @@ pub(crate) enum Direct {
     Relay {
         to: SocketAddr,
         message: Box<Direct>,
+    },
+    /// A round-trip probe carrying the sender's network coordinate.
+    Ping {
+        seq: u32,
+        from: String,
+        coord: crate::coordinate::Coordinate,
+    },
+    /// The answer to a `Ping`, with the answering agent's coordinate.
+    Pong {
+        seq: u32,
+        from: String,
+        coord: crate::coordinate::Coordinate,
     },
 }
 

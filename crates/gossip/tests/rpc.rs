@@ -19,20 +19,27 @@ async fn serving() -> (phoenix_gossip::Agent, std::net::SocketAddr) {
     (agent, addr)
 }
 
-#[tokio::test]
-async fn get_coordinate_answers_with_a_body_and_unknown_commands_close_the_connection() {
-    let (_agent, addr) = serving().await;
-    let mut client = Client::connect(addr, None).await.unwrap();
-    // `serf rtt` reads a body after the header, error or not: it gets one, saying "unknown".
-    let node = std::collections::BTreeMap::from([("Node", "a")]);
-    let coordinate: CoordinateResponse = tokio::time::timeout(
+async fn coordinate_of(client: &mut Client, node: &str) -> CoordinateResponse {
+    let node = std::collections::BTreeMap::from([("Node", node)]);
+    tokio::time::timeout(
         Duration::from_secs(5),
         client.call("get-coordinate", Some(&node)),
     )
     .await
     .expect("an answer, not a hang")
-    .unwrap();
-    assert!(!coordinate.ok);
+    .unwrap()
+}
+
+#[tokio::test]
+async fn get_coordinate_answers_with_a_body_and_unknown_commands_close_the_connection() {
+    let (_agent, addr) = serving().await;
+    let mut client = Client::connect(addr, None).await.unwrap();
+    // `serf rtt` reads a body after the header, error or not: it gets one, with the agent's
+    // own coordinate (8 dimensions, Serf's starting error), or saying "unknown".
+    let own = coordinate_of(&mut client, "a").await;
+    assert!(own.ok);
+    assert_eq!((own.coord.vec.len(), own.coord.error), (8, 1.5));
+    assert!(!coordinate_of(&mut client, "nobody").await.ok);
 
     let unknown = client.call::<()>("bogus", None).await;
     assert_eq!(unknown, Err("Unsupported command".to_string()));

@@ -324,6 +324,7 @@ impl SerfConfig {
             keyring_file,
             tags_file,
             rejoin_after_leave: self.rejoin_after_leave,
+            coordinates: !self.disable_coordinates,
             reap_left_after: self
                 .tombstone_timeout
                 .unwrap_or(Duration::from_secs(24 * 3600)),
@@ -450,6 +451,8 @@ pub struct SerfAgent {
     pub keyring_file: Option<PathBuf>,
     pub tags_file: Option<PathBuf>,
     pub rejoin_after_leave: bool,
+    /// Vivaldi coordinates are computed (not Serf's `disable_coordinates`).
+    pub coordinates: bool,
     pub reap_left_after: Duration,
     pub profile: phoenix_gossip::Profile,
     pub log_level: Option<tracing::Level>,
@@ -474,6 +477,7 @@ impl SerfAgent {
         config.keyring_file = self.keyring_file.clone();
         config.tags_file = self.tags_file.clone();
         config.rejoin_after_leave = self.rejoin_after_leave;
+        config.coordinates = self.coordinates;
         config.reap_left_after = self.reap_left_after;
         Ok(config)
     }

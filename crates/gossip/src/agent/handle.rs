@@ -101,6 +101,11 @@ impl Agent {
             snapshot_dirty: false,
             keyring_file: config.keyring_file,
             tags_file: config.tags_file,
+            vivaldi: config.coordinates.then(|| {
+                crate::coordinate::Client::new(SmallRng::seed_from_u64(config.seed.wrapping_add(2)))
+            }),
+            coordinates: HashMap::new(),
+            pings: HashMap::new(),
             event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),
             query_limit: RateLimit::new(config.query_rate.0, config.query_rate.1),
             rng: SmallRng::seed_from_u64(config.seed.wrapping_add(1)),

@@ -24,6 +24,7 @@ use crate::packet::{self, Kind};
 use crate::query::{Direct, Incoming, Outgoing, QueryHandle, QueryParams};
 use crate::snapshot::Snapshot;
 
+mod coords;
 mod handle;
 mod queries;
 mod types;
@@ -48,6 +49,11 @@ enum Command {
         oneshot::Sender<Result<QueryHandle, GossipError>>,
     ),
     Respond(u64, Vec<u8>, oneshot::Sender<Result<(), GossipError>>),
+    /// A member's network coordinate, if known.
+    Coordinate(
+        String,
+        oneshot::Sender<Option<crate::coordinate::Coordinate>>,
+    ),
     /// A member to force out; `true` to prune it (forget it at once).
     ForceLeave(String, bool, oneshot::Sender<Result<(), GossipError>>),
 }
@@ -100,6 +106,12 @@ struct Actor {
     snapshot_dirty: bool,
     keyring_file: Option<std::path::PathBuf>,
     tags_file: Option<std::path::PathBuf>,
+    /// This agent's Vivaldi state (`None`: coordinates disabled).
+    vivaldi: Option<crate::coordinate::Client>,
+    /// Members' coordinates, as their pings and pongs told them.
+    coordinates: HashMap<String, crate::coordinate::Coordinate>,
+    /// Pings awaiting their pong: the member pinged and when.
+    pings: HashMap<u32, (String, Instant)>,
     event_limit: RateLimit,
     query_limit: RateLimit,
     /// Picks query ids and relays.
@@ -127,8 +139,8 @@ impl Actor {
             let next_deadline = self.outgoing.values().map(|q| q.deadline).min();
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
-                    if let Ok((len, _)) = received {
-                        self.on_packet(&buf[..len]);
+                    if let Ok((len, from)) = received {
+                        self.on_packet(&buf[..len], from);
                     }
                 }
                 command = inbox.recv() => match command {
@@ -143,7 +155,10 @@ impl Actor {
                 },
                 _ = sleep_until(next_timer) => self.on_timers(),
                 _ = sleep_until(next_deadline) => self.close_queries(),
-                _ = reap.tick() => self.reap(),
+                _ = reap.tick() => {
+                    self.reap();
+                    self.ping_someone();
+                }
             }
             self.drain();
             self.flush().await;
@@ -187,7 +202,7 @@ impl Actor {
         }
     }
 
-    fn on_packet(&mut self, bytes: &[u8]) {
+    fn on_packet(&mut self, bytes: &[u8], from: SocketAddr) {
         self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_received
@@ -198,6 +213,13 @@ impl Actor {
                     self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%error, "SWIM message rejected");
                 }
+            }
+            Unframed::Direct(Direct::Ping {
+                seq,
+                from: name,
+                coord,
+            }) => {
+                self.on_ping(seq, name, coord, from);
             }
             Unframed::Direct(message) => self.on_direct(message),
             Unframed::Malformed => {
@@ -264,6 +286,9 @@ impl Actor {
             }
             Command::Respond(id, payload, reply) => {
                 let _ = reply.send(self.respond(id, payload));
+            }
+            Command::Coordinate(node, reply) => {
+                let _ = reply.send(self.coordinate_of(&node));
             }
             Command::ForceLeave(name, prune, reply) => {
                 let _ = reply.send(self.broadcast_force_leave(name, prune));
@@ -497,6 +522,7 @@ impl Actor {
     /// Forgets a member at once (`force-leave -prune`), as a reap does.
     pub(super) fn prune(&mut self, name: &str) {
         if let Some(known) = self.members.remove(name) {
+            self.forget_coordinate(name);
             self.snapshot_dirty = true;
             self.publish(Event::MemberReap(member_of(&known.id, known.status)));
         }
@@ -590,6 +616,7 @@ impl Actor {
             .collect();
         for name in expired {
             if let Some(known) = self.members.remove(&name) {
+                self.forget_coordinate(&name);
                 self.publish(Event::MemberReap(member_of(&known.id, known.status)));
             }
         }

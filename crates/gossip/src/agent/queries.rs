@@ -64,6 +64,15 @@ impl Agent {
     }
 
     /// Tells the cluster that a failed member has left for good (Serf's force-leave).
+    /// A member's network coordinate (this agent's own included), if known.
+    pub async fn coordinate(
+        &self,
+        node: &str,
+    ) -> Result<Option<crate::coordinate::Coordinate>, GossipError> {
+        self.request(|reply| Command::Coordinate(node.into(), reply))
+            .await
+    }
+
     pub async fn force_leave(&self, node: &str, prune: bool) -> Result<(), GossipError> {
         self.request(|reply| Command::ForceLeave(node.into(), prune, reply))
             .await?
@@ -294,6 +303,10 @@ impl Actor {
                 }
                 return;
             }
+            Direct::Pong { seq, from, coord } => return self.on_pong(seq, from, coord),
+            // A ping is answered where its packet came from (see `on_packet`); one that got
+            // here was relayed, and is not answered.
+            Direct::Ping { .. } => return,
         };
         if let Some(outgoing) = self.outgoing.get_mut(&key) {
             outgoing.take(reply);

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub suspicion_mult: f64,
     /// Where to keep the snapshot (members and clock) for rejoining after a restart.
     pub snapshot: Option<std::path::PathBuf>,
+    /// Compute Vivaldi network coordinates (off: Serf's `disable_coordinates`).
+    pub coordinates: bool,
     /// Rejoin through the snapshot even after a graceful leave (Serf's `rejoin_after_leave`).
     pub rejoin_after_leave: bool,
     /// Where to keep the keyring after every change (Serf's `keyring_file`: a JSON list of
@@ -96,6 +98,7 @@ impl AgentConfig {
             reap_left_after: Duration::from_secs(24 * 3600),
             suspicion_mult: 4.0,
             snapshot: None,
+            coordinates: true,
             rejoin_after_leave: false,
             keyring_file: None,
             tags_file: None,
@@ -169,4 +172,6 @@ pub struct Stats {
     pub intent_queue: AtomicU64,
     /// User events and queries still to be gossiped.
     pub event_queue: AtomicU64,
+    /// How often the Vivaldi coordinate went invalid and started over.
+    pub coordinate_resets: AtomicU64,
 }

@@ -61,6 +61,13 @@ pub struct JoinResponse {
     pub num: i32,
 }
 
+/// `get-coordinate`: whose coordinate.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CoordinateRequest {
+    pub node: String,
+}
+
 /// `get-coordinate`'s answer: a node's network coordinate, when one is known (`Ok`).
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]

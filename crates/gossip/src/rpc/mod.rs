@@ -575,6 +575,7 @@ impl Session {
                         ("packets_sent", load(&stats.packets_sent)),
                         ("packets_dropped", load(&stats.packets_dropped)),
                         ("health_score", load(&stats.health_score)),
+                        ("coordinate_resets", load(&stats.coordinate_resets)),
                         (
                             "encrypted",
                             agent.keys(KeyOp::List).await.is_ok().to_string(),
@@ -589,9 +590,28 @@ impl Session {
                 all.insert("runtime".into(), runtime_stats());
                 Ok(encoded(&all))
             }
-            // No network coordinates yet: every node's is unknown, which `serf rtt` reports
-            // at once (it waits for this body, error or not).
-            "get-coordinate" => Ok(encoded(&CoordinateResponse::default())),
+            // An unknown coordinate is `Ok: false` with a body: `serf rtt` reads the body,
+            // error or not, and says it could not find a coordinate.
+            "get-coordinate" => {
+                let request: CoordinateRequest = body_of(body)?;
+                let known = agent
+                    .coordinate(&request.node)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let response = match known {
+                    Some(coord) => CoordinateResponse {
+                        coord: Coordinate {
+                            vec: coord.vec.to_vec(),
+                            error: coord.error,
+                            adjustment: coord.adjustment,
+                            height: coord.height,
+                        },
+                        ok: true,
+                    },
+                    None => CoordinateResponse::default(),
+                };
+                Ok(encoded(&response))
+            }
             // Serf answers an unknown command and closes the connection: a client waiting for
             // a body it will never get is released.
             _ => {
