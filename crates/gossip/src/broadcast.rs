@@ -170,6 +170,9 @@ impl Window {
     }
 }
 
+/// User events kept for a joiner that asks to replay them (`join -replay`).
+pub const REPLAYABLE: usize = 64;
+
 /// State shared between foca's broadcast handler and the agent. Member intents (force-leave),
 /// events and queries keep separate Lamport clocks, as in Serf.
 #[derive(Debug, Default)]
@@ -182,6 +185,8 @@ pub struct EventLog {
     leaves: Window,
     /// Messages accepted since the agent last looked.
     pub delivered: Vec<Message>,
+    /// The latest user events, oldest first, for `join -replay`.
+    pub recent: std::collections::VecDeque<UserEvent>,
     pub duplicates: u64,
     pub malformed: u64,
 }
@@ -202,6 +207,15 @@ impl EventLog {
             log.query_clock.witness(query_clock);
         }
         log
+    }
+
+    /// Takes user events another agent replayed: each one new here is delivered, as if it
+    /// had been gossiped (but it is not passed on). Returns how many were new.
+    pub fn replay(&mut self, events: Vec<UserEvent>) -> usize {
+        events
+            .into_iter()
+            .filter(|event| self.accept(&Message::Event(event.clone())).is_some())
+            .count()
     }
 
     /// Records a message; the key foca keeps while disseminating it, or `None` for a
@@ -230,6 +244,12 @@ impl EventLog {
             return None;
         }
         clock.witness(key.0);
+        if let Message::Event(event) = message {
+            if self.recent.len() == REPLAYABLE {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(event.clone());
+        }
         self.delivered.push(message.clone());
         Some(BroadcastKey(kind, key))
     }

@@ -99,6 +99,15 @@ pub(crate) enum Direct {
         from: String,
         coord: crate::coordinate::Coordinate,
     },
+    /// Please send me the user events you remember (`join -replay`).
+    ReplayAsk {
+        seq: u32,
+    },
+    /// Some of the user events asked for by `ReplayAsk` `seq` (one packet's worth).
+    Replayed {
+        seq: u32,
+        events: Vec<crate::broadcast::UserEvent>,
+    },
 }
 
 /// A query this agent asked, collecting replies.

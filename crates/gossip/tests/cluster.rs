@@ -230,3 +230,70 @@ async fn a_restarted_agent_rejoins_from_its_snapshot_unless_it_left() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The user events an agent's stream delivers within `patience`.
+async fn user_events(
+    stream: &mut tokio::sync::broadcast::Receiver<Event>,
+    patience: Duration,
+) -> Vec<(String, u64)> {
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(patience, async {
+        loop {
+            if let Ok(Event::User(event)) = stream.recv().await {
+                seen.push((event.name.clone(), event.ltime));
+            }
+        }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test]
+async fn a_join_with_replay_delivers_the_events_the_member_remembers() {
+    let mut agents = start(vec![config("a", 1), config("x", 4)]).await;
+    let (a, x) = (agents.remove(0), agents.remove(0));
+    let mut x_events = x.subscribe();
+    let first = a.event("deploy", b"v1", true).await.unwrap();
+    let second = a.event("restart", b"", false).await.unwrap();
+    // x has them, and they are no longer gossiped (their retransmissions are spent).
+    assert_eq!(
+        user_events(&mut x_events, Duration::from_secs(3))
+            .await
+            .len(),
+        2
+    );
+    // b joins and asks for a replay: both events, with their times; c joins plainly: none.
+    let b = Agent::start(config("b", 2)).await.unwrap();
+    let mut b_events = b.subscribe();
+    assert!(
+        b.join(a.local_addr(), Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    b.replay_from(a.local_addr()).await.unwrap();
+    let c = Agent::start(config("c", 3)).await.unwrap();
+    let mut c_events = c.subscribe();
+    assert!(
+        c.join(a.local_addr(), Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    let replayed = user_events(&mut b_events, Duration::from_secs(2)).await;
+    assert_eq!(
+        replayed,
+        [
+            ("deploy".to_string(), first),
+            ("restart".to_string(), second)
+        ]
+    );
+    assert_eq!(
+        user_events(&mut c_events, Duration::from_millis(500)).await,
+        []
+    );
+    // Asked again, nothing is delivered twice.
+    b.replay_from(a.local_addr()).await.unwrap();
+    assert_eq!(
+        user_events(&mut b_events, Duration::from_millis(500)).await,
+        []
+    );
+}

@@ -63,7 +63,7 @@ pub struct AgentArgs {
     /// Time between --retry-join attempts [default: 30s].
     #[arg(long, value_parser = any_duration)]
     retry_interval: Option<Duration>,
-    /// Replay past user events on the start join (refused: not supported).
+    /// Replay the user events the agent joined through remembers (its last 64).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     replay: Option<bool>,
     /// Rejoin through the snapshot even after a graceful leave.
@@ -238,6 +238,9 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             .join_any(&settings.join, Duration::from_secs(60))
             .await?;
         eprintln!("phoenix agent: joined through {through}");
+        if serf.replay_on_join {
+            agent.replay_from(through).await?;
+        }
     }
     let retry_join = retry_join(&agent, &serf);
     tokio::pin!(retry_join);
@@ -294,6 +297,9 @@ async fn retry_join(agent: &Agent, serf: &SerfAgent) -> Result<()> {
         match agent.join_any(&serf.retry_join, Duration::ZERO).await {
             Ok(through) => {
                 eprintln!("phoenix agent: joined through {through} (retry-join)");
+                if serf.replay_on_join {
+                    agent.replay_from(through).await?;
+                }
                 return std::future::pending().await;
             }
             Err(error) => eprintln!("phoenix agent: retry-join attempt {attempt}: {error}"),
@@ -494,6 +500,9 @@ pub struct JoinArgs {
     rpc: RpcArgs,
     #[arg(required = true)]
     addresses: Vec<String>,
+    /// Replay the user events each agent joined through remembers (its last 64).
+    #[arg(long)]
+    replay: bool,
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
@@ -503,7 +512,7 @@ pub async fn join(state: &Path, args: JoinArgs) -> Result<ExitCode> {
     let mut client = args.rpc.client(state).await?;
     let request = rpc::JoinRequest {
         existing: args.addresses,
-        replay: false,
+        replay: args.replay,
     };
     let response: rpc::JoinResponse = client
         .call("join", Some(&request))

@@ -324,6 +324,7 @@ impl SerfConfig {
             keyring_file,
             tags_file,
             rejoin_after_leave: self.rejoin_after_leave,
+            replay_on_join: self.replay_on_join,
             coordinates: !self.disable_coordinates,
             reap_left_after: self
                 .tombstone_timeout
@@ -356,12 +357,6 @@ impl SerfConfig {
             return Err(unsupported(
                 "protocol",
                 "Phoenix agents speak their own gossip protocol, not Serf's versions 2 to 5",
-            ));
-        }
-        if self.replay_on_join {
-            return Err(unsupported(
-                "replay_on_join",
-                "a joining agent does not replay old user events",
             ));
         }
         if self.enable_syslog {
@@ -451,6 +446,8 @@ pub struct SerfAgent {
     pub keyring_file: Option<PathBuf>,
     pub tags_file: Option<PathBuf>,
     pub rejoin_after_leave: bool,
+    /// Replay the user events of the member joined through at start (`-replay`).
+    pub replay_on_join: bool,
     /// Vivaldi coordinates are computed (not Serf's `disable_coordinates`).
     pub coordinates: bool,
     pub reap_left_after: Duration,
@@ -738,7 +735,6 @@ mod tests {
             (r#"{"discover": "cluster"}"#, "`discover`"),
             (r#"{"mdns": {"interface": "eth0"}}"#, "`mdns`"),
             (r#"{"protocol": 4}"#, "`protocol`"),
-            (r#"{"replay_on_join": true}"#, "`replay_on_join`"),
             (r#"{"enable_syslog": true}"#, "`enable_syslog`"),
             (r#"{"statsd_addr": "127.0.0.1:8125"}"#, "`statsd_addr`"),
             (

@@ -27,6 +27,7 @@ use crate::snapshot::Snapshot;
 mod coords;
 mod handle;
 mod queries;
+mod replay;
 mod types;
 
 pub use handle::Agent;
@@ -49,6 +50,8 @@ enum Command {
         oneshot::Sender<Result<QueryHandle, GossipError>>,
     ),
     Respond(u64, Vec<u8>, oneshot::Sender<Result<(), GossipError>>),
+    /// Ask the agent at this address to replay its user events (`join -replay`).
+    Replay(SocketAddr, oneshot::Sender<()>),
     /// A member's network coordinate, if known.
     Coordinate(
         String,
@@ -112,6 +115,8 @@ struct Actor {
     coordinates: HashMap<String, crate::coordinate::Coordinate>,
     /// Pings awaiting their pong: the member pinged and when.
     pings: HashMap<u32, (String, Instant)>,
+    /// Replays asked for (`join -replay`): whom, and when.
+    replays: HashMap<u32, (SocketAddr, Instant)>,
     event_limit: RateLimit,
     query_limit: RateLimit,
     /// Picks query ids and relays.
@@ -221,6 +226,10 @@ impl Actor {
             }) => {
                 self.on_ping(seq, name, coord, from);
             }
+            Unframed::Direct(Direct::ReplayAsk { seq }) => self.on_replay_ask(seq, from),
+            Unframed::Direct(Direct::Replayed { seq, events }) => {
+                self.on_replayed(seq, events, from);
+            }
             Unframed::Direct(message) => self.on_direct(message),
             Unframed::Malformed => {
                 self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +295,10 @@ impl Actor {
             }
             Command::Respond(id, payload, reply) => {
                 let _ = reply.send(self.respond(id, payload));
+            }
+            Command::Replay(addr, reply) => {
+                self.ask_replay(addr);
+                let _ = reply.send(());
             }
             Command::Coordinate(node, reply) => {
                 let _ = reply.send(self.coordinate_of(&node));

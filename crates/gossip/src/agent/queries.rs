@@ -64,6 +64,12 @@ impl Agent {
     }
 
     /// Tells the cluster that a failed member has left for good (Serf's force-leave).
+    /// Asks the agent at `addr` (joined through) for the user events it remembers; those not
+    /// seen here are delivered as if just gossiped (`join -replay`).
+    pub async fn replay_from(&self, addr: SocketAddr) -> Result<(), GossipError> {
+        self.request(|reply| Command::Replay(addr, reply)).await
+    }
+
     /// A member's network coordinate (this agent's own included), if known.
     pub async fn coordinate(
         &self,
@@ -304,9 +310,9 @@ impl Actor {
                 return;
             }
             Direct::Pong { seq, from, coord } => return self.on_pong(seq, from, coord),
-            // A ping is answered where its packet came from (see `on_packet`); one that got
-            // here was relayed, and is not answered.
-            Direct::Ping { .. } => return,
+            // These are answered where their packet came from (see `on_packet`); one that
+            // got here was relayed, and is not answered.
+            Direct::Ping { .. } | Direct::ReplayAsk { .. } | Direct::Replayed { .. } => return,
         };
         if let Some(outgoing) = self.outgoing.get_mut(&key) {
             outgoing.take(reply);

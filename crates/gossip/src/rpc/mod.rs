@@ -394,6 +394,9 @@ impl Session {
                         .map_err(|e| e.to_string())?
                     {
                         num += 1;
+                        if request.replay {
+                            agent.replay_from(addr).await.map_err(|e| e.to_string())?;
+                        }
                     }
                 }
                 if num == 0 && !request.existing.is_empty() {
