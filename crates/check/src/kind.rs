@@ -46,14 +46,15 @@ impl Setting {
     pub fn validate(self, node: &Node) -> Result<(), Invalid> {
         let ok = match (self, &node.value) {
             (Setting::Bool, Value::Bool(_)) | (Setting::Any, _) => true,
-            (Setting::Millis, Value::Int(n)) => *n > 0,
+            // 0 means the default, as in goss (`resource/command.go`).
+            (Setting::Millis, Value::Int(n)) => *n >= 0,
             (Setting::Text, v) => !matches!(v, Value::Null | Value::Seq(_) | Value::Map(_)),
             (Setting::TextList, Value::Seq(items)) => items.iter().all(|i| i.as_text().is_some()),
             _ => false,
         };
         let wanted = match self {
             Setting::Bool => "true or false",
-            Setting::Millis => "a positive number of milliseconds",
+            Setting::Millis => "a number of milliseconds (0: the default)",
             Setting::Text => "a string",
             Setting::TextList => "a list of strings",
             Setting::Any => "anything",

@@ -62,11 +62,12 @@ impl Check {
             .unwrap_or(false)
     }
 
-    /// A timeout option in milliseconds, or the default.
+    /// A timeout option in milliseconds, or the default (also for `timeout: 0`, as goss).
     pub fn timeout_ms(&self, default: u64) -> u64 {
         self.options
             .get("timeout")
             .and_then(Json::as_u64)
+            .filter(|&ms| ms > 0)
             .unwrap_or(default)
     }
 }
@@ -104,6 +105,16 @@ pub fn load(path: &Path, data: &TemplateData) -> Result<Suite, SuiteError> {
     let mut loader = Loader::new(data);
     loader.file(path, None)?;
     let mut suite = loader.suite;
+    // As goss: a suite that checks nothing is an error, so an empty or mistyped file can
+    // never pass a deploy gate.
+    if suite.checks.is_empty() {
+        return Err(invalid(
+            path,
+            1,
+            1,
+            format!("found 0 tests, source: {}", path.display()),
+        ));
+    }
     suite.digest = format!("sha256:{:x}", loader.hasher.finalize());
     Ok(suite)
 }
@@ -125,6 +136,9 @@ struct Loader<'a> {
     /// The include chain, to detect loops.
     stack: Vec<PathBuf>,
     hasher: Sha256,
+    /// Where each resource is in `suite.checks`: a later file's check replaces an earlier
+    /// one in constant time, so a long suite loads in linear time.
+    index: std::collections::HashMap<(Kind, String), usize>,
 }
 
 impl<'a> Loader<'a> {
@@ -138,6 +152,7 @@ impl<'a> Loader<'a> {
             },
             stack: Vec::new(),
             hasher: Sha256::new(),
+            index: std::collections::HashMap::new(),
         }
     }
 
@@ -209,14 +224,15 @@ impl<'a> Loader<'a> {
             })?;
             for (id, body) in entries {
                 let check = parse_check(kind, id, body, file).map_err(at)?;
-                match self
-                    .suite
-                    .checks
-                    .iter_mut()
-                    .find(|c| c.kind == kind && c.id == check.id)
-                {
-                    Some(earlier) => *earlier = check,
-                    None => self.suite.checks.push(check),
+                let at = self.suite.checks.len();
+                match self.index.entry((kind, check.id.clone())) {
+                    std::collections::hash_map::Entry::Occupied(earlier) => {
+                        self.suite.checks[*earlier.get()] = check;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(at);
+                        self.suite.checks.push(check);
+                    }
                 }
             }
         }

@@ -75,15 +75,33 @@ impl Node {
     }
 }
 
+/// A collection being read: its node, its anchor, and how many nodes existed when it
+/// started (to know its size when it ends).
 enum Frame {
-    Seq(Node, Option<usize>),
-    Map(Node, Option<usize>, Option<Node>),
+    Seq(Node, Option<usize>, usize),
+    /// A map also has the key waiting for its value, and the keys so far (duplicates are
+    /// found in constant time, so a long map parses in linear time).
+    Map(
+        Node,
+        Option<usize>,
+        usize,
+        Option<Node>,
+        std::collections::HashSet<String>,
+    ),
 }
+
+/// Most nodes a document may expand to, aliases included: a "billion laughs" document (each
+/// alias repeating the one before many times) is refused at once, in bounded memory.
+pub const MAX_NODES: usize = 1_000_000;
 
 /// Parses the first document of `text`. An empty document is an empty map.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut stack: Vec<Frame> = Vec::new();
-    let mut anchors: Vec<(usize, Node)> = Vec::new();
+    // Each anchor's node and its size in nodes.
+    let mut anchors: std::collections::HashMap<usize, (Node, usize)> =
+        std::collections::HashMap::new();
+    // Nodes made so far, aliases counted at their full size.
+    let mut made = 0usize;
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| SyntaxError {
             line: e.marker().line(),
@@ -96,6 +114,15 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
             line,
             column,
         };
+        let too_big = || {
+            error(
+                line,
+                column,
+                &format!(
+                    "the document expands to more than {MAX_NODES} nodes (aliases repeating aliases?)"
+                ),
+            )
+        };
         let done = match event {
             Event::Scalar(text, style, anchor, tag) => {
                 let forced_string = tag.is_some_and(|t| t.suffix == "str");
@@ -104,29 +131,48 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                 } else {
                     Value::Str(text.into_owned())
                 };
-                remember(&mut anchors, anchor, at(value))
+                made += 1;
+                remember(&mut anchors, anchor, at(value), 1)
             }
-            Event::Alias(id) => match anchors.iter().rev().find(|(a, _)| *a == id) {
-                Some((_, node)) => Some(node.clone()),
+            Event::Alias(id) => match anchors.get(&id) {
+                Some((node, size)) => {
+                    made = made.saturating_add(*size);
+                    if made > MAX_NODES {
+                        return Err(too_big());
+                    }
+                    Some(node.clone())
+                }
                 None => return Err(error(line, column, "unknown alias")),
             },
             Event::SequenceStart(anchor, _) => {
-                stack.push(Frame::Seq(at(Value::Seq(Vec::new())), Some(anchor)));
+                made += 1;
+                stack.push(Frame::Seq(at(Value::Seq(Vec::new())), Some(anchor), made));
                 None
             }
             Event::MappingStart(anchor, _) => {
-                stack.push(Frame::Map(at(Value::Map(Vec::new())), Some(anchor), None));
+                made += 1;
+                let keys = std::collections::HashSet::new();
+                stack.push(Frame::Map(
+                    at(Value::Map(Vec::new())),
+                    Some(anchor),
+                    made,
+                    None,
+                    keys,
+                ));
                 None
             }
             Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
-                Some(Frame::Seq(node, anchor) | Frame::Map(node, anchor, _)) => {
-                    remember(&mut anchors, anchor.unwrap_or(0), node)
+                Some(Frame::Seq(node, anchor, start) | Frame::Map(node, anchor, start, ..)) => {
+                    remember(&mut anchors, anchor.unwrap_or(0), node, made - start + 1)
                 }
                 None => None,
             },
             Event::DocumentEnd | Event::StreamEnd => break,
             Event::Nothing | Event::StreamStart | Event::DocumentStart(_) => None,
         };
+        if made > MAX_NODES {
+            return Err(too_big());
+        }
         let Some(node) = done else { continue };
         match stack.last_mut() {
             None => return Ok(node),
@@ -140,21 +186,26 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     })
 }
 
-fn remember(anchors: &mut Vec<(usize, Node)>, anchor: usize, node: Node) -> Option<Node> {
+fn remember(
+    anchors: &mut std::collections::HashMap<usize, (Node, usize)>,
+    anchor: usize,
+    node: Node,
+    size: usize,
+) -> Option<Node> {
     if anchor != 0 {
-        anchors.push((anchor, node.clone()));
+        anchors.insert(anchor, (node.clone(), size));
     }
     Some(node)
 }
 
 fn attach(frame: &mut Frame, node: Node) -> Result<(), SyntaxError> {
     match frame {
-        Frame::Seq(parent, _) => {
+        Frame::Seq(parent, ..) => {
             if let Value::Seq(items) = &mut parent.value {
                 items.push(node);
             }
         }
-        Frame::Map(parent, _, pending) => match pending.take() {
+        Frame::Map(parent, _, _, pending, keys) => match pending.take() {
             None => {
                 if node.as_text().is_none() && node.value != Value::Null {
                     return Err(error(node.line, node.column, "a key must be a scalar"));
@@ -165,8 +216,8 @@ fn attach(frame: &mut Frame, node: Node) -> Result<(), SyntaxError> {
                 let Value::Map(entries) = &mut parent.value else {
                     return Ok(());
                 };
-                if entries.iter().any(|(k, _)| k.as_text() == key.as_text()) {
-                    let name = key.as_text().unwrap_or_default();
+                let name = key.as_text().unwrap_or_default();
+                if !keys.insert(name.clone()) {
                     return Err(error(
                         key.line,
                         key.column,
@@ -281,5 +332,47 @@ mod tests {
         let bad = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(bad.line >= 1, "{bad:?}");
         assert_eq!(parse("").unwrap().value, Value::Map(Vec::new()));
+    }
+
+    /// "Billion laughs": nine levels of ten aliases each would be a billion nodes. It is
+    /// refused as soon as it passes the bound, having built at most that many.
+    #[test]
+    fn an_alias_bomb_is_refused_at_the_bound() {
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (name, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f", "g", "h"])
+        {
+            let aliases = vec![format!("*{prev}"); 9].join(",");
+            bomb.push_str(&format!("{name}: &{name} [{aliases}]\n"));
+        }
+        let error = parse(&bomb).unwrap_err();
+        assert!(
+            error.message.contains("expands to more than 1000000 nodes"),
+            "{error:?}"
+        );
+        // Below the bound, aliases still expand (six levels: 9^6 = 531,441 leaves).
+        let six: String = bomb.lines().take(6).map(|l| format!("{l}\n")).collect();
+        let doc = parse(&six).unwrap();
+        assert_eq!(get(&doc, "f").to_json().as_array().unwrap().len(), 9);
+    }
+
+    /// A long map is read key by key, each checked against the others without a scan.
+    #[test]
+    fn a_map_of_many_keys_parses_and_still_finds_a_duplicate() {
+        let mut text: String = (0..20_000).map(|i| format!("k{i}: {i}\n")).collect();
+        let doc = parse(&text).unwrap();
+        let Value::Map(entries) = &doc.value else {
+            panic!()
+        };
+        assert_eq!(entries.len(), 20_000);
+        text.push_str("k7: again\n");
+        let dup = parse(&text).unwrap_err();
+        assert_eq!(
+            (dup.line, dup.message.as_str()),
+            (20_001, "duplicate key \"k7\"")
+        );
     }
 }

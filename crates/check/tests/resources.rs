@@ -663,7 +663,7 @@ fn malformed_files_name_file_line_and_key() {
             "setting.yaml",
             "command:\n  x:\n    timeout: soon\n",
             3,
-            "expected a positive number of milliseconds",
+            "expected a number of milliseconds (0: the default)",
         ),
         (
             "dup.yaml",
@@ -804,4 +804,26 @@ fn hundreds_of_checks_share_the_tables_of_one_run() {
         "{}",
         render(&report, Format::Rspecish, false)
     );
+}
+
+/// goss's rules: `timeout: 0` is the default, and a suite with no check is an error (so an
+/// empty file never passes a deploy gate).
+#[test]
+fn a_zero_timeout_is_the_default_and_an_empty_suite_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phoenix_check::TemplateData::default();
+    let zero = dir.path().join("zero.yaml");
+    std::fs::write(
+        &zero,
+        "command:\n  x:\n    exit-status: 0\n    exec: \"true\"\n    timeout: 0\n",
+    )
+    .unwrap();
+    let suite = phoenix_check::load(&zero, &data).unwrap();
+    assert_eq!(suite.checks[0].timeout_ms(10_000), 10_000);
+    let empty = dir.path().join("empty.yaml");
+    for text in ["", "# nothing here\n", "file: {}\n"] {
+        std::fs::write(&empty, text).unwrap();
+        let error = phoenix_check::load(&empty, &data).unwrap_err().to_string();
+        assert!(error.contains("found 0 tests"), "{text:?}: {error}");
+    }
 }
