@@ -140,10 +140,18 @@ impl Kind {
                 ("linked-to", S),
                 ("path", Role::Setting(Setting::Text)),
             ],
-            Kind::Package => &[("installed", S), ("versions", L)],
-            Kind::Service => &[("enabled", S), ("running", S)],
+            Kind::Package => &[
+                ("installed", S),
+                ("versions", L),
+                ("name", Role::Setting(Setting::Text)),
+            ],
+            Kind::Service => &[
+                ("enabled", S),
+                ("running", S),
+                ("name", Role::Setting(Setting::Text)),
+            ],
             Kind::Port => &[("listening", S), ("ip", L)],
-            Kind::Process => &[("running", S)],
+            Kind::Process => &[("running", S), ("comm", Role::Setting(Setting::Text))],
             Kind::Command => &[
                 ("exit-status", S),
                 ("stdout", T),
@@ -163,6 +171,7 @@ impl Kind {
                 ("request-body", Role::Setting(Setting::Text)),
                 ("username", Role::Setting(Setting::Text)),
                 ("password", Role::Setting(Setting::Text)),
+                ("url", Role::Setting(Setting::Text)),
             ],
             Kind::User => &[
                 ("exists", S),
@@ -171,16 +180,26 @@ impl Kind {
                 ("groups", L),
                 ("home", S),
                 ("shell", S),
+                ("username", Role::Setting(Setting::Text)),
             ],
-            Kind::Group => &[("exists", S), ("gid", S)],
-            Kind::Addr => &[("reachable", S), ("timeout", MILLIS)],
+            Kind::Group => &[
+                ("exists", S),
+                ("gid", S),
+                ("groupname", Role::Setting(Setting::Text)),
+            ],
+            Kind::Addr => &[
+                ("reachable", S),
+                ("timeout", MILLIS),
+                ("address", Role::Setting(Setting::Text)),
+            ],
             Kind::Dns => &[
                 ("resolvable", S),
                 ("resolveable", S),
                 ("addrs", L),
                 ("timeout", MILLIS),
+                ("resolve", Role::Setting(Setting::Text)),
             ],
-            Kind::KernelParam => &[("value", S)],
+            Kind::KernelParam => &[("value", S), ("name", Role::Setting(Setting::Text))],
             Kind::Mount => &[
                 ("exists", S),
                 ("opts", L),
@@ -188,10 +207,34 @@ impl Kind {
                 ("source", S),
                 ("filesystem", S),
                 ("usage", S),
+                ("mountpoint", Role::Setting(Setting::Text)),
             ],
-            Kind::Interface => &[("exists", S), ("addrs", L), ("mtu", S)],
+            Kind::Interface => &[
+                ("exists", S),
+                ("addrs", L),
+                ("mtu", S),
+                ("name", Role::Setting(Setting::Text)),
+            ],
             Kind::Matching => &[("matches", S), ("content", Role::Setting(Setting::Any))],
         }
+    }
+
+    /// The setting that names what is checked when it is not the key (goss's attributes that
+    /// default to the key: `service: {sshd: {name: ssh}}` checks `ssh`, reported as `sshd`).
+    pub fn target_setting(self) -> Option<&'static str> {
+        Some(match self {
+            Kind::File => "path",
+            Kind::Command => "exec",
+            Kind::Package | Kind::Service | Kind::KernelParam | Kind::Interface => "name",
+            Kind::Process => "comm",
+            Kind::User => "username",
+            Kind::Group => "groupname",
+            Kind::Addr => "address",
+            Kind::Dns => "resolve",
+            Kind::Mount => "mountpoint",
+            Kind::Http => "url",
+            Kind::Port | Kind::Matching => return None,
+        })
     }
 
     /// The attribute's canonical name and role, if this type has it.

@@ -51,6 +51,15 @@ pub struct Attribute {
 }
 
 impl Check {
+    /// What is checked: the setting that names it (`name`, `path`, `url`…) when given, else
+    /// the resource's key.
+    pub fn target(&self) -> &str {
+        self.kind
+            .target_setting()
+            .and_then(|setting| self.option_str(setting))
+            .unwrap_or(&self.id)
+    }
+
     pub fn option_str(&self, name: &str) -> Option<&str> {
         self.options.get(name).and_then(Json::as_str)
     }

@@ -827,3 +827,34 @@ fn a_zero_timeout_is_the_default_and_an_empty_suite_is_refused() {
         assert!(error.contains("found 0 tests"), "{text:?}: {error}");
     }
 }
+
+/// goss's attributes that default to the key: the key names the check in the report, the
+/// attribute says what is checked.
+#[test]
+fn attributes_that_default_to_the_key_name_what_is_checked() {
+    let scene = Scene::new();
+    let dir = scene.dir.path().display().to_string();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let goss = format!(
+        "kernel-param:\n  the-host-name:\n    name: kernel.hostname\n    value: {host}\n\
+         user:\n  superuser:\n    username: root\n    exists: true\n    uid: 0\n\
+         group:\n  supergroup:\n    groupname: root\n    exists: true\n\
+         interface:\n  loopback:\n    name: lo\n    exists: true\n\
+         file:\n  the-dir:\n    path: {dir}\n    exists: true\n    filetype: directory\n\
+         package:\n  no-such-thing:\n    name: phoenix-surely-not-a-package\n    installed: false\n",
+        host = hostname.trim()
+    );
+    let report = scene.run(&goss, &Target::host());
+    expect(
+        &report,
+        &[
+            ("KernelParam", "the-host-name", "value", Status::Pass),
+            ("User", "superuser", "exists", Status::Pass),
+            ("User", "superuser", "uid", Status::Pass),
+            ("Group", "supergroup", "exists", Status::Pass),
+            ("Interface", "loopback", "exists", Status::Pass),
+            ("File", "the-dir", "filetype", Status::Pass),
+            ("Package", "no-such-thing", "installed", Status::Pass),
+        ],
+    );
+}

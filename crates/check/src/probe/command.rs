@@ -24,7 +24,7 @@ pub fn observe<'a>(
     check: &'a Check,
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
-    let script = check.option_str("exec").unwrap_or(&check.id).to_string();
+    let script = check.target().to_string();
     let timeout = Duration::from_millis(check.timeout_ms(DEFAULT_TIMEOUT_MS));
     let output = run(&script, system, timeout);
     move |attribute| {

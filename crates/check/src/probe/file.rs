@@ -17,7 +17,7 @@ pub fn observe<'a>(
     check: &'a Check,
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
-    let written = check.option_str("path").unwrap_or(&check.id).to_string();
+    let written = check.target().to_string();
     let path = system.target.path(&written);
     let link = std::fs::symlink_metadata(&path);
     let followed = std::fs::metadata(&path);

@@ -214,11 +214,11 @@ pub fn user<'a>(
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
         let users = system.users()?;
-        let found = users.iter().find(|u| u.name == check.id);
+        let found = users.iter().find(|u| u.name == check.target());
         if attribute == "exists" {
             return Ok(json!(found.is_some()));
         }
-        let user = found.ok_or_else(|| format!("user {} does not exist", check.id))?;
+        let user = found.ok_or_else(|| format!("user {} does not exist", check.target()))?;
         Ok(match attribute {
             "uid" => json!(user.uid),
             "gid" => json!(user.gid),
@@ -243,11 +243,11 @@ pub fn group<'a>(
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
-        let found = system.groups()?.iter().find(|g| g.name == check.id);
+        let found = system.groups()?.iter().find(|g| g.name == check.target());
         match (attribute, found) {
             ("exists", found) => Ok(json!(found.is_some())),
             (_, Some(group)) => Ok(json!(group.gid)),
-            (_, None) => Err(format!("group {} does not exist", check.id)),
+            (_, None) => Err(format!("group {} does not exist", check.target())),
         }
     }
 }
@@ -258,13 +258,13 @@ pub fn package<'a>(
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
         let versions: Vec<String> = match system.packages()? {
-            Packages::Listed(all) => all.get(&check.id).cloned().unwrap_or_default(),
-            Packages::Rpm => rpm_versions(&check.id),
+            Packages::Listed(all) => all.get(check.target()).cloned().unwrap_or_default(),
+            Packages::Rpm => rpm_versions(check.target()),
             Packages::None => return Err("no package database (dpkg, apk or rpm) found".into()),
         };
         match attribute {
             "installed" => Ok(json!(!versions.is_empty())),
-            _ if versions.is_empty() => Err(format!("package {} is not installed", check.id)),
+            _ if versions.is_empty() => Err(format!("package {} is not installed", check.target())),
             _ => Ok(json!(versions)),
         }
     }
@@ -295,7 +295,11 @@ pub fn process<'a>(
     check: &'a Check,
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
-    move |_| Ok(json!(system.processes()?.contains(&check.id)))
+    move |_| {
+        Ok(json!(
+            system.processes()?.contains(&check.target().to_string())
+        ))
+    }
 }
 
 /// systemd when it runs this machine; otherwise SysV init scripts under the target's root.
@@ -306,7 +310,7 @@ pub fn service<'a>(
     let target = system.target;
     let systemd = target.is_host() && Path::new("/run/systemd/system").is_dir();
     move |attribute| {
-        let name = &check.id;
+        let name = check.target();
         if systemd {
             let verb = if attribute == "enabled" {
                 "is-enabled"
@@ -323,7 +327,7 @@ pub fn service<'a>(
                 std::fs::read_dir(dir).is_ok_and(|entries| {
                     entries.flatten().any(|e| {
                         let file = e.file_name().to_string_lossy().into_owned();
-                        file.starts_with('S') && file.get(3..) == Some(name.as_str())
+                        file.starts_with('S') && file.get(3..) == Some(name)
                     })
                 })
             })));
@@ -350,9 +354,9 @@ fn succeeds(command: &mut Command) -> bool {
 
 pub fn kernel_param(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
     move |_| {
-        let path = format!("/proc/sys/{}", check.id.replace('.', "/"));
+        let path = format!("/proc/sys/{}", check.target().replace('.', "/"));
         let value = std::fs::read_to_string(&path)
-            .map_err(|e| format!("kernel parameter {}: {e}", check.id))?;
+            .map_err(|e| format!("kernel parameter {}: {e}", check.target()))?;
         // Multi-value parameters are tab-separated; sysctl prints them the same way.
         Ok(json!(value.trim_end_matches('\n')))
     }
@@ -364,17 +368,21 @@ pub fn mount<'a>(
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
         // The last mount on a point is the one that shows.
-        let found = system.mounts()?.iter().rev().find(|m| m.point == check.id);
+        let found = system
+            .mounts()?
+            .iter()
+            .rev()
+            .find(|m| m.point == check.target());
         if attribute == "exists" {
             return Ok(json!(found.is_some()));
         }
-        let mount = found.ok_or_else(|| format!("nothing is mounted on {}", check.id))?;
+        let mount = found.ok_or_else(|| format!("nothing is mounted on {}", check.target()))?;
         Ok(match attribute {
             "opts" => json!(mount.opts),
             "vfs-opts" => json!(mount.vfs_opts),
             "source" => json!(mount.source),
             "filesystem" => json!(mount.filesystem),
-            _ => json!(usage_percent(&check.id)?),
+            _ => json!(usage_percent(check.target())?),
         })
     }
 }

@@ -97,7 +97,7 @@ pub fn observe(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
 fn fetch(check: &Check) -> Result<Response, String> {
     let timeout = Duration::from_millis(check.timeout_ms(DEFAULT_TIMEOUT_MS));
     let deadline = Instant::now() + timeout;
-    let mut url = Url::parse(&check.id)?;
+    let mut url = Url::parse(check.target())?;
     let mut method = check.option_str("method").unwrap_or("GET").to_string();
     let follow = !check.option_bool("no-follow-redirects");
     for _ in 0..=MAX_REDIRECTS {

@@ -118,7 +118,7 @@ pub fn port<'a>(
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
-        let (proto, port) = parse_port(&check.id)?;
+        let (proto, port) = parse_port(check.target())?;
         let mut ips: Vec<String> = system
             .ports()?
             .iter()
@@ -136,7 +136,7 @@ pub fn port<'a>(
 
 pub fn addr(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
     move |_| {
-        let (proto, target) = parse_addr(&check.id)?;
+        let (proto, target) = parse_addr(check.target())?;
         let timeout = Duration::from_millis(check.timeout_ms(500));
         let addrs = resolve(target, timeout)?;
         let reachable = addrs.iter().any(|addr| match proto {
@@ -155,7 +155,7 @@ pub fn addr(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
 
 pub fn dns(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
     move |attribute| {
-        let (v6, host) = parse_dns(&check.id)?;
+        let (v6, host) = parse_dns(check.target())?;
         let timeout = Duration::from_millis(check.timeout_ms(500));
         let mut ips: Vec<String> = resolve(&format!("{host}:0"), timeout)
             .unwrap_or_default()
@@ -280,11 +280,14 @@ pub fn interface<'a>(
     system: &'a System,
 ) -> impl Fn(&str) -> Result<Json, String> + 'a {
     move |attribute| {
-        let found = system.interfaces()?.iter().find(|i| i.name == check.id);
+        let found = system
+            .interfaces()?
+            .iter()
+            .find(|i| i.name == check.target());
         if attribute == "exists" {
             return Ok(json!(found.is_some()));
         }
-        let interface = found.ok_or_else(|| format!("no interface {}", check.id))?;
+        let interface = found.ok_or_else(|| format!("no interface {}", check.target()))?;
         Ok(match attribute {
             "addrs" => json!(interface.addrs),
             _ => json!(interface.mtu),
