@@ -52,7 +52,7 @@ pub use kind::Kind;
 pub use probe::Target;
 pub use report::{Format, describe, render};
 pub use run::{Outcome, Report, RunOptions, Status, run};
-pub use suite::{Check, Suite, digest_of, load, load_vars};
+pub use suite::{Check, Suite, digest_of, load, load_vars, merge_vars, parse_vars};
 pub use template::TemplateData;
 
 /// A goss file that cannot be read or is not valid.

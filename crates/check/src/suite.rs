@@ -104,9 +104,25 @@ fn hash_file(hasher: &mut Sha256, canonical: &Path, text: &str) {
 
 /// Reads a `--vars` file (YAML or JSON).
 pub fn load_vars(path: &Path) -> Result<Json, SuiteError> {
-    let text = read(path)?;
-    let node = yaml::parse(&text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
+    parse_vars(path, &read(path)?)
+}
+
+/// Variables given as YAML or JSON text (`--vars-inline`); `path` names them in errors.
+pub fn parse_vars(path: &Path, text: &str) -> Result<Json, SuiteError> {
+    let node = yaml::parse(text).map_err(|e| invalid(path, e.line, e.column, e.message))?;
     Ok(node.to_json())
+}
+
+/// Lays `later` over `vars`: maps merge key by key (deeply), anything else is replaced.
+pub fn merge_vars(vars: &mut Json, later: Json) {
+    match (vars, later) {
+        (Json::Object(into), Json::Object(from)) => {
+            for (key, value) in from {
+                merge_vars(into.entry(key).or_insert(Json::Null), value);
+            }
+        }
+        (slot, later) => *slot = later,
+    }
 }
 
 /// Loads `path` and everything it includes.

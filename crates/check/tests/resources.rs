@@ -651,7 +651,7 @@ fn malformed_files_name_file_line_and_key() {
             "template.yaml",
             "file:\n\n  {{.Vars.missing}}:\n    exists: true\n",
             3,
-            "no variable .Vars.missing",
+            "no key \"missing\": a missing .Vars key",
         ),
         (
             "port.yaml",

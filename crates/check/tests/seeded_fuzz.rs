@@ -6,6 +6,8 @@ const SEEDS: &[&str] = &[
     "file:\n  /etc/passwd:\n    exists: true\n    contents: [root, \"/^root:x/\", \"!nope\"]\nuser:\n  root:\n    uid: {lt: 1}\n    groups: {consist-of: [root, {have-prefix: r}]}\n",
     "{\"port\": {\"tcp:{{.Vars.port}}\": {\"listening\": true, \"ip\": [\"127.0.0.1\"]}}}",
     "matching:\n  m:\n    content: [1, 2]\n    matches: {and: [{have-len: 2}, {not: {contain-element: 3}}, {or: [{gt: 1}, {contain-elements: [1]}]}]}\n",
+    "{{- if eq (len \"ab\") 2 }}file:\n{{ range $i, $v := .Vars.list }}  /tmp/{{ $i }}:\n    exists: {{ $v | default false }}\n{{ end }}{{ else }}{{ getEnv \"HOME\" \"/\" | toUpper }}{{ end -}}\n",
+    "{{ $x := printf \"%s-%d\" \"a\" 1 }}command:\n  {{ $x }}:\n    exec: '{{ if regexMatch \"^a\" $x }}true{{ end }}'\n    exit-status: 0\n",
     "gossfile:\n  \"*.yaml\": {skip: true}\ncommand:\n  x:\n    exec: 'true'\n    timeout: 10\n    stdout: {match-regexp: \"a(b|c)*\"}\n",
 ];
 

@@ -62,9 +62,14 @@ pub struct ServeArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// A YAML or JSON file whose values templates read as `{{.Vars.NAME}}`.
+    /// A YAML or JSON file whose values templates read as `{{.Vars.NAME}}`; repeatable, a
+    /// later file's keys win.
     #[arg(long, value_name = "FILE")]
-    pub vars: Option<PathBuf>,
+    pub vars: Vec<PathBuf>,
+    /// Variables as YAML or JSON text (`--vars-inline '{"port": 8080}'`); they win over
+    /// `--vars` files, as in goss.
+    #[arg(long, value_name = "YAML")]
+    pub vars_inline: Option<String>,
     /// documentation, rspecish, json, junit, tap or silent.
     #[arg(long, default_value = "documentation", value_parser = format)]
     pub format: Format,
@@ -99,11 +104,17 @@ impl RunArgs {
         }
     }
 
+    /// The `--vars` files, then `--vars-inline`, merged key by key (later wins).
     fn vars(&self) -> Result<serde_json::Value, SuiteError> {
-        match &self.vars {
-            Some(path) => phoenix_check::load_vars(path),
-            None => Ok(serde_json::Value::Null),
+        let mut vars = serde_json::Value::Null;
+        for path in &self.vars {
+            phoenix_check::merge_vars(&mut vars, phoenix_check::load_vars(path)?);
         }
+        if let Some(text) = &self.vars_inline {
+            let inline = phoenix_check::parse_vars(std::path::Path::new("--vars-inline"), text)?;
+            phoenix_check::merge_vars(&mut vars, inline);
+        }
+        Ok(vars)
     }
 
     fn print(&self, report: &Report) {

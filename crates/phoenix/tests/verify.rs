@@ -93,9 +93,29 @@ fn verify_host_reports_in_every_format_with_goss_exit_codes() {
     let missing = phoenix(d, &["verify", "--host", "templated.yaml"]);
     assert_eq!(missing.status.code(), Some(2));
     assert!(
-        text(&missing.stderr).contains("templated.yaml:2:1: no variable .Vars.root"),
+        text(&missing.stderr).contains("templated.yaml:2:1: no key \"root\""),
         "{}",
         text(&missing.stderr)
+    );
+    // Several --vars files merge key by key, and --vars-inline wins over them (as goss).
+    std::fs::write(d.join("other.yaml"), "root: /nonexistent-root\n").unwrap();
+    let layered = |extra: &[&str]| {
+        let args = [
+            &["verify", "--host", "templated.yaml", "--vars", "vars.yaml"][..],
+            extra,
+        ]
+        .concat();
+        phoenix(d, &args).status.code()
+    };
+    assert_eq!(
+        layered(&["--vars", "other.yaml"]),
+        Some(1),
+        "the later file's root"
+    );
+    assert_eq!(
+        layered(&["--vars", "other.yaml", "--vars-inline", "{\"root\": \"/\"}"]),
+        Some(0),
+        "inline wins"
     );
 
     // --retry-timeout: a file that appears while the checks retry.
