@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{addr_in_log, members_json, phoenix_bin, succeeded, text, wait_for};
+use common::{addr_in_log, members_json, phoenix_bin, serf_or_skip, succeeded, text, wait_for};
 use serde_json::Value;
 
 /// A running `phoenix agent`, killed when dropped.
@@ -412,14 +412,6 @@ fn strs(owned: &[String]) -> Vec<&str> {
     owned.iter().map(String::as_str).collect()
 }
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.is_file())
-}
-
 #[test]
 fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
     let empty = Command::new(phoenix_bin())
@@ -479,17 +471,4 @@ fn the_rpc_takes_only_its_token_and_never_an_empty_one() {
         "{}",
         text(&right.stderr)
     );
-}
-
-/// Debian's `serf`, or None (the test is skipped) where it is not installed and not required.
-fn serf_or_skip() -> Option<std::path::PathBuf> {
-    let serf = which("serf");
-    if serf.is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
-            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
-        );
-        eprintln!("skipped: serf not installed (apt-get install serf)");
-    }
-    serf
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{addr_in_log, members_json, phoenix_bin, succeeded, text, wait_for};
+use common::{
+    addr_in_log, free_port, members_json, phoenix_bin, serf_or_skip, succeeded, text, wait_for,
+};
 use serde_json::Value;
 
 /// A running agent process (Phoenix's or Serf's), killed with SIGKILL when dropped: no leave.
@@ -192,17 +194,6 @@ fn the_tags_file_and_the_keyring_file_survive_a_restart_after_rotation() {
     );
 }
 
-/// A free loopback port for a Serf agent (TCP and UDP both).
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn serf_agent(serf: &Path, name: &str, port: u16, extra: &[&str], log: &Path) -> (Running, u16) {
     let rpc = free_port();
     let child = Command::new(serf)
@@ -332,22 +323,6 @@ fn serf_and_phoenix_agents_read_each_others_snapshots() {
         "{}",
         file_text(&log)
     );
-}
-
-fn serf_or_skip() -> Option<PathBuf> {
-    let serf = std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join("serf"))
-        .find(|path| path.is_file());
-    if serf.is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
-            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
-        );
-        eprintln!("skipped: serf not installed (apt-get install serf)");
-    }
-    serf
 }
 
 /// What `serf monitor -log-level=LEVEL` prints in its first second.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{phoenix_bin, text};
+use common::{free_port, phoenix_bin, serf_or_skip, text};
 
 /// What the handler records of every event: Serf's variables, then stdin as it came.
 const RECORD: &str = r#"#!/bin/sh
@@ -53,16 +53,6 @@ struct Cluster {
     serf: PathBuf,
     dir: PathBuf,
     agents: BTreeMap<&'static str, Agent>,
-}
-
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 impl Cluster {
@@ -278,22 +268,6 @@ fn normalized(records: &str) -> Vec<String> {
     // distinct update is compared, not its number of repeats.
     all.dedup_by(|a, b| a == b && a.starts_with("event=member-update"));
     all
-}
-
-fn serf_or_skip() -> Option<PathBuf> {
-    let serf = std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join("serf"))
-        .find(|path| path.is_file());
-    if serf.is_none() {
-        assert!(
-            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
-            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
-        );
-        eprintln!("skipped: serf not installed (apt-get install serf)");
-    }
-    serf
 }
 
 #[test]

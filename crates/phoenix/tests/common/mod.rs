@@ -938,3 +938,32 @@ pub fn connect_as_nobody(netns: &Netns, addr: SocketAddr) -> Output {
     command.stdin(std::process::Stdio::null());
     command.output().unwrap()
 }
+
+/// Debian's `serf`, or None (the test is skipped) where it is not installed and not required
+/// (`PHOENIX_REQUIRE_SERF`, which CI sets).
+pub fn serf_or_skip() -> Option<PathBuf> {
+    let serf = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("serf"))
+            .find(|candidate| candidate.is_file())
+    });
+    if serf.is_none() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_SERF").is_none(),
+            "PHOENIX_REQUIRE_SERF is set but serf is not installed"
+        );
+        eprintln!("skipped: serf not installed (apt-get install serf)");
+    }
+    serf
+}
+
+/// A loopback port free for both TCP and UDP (a Serf agent binds both).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
