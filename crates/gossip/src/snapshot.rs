@@ -72,12 +72,27 @@ impl Snapshot {
             // keep an old event from being taken for new).
             self.alive.clear();
             self.left = true;
+        } else if let Some(known) = self.replay_legacy(line) {
+            return known;
         } else if line.starts_with("coordinate: ") || line.starts_with('#') || line.is_empty() {
             // Serf ignores old coordinates too: they converge again.
         } else {
             return false;
         }
         true
+    }
+
+    /// The lines of earlier Phoenix snapshots (`alive NAME ADDR`, `clock N`, `query-clock N`,
+    /// `left`), so an agent upgraded in place still rejoins; `None` for anything else.
+    fn replay_legacy(&mut self, line: &str) -> Option<bool> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        Some(match fields.as_slice() {
+            ["alive", name, addr] => self.replay(&format!("alive: {name} {addr}")),
+            ["clock", time] => parse_into(time, &mut self.event_clock),
+            ["query-clock", time] => parse_into(time, &mut self.query_clock),
+            ["left"] => self.replay("leave"),
+            _ => return None,
+        })
     }
 
     /// Writes the snapshot atomically (a temporary file renamed over the old one), as Serf's
@@ -190,6 +205,13 @@ clock: 9
         assert!(read.left && read.alive.is_empty());
         let read = Snapshot::read(&path, true);
         assert!(!read.left && read.alive.len() == 1, "rejoin_after_leave");
+        // A snapshot of an earlier Phoenix is still read.
+        std::fs::write(&path, "clock 42\nquery-clock 7\nalive a 127.0.0.1:7946\n").unwrap();
+        let read = Snapshot::read(&path, false);
+        assert_eq!(
+            (read.event_clock, read.query_clock, read.alive.len()),
+            (42, 7, 1)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

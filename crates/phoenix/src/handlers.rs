@@ -91,6 +91,9 @@ pub async fn run(agent: Agent, handlers: Vec<Handler>) {
                 coalescer.flush_all(Instant::now())
             }
         };
+        if batches.is_empty() {
+            continue;
+        }
         if !stopped && let Some(now) = myself(&agent).await {
             me = now;
         }

@@ -252,7 +252,8 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     wait("serf sees b's new tag", || {
         text(&cli(&serf, &["members", &rpc_a, "-tag", "version=2"]).stdout).starts_with("b ")
     });
-    // No network coordinates yet: `serf rtt` says so at once instead of waiting for ever.
+    // `serf rtt` answers at once: an estimate once a ping went between them, until then that
+    // no coordinate is known (serf_config.rs checks the estimates themselves).
     let serf_path = serf.to_str().unwrap();
     let rtt = cli(
         Path::new("timeout"),
@@ -260,7 +261,10 @@ fn the_serf_cli_works_against_a_phoenix_agent() {
     );
     let said = text(&rtt.stderr) + &text(&rtt.stdout);
     assert_ne!(rtt.status.code(), Some(124), "serf rtt hung");
-    assert!(said.contains("Could not find a coordinate"), "{said}");
+    assert!(
+        said.contains("Estimated a <-> b rtt: ") || said.contains("Could not find a coordinate"),
+        "{said}"
+    );
     // Queries: every member's handler answers; filters pick who does.
     let asked = serf_ok(&["query", &rpc_a, "-timeout=2s", "uptime", "hello"]);
     for name in ["a", "b", "c"] {

@@ -107,6 +107,7 @@ impl Agent {
             coordinates: HashMap::new(),
             pings: HashMap::new(),
             replays: HashMap::new(),
+            replay_limit: RateLimit::new(5.0, 10),
             event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),
             query_limit: RateLimit::new(config.query_rate.0, config.query_rate.1),
             rng: SmallRng::seed_from_u64(config.seed.wrapping_add(1)),

@@ -117,6 +117,9 @@ struct Actor {
     pings: HashMap<u32, (String, Instant)>,
     /// Replays asked for (`join -replay`): whom, and when.
     replays: HashMap<u32, (SocketAddr, Instant)>,
+    /// How often this agent answers replay asks (its own limit, so asks never use up the
+    /// budget for firing user events).
+    replay_limit: RateLimit,
     event_limit: RateLimit,
     query_limit: RateLimit,
     /// Picks query ids and relays.

@@ -29,9 +29,9 @@ impl Actor {
     }
 
     /// Sends the user events remembered here, a packet's worth at a time, to whoever asked
-    /// (at most as often as user events may be fired here: an answer is larger than the ask).
+    /// (a few times a second at most: an answer is larger than the ask).
     pub(super) fn on_replay_ask(&mut self, seq: u32, to: SocketAddr) {
-        if !self.event_limit.take(std::time::Instant::now()) {
+        if !self.replay_limit.take(std::time::Instant::now()) {
             return;
         }
         let events: Vec<UserEvent> = self.log().recent.iter().cloned().collect();
