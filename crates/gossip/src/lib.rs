@@ -2,6 +2,7 @@
 //! tags, fire Lamport-timed user events, ask queries, and tell a graceful leave from a failure. Every
 //! packet can be sealed with AES-GCM from a rotating keyring.
 
+pub mod address;
 mod agent;
 mod broadcast;
 pub mod coalesce;

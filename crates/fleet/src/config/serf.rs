@@ -5,16 +5,15 @@
 //! ignored.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
+
+use phoenix_gossip::address::{DEFAULT_PORT, socket_address};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
 use super::AgentSettings;
-
-/// Serf's gossip port, for addresses given without one.
-pub const DEFAULT_PORT: u16 = 7946;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerfConfigError {
@@ -482,31 +481,6 @@ impl SerfAgent {
 
 fn non_empty_path(text: &str) -> Option<PathBuf> {
     (!text.is_empty()).then(|| PathBuf::from(text))
-}
-
-/// `HOST[:PORT]` as Go's `net.ResolveTCPAddr` takes it, with `default_port` when the port is
-/// missing (0: the port is required).
-pub fn socket_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let bare = text.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        if default_port == 0 {
-            return Err(format!("{text:?} has no port"));
-        }
-        return Ok(SocketAddr::new(ip, default_port));
-    }
-    let with_port = match text.rsplit_once(':') {
-        Some((_, port)) if port.parse::<u16>().is_ok() => text.to_string(),
-        _ if default_port == 0 => return Err(format!("{text:?} has no port")),
-        _ => format!("{text}:{default_port}"),
-    };
-    with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {

@@ -732,19 +732,9 @@ fn body_of<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
         .ok_or_else(|| "truncated request body".to_string())
 }
 
-/// An agent address: `host:port`, or a host on Serf's default port 7946.
+/// An agent address: `host:port`, a bare IP (IPv6 too) or host on Serf's default port 7946.
 pub fn resolve(address: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    let with_port = if address.contains(':') {
-        address.to_string()
-    } else {
-        format!("{address}:7946")
-    };
-    with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("bad address {address}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("bad address {address}"))
+    crate::address::socket_address(address, crate::address::DEFAULT_PORT)
 }
 
 #[cfg(test)]
