@@ -116,7 +116,7 @@ fn to_json(value: &impl serde::Serialize) -> Vec<u8> {
 }
 
 /// Writes `bytes` to `path` through a 0600 temporary file renamed over it.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);

@@ -95,9 +95,9 @@ impl Snapshot {
         })
     }
 
-    /// Writes the snapshot atomically (a temporary file renamed over the old one), as Serf's
-    /// compaction writes it.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+    /// Writes the snapshot atomically, owner-only and synced (a temporary file renamed over the
+    /// old one), as Serf's compaction writes it: peer addresses are not for other local users.
+    pub fn write(&self, path: &Path) -> Result<(), crate::persist::FileError> {
         let mut text = String::new();
         for (name, addr) in &self.alive {
             text.push_str(&format!("alive: {name} {addr}\n"));
@@ -109,10 +109,7 @@ impl Snapshot {
         if self.left {
             text.push_str("leave\n");
         }
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".compact");
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, path)
+        crate::persist::write_private(path, text.as_bytes())
     }
 }
 
@@ -149,6 +146,9 @@ mod tests {
             "alive: a b 127.0.0.1:7946\nclock: 3\nevent-clock: 42\nquery-clock: 7\n"
         );
         assert_eq!(Snapshot::read(&path, false), snapshot);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "peer addresses are for the owner only");
         std::fs::write(
             &path,
             "clock: x\nalive: b 127.0.0.1:1\nbogus\nalive: nospace\n",

@@ -611,7 +611,7 @@ impl Actor {
             left,
         };
         if let Err(error) = snapshot.write(path) {
-            tracing::warn!(path = %path.display(), %error, "cannot write the snapshot");
+            tracing::warn!(%error, "cannot write the snapshot");
         }
     }
 
