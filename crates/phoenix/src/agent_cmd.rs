@@ -184,22 +184,15 @@ impl AgentArgs {
     }
 
     /// Defaults, then the configuration files, then the flags, as Serf merges them.
-    fn resolve(&self) -> Result<SerfAgent> {
+    pub fn resolve(&self) -> Result<SerfAgent> {
         let mut config = SerfConfig::read_paths(&self.config)?;
         config.merge(self.command_line());
         Ok(config.resolve()?)
     }
-
-    /// The log level: Serf's `-log-level` or `log_level` when set, else `--log`.
-    pub fn log_level(&self) -> tracing::Level {
-        self.resolve()
-            .ok()
-            .and_then(|agent| agent.log_level)
-            .unwrap_or(self.log.level)
-    }
 }
 
-pub async fn run(args: AgentArgs) -> Result<ExitCode> {
+/// Runs the agent `serf` resolved from `args` (see [`AgentArgs::resolve`]).
+pub async fn run(args: AgentArgs, serf: SerfAgent) -> Result<ExitCode> {
     // Serf takes an empty value as "not set"; Phoenix refuses an empty token outright.
     if args
         .rpc_auth
@@ -208,7 +201,6 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     {
         bail!("--rpc-auth is empty: an empty token is refused");
     }
-    let serf = args.resolve()?;
     for warning in &serf.warnings {
         eprintln!("phoenix agent: {warning}");
     }

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{FromArgMatches, Parser, Subcommand};
+use phoenix_fleet::config::SerfAgent;
 
 #[derive(Parser)]
 #[command(
@@ -143,12 +144,15 @@ enum Command {
     ForceLeave(agent_cmd::ForceLeaveArgs),
 }
 
-/// Log verbosity: `--log` of the long-running commands, else warnings only.
-fn log_level(command: &Command) -> tracing::Level {
+/// Log verbosity: `--log` of the long-running commands (an agent's Serf `log_level` first),
+/// else warnings only.
+fn log_level(command: &Command, agent: Option<&SerfAgent>) -> tracing::Level {
     match command {
         Command::Up(args) => args.log.level,
         Command::Demo(args) => args.log.level,
-        Command::Agent(args) => args.log_level(),
+        Command::Agent(args) => agent
+            .and_then(|agent| agent.log_level)
+            .unwrap_or(args.log.level),
         Command::Proxy(args) => args.log.level,
         _ => tracing::Level::WARN,
     }
@@ -156,7 +160,7 @@ fn log_level(command: &Command) -> tracing::Level {
 
 /// Logs to stderr at the command's level; a command that serves Serf's RPC also keeps its
 /// agent's log, at every level, for `serf monitor`.
-fn init_logging(command: &Command) {
+fn init_logging(command: &Command, agent: Option<&SerfAgent>) {
     use std::io::IsTerminal;
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
@@ -166,7 +170,7 @@ fn init_logging(command: &Command) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::from_level(
-            log_level(command),
+            log_level(command, agent),
         ));
     let serves_rpc = matches!(command, Command::Agent(_) | Command::Up(_));
     tracing_subscriber::registry()
@@ -204,14 +208,25 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&cli.command);
+    // An agent's flags and Serf config files are merged once, here: they set the log level.
+    let agent = match &cli.command {
+        Command::Agent(args) => match args.resolve() {
+            Ok(agent) => Some(agent),
+            Err(error) => {
+                eprintln!("error: {}", failure::message(&error));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    init_logging(&cli.command, agent.as_ref());
     // The main thread forks instances (see `phoenix_driver::launcher`); the program runs on
     // another.
-    phoenix_driver::launcher::serve(move || run(cli, state))
+    phoenix_driver::launcher::serve(move || run(cli, state, agent))
 }
 
-/// The command, on its async runtime.
-fn run(cli: Cli, state: PathBuf) -> ExitCode {
+/// The command, on its async runtime; `agent` is an agent command's resolved configuration.
+fn run(cli: Cli, state: PathBuf, agent: Option<SerfAgent>) -> ExitCode {
     // `phoenix proxy --threads 1` is one event loop, as HAProxy's nbthread 1 and one nginx worker.
     let mut builder = match &cli.command {
         Command::Proxy(proxy_cmd::ProxyArgs {
@@ -265,7 +280,10 @@ fn run(cli: Cli, state: PathBuf) -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Load(args) => load_cmd::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
-            Command::Agent(args) => agent_cmd::run(args).await,
+            Command::Agent(args) => match agent {
+                Some(agent) => agent_cmd::run(args, agent).await,
+                None => unreachable!("an agent's configuration is resolved before the runtime"),
+            },
             Command::Members(args) => agent_cmd::members(&state, args).await,
             Command::Event(args) => agent_cmd::event(&state, args).await,
             Command::Join(args) => agent_cmd::join(&state, args).await,
