@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, phoenix_bin, serf_or_skip, text};
+use common::{free_port, phoenix_bin, serf_or_skip};
 
 /// What the handler records of every event: Serf's variables, then stdin as it came.
 const RECORD: &str = r#"#!/bin/sh
@@ -133,14 +133,7 @@ impl Cluster {
             .args(&args[1..])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{:?}: serf {args:?}: {}{}",
-            self.kind,
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        common::succeeded(&format!("{:?}: serf {args:?}", self.kind), out)
     }
 
     fn kill(&mut self, name: &str) {
