@@ -10,6 +10,7 @@
 //! # Ok::<(), phoenix_check::SuiteError>(())
 //! ```
 
+mod duration;
 mod kind;
 mod matcher;
 mod probe;
@@ -19,6 +20,7 @@ mod suite;
 mod template;
 mod yaml;
 
+pub use duration::go_duration;
 pub use probe::net::interface_ips;
 
 use std::path::PathBuf;

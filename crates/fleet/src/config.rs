@@ -26,13 +26,14 @@ pub use deploy::{CanaryConfig, DeployConfig, RollingConfig, Strategy};
 pub use hooks::{Hook, HooksConfig};
 pub use listener::{CertFiles, ListenerConfig, RouteConfig};
 pub use logs::{ForwardConfig, LogRetention, LogsConfig, Sink};
+pub use phoenix_check::go_duration;
 pub use phoenix_gossip::address::socket_address;
 pub use review::{ReviewCopy, review_copy};
 pub use runtime::{
     DEFAULT_FIRST_HOST_PORT, DriverKind, NetworkConfig, NetworkMode, ResourcesConfig, SecretSource,
 };
 use serde::{Deserialize, Deserializer};
-pub use serf::{SerfAgent, SerfConfig, SerfConfigError, go_duration};
+pub use serf::{SerfAgent, SerfConfig, SerfConfigError};
 use toml::Spanned;
 pub use webhook::{Endpoint, WebhookConfig};
 
