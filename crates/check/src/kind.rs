@@ -40,6 +40,10 @@ pub enum Setting {
     Text,
     TextList,
     Any,
+    /// A non-negative whole number.
+    Count,
+    /// Milliseconds as a number, or a Go duration (`250ms`, `2s`), as goss's `retry_delay`.
+    Delay,
 }
 
 impl Setting {
@@ -50,6 +54,10 @@ impl Setting {
             (Setting::Millis, Value::Int(n)) => *n >= 0,
             (Setting::Text, v) => !matches!(v, Value::Null | Value::Seq(_) | Value::Map(_)),
             (Setting::TextList, Value::Seq(items)) => items.iter().all(|i| i.as_text().is_some()),
+            (Setting::Count, Value::Int(n)) => *n >= 0,
+            (Setting::Delay, Value::Int(n)) => *n >= 0,
+            (Setting::Delay, Value::Float(n)) => *n >= 0.0,
+            (Setting::Delay, Value::Str(text)) => crate::go_duration(text.trim()).is_ok(),
             _ => false,
         };
         let wanted = match self {
@@ -58,6 +66,8 @@ impl Setting {
             Setting::Text => "a string",
             Setting::TextList => "a list of strings",
             Setting::Any => "anything",
+            Setting::Count => "a whole number, 0 or more",
+            Setting::Delay => "milliseconds or a duration like 250ms or 2s",
         };
         match ok {
             true => Ok(()),
@@ -73,6 +83,8 @@ const S: Role = Role::Checked(Shape::Scalar);
 const L: Role = Role::Checked(Shape::List);
 const T: Role = Role::Checked(Shape::Text);
 const MILLIS: Role = Role::Setting(Setting::Millis);
+const RETRY_COUNT: (&str, Role) = ("retry_count", Role::Setting(Setting::Count));
+const RETRY_DELAY: (&str, Role) = ("retry_delay", Role::Setting(Setting::Delay));
 
 const ALL: &[(Kind, &str, &str)] = &[
     (Kind::File, "file", "File"),
@@ -144,6 +156,8 @@ impl Kind {
                 ("installed", S),
                 ("versions", L),
                 ("name", Role::Setting(Setting::Text)),
+                RETRY_COUNT,
+                RETRY_DELAY,
             ],
             Kind::Service => &[
                 ("enabled", S),
@@ -158,6 +172,8 @@ impl Kind {
                 ("stderr", T),
                 ("exec", Role::Setting(Setting::Text)),
                 ("timeout", MILLIS),
+                RETRY_COUNT,
+                RETRY_DELAY,
             ],
             Kind::Http => &[
                 ("status", S),
@@ -194,10 +210,11 @@ impl Kind {
             ],
             Kind::Dns => &[
                 ("resolvable", S),
-                ("resolveable", S),
                 ("addrs", L),
                 ("timeout", MILLIS),
                 ("resolve", Role::Setting(Setting::Text)),
+                RETRY_COUNT,
+                RETRY_DELAY,
             ],
             Kind::KernelParam => &[("value", S), ("name", Role::Setting(Setting::Text))],
             Kind::Mount => &[
@@ -237,8 +254,26 @@ impl Kind {
         })
     }
 
+    /// The attribute goss checks first: when it fails, or finds `false` (no such file, package
+    /// not installed), the others are skipped, as goss's `shouldSkip` does.
+    pub fn gate(self) -> Option<&'static str> {
+        Some(match self {
+            Kind::File | Kind::User | Kind::Group | Kind::Mount | Kind::Interface => "exists",
+            Kind::Package => "installed",
+            Kind::Port => "listening",
+            Kind::Dns => "resolvable",
+            Kind::Http => "status",
+            _ => return None,
+        })
+    }
+
     /// The attribute's canonical name and role, if this type has it.
     pub fn role(self, attribute: &str) -> Option<(&'static str, Role)> {
+        // goss's old spelling, reported under the new one as goss does.
+        let attribute = match (self, attribute) {
+            (Kind::Dns, "resolveable") => "resolvable",
+            _ => attribute,
+        };
         self.schema()
             .iter()
             .find(|(name, _)| *name == attribute)

@@ -128,37 +128,74 @@ fn run_once(checks: &[Check], target: &Target, max_concurrent: usize) -> Vec<Out
 
 fn evaluate(check: &Check, system: &System) -> Vec<Outcome> {
     let started = Instant::now();
-    let observed = match check.skip {
-        true => vec![Err(String::new()); check.attributes.len()],
+    let (attempts, delay) = check.retries();
+    let observe = |system: &System| match check.skip {
+        true => Vec::new(),
         false => probe::observe(check, system),
     };
+    let mut judged = judge(check, observe(system));
+    for _ in 1..attempts {
+        if !judged.iter().any(|(result, _, _)| *result == Status::Fail) {
+            break;
+        }
+        std::thread::sleep(delay);
+        // A fresh view: the tables of the first try (packages) are what failed.
+        judged = judge(check, observe(&System::new(system.target)));
+    }
     let duration_ns = started.elapsed().as_nanos() as u64;
     check
         .attributes
         .iter()
-        .zip(observed)
-        .map(|(attribute, observed)| {
-            let (result, found, error) = match (check.skip, observed) {
-                (true, _) => (Status::Skip, None, String::new()),
-                (false, Err(error)) => (Status::Fail, None, error),
-                (false, Ok(found)) => match attribute.matcher.matches(&found) {
-                    Ok(true) => (Status::Pass, Some(found), String::new()),
-                    Ok(false) => (Status::Fail, Some(found), String::new()),
-                    Err(error) => (Status::Fail, Some(found), error),
-                },
-            };
-            Outcome {
-                resource_type: check.kind.title().to_string(),
-                resource_id: check.id.clone(),
-                title: check.title.clone(),
-                meta: check.meta.clone(),
-                property: attribute.name.to_string(),
-                result,
-                expected: attribute.expected.clone(),
-                found,
-                error,
-                duration_ns,
-            }
+        .zip(judged)
+        .map(|(attribute, (result, found, error))| Outcome {
+            resource_type: check.kind.title().to_string(),
+            resource_id: check.id.clone(),
+            title: check.title.clone(),
+            meta: check.meta.clone(),
+            property: attribute.name.to_string(),
+            result,
+            expected: attribute.expected.clone(),
+            found,
+            error,
+            duration_ns,
         })
         .collect()
+}
+
+type Judged = (Status, Option<Json>, String);
+
+/// Each attribute's result for what was observed; every one skipped when the check is, and the
+/// rest skipped after its gate ([`crate::kind::Kind::gate`]) fails or finds `false`.
+fn judge(check: &Check, observed: Vec<Result<Json, String>>) -> Vec<Judged> {
+    if check.skip {
+        return vec![(Status::Skip, None, String::new()); check.attributes.len()];
+    }
+    let mut judged: Vec<Judged> = check
+        .attributes
+        .iter()
+        .zip(observed)
+        .map(|(attribute, observed)| match observed {
+            Err(error) => (Status::Fail, None, error),
+            Ok(found) => match attribute.matcher.matches(&found) {
+                Ok(true) => (Status::Pass, Some(found), String::new()),
+                Ok(false) => (Status::Fail, Some(found), String::new()),
+                Err(error) => (Status::Fail, Some(found), error),
+            },
+        })
+        .collect();
+    let gate = check
+        .kind
+        .gate()
+        .and_then(|gate| check.attributes.iter().position(|a| a.name == gate));
+    if let Some(gate) = gate {
+        let (result, found, _) = &judged[gate];
+        if *result == Status::Fail || *found == Some(Json::Bool(false)) {
+            for (index, slot) in judged.iter_mut().enumerate() {
+                if index != gate {
+                    *slot = (Status::Skip, None, String::new());
+                }
+            }
+        }
+    }
+    judged
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
@@ -78,6 +79,26 @@ impl Check {
             .and_then(Json::as_u64)
             .filter(|&ms| ms > 0)
             .unwrap_or(default)
+    }
+}
+
+impl Check {
+    /// How many times to observe the check while it fails (`retry_count` + 1), and the pause
+    /// between tries (`retry_delay`: milliseconds or a Go duration; 0 or unset: 1 s), as goss.
+    pub fn retries(&self) -> (u32, Duration) {
+        let count = self.options.get("retry_count").and_then(Json::as_u64);
+        let attempts = count.map_or(1, |n| n.min(u32::MAX as u64 - 1) as u32 + 1);
+        let delay = match self.options.get("retry_delay") {
+            Some(Json::Number(ms)) => ms
+                .as_f64()
+                .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok()),
+            Some(Json::String(text)) => crate::go_duration(text.trim()).ok(),
+            _ => None,
+        };
+        let delay = delay
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(1));
+        (attempts, delay)
     }
 }
 
