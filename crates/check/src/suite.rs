@@ -244,6 +244,11 @@ impl<'a> Loader<'a> {
 
     fn document(&mut self, file: &Arc<Path>, doc: &Node) -> Result<(), SuiteError> {
         let at = |e: Invalid| invalid(file, e.line, e.column, e.message);
+        // An empty document (an empty include, a file of comments) checks nothing, as in goss;
+        // `load` still refuses a suite with no check at all.
+        if let Value::Null = doc.value {
+            return Ok(());
+        }
         let Value::Map(sections) = &doc.value else {
             return Err(at(Invalid::at(
                 doc,
@@ -306,8 +311,7 @@ impl<'a> Loader<'a> {
             return Ok(());
         }
         let pattern = key.as_text().unwrap_or_default();
-        let dir = from.parent().unwrap_or(Path::new("."));
-        for path in expand(&dir.join(&pattern)).map_err(|m| at(Invalid::at(key, m)))? {
+        for path in expand(&parent(from).join(&pattern)).map_err(|m| at(Invalid::at(key, m)))? {
             self.file(&path, Some((from, key)))?;
         }
         Ok(())
@@ -393,7 +397,7 @@ fn expand(path: &Path) -> Result<Vec<PathBuf>, String> {
     if !name.contains(['*', '?']) {
         return Ok(vec![path.to_path_buf()]);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent(path);
     let listing =
         std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut found: Vec<PathBuf> = listing
@@ -403,6 +407,14 @@ fn expand(path: &Path) -> Result<Vec<PathBuf>, String> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// The directory of `path`; `.` for a bare file name (whose parent is the empty path).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 fn glob(pattern: &str, name: &str) -> bool {

@@ -80,6 +80,20 @@ fn verify_host_reports_in_every_format_with_goss_exit_codes() {
         text(&bad.stderr)
     );
 
+    // A relative glob include from a file named without a directory, and an empty include
+    // (an empty document checks nothing; it is not an error), as goss takes them.
+    std::fs::write(d.join("main.yaml"), "gossfile:\n  \"*.inc.yaml\": {}\n").unwrap();
+    std::fs::write(d.join("a.inc.yaml"), "file:\n  /:\n    exists: true\n").unwrap();
+    std::fs::write(d.join("b.inc.yaml"), "# nothing yet\n").unwrap();
+    let included = phoenix(d, &["verify", "--host", "main.yaml"]);
+    assert_eq!(
+        included.status.code(),
+        Some(0),
+        "{}",
+        text(&included.stderr)
+    );
+    assert!(text(&included.stdout).contains("Count: 1, Failed: 0"));
+
     let templated = phoenix(
         d,
         &["verify", "--host", "templated.yaml", "--vars", "vars.yaml"],
