@@ -85,7 +85,7 @@ pub struct Pattern {
 /// How a plain (non-matcher) expectation is read for an attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
-    /// A scalar compared for equality.
+    /// A scalar compared for equality (a plain list: contains all of these).
     Scalar,
     /// A list attribute: a plain list means "contains all of these".
     List,
@@ -105,7 +105,9 @@ impl Matcher {
                 .map(Pattern::parse)
                 .collect::<Result<_, _>>()
                 .map(Matcher::Patterns),
-            (Value::Seq(items), Shape::List) => items
+            // goss reads any plain list as "contains all of these": on a list attribute, and on
+            // a value such as `matching`'s content (a subset, not an exact list).
+            (Value::Seq(items), Shape::List | Shape::Scalar) => items
                 .iter()
                 .map(Matcher::element)
                 .collect::<Result<_, _>>()
@@ -461,6 +463,9 @@ mod tests {
             groups.clone()
         ));
         assert!(check("{have-len: 3}", Shape::List, groups.clone()));
+        // A plain list on a value is a subset, as goss's `matching` reads it.
+        assert!(check("[www, adm]", Shape::Scalar, groups.clone()));
+        assert!(!check("[www, wheel]", Shape::Scalar, groups.clone()));
         assert!(!check("{have-len: 2}", Shape::List, groups));
         assert!(check("{have-key: a}", Shape::Scalar, json!({"a": 1})));
     }

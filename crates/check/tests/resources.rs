@@ -461,7 +461,7 @@ fn http_server() -> (u16, std::thread::JoinHandle<()>) {
             let path = target.split('?').next().unwrap_or("").to_string();
             let response = match path.as_str() {
                 "/ok" => {
-                    "HTTP/1.1 200 OK\r\nX-Test: yes\r\nContent-Length: 12\r\n\r\nhello world\n"
+                    "HTTP/1.1 200 OK\r\nx-test: yes\r\nx-REQUEST-id: 7\r\nContent-Length: 12\r\n\r\nhello world\n"
                         .to_string()
                 }
                 "/redirect" => {
@@ -496,7 +496,7 @@ http:
   {base}/ok:
     status: 200
     body: [hello, "/wor.d/"]
-    headers: ["X-Test: yes"]
+    headers: ["X-Test: yes", "X-Request-Id: 7"]
   {base}/redirect:
     status: 200
     body: [hello]

@@ -82,16 +82,38 @@ pub fn observe(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
         Ok(match attribute {
             "status" => json!(response.status),
             "headers" => {
-                let lines: Vec<String> = response
+                // As goss prints them: Go's canonical names, one line per value, sorted.
+                let mut lines: Vec<String> = response
                     .headers
                     .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
+                    .map(|(k, v)| format!("{}: {v}", canonical_name(k)))
                     .collect();
+                lines.sort();
                 json!(lines.join("\n"))
             }
             _ => json!(String::from_utf8_lossy(&response.body)),
         })
     }
+}
+
+/// Go's `CanonicalMIMEHeaderKey`: `content-type` is `Content-Type`. A name with a byte that
+/// is not a token character is left as it is, as Go leaves it.
+fn canonical_name(name: &str) -> String {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !name.bytes().all(token) {
+        return name.to_string();
+    }
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let out = match upper {
+                true => c.to_ascii_uppercase(),
+                false => c.to_ascii_lowercase(),
+            };
+            upper = c == '-';
+            out
+        })
+        .collect()
 }
 
 fn fetch(check: &Check) -> Result<Response, String> {
@@ -260,5 +282,13 @@ mod tests {
             dechunk(b"3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n").unwrap(),
             b"abcde"
         );
+    }
+
+    #[test]
+    fn header_names_are_gos_canonical_names() {
+        assert_eq!(canonical_name("content-TYPE"), "Content-Type");
+        assert_eq!(canonical_name("x-request-id"), "X-Request-Id");
+        assert_eq!(canonical_name("etag"), "Etag");
+        assert_eq!(canonical_name("bad name"), "bad name");
     }
 }
