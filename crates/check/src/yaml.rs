@@ -79,15 +79,33 @@ impl Node {
 /// started (to know its size when it ends).
 enum Frame {
     Seq(Node, Option<usize>, usize),
-    /// A map also has the key waiting for its value, and the keys so far (duplicates are
-    /// found in constant time, so a long map parses in linear time).
-    Map(
-        Node,
-        Option<usize>,
-        usize,
-        Option<Node>,
-        std::collections::HashSet<String>,
-    ),
+    /// A map also has the key waiting for its value, the keys so far (duplicates are found in
+    /// constant time, so a long map parses in linear time), and what `<<` merge keys bring.
+    Map(Node, Option<usize>, usize, MapState),
+}
+
+#[derive(Default)]
+struct MapState {
+    pending: Option<Node>,
+    keys: std::collections::HashSet<String>,
+    /// Entries of the maps named by `<<`, in order; the first one of a key wins.
+    merged: Vec<(Node, Node)>,
+}
+
+impl MapState {
+    /// The map's entries with what `<<` brought added: keys written in the map win over
+    /// merged ones, as in YAML's merge key type (and goss's yaml.v3).
+    fn finish(self, node: &mut Node) {
+        let Value::Map(entries) = &mut node.value else {
+            return;
+        };
+        let mut keys = self.keys;
+        for (key, value) in self.merged {
+            if keys.insert(key.as_text().unwrap_or_default()) {
+                entries.push((key, value));
+            }
+        }
+    }
 }
 
 /// Most nodes a document may expand to, aliases included: a "billion laughs" document (each
@@ -151,18 +169,21 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
             }
             Event::MappingStart(anchor, _) => {
                 made += 1;
-                let keys = std::collections::HashSet::new();
+                let state = MapState::default();
                 stack.push(Frame::Map(
                     at(Value::Map(Vec::new())),
                     Some(anchor),
                     made,
-                    None,
-                    keys,
+                    state,
                 ));
                 None
             }
             Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
-                Some(Frame::Seq(node, anchor, start) | Frame::Map(node, anchor, start, ..)) => {
+                Some(Frame::Seq(node, anchor, start)) => {
+                    remember(&mut anchors, anchor.unwrap_or(0), node, made - start + 1)
+                }
+                Some(Frame::Map(mut node, anchor, start, state)) => {
+                    state.finish(&mut node);
                     remember(&mut anchors, anchor.unwrap_or(0), node, made - start + 1)
                 }
                 None => None,
@@ -205,19 +226,20 @@ fn attach(frame: &mut Frame, node: Node) -> Result<(), SyntaxError> {
                 items.push(node);
             }
         }
-        Frame::Map(parent, _, _, pending, keys) => match pending.take() {
+        Frame::Map(parent, _, _, state) => match state.pending.take() {
             None => {
                 if node.as_text().is_none() && node.value != Value::Null {
                     return Err(error(node.line, node.column, "a key must be a scalar"));
                 }
-                *pending = Some(node);
+                state.pending = Some(node);
             }
+            Some(key) if key.value == Value::Str("<<".into()) => merge(state, &key, node)?,
             Some(key) => {
                 let Value::Map(entries) = &mut parent.value else {
                     return Ok(());
                 };
                 let name = key.as_text().unwrap_or_default();
-                if !keys.insert(name.clone()) {
+                if !state.keys.insert(name.clone()) {
                     return Err(error(
                         key.line,
                         key.column,
@@ -227,6 +249,26 @@ fn attach(frame: &mut Frame, node: Node) -> Result<(), SyntaxError> {
                 entries.push((key, node));
             }
         },
+    }
+    Ok(())
+}
+
+/// A `<<` merge key's value: a map, or a list of maps (earlier ones win).
+fn merge(state: &mut MapState, key: &Node, value: Node) -> Result<(), SyntaxError> {
+    let maps = match value.value {
+        Value::Map(_) => vec![value],
+        Value::Seq(items) => items,
+        _ => vec![value],
+    };
+    for map in maps {
+        let Value::Map(entries) = map.value else {
+            return Err(error(
+                key.line,
+                key.column,
+                "a merge key (<<) takes a map or a list of maps",
+            ));
+        };
+        state.merged.extend(entries);
     }
     Ok(())
 }
@@ -332,6 +374,20 @@ mod tests {
         let bad = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(bad.line >= 1, "{bad:?}");
         assert_eq!(parse("").unwrap().value, Value::Map(Vec::new()));
+    }
+
+    #[test]
+    fn merge_keys_bring_a_maps_entries_and_written_keys_win() {
+        let doc = parse(
+            "base: &base {mode: \"0644\", owner: root}\nother: &o {group: adm}\nf:\n  owner: app\n  <<: [*base, *o]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            get(&doc, "f").to_json(),
+            serde_json::json!({"owner": "app", "mode": "0644", "group": "adm"})
+        );
+        let bad = parse("a: &a 1\nb:\n  <<: *a\n").unwrap_err();
+        assert_eq!((bad.line, bad.message.contains("merge key")), (3, true));
     }
 
     /// "Billion laughs": nine levels of ten aliases each would be a billion nodes. It is
