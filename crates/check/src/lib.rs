@@ -3,10 +3,10 @@
 //! goss's formats.
 //!
 //! ```no_run
-//! use phoenix_check::{Format, RunOptions, Target, TemplateData, load, render, run};
+//! use phoenix_check::{Format, FormatOptions, RunOptions, Target, TemplateData, load, render, run};
 //! let suite = load("goss.yaml".as_ref(), &TemplateData::default())?;
 //! let report = run(&suite, &Target::host(), &RunOptions::default());
-//! print!("{}", render(&report, Format::Documentation, false));
+//! print!("{}", render(&report, Format::Rspecish, &FormatOptions::default(), false));
 //! # Ok::<(), phoenix_check::SuiteError>(())
 //! ```
 
@@ -52,7 +52,7 @@ pub mod fuzzing {
 
 pub use kind::Kind;
 pub use probe::Target;
-pub use report::{Format, describe, render};
+pub use report::{Format, FormatOptions, describe, render};
 pub use run::{Outcome, Report, RunOptions, Status, run};
 pub use suite::{Check, Suite, digest_of, load, load_vars, merge_vars, parse_vars};
 pub use template::TemplateData;

@@ -191,6 +191,38 @@ impl Matcher {
     }
 
     /// Whether `actual` satisfies the matcher; an error when the matcher cannot apply to it.
+    /// What goss says was expected when this matcher fails (`Expected X to equal Y`).
+    pub fn message(&self) -> String {
+        let text = match self {
+            Matcher::Equal(_) => "to equal",
+            Matcher::Patterns(_) => "to have patterns",
+            Matcher::HavePrefix(_) => "to have prefix",
+            Matcher::HaveSuffix(_) => "to have suffix",
+            Matcher::ContainSubstring(_) => "to contain substring",
+            Matcher::MatchRegexp(_) => "to match regular expression",
+            Matcher::ContainElement(_) => "to contain element matching",
+            Matcher::ContainElements(_) => "to contain elements matching",
+            Matcher::ConsistOf(_) => "to consist of",
+            Matcher::HaveLen(_) => "to have length",
+            Matcher::HaveKey(_) => "to have key matching",
+            Matcher::Compare(comparison, _) => {
+                let sign = match comparison {
+                    Comparison::Gt => ">",
+                    Comparison::Ge => ">=",
+                    Comparison::Lt => "<",
+                    Comparison::Le => "<=",
+                };
+                return format!("to be numerically {sign}");
+            }
+            Matcher::And(_) => "to satisfy all of these matchers",
+            Matcher::Or(_) => "to satisfy at least one of these matchers",
+            Matcher::Not(inner) => {
+                return inner.message().replacen("to ", "not to ", 1);
+            }
+        };
+        text.to_string()
+    }
+
     pub fn matches(&self, actual: &Json) -> Result<bool, String> {
         Ok(match self {
             Matcher::Equal(expected) => equal(expected, actual),

@@ -57,12 +57,21 @@ pub struct Outcome {
     /// Why the value could not be read, when it could not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// goss's matcher message: `matches expectation`, or what was expected (`to equal`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the check started, from the start of the run.
+    #[serde(default)]
+    pub start_ns: u64,
     pub duration_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub outcomes: Vec<Outcome>,
+    /// When the run started, in nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_unix_ns: u64,
     pub duration_ns: u64,
     /// How many times the suite ran (more than one with retries).
     pub attempts: u32,
@@ -88,12 +97,18 @@ pub fn run(suite: &Suite, target: &Target, options: &RunOptions) -> Report {
     let mut attempts = 0;
     loop {
         attempts += 1;
+        let attempt_started = (Instant::now(), std::time::SystemTime::now());
         let outcomes = run_once(&suite.checks, target, options.max_concurrent);
         let failed = outcomes.iter().any(|o| o.result == Status::Fail);
         if !failed || started.elapsed() + options.sleep > options.retry_timeout {
+            let since_epoch = attempt_started
+                .1
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
             return Report {
                 outcomes,
-                duration_ns: started.elapsed().as_nanos() as u64,
+                started_unix_ns: since_epoch.as_nanos() as u64,
+                duration_ns: attempt_started.0.elapsed().as_nanos() as u64,
                 attempts,
             };
         }
@@ -102,6 +117,7 @@ pub fn run(suite: &Suite, target: &Target, options: &RunOptions) -> Report {
 }
 
 fn run_once(checks: &[Check], target: &Target, max_concurrent: usize) -> Vec<Outcome> {
+    let run_started = Instant::now();
     let system = System::new(target);
     let next = AtomicUsize::new(0);
     let results: Vec<Mutex<Vec<Outcome>>> = checks.iter().map(|_| Mutex::new(Vec::new())).collect();
@@ -114,7 +130,7 @@ fn run_once(checks: &[Check], target: &Target, max_concurrent: usize) -> Vec<Out
                     let Some(check) = checks.get(index) else {
                         break;
                     };
-                    let outcomes = evaluate(check, &system);
+                    let outcomes = evaluate(check, &system, run_started);
                     *results[index].lock().unwrap_or_else(|e| e.into_inner()) = outcomes;
                 }
             });
@@ -126,8 +142,9 @@ fn run_once(checks: &[Check], target: &Target, max_concurrent: usize) -> Vec<Out
         .collect()
 }
 
-fn evaluate(check: &Check, system: &System) -> Vec<Outcome> {
+fn evaluate(check: &Check, system: &System, run_started: Instant) -> Vec<Outcome> {
     let started = Instant::now();
+    let start_ns = started.duration_since(run_started).as_nanos() as u64;
     let (attempts, delay) = check.retries();
     let observe = |system: &System| match check.skip {
         true => Vec::new(),
@@ -148,6 +165,12 @@ fn evaluate(check: &Check, system: &System) -> Vec<Outcome> {
         .iter()
         .zip(judged)
         .map(|(attribute, (result, found, error))| Outcome {
+            message: match result {
+                Status::Pass => "matches expectation".to_string(),
+                Status::Fail => attribute.matcher.message(),
+                Status::Skip => String::new(),
+            },
+            start_ns,
             resource_type: check.kind.title().to_string(),
             resource_id: check.id.clone(),
             title: check.title.clone(),

@@ -9,7 +9,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use phoenix_check::{
-    Format, Report, RunOptions, Status, SuiteError, Target, TemplateData, load, render, run,
+    Format, FormatOptions, Report, RunOptions, Status, SuiteError, Target, TemplateData, load,
+    render, run,
 };
 use serde_json::json;
 
@@ -60,7 +61,12 @@ fn expect(report: &Report, wanted: &[(&str, &str, &str, Status)]) {
             got,
             *want,
             "{resource} {id} {property}\n{}",
-            render(report, Format::Documentation, false)
+            render(
+                report,
+                Format::Documentation,
+                &FormatOptions::default(),
+                false
+            )
         );
     }
 }
@@ -787,41 +793,161 @@ fn include_loops_are_detected() {
 fn report_formats() {
     let scene = Scene::new();
     let report = scene.run("file:\n  /:\n    exists: true\n  /nonexistent-x:\n    exists: true\n  /etc:\n    exists: true\n    skip: true\n", &Target::host());
-    let json: serde_json::Value =
-        serde_json::from_str(&render(&report, Format::Json, false)).unwrap();
+    let plain = FormatOptions::default();
+    let options = |given: &[&str]| FormatOptions::parse(given).unwrap();
+    let show = |format, options: &FormatOptions| render(&report, format, options, false);
+
+    // goss's JSON: one line, integer results, goss's field names.
+    let text = show(Format::Json, &plain);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["summary"]["test-count"], 3);
     assert_eq!(json["summary"]["failed-count"], 1);
-    assert_eq!(json["results"][1]["result"], "fail");
-    let junit = render(&report, Format::Junit, false);
+    assert_eq!(json["summary"]["skipped-count"], 1);
+    assert!(
+        json["summary"]["summary-line"]
+            .as_str()
+            .unwrap()
+            .starts_with("Count: 3, Failed: 1, Skipped: 1, Duration: "),
+        "{json}"
+    );
+    let failed = &json["results"][1];
+    assert_eq!(
+        (
+            &failed["resource-id"],
+            &failed["resource-type"],
+            &failed["property"],
+            &failed["result"],
+            &failed["successful"],
+            &failed["skipped"]
+        ),
+        (
+            &json!("/nonexistent-x"),
+            &json!("File"),
+            &json!("exists"),
+            &json!(1),
+            &json!(false),
+            &json!(false)
+        )
+    );
+    assert_eq!(
+        failed["matcher-result"],
+        json!({"actual": false, "expected": true, "message": "to equal",
+               "missing-elements": null, "found-elements": null, "extra-elements": null,
+               "transform-chain": null, "untransformed-value": null})
+    );
+    assert_eq!(
+        failed["summary-line-compact"],
+        "File: /nonexistent-x: exists: Expected false to equal true"
+    );
+    assert_eq!(
+        failed["summary-line"],
+        "File: /nonexistent-x: exists:\nExpected\n    false\nto equal\n    true"
+    );
+    assert_eq!(
+        (&json["results"][0]["result"], &json["results"][2]["result"]),
+        (&json!(0), &json!(2))
+    );
+    assert!(json["results"][0]["duration"].is_u64());
+    let start = json["results"][0]["start-time"].as_str().unwrap();
+    assert!(
+        start.len() >= 20 && start.ends_with('Z') && start.as_bytes()[10] == b'T',
+        "{start}"
+    );
+    // pretty: goss's four-space indent.
+    let pretty = show(Format::Json, &options(&["pretty"]));
+    assert!(pretty.contains("\n    \"results\": ["), "{pretty}");
+    // sort: by type and id.
+    let sorted: serde_json::Value =
+        serde_json::from_str(&show(Format::Json, &options(&["sort"]))).unwrap();
+    let ids: Vec<&str> = (0..3)
+        .map(|i| sorted["results"][i]["resource-id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["/", "/etc", "/nonexistent-x"]);
+
+    let junit = show(Format::Junit, &plain);
     assert!(
         junit.contains("tests=\"3\" failures=\"1\" skipped=\"1\""),
         "{junit}"
     );
     assert_eq!(junit.matches("<testcase ").count(), 3);
-    let tap = render(&report, Format::Tap, false);
+    let tap = show(Format::Tap, &plain);
     assert_eq!(
-        tap.lines().collect::<Vec<_>>()[0..2],
-        ["1..3", "ok 1 - File: /: exists: matches expectation: true"]
+        tap.lines().collect::<Vec<_>>(),
+        [
+            "1..3",
+            "ok 1 - File: /: exists: matches expectation: true",
+            "not ok 2 - File: /nonexistent-x: exists: Expected false to equal true",
+            "ok 3 - # SKIP File: /etc: exists: skipped",
+        ]
     );
+
+    // rspecish, goss's default: marks, then failed and skipped checks in full, then counts.
+    let rspec = show(Format::Rspecish, &plain);
+    let expected_tail = "Failures/Skipped:\n\nFile: /etc: exists: skipped\n\nFile: /nonexistent-x: exists:\nExpected\n    false\nto equal\n    true\n\nTotal Duration: ";
     assert!(
-        tap.contains(
-            "not ok 2 - File: /nonexistent-x: exists: doesn't match, expect: true found: false"
-        ),
-        "{tap}"
-    );
-    assert!(tap.contains("ok 3 - # SKIP"), "{tap}");
-    let rspec = render(&report, Format::Rspecish, false);
-    assert!(
-        rspec.starts_with(".FS\n") && rspec.contains("Count: 3, Failed: 1, Skipped: 1"),
+        rspec.starts_with(&format!(".FS\n\n{expected_tail}"))
+            && rspec.ends_with("Count: 3, Failed: 1, Skipped: 1\n"),
         "{rspec}"
     );
-    let colored = render(&report, Format::Documentation, true);
+    let documentation = show(Format::Documentation, &plain);
+    assert!(
+        documentation.starts_with(
+            "File: /: exists: matches expectation: true\nFile: /nonexistent-x: exists:\nExpected\n"
+        ),
+        "{documentation}"
+    );
+    let colored = render(&report, Format::Documentation, &plain, true);
     assert!(
         colored.contains("\x1b[31m") && colored.contains("\x1b[32m"),
         "{colored}"
     );
-    assert_eq!(render(&report, Format::Silent, false), "");
-    assert!("nagios".parse::<Format>().is_err());
+    assert_eq!(show(Format::Silent, &plain), "");
+
+    // nagios: one status line (CRITICAL exits 2), perfdata, the failures when verbose.
+    let nagios = show(Format::Nagios, &options(&["perfdata,verbose"]));
+    let lines: Vec<&str> = nagios.lines().collect();
+    assert!(
+        lines[0].starts_with("GOSS CRITICAL - Count: 3, Failed: 1, Skipped: 1, Duration: ")
+            && lines[0].contains("s|total=3 failed=1 skipped=1 duration="),
+        "{nagios}"
+    );
+    assert_eq!(
+        lines[1..],
+        ["Fail 1 - File: /nonexistent-x: exists: Expected false to equal true"]
+    );
+    assert_eq!(
+        (
+            Format::Nagios.exit_status(&report),
+            Format::Json.exit_status(&report)
+        ),
+        (2, 1)
+    );
+
+    // prometheus: goss's metric families, counted by type and outcome.
+    let metrics = show(Format::Prometheus, &plain);
+    for line in [
+        "# TYPE goss_tests_outcomes_total counter",
+        "goss_tests_outcomes_total{outcome=\"pass\",type=\"file\"} 1",
+        "goss_tests_outcomes_total{outcome=\"fail\",type=\"file\"} 1",
+        "goss_tests_outcomes_total{outcome=\"skip\",type=\"file\"} 1",
+        "goss_tests_run_outcomes_total{outcome=\"fail\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
+    let verbose = show(Format::Prometheus, &options(&["verbose"]));
+    assert!(
+        verbose.contains(
+            "goss_tests_outcomes_total{outcome=\"fail\",resource_id=\"/nonexistent-x\",type=\"file\"} 1"
+        ),
+        "{verbose}"
+    );
+    assert!(
+        FormatOptions::parse(&["colour"])
+            .unwrap_err()
+            .contains("colour")
+    );
+    assert!("nagio".parse::<Format>().is_err());
 }
 
 #[test]
@@ -844,7 +970,7 @@ fn hundreds_of_checks_share_the_tables_of_one_run() {
     assert!(
         report.passed(),
         "{}",
-        render(&report, Format::Rspecish, false)
+        render(&report, Format::Rspecish, &FormatOptions::default(), false)
     );
 }
 

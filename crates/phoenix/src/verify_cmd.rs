@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use phoenix_check::{Format, Report, RunOptions, Suite, SuiteError, Target, TemplateData};
+use phoenix_check::{
+    Format, FormatOptions, Report, RunOptions, Suite, SuiteError, Target, TemplateData,
+};
 use phoenix_fleet::{Clock, FleetFile, Progress, Verifier, VerifyOptions, parse_duration};
 use phoenix_image::short_digest;
 
@@ -70,9 +72,13 @@ pub struct RunArgs {
     /// `--vars` files, as in goss.
     #[arg(long, value_name = "YAML")]
     pub vars_inline: Option<String>,
-    /// documentation, rspecish, json, junit, tap or silent.
-    #[arg(long, default_value = "documentation", value_parser = format)]
+    /// rspecish (goss's default), documentation, json, junit, tap, nagios, prometheus or silent.
+    #[arg(long, default_value = "rspecish", value_parser = format)]
     pub format: Format,
+    /// goss's format options, repeatable or comma-separated: pretty, sort (json, and sort for
+    /// every format), perfdata, verbose (nagios; verbose for prometheus), exclude_raw.
+    #[arg(long = "format-options", short = 'o', value_name = "OPTION", value_parser = format_option)]
+    pub format_options: Vec<FormatOptions>,
     /// Retry failing checks until they pass or this much time has passed.
     #[arg(long, value_parser = duration)]
     pub retry_timeout: Option<Duration>,
@@ -93,6 +99,10 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 fn format(text: &str) -> Result<Format, String> {
     text.parse()
+}
+
+fn format_option(text: &str) -> Result<FormatOptions, String> {
+    FormatOptions::parse(&[text])
 }
 
 impl RunArgs {
@@ -117,9 +127,28 @@ impl RunArgs {
         Ok(vars)
     }
 
-    fn print(&self, report: &Report) {
+    /// Every `-o` given, together.
+    fn format_options(&self) -> FormatOptions {
+        self.format_options
+            .iter()
+            .fold(FormatOptions::default(), |all, o| FormatOptions {
+                pretty: all.pretty || o.pretty,
+                sort: all.sort || o.sort,
+                perfdata: all.perfdata || o.perfdata,
+                verbose: all.verbose || o.verbose,
+                exclude_raw: all.exclude_raw || o.exclude_raw,
+            })
+    }
+
+    fn render(&self, report: &Report, format: Format, color: bool) -> String {
+        phoenix_check::render(report, format, &self.format_options(), color)
+    }
+
+    /// Prints `report` and returns goss's exit status for it in this format.
+    fn print(&self, report: &Report) -> ExitCode {
         let color = !self.no_color && std::io::stdout().is_terminal();
-        print!("{}", phoenix_check::render(report, self.format, color));
+        print!("{}", self.render(report, self.format, color));
+        ExitCode::from(self.format.exit_status(report))
     }
 }
 
@@ -167,16 +196,7 @@ async fn host(file: &Path, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let report =
         tokio::task::spawn_blocking(move || phoenix_check::run(&suite, &Target::host(), &options))
             .await?;
-    run.print(&report);
-    Ok(exit_code(&report))
-}
-
-fn exit_code(report: &Report) -> ExitCode {
-    if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    Ok(run.print(&report))
 }
 
 async fn verify_image(
@@ -219,7 +239,7 @@ async fn verify_image(
         Err(phoenix_fleet::FleetError::Checks(error)) => return Ok(bad_file(error)),
         other => other?,
     };
-    run.print(&verification.report);
+    let code = run.print(&verification.report);
     if !verification.log_tail.is_empty() {
         eprintln!(
             "last lines of the instance's output (more: phoenix logs {}):",
@@ -237,7 +257,7 @@ async fn verify_image(
         row.failed,
         row.total
     );
-    Ok(exit_code(&verification.report))
+    Ok(code)
 }
 
 /// A recipe name bakes (a no-op when unchanged); anything else is looked up in the store.
@@ -322,13 +342,14 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     );
     loop {
         let (stream, _) = listener.accept().await?;
-        let (served, endpoint, format) = (served.clone(), args.endpoint.clone(), args.run.format);
+        let (served, endpoint) = (served.clone(), args.endpoint.clone());
+        let style = (args.run.format, args.run.format_options());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let (served, endpoint) = (served.clone(), endpoint.clone());
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        answer(&served, &endpoint, format, request).await,
+                        answer(&served, &endpoint, style, request).await,
                     )
                 }
             });
@@ -342,7 +363,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 async fn answer<B>(
     served: &Arc<Served>,
     endpoint: &str,
-    default: Format,
+    (default, options): (Format, FormatOptions),
     request: Request<B>,
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != endpoint {
@@ -362,7 +383,7 @@ async fn answer<B>(
     reply(
         status,
         format.media_type(),
-        phoenix_check::render(&report, format, false),
+        phoenix_check::render(&report, format, &options, false),
     )
 }
 
