@@ -293,14 +293,23 @@ impl<'a> Loader<'a> {
     fn include(&mut self, from: &Arc<Path>, key: &Node, settings: &Node) -> Result<(), SuiteError> {
         let at = |e: Invalid| invalid(from, e.line, e.column, e.message);
         let mut skip = false;
+        // goss's `file:` names the file when the key is only a label.
+        let mut pattern = key.as_text().unwrap_or_default();
+        let mut named_at = key;
         for (name, value) in entries_of(settings).map_err(at)? {
             match name.as_text().as_deref() {
                 Some("skip") => skip = boolean(value).map_err(at)?,
+                Some("file") => {
+                    pattern = value.as_text().filter(|f| !f.is_empty()).ok_or_else(|| {
+                        at(Invalid::at(value, "`file` is the path of the file to include"))
+                    })?;
+                    named_at = value;
+                }
                 other => {
                     return Err(at(Invalid::at(
                         name,
                         format!(
-                            "unknown gossfile attribute {:?}; known: skip",
+                            "unknown gossfile attribute {:?}; known: file, skip",
                             other.unwrap_or_default()
                         ),
                     )));
@@ -310,7 +319,7 @@ impl<'a> Loader<'a> {
         if skip {
             return Ok(());
         }
-        let pattern = key.as_text().unwrap_or_default();
+        let key = named_at;
         for path in expand(&parent(from).join(&pattern)).map_err(|m| at(Invalid::at(key, m)))? {
             self.file(&path, Some((from, key)))?;
         }

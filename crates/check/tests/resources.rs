@@ -550,6 +550,8 @@ fn includes_templates_skip_title_meta_and_retries() {
     );
     scene.write("parts/b.yaml", "command:\n  echo {{.Env.PHOENIX_TEST_WORD}}:\n    stdout: [\"{{.Env.PHOENIX_TEST_WORD}}\"]\n");
     scene.write("parts/skipped.yml", "this is not: [valid");
+    // Reached only through `file:`, under a label of its own.
+    scene.write("parts/c.yml", "command:\n  echo c:\n    exit-status: 0\n");
     scene.write("marker", "");
     let vars = scene.write(
         "vars.yaml",
@@ -557,14 +559,14 @@ fn includes_templates_skip_title_meta_and_retries() {
     );
     let main = scene.write(
         "goss.yaml",
-        "gossfile:\n  parts/*.yaml: {}\n  parts/skipped.yml: {skip: true}\nprocess:\n  phoenix-never:\n    running: true\n    skip: true\n    title: never runs\n    meta: {owner: ops}\n",
+        "gossfile:\n  parts/*.yaml: {}\n  parts/skipped.yml: {skip: true}\n  extra checks: {file: parts/c.yml}\nprocess:\n  phoenix-never:\n    running: true\n    skip: true\n    title: never runs\n    meta: {owner: ops}\n",
     );
     let data = TemplateData {
         vars: phoenix_check::load_vars(&vars).unwrap(),
         env: BTreeMap::from([("PHOENIX_TEST_WORD".to_string(), "phoenix".to_string())]),
     };
     let suite = load(&main, &data).unwrap();
-    assert_eq!(suite.files.len(), 3, "{:?}", suite.files);
+    assert_eq!(suite.files.len(), 4, "{:?}", suite.files);
     assert!(suite.digest.starts_with("sha256:"));
     assert_eq!(
         phoenix_check::digest_of(&suite.files).as_deref(),
@@ -590,6 +592,7 @@ fn includes_templates_skip_title_meta_and_retries() {
         &[
             ("File", &marker, "exists", Pass),
             ("Command", "echo phoenix", "stdout", Pass),
+            ("Command", "echo c", "exit-status", Pass),
             ("Process", "phoenix-never", "running", Skip),
         ],
     );
