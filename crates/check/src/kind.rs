@@ -188,6 +188,10 @@ impl Kind {
                 ("username", Role::Setting(Setting::Text)),
                 ("password", Role::Setting(Setting::Text)),
                 ("url", Role::Setting(Setting::Text)),
+                ("ca-file", Role::Setting(Setting::Text)),
+                ("cert-file", Role::Setting(Setting::Text)),
+                ("key-file", Role::Setting(Setting::Text)),
+                ("proxy", Role::Setting(Setting::Text)),
             ],
             Kind::User => &[
                 ("exists", S),

@@ -301,7 +301,10 @@ impl<'a> Loader<'a> {
                 Some("skip") => skip = boolean(value).map_err(at)?,
                 Some("file") => {
                     pattern = value.as_text().filter(|f| !f.is_empty()).ok_or_else(|| {
-                        at(Invalid::at(value, "`file` is the path of the file to include"))
+                        at(Invalid::at(
+                            value,
+                            "`file` is the path of the file to include",
+                        ))
                     })?;
                     named_at = value;
                 }
@@ -339,8 +342,6 @@ fn parse_check(kind: Kind, id: &Node, body: &Node, file: &Arc<Path>) -> Result<C
         file: file.clone(),
         line: id.line,
     };
-    kind.validate_id(&check.id)
-        .map_err(|m| Invalid::at(id, m))?;
     for (key, value) in entries_of(body)? {
         let name = key.as_text().unwrap_or_default();
         match name.as_str() {
@@ -371,6 +372,10 @@ fn parse_check(kind: Kind, id: &Node, body: &Node, file: &Arc<Path>) -> Result<C
             },
         }
     }
+    // The key, or the setting that names what is checked when the key is only a label
+    // (`http: {api: {url: http://...}}`).
+    kind.validate_id(check.target())
+        .map_err(|m| Invalid::at(id, m))?;
     kind.validate(&check).map_err(|m| Invalid::at(id, m))?;
     Ok(check)
 }

@@ -1029,3 +1029,216 @@ fn attributes_that_default_to_the_key_name_what_is_checked() {
         ],
     );
 }
+
+/// A CA, a certificate it signed for `name`, and that certificate's key, as PEM.
+struct Issued {
+    cert: String,
+    key: String,
+}
+
+fn issue(ca: &(rcgen::Certificate, rcgen::KeyPair), name: &str) -> Issued {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.0, &ca.1)
+        .unwrap();
+    Issued {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+fn certificate_authority() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+/// A TLS server answering every request 200 `secure`, requiring a client certificate from
+/// `client_ca` when given; it serves `connections` connections.
+fn https_server(
+    server: &Issued,
+    client_ca: Option<&str>,
+    connections: usize,
+) -> (u16, std::thread::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+                .unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = std::sync::Arc::new(
+        builder
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(connections) {
+            let mut tcp = stream.unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            if head.is_empty() {
+                continue; // a refused handshake
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure");
+            tls.send_close_notify();
+            let _ = tls.complete_io(&mut tcp);
+        }
+    });
+    (port, handle)
+}
+
+/// An HTTP proxy for one CONNECT tunnel; it returns what it was asked.
+fn connect_proxy() -> (u16, std::thread::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let target = head.split(' ').nth(1).unwrap().to_string();
+        let mut upstream = std::net::TcpStream::connect(&target).unwrap();
+        client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .unwrap();
+        let (mut client_reader, mut upstream_writer) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut client_reader, &mut upstream_writer);
+            let _ = upstream_writer.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut upstream, &mut client);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+        head
+    });
+    (port, handle)
+}
+
+/// `https` checks as goss's: the server checked against `ca-file` (and refused when it is not
+/// trusted), `allow-insecure`, a client certificate for a server that asks for one, and a
+/// CONNECT `proxy`.
+#[test]
+fn https_with_ca_file_client_certificates_insecure_and_a_proxy() {
+    let scene = Scene::new();
+    let ca = certificate_authority();
+    let server = issue(&ca, "127.0.0.1");
+    let client = issue(&ca, "client");
+    let ca_file = scene.write("ca.pem", &ca.0.pem());
+    let cert_file = scene.write("client.pem", &client.cert);
+    let key_file = scene.write("client.key", &client.key);
+
+    let (port, plain_server) = https_server(&server, None, 4);
+    let (proxy_port, proxy) = connect_proxy();
+    let base = format!("https://127.0.0.1:{port}");
+    let goss = format!(
+        r#"
+http:
+  trusted:
+    url: {base}/a
+    status: 200
+    body: [secure]
+    ca-file: {ca}
+  untrusted:
+    url: {base}/b
+    status: 200
+  insecure:
+    url: {base}/c
+    status: 200
+    allow-insecure: true
+  proxied:
+    url: {base}/d
+    status: 200
+    ca-file: {ca}
+    proxy: http://127.0.0.1:{proxy_port}
+"#,
+        ca = ca_file.display()
+    );
+    let report = scene.run(&goss, &Target::host());
+    plain_server.join().unwrap();
+    let asked = proxy.join().unwrap();
+    expect(
+        &report,
+        &[
+            ("HTTP", "trusted", "status", Pass),
+            ("HTTP", "trusted", "body", Pass),
+            ("HTTP", "untrusted", "status", Fail),
+            ("HTTP", "insecure", "status", Pass),
+            ("HTTP", "proxied", "status", Pass),
+        ],
+    );
+    let untrusted = report
+        .outcomes
+        .iter()
+        .find(|o| o.resource_id == "untrusted")
+        .unwrap();
+    assert!(
+        untrusted.error.contains("certificate"),
+        "{}",
+        untrusted.error
+    );
+    assert!(
+        asked.starts_with(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n")),
+        "{asked}"
+    );
+
+    let (port, mtls_server) = https_server(&server, Some(&ca.0.pem()), 2);
+    let base = format!("https://127.0.0.1:{port}");
+    let goss = format!(
+        r#"
+http:
+  with-certificate:
+    url: {base}/
+    status: 200
+    ca-file: {ca}
+    cert-file: {cert}
+    key-file: {key}
+  without-certificate:
+    url: {base}/
+    status: 200
+    ca-file: {ca}
+"#,
+        ca = ca_file.display(),
+        cert = cert_file.display(),
+        key = key_file.display()
+    );
+    let report = scene.run(&goss, &Target::host());
+    mtls_server.join().unwrap();
+    expect(
+        &report,
+        &[
+            ("HTTP", "with-certificate", "status", Pass),
+            ("HTTP", "without-certificate", "status", Fail),
+        ],
+    );
+}
