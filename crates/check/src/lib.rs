@@ -16,6 +16,7 @@ mod matcher;
 mod probe;
 mod report;
 mod run;
+mod sprig;
 mod suite;
 mod template;
 mod yaml;

@@ -1,7 +1,8 @@
 //! Go's text/template, as goss renders its files first: `{{.Vars.a.b}}`, `{{.Env.NAME}}`,
 //! `if`/`else`/`range`/`with`, variables, pipelines, Go's built-in functions (`eq`, `len`,
 //! `index`, `printf`…) and goss's own (`getEnv`, `readFile`, `regexMatch`, `toLower`,
-//! `toUpper`) with a few of Sprig's, on the [gtmpl](https://crates.io/crates/gtmpl) engine.
+//! `toUpper`, and more in `sprig.rs`) and Sprig's, on the [gtmpl](https://crates.io/crates/gtmpl)
+//! engine.
 //! A missing key is an error (goss renders with `missingkey=error`), and so is anything the
 //! engine does not know, naming its line. `template`, `define` and `block` are refused: goss
 //! files do not use them, and a template that calls itself would never end.
@@ -35,13 +36,14 @@ pub fn render(text: &str, data: &TemplateData) -> Result<String, TemplateError> 
     }
     refuse_nesting(text)?;
     let mut template = Template::default();
-    for (name, function) in FUNCTIONS {
+    for (name, function) in FUNCTIONS.iter().chain(crate::sprig::FUNCTIONS) {
         template.add_func(name, *function);
     }
     template
         .parse(text)
         .map_err(|e| located(text, &e.to_string()))?;
     ENV.with(|env| env.replace(data.env.clone()));
+    crate::sprig::reset_budget();
     let rendered = template.render(&Context::from(root(data)));
     ENV.with(|env| env.borrow_mut().clear());
     rendered.map_err(|e| located(text, &e.to_string()))
