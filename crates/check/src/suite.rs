@@ -431,7 +431,8 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
-fn glob(pattern: &str, name: &str) -> bool {
+/// `*` and `?` over a whole name.
+pub(crate) fn glob(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
     let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
     while ni < n.len() {

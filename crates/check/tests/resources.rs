@@ -1242,3 +1242,99 @@ http:
         ],
     );
 }
+
+/// goss's documented examples of `semver-constraint`, `gjson` and `xml`, as written in its
+/// docs, and what fails them.
+#[test]
+fn semver_gjson_and_xml_matchers() {
+    let scene = Scene::new();
+    let goss = r#"
+matching:
+  semver1:
+    content: ["1.0.1", "1.9.9"]
+    matches:
+      semver-constraint: ">1.0.0 <2.0.0 !=1.5.0"
+  semver2:
+    content: 1.0.1
+    matches:
+      not:
+        semver-constraint: ">5.0.0"
+  semver-fails:
+    content: "2.1.0"
+    matches:
+      semver-constraint: ">5.0.0 || < 1.5.0"
+  json:
+    content: '{"foo": "bar", "moo": {"nested": "cow"}, "count": "15"}'
+    matches:
+      gjson:
+        moo.nested: cow
+        foo: {have-prefix: b}
+        count: {le: 25}
+        '@this': {have-key: "foo"}
+        moo:
+          and:
+            - {have-key: "nested"}
+            - {not: {have-key: "nested2"}}
+  json-missing:
+    content: '{"foo": "bar"}'
+    matches:
+      gjson:
+        nope: 1
+  xml:
+    content: |
+      <?xml version="1.0" encoding="UTF-8"?>
+      <order date="2019-02-01"><items>
+        <book isbn="9780544003415"><title>Le seigneur des anneaux</title></book>
+      </items></order>
+    matches:
+      xml:
+        xpath: "boolean(//book[title='Le seigneur des anneaux'])"
+        result: "true"
+  xml-fails:
+    content: "<a><b>1</b></a>"
+    matches:
+      xml:
+        xpath: "count(//b)"
+        result: "2"
+"#;
+    let report = scene.run(goss, &Target::host());
+    expect(
+        &report,
+        &[
+            ("Matching", "semver1", "matches", Pass),
+            ("Matching", "semver2", "matches", Pass),
+            ("Matching", "semver-fails", "matches", Fail),
+            ("Matching", "json", "matches", Pass),
+            ("Matching", "json-missing", "matches", Fail),
+            ("Matching", "xml", "matches", Pass),
+            ("Matching", "xml-fails", "matches", Fail),
+        ],
+    );
+    let missing = report
+        .outcomes
+        .iter()
+        .find(|o| o.resource_id == "json-missing")
+        .unwrap();
+    assert_eq!(missing.error, "Path not found: nope");
+    let (_, line, _, message) = load_error(
+        &scene,
+        "bad-xpath.yaml",
+        "matching:\n  x:\n    content: a\n    matches:\n      xml: {xpath: \"//[\", result: x}\n",
+    );
+    assert_eq!(line, 5);
+    assert!(message.contains("bad XPath"), "{message}");
+    // An entity bomb in the checked XML is an error, not a machine's memory.
+    let bomb = format!(
+        "matching:\n  bomb:\n    content: '<?xml version=\"1.0\"?><!DOCTYPE l [<!ENTITY a \"{}\">{}]><l>&j;</l>'\n    matches:\n      xml: {{xpath: \"string(/l)\", result: x}}\n",
+        "lol".repeat(10),
+        (b'b'..=b'j')
+            .map(|c| format!(
+                "<!ENTITY {} \"{}\">",
+                c as char,
+                format!("&{};", (c - 1) as char).repeat(10)
+            ))
+            .collect::<String>()
+    );
+    let report = scene.run(&bomb, &Target::host());
+    assert_eq!(status(&report, "Matching", "bomb", "matches"), Fail);
+}

@@ -1,6 +1,10 @@
 //! goss's matchers: plain values, patterns, and the advanced (gomega) matchers written as a map
 //! with one key (`have-prefix: "x"`, `not: {...}`, `and: [...]`).
 
+mod gjson;
+mod semver;
+mod xml;
+
 use regex::Regex;
 use serde_json::Value as Json;
 
@@ -43,6 +47,9 @@ pub const MATCHERS: &[&str] = &[
     "and",
     "or",
     "not",
+    "semver-constraint",
+    "gjson",
+    "xml",
 ];
 
 #[derive(Debug, Clone)]
@@ -65,6 +72,11 @@ pub enum Matcher {
     And(Vec<Matcher>),
     Or(Vec<Matcher>),
     Not(Box<Matcher>),
+    /// Every version satisfies the range (blang/semver's syntax).
+    Semver(semver::Range),
+    /// Each path's value in JSON text satisfies its matcher.
+    Gjson(Vec<(String, Matcher)>),
+    Xml(xml::XmlQuery),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +192,11 @@ impl Matcher {
             "and" => Matcher::And(list()?),
             "or" => Matcher::Or(list()?),
             "not" => Matcher::Not(Box::new(Matcher::element(arg)?)),
+            "semver-constraint" => {
+                Matcher::Semver(semver::Range::parse(&text()?).map_err(|e| Invalid::at(arg, e))?)
+            }
+            "gjson" => Matcher::Gjson(gjson_paths(arg)?),
+            "xml" => Matcher::Xml(xml_query(arg)?),
             other => {
                 return Err(Invalid::at(
                     key,
@@ -219,6 +236,9 @@ impl Matcher {
             Matcher::Not(inner) => {
                 return inner.message().replacen("to ", "not to ", 1);
             }
+            Matcher::Semver(_) => "to satisfy semver constraint",
+            Matcher::Gjson(_) => "to satisfy all of these matchers",
+            Matcher::Xml(_) => "satisfied XPath match with intended result",
         };
         text.to_string()
     }
@@ -286,8 +306,71 @@ impl Matcher {
                 false
             }
             Matcher::Not(inner) => !inner.matches(actual)?,
+            Matcher::Semver(range) => {
+                let versions = match actual {
+                    Json::Array(items) => items.iter().map(as_text).collect::<Result<_, _>>()?,
+                    one => vec![as_text(one)?],
+                };
+                let mut all = true;
+                for version in versions {
+                    let version = ::semver::Version::parse(version.trim())
+                        .map_err(|e| format!("{version:?} is not a semantic version: {e}"))?;
+                    all &= range.holds(&version);
+                }
+                all
+            }
+            Matcher::Gjson(paths) => {
+                let document: Json = serde_json::from_str(&as_text(actual)?)
+                    .map_err(|e| format!("not JSON: {e}"))?;
+                for (path, matcher) in paths {
+                    let value = gjson::get(&document, path)
+                        .ok_or_else(|| format!("Path not found: {path}"))?;
+                    if !matcher.matches(&value)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Matcher::Xml(query) => query.matches(&as_text(actual)?)?,
         })
     }
+}
+
+/// `gjson: {PATH: MATCHER, ...}`.
+fn gjson_paths(arg: &Node) -> Result<Vec<(String, Matcher)>, Invalid> {
+    let Value::Map(entries) = &arg.value else {
+        return Err(Invalid::at(
+            arg,
+            format!("gjson takes a map of paths to matchers, not {}", arg.kind()),
+        ));
+    };
+    entries
+        .iter()
+        .map(|(path, matcher)| {
+            Ok((
+                path.as_text().unwrap_or_default(),
+                Matcher::element(matcher)?,
+            ))
+        })
+        .collect()
+}
+
+/// `xml: {xpath: EXPRESSION, result: TEXT}`.
+fn xml_query(arg: &Node) -> Result<xml::XmlQuery, Invalid> {
+    let Value::Map(entries) = &arg.value else {
+        return Err(Invalid::at(
+            arg,
+            format!("xml takes a map with xpath and result, not {}", arg.kind()),
+        ));
+    };
+    let field = |name: &str| {
+        entries
+            .iter()
+            .find(|(key, _)| key.as_text().as_deref() == Some(name))
+            .map(|(_, value)| value.as_text().unwrap_or_default())
+            .ok_or_else(|| Invalid::at(arg, "xml takes a map with xpath and result"))
+    };
+    xml::XmlQuery::new(field("xpath")?, field("result")?).map_err(|e| Invalid::at(arg, e))
 }
 
 impl Pattern {
