@@ -35,19 +35,17 @@ fn walk(value: &Json, parts: &[String]) -> Option<Json> {
 
 /// The path's parts: split on `.`, except an escaped `\.`.
 fn split(path: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
+    let mut parts = Vec::new();
+    let mut part = String::new();
     let mut chars = path.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(next) = chars.next() {
-                    parts.last_mut().map(|p| p.push(next));
-                }
-            }
-            '.' => parts.push(String::new()),
-            c => parts.last_mut().map_or((), |p| p.push(c)),
+            '\\' => part.extend(chars.next()),
+            '.' => parts.push(std::mem::take(&mut part)),
+            c => part.push(c),
         }
     }
+    parts.push(part);
     parts
 }
 
