@@ -24,6 +24,8 @@ pub struct Suite {
     /// sha256 of the files as written (before templates), to tell which checks a verification
     /// ran and whether they changed since (see [`digest_of`]).
     pub digest: String,
+    /// What was skipped, `FILE:LINE:COLUMN: why` (a top-level key that is no resource type).
+    pub warnings: Vec<String>,
 }
 
 /// One resource to check (`file: /etc/passwd: {...}`).
@@ -195,6 +197,7 @@ impl<'a> Loader<'a> {
                 checks: Vec::new(),
                 files: Vec::new(),
                 digest: String::new(),
+                warnings: Vec::new(),
             },
             stack: Vec::new(),
             hasher: Sha256::new(),
@@ -264,15 +267,17 @@ impl<'a> Loader<'a> {
                 }
                 continue;
             }
-            let kind = Kind::from_key(&name).ok_or_else(|| {
-                at(Invalid::at(
-                    key,
-                    format!(
-                        "unknown resource type {name:?}; known: {}",
-                        Kind::names().join(", ")
-                    ),
-                ))
-            })?;
+            // goss ignores a key that is no resource type; it is skipped here too, said aloud.
+            let Some(kind) = Kind::from_key(&name) else {
+                self.suite.warnings.push(format!(
+                    "{}:{}:{}: unknown resource type {name:?} skipped, as goss skips it; known: {}",
+                    file.display(),
+                    key.line,
+                    key.column,
+                    Kind::names().join(", ")
+                ));
+                continue;
+            };
             for (id, body) in entries {
                 let check = parse_check(kind, id, body, file).map_err(at)?;
                 let at = self.suite.checks.len();
@@ -402,24 +407,39 @@ fn boolean(node: &Node) -> Result<bool, Invalid> {
     }
 }
 
-/// A path, or the sorted matches of a glob (`*`, `?`) in its last component.
+/// A path, or the sorted matches of a glob (`*`, `?`) in any of its components, as Go's
+/// `filepath.Glob` (`section_*/*.yml`); a pattern that matches nothing gives nothing.
 fn expand(path: &Path) -> Result<Vec<PathBuf>, String> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if !name.contains(['*', '?']) {
+    if !path.to_string_lossy().contains(['*', '?']) {
         return Ok(vec![path.to_path_buf()]);
     }
-    let dir = parent(path);
-    let listing =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-    let mut found: Vec<PathBuf> = listing
-        .filter_map(Result::ok)
-        .filter(|entry| glob(&name, &entry.file_name().to_string_lossy()))
-        .map(|entry| entry.path())
-        .collect();
-    found.sort();
+    let mut found = vec![PathBuf::new()];
+    for component in path.components() {
+        let name = component.as_os_str().to_string_lossy();
+        if !name.contains(['*', '?']) {
+            found.iter_mut().for_each(|p| p.push(component));
+            continue;
+        }
+        let mut next = Vec::new();
+        for dir in &found {
+            let listed = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let Ok(listing) = std::fs::read_dir(listed) else {
+                continue;
+            };
+            let mut matches: Vec<PathBuf> = listing
+                .filter_map(Result::ok)
+                .filter(|entry| glob(&name, &entry.file_name().to_string_lossy()))
+                .map(|entry| dir.join(entry.file_name()))
+                .collect();
+            matches.sort();
+            next.extend(matches);
+        }
+        found = next;
+    }
     Ok(found)
 }
 

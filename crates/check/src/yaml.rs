@@ -113,7 +113,76 @@ impl MapState {
 pub const MAX_NODES: usize = 1_000_000;
 
 /// Parses the first document of `text`. An empty document is an empty map.
+///
+/// One leniency of goss's YAML library (libyaml's) is kept: the continuation lines of a quoted
+/// scalar may be less indented than its block (a template that puts a multi-line value in
+/// quotes writes them so). Those lines are indented and the text parsed again; a quoted
+/// scalar's folding drops leading spaces, so the value is the same.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    for _ in 0..MAX_REINDENTS {
+        match parse_strict(&text) {
+            Err(error)
+                if error
+                    .message
+                    .contains("invalid indentation in quoted scalar") =>
+            {
+                match reindent_quoted(&text, error.line, error.column) {
+                    Some(fixed) => text = std::borrow::Cow::Owned(fixed),
+                    None => return Err(error),
+                }
+            }
+            other => return other,
+        }
+    }
+    parse_strict(&text)
+}
+
+/// How many under-indented quoted scalars one document may have.
+const MAX_REINDENTS: usize = 64;
+
+/// `text` with the continuation lines of the quoted scalar opening at `line`:`column`
+/// indented to that column; `None` when there is nothing there to fix.
+fn reindent_quoted(text: &str, line: usize, column: usize) -> Option<String> {
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    let start = line.checked_sub(1)?;
+    let opening = lines.get(start)?;
+    let at = opening.char_indices().nth(column.checked_sub(1)?)?.0;
+    let quote = opening[at..]
+        .chars()
+        .next()
+        .filter(|c| *c == '"' || *c == '\'')?;
+    // Where the scalar ends: the line holding its closing quote.
+    let mut escaped = false;
+    let mut end = None;
+    'lines: for (index, text) in lines.iter().enumerate().skip(start) {
+        let from = if index == start { at + 1 } else { 0 };
+        let mut chars = text[from..].chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                ('"', _) if escaped => escaped = false,
+                ('"', '\\') => escaped = true,
+                ('\'', '\'') if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                }
+                (q, c) if c == q => {
+                    end = Some(index);
+                    break 'lines;
+                }
+                _ => {}
+            }
+        }
+    }
+    // Closed on its own line: nothing to indent.
+    let end = end.filter(|end| *end > start)?;
+    let pad = " ".repeat(column);
+    for line in &mut lines[start + 1..=end] {
+        line.insert_str(0, &pad);
+    }
+    Some(lines.join("\n"))
+}
+
+fn parse_strict(text: &str) -> Result<Node, SyntaxError> {
     let mut stack: Vec<Frame> = Vec::new();
     // Each anchor's node and its size in nodes.
     let mut anchors: std::collections::HashMap<usize, (Node, usize)> =
@@ -388,6 +457,22 @@ mod tests {
         );
         let bad = parse("a: &a 1\nb:\n  <<: *a\n").unwrap_err();
         assert_eq!((bad.line, bad.message.contains("merge key")), (3, true));
+    }
+
+    /// goss (libyaml) takes a quoted scalar whose continuation lines are less indented than
+    /// its block, as templates write multi-line values into quotes.
+    #[test]
+    fn under_indented_quoted_continuations_are_read_as_libyaml_reads_them() {
+        let doc = parse(
+            "file:\n  motd:\n    contents:\n    -  \"Authorized uses only.\n\"\n    - '!/x/'\n",
+        )
+        .unwrap();
+        let contents = get(get(get(&doc, "file"), "motd"), "contents");
+        assert_eq!(
+            contents.to_json(),
+            serde_json::json!(["Authorized uses only. ", "!/x/"])
+        );
+        assert!(parse("a: \"never closed\nb: 1\n").is_err());
     }
 
     /// "Billion laughs": nine levels of ten aliases each would be a billion nodes. It is

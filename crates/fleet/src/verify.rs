@@ -288,6 +288,9 @@ async fn run_checks(
             env,
         };
         let suite = phoenix_check::load(&checks, &data)?;
+        for warning in &suite.warnings {
+            tracing::warn!("checks: {warning}");
+        }
         let report = match inside {
             None => phoenix_check::run(&suite, &target, &options.run),
             Some(pid) => {

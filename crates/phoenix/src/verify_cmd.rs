@@ -178,7 +178,11 @@ fn load(file: &Path, run: &RunArgs) -> Result<Suite, ExitCode> {
         };
         phoenix_check::load(file, &data)
     });
-    loaded.map_err(bad_file)
+    let suite = loaded.map_err(bad_file)?;
+    for warning in &suite.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(suite)
 }
 
 /// Says why a check or vars file is unusable; goss's exit status for that.

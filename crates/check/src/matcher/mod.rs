@@ -91,7 +91,9 @@ pub enum Comparison {
 pub struct Pattern {
     pub text: String,
     pub negated: bool,
-    regex: Option<Regex>,
+    /// A `/regex/` (with `i`, `m`, `s` flags after it): the compiled expression, or why it
+    /// does not compile. As in goss, a bad one fails its attribute, not the whole file.
+    regex: Option<Result<Regex, String>>,
 }
 
 /// How a plain (non-matcher) expectation is read for an attribute.
@@ -248,7 +250,11 @@ impl Matcher {
             Matcher::Equal(expected) => equal(expected, actual),
             Matcher::Patterns(patterns) => {
                 let text = as_text(actual)?;
-                patterns.iter().all(|p| p.holds(&text))
+                let mut all = true;
+                for pattern in patterns {
+                    all &= pattern.holds(&text)?;
+                }
+                all
             }
             Matcher::HavePrefix(prefix) => as_text(actual)?.starts_with(prefix.as_str()),
             Matcher::HaveSuffix(suffix) => as_text(actual)?.ends_with(suffix.as_str()),
@@ -385,10 +391,9 @@ impl Pattern {
                 raw.strip_prefix('\\').map_or(raw.clone(), str::to_string),
             ),
         };
-        let regex = match body.strip_prefix('/').and_then(|b| b.strip_suffix('/')) {
-            Some(expr) if body.len() >= 2 => Some(regex(node, expr)?),
-            _ => None,
-        };
+        let regex = regex_pattern(&body).map(|expr| {
+            Regex::new(&expr).map_err(|e| format!("bad regular expression {expr:?}: {e}"))
+        });
         Ok(Pattern {
             text: raw,
             negated,
@@ -396,16 +401,33 @@ impl Pattern {
         })
     }
 
-    fn holds(&self, text: &str) -> bool {
+    fn holds(&self, text: &str) -> Result<bool, String> {
         let found = match &self.regex {
-            Some(regex) => text.lines().any(|line| regex.is_match(line)),
+            Some(Ok(regex)) => text.lines().any(|line| regex.is_match(line)),
+            Some(Err(error)) => return Err(error.clone()),
             None => {
                 let needle = self.text.trim_start_matches(['!', '\\']);
                 text.lines().any(|line| line.contains(needle))
             }
         };
-        found != self.negated
+        Ok(found != self.negated)
     }
+}
+
+/// goss's `/regex/` and `/regex/FLAGS` (flags `i`, `m`, `s`): the expression to compile, with
+/// its flags as Go's inline `(?flags)`; `None` when the pattern is plain text.
+fn regex_pattern(body: &str) -> Option<String> {
+    let inner = body.strip_prefix('/')?;
+    let closing = inner.rfind('/')?;
+    let flags = &inner[closing + 1..];
+    if !flags.chars().all(|c| matches!(c, 'i' | 'm' | 's')) {
+        return None;
+    }
+    let expr = &inner[..closing];
+    Some(match flags.is_empty() {
+        true => expr.to_string(),
+        false => format!("(?{flags}){expr}"),
+    })
 }
 
 fn regex(node: &Node, expr: &str) -> Result<Regex, Invalid> {
@@ -513,6 +535,26 @@ mod tests {
 
     fn check(yaml: &str, shape: Shape, actual: Json) -> bool {
         matcher(yaml, shape).matches(&actual).unwrap()
+    }
+
+    /// goss's `/regex/FLAGS` patterns; a bad expression fails its attribute when it runs, as
+    /// in goss, instead of refusing the file.
+    #[test]
+    fn regex_patterns_take_flags_and_bad_ones_fail_when_run() {
+        let text = json!("Hello World\nsecond line");
+        assert!(check("[\"/^hello/i\"]", Shape::Text, text.clone()));
+        assert!(!check("[\"/^hello/\"]", Shape::Text, text.clone()));
+        assert!(check(
+            "[\"!/^bye/\", \"/Wor.d/\"]",
+            Shape::Text,
+            text.clone()
+        ));
+        assert!(
+            check("[\"/a/b\"]", Shape::Text, json!("x /a/b y")),
+            "b is no flag: plain text"
+        );
+        let bad = matcher("[\"!//\\\\(v|r)/\"]", Shape::Text).matches(&text);
+        assert!(bad.unwrap_err().contains("bad regular expression"));
     }
 
     #[test]
