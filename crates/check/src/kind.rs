@@ -217,6 +217,7 @@ impl Kind {
                 ("addrs", L),
                 ("timeout", MILLIS),
                 ("resolve", Role::Setting(Setting::Text)),
+                ("server", Role::Setting(Setting::Text)),
                 RETRY_COUNT,
                 RETRY_DELAY,
             ],

@@ -1344,3 +1344,111 @@ matching:
     let report = scene.run(&bomb, &Target::host());
     assert_eq!(status(&report, "Matching", "bomb", "matches"), Fail);
 }
+
+/// `dns` with `server`: every record type goss queries, asked of a real DNS server (dnsmasq on
+/// a free loopback port, serving records this test defines), printed as goss prints them.
+#[test]
+fn dns_with_a_server_answers_every_record_type() {
+    if !std::path::Path::new("/usr/sbin/dnsmasq").exists() {
+        assert!(
+            std::env::var_os("PHOENIX_REQUIRE_TOOLS").is_none(),
+            "PHOENIX_REQUIRE_TOOLS is set but dnsmasq is missing"
+        );
+        eprintln!("skipped: dnsmasq is not installed (apt-get install dnsmasq-base)");
+        return;
+    }
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dnsmasq = Command::new("/usr/sbin/dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            "--user=root",
+            &format!("--port={port}"),
+            "--host-record=web.test,10.1.2.3,fd00::3",
+            "--cname=alias.test,web.test",
+            "--mx-host=mail.test,mx1.test,10",
+            "--srv-host=_http._tcp.web.test,web.test,80,0,5",
+            "--txt-record=txt.test,v=spf1 -all",
+            "--ptr-record=3.2.1.10.in-addr.arpa,web.test",
+            "--caa-record=caa.test,0,issue,letsencrypt.org",
+        ])
+        .spawn()
+        .unwrap();
+    let dnsmasq = Reaped(dnsmasq);
+    // dnsmasq answers once it listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_to_string("/proc/net/udp")
+            .unwrap()
+            .contains(&format!(":{port:04X} "))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let scene = Scene::new();
+    let server = format!("127.0.0.1:{port}");
+    let goss = format!(
+        r#"
+dns:
+  web.test:
+    resolvable: true
+    addrs: ["10.1.2.3", "fd00::3"]
+    server: {server}
+  A:web.test:
+    addrs: {{consist-of: ["10.1.2.3"]}}
+    server: {server}
+  CNAME:alias.test:
+    addrs: ["web.test."]
+    server: {server}
+  MX:mail.test:
+    addrs: ["10 mx1.test."]
+    server: {server}
+  SRV:_http._tcp.web.test:
+    addrs: ["0 5 80 web.test."]
+    server: {server}
+  TXT:txt.test:
+    addrs: ["v=spf1 -all"]
+    server: {server}
+  PTR:10.1.2.3:
+    addrs: ["web.test."]
+    server: {server}
+  CAA:caa.test:
+    addrs: ["0 issue letsencrypt.org"]
+    server: {server}
+  nowhere.test:
+    resolvable: false
+    server: {server}
+"#
+    );
+    let report = scene.run(&goss, &Target::host());
+    drop(dnsmasq);
+    let ids = [
+        "web.test",
+        "A:web.test",
+        "CNAME:alias.test",
+        "MX:mail.test",
+        "SRV:_http._tcp.web.test",
+        "TXT:txt.test",
+        "PTR:10.1.2.3",
+        "CAA:caa.test",
+        "nowhere.test",
+    ];
+    for id in ids {
+        for outcome in report.outcomes.iter().filter(|o| o.resource_id == id) {
+            assert_eq!(
+                outcome.result, Pass,
+                "{id} {}: found {:?} {}",
+                outcome.property, outcome.found, outcome.error
+            );
+        }
+    }
+    assert_eq!(report.outcomes.len(), 10);
+}

@@ -3,6 +3,7 @@
 //! shared by every check of that run.
 
 pub(crate) mod command;
+pub(crate) mod dns;
 pub(crate) mod file;
 pub(crate) mod host;
 pub(crate) mod http;

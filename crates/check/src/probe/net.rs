@@ -62,12 +62,19 @@ pub fn parse_addr(id: &str) -> Result<(&'static str, &str), String> {
 }
 
 /// `host`, `A:host` or `AAAA:host`.
-pub fn parse_dns(id: &str) -> Result<(Option<bool>, &str), String> {
+/// A dns key: `host`, or `TYPE:host` with one of goss's record types.
+pub fn parse_dns(id: &str) -> Result<(Option<&str>, &str), String> {
     match id.split_once(':') {
-        Some(("A", host)) => Ok((Some(false), host)),
-        Some(("AAAA", host)) => Ok((Some(true), host)),
+        Some((kind, host)) if super::dns::TYPES.iter().any(|(name, _)| *name == kind) => {
+            Ok((Some(kind), host))
+        }
         Some((kind, _)) if kind.chars().all(|c| c.is_ascii_uppercase()) => Err(format!(
-            "dns record type {kind} is not supported: Phoenix resolves A and AAAA through the system resolver"
+            "dns record type {kind} is not supported; known: {}",
+            super::dns::TYPES
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         _ => Ok((None, id)),
     }
@@ -154,22 +161,43 @@ pub fn addr(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
 }
 
 pub fn dns(check: &Check) -> impl Fn(&str) -> Result<Json, String> + '_ {
+    let answers = dns_answers(check);
     move |attribute| {
-        let (v6, host) = parse_dns(check.target())?;
-        let timeout = Duration::from_millis(check.timeout_ms(500));
-        let mut ips: Vec<String> = resolve(&format!("{host}:0"), timeout)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|a| v6.is_none_or(|v6| a.is_ipv6() == v6))
-            .map(|a| a.ip().to_string())
-            .collect();
-        ips.sort();
-        ips.dedup();
+        let answers = answers.as_ref().map_err(Clone::clone)?;
         Ok(match attribute {
-            "addrs" => json!(ips),
-            _ => json!(!ips.is_empty()),
+            "addrs" => json!(answers),
+            _ => json!(!answers.is_empty()),
         })
     }
+}
+
+/// What the check's name resolves to: from its `server` when it names one (any record type),
+/// else from the system resolver (addresses only).
+fn dns_answers(check: &Check) -> Result<Vec<String>, String> {
+    let (qtype, host) = parse_dns(check.target())?;
+    let timeout = Duration::from_millis(check.timeout_ms(500));
+    if let Some(server) = check.option_str("server") {
+        return super::dns::lookup(host, qtype, server, timeout);
+    }
+    let v6 = match qtype {
+        None => None,
+        Some("A") => Some(false),
+        Some("AAAA") => Some(true),
+        Some(other) => {
+            return Err(format!(
+                "dns record type {other} needs `server` (the system resolver gives addresses only)"
+            ));
+        }
+    };
+    let mut ips: Vec<String> = resolve(&format!("{host}:0"), timeout)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| v6.is_none_or(|v6| a.is_ipv6() == v6))
+        .map(|a| a.ip().to_string())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    Ok(ips)
 }
 
 /// Resolves through the system resolver, giving up after `timeout`.
