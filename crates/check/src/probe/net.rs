@@ -341,6 +341,8 @@ mod tests {
         assert_eq!(parse_port("80"), Ok(("tcp", 80)));
         assert!(parse_port("sctp:1").is_err());
         assert!(parse_addr("tcp://localhost").is_err());
-        assert!(parse_dns("MX:example.com").is_err());
+        assert_eq!(parse_dns("MX:example.com"), Ok((Some("MX"), "example.com")));
+        assert_eq!(parse_dns("example.com"), Ok((None, "example.com")));
+        assert!(parse_dns("HINFO:example.com").unwrap_err().contains("not supported"));
     }
 }
