@@ -343,6 +343,10 @@ mod tests {
         assert!(parse_addr("tcp://localhost").is_err());
         assert_eq!(parse_dns("MX:example.com"), Ok((Some("MX"), "example.com")));
         assert_eq!(parse_dns("example.com"), Ok((None, "example.com")));
-        assert!(parse_dns("HINFO:example.com").unwrap_err().contains("not supported"));
+        assert!(
+            parse_dns("HINFO:example.com")
+                .unwrap_err()
+                .contains("not supported")
+        );
     }
 }
