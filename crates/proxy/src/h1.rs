@@ -21,10 +21,10 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::chunked::Chunked;
+use crate::client_stream::ClientStream;
 use crate::pool::{self, Upstream};
 use crate::splice;
 use crate::{Backend, InFlight, Parked, RoleProxy, Stop, forward, policy, stop_asked};
@@ -38,7 +38,7 @@ pub(crate) const READ_RESERVE: usize = 8 * 1024;
 
 /// One client connection and its buffers, reused from request to request.
 struct Client {
-    stream: TcpStream,
+    stream: ClientStream,
     /// Bytes read from the client and not yet used (a pipelined request may wait here).
     buf: BytesMut,
     /// The request as it goes to the backend.
@@ -119,7 +119,7 @@ enum After {
 /// `buffered` holds what the client sent before (to a previous program). Returns the
 /// connection, parked between two requests, when asked to hand it over.
 pub(crate) async fn serve(
-    stream: TcpStream,
+    stream: ClientStream,
     client: SocketAddr,
     buffered: Bytes,
     proxy: Arc<RoleProxy>,
@@ -469,7 +469,10 @@ async fn splice_body(
     let Some(pipe) = &conn.pipe else {
         return copy_body(conn, upstream, left, sent).await;
     };
-    let relayed = splice::relay(pipe, &upstream.stream, &conn.stream, left, |moved| {
+    let Ok(client) = conn.stream.registered() else {
+        return false;
+    };
+    let relayed = splice::relay(pipe, &upstream.stream, client, left, |moved| {
         *sent += moved as u64
     })
     .await;
@@ -822,7 +825,7 @@ pub(crate) fn push_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
 /// A client connection handed to hyper, with the bytes the fast path already read from it.
 pub(crate) struct Rewind {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: ClientStream,
 }
 
 impl AsyncRead for Rewind {

@@ -8,6 +8,7 @@
 mod body;
 pub mod certs;
 mod chunked;
+mod client_stream;
 pub mod edge;
 mod forward;
 mod h1;
@@ -501,11 +502,19 @@ pub async fn serve(
         proxy.config().max_connections.max(1),
     ));
     let clients = Arc::new(ClientCounts::default());
+    let listener = match client_stream::Listener::new(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(role = %proxy.role, %error, "cannot watch the listening socket");
+            return Leftover::default();
+        }
+    };
     let mut connections = tokio::task::JoinSet::new();
     for parked in inherited {
-        let Ok(stream) = tokio::net::TcpStream::from_std(parked.stream) else {
+        if parked.stream.set_nonblocking(true).is_err() {
             continue;
-        };
+        }
+        let stream = client_stream::ClientStream::Unregistered(parked.stream);
         let (proxy, stop) = (proxy.clone(), stop.clone());
         let slot = slots.clone().try_acquire_owned().ok();
         connections.spawn(async move {
@@ -548,7 +557,9 @@ pub async fn serve(
             let parked = match proxy.config().mode {
                 Mode::Http => h1::serve(stream, client, bytes::Bytes::new(), proxy, stop).await,
                 Mode::Tcp => {
-                    tunnel::serve_tcp(stream, proxy).await;
+                    if let Ok(stream) = stream.into_tokio() {
+                        tunnel::serve_tcp(stream, proxy).await;
+                    }
                     None
                 }
             };
@@ -558,7 +569,7 @@ pub async fn serve(
     };
     let mut leftover = Leftover::default();
     if asked == Stop::HandOver {
-        leftover.listener = listener.into_std().ok();
+        leftover.listener = Some(listener.into_std());
     } else {
         drop(listener);
     }
