@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod health;
 mod identity;
 pub mod keyring;
+pub mod memberlist;
 pub mod packet;
 pub mod persist;
 pub mod query;

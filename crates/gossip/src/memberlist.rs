@@ -1,0 +1,674 @@
+//! Memberlist's wire format, as Debian's `serf agent` speaks it (the groundwork of
+//! `protocol = "serf"`): the message types, the msgpack bodies (Go structs as maps keyed by
+//! field name), packets with an optional label header, CRC and compound framing, LZW-compressed
+//! messages, and the TCP push-pull exchange with Serf's own state inside it.
+//!
+//! Everything here parses bytes from the network: every length is checked against what is
+//! left, decompression stops at a bound, and compound messages do not nest.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Memberlist's message types (its `net.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageType {
+    Ping = 0,
+    IndirectPing = 1,
+    Ack = 2,
+    Suspect = 3,
+    Alive = 4,
+    Dead = 5,
+    PushPull = 6,
+    Compound = 7,
+    User = 8,
+    Compress = 9,
+    Encrypt = 10,
+    Nack = 11,
+    HasCrc = 12,
+    Err = 13,
+}
+
+impl MessageType {
+    fn from_byte(byte: u8) -> Result<MessageType, WireError> {
+        use MessageType::*;
+        const ALL: [MessageType; 14] = [
+            Ping,
+            IndirectPing,
+            Ack,
+            Suspect,
+            Alive,
+            Dead,
+            PushPull,
+            Compound,
+            User,
+            Compress,
+            Encrypt,
+            Nack,
+            HasCrc,
+            Err,
+        ];
+        ALL.get(usize::from(byte))
+            .copied()
+            .ok_or(WireError::UnknownType(byte))
+    }
+}
+
+/// The first byte of a packet or stream that carries a label.
+const HAS_LABEL: u8 = 244;
+/// Serf's tag encoding starts with this byte (older agents sent the bare role).
+const TAG_MAGIC: u8 = 255;
+/// Memberlist's own bound on a push-pull's state.
+pub const MAX_PUSH_STATE_BYTES: usize = 20 * 1024 * 1024;
+/// Memberlist's bound on a decompressed message: user state plus as much again of nodes.
+const MAX_DECOMPRESSED: usize = 2 * MAX_PUSH_STATE_BYTES;
+/// Memberlist's bound on the nodes of one push-pull.
+const MAX_PUSH_NODES: usize = 1024 * 1024;
+
+/// Why bytes from a peer were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    #[error("checksum mismatch: the packet says {expected:08x}, its bytes give {actual:08x}")]
+    Checksum { expected: u32, actual: u32 },
+    #[error("compressed or compound messages nested deeper than memberlist sends them")]
+    NestedCompound,
+    #[error("unknown compression algorithm {0}")]
+    Compression(u8),
+    #[error("compressed message is corrupt")]
+    Lzw,
+    #[error("decompressed message is larger than {MAX_DECOMPRESSED} bytes")]
+    TooLarge,
+    #[error("encrypted messages are not supported yet")]
+    Encrypted,
+    #[error("push-pull state too large: {nodes} nodes, {user_state} bytes of user state")]
+    PushTooLarge { nodes: usize, user_state: usize },
+    #[error("expected a {expected:?} message, got {got:?}")]
+    Unexpected {
+        expected: MessageType,
+        got: MessageType,
+    },
+    #[error("bad msgpack body")]
+    Decode(#[source] rmp_serde::decode::Error),
+    #[error("cannot encode msgpack body")]
+    Encode(#[source] rmp_serde::encode::Error),
+    #[error("stream")]
+    Io(#[source] std::io::Error),
+}
+
+/// A direct probe (`ping`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Ping {
+    pub seq_no: u32,
+    /// The node the sender means to reach (a restarted agent under another name says no).
+    pub node: String,
+    #[serde(with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub source_addr: Vec<u8>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_port: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_node: String,
+}
+
+/// The answer to a ping; Serf puts its network coordinate in the payload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Ack {
+    pub seq_no: u32,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A node announcing itself alive (also how a join is gossiped).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Alive {
+    pub incarnation: u32,
+    pub node: String,
+    #[serde(with = "serde_bytes")]
+    pub addr: Vec<u8>,
+    pub port: u16,
+    #[serde(with = "serde_bytes")]
+    pub meta: Vec<u8>,
+    /// Protocol versions: min, max, current of memberlist, then of the delegate (Serf).
+    #[serde(with = "serde_bytes")]
+    pub vsn: Vec<u8>,
+}
+
+/// The state of a node as memberlist keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "u8", into = "u8")]
+pub enum NodeState {
+    #[default]
+    Alive,
+    Suspect,
+    Dead,
+    Left,
+}
+
+impl From<u8> for NodeState {
+    fn from(value: u8) -> NodeState {
+        match value {
+            0 => NodeState::Alive,
+            1 => NodeState::Suspect,
+            3 => NodeState::Left,
+            _ => NodeState::Dead,
+        }
+    }
+}
+
+impl From<NodeState> for u8 {
+    fn from(state: NodeState) -> u8 {
+        match state {
+            NodeState::Alive => 0,
+            NodeState::Suspect => 1,
+            NodeState::Dead => 2,
+            NodeState::Left => 3,
+        }
+    }
+}
+
+/// One node in a push-pull exchange.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct PushNodeState {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub addr: Vec<u8>,
+    pub port: u16,
+    #[serde(with = "serde_bytes")]
+    pub meta: Vec<u8>,
+    pub incarnation: u32,
+    pub state: NodeState,
+    #[serde(with = "serde_bytes")]
+    pub vsn: Vec<u8>,
+}
+
+impl PushNodeState {
+    /// The node's gossip address.
+    pub fn address(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct PushPullHeader {
+    nodes: usize,
+    user_state_len: usize,
+    join: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Compress {
+    algo: u8,
+    #[serde(with = "serde_bytes")]
+    buf: Vec<u8>,
+}
+
+/// Serf's part of a push-pull (its `messagePushPull`): its clocks and who left.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct SerfPushPull {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "StatusLTimes")]
+    pub status_ltimes: BTreeMap<String, u64>,
+    pub left_members: Vec<String>,
+    #[serde(rename = "EventLTime")]
+    pub event_ltime: u64,
+    /// Recent user events, kept as msgpack values (Serf's `userEvents`).
+    pub events: Vec<opaque::Opaque>,
+    #[serde(rename = "QueryLTime")]
+    pub query_ltime: u64,
+}
+
+/// A push-pull exchange: the sender's nodes and its Serf state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PushPull {
+    pub join: bool,
+    pub nodes: Vec<PushNodeState>,
+    /// Serf's state, when the user state is Serf's (it starts with its push-pull type).
+    pub serf: Option<SerfPushPull>,
+}
+
+/// Serf's message type of its push-pull state (its `messagePushPullType`).
+const SERF_PUSH_PULL: u8 = 2;
+
+/// A message body with its type byte in front, as memberlist's `encode` writes it.
+pub fn encode<T: Serialize>(kind: MessageType, body: &T) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![kind as u8];
+    rmp_serde::encode::write_named(&mut out, body).map_err(WireError::Encode)?;
+    Ok(out)
+}
+
+/// Decodes a message body (without its type byte).
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    rmp_serde::from_slice(body).map_err(WireError::Decode)
+}
+
+/// Puts messages into one packet: a compound one when there are several.
+pub fn packet(messages: &[Vec<u8>], label: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    if !label.is_empty() {
+        out.extend_from_slice(&[HAS_LABEL, label.len() as u8]);
+        out.extend_from_slice(label.as_bytes());
+    }
+    if let [single] = messages {
+        out.extend_from_slice(single);
+        return out;
+    }
+    out.extend_from_slice(&[MessageType::Compound as u8, messages.len() as u8]);
+    for message in messages {
+        out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    }
+    for message in messages {
+        out.extend_from_slice(message);
+    }
+    out
+}
+
+/// A packet taken apart: its label and its messages (type and body), decompressed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Packet {
+    pub label: String,
+    pub messages: Vec<(MessageType, Vec<u8>)>,
+    /// Messages of a compound packet cut off by the packet's end (memberlist counts these).
+    pub truncated: usize,
+}
+
+/// Takes a UDP packet apart.
+pub fn parse_packet(buf: &[u8]) -> Result<Packet, WireError> {
+    let (label, buf) = strip_label(buf)?;
+    let buf = strip_crc(buf)?;
+    let mut packet = Packet {
+        label,
+        ..Packet::default()
+    };
+    // Memberlist compresses a whole packet, piggybacked gossip included: compression
+    // outside, then a compound, then plain messages; nothing nests deeper.
+    let (kind, body) = split_type(buf)?;
+    let decompressed;
+    let (kind, body) = if kind == MessageType::Compress {
+        decompressed = decompress(body)?;
+        split_type(&decompressed)?
+    } else {
+        (kind, body)
+    };
+    if kind != MessageType::Compound {
+        packet.messages.push(plain(kind, body)?);
+        return Ok(packet);
+    }
+    let (parts, truncated) = compound_parts(body)?;
+    packet.truncated = truncated;
+    for part in parts {
+        let (kind, body) = split_type(part)?;
+        packet.messages.push(plain(kind, body)?);
+    }
+    Ok(packet)
+}
+
+fn strip_label(buf: &[u8]) -> Result<(String, &[u8]), WireError> {
+    if buf.first() != Some(&HAS_LABEL) {
+        return Ok((String::new(), buf));
+    }
+    let len = usize::from(*buf.get(1).ok_or(WireError::Truncated("label"))?);
+    let label = buf.get(2..2 + len).ok_or(WireError::Truncated("label"))?;
+    Ok((String::from_utf8_lossy(label).into_owned(), &buf[2 + len..]))
+}
+
+fn strip_crc(buf: &[u8]) -> Result<&[u8], WireError> {
+    if buf.len() < 5 || buf[0] != MessageType::HasCrc as u8 {
+        return Ok(buf);
+    }
+    let expected = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let actual = crc32fast::hash(&buf[5..]);
+    if expected != actual {
+        return Err(WireError::Checksum { expected, actual });
+    }
+    Ok(&buf[5..])
+}
+
+fn split_type(buf: &[u8]) -> Result<(MessageType, &[u8]), WireError> {
+    let (&first, rest) = buf.split_first().ok_or(WireError::Empty)?;
+    Ok((MessageType::from_byte(first)?, rest))
+}
+
+/// The parts of a compound message, and how many were cut off.
+fn compound_parts(buf: &[u8]) -> Result<(Vec<&[u8]>, usize), WireError> {
+    let (&count, rest) = buf
+        .split_first()
+        .ok_or(WireError::Truncated("compound count"))?;
+    let count = usize::from(count);
+    let lengths = rest
+        .get(..count * 2)
+        .ok_or(WireError::Truncated("compound lengths"))?;
+    let mut body = &rest[count * 2..];
+    let mut parts = Vec::with_capacity(count);
+    for (index, pair) in lengths.chunks_exact(2).enumerate() {
+        let len = usize::from(u16::from_be_bytes([pair[0], pair[1]]));
+        if body.len() < len {
+            return Ok((parts, count - index));
+        }
+        parts.push(&body[..len]);
+        body = &body[len..];
+    }
+    Ok((parts, 0))
+}
+
+/// A message that is neither compressed nor compound (those come apart in [`parse_packet`]).
+fn plain(kind: MessageType, body: &[u8]) -> Result<(MessageType, Vec<u8>), WireError> {
+    match kind {
+        MessageType::Compress | MessageType::Compound => Err(WireError::NestedCompound),
+        MessageType::Encrypt => Err(WireError::Encrypted),
+        kind => Ok((kind, body.to_vec())),
+    }
+}
+
+/// Undoes memberlist's compression: Go's `compress/lzw`, least significant bit first, 8-bit
+/// literals; stops at memberlist's own bound.
+fn decompress(body: &[u8]) -> Result<Vec<u8>, WireError> {
+    let compress: Compress = decode(body)?;
+    if compress.algo != 0 {
+        return Err(WireError::Compression(compress.algo));
+    }
+    let mut decoder = weezl::decode::Decoder::new(weezl::BitOrder::Lsb, 8);
+    let mut out = Vec::new();
+    let mut input = compress.buf.as_slice();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let result = decoder.decode_bytes(input, &mut chunk);
+        input = &input[result.consumed_in..];
+        out.extend_from_slice(&chunk[..result.consumed_out]);
+        if out.len() > MAX_DECOMPRESSED {
+            return Err(WireError::TooLarge);
+        }
+        match result.status {
+            Ok(weezl::LzwStatus::Done) => return Ok(out),
+            Ok(weezl::LzwStatus::NoProgress) if input.is_empty() => return Ok(out),
+            Ok(weezl::LzwStatus::NoProgress) => return Err(WireError::Lzw),
+            Ok(weezl::LzwStatus::Ok) => {}
+            Err(_) => return Err(WireError::Lzw),
+        }
+    }
+}
+
+/// Writes a push-pull exchange as memberlist's `sendLocalState` does (uncompressed, which
+/// every memberlist reads).
+pub fn write_push_pull(
+    stream: &mut impl Write,
+    push: &PushPull,
+    label: &str,
+) -> Result<(), WireError> {
+    let mut user_state = Vec::new();
+    if let Some(serf) = &push.serf {
+        user_state.push(SERF_PUSH_PULL);
+        rmp_serde::encode::write_named(&mut user_state, serf).map_err(WireError::Encode)?;
+    }
+    let header = PushPullHeader {
+        nodes: push.nodes.len(),
+        user_state_len: user_state.len(),
+        join: push.join,
+    };
+    let mut out = Vec::new();
+    if !label.is_empty() {
+        out.extend_from_slice(&[HAS_LABEL, label.len() as u8]);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.extend(encode(MessageType::PushPull, &header)?);
+    for node in &push.nodes {
+        rmp_serde::encode::write_named(&mut out, node).map_err(WireError::Encode)?;
+    }
+    out.extend_from_slice(&user_state);
+    stream.write_all(&out).map_err(WireError::Io)
+}
+
+/// Reads a push-pull exchange from a stream (a reply, or a peer's join), compressed or not.
+pub fn read_push_pull(stream: &mut impl Read) -> Result<PushPull, WireError> {
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).map_err(WireError::Io)?;
+    if first[0] == HAS_LABEL {
+        let mut len = [0u8; 1];
+        stream.read_exact(&mut len).map_err(WireError::Io)?;
+        let mut label = vec![0u8; usize::from(len[0])];
+        stream.read_exact(&mut label).map_err(WireError::Io)?;
+        stream.read_exact(&mut first).map_err(WireError::Io)?;
+    }
+    let kind = MessageType::from_byte(first[0])?;
+    let mut rest = Vec::new();
+    stream
+        .take(MAX_DECOMPRESSED as u64 + 1)
+        .read_to_end(&mut rest)
+        .map_err(WireError::Io)?;
+    let (kind, body) = match kind {
+        MessageType::Compress => {
+            let inner = decompress(&rest)?;
+            let (kind, body) = split_type(&inner)?;
+            (kind, body.to_vec())
+        }
+        MessageType::Encrypt => return Err(WireError::Encrypted),
+        kind => (kind, rest),
+    };
+    if kind != MessageType::PushPull {
+        return Err(WireError::Unexpected {
+            expected: MessageType::PushPull,
+            got: kind,
+        });
+    }
+    parse_push_pull(&body)
+}
+
+/// A push-pull body: the header, the nodes, then the user state.
+fn parse_push_pull(body: &[u8]) -> Result<PushPull, WireError> {
+    let mut cursor = std::io::Cursor::new(body);
+    let header: PushPullHeader = rmp_serde::from_read(&mut cursor).map_err(WireError::Decode)?;
+    if header.nodes > MAX_PUSH_NODES || header.user_state_len > MAX_PUSH_STATE_BYTES {
+        return Err(WireError::PushTooLarge {
+            nodes: header.nodes,
+            user_state: header.user_state_len,
+        });
+    }
+    let mut nodes = Vec::with_capacity(header.nodes.min(1024));
+    for _ in 0..header.nodes {
+        nodes.push(rmp_serde::from_read(&mut cursor).map_err(WireError::Decode)?);
+    }
+    let start = cursor.position() as usize;
+    let user_state = body
+        .get(start..start + header.user_state_len)
+        .ok_or(WireError::Truncated("push-pull user state"))?;
+    let serf = match user_state.split_first() {
+        Some((&SERF_PUSH_PULL, state)) => Some(decode(state)?),
+        _ => None,
+    };
+    Ok(PushPull {
+        join: header.join,
+        nodes,
+        serf,
+    })
+}
+
+/// Serf's tags as a node's meta: the magic byte, then a msgpack map.
+pub fn encode_tags(tags: &BTreeMap<String, String>) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![TAG_MAGIC];
+    rmp_serde::encode::write(&mut out, tags).map_err(WireError::Encode)?;
+    Ok(out)
+}
+
+/// A node's meta as Serf's tags (a meta without the magic byte is an old agent's role).
+pub fn decode_tags(meta: &[u8]) -> Result<BTreeMap<String, String>, WireError> {
+    match meta.split_first() {
+        Some((&TAG_MAGIC, map)) => decode(map),
+        _ => Ok(BTreeMap::from([(
+            "role".to_string(),
+            String::from_utf8_lossy(meta).into_owned(),
+        )])),
+    }
+}
+
+/// An address as memberlist sends it: 4 bytes for IPv4, 16 for IPv6.
+pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).into()),
+        16 => Some(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).into()),
+        _ => None,
+    }
+}
+
+fn is_zero(value: &u16) -> bool {
+    *value == 0
+}
+
+/// A msgpack value read and dropped (fields kept opaque for now).
+mod opaque {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Opaque;
+
+    impl<'de> Deserialize<'de> for Opaque {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Opaque, D::Error> {
+            serde::de::IgnoredAny::deserialize(deserializer).map(|_| Opaque)
+        }
+    }
+
+    impl Serialize for Opaque {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_unit()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ping_round_trips_with_go_field_names() {
+        let ping = Ping {
+            seq_no: 7,
+            node: "s1".into(),
+            ..Ping::default()
+        };
+        let bytes = encode(MessageType::Ping, &ping).unwrap();
+        assert_eq!(bytes[0], 0);
+        // A fixmap of two entries: SeqNo and Node (empty optional fields are left out).
+        assert_eq!(bytes[1], 0x82);
+        assert!(bytes.windows(5).any(|w| w == b"SeqNo"));
+        let packet = parse_packet(&bytes).unwrap();
+        assert_eq!(packet.messages.len(), 1);
+        assert_eq!(decode::<Ping>(&packet.messages[0].1).unwrap(), ping);
+    }
+
+    #[test]
+    fn compound_packets_with_a_label_and_a_crc_come_apart() {
+        let ack = encode(
+            MessageType::Ack,
+            &Ack {
+                seq_no: 1,
+                payload: vec![1, 2],
+            },
+        )
+        .unwrap();
+        let ping = encode(MessageType::Ping, &Ping::default()).unwrap();
+        let framed = packet(&[ack.clone(), ping.clone()], "blue");
+        let parsed = parse_packet(&framed).unwrap();
+        assert_eq!(parsed.label, "blue");
+        assert_eq!(parsed.messages[0], (MessageType::Ack, ack[1..].to_vec()));
+        assert_eq!(parsed.messages[1], (MessageType::Ping, ping[1..].to_vec()));
+
+        let mut with_crc = vec![MessageType::HasCrc as u8];
+        with_crc.extend_from_slice(&crc32fast::hash(&ack).to_be_bytes());
+        with_crc.extend_from_slice(&ack);
+        assert_eq!(parse_packet(&with_crc).unwrap().messages.len(), 1);
+        *with_crc.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            parse_packet(&with_crc),
+            Err(WireError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_packets_are_refused_without_panicking() {
+        assert!(parse_packet(&[]).is_err());
+        assert!(parse_packet(&[HAS_LABEL, 200, b'x']).is_err());
+        assert!(parse_packet(&[99]).is_err());
+        assert!(matches!(
+            parse_packet(&[7, 7, 7]),
+            Err(WireError::Truncated(_))
+        ));
+        let nested = packet(&[packet(&[vec![0], vec![0]], "")], "");
+        assert!(parse_packet(&packet(&[nested, vec![2]], "")).is_err());
+        // A cut-off compound part is counted, as memberlist counts it.
+        let parsed = parse_packet(&[7, 2, 0, 1, 0, 9, 2]).unwrap();
+        assert_eq!((parsed.messages.len(), parsed.truncated), (1, 1));
+        // Seeded random bytes: errors, never a panic.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let len = (state % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8 % 16
+                })
+                .collect();
+            let _ = parse_packet(&bytes);
+            let _ = read_push_pull(&mut bytes.as_slice());
+        }
+    }
+
+    #[test]
+    fn a_push_pull_round_trips_with_serf_state_and_tags() {
+        let tags = BTreeMap::from([("role".to_string(), "web".to_string())]);
+        let push = PushPull {
+            join: true,
+            nodes: vec![PushNodeState {
+                name: "p1".into(),
+                addr: vec![127, 0, 0, 1],
+                port: 7946,
+                meta: encode_tags(&tags).unwrap(),
+                incarnation: 1,
+                state: NodeState::Alive,
+                vsn: vec![1, 5, 2, 2, 5, 4],
+            }],
+            serf: Some(SerfPushPull {
+                ltime: 3,
+                status_ltimes: BTreeMap::from([("p1".to_string(), 2)]),
+                ..SerfPushPull::default()
+            }),
+        };
+        let mut wire = Vec::new();
+        write_push_pull(&mut wire, &push, "").unwrap();
+        let read = read_push_pull(&mut wire.as_slice()).unwrap();
+        assert_eq!(read, push);
+        assert_eq!(decode_tags(&read.nodes[0].meta).unwrap(), tags);
+        assert_eq!(
+            read.nodes[0].address().unwrap(),
+            "127.0.0.1:7946".parse().unwrap()
+        );
+        assert_eq!(
+            decode_tags(b"db").unwrap()["role"],
+            "db",
+            "an old agent's bare role"
+        );
+    }
+}

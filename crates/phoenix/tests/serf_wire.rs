@@ -1,0 +1,278 @@
+//! Memberlist's wire format against Debian's `serf agent`: Phoenix's codec
+//! (`phoenix_gossip::memberlist`) pings a real Serf agent over UDP and reads its ack, joins it
+//! by a TCP push-pull and reads its state, and keeps a member alive in Serf's eyes by answering
+//! its probes, until it stops answering and Serf declares it failed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use phoenix_gossip::memberlist::{
+    self, Ack, MessageType, NodeState, Ping, PushNodeState, PushPull, SerfPushPull,
+};
+
+struct SerfAgent {
+    child: Child,
+    serf: std::path::PathBuf,
+    rpc: String,
+    gossip: SocketAddr,
+}
+
+impl Drop for SerfAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SerfAgent {
+    fn start(serf: std::path::PathBuf, dir: &std::path::Path) -> SerfAgent {
+        let (port, rpc_port) = (common::free_port(), common::free_port());
+        let gossip: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let rpc = format!("127.0.0.1:{rpc_port}");
+        let child = Command::new(&serf)
+            .args(["agent", "-node", "s1", "-bind", &gossip.to_string()])
+            .args(["-rpc-addr", &rpc, "-tag", "role=web", "-tag", "dc=lab"])
+            .stdout(std::fs::File::create(dir.join("s1.log")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent = SerfAgent {
+            child,
+            serf,
+            rpc,
+            gossip,
+        };
+        common::wait_for("serf's RPC", Duration::from_secs(30), || {
+            agent.members_output().is_some()
+        });
+        agent
+    }
+
+    /// `serf members` as Serf prints it, or None while its RPC is not up.
+    fn members_output(&self) -> Option<String> {
+        let out = Command::new(&self.serf)
+            .args(["members", &format!("-rpc-addr={}", self.rpc)])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The status Serf gives `name`, if it lists it.
+    fn status_of(&self, name: &str) -> Option<String> {
+        let members = self.members_output()?;
+        let line = members.lines().find(|line| line.starts_with(name))?;
+        line.split_whitespace().nth(2).map(str::to_string)
+    }
+}
+
+/// The memberlist version triple and Serf's, as a current Serf agent announces itself.
+const VSN: [u8; 6] = [1, 5, 2, 2, 5, 4];
+
+#[test]
+fn phoenix_speaks_memberlist_with_a_serf_agent_both_ways() {
+    let Some(serf) = common::serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = SerfAgent::start(serf, dir.path());
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ours = udp.local_addr().unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+
+    // 1. A ping Phoenix encodes gets Serf's ack, with Serf's network coordinate in it.
+    let ping = Ping {
+        seq_no: 4242,
+        node: "s1".into(),
+        source_addr: memberlist::ip_bytes(ours.ip()),
+        source_port: ours.port(),
+        source_node: "p1".into(),
+    };
+    let sent = memberlist::encode(MessageType::Ping, &ping).unwrap();
+    let ack = ask_for_ack(&udp, agent.gossip, &sent, 4242);
+    assert_eq!(ack.payload.first(), Some(&1), "Serf's ping payload version");
+    let coordinate: BTreeMap<String, rmpv_like::Value> =
+        rmp_serde::from_slice(&ack.payload[1..]).unwrap();
+    let vector = coordinate["Vec"].as_floats();
+    assert_eq!(
+        vector.len(),
+        8,
+        "Serf's coordinates have 8 dimensions: {coordinate:?}"
+    );
+
+    // 2. A join by push-pull: Serf reads Phoenix's nodes and Serf state, and answers with its own.
+    let tags = BTreeMap::from([("role".to_string(), "lb".to_string())]);
+    let push = PushPull {
+        join: true,
+        nodes: vec![PushNodeState {
+            name: "p1".into(),
+            addr: memberlist::ip_bytes(ours.ip()),
+            port: ours.port(),
+            meta: memberlist::encode_tags(&tags).unwrap(),
+            incarnation: 1,
+            state: NodeState::Alive,
+            vsn: VSN.to_vec(),
+        }],
+        serf: Some(SerfPushPull {
+            ltime: 1,
+            status_ltimes: BTreeMap::from([("p1".to_string(), 1)]),
+            ..SerfPushPull::default()
+        }),
+    };
+    let mut stream = TcpStream::connect(agent.gossip).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    memberlist::write_push_pull(&mut stream, &push, "").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let answer = memberlist::read_push_pull(&mut stream).unwrap();
+    assert!(
+        answer.join,
+        "memberlist answers a join with the join flag it was sent"
+    );
+    let s1 = answer
+        .nodes
+        .iter()
+        .find(|node| node.name == "s1")
+        .unwrap_or_else(|| panic!("s1 in {answer:?}"));
+    assert_eq!(s1.address(), Some(agent.gossip));
+    assert_eq!(s1.state, NodeState::Alive);
+    let s1_tags = memberlist::decode_tags(&s1.meta).unwrap();
+    assert_eq!(s1_tags.get("role").map(String::as_str), Some("web"));
+    assert_eq!(s1_tags.get("dc").map(String::as_str), Some("lab"));
+    let serf_state = answer.serf.expect("Serf's own push-pull state");
+    assert!(
+        serf_state.status_ltimes.contains_key("s1"),
+        "{serf_state:?}"
+    );
+
+    // 3. Serf lists the member Phoenix announced, with its tags, and keeps it alive while
+    //    Phoenix answers its probes.
+    let answering = Arc::new(AtomicBool::new(true));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let responder = {
+        let (udp, answering, answered) = (
+            udp.try_clone().unwrap(),
+            answering.clone(),
+            answered.clone(),
+        );
+        std::thread::spawn(move || answer_pings(&udp, &answering, &answered))
+    };
+    common::wait_for("Serf to list p1 as alive", Duration::from_secs(10), || {
+        agent.status_of("p1").as_deref() == Some("alive")
+    });
+    let members = agent.members_output().unwrap();
+    let p1 = members.lines().find(|l| l.starts_with("p1")).unwrap();
+    assert!(
+        p1.contains(&ours.to_string()) && p1.contains("role=lb"),
+        "{members}"
+    );
+    // Serf probes a member about once a second; after 4 probes answered it still says alive.
+    common::wait_for(
+        "Serf to probe p1 four times",
+        Duration::from_secs(20),
+        || answered.load(Ordering::SeqCst) >= 4,
+    );
+    assert_eq!(
+        agent.status_of("p1").as_deref(),
+        Some("alive"),
+        "{:?}",
+        agent.members_output()
+    );
+
+    // 4. Phoenix stops answering: Serf suspects p1, then declares it failed.
+    answering.store(false, Ordering::SeqCst);
+    let stopped = Instant::now();
+    common::wait_for("Serf to declare p1 failed", Duration::from_secs(60), || {
+        agent.status_of("p1").as_deref() == Some("failed")
+    });
+    eprintln!(
+        "Serf declared p1 failed {:?} after its last ack",
+        stopped.elapsed()
+    );
+    responder.join().unwrap();
+}
+
+/// Sends `ping` until an ack with `seq_no` comes back (UDP may drop one), for 10 s at most.
+fn ask_for_ack(udp: &UdpSocket, to: SocketAddr, ping: &[u8], seq_no: u32) -> Ack {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65_536];
+    while Instant::now() < deadline {
+        udp.send_to(ping, to).unwrap();
+        let Ok((len, _)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        let packet = memberlist::parse_packet(&buf[..len]).unwrap();
+        for (kind, body) in packet.messages {
+            if kind == MessageType::Ack {
+                let ack: Ack = memberlist::decode(&body).unwrap();
+                if ack.seq_no == seq_no {
+                    return ack;
+                }
+            }
+        }
+    }
+    panic!("no ack from Serf at {to}");
+}
+
+/// Answers Serf's pings to p1 while `answering`; returns once it is cleared and 5 s passed
+/// without a ping answered.
+fn answer_pings(udp: &UdpSocket, answering: &AtomicBool, answered: &AtomicUsize) {
+    let mut buf = [0u8; 65_536];
+    let mut quiet_since = Instant::now();
+    loop {
+        if !answering.load(Ordering::SeqCst) && quiet_since.elapsed() > Duration::from_secs(5) {
+            return;
+        }
+        let Ok((len, from)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(packet) = memberlist::parse_packet(&buf[..len]) else {
+            continue;
+        };
+        for (kind, body) in packet.messages {
+            if kind != MessageType::Ping || !answering.load(Ordering::SeqCst) {
+                continue;
+            }
+            let ping: Ping = memberlist::decode(&body).unwrap();
+            assert_eq!(ping.node, "p1", "Serf names the node it means to reach");
+            let ack = Ack {
+                seq_no: ping.seq_no,
+                payload: Vec::new(),
+            };
+            let reply = memberlist::encode(MessageType::Ack, &ack).unwrap();
+            udp.send_to(&reply, from).unwrap();
+            answered.fetch_add(1, Ordering::SeqCst);
+            quiet_since = Instant::now();
+        }
+    }
+}
+
+/// Just enough of a msgpack value to read Serf's coordinate.
+mod rmpv_like {
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(untagged)]
+    pub enum Value {
+        Floats(Vec<f64>),
+        Other(serde::de::IgnoredAny),
+    }
+
+    impl Value {
+        pub fn as_floats(&self) -> &[f64] {
+            match self {
+                Value::Floats(floats) => floats,
+                _ => &[],
+            }
+        }
+    }
+}
