@@ -11,7 +11,7 @@ seconds=${1:-30}
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(gossip_packet check_file layer oci_archive fleet_file load_scenario http_head)
+    targets=(gossip_packet check_file layer oci_archive fleet_file load_scenario http_head memberlist_wire)
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
