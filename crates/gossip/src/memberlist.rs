@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::keyring::{Keyring, NONCE_LEN, TAG_LEN};
+
 /// Memberlist's message types (its `net.go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -88,8 +90,16 @@ pub enum WireError {
     Lzw,
     #[error("decompressed message is larger than {MAX_DECOMPRESSED} bytes")]
     TooLarge,
-    #[error("encrypted messages are not supported yet")]
+    #[error("an encrypted message, and no keyring to open it")]
     Encrypted,
+    #[error("a plain message where the keyring requires encryption")]
+    NotEncrypted,
+    #[error("no installed key opens the message (or it was altered)")]
+    Decrypt,
+    #[error("unsupported encryption version {0}")]
+    EncryptionVersion(u8),
+    #[error("no random bytes for a nonce")]
+    Random,
     #[error("push-pull state too large: {nodes} nodes, {user_state} bytes of user state")]
     PushTooLarge { nodes: usize, user_state: usize },
     #[error("expected a {expected:?} message, got {got:?}")]
@@ -258,25 +268,73 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     rmp_serde::from_slice(body).map_err(WireError::Decode)
 }
 
-/// Puts messages into one packet: a compound one when there are several.
-pub fn packet(messages: &[Vec<u8>], label: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    if !label.is_empty() {
-        out.extend_from_slice(&[HAS_LABEL, label.len() as u8]);
-        out.extend_from_slice(label.as_bytes());
-    }
+/// Puts messages into one packet (a compound one when there are several), sealed with the
+/// keyring's primary key when there is one, the label authenticated with it.
+pub fn packet(
+    messages: &[Vec<u8>],
+    label: &str,
+    keyring: Option<&Keyring>,
+) -> Result<Vec<u8>, WireError> {
+    let mut body = Vec::new();
     if let [single] = messages {
-        out.extend_from_slice(single);
-        return out;
+        body.extend_from_slice(single);
+    } else {
+        body.extend_from_slice(&[MessageType::Compound as u8, messages.len() as u8]);
+        for message in messages {
+            body.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        }
+        for message in messages {
+            body.extend_from_slice(message);
+        }
     }
-    out.extend_from_slice(&[MessageType::Compound as u8, messages.len() as u8]);
-    for message in messages {
-        out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    let mut out = label_header(label);
+    match keyring {
+        Some(keyring) => out.extend(encrypt(keyring, &body, label.as_bytes())?),
+        None => out.extend(body),
     }
-    for message in messages {
-        out.extend_from_slice(message);
+    Ok(out)
+}
+
+fn label_header(label: &str) -> Vec<u8> {
+    if label.is_empty() {
+        return Vec::new();
     }
+    let mut out = vec![HAS_LABEL, label.len() as u8];
+    out.extend_from_slice(label.as_bytes());
     out
+}
+
+/// Memberlist's encryption version 1 (the one it sends): the version byte, a random nonce,
+/// then AES-GCM over `plain` with `aad` authenticated.
+pub fn encrypt(keyring: &Keyring, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, WireError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| WireError::Random)?;
+    let mut out = vec![1];
+    out.extend_from_slice(&nonce);
+    out.extend(keyring.seal(&nonce, aad, plain));
+    Ok(out)
+}
+
+/// Opens a payload of encryption version 0 (PKCS7-padded, from old agents) or 1 with any
+/// installed key.
+pub fn decrypt(keyring: &Keyring, payload: &[u8], aad: &[u8]) -> Result<Vec<u8>, WireError> {
+    let (&version, rest) = payload.split_first().ok_or(WireError::Empty)?;
+    if version > 1 {
+        return Err(WireError::EncryptionVersion(version));
+    }
+    if rest.len() < NONCE_LEN + TAG_LEN {
+        return Err(WireError::Truncated("encrypted message"));
+    }
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    let mut plain = keyring.open(nonce, aad, sealed).ok_or(WireError::Decrypt)?;
+    if version == 0 {
+        let pad = usize::from(*plain.last().ok_or(WireError::Truncated("padding"))?);
+        if pad == 0 || pad > plain.len() {
+            return Err(WireError::Truncated("padding"));
+        }
+        plain.truncate(plain.len() - pad);
+    }
+    Ok(plain)
 }
 
 /// A packet taken apart: its label and its messages (type and body), decompressed.
@@ -288,9 +346,18 @@ pub struct Packet {
     pub truncated: usize,
 }
 
-/// Takes a UDP packet apart.
-pub fn parse_packet(buf: &[u8]) -> Result<Packet, WireError> {
+/// Takes a UDP packet apart; with a keyring, only a packet sealed with one of its keys (as
+/// memberlist with `GossipVerifyIncoming`, its default).
+pub fn parse_packet(buf: &[u8], keyring: Option<&Keyring>) -> Result<Packet, WireError> {
     let (label, buf) = strip_label(buf)?;
+    let opened;
+    let buf = match keyring {
+        Some(keyring) => {
+            opened = decrypt(keyring, buf, label.as_bytes())?;
+            opened.as_slice()
+        }
+        None => buf,
+    };
     let buf = strip_crc(buf)?;
     let mut packet = Packet {
         label,
@@ -410,6 +477,7 @@ pub fn write_push_pull(
     stream: &mut impl Write,
     push: &PushPull,
     label: &str,
+    keyring: Option<&Keyring>,
 ) -> Result<(), WireError> {
     let mut user_state = Vec::new();
     if let Some(serf) = &push.serf {
@@ -421,44 +489,63 @@ pub fn write_push_pull(
         user_state_len: user_state.len(),
         join: push.join,
     };
-    let mut out = Vec::new();
-    if !label.is_empty() {
-        out.extend_from_slice(&[HAS_LABEL, label.len() as u8]);
-        out.extend_from_slice(label.as_bytes());
-    }
-    out.extend(encode(MessageType::PushPull, &header)?);
+    let mut body = encode(MessageType::PushPull, &header)?;
     for node in &push.nodes {
-        rmp_serde::encode::write_named(&mut out, node).map_err(WireError::Encode)?;
+        rmp_serde::encode::write_named(&mut body, node).map_err(WireError::Encode)?;
     }
-    out.extend_from_slice(&user_state);
+    body.extend_from_slice(&user_state);
+    let mut out = label_header(label);
+    match keyring {
+        Some(keyring) => {
+            // Memberlist authenticates the stream's type byte, its length and the label.
+            let sealed_len = (1 + NONCE_LEN + body.len() + TAG_LEN) as u32;
+            let mut aad = vec![MessageType::Encrypt as u8];
+            aad.extend_from_slice(&sealed_len.to_be_bytes());
+            out.extend_from_slice(&aad);
+            aad.extend_from_slice(label.as_bytes());
+            out.extend(encrypt(keyring, &body, &aad)?);
+        }
+        None => out.extend(body),
+    }
     stream.write_all(&out).map_err(WireError::Io)
 }
 
-/// Reads a push-pull exchange from a stream (a reply, or a peer's join), compressed or not.
-pub fn read_push_pull(stream: &mut impl Read) -> Result<PushPull, WireError> {
+/// Reads a push-pull exchange from a stream (a reply, or a peer's join), compressed or not;
+/// with a keyring, only an encrypted one.
+pub fn read_push_pull(
+    stream: &mut impl Read,
+    keyring: Option<&Keyring>,
+) -> Result<PushPull, WireError> {
     let mut first = [0u8; 1];
     stream.read_exact(&mut first).map_err(WireError::Io)?;
+    let mut label = Vec::new();
     if first[0] == HAS_LABEL {
         let mut len = [0u8; 1];
         stream.read_exact(&mut len).map_err(WireError::Io)?;
-        let mut label = vec![0u8; usize::from(len[0])];
+        label = vec![0u8; usize::from(len[0])];
         stream.read_exact(&mut label).map_err(WireError::Io)?;
         stream.read_exact(&mut first).map_err(WireError::Io)?;
     }
     let kind = MessageType::from_byte(first[0])?;
-    let mut rest = Vec::new();
-    stream
-        .take(MAX_DECOMPRESSED as u64 + 1)
-        .read_to_end(&mut rest)
-        .map_err(WireError::Io)?;
+    let body = match (kind, keyring) {
+        (MessageType::Encrypt, Some(keyring)) => read_sealed(stream, keyring, &label)?,
+        (MessageType::Encrypt, None) => return Err(WireError::Encrypted),
+        (_, Some(_)) => return Err(WireError::NotEncrypted),
+        (kind, None) => {
+            let mut body = vec![kind as u8];
+            read_bounded(stream, &mut body)?;
+            body
+        }
+    };
+    let (kind, rest) = split_type(&body)?;
     let (kind, body) = match kind {
         MessageType::Compress => {
-            let inner = decompress(&rest)?;
+            let inner = decompress(rest)?;
             let (kind, body) = split_type(&inner)?;
             (kind, body.to_vec())
         }
-        MessageType::Encrypt => return Err(WireError::Encrypted),
-        kind => (kind, rest),
+        MessageType::Encrypt => return Err(WireError::NestedCompound),
+        kind => (kind, rest.to_vec()),
     };
     if kind != MessageType::PushPull {
         return Err(WireError::Unexpected {
@@ -467,6 +554,44 @@ pub fn read_push_pull(stream: &mut impl Read) -> Result<PushPull, WireError> {
         });
     }
     parse_push_pull(&body)
+}
+
+/// The rest of a stream, up to memberlist's bound on what a peer may send.
+fn read_bounded(stream: &mut impl Read, into: &mut Vec<u8>) -> Result<(), WireError> {
+    stream
+        .take(MAX_DECOMPRESSED as u64 + 1)
+        .read_to_end(into)
+        .map_err(WireError::Io)?;
+    if into.len() > MAX_DECOMPRESSED {
+        return Err(WireError::TooLarge);
+    }
+    Ok(())
+}
+
+/// An encrypted stream after its type byte: a length, then that many sealed bytes.
+fn read_sealed(
+    stream: &mut impl Read,
+    keyring: &Keyring,
+    label: &[u8],
+) -> Result<Vec<u8>, WireError> {
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).map_err(WireError::Io)?;
+    let len = u32::from_be_bytes(length) as usize;
+    if len > MAX_PUSH_STATE_BYTES {
+        return Err(WireError::TooLarge);
+    }
+    let mut sealed = Vec::new();
+    stream
+        .take(len as u64)
+        .read_to_end(&mut sealed)
+        .map_err(WireError::Io)?;
+    if sealed.len() < len {
+        return Err(WireError::Truncated("encrypted stream"));
+    }
+    let mut aad = vec![MessageType::Encrypt as u8];
+    aad.extend_from_slice(&length);
+    aad.extend_from_slice(label);
+    decrypt(keyring, &sealed, &aad)
 }
 
 /// A push-pull body: the header, the nodes, then the user state.
@@ -572,7 +697,7 @@ mod tests {
         // A fixmap of two entries: SeqNo and Node (empty optional fields are left out).
         assert_eq!(bytes[1], 0x82);
         assert!(bytes.windows(5).any(|w| w == b"SeqNo"));
-        let packet = parse_packet(&bytes).unwrap();
+        let packet = parse_packet(&bytes, None).unwrap();
         assert_eq!(packet.messages.len(), 1);
         assert_eq!(decode::<Ping>(&packet.messages[0].1).unwrap(), ping);
     }
@@ -588,8 +713,8 @@ mod tests {
         )
         .unwrap();
         let ping = encode(MessageType::Ping, &Ping::default()).unwrap();
-        let framed = packet(&[ack.clone(), ping.clone()], "blue");
-        let parsed = parse_packet(&framed).unwrap();
+        let framed = packet(&[ack.clone(), ping.clone()], "blue", None).unwrap();
+        let parsed = parse_packet(&framed, None).unwrap();
         assert_eq!(parsed.label, "blue");
         assert_eq!(parsed.messages[0], (MessageType::Ack, ack[1..].to_vec()));
         assert_eq!(parsed.messages[1], (MessageType::Ping, ping[1..].to_vec()));
@@ -597,29 +722,30 @@ mod tests {
         let mut with_crc = vec![MessageType::HasCrc as u8];
         with_crc.extend_from_slice(&crc32fast::hash(&ack).to_be_bytes());
         with_crc.extend_from_slice(&ack);
-        assert_eq!(parse_packet(&with_crc).unwrap().messages.len(), 1);
+        assert_eq!(parse_packet(&with_crc, None).unwrap().messages.len(), 1);
         *with_crc.last_mut().unwrap() ^= 1;
         assert!(matches!(
-            parse_packet(&with_crc),
+            parse_packet(&with_crc, None),
             Err(WireError::Checksum { .. })
         ));
     }
 
     #[test]
     fn hostile_packets_are_refused_without_panicking() {
-        assert!(parse_packet(&[]).is_err());
-        assert!(parse_packet(&[HAS_LABEL, 200, b'x']).is_err());
-        assert!(parse_packet(&[99]).is_err());
+        assert!(parse_packet(&[], None).is_err());
+        assert!(parse_packet(&[HAS_LABEL, 200, b'x'], None).is_err());
+        assert!(parse_packet(&[99], None).is_err());
         assert!(matches!(
-            parse_packet(&[7, 7, 7]),
+            parse_packet(&[7, 7, 7], None),
             Err(WireError::Truncated(_))
         ));
-        let nested = packet(&[packet(&[vec![0], vec![0]], "")], "");
-        assert!(parse_packet(&packet(&[nested, vec![2]], "")).is_err());
+        let nested = packet(&[packet(&[vec![0], vec![0]], "", None).unwrap()], "", None).unwrap();
+        assert!(parse_packet(&packet(&[nested, vec![2]], "", None).unwrap(), None).is_err());
         // A cut-off compound part is counted, as memberlist counts it.
-        let parsed = parse_packet(&[7, 2, 0, 1, 0, 9, 2]).unwrap();
+        let parsed = parse_packet(&[7, 2, 0, 1, 0, 9, 2], None).unwrap();
         assert_eq!((parsed.messages.len(), parsed.truncated), (1, 1));
         // Seeded random bytes: errors, never a panic.
+        let keyring = Keyring::new(crate::Key::from_bytes(vec![3; 16]).unwrap());
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..20_000 {
             let len = (state % 64) as usize;
@@ -631,8 +757,10 @@ mod tests {
                     state as u8 % 16
                 })
                 .collect();
-            let _ = parse_packet(&bytes);
-            let _ = read_push_pull(&mut bytes.as_slice());
+            let _ = parse_packet(&bytes, None);
+            let _ = parse_packet(&bytes, Some(&keyring));
+            let _ = read_push_pull(&mut bytes.as_slice(), None);
+            let _ = read_push_pull(&mut bytes.as_slice(), Some(&keyring));
         }
     }
 
@@ -657,8 +785,8 @@ mod tests {
             }),
         };
         let mut wire = Vec::new();
-        write_push_pull(&mut wire, &push, "").unwrap();
-        let read = read_push_pull(&mut wire.as_slice()).unwrap();
+        write_push_pull(&mut wire, &push, "", None).unwrap();
+        let read = read_push_pull(&mut wire.as_slice(), None).unwrap();
         assert_eq!(read, push);
         assert_eq!(decode_tags(&read.nodes[0].meta).unwrap(), tags);
         assert_eq!(
@@ -670,5 +798,59 @@ mod tests {
             "db",
             "an old agent's bare role"
         );
+    }
+
+    #[test]
+    fn sealed_packets_and_streams_open_with_the_keyring_and_only_with_it() {
+        let keyring = Keyring::new(crate::Key::from_bytes(vec![5; 32]).unwrap());
+        let other = Keyring::new(crate::Key::from_bytes(vec![6; 32]).unwrap());
+        let ping = Ping {
+            seq_no: 9,
+            node: "s1".into(),
+            ..Ping::default()
+        };
+        let ping = encode(MessageType::Ping, &ping).unwrap();
+        let sealed = packet(std::slice::from_ref(&ping), "lab", Some(&keyring)).unwrap();
+        assert!(
+            !sealed.windows(ping.len()).any(|w| w == ping),
+            "no plain text on the wire"
+        );
+        let opened = parse_packet(&sealed, Some(&keyring)).unwrap();
+        assert_eq!(
+            opened.messages,
+            vec![(MessageType::Ping, ping[1..].to_vec())]
+        );
+        assert!(matches!(
+            parse_packet(&sealed, Some(&other)),
+            Err(WireError::Decrypt)
+        ));
+        // The label is authenticated: the same bytes under another label do not open.
+        let mut relabelled = sealed.clone();
+        relabelled[2..5].copy_from_slice(b"dev");
+        assert!(matches!(
+            parse_packet(&relabelled, Some(&keyring)),
+            Err(WireError::Decrypt)
+        ));
+
+        let push = PushPull {
+            join: true,
+            ..PushPull::default()
+        };
+        let mut wire = Vec::new();
+        write_push_pull(&mut wire, &push, "", Some(&keyring)).unwrap();
+        assert_eq!(
+            read_push_pull(&mut wire.as_slice(), Some(&keyring)).unwrap(),
+            push
+        );
+        assert!(matches!(
+            read_push_pull(&mut wire.as_slice(), None),
+            Err(WireError::Encrypted)
+        ));
+        let mut plain = Vec::new();
+        write_push_pull(&mut plain, &push, "", None).unwrap();
+        assert!(matches!(
+            read_push_pull(&mut plain.as_slice(), Some(&keyring)),
+            Err(WireError::NotEncrypted)
+        ));
     }
 }

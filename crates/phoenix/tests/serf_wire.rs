@@ -1,7 +1,8 @@
 //! Memberlist's wire format against Debian's `serf agent`: Phoenix's codec
 //! (`phoenix_gossip::memberlist`) pings a real Serf agent over UDP and reads its ack, joins it
 //! by a TCP push-pull and reads its state, and keeps a member alive in Serf's eyes by answering
-//! its probes, until it stops answering and Serf declares it failed.
+//! its probes, until it stops answering and Serf declares it failed; then all of it again
+//! sealed with a key from Serf's keyring.
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use phoenix_gossip::memberlist::{
     self, Ack, MessageType, NodeState, Ping, PushNodeState, PushPull, SerfPushPull,
 };
+use phoenix_gossip::{Key, Keyring};
 
 struct SerfAgent {
     child: Child,
@@ -31,13 +33,14 @@ impl Drop for SerfAgent {
 }
 
 impl SerfAgent {
-    fn start(serf: std::path::PathBuf, dir: &std::path::Path) -> SerfAgent {
+    fn start(serf: std::path::PathBuf, dir: &std::path::Path, extra: &[&str]) -> SerfAgent {
         let (port, rpc_port) = (common::free_port(), common::free_port());
         let gossip: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let rpc = format!("127.0.0.1:{rpc_port}");
         let child = Command::new(&serf)
             .args(["agent", "-node", "s1", "-bind", &gossip.to_string()])
             .args(["-rpc-addr", &rpc, "-tag", "role=web", "-tag", "dc=lab"])
+            .args(extra)
             .stdout(std::fs::File::create(dir.join("s1.log")).unwrap())
             .stderr(Stdio::null())
             .spawn()
@@ -82,22 +85,60 @@ fn phoenix_speaks_memberlist_with_a_serf_agent_both_ways() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = SerfAgent::start(serf, dir.path());
+    let agent = SerfAgent::start(serf, dir.path(), &[]);
+    speak_with(&agent, None);
+}
+
+#[test]
+fn phoenix_speaks_memberlist_sealed_with_serfs_keyring() {
+    let Some(serf) = common::serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = Key::generate().unwrap();
+    let agent = SerfAgent::start(serf, dir.path(), &["-encrypt", &key.to_base64()]);
+    let keyring = Keyring::new(key);
+
+    // Serf drops what is not sealed with its key: a plain ping and one sealed with another
+    // key get no answer.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let ping = memberlist::encode(MessageType::Ping, &ping_from(&udp, 1)).unwrap();
+    let stranger = Keyring::new(Key::generate().unwrap());
+    for keys in [None, Some(&stranger)] {
+        let packet = memberlist::packet(std::slice::from_ref(&ping), "", keys).unwrap();
+        udp.send_to(&packet, agent.gossip).unwrap();
+        assert!(
+            udp.recv_from(&mut [0u8; 1024]).is_err(),
+            "Serf answered {keys:?}"
+        );
+    }
+    speak_with(&agent, Some(&keyring));
+}
+
+fn ping_from(udp: &UdpSocket, seq_no: u32) -> Ping {
+    let ours = udp.local_addr().unwrap();
+    Ping {
+        seq_no,
+        node: "s1".into(),
+        source_addr: memberlist::ip_bytes(ours.ip()),
+        source_port: ours.port(),
+        source_node: "p1".into(),
+    }
+}
+
+/// Pings, joins, keeps p1 alive, then lets Serf declare it failed.
+fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let ours = udp.local_addr().unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
 
     // 1. A ping Phoenix encodes gets Serf's ack, with Serf's network coordinate in it.
-    let ping = Ping {
-        seq_no: 4242,
-        node: "s1".into(),
-        source_addr: memberlist::ip_bytes(ours.ip()),
-        source_port: ours.port(),
-        source_node: "p1".into(),
-    };
-    let sent = memberlist::encode(MessageType::Ping, &ping).unwrap();
-    let ack = ask_for_ack(&udp, agent.gossip, &sent, 4242);
+    let ping = memberlist::encode(MessageType::Ping, &ping_from(&udp, 4242)).unwrap();
+    let sent = memberlist::packet(&[ping], "", keyring).unwrap();
+    let ack = ask_for_ack(&udp, agent.gossip, &sent, 4242, keyring);
     assert_eq!(ack.payload.first(), Some(&1), "Serf's ping payload version");
     let coordinate: BTreeMap<String, rmpv_like::Value> =
         rmp_serde::from_slice(&ack.payload[1..]).unwrap();
@@ -131,9 +172,9 @@ fn phoenix_speaks_memberlist_with_a_serf_agent_both_ways() {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    memberlist::write_push_pull(&mut stream, &push, "").unwrap();
+    memberlist::write_push_pull(&mut stream, &push, "", keyring).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let answer = memberlist::read_push_pull(&mut stream).unwrap();
+    let answer = memberlist::read_push_pull(&mut stream, keyring).unwrap();
     assert!(
         answer.join,
         "memberlist answers a join with the join flag it was sent"
@@ -164,7 +205,8 @@ fn phoenix_speaks_memberlist_with_a_serf_agent_both_ways() {
             answering.clone(),
             answered.clone(),
         );
-        std::thread::spawn(move || answer_pings(&udp, &answering, &answered))
+        let keyring = keyring.cloned();
+        std::thread::spawn(move || answer_pings(&udp, keyring.as_ref(), &answering, &answered))
     };
     common::wait_for("Serf to list p1 as alive", Duration::from_secs(10), || {
         agent.status_of("p1").as_deref() == Some("alive")
@@ -202,7 +244,13 @@ fn phoenix_speaks_memberlist_with_a_serf_agent_both_ways() {
 }
 
 /// Sends `ping` until an ack with `seq_no` comes back (UDP may drop one), for 10 s at most.
-fn ask_for_ack(udp: &UdpSocket, to: SocketAddr, ping: &[u8], seq_no: u32) -> Ack {
+fn ask_for_ack(
+    udp: &UdpSocket,
+    to: SocketAddr,
+    ping: &[u8],
+    seq_no: u32,
+    keyring: Option<&Keyring>,
+) -> Ack {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 65_536];
     while Instant::now() < deadline {
@@ -210,7 +258,7 @@ fn ask_for_ack(udp: &UdpSocket, to: SocketAddr, ping: &[u8], seq_no: u32) -> Ack
         let Ok((len, _)) = udp.recv_from(&mut buf) else {
             continue;
         };
-        let packet = memberlist::parse_packet(&buf[..len]).unwrap();
+        let packet = memberlist::parse_packet(&buf[..len], keyring).unwrap();
         for (kind, body) in packet.messages {
             if kind == MessageType::Ack {
                 let ack: Ack = memberlist::decode(&body).unwrap();
@@ -225,7 +273,12 @@ fn ask_for_ack(udp: &UdpSocket, to: SocketAddr, ping: &[u8], seq_no: u32) -> Ack
 
 /// Answers Serf's pings to p1 while `answering`; returns once it is cleared and 5 s passed
 /// without a ping answered.
-fn answer_pings(udp: &UdpSocket, answering: &AtomicBool, answered: &AtomicUsize) {
+fn answer_pings(
+    udp: &UdpSocket,
+    keyring: Option<&Keyring>,
+    answering: &AtomicBool,
+    answered: &AtomicUsize,
+) {
     let mut buf = [0u8; 65_536];
     let mut quiet_since = Instant::now();
     loop {
@@ -235,7 +288,7 @@ fn answer_pings(udp: &UdpSocket, answering: &AtomicBool, answered: &AtomicUsize)
         let Ok((len, from)) = udp.recv_from(&mut buf) else {
             continue;
         };
-        let Ok(packet) = memberlist::parse_packet(&buf[..len]) else {
+        let Ok(packet) = memberlist::parse_packet(&buf[..len], keyring) else {
             continue;
         };
         for (kind, body) in packet.messages {
@@ -249,6 +302,7 @@ fn answer_pings(udp: &UdpSocket, answering: &AtomicBool, answered: &AtomicUsize)
                 payload: Vec::new(),
             };
             let reply = memberlist::encode(MessageType::Ack, &ack).unwrap();
+            let reply = memberlist::packet(&[reply], "", keyring).unwrap();
             udp.send_to(&reply, from).unwrap();
             answered.fetch_add(1, Ordering::SeqCst);
             quiet_since = Instant::now();
