@@ -623,6 +623,87 @@ fn parse_push_pull(body: &[u8]) -> Result<PushPull, WireError> {
     })
 }
 
+/// Serf's message types, the first byte of a memberlist user message (Serf's `messages.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SerfMessageType {
+    Leave = 0,
+    Join = 1,
+    PushPull = 2,
+    UserEvent = 3,
+    Query = 4,
+    QueryResponse = 5,
+    ConflictResponse = 6,
+    KeyRequest = 7,
+    KeyResponse = 8,
+    Relay = 9,
+}
+
+/// A user event as Serf gossips it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfUserEvent {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Payload", with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// "Can coalesce".
+    #[serde(rename = "CC")]
+    pub cc: bool,
+}
+
+/// A member's intent to join, with the Lamport time of its status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfJoin {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "Node")]
+    pub node: String,
+}
+
+/// A member's intent to leave (or a force-leave, pruned or not).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfLeave {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "Node")]
+    pub node: String,
+    #[serde(rename = "Prune")]
+    pub prune: bool,
+}
+
+/// A Serf message read from a memberlist user message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SerfMessage {
+    UserEvent(SerfUserEvent),
+    Join(SerfJoin),
+    Leave(SerfLeave),
+    /// A type this codec does not decode yet (queries, key requests, relays).
+    Other(u8),
+}
+
+/// A Serf message as a memberlist user message, ready to go in a packet.
+pub fn encode_serf<T: Serialize>(kind: SerfMessageType, body: &T) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![MessageType::User as u8, kind as u8];
+    rmp_serde::encode::write_named(&mut out, body).map_err(WireError::Encode)?;
+    Ok(out)
+}
+
+/// Reads the Serf message in a memberlist user message's body.
+pub fn decode_serf(body: &[u8]) -> Result<SerfMessage, WireError> {
+    let (&kind, rest) = body.split_first().ok_or(WireError::Empty)?;
+    Ok(match kind {
+        3 => SerfMessage::UserEvent(decode(rest)?),
+        1 => SerfMessage::Join(decode(rest)?),
+        0 => SerfMessage::Leave(decode(rest)?),
+        other => SerfMessage::Other(other),
+    })
+}
+
 /// Serf's tags as a node's meta: the magic byte, then a msgpack map.
 pub fn encode_tags(tags: &BTreeMap<String, String>) -> Result<Vec<u8>, WireError> {
     let mut out = vec![TAG_MAGIC];
@@ -798,6 +879,33 @@ mod tests {
             "db",
             "an old agent's bare role"
         );
+    }
+
+    #[test]
+    fn serf_messages_ride_in_memberlist_user_messages() {
+        let event = SerfUserEvent {
+            ltime: 12,
+            name: "deploy".into(),
+            payload: b"v2".to_vec(),
+            cc: true,
+        };
+        let message = encode_serf(SerfMessageType::UserEvent, &event).unwrap();
+        let parsed = parse_packet(&message, None).unwrap();
+        let (kind, body) = &parsed.messages[0];
+        assert_eq!(*kind, MessageType::User);
+        assert_eq!(decode_serf(body).unwrap(), SerfMessage::UserEvent(event));
+        let leave = SerfLeave {
+            ltime: 3,
+            node: "n4".into(),
+            prune: true,
+        };
+        let message = encode_serf(SerfMessageType::Leave, &leave).unwrap();
+        assert_eq!(
+            decode_serf(&message[1..]).unwrap(),
+            SerfMessage::Leave(leave)
+        );
+        assert_eq!(decode_serf(&[4, 0x80]).unwrap(), SerfMessage::Other(4));
+        assert!(decode_serf(&[]).is_err() && decode_serf(&[3, 0xc1]).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Memberlist's wire format against Debian's `serf agent`: Phoenix's codec
 //! (`phoenix_gossip::memberlist`) pings a real Serf agent over UDP and reads its ack, joins it
 //! by a TCP push-pull and reads its state, and keeps a member alive in Serf's eyes by answering
-//! its probes, until it stops answering and Serf declares it failed; then all of it again
+//! its probes, trades user events with it by gossip, until it stops answering and Serf
+//! declares it failed; then all of it again
 //! sealed with a key from Serf's keyring.
 
 mod common;
@@ -9,17 +10,20 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phoenix_gossip::memberlist::{
-    self, Ack, MessageType, NodeState, Ping, PushNodeState, PushPull, SerfPushPull,
+    self, Ack, MessageType, NodeState, Ping, PushNodeState, PushPull, SerfMessage, SerfMessageType,
+    SerfPushPull, SerfUserEvent,
 };
 use phoenix_gossip::{Key, Keyring};
 
 struct SerfAgent {
     child: Child,
+    /// Its standard output: Serf's log.
+    log: std::path::PathBuf,
     serf: std::path::PathBuf,
     rpc: String,
     gossip: SocketAddr,
@@ -37,16 +41,18 @@ impl SerfAgent {
         let (port, rpc_port) = (common::free_port(), common::free_port());
         let gossip: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let rpc = format!("127.0.0.1:{rpc_port}");
+        let log = dir.join("s1.log");
         let child = Command::new(&serf)
             .args(["agent", "-node", "s1", "-bind", &gossip.to_string()])
             .args(["-rpc-addr", &rpc, "-tag", "role=web", "-tag", "dc=lab"])
             .args(extra)
-            .stdout(std::fs::File::create(dir.join("s1.log")).unwrap())
+            .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let agent = SerfAgent {
             child,
+            log,
             serf,
             rpc,
             gossip,
@@ -197,16 +203,11 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
 
     // 3. Serf lists the member Phoenix announced, with its tags, and keeps it alive while
     //    Phoenix answers its probes.
-    let answering = Arc::new(AtomicBool::new(true));
-    let answered = Arc::new(AtomicUsize::new(0));
+    let heard = Arc::new(Heard::default());
+    heard.answering.store(true, Ordering::SeqCst);
     let responder = {
-        let (udp, answering, answered) = (
-            udp.try_clone().unwrap(),
-            answering.clone(),
-            answered.clone(),
-        );
-        let keyring = keyring.cloned();
-        std::thread::spawn(move || answer_pings(&udp, keyring.as_ref(), &answering, &answered))
+        let (udp, heard, keyring) = (udp.try_clone().unwrap(), heard.clone(), keyring.cloned());
+        std::thread::spawn(move || answer_pings(&udp, keyring.as_ref(), &heard))
     };
     common::wait_for("Serf to list p1 as alive", Duration::from_secs(10), || {
         agent.status_of("p1").as_deref() == Some("alive")
@@ -221,7 +222,7 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
     common::wait_for(
         "Serf to probe p1 four times",
         Duration::from_secs(20),
-        || answered.load(Ordering::SeqCst) >= 4,
+        || heard.answered.load(Ordering::SeqCst) >= 4,
     );
     assert_eq!(
         agent.status_of("p1").as_deref(),
@@ -230,8 +231,48 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
         agent.members_output()
     );
 
-    // 4. Phoenix stops answering: Serf suspects p1, then declares it failed.
-    answering.store(false, Ordering::SeqCst);
+    // 4. User events both ways: one fired at Serf reaches p1 by gossip; one Phoenix gossips
+    //    reaches Serf's agent, which logs it as received.
+    let fired = Command::new(&agent.serf)
+        .args(["event", &format!("-rpc-addr={}", agent.rpc), "deploy", "v2"])
+        .output()
+        .unwrap();
+    common::succeeded("serf event", fired);
+    common::wait_for("Serf's user event at p1", Duration::from_secs(20), || {
+        heard
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.name == "deploy")
+    });
+    let deploy = heard.events.lock().unwrap()[0].clone();
+    assert_eq!(
+        (deploy.name.as_str(), deploy.payload.as_slice()),
+        ("deploy", &b"v2"[..])
+    );
+    assert!(deploy.cc, "serf event coalesces unless told not to");
+    let event = SerfUserEvent {
+        ltime: deploy.ltime + 1,
+        name: "from-phoenix".into(),
+        payload: b"hello".to_vec(),
+        cc: false,
+    };
+    let message = memberlist::encode_serf(SerfMessageType::UserEvent, &event).unwrap();
+    let packet = memberlist::packet(&[message], "", keyring).unwrap();
+    udp.send_to(&packet, agent.gossip).unwrap();
+    common::wait_for(
+        "Serf to receive Phoenix's event",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&agent.log)
+                .unwrap()
+                .contains("Received event: user-event: from-phoenix")
+        },
+    );
+
+    // 5. Phoenix stops answering: Serf suspects p1, then declares it failed.
+    heard.answering.store(false, Ordering::SeqCst);
     let stopped = Instant::now();
     common::wait_for("Serf to declare p1 failed", Duration::from_secs(60), || {
         agent.status_of("p1").as_deref() == Some("failed")
@@ -271,14 +312,18 @@ fn ask_for_ack(
     panic!("no ack from Serf at {to}");
 }
 
-/// Answers Serf's pings to p1 while `answering`; returns once it is cleared and 5 s passed
-/// without a ping answered.
-fn answer_pings(
-    udp: &UdpSocket,
-    keyring: Option<&Keyring>,
-    answering: &AtomicBool,
-    answered: &AtomicUsize,
-) {
+/// What p1 heard from Serf, and whether it still answers probes.
+#[derive(Default)]
+struct Heard {
+    answering: AtomicBool,
+    answered: AtomicUsize,
+    events: Mutex<Vec<SerfUserEvent>>,
+}
+
+/// Answers Serf's pings to p1 while `answering` and keeps the user events gossiped to it;
+/// returns once `answering` is cleared and 5 s passed without a ping answered.
+fn answer_pings(udp: &UdpSocket, keyring: Option<&Keyring>, heard: &Heard) {
+    let (answering, answered) = (&heard.answering, &heard.answered);
     let mut buf = [0u8; 65_536];
     let mut quiet_since = Instant::now();
     loop {
@@ -292,6 +337,11 @@ fn answer_pings(
             continue;
         };
         for (kind, body) in packet.messages {
+            if kind == MessageType::User
+                && let Ok(SerfMessage::UserEvent(event)) = memberlist::decode_serf(&body)
+            {
+                heard.events.lock().unwrap().push(event);
+            }
             if kind != MessageType::Ping || !answering.load(Ordering::SeqCst) {
                 continue;
             }
