@@ -122,7 +122,7 @@ pub struct Ping {
     pub seq_no: u32,
     /// The node the sender means to reach (a restarted agent under another name says no).
     pub node: String,
-    #[serde(with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    #[serde(with = "bytes_or_nil", skip_serializing_if = "Vec::is_empty")]
     pub source_addr: Vec<u8>,
     #[serde(skip_serializing_if = "is_zero")]
     pub source_port: u16,
@@ -135,7 +135,7 @@ pub struct Ping {
 #[serde(rename_all = "PascalCase", default)]
 pub struct Ack {
     pub seq_no: u32,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub payload: Vec<u8>,
 }
 
@@ -145,13 +145,13 @@ pub struct Ack {
 pub struct Alive {
     pub incarnation: u32,
     pub node: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub addr: Vec<u8>,
     pub port: u16,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub meta: Vec<u8>,
     /// Protocol versions: min, max, current of memberlist, then of the delegate (Serf).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub vsn: Vec<u8>,
 }
 
@@ -193,14 +193,14 @@ impl From<NodeState> for u8 {
 #[serde(rename_all = "PascalCase", default)]
 pub struct PushNodeState {
     pub name: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub addr: Vec<u8>,
     pub port: u16,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub meta: Vec<u8>,
     pub incarnation: u32,
     pub state: NodeState,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     pub vsn: Vec<u8>,
 }
 
@@ -223,7 +223,7 @@ struct PushPullHeader {
 #[serde(rename_all = "PascalCase")]
 struct Compress {
     algo: u8,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "bytes_or_nil")]
     buf: Vec<u8>,
 }
 
@@ -233,12 +233,14 @@ struct Compress {
 pub struct SerfPushPull {
     #[serde(rename = "LTime")]
     pub ltime: u64,
-    #[serde(rename = "StatusLTimes")]
+    #[serde(rename = "StatusLTimes", deserialize_with = "nil_default")]
     pub status_ltimes: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "nil_default")]
     pub left_members: Vec<String>,
     #[serde(rename = "EventLTime")]
     pub event_ltime: u64,
     /// Recent user events, kept as msgpack values (Serf's `userEvents`).
+    #[serde(deserialize_with = "nil_default")]
     pub events: Vec<opaque::Opaque>,
     #[serde(rename = "QueryLTime")]
     pub query_ltime: u64,
@@ -647,7 +649,7 @@ pub struct SerfUserEvent {
     pub ltime: u64,
     #[serde(rename = "Name")]
     pub name: String,
-    #[serde(rename = "Payload", with = "serde_bytes")]
+    #[serde(rename = "Payload", with = "bytes_or_nil")]
     pub payload: Vec<u8>,
     /// "Can coalesce".
     #[serde(rename = "CC")]
@@ -676,13 +678,87 @@ pub struct SerfLeave {
     pub prune: bool,
 }
 
+/// A query as Serf gossips it; answers go to `addr`:`port` directly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfQuery {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "ID")]
+    pub id: u32,
+    #[serde(rename = "Addr", with = "bytes_or_nil")]
+    pub addr: Vec<u8>,
+    #[serde(rename = "Port")]
+    pub port: u16,
+    #[serde(rename = "SourceNode")]
+    pub source_node: String,
+    /// Node and tag filters, each its type byte and msgpack (not applied by this codec).
+    #[serde(rename = "Filters", deserialize_with = "nil_default")]
+    pub filters: Vec<serde_bytes::ByteBuf>,
+    #[serde(rename = "Flags")]
+    pub flags: u32,
+    #[serde(rename = "RelayFactor")]
+    pub relay_factor: u8,
+    /// Go's `time.Duration`: nanoseconds.
+    #[serde(rename = "Timeout")]
+    pub timeout: i64,
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Payload", with = "bytes_or_nil")]
+    pub payload: Vec<u8>,
+}
+
+impl SerfQuery {
+    /// The asker wants an ack from every member the query reaches.
+    pub fn wants_ack(&self) -> bool {
+        self.flags & QUERY_FLAG_ACK != 0
+    }
+
+    /// Where answers go.
+    pub fn reply_to(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+    }
+
+    /// An ack (`ack`) or an answer to this query from `from`.
+    pub fn response(&self, from: &str, ack: bool, payload: Vec<u8>) -> SerfQueryResponse {
+        SerfQueryResponse {
+            ltime: self.ltime,
+            id: self.id,
+            from: from.to_string(),
+            flags: if ack { QUERY_FLAG_ACK } else { 0 },
+            payload,
+        }
+    }
+}
+
+/// Serf's flag for "ack wanted" on a query, and "this is an ack" on a response.
+pub const QUERY_FLAG_ACK: u32 = 1;
+
+/// An ack or an answer to a query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfQueryResponse {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "ID")]
+    pub id: u32,
+    #[serde(rename = "From")]
+    pub from: String,
+    #[serde(rename = "Flags")]
+    pub flags: u32,
+    #[serde(rename = "Payload", with = "bytes_or_nil")]
+    pub payload: Vec<u8>,
+}
+
 /// A Serf message read from a memberlist user message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SerfMessage {
     UserEvent(SerfUserEvent),
     Join(SerfJoin),
     Leave(SerfLeave),
-    /// A type this codec does not decode yet (queries, key requests, relays).
+    Query(SerfQuery),
+    QueryResponse(SerfQueryResponse),
+    /// A type this codec does not decode yet (key requests, relays, conflicts).
     Other(u8),
 }
 
@@ -698,6 +774,8 @@ pub fn decode_serf(body: &[u8]) -> Result<SerfMessage, WireError> {
     let (&kind, rest) = body.split_first().ok_or(WireError::Empty)?;
     Ok(match kind {
         3 => SerfMessage::UserEvent(decode(rest)?),
+        4 => SerfMessage::Query(decode(rest)?),
+        5 => SerfMessage::QueryResponse(decode(rest)?),
         1 => SerfMessage::Join(decode(rest)?),
         0 => SerfMessage::Leave(decode(rest)?),
         other => SerfMessage::Other(other),
@@ -735,6 +813,32 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
         4 => Some(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).into()),
         16 => Some(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).into()),
         _ => None,
+    }
+}
+
+/// Go writes a nil slice or map as msgpack nil: read it as empty.
+fn nil_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
+/// Bytes as msgpack bin; read from bin, str (Go's older encoding of `[]byte`) or nil.
+mod bytes_or_nil {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::serialize(bytes, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        Option::<serde_bytes::ByteBuf>::deserialize(deserializer).map(|bytes| {
+            bytes
+                .map(serde_bytes::ByteBuf::into_vec)
+                .unwrap_or_default()
+        })
     }
 }
 
@@ -904,7 +1008,36 @@ mod tests {
             decode_serf(&message[1..]).unwrap(),
             SerfMessage::Leave(leave)
         );
-        assert_eq!(decode_serf(&[4, 0x80]).unwrap(), SerfMessage::Other(4));
+        let query = SerfQuery {
+            ltime: 2,
+            id: 99,
+            addr: vec![127, 0, 0, 1],
+            port: 7946,
+            flags: QUERY_FLAG_ACK,
+            timeout: 15_000_000_000,
+            name: "uptime".into(),
+            ..SerfQuery::default()
+        };
+        let message = encode_serf(SerfMessageType::Query, &query).unwrap();
+        assert_eq!(
+            decode_serf(&message[1..]).unwrap(),
+            SerfMessage::Query(query.clone())
+        );
+        assert!(query.wants_ack());
+        assert_eq!(query.reply_to(), Some("127.0.0.1:7946".parse().unwrap()));
+        let answer = query.response("p1", false, b"up".to_vec());
+        assert_eq!((answer.ltime, answer.id, answer.flags), (2, 99, 0));
+        assert_eq!(decode_serf(&[6, 0x80]).unwrap(), SerfMessage::Other(6));
+        // Go writes nil slices as nil: {"Filters": nil, "Payload": nil} reads as empty.
+        let mut nils = vec![4, 0x82, 0xa7];
+        nils.extend_from_slice(b"Filters");
+        nils.extend_from_slice(&[0xc0, 0xa7]);
+        nils.extend_from_slice(b"Payload");
+        nils.push(0xc0);
+        assert_eq!(
+            decode_serf(&nils).unwrap(),
+            SerfMessage::Query(SerfQuery::default())
+        );
         assert!(decode_serf(&[]).is_err() && decode_serf(&[3, 0xc1]).is_err());
     }
 

@@ -1,7 +1,7 @@
 //! Memberlist's wire format against Debian's `serf agent`: Phoenix's codec
 //! (`phoenix_gossip::memberlist`) pings a real Serf agent over UDP and reads its ack, joins it
 //! by a TCP push-pull and reads its state, and keeps a member alive in Serf's eyes by answering
-//! its probes, trades user events with it by gossip, until it stops answering and Serf
+//! its probes, trades user events with it by gossip, answers its query, until it stops answering and Serf
 //! declares it failed; then all of it again
 //! sealed with a key from Serf's keyring.
 
@@ -232,7 +232,7 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
     );
 
     // 4. User events both ways: one fired at Serf reaches p1 by gossip; one Phoenix gossips
-    //    reaches Serf's agent, which logs it as received.
+    //    reaches Serf's agent, which logs it as received. Then a query.
     let fired = Command::new(&agent.serf)
         .args(["event", &format!("-rpc-addr={}", agent.rpc), "deploy", "v2"])
         .output()
@@ -270,6 +270,20 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
                 .contains("Received event: user-event: from-phoenix")
         },
     );
+
+    // A query fired at Serf reaches p1, whose ack and answer reach `serf query`.
+    let asked = Command::new(&agent.serf)
+        .args(["query", &format!("-rpc-addr={}", agent.rpc), "-timeout=3s"])
+        .args(["uptime", "now"])
+        .output()
+        .unwrap();
+    let asked = common::succeeded("serf query", asked);
+    assert!(asked.contains("Ack from 'p1'"), "{asked}");
+    assert!(
+        asked.contains("Response from 'p1': p1 got uptime"),
+        "{asked}"
+    );
+    assert!(asked.contains("Total Acks: 2"), "s1 and p1: {asked}");
 
     // 5. Phoenix stops answering: Serf suspects p1, then declares it failed.
     heard.answering.store(false, Ordering::SeqCst);
@@ -337,10 +351,12 @@ fn answer_pings(udp: &UdpSocket, keyring: Option<&Keyring>, heard: &Heard) {
             continue;
         };
         for (kind, body) in packet.messages {
-            if kind == MessageType::User
-                && let Ok(SerfMessage::UserEvent(event)) = memberlist::decode_serf(&body)
-            {
-                heard.events.lock().unwrap().push(event);
+            if kind == MessageType::User {
+                match memberlist::decode_serf(&body) {
+                    Ok(SerfMessage::UserEvent(event)) => heard.events.lock().unwrap().push(event),
+                    Ok(SerfMessage::Query(query)) => answer_query(udp, keyring, &query),
+                    _ => {}
+                }
             }
             if kind != MessageType::Ping || !answering.load(Ordering::SeqCst) {
                 continue;
@@ -357,6 +373,21 @@ fn answer_pings(udp: &UdpSocket, keyring: Option<&Keyring>, heard: &Heard) {
             answered.fetch_add(1, Ordering::SeqCst);
             quiet_since = Instant::now();
         }
+    }
+}
+
+/// Acks a query when asked to and answers it, to the address the query gives.
+fn answer_query(udp: &UdpSocket, keyring: Option<&Keyring>, query: &memberlist::SerfQuery) {
+    let to = query.reply_to().expect("a query says where answers go");
+    let mut responses = Vec::new();
+    if query.wants_ack() {
+        responses.push(query.response("p1", true, Vec::new()));
+    }
+    responses.push(query.response("p1", false, format!("p1 got {}", query.name).into_bytes()));
+    for response in responses {
+        let message = memberlist::encode_serf(SerfMessageType::QueryResponse, &response).unwrap();
+        let packet = memberlist::packet(&[message], "", keyring).unwrap();
+        udp.send_to(&packet, to).unwrap();
     }
 }
 
