@@ -714,6 +714,24 @@ impl SerfQuery {
         self.flags & QUERY_FLAG_ACK != 0
     }
 
+    /// Whether the member `node` with `tags` is asked, by Serf's rules: every filter must
+    /// pass — a node filter lists the name, a tag filter's pattern (unanchored) matches the
+    /// tag's value ("" when absent). A filter that does not decode or compile passes nothing.
+    pub fn addressed_to(&self, node: &str, tags: &BTreeMap<String, String>) -> bool {
+        self.filters
+            .iter()
+            .all(|filter| match filter.split_first() {
+                Some((&FILTER_NODE, names)) => {
+                    decode::<Vec<String>>(names).is_ok_and(|names| names.iter().any(|n| n == node))
+                }
+                Some((&FILTER_TAG, tag)) => decode::<FilterTag>(tag).is_ok_and(|filter| {
+                    let patterns = BTreeMap::from([(filter.tag, filter.expr)]);
+                    crate::filter::query_tags_match(&patterns, tags)
+                }),
+                _ => false,
+            })
+    }
+
     /// Where answers go.
     pub fn reply_to(&self) -> Option<SocketAddr> {
         ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
@@ -729,6 +747,17 @@ impl SerfQuery {
             payload,
         }
     }
+}
+
+/// Serf's filter types, the first byte of each of a query's filters.
+const FILTER_NODE: u8 = 0;
+const FILTER_TAG: u8 = 1;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct FilterTag {
+    tag: String,
+    expr: String,
 }
 
 /// Serf's flag for "ack wanted" on a query, and "this is an ack" on a response.
@@ -1028,6 +1057,41 @@ mod tests {
         let answer = query.response("p1", false, b"up".to_vec());
         assert_eq!((answer.ltime, answer.id, answer.flags), (2, 99, 0));
         assert_eq!(decode_serf(&[6, 0x80]).unwrap(), SerfMessage::Other(6));
+        // Filters as Serf writes them: a type byte, then msgpack.
+        let tags = BTreeMap::from([("role".to_string(), "web".to_string())]);
+        let node_filter = |names: &[&str]| {
+            let mut filter = vec![FILTER_NODE];
+            rmp_serde::encode::write(&mut filter, names).unwrap();
+            serde_bytes::ByteBuf::from(filter)
+        };
+        let tag_filter = |tag: &str, expr: &str| {
+            let mut filter = vec![FILTER_TAG];
+            let map = BTreeMap::from([("Tag", tag), ("Expr", expr)]);
+            rmp_serde::encode::write(&mut filter, &map).unwrap();
+            serde_bytes::ByteBuf::from(filter)
+        };
+        let asked = |filters: Vec<serde_bytes::ByteBuf>| {
+            let query = SerfQuery {
+                filters,
+                ..SerfQuery::default()
+            };
+            query.addressed_to("p1", &tags)
+        };
+        assert!(asked(vec![]));
+        assert!(asked(vec![node_filter(&["s1", "p1"])]));
+        assert!(!asked(vec![node_filter(&["s1"])]));
+        assert!(
+            asked(vec![tag_filter("role", "we")]),
+            "unanchored, as in Serf"
+        );
+        assert!(!asked(vec![tag_filter("role", "^db$")]));
+        assert!(asked(vec![tag_filter("dc", "^$")]), "an absent tag is \"\"");
+        assert!(
+            !asked(vec![tag_filter("role", "(")]),
+            "a bad pattern passes nothing"
+        );
+        assert!(!asked(vec![node_filter(&["p1"]), tag_filter("role", "db")]));
+        assert!(!asked(vec![serde_bytes::ByteBuf::from(vec![7])]));
         // Go writes nil slices as nil: {"Filters": nil, "Payload": nil} reads as empty.
         let mut nils = vec![4, 0x82, 0xa7];
         nils.extend_from_slice(b"Filters");

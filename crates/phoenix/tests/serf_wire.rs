@@ -284,6 +284,17 @@ fn speak_with(agent: &SerfAgent, keyring: Option<&Keyring>) {
         "{asked}"
     );
     assert!(asked.contains("Total Acks: 2"), "s1 and p1: {asked}");
+    // Serf's filters travel with the query: p1 does not answer one for role=web only.
+    let asked = Command::new(&agent.serf)
+        .args(["query", &format!("-rpc-addr={}", agent.rpc), "-timeout=2s"])
+        .args(["-tag", "role=web", "uptime"])
+        .output()
+        .unwrap();
+    let asked = common::succeeded("serf query -tag role=web", asked);
+    assert!(
+        asked.contains("Ack from 's1'") && !asked.contains("'p1'"),
+        "{asked}"
+    );
 
     // 5. Phoenix stops answering: Serf suspects p1, then declares it failed.
     heard.answering.store(false, Ordering::SeqCst);
@@ -376,8 +387,13 @@ fn answer_pings(udp: &UdpSocket, keyring: Option<&Keyring>, heard: &Heard) {
     }
 }
 
-/// Acks a query when asked to and answers it, to the address the query gives.
+/// Acks a query when asked to and answers it, to the address the query gives, when its
+/// filters address p1.
 fn answer_query(udp: &UdpSocket, keyring: Option<&Keyring>, query: &memberlist::SerfQuery) {
+    let tags = BTreeMap::from([("role".to_string(), "lb".to_string())]);
+    if !query.addressed_to("p1", &tags) {
+        return;
+    }
     let to = query.reply_to().expect("a query says where answers go");
     let mut responses = Vec::new();
     if query.wants_ack() {
