@@ -1,7 +1,9 @@
 //! Memberlist's wire format, as Debian's `serf agent` speaks it (the groundwork of
 //! `protocol = "serf"`): the message types, the msgpack bodies (Go structs as maps keyed by
 //! field name), packets with an optional label header, CRC and compound framing, LZW-compressed
-//! messages, and the TCP push-pull exchange with Serf's own state inside it.
+//! messages, AES-GCM sealing with Serf's keyring, the TCP push-pull exchange with Serf's own
+//! state inside it, and Serf's messages (user events, joins, leaves, queries) inside
+//! memberlist's user messages.
 //!
 //! Everything here parses bytes from the network: every length is checked against what is
 //! left, decompression stops at a bound, and compound messages do not nest.
@@ -100,6 +102,8 @@ pub enum WireError {
     EncryptionVersion(u8),
     #[error("no random bytes for a nonce")]
     Random,
+    #[error("{0} too long for memberlist's framing")]
+    TooLong(&'static str),
     #[error("push-pull state too large: {nodes} nodes, {user_state} bytes of user state")]
     PushTooLarge { nodes: usize, user_state: usize },
     #[error("expected a {expected:?} message, got {got:?}")]
@@ -281,15 +285,18 @@ pub fn packet(
     if let [single] = messages {
         body.extend_from_slice(single);
     } else {
-        body.extend_from_slice(&[MessageType::Compound as u8, messages.len() as u8]);
+        let count = u8::try_from(messages.len()).map_err(|_| WireError::TooLong("compound"))?;
+        body.extend_from_slice(&[MessageType::Compound as u8, count]);
         for message in messages {
-            body.extend_from_slice(&(message.len() as u16).to_be_bytes());
+            let len =
+                u16::try_from(message.len()).map_err(|_| WireError::TooLong("compound part"))?;
+            body.extend_from_slice(&len.to_be_bytes());
         }
         for message in messages {
             body.extend_from_slice(message);
         }
     }
-    let mut out = label_header(label);
+    let mut out = label_header(label)?;
     match keyring {
         Some(keyring) => out.extend(encrypt(keyring, &body, label.as_bytes())?),
         None => out.extend(body),
@@ -297,13 +304,14 @@ pub fn packet(
     Ok(out)
 }
 
-fn label_header(label: &str) -> Vec<u8> {
+fn label_header(label: &str) -> Result<Vec<u8>, WireError> {
     if label.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let mut out = vec![HAS_LABEL, label.len() as u8];
+    let len = u8::try_from(label.len()).map_err(|_| WireError::TooLong("label"))?;
+    let mut out = vec![HAS_LABEL, len];
     out.extend_from_slice(label.as_bytes());
-    out
+    Ok(out)
 }
 
 /// Memberlist's encryption version 1 (the one it sends): the version byte, a random nonce,
@@ -496,11 +504,12 @@ pub fn write_push_pull(
         rmp_serde::encode::write_named(&mut body, node).map_err(WireError::Encode)?;
     }
     body.extend_from_slice(&user_state);
-    let mut out = label_header(label);
+    let mut out = label_header(label)?;
     match keyring {
         Some(keyring) => {
             // Memberlist authenticates the stream's type byte, its length and the label.
-            let sealed_len = (1 + NONCE_LEN + body.len() + TAG_LEN) as u32;
+            let sealed_len = u32::try_from(1 + NONCE_LEN + body.len() + TAG_LEN)
+                .map_err(|_| WireError::TooLong("push-pull state"))?;
             let mut aad = vec![MessageType::Encrypt as u8];
             aad.extend_from_slice(&sealed_len.to_be_bytes());
             out.extend_from_slice(&aad);
@@ -930,6 +939,16 @@ mod tests {
         let framed = packet(&[ack.clone(), ping.clone()], "blue", None).unwrap();
         let parsed = parse_packet(&framed, None).unwrap();
         assert_eq!(parsed.label, "blue");
+        let long = "x".repeat(256);
+        assert!(matches!(
+            packet(&[ack.clone()], &long, None),
+            Err(WireError::TooLong("label"))
+        ));
+        let huge = vec![0u8; 70_000];
+        assert!(matches!(
+            packet(&[ack.clone(), huge], "", None),
+            Err(WireError::TooLong("compound part"))
+        ));
         assert_eq!(parsed.messages[0], (MessageType::Ack, ack[1..].to_vec()));
         assert_eq!(parsed.messages[1], (MessageType::Ping, ping[1..].to_vec()));
 
