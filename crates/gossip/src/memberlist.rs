@@ -941,7 +941,7 @@ mod tests {
         assert_eq!(parsed.label, "blue");
         let long = "x".repeat(256);
         assert!(matches!(
-            packet(&[ack.clone()], &long, None),
+            packet(std::slice::from_ref(&ack), &long, None),
             Err(WireError::TooLong("label"))
         ));
         let huge = vec![0u8; 70_000];
