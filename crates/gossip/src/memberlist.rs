@@ -809,13 +809,14 @@ pub fn encode_serf<T: Serialize>(kind: SerfMessageType, body: &T) -> Result<Vec<
 
 /// Reads the Serf message in a memberlist user message's body.
 pub fn decode_serf(body: &[u8]) -> Result<SerfMessage, WireError> {
+    use SerfMessageType as T;
     let (&kind, rest) = body.split_first().ok_or(WireError::Empty)?;
     Ok(match kind {
-        3 => SerfMessage::UserEvent(decode(rest)?),
-        4 => SerfMessage::Query(decode(rest)?),
-        5 => SerfMessage::QueryResponse(decode(rest)?),
-        1 => SerfMessage::Join(decode(rest)?),
-        0 => SerfMessage::Leave(decode(rest)?),
+        k if k == T::UserEvent as u8 => SerfMessage::UserEvent(decode(rest)?),
+        k if k == T::Query as u8 => SerfMessage::Query(decode(rest)?),
+        k if k == T::QueryResponse as u8 => SerfMessage::QueryResponse(decode(rest)?),
+        k if k == T::Join as u8 => SerfMessage::Join(decode(rest)?),
+        k if k == T::Leave as u8 => SerfMessage::Leave(decode(rest)?),
         other => SerfMessage::Other(other),
     })
 }
