@@ -123,10 +123,7 @@ pub struct RpcMember {
 
 impl From<&Member> for RpcMember {
     fn from(member: &Member) -> Self {
-        let addr = match member.addr.ip() {
-            std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-            std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-        };
+        let addr = crate::memberlist::ip_bytes(member.addr.ip());
         let [
             protocol_min,
             protocol_max,
