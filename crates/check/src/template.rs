@@ -35,6 +35,7 @@ pub fn render(text: &str, data: &TemplateData) -> Result<String, TemplateError> 
         return Ok(text.to_string());
     }
     refuse_nesting(text)?;
+    refuse_unclosed_action(text)?;
     let mut template = Template::default();
     for (name, function) in FUNCTIONS.iter().chain(crate::sprig::FUNCTIONS) {
         template.add_func(name, *function);
@@ -97,6 +98,88 @@ fn refuse_nesting(text: &str) -> Result<(), TemplateError> {
         rest = after;
     }
     Ok(())
+}
+
+/// Refuses what gtmpl's lexer mishandles: it steps back one byte after any character, so an
+/// action left open at the end (`{{ `) makes it spin forever, and a character of several bytes
+/// in an action (outside quotes) makes it panic. This follows its states (text, comments,
+/// actions, quoted strings) just far enough to find either. Every other lexing error is the
+/// engine's own.
+fn refuse_unclosed_action(text: &str) -> Result<(), TemplateError> {
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        let action = &rest[open + 2..];
+        let unmarked = action.strip_prefix("- ").unwrap_or(action);
+        if let Some(comment) = unmarked.strip_prefix("/*") {
+            match comment.find("*/") {
+                Some(end) => rest = &comment[end + 2..],
+                None => return Ok(()), // the engine's "unclosed comment"
+            }
+            continue;
+        }
+        match end_of_action(action) {
+            ActionEnd::Closed(after) => rest = after,
+            ActionEnd::EngineError => return Ok(()),
+            ActionEnd::Unclosed => {
+                return Err(TemplateError {
+                    line: 1 + text[..text.len() - action.len()].matches('\n').count(),
+                    message: "unclosed action: `{{` without its `}}`".to_string(),
+                });
+            }
+            ActionEnd::NotAscii(at) => {
+                let offset = text.len() - action.len() + at;
+                return Err(TemplateError {
+                    line: 1 + text[..offset].matches('\n').count(),
+                    message: "a character that is not ASCII in an action, outside a quoted \
+                              string"
+                        .to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+enum ActionEnd<'a> {
+    /// The text after the action's `}}`.
+    Closed(&'a str),
+    /// The engine stops with an error of its own before the end of the text.
+    EngineError,
+    /// The text ends inside the action.
+    Unclosed,
+    /// A character that is not ASCII, at this offset, outside quotes.
+    NotAscii(usize),
+}
+
+/// Where the action starting at `action` (just after its `{{`) ends, quoted strings and
+/// character constants skipped as gtmpl's lexer skips them.
+fn end_of_action(action: &str) -> ActionEnd<'_> {
+    let mut chars = action.char_indices();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '}' if action[at..].starts_with("}}") => return ActionEnd::Closed(&action[at + 2..]),
+            '"' | '\'' => {
+                let mut escaped = false;
+                loop {
+                    match chars.next().map(|(_, c)| c) {
+                        Some('\\') => {
+                            escaped = true;
+                            continue;
+                        }
+                        Some('\n') | None => return ActionEnd::EngineError,
+                        Some(q) if q == c && !escaped => break,
+                        _ => {}
+                    }
+                    escaped = false;
+                }
+            }
+            // The guard itself skips a raw string up to its closing backquote.
+            '`' if !chars.any(|(_, c)| c == '`') => return ActionEnd::EngineError,
+            c if !c.is_ascii() => return ActionEnd::NotAscii(at),
+            _ => {}
+        }
+    }
+    ActionEnd::Unclosed
 }
 
 /// An engine error with its line: the one the parser names (`template: :3:…`), else the
@@ -339,6 +422,32 @@ mod tests {
         let bad = render("\n\n{{ if }}", &data()).unwrap_err();
         assert_eq!(bad.line, 3, "{bad:?}");
         assert!(render("{{ .Vars.port", &data()).is_err());
+        // Left open at the end, an action once made the engine's lexer spin forever.
+        let open_at_the_end = [
+            ("{{ ", 1),
+            ("a\n{{ ", 2),
+            ("{{ 1", 1),
+            ("{{- ", 1),
+            ("{{ \"}}\" ", 1),
+            ("{{ '}' ", 1),
+            ("{{ `}}` \n", 1),
+        ];
+        for (open, line) in open_at_the_end {
+            let error = render(open, &data()).unwrap_err();
+            assert!(
+                error.message.contains("unclosed action"),
+                "{open:?}: {error:?}"
+            );
+            assert_eq!(error.line, line, "{open:?}");
+        }
+        assert!(render("{{ \"x", &data()).is_err());
+        // Not ASCII outside quotes once made the engine's lexer panic; inside them it is fine.
+        let wide = render("a\n{{ s\u{fffd}.' }}", &data()).unwrap_err();
+        assert_eq!(wide.line, 2, "{wide:?}");
+        assert!(wide.message.contains("not ASCII"), "{wide:?}");
+        assert_eq!(render("{{ \"é\" }}{{/* é */}}é", &data()).unwrap(), "éé");
+        assert!(render("{{/* x", &data()).is_err());
+        assert_eq!(render("{{ \"}}\" }}{{/* {{ */}}", &data()).unwrap(), "}}");
         let deep = "{{if 1}}".repeat(20_000) + &"{{end}}".repeat(20_000);
         let error = render(&deep, &data()).unwrap_err();
         assert!(
