@@ -26,6 +26,7 @@ const KINDS: &[(&str, libc::c_int)] = &[
 /// did. Must be called while the process has one thread. In a user namespace it becomes its
 /// root.
 pub fn enter(pid: u32) -> io::Result<()> {
+    await_one_thread()?;
     // Open every namespace first: once in the instance's mount namespace, /proc is its own.
     let mut targets = Vec::new();
     for (name, kind) in KINDS {
@@ -68,6 +69,25 @@ pub fn enter(pid: u32) -> io::Result<()> {
             };
             std::process::exit(code)
         }
+    }
+}
+
+/// Waits (briefly) until this process has one thread: joining a user namespace fails with
+/// EINVAL otherwise, and a library may have just ended a helper thread that the kernel has
+/// not reaped yet (gtmpl lexes every template on a thread of its own).
+fn await_one_thread() -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads <= 1 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "{threads} threads still running; joining namespaces needs one"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
