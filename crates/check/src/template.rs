@@ -7,6 +7,7 @@
 //! engine does not know, naming its line. `template`, `define` and `block` are refused: goss
 //! files do not use them, and a template that calls itself would never end.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use gtmpl::{Context, FuncError, Template, Value};
@@ -35,7 +36,8 @@ pub fn render(text: &str, data: &TemplateData) -> Result<String, TemplateError> 
         return Ok(text.to_string());
     }
     refuse_nesting(text)?;
-    refuse_unclosed_action(text)?;
+    let guarded = guard_lexer(text)?;
+    let text = guarded.as_ref();
     let mut template = Template::default();
     for (name, function) in FUNCTIONS.iter().chain(crate::sprig::FUNCTIONS) {
         template.add_func(name, *function);
@@ -100,36 +102,57 @@ fn refuse_nesting(text: &str) -> Result<(), TemplateError> {
     Ok(())
 }
 
-/// Refuses what gtmpl's lexer mishandles: it steps back one byte after any character, so an
-/// action left open at the end (`{{ `) makes it spin forever, and a character of several bytes
-/// in an action (outside quotes) makes it panic. This follows its states (text, comments,
-/// actions, quoted strings) just far enough to find either. Every other lexing error is the
-/// engine's own.
-fn refuse_unclosed_action(text: &str) -> Result<(), TemplateError> {
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        let action = &rest[open + 2..];
+/// Works around gtmpl's lexer, which steps back one byte after any character: an action left
+/// open at the end (`{{ `) would make it spin forever, and a character of several bytes in an
+/// action (outside quotes) would make it panic, so both are refused; and before a `{{- ` it
+/// trims one byte too many after such a character, so an empty comment goes between the two
+/// (same output, same lines). This follows its states (text, comments, actions, quoted
+/// strings) just far enough; every other lexing error is the engine's own.
+fn guard_lexer(text: &str) -> Result<Cow<'_, str>, TemplateError> {
+    let line_at = |offset: usize| 1 + text[..offset].matches('\n').count();
+    let mut patched = String::new();
+    let mut copied = 0;
+    let mut at = 0;
+    while let Some(found) = text[at..].find("{{") {
+        let open = at + found;
+        let action = &text[open + 2..];
+        if action.starts_with("- ") {
+            let before = text[at..open].trim_end();
+            if before.chars().last().is_some_and(|c| !c.is_ascii()) {
+                let cut = at + before.len();
+                patched.push_str(&text[copied..cut]);
+                patched.push_str("{{/**/}}");
+                copied = cut;
+            }
+        }
         let unmarked = action.strip_prefix("- ").unwrap_or(action);
         if let Some(comment) = unmarked.strip_prefix("/*") {
             match comment.find("*/") {
-                Some(end) => rest = &comment[end + 2..],
-                None => return Ok(()), // the engine's "unclosed comment"
+                Some(end) => at = text.len() - comment.len() + end + 2,
+                None => break, // the engine's "unclosed comment"
             }
             continue;
         }
         match end_of_action(action) {
-            ActionEnd::Closed(after) => rest = after,
-            ActionEnd::EngineError => return Ok(()),
+            ActionEnd::Closed(after) => at = text.len() - after.len(),
+            ActionEnd::EngineError => break,
             ActionEnd::Unclosed => {
                 return Err(TemplateError {
-                    line: 1 + text[..text.len() - action.len()].matches('\n').count(),
+                    line: line_at(open),
                     message: "unclosed action: `{{` without its `}}`".to_string(),
                 });
             }
-            ActionEnd::NotAscii(at) => {
-                let offset = text.len() - action.len() + at;
+            ActionEnd::BadLiteral(offset) => {
                 return Err(TemplateError {
-                    line: 1 + text[..offset].matches('\n').count(),
+                    line: line_at(open + 2 + offset),
+                    message: "a quoted string with backslashes must be ASCII and not end in a \
+                              backslash"
+                        .to_string(),
+                });
+            }
+            ActionEnd::NotAscii(offset) => {
+                return Err(TemplateError {
+                    line: line_at(open + 2 + offset),
                     message: "a character that is not ASCII in an action, outside a quoted \
                               string"
                         .to_string(),
@@ -137,7 +160,11 @@ fn refuse_unclosed_action(text: &str) -> Result<(), TemplateError> {
             }
         }
     }
-    Ok(())
+    if copied == 0 {
+        return Ok(Cow::Borrowed(text));
+    }
+    patched.push_str(&text[copied..]);
+    Ok(Cow::Owned(patched))
 }
 
 enum ActionEnd<'a> {
@@ -149,6 +176,8 @@ enum ActionEnd<'a> {
     Unclosed,
     /// A character that is not ASCII, at this offset, outside quotes.
     NotAscii(usize),
+    /// A quoted string or character constant, at this offset, that the engine cannot unquote.
+    BadLiteral(usize),
 }
 
 /// Where the action starting at `action` (just after its `{{`) ends, quoted strings and
@@ -156,30 +185,41 @@ enum ActionEnd<'a> {
 fn end_of_action(action: &str) -> ActionEnd<'_> {
     let mut chars = action.char_indices();
     while let Some((at, c)) = chars.next() {
-        match c {
+        let literal_end = match c {
             '}' if action[at..].starts_with("}}") => return ActionEnd::Closed(&action[at + 2..]),
             '"' | '\'' => {
                 let mut escaped = false;
                 loop {
-                    match chars.next().map(|(_, c)| c) {
-                        Some('\\') => {
+                    match chars.next() {
+                        Some((_, '\\')) => {
                             escaped = true;
                             continue;
                         }
-                        Some('\n') | None => return ActionEnd::EngineError,
-                        Some(q) if q == c && !escaped => break,
+                        Some((_, '\n')) | None => return ActionEnd::EngineError,
+                        Some((end, q)) if q == c && !escaped => break end,
                         _ => {}
                     }
                     escaped = false;
                 }
             }
-            // The guard itself skips a raw string up to its closing backquote.
-            '`' if !chars.any(|(_, c)| c == '`') => return ActionEnd::EngineError,
+            '`' => match chars.find(|(_, c)| *c == '`') {
+                Some((end, _)) => end,
+                None => return ActionEnd::EngineError,
+            },
             c if !c.is_ascii() => return ActionEnd::NotAscii(at),
-            _ => {}
+            _ => continue,
+        };
+        if !unquotable(&action[at + 1..literal_end]) {
+            return ActionEnd::BadLiteral(at);
         }
     }
     ActionEnd::Unclosed
+}
+
+/// Whether gtmpl's unquoting can take a literal's content without panicking: it reads two
+/// bytes at every backslash, and hexadecimal escapes byte by byte.
+fn unquotable(content: &str) -> bool {
+    !content.contains('\\') || (content.is_ascii() && !content.ends_with('\\'))
 }
 
 /// An engine error with its line: the one the parser names (`template: :3:…`), else the
@@ -446,6 +486,25 @@ mod tests {
         assert_eq!(wide.line, 2, "{wide:?}");
         assert!(wide.message.contains("not ASCII"), "{wide:?}");
         assert_eq!(render("{{ \"é\" }}{{/* é */}}é", &data()).unwrap(), "éé");
+        // Backslashes in literals: fine in ASCII, refused where gtmpl's unquoting panics.
+        assert_eq!(render("{{ \"a\\tb\" }}", &data()).unwrap(), "a\tb");
+        for literal in [
+            "{{ `\\` }}",
+            "{{ \"\\é\" }}",
+            "{{ `\\x41é` }}",
+            "{{ '\\é' }}",
+        ] {
+            let error = render(literal, &data()).unwrap_err();
+            assert!(
+                error.message.contains("backslashes"),
+                "{literal}: {error:?}"
+            );
+        }
+        // Before a left trim, gtmpl cut a character of several bytes in two (a panic).
+        assert_eq!(
+            render("café \n {{- .Vars.port}} é{{- \"x\"}}", &data()).unwrap(),
+            "café8080 éx"
+        );
         assert!(render("{{/* x", &data()).is_err());
         assert_eq!(render("{{ \"}}\" }}{{/* {{ */}}", &data()).unwrap(), "}}");
         let deep = "{{if 1}}".repeat(20_000) + &"{{end}}".repeat(20_000);
