@@ -159,6 +159,76 @@ pub struct Alive {
     pub vsn: Vec<u8>,
 }
 
+/// A node suspected of failure, and who suspects it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Suspect {
+    pub incarnation: u32,
+    pub node: String,
+    pub from: String,
+}
+
+/// A node declared dead; `from` equal to `node` is a graceful leave.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Dead {
+    pub incarnation: u32,
+    pub node: String,
+    pub from: String,
+}
+
+/// A request to probe `target` on the sender's behalf (memberlist's indirect probe).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct IndirectPing {
+    pub seq_no: u32,
+    #[serde(with = "bytes_or_nil")]
+    pub target: Vec<u8>,
+    pub port: u16,
+    pub node: String,
+    /// The sender wants a nack when the target does not answer in time.
+    pub nack: bool,
+    #[serde(with = "bytes_or_nil", skip_serializing_if = "Vec::is_empty")]
+    pub source_addr: Vec<u8>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_port: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_node: String,
+}
+
+impl IndirectPing {
+    /// Where the answer goes, when the sender said.
+    pub fn source(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.source_addr).map(|ip| SocketAddr::new(ip, self.source_port))
+    }
+
+    /// The node to probe.
+    pub fn target(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.target).map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl Ping {
+    /// Where the answer goes, when the sender said.
+    pub fn source(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.source_addr).map(|ip| SocketAddr::new(ip, self.source_port))
+    }
+}
+
+impl Alive {
+    /// The node's gossip address.
+    pub fn address(&self) -> Option<SocketAddr> {
+        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+/// No answer from the target of an indirect probe.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Nack {
+    pub seq_no: u32,
+}
+
 /// The state of a node as memberlist keeps it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "u8", into = "u8")]
@@ -758,11 +828,34 @@ impl SerfQuery {
     }
 }
 
+/// A query's filters as Serf encodes them: one listing the nodes (when any), one per tag.
+pub fn query_filters(
+    nodes: &[String],
+    tags: &BTreeMap<String, String>,
+) -> Result<Vec<serde_bytes::ByteBuf>, WireError> {
+    let mut filters = Vec::new();
+    if !nodes.is_empty() {
+        let mut filter = vec![FILTER_NODE];
+        rmp_serde::encode::write(&mut filter, nodes).map_err(WireError::Encode)?;
+        filters.push(serde_bytes::ByteBuf::from(filter));
+    }
+    for (tag, expr) in tags {
+        let mut filter = vec![FILTER_TAG];
+        let body = FilterTag {
+            tag: tag.clone(),
+            expr: expr.clone(),
+        };
+        rmp_serde::encode::write_named(&mut filter, &body).map_err(WireError::Encode)?;
+        filters.push(serde_bytes::ByteBuf::from(filter));
+    }
+    Ok(filters)
+}
+
 /// Serf's filter types, the first byte of each of a query's filters.
 const FILTER_NODE: u8 = 0;
 const FILTER_TAG: u8 = 1;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 struct FilterTag {
     tag: String,
