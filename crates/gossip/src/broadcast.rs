@@ -144,7 +144,7 @@ type Seen = (u64, String, Vec<u8>);
 
 /// The recent messages of one kind, for duplicate suppression.
 #[derive(Debug, Default)]
-struct Window {
+pub(crate) struct Window {
     seen: BTreeSet<Seen>,
     order: VecDeque<Seen>,
     /// Messages at or before this time were handled before a restart: never again.
@@ -153,7 +153,7 @@ struct Window {
 
 impl Window {
     /// Records a message; false when it was seen before (or is too old to tell).
-    fn accept(&mut self, key: Seen) -> bool {
+    pub(crate) fn accept(&mut self, key: Seen) -> bool {
         let oldest = self.order.front().map_or(0, |(ltime, ..)| *ltime);
         let stale = key.0 <= self.floor || (self.order.len() == REMEMBERED && key.0 < oldest);
         if stale || self.seen.contains(&key) {

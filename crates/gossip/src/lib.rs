@@ -20,7 +20,7 @@ pub mod query;
 pub mod rpc;
 pub mod snapshot;
 
-pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Profile, Stats, Status};
+pub use agent::{Agent, AgentConfig, Event, KeyOp, Member, Profile, Protocol, Stats, Status};
 pub use broadcast::{MAX_EVENT_SIZE, MAX_QUERY_SIZE, UserEvent};
 pub use keyring::{Key, KeyError, Keyring};
 pub use query::{KeyAnswer, KeyReport, QueryEvent, QueryHandle, QueryParams, QueryReply};
@@ -68,6 +68,8 @@ pub enum GossipError {
     BadInternalQuery(String),
     #[error("cannot encode a message: {0}")]
     Encode(String),
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
     #[error("encryption is not enabled on this agent (start it with a key)")]
     NotEncrypted,
     #[error(transparent)]

@@ -101,9 +101,10 @@ pub struct AgentArgs {
     /// Timing profile: lan (default), wan or local.
     #[arg(long)]
     profile: Option<String>,
-    /// Serf's protocol version (refused: Phoenix agents speak their own).
+    /// The gossip wire: `phoenix` (the default, Phoenix's own) or `serf` (memberlist's and
+    /// Serf's protocol, to join `serf agent`s). Serf's version numbers are refused.
     #[arg(long)]
-    protocol: Option<i64>,
+    protocol: Option<String>,
     /// mDNS discovery (refused: not supported).
     #[arg(long)]
     discover: Option<String>,
@@ -160,7 +161,7 @@ impl AgentArgs {
             log_level: text(&self.log_level),
             rpc_addr: text(&self.rpc_addr),
             rpc_auth: text(&self.rpc_auth),
-            protocol: self.protocol.unwrap_or(0),
+            protocol: text(&self.protocol),
             replay_on_join: self.replay.unwrap_or(false),
             start_join: self.join.clone(),
             event_handlers: self.handlers.clone(),

@@ -52,6 +52,30 @@ fn invalid(option: &'static str, message: impl Into<String>) -> SerfConfigError 
     }
 }
 
+/// The wire protocol `protocol` names.
+fn protocol(text: &str) -> Result<phoenix_gossip::Protocol, SerfConfigError> {
+    match text {
+        "" | "0" | "phoenix" => Ok(phoenix_gossip::Protocol::Phoenix),
+        "serf" => Ok(phoenix_gossip::Protocol::Serf),
+        other => Err(invalid(
+            "protocol",
+            format!("unknown protocol {other:?}: expected \"serf\" or \"phoenix\""),
+        )),
+    }
+}
+
+/// Serf's integer, or a name: kept as text.
+fn number_or_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Null => Ok(String::new()),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a number or a string, got {other}"
+        ))),
+    }
+}
+
 fn unsupported(option: &'static str, why: impl Into<String>) -> SerfConfigError {
     SerfConfigError::Unsupported {
         option,
@@ -76,7 +100,10 @@ pub struct SerfConfig {
     pub log_level: String,
     pub rpc_addr: String,
     pub rpc_auth: String,
-    pub protocol: i64,
+    /// Serf's protocol version (an integer), or Phoenix's choice of wire: `"serf"` speaks
+    /// memberlist's and Serf's own protocol, `"phoenix"` (the default) Phoenix's gossip.
+    #[serde(deserialize_with = "number_or_text")]
+    pub protocol: String,
     pub replay_on_join: bool,
     pub query_response_size_limit: i64,
     pub query_size_limit: i64,
@@ -219,7 +246,7 @@ impl SerfConfig {
             validate_node_names,
             msgpack_use_new_time_format
         );
-        if later.protocol > 0 {
+        if !later.protocol.is_empty() {
             self.protocol = later.protocol;
         }
     }
@@ -330,6 +357,7 @@ impl SerfConfig {
                 .tombstone_timeout
                 .unwrap_or(Duration::from_secs(24 * 3600)),
             profile: profile(&self.profile)?,
+            protocol: protocol(&self.protocol)?,
             log_level: log_level(&self.log_level)?,
             retry_join: self.retry_join.clone(),
             retry_max_attempts: u32::try_from(self.retry_max_attempts.max(0)).unwrap_or(u32::MAX),
@@ -353,10 +381,15 @@ impl SerfConfig {
                 "mDNS discovery is not built in: give the addresses with `join` or `retry_join`",
             ));
         }
-        if self.protocol > 0 {
+        if self
+            .protocol
+            .parse::<i64>()
+            .is_ok_and(|version| version != 0)
+        {
             return Err(unsupported(
                 "protocol",
-                "Phoenix agents speak their own gossip protocol, not Serf's versions 2 to 5",
+                "Serf's versions 2 to 5 are not chosen by number: give \"serf\" to speak \
+                 memberlist's and Serf's protocol (what `serf agent` speaks), or \"phoenix\"",
             ));
         }
         if self.enable_syslog {
@@ -452,6 +485,7 @@ pub struct SerfAgent {
     pub coordinates: bool,
     pub reap_left_after: Duration,
     pub profile: phoenix_gossip::Profile,
+    pub protocol: phoenix_gossip::Protocol,
     pub log_level: Option<tracing::Level>,
     pub retry_join: Vec<String>,
     /// 0: retry for ever.
@@ -476,6 +510,7 @@ impl SerfAgent {
         config.rejoin_after_leave = self.rejoin_after_leave;
         config.coordinates = self.coordinates;
         config.reap_left_after = self.reap_left_after;
+        config.protocol = self.protocol;
         Ok(config)
     }
 }
@@ -686,6 +721,31 @@ mod tests {
             "enable_compression": true, "disable_name_resolution": true,
             "broadcast_timeout": "5s", "MsgpackUseNewTimeFormat": true, "node_name": "n"}"#;
         json(accepted).resolve().unwrap();
+    }
+
+    #[test]
+    fn protocol_chooses_the_wire_by_name() {
+        let serf = json(r#"{"protocol": "serf"}"#).resolve().unwrap();
+        assert_eq!(serf.protocol, phoenix_gossip::Protocol::Serf);
+        assert_eq!(
+            serf.agent_config().unwrap().protocol,
+            phoenix_gossip::Protocol::Serf
+        );
+        let default = json("{}").resolve().unwrap();
+        assert_eq!(default.protocol, phoenix_gossip::Protocol::Phoenix);
+        let error = json(r#"{"protocol": "serff"}"#)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"serff\"") && error.contains("\"serf\""),
+            "{error}"
+        );
+        let error = json(r#"{"protocol": 4}"#)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("give \"serf\""), "{error}");
     }
 
     #[test]

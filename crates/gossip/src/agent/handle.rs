@@ -23,16 +23,19 @@ use crate::snapshot::Snapshot;
 /// (others see it fail), as a crash would.
 #[derive(Debug, Clone)]
 pub struct Agent {
-    commands: mpsc::UnboundedSender<Command>,
-    events: broadcast::Sender<Event>,
-    stats: Arc<Stats>,
-    local: SocketAddr,
-    name: String,
+    pub(super) commands: mpsc::UnboundedSender<Command>,
+    pub(super) events: broadcast::Sender<Event>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) local: SocketAddr,
+    pub(super) name: String,
 }
 
 impl Agent {
     /// Binds the socket and starts the agent's task.
     pub async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
+        if config.protocol == super::Protocol::Serf {
+            return super::serf_wire::start(config).await;
+        }
         crate::identity::check_tags(&config.tags)?;
         let socket = UdpSocket::bind(config.bind)
             .await

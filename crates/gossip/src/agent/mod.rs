@@ -28,10 +28,11 @@ mod coords;
 mod handle;
 mod queries;
 mod replay;
+mod serf_wire;
 mod types;
 
 pub use handle::Agent;
-pub use types::{AgentConfig, Event, Member, Profile, Stats, Status};
+pub use types::{AgentConfig, Event, Member, Profile, Protocol, Stats, Status};
 
 enum Command {
     Join(SocketAddr, oneshot::Sender<()>),
@@ -547,17 +548,7 @@ impl Actor {
     /// Tells subscribers (handlers, RPC streams, the fleet) of a member event, and logs it as
     /// Serf does, for `monitor`.
     pub(super) fn publish(&self, event: Event) {
-        if let Some((kind, member)) = crate::rpc::member_event_parts(&event) {
-            let name = match kind {
-                "member-join" => "EventMemberJoin",
-                "member-leave" => "EventMemberLeave",
-                "member-failed" => "EventMemberFailed",
-                "member-update" => "EventMemberUpdate",
-                _ => "EventMemberReap",
-            };
-            tracing::info!(target: "serf", "{name}: {} {}", member.name, member.addr.ip());
-        }
-        let _ = self.events.send(event);
+        announce(&self.events, event);
     }
 
     fn member_list(&self) -> Vec<Member> {
@@ -667,6 +658,22 @@ fn member_of(id: &NodeId, status: Status) -> Member {
         tags: id.tags.clone(),
         status,
     }
+}
+
+/// Tells subscribers (handlers, RPC streams, the fleet) of a member event, and logs it as
+/// Serf does, for `monitor`.
+fn announce(events: &broadcast::Sender<Event>, event: Event) {
+    if let Some((kind, member)) = crate::rpc::member_event_parts(&event) {
+        let name = match kind {
+            "member-join" => "EventMemberJoin",
+            "member-leave" => "EventMemberLeave",
+            "member-failed" => "EventMemberFailed",
+            "member-update" => "EventMemberUpdate",
+            _ => "EventMemberReap",
+        };
+        tracing::info!(target: "serf", "{name}: {} {}", member.name, member.addr.ip());
+    }
+    let _ = events.send(event);
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -53,6 +53,18 @@ pub struct AgentConfig {
     pub query_rate: (f64, u32),
     /// How often failed members are contacted again, so a healed partition merges.
     pub reconnect_interval: Duration,
+    /// The wire protocol: Phoenix's own, or Serf's (to join `serf agent`s).
+    pub protocol: Protocol,
+}
+
+/// What an agent speaks on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// Phoenix's own gossip (SWIM on foca): the default between Phoenix agents.
+    #[default]
+    Phoenix,
+    /// Memberlist's and Serf's protocol, so the agent joins a cluster of `serf agent`s.
+    Serf,
 }
 
 /// Serf's timing profiles (memberlist's default configurations).
@@ -105,6 +117,7 @@ impl AgentConfig {
             event_rate: (50.0, 100),
             query_rate: (20.0, 40),
             reconnect_interval: Duration::from_secs(30),
+            protocol: Protocol::Phoenix,
         }
     }
 }

@@ -1,0 +1,1145 @@
+//! `protocol = "serf"`: the agent speaking memberlist's and Serf's own wire protocol, so it
+//! joins a cluster of `serf agent`s and they join it. One task owns the UDP socket and the
+//! cluster's state, as the foca agent does, and answers the same commands; TCP push-pulls
+//! (joins and the periodic anti-entropy sync) run on tasks of their own and hand their
+//! result back.
+//!
+//! What it does, after memberlist and Serf: it probes one member per probe interval
+//! (directly, then through three others), suspects and then declares dead the ones that do not
+//! answer, refutes suspicion of itself, gossips alive, suspect and dead messages and Serf's
+//! messages a bounded number of times each (piggybacked on every packet it sends), syncs its
+//! state with a random member every 30 s, and keeps Serf's three Lamport clocks, join and leave
+//! intents, user events and queries.
+
+mod nodes;
+mod queue;
+mod stream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{RngExt, SeedableRng};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Agent, AgentConfig, Command, Event, KeyOp, Stats};
+use crate::GossipError;
+use crate::broadcast::{
+    LamportClock, MAX_EVENT_SIZE, MAX_QUERY_SIZE, RateLimit, UserEvent, Window,
+};
+use crate::keyring::Keyring;
+use crate::memberlist::{
+    self, Ack, Dead, IndirectPing, MessageType, Nack, Ping, PushPull, SerfJoin, SerfLeave,
+    SerfMessage, SerfMessageType, SerfPushPull, SerfQuery, SerfQueryResponse, SerfUserEvent,
+    Suspect,
+};
+use crate::query::{Outgoing, QueryEvent, QueryHandle, QueryParams, QueryReply};
+use nodes::{Change, Nodes, Outcome};
+use queue::Queue;
+
+/// Memberlist's LAN timings (Serf's default profile).
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    probe_interval: Duration,
+    probe_timeout: Duration,
+    gossip_interval: Duration,
+    gossip_nodes: usize,
+    indirect_checks: usize,
+    suspicion_mult: f64,
+    retransmit_mult: u32,
+    push_pull_interval: Duration,
+    /// How long a leave is gossiped before the agent stops (Serf's `LeavePropagateDelay`).
+    leave_propagate: Duration,
+}
+
+impl Timing {
+    fn from(config: &AgentConfig) -> Timing {
+        Timing {
+            probe_interval: config.swim.probe_period,
+            probe_timeout: config.swim.probe_rtt,
+            gossip_interval: Duration::from_millis(200),
+            gossip_nodes: 3,
+            indirect_checks: 3,
+            suspicion_mult: config.suspicion_mult,
+            retransmit_mult: 4,
+            push_pull_interval: Duration::from_secs(30),
+            leave_propagate: Duration::from_secs(1),
+        }
+    }
+
+    /// Memberlist's `suspicionTimeout` for a cluster of `members`.
+    fn suspicion(&self, members: usize) -> Duration {
+        let scale = (members.max(1) as f64).log10().max(1.0);
+        self.probe_interval.mul_f64(self.suspicion_mult * scale)
+    }
+}
+
+/// Memberlist's UDP packet size, less room for the compound header, a label and sealing.
+const PACKET_BUDGET: usize = 1400 - 64;
+
+/// The probe under way.
+struct Probe {
+    target: String,
+    addr: SocketAddr,
+    seq: u32,
+    indirect_at: Instant,
+    deadline: Instant,
+    acked: bool,
+}
+
+/// Who waits for an ack with a given sequence number.
+enum Waiter {
+    Probe,
+    /// An indirect probe made for `to`, who used sequence number `seq`.
+    Relay {
+        to: SocketAddr,
+        seq: u32,
+        nack_at: Option<Instant>,
+        expires: Instant,
+    },
+}
+
+/// A query delivered here, waiting for this agent's answer.
+struct Asked {
+    reply_to: SocketAddr,
+    ltime: u64,
+    id: u32,
+    deadline: Instant,
+    responded: bool,
+}
+
+/// What the TCP tasks hand back.
+enum Inbound {
+    /// A peer's push-pull, to merge; our state goes back on `answer`.
+    Pushed(PushPull, oneshot::Sender<PushPull>),
+    /// The answer to our push-pull (`joined` waits on a join).
+    Pulled(PushPull, Option<oneshot::Sender<()>>),
+}
+
+struct Wire {
+    me: String,
+    addr: SocketAddr,
+    socket: Arc<UdpSocket>,
+    keyring: Option<Keyring>,
+    timing: Timing,
+    nodes: Nodes,
+    queue: Queue,
+    member_clock: LamportClock,
+    event_clock: LamportClock,
+    query_clock: LamportClock,
+    events_seen: Window,
+    queries_seen: Window,
+    /// User events at or before this time are not delivered (set by a join, as Serf's
+    /// `eventMinTime`, so a joiner does not replay the cluster's past).
+    event_min: u64,
+    /// Join and leave intents about nodes not known yet: their latest Lamport time.
+    intents: HashMap<String, u64>,
+    events: broadcast::Sender<Event>,
+    stats: Arc<Stats>,
+    rng: SmallRng,
+    next_seq: u32,
+    probe: Option<Probe>,
+    probe_order: Vec<String>,
+    waiters: HashMap<u32, Waiter>,
+    outgoing: HashMap<(u64, u32), Outgoing>,
+    asked: HashMap<u64, Asked>,
+    next_asked: u64,
+    event_limit: RateLimit,
+    query_limit: RateLimit,
+    reap_after: Duration,
+    reap_left_after: Duration,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    /// A leave under way: whom to tell it is done, and when.
+    leaving: Option<(oneshot::Sender<()>, Instant)>,
+}
+
+/// Binds the UDP socket and the TCP listener on the same port and starts the agent's task.
+pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
+    crate::identity::check_tags(&config.tags)?;
+    let socket = UdpSocket::bind(config.bind)
+        .await
+        .map_err(|e| GossipError::Bind(config.bind, e))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| GossipError::Bind(config.bind, e))?;
+    let listener = TcpListener::bind(local)
+        .await
+        .map_err(|e| GossipError::Bind(local, e))?;
+    let addr = match config.advertise {
+        Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local.port()),
+        Some(addr) => addr,
+        None => local,
+    };
+    let (commands, inbox) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(4096);
+    let (inbound, inbound_rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(Stats::default());
+    let now = Instant::now();
+    let mut wire = Wire {
+        me: config.node.clone(),
+        addr,
+        socket: Arc::new(socket),
+        keyring: config.keyring.clone(),
+        timing: Timing::from(&config),
+        nodes: Nodes::new(&config.node, addr, &config.tags, now),
+        queue: Queue::default(),
+        member_clock: LamportClock::default(),
+        event_clock: LamportClock::default(),
+        query_clock: LamportClock::default(),
+        events_seen: Window::default(),
+        queries_seen: Window::default(),
+        event_min: 0,
+        intents: HashMap::new(),
+        events: events.clone(),
+        stats: stats.clone(),
+        rng: SmallRng::seed_from_u64(config.seed),
+        next_seq: 0,
+        probe: None,
+        probe_order: Vec::new(),
+        waiters: HashMap::new(),
+        outgoing: HashMap::new(),
+        asked: HashMap::new(),
+        next_asked: 0,
+        event_limit: RateLimit::new(config.event_rate.0, config.event_rate.1),
+        query_limit: RateLimit::new(config.query_rate.0, config.query_rate.1),
+        reap_after: config.reap_after,
+        reap_left_after: config.reap_left_after,
+        inbound: inbound.clone(),
+        leaving: None,
+    };
+    // Serf announces itself with a join intent, and lists itself first.
+    let ltime = wire.member_clock.tick();
+    wire.join_intent(&config.node, ltime);
+    wire.publish(Event::MemberJoin(wire.nodes.me().member()));
+    tokio::spawn(listen(listener, inbound, config.keyring));
+    tokio::spawn(wire.run(inbox, inbound_rx));
+    Ok(Agent {
+        commands,
+        events,
+        stats,
+        local,
+        name: config.node,
+    })
+}
+
+/// Accepts push-pulls: each is read, handed to the agent, and answered with its state.
+async fn listen(
+    listener: TcpListener,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    keyring: Option<Keyring>,
+) {
+    loop {
+        let Ok((mut conn, peer)) = listener.accept().await else {
+            continue;
+        };
+        if inbound.is_closed() {
+            return;
+        }
+        let inbound = inbound.clone();
+        let keyring = keyring.clone();
+        tokio::spawn(async move {
+            let work = async {
+                let theirs = stream::read(&mut conn, keyring.as_ref()).await?;
+                let (answer, ours) = oneshot::channel();
+                if inbound.send(Inbound::Pushed(theirs, answer)).is_err() {
+                    return Ok(());
+                }
+                if let Ok(ours) = ours.await {
+                    stream::write(&mut conn, &ours, keyring.as_ref()).await?;
+                }
+                Ok::<(), stream::StreamError>(())
+            };
+            match tokio::time::timeout(stream::TIMEOUT, work).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, "push-pull from a peer failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "push-pull from a peer timed out"),
+            }
+        });
+    }
+}
+
+impl Wire {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    ) {
+        let mut buf = vec![0u8; 65536];
+        let mut probe = tokio::time::interval(self.timing.probe_interval);
+        let mut gossip = tokio::time::interval(self.timing.gossip_interval);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
+        let mut push_pull = tokio::time::interval(self.timing.push_pull_interval);
+        push_pull.tick().await;
+        let socket = self.socket.clone();
+        loop {
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => {
+                    if let Ok((len, from)) = received {
+                        self.on_packet(&buf[..len], from).await;
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command).await,
+                    // Every handle dropped: stop without a leave, as a crash would.
+                    None => return,
+                },
+                Some(message) = inbound.recv() => self.on_inbound(message),
+                _ = probe.tick() => self.probe().await,
+                _ = gossip.tick() => self.gossip().await,
+                _ = housekeeping.tick() => {
+                    self.housekeeping().await;
+                    if self.leaving.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
+                        if let Some((done, _)) = self.leaving.take() {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                }
+                _ = push_pull.tick() => self.sync_with_someone(),
+            }
+        }
+    }
+
+    fn publish(&self, event: Event) {
+        super::announce(&self.events, event);
+    }
+
+    fn seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.next_seq
+    }
+
+    /// Sends `messages` to `to` in one packet, with as much queued gossip as fits.
+    async fn send(&mut self, to: SocketAddr, mut messages: Vec<Vec<u8>>) {
+        let used: usize = messages.iter().map(|m| m.len() + 2).sum();
+        let limit = queue::retransmit_limit(self.timing.retransmit_mult, self.nodes.up_count());
+        messages.extend(self.queue.take(PACKET_BUDGET.saturating_sub(used), limit));
+        if messages.is_empty() {
+            return;
+        }
+        match memberlist::packet(&messages, "", self.keyring.as_ref()) {
+            Ok(packet) => {
+                if self.socket.send_to(&packet, to).await.is_ok() {
+                    self.stats.packets_sent.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(%to, "cannot frame a packet: {e}"),
+        }
+    }
+
+    async fn send_one<T: serde::Serialize>(&mut self, to: SocketAddr, kind: MessageType, body: &T) {
+        if let Ok(message) = memberlist::encode(kind, body) {
+            self.send(to, vec![message]).await;
+        }
+    }
+
+    fn ping_to(&self, node: &str, seq: u32) -> Ping {
+        Ping {
+            seq_no: seq,
+            node: node.to_string(),
+            source_addr: memberlist::ip_bytes(self.addr.ip()),
+            source_port: self.addr.port(),
+            source_node: self.me.clone(),
+        }
+    }
+
+    async fn on_packet(&mut self, bytes: &[u8], from: SocketAddr) {
+        self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let packet = match memberlist::parse_packet(bytes, self.keyring.as_ref()) {
+            Ok(packet) => packet,
+            Err(e) => {
+                self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "dropped a packet: {e}");
+                return;
+            }
+        };
+        for (kind, body) in packet.messages {
+            if let Err(e) = self.on_message(kind, &body, from).await {
+                self.stats.messages_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "refused a {kind:?} message: {e}");
+            }
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        kind: MessageType,
+        body: &[u8],
+        from: SocketAddr,
+    ) -> Result<(), memberlist::WireError> {
+        let now = Instant::now();
+        match kind {
+            MessageType::Ping => {
+                let ping: Ping = memberlist::decode(body)?;
+                if !ping.node.is_empty() && ping.node != self.me {
+                    return Ok(());
+                }
+                let to = ping.source().unwrap_or(from);
+                let ack = Ack {
+                    seq_no: ping.seq_no,
+                    payload: Vec::new(),
+                };
+                self.send_one(to, MessageType::Ack, &ack).await;
+            }
+            MessageType::IndirectPing => {
+                let ask: IndirectPing = memberlist::decode(body)?;
+                let Some(target) = ask.target() else {
+                    return Ok(());
+                };
+                let seq = self.seq();
+                let ping = self.ping_to(&ask.node, seq);
+                self.waiters.insert(
+                    seq,
+                    Waiter::Relay {
+                        to: ask.source().unwrap_or(from),
+                        seq: ask.seq_no,
+                        nack_at: ask.nack.then(|| now + self.timing.probe_timeout),
+                        expires: now + self.timing.probe_interval,
+                    },
+                );
+                self.send_one(target, MessageType::Ping, &ping).await;
+            }
+            MessageType::Ack => {
+                let ack: Ack = memberlist::decode(body)?;
+                match self.waiters.remove(&ack.seq_no) {
+                    Some(Waiter::Probe) => {
+                        if let Some(probe) = self.probe.as_mut().filter(|p| p.seq == ack.seq_no) {
+                            probe.acked = true;
+                        }
+                    }
+                    Some(Waiter::Relay { to, seq, .. }) => {
+                        let relayed = Ack {
+                            seq_no: seq,
+                            payload: ack.payload,
+                        };
+                        self.send_one(to, MessageType::Ack, &relayed).await;
+                    }
+                    None => {}
+                }
+            }
+            MessageType::Alive => {
+                let alive = memberlist::decode(body)?;
+                let outcome = self.nodes.alive(&alive, now);
+                self.apply(outcome);
+            }
+            MessageType::Suspect => {
+                let suspect: Suspect = memberlist::decode(body)?;
+                let timeout = self.timing.suspicion(self.nodes.up_count());
+                let outcome = self.nodes.suspect(&suspect, now, timeout);
+                self.apply(outcome);
+            }
+            MessageType::Dead => {
+                let dead: Dead = memberlist::decode(body)?;
+                let outcome = self.nodes.dead(&dead, now);
+                self.apply(outcome);
+            }
+            MessageType::User => self.on_serf(memberlist::decode_serf(body)?).await,
+            // Nacks only tell memberlist's local health; the rest never comes over UDP.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Gossips what a state change asks for and tells subscribers.
+    fn apply(&mut self, outcome: Outcome) {
+        for (about, message) in outcome.gossip {
+            self.queue.push(Some(about), message);
+        }
+        let Some(change) = outcome.change else {
+            return;
+        };
+        let (Change::Joined(name)
+        | Change::Updated(name)
+        | Change::Left(name)
+        | Change::Failed(name)) = &change;
+        let Some(member) = self.nodes.get(name).map(|n| n.member()) else {
+            return;
+        };
+        if let Some(ltime) = self.intents.remove(name)
+            && let Some(node) = self.nodes.get_mut(name)
+        {
+            node.status_ltime = node.status_ltime.max(ltime);
+        }
+        self.publish(match change {
+            Change::Joined(_) => Event::MemberJoin(member),
+            Change::Updated(_) => Event::MemberUpdate(member),
+            Change::Left(_) => Event::MemberLeave(member),
+            Change::Failed(_) => Event::MemberFailed(member),
+        });
+    }
+
+    /// Gossips a Serf message to everyone.
+    fn broadcast_serf<T: serde::Serialize>(&mut self, kind: SerfMessageType, body: &T) {
+        match memberlist::encode_serf(kind, body) {
+            Ok(message) => self.queue.push(None, message),
+            Err(e) => tracing::warn!("cannot encode a {kind:?} message: {e}"),
+        }
+    }
+
+    async fn on_serf(&mut self, message: SerfMessage) {
+        match message {
+            SerfMessage::Join(join) => {
+                self.member_clock.witness(join.ltime);
+                if self.join_intent(&join.node, join.ltime) {
+                    self.broadcast_serf(SerfMessageType::Join, &join);
+                }
+            }
+            SerfMessage::Leave(leave) => {
+                self.member_clock.witness(leave.ltime);
+                if self.leave_intent(&leave) {
+                    self.broadcast_serf(SerfMessageType::Leave, &leave);
+                }
+            }
+            SerfMessage::UserEvent(event) => {
+                self.event_clock.witness(event.ltime);
+                if self.take_event(&event) {
+                    self.broadcast_serf(SerfMessageType::UserEvent, &event);
+                }
+            }
+            SerfMessage::Query(query) => {
+                self.query_clock.witness(query.ltime);
+                let key = (query.ltime, query.id.to_string(), Vec::new());
+                if self.queries_seen.accept(key) {
+                    self.broadcast_serf(SerfMessageType::Query, &query);
+                    self.answer_if_asked(&query).await;
+                }
+            }
+            SerfMessage::QueryResponse(response) => {
+                if let Some(outgoing) = self.outgoing.get_mut(&(response.ltime, response.id)) {
+                    outgoing.take(if response.flags & memberlist::QUERY_FLAG_ACK != 0 {
+                        QueryReply::Ack(response.from)
+                    } else {
+                        QueryReply::Response(response.from, response.payload)
+                    });
+                }
+            }
+            SerfMessage::Other(_) => {}
+        }
+    }
+
+    /// Serf's `handleNodeJoinIntent`; true when it is news (to gossip on).
+    fn join_intent(&mut self, node: &str, ltime: u64) -> bool {
+        match self.nodes.get_mut(node) {
+            Some(member) if ltime > member.status_ltime => {
+                member.status_ltime = ltime;
+                member.leaving = false;
+                true
+            }
+            Some(_) => false,
+            None => self.remember_intent(node, ltime),
+        }
+    }
+
+    /// Serf's `handleNodeLeaveIntent`; true when it is news (to gossip on).
+    fn leave_intent(&mut self, leave: &SerfLeave) -> bool {
+        if leave.node == self.me {
+            if self.leaving.is_none() {
+                // An old leave intent about this agent: refuted with a newer join intent.
+                let ltime = self.member_clock.tick();
+                self.join_intent(&leave.node.clone(), ltime);
+                let join = SerfJoin {
+                    ltime,
+                    node: self.me.clone(),
+                };
+                self.broadcast_serf(SerfMessageType::Join, &join);
+            }
+            return false;
+        }
+        let Some(member) = self.nodes.get_mut(&leave.node) else {
+            return self.remember_intent(&leave.node, leave.ltime);
+        };
+        if leave.ltime <= member.status_ltime {
+            return false;
+        }
+        member.status_ltime = leave.ltime;
+        match member.state {
+            memberlist::NodeState::Alive | memberlist::NodeState::Suspect => member.leaving = true,
+            memberlist::NodeState::Dead => {
+                // Force-leave: a failed member is listed as left from now on.
+                member.state = memberlist::NodeState::Left;
+                member.since = Instant::now();
+                let left = member.member();
+                self.publish(Event::MemberLeave(left));
+            }
+            memberlist::NodeState::Left => {}
+        }
+        if leave.prune
+            && let Some(gone) = self.nodes.remove(&leave.node)
+        {
+            self.publish(Event::MemberReap(gone.member()));
+        }
+        true
+    }
+
+    /// An intent about a node not known yet; true when newer than one heard before.
+    fn remember_intent(&mut self, node: &str, ltime: u64) -> bool {
+        const REMEMBERED: usize = 4096;
+        let known = self.intents.get(node).copied().unwrap_or(0);
+        if ltime <= known || (self.intents.len() >= REMEMBERED && known == 0) {
+            return false;
+        }
+        self.intents.insert(node.to_string(), ltime);
+        true
+    }
+
+    /// A user event: delivered once, unless from before this agent joined.
+    fn take_event(&mut self, event: &SerfUserEvent) -> bool {
+        if event.ltime <= self.event_min {
+            return false;
+        }
+        let key = (event.ltime, event.name.clone(), event.payload.clone());
+        if !self.events_seen.accept(key) {
+            return false;
+        }
+        self.publish(Event::User(UserEvent {
+            ltime: event.ltime,
+            name: event.name.clone(),
+            payload: event.payload.clone(),
+            coalesce: event.cc,
+            origin: String::new(),
+        }));
+        true
+    }
+
+    /// Acks (when asked to) and delivers a query this agent's name and tags match.
+    async fn answer_if_asked(&mut self, query: &SerfQuery) {
+        let me = self.nodes.me();
+        if !query.addressed_to(&me.name, &me.tags) {
+            return;
+        }
+        let Some(reply_to) = query.reply_to() else {
+            return;
+        };
+        if query.wants_ack() {
+            let ack = query.response(&self.me, true, Vec::new());
+            self.send_response(reply_to, &ack).await;
+        }
+        // Serf's own queries (`_serf_…`) are answered by Serf itself: not for handlers.
+        if query.name.starts_with("_serf_") {
+            return;
+        }
+        let timeout = Duration::from_nanos(u64::try_from(query.timeout).unwrap_or(0));
+        self.next_asked += 1;
+        let id = self.next_asked;
+        self.asked.insert(
+            id,
+            Asked {
+                reply_to,
+                ltime: query.ltime,
+                id: query.id,
+                deadline: Instant::now() + timeout,
+                responded: false,
+            },
+        );
+        self.publish(Event::Query(QueryEvent {
+            id,
+            ltime: query.ltime,
+            name: query.name.clone(),
+            payload: query.payload.clone(),
+            origin: query.source_node.clone(),
+        }));
+    }
+
+    async fn send_response(&mut self, to: SocketAddr, response: &SerfQueryResponse) {
+        match memberlist::encode_serf(SerfMessageType::QueryResponse, response) {
+            Ok(message) => self.send(to, vec![message]).await,
+            Err(e) => tracing::warn!("cannot encode a query response: {e}"),
+        }
+    }
+
+    /// Probes the next member: directly, then (in `housekeeping`) through others.
+    async fn probe(&mut self) {
+        if self.leaving.is_some() {
+            return;
+        }
+        let Some(target) = self.next_target() else {
+            return;
+        };
+        let Some(addr) = self.nodes.get(&target).map(|n| n.addr) else {
+            return;
+        };
+        let seq = self.seq();
+        let now = Instant::now();
+        self.probe = Some(Probe {
+            target: target.clone(),
+            addr,
+            seq,
+            indirect_at: now + self.timing.probe_timeout,
+            deadline: now + self.timing.probe_interval,
+            acked: false,
+        });
+        self.waiters.insert(seq, Waiter::Probe);
+        let ping = self.ping_to(&target, seq);
+        self.send_one(addr, MessageType::Ping, &ping).await;
+    }
+
+    /// Members in a shuffled round, as memberlist probes them.
+    fn next_target(&mut self) -> Option<String> {
+        for _ in 0..2 {
+            while let Some(name) = self.probe_order.pop() {
+                if self.nodes.others_up().any(|n| n.name == name) {
+                    return Some(name);
+                }
+            }
+            self.probe_order = self.nodes.others_up().map(|n| n.name.clone()).collect();
+            self.probe_order.shuffle(&mut self.rng);
+        }
+        None
+    }
+
+    /// Sends queued gossip to a few random members (and recently failed ones, which may
+    /// come back, as memberlist's `GossipToTheDeadTime`).
+    async fn gossip(&mut self) {
+        if self.queue.len() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let candidates: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.me)
+            .filter(|n| !n.dead_or_left() || now.duration_since(n.since) < Duration::from_secs(30))
+            .map(|n| n.addr)
+            .collect();
+        let chosen = pick(&mut self.rng, candidates, self.timing.gossip_nodes);
+        for to in chosen {
+            self.send(to, Vec::new()).await;
+        }
+    }
+
+    /// Probe timeouts, relayed probes, suspicions, query deadlines, reaping.
+    async fn housekeeping(&mut self) {
+        let now = Instant::now();
+        self.advance_probe(now).await;
+        let mut nacks = Vec::new();
+        self.waiters.retain(|_, waiter| match waiter {
+            Waiter::Probe => true,
+            Waiter::Relay {
+                to,
+                seq,
+                nack_at,
+                expires,
+            } => {
+                if nack_at.is_some_and(|at| now >= at) {
+                    nacks.push((*to, *seq));
+                    *nack_at = None;
+                }
+                now < *expires
+            }
+        });
+        for (to, seq) in nacks {
+            self.send_one(to, MessageType::Nack, &Nack { seq_no: seq })
+                .await;
+        }
+        for dead in self.nodes.expired_suspicions(now) {
+            let outcome = self.nodes.dead(&dead, now);
+            self.apply(outcome);
+        }
+        self.outgoing.retain(|_, query| query.deadline > now);
+        self.asked.retain(|_, asked| asked.deadline > now);
+        for gone in self.nodes.reap(now, self.reap_after, self.reap_left_after) {
+            self.publish(Event::MemberReap(gone.member()));
+        }
+        self.stats
+            .member_time
+            .store(self.member_clock.last(), Ordering::Relaxed);
+        self.stats
+            .event_time
+            .store(self.event_clock.last(), Ordering::Relaxed);
+        self.stats
+            .query_time
+            .store(self.query_clock.last(), Ordering::Relaxed);
+        self.stats
+            .event_queue
+            .store(self.queue.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Asks others to probe an unanswered target, and suspects it once the interval is over.
+    async fn advance_probe(&mut self, now: Instant) {
+        let Some(probe) = &self.probe else {
+            return;
+        };
+        if probe.acked {
+            self.probe = None;
+            return;
+        }
+        if now >= probe.deadline {
+            let target = probe.target.clone();
+            self.waiters.remove(&probe.seq);
+            self.probe = None;
+            let Some(incarnation) = self.nodes.get(&target).map(|n| n.incarnation) else {
+                return;
+            };
+            let suspect = Suspect {
+                incarnation,
+                node: target,
+                from: self.me.clone(),
+            };
+            let timeout = self.timing.suspicion(self.nodes.up_count());
+            let outcome = self.nodes.suspect(&suspect, now, timeout);
+            self.apply(outcome);
+            return;
+        }
+        if now < probe.indirect_at {
+            return;
+        }
+        let (target, addr, seq) = (probe.target.clone(), probe.addr, probe.seq);
+        if let Some(probe) = self.probe.as_mut() {
+            probe.indirect_at = probe.deadline;
+        }
+        let helpers: Vec<SocketAddr> = self
+            .nodes
+            .others_up()
+            .filter(|n| n.name != target && n.state == memberlist::NodeState::Alive)
+            .map(|n| n.addr)
+            .collect();
+        let ask = IndirectPing {
+            seq_no: seq,
+            target: memberlist::ip_bytes(addr.ip()),
+            port: addr.port(),
+            node: target,
+            nack: true,
+            source_addr: memberlist::ip_bytes(self.addr.ip()),
+            source_port: self.addr.port(),
+            source_node: self.me.clone(),
+        };
+        let chosen = pick(&mut self.rng, helpers, self.timing.indirect_checks);
+        for helper in chosen {
+            self.send_one(helper, MessageType::IndirectPing, &ask).await;
+        }
+    }
+
+    /// This agent's state for a push-pull.
+    fn local_state(&self, join: bool) -> PushPull {
+        let nodes = self.nodes.iter().map(|n| n.push_state()).collect();
+        let serf = SerfPushPull {
+            ltime: self.member_clock.time(),
+            status_ltimes: self
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.status_ltime))
+                .collect(),
+            left_members: self
+                .nodes
+                .iter()
+                .filter(|n| n.state == memberlist::NodeState::Left)
+                .map(|n| n.name.clone())
+                .collect(),
+            event_ltime: self.event_clock.time(),
+            events: Vec::new(),
+            query_ltime: self.query_clock.time(),
+        };
+        PushPull {
+            join,
+            nodes,
+            serf: Some(serf),
+        }
+    }
+
+    /// Memberlist's and Serf's `mergeRemoteState`.
+    fn merge(&mut self, remote: PushPull, our_join: bool) {
+        let now = Instant::now();
+        let suspicion = self.timing.suspicion(self.nodes.up_count());
+        for outcome in self.nodes.merge(&remote.nodes, now, suspicion) {
+            self.apply(outcome);
+        }
+        let Some(serf) = remote.serf else {
+            return;
+        };
+        self.member_clock.witness(serf.ltime.saturating_sub(1));
+        for (node, ltime) in &serf.status_ltimes {
+            if serf.left_members.contains(node) {
+                let leave = SerfLeave {
+                    ltime: *ltime,
+                    node: node.clone(),
+                    prune: false,
+                };
+                self.leave_intent(&leave);
+            } else {
+                self.join_intent(node, *ltime);
+            }
+        }
+        if our_join {
+            self.event_min = self.event_min.max(serf.event_ltime.saturating_sub(1));
+        }
+        self.event_clock.witness(serf.event_ltime.saturating_sub(1));
+        self.query_clock.witness(serf.query_ltime.saturating_sub(1));
+    }
+
+    fn on_inbound(&mut self, message: Inbound) {
+        match message {
+            Inbound::Pushed(theirs, answer) => {
+                let _ = answer.send(self.local_state(false));
+                self.merge(theirs, false);
+            }
+            Inbound::Pulled(theirs, joined) => {
+                let our_join = joined.is_some();
+                self.merge(theirs, our_join);
+                if let Some(joined) = joined {
+                    let _ = joined.send(());
+                }
+            }
+        }
+    }
+
+    /// Starts a push-pull with `addr`; `joined` hears when it is done.
+    fn push_pull(&self, addr: SocketAddr, joined: Option<oneshot::Sender<()>>) {
+        let ours = self.local_state(joined.is_some());
+        let keyring = self.keyring.clone();
+        let inbound = self.inbound.clone();
+        tokio::spawn(async move {
+            match stream::exchange(addr, &ours, keyring.as_ref()).await {
+                Ok(theirs) => {
+                    let _ = inbound.send(Inbound::Pulled(theirs, joined));
+                }
+                Err(e) => tracing::warn!(%addr, "push-pull failed: {e}"),
+            }
+        });
+    }
+
+    /// The periodic anti-entropy sync, with one random live member.
+    fn sync_with_someone(&mut self) {
+        let others: Vec<SocketAddr> = self.nodes.others_up().map(|n| n.addr).collect();
+        if let Some(addr) = others.choose(&mut self.rng) {
+            self.push_pull(*addr, None);
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Join(addr, joined) => self.push_pull(addr, Some(joined)),
+            Command::Members(reply) => {
+                let _ = reply.send(self.nodes.iter().map(|n| n.member()).collect());
+            }
+            Command::Event(name, payload, coalesce, reply) => {
+                let _ = reply.send(self.fire(name, payload, coalesce));
+            }
+            Command::SetTags(tags, reply) => {
+                let outcome = self.nodes.set_my_tags(&tags);
+                self.apply(outcome);
+                let _ = reply.send(());
+            }
+            Command::Leave(done) => self.leave(done).await,
+            Command::Keys(op, reply) => {
+                let _ = reply.send(match (op, &self.keyring) {
+                    (KeyOp::List, Some(keyring)) => {
+                        Ok(keyring.keys().iter().map(|k| k.to_base64()).collect())
+                    }
+                    (KeyOp::List, None) => Err(GossipError::NotEncrypted),
+                    _ => Err(GossipError::Unsupported(
+                        "keyring changes with protocol = \"serf\"".into(),
+                    )),
+                });
+            }
+            Command::Query(params, reply) => {
+                let asked = self.ask(params, now).await;
+                let _ = reply.send(asked);
+            }
+            Command::Respond(id, payload, reply) => {
+                let _ = reply.send(self.respond(id, payload, now).await);
+            }
+            // Serf's events in a push-pull are not read yet: nothing to replay.
+            Command::Replay(_, done) => {
+                let _ = done.send(());
+            }
+            Command::Coordinate(_, reply) => {
+                let _ = reply.send(None);
+            }
+            Command::ForceLeave(node, prune, reply) => {
+                let _ = reply.send(self.force_leave(&node, prune));
+            }
+        }
+    }
+
+    fn fire(&mut self, name: String, payload: Vec<u8>, coalesce: bool) -> Result<u64, GossipError> {
+        let size = name.len() + payload.len();
+        if size > MAX_EVENT_SIZE {
+            return Err(GossipError::EventTooLarge(size));
+        }
+        if !self.event_limit.take(std::time::Instant::now()) {
+            return Err(GossipError::RateLimited);
+        }
+        let event = SerfUserEvent {
+            ltime: self.event_clock.tick(),
+            name,
+            payload,
+            cc: coalesce,
+        };
+        self.take_event(&event);
+        self.broadcast_serf(SerfMessageType::UserEvent, &event);
+        Ok(event.ltime)
+    }
+
+    async fn ask(&mut self, params: QueryParams, now: Instant) -> Result<QueryHandle, GossipError> {
+        let size = params.name.len() + params.payload.len();
+        if size > MAX_QUERY_SIZE {
+            return Err(GossipError::QueryTooLarge(size));
+        }
+        if !self.query_limit.take(std::time::Instant::now()) {
+            return Err(GossipError::RateLimited);
+        }
+        let timeout = params.timeout.unwrap_or_else(|| {
+            crate::query::default_timeout(self.nodes.up_count(), self.timing.gossip_interval)
+        });
+        let query = SerfQuery {
+            ltime: self.query_clock.tick(),
+            id: self.rng.random(),
+            addr: memberlist::ip_bytes(self.addr.ip()),
+            port: self.addr.port(),
+            source_node: self.me.clone(),
+            filters: memberlist::query_filters(&params.filter_nodes, &params.filter_tags)
+                .map_err(|e| GossipError::Encode(e.to_string()))?,
+            flags: if params.ack {
+                memberlist::QUERY_FLAG_ACK
+            } else {
+                0
+            },
+            relay_factor: 0,
+            timeout: i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX),
+            name: params.name,
+            payload: params.payload,
+        };
+        let (replies, receiver) = mpsc::unbounded_channel();
+        self.outgoing.insert(
+            (query.ltime, query.id),
+            Outgoing::new(replies, now + timeout),
+        );
+        self.queries_seen
+            .accept((query.ltime, query.id.to_string(), Vec::new()));
+        self.broadcast_serf(SerfMessageType::Query, &query);
+        self.answer_if_asked(&query).await;
+        Ok(QueryHandle {
+            ltime: query.ltime,
+            timeout,
+            replies: receiver,
+        })
+    }
+
+    async fn respond(
+        &mut self,
+        id: u64,
+        payload: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), GossipError> {
+        if payload.len() > MAX_QUERY_SIZE {
+            return Err(GossipError::ResponseTooLarge(payload.len()));
+        }
+        let asked = self
+            .asked
+            .get_mut(&id)
+            .ok_or(GossipError::UnknownQuery(id))?;
+        if asked.responded {
+            return Err(GossipError::AlreadyResponded(id));
+        }
+        if now >= asked.deadline {
+            return Err(GossipError::PastDeadline(id));
+        }
+        asked.responded = true;
+        let response = SerfQueryResponse {
+            ltime: asked.ltime,
+            id: asked.id,
+            from: self.me.clone(),
+            flags: 0,
+            payload,
+        };
+        let to = asked.reply_to;
+        self.send_response(to, &response).await;
+        Ok(())
+    }
+
+    fn force_leave(&mut self, node: &str, prune: bool) -> Result<(), GossipError> {
+        if self.nodes.get(node).is_none() {
+            return Err(GossipError::UnknownMember(node.to_string()));
+        }
+        let leave = SerfLeave {
+            ltime: self.member_clock.tick(),
+            node: node.to_string(),
+            prune,
+        };
+        self.leave_intent(&leave);
+        self.broadcast_serf(SerfMessageType::Leave, &leave);
+        Ok(())
+    }
+
+    /// Serf's leave: a leave intent, then memberlist's dead message about itself, sent to
+    /// every member at once and gossiped until the propagation delay is over.
+    async fn leave(&mut self, done: oneshot::Sender<()>) {
+        let leave = SerfLeave {
+            ltime: self.member_clock.tick(),
+            node: self.me.clone(),
+            prune: false,
+        };
+        if let Some(me) = self.nodes.get_mut(&self.me.clone()) {
+            me.status_ltime = leave.ltime;
+        }
+        self.broadcast_serf(SerfMessageType::Leave, &leave);
+        let outcome = self.nodes.leave();
+        self.apply(outcome);
+        self.leaving = Some((done, Instant::now() + self.timing.leave_propagate));
+        let everyone: Vec<SocketAddr> = self.nodes.others_up().map(|n| n.addr).collect();
+        for to in everyone {
+            let leave = memberlist::encode_serf(SerfMessageType::Leave, &leave);
+            let dead = memberlist::encode(
+                MessageType::Dead,
+                &Dead {
+                    incarnation: self.nodes.me().incarnation,
+                    node: self.me.clone(),
+                    from: self.me.clone(),
+                },
+            );
+            if let (Ok(leave), Ok(dead)) = (leave, dead) {
+                self.send(to, vec![leave, dead]).await;
+            }
+        }
+    }
+}
+
+/// Up to `n` of `items`, at random.
+fn pick<T>(rng: &mut SmallRng, mut items: Vec<T>, n: usize) -> Vec<T> {
+    items.shuffle(rng);
+    items.truncate(n);
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suspicion_lasts_longer_in_larger_clusters() {
+        let mut config = AgentConfig::new("a", SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.set_profile(crate::Profile::Lan);
+        let timing = Timing::from(&config);
+        assert_eq!(timing.suspicion(1), Duration::from_secs(4));
+        assert_eq!(timing.suspicion(10), Duration::from_secs(4));
+        assert_eq!(timing.suspicion(100), Duration::from_secs(8));
+    }
+
+    #[test]
+    fn members_expose_serfs_tags_and_statuses() {
+        let now = Instant::now();
+        let tags = std::collections::BTreeMap::from([("role".to_string(), "web".to_string())]);
+        let nodes = Nodes::new("a", SocketAddr::from(([127, 0, 0, 1], 7946)), &tags, now);
+        let member = nodes.me().member();
+        assert_eq!(member.tags, tags);
+        assert_eq!(member.status, super::super::Status::Alive);
+        assert_eq!(
+            memberlist::decode_tags(&nodes.me().meta).unwrap(),
+            tags,
+            "meta is Serf's tag encoding"
+        );
+    }
+}
