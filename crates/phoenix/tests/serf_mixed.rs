@@ -1,0 +1,423 @@
+//! Mixed clusters of Debian's `serf agent` and `phoenix agent -protocol serf`: each kind joins
+//! through the other, and members, tags, user events, queries, failures and leaves flow both
+//! ways; then a Serf cluster migrates to Phoenix one agent at a time while events are fired,
+//! and none is lost. Every agent is driven with the stock `serf` CLI.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, phoenix_bin, serf_or_skip, wait_for};
+
+/// The handler: one line per event (per member, for member events) with what it was and who
+/// saw it.
+const RECORD: &str = r#"#!/bin/sh
+case "$SERF_EVENT" in
+member-*)
+  while read -r member rest; do
+    printf '%s %s %s\n' "$SERF_EVENT" "$member" "$SERF_SELF_NAME" >> "$1"
+  done ;;
+*)
+  payload=$(cat)
+  printf '%s %s %s %s\n' "$SERF_EVENT" "$SERF_USER_EVENT$SERF_QUERY_NAME" "$payload" \
+    "$SERF_SELF_NAME" >> "$1" ;;
+esac
+if [ "$SERF_EVENT" = query ]; then printf 'answer from %s' "$SERF_SELF_NAME"; fi
+"#;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Serf,
+    Phoenix,
+}
+
+struct Agent {
+    kind: Kind,
+    child: Child,
+    rpc: String,
+    gossip: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    serf: PathBuf,
+    dir: PathBuf,
+    agents: BTreeMap<String, Agent>,
+}
+
+impl Cluster {
+    fn new(serf: PathBuf, dir: &Path) -> Cluster {
+        let script = dir.join("record.sh");
+        std::fs::write(&script, RECORD).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Cluster {
+            serf,
+            dir: dir.to_path_buf(),
+            agents: BTreeMap::new(),
+        }
+    }
+
+    /// Starts `name` of `kind` with Serf's flags, joining through `through`.
+    fn start(&mut self, kind: Kind, name: &str, through: Option<&str>) {
+        let gossip = format!("127.0.0.1:{}", free_port());
+        let rpc = format!("127.0.0.1:{}", free_port());
+        let mut command = match kind {
+            Kind::Serf => Command::new(&self.serf),
+            Kind::Phoenix => Command::new(phoenix_bin()),
+        };
+        command
+            .args(["agent", "-node", name, "-bind", &gossip, "-rpc-addr", &rpc])
+            .args(["-tag", &format!("kind={kind:?}"), "-tag", "role=web"])
+            .arg(format!(
+                "-event-handler={} {}",
+                self.dir.join("record.sh").display(),
+                self.records_path(name).display()
+            ));
+        if kind == Kind::Phoenix {
+            command.args(["-protocol", "serf"]);
+        }
+        if let Some(through) = through {
+            command.args(["-join", &self.agents[through].gossip]);
+        }
+        let child = command
+            .stdout(std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.insert(
+            name.to_string(),
+            Agent {
+                kind,
+                child,
+                rpc,
+                gossip,
+            },
+        );
+        wait_for(&format!("{name}'s RPC"), Duration::from_secs(30), || {
+            self.try_cli(name, &["members"]).is_some()
+        });
+    }
+
+    fn records_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.events"))
+    }
+
+    fn records(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.records_path(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn try_cli(&self, name: &str, args: &[&str]) -> Option<String> {
+        let out = Command::new(&self.serf)
+            .arg(args[0])
+            .arg(format!("-rpc-addr={}", self.agents[name].rpc))
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn cli(&self, name: &str, args: &[&str]) -> String {
+        self.try_cli(name, args)
+            .unwrap_or_else(|| panic!("serf {args:?} against {name} failed"))
+    }
+
+    /// Name → (status, tags) as `name`'s `serf members` lists them.
+    fn members_of(&self, name: &str) -> BTreeMap<String, (String, String)> {
+        self.try_cli(name, &["members"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let tags = fields.get(3).copied().unwrap_or("").to_string();
+                Some((
+                    fields.first()?.to_string(),
+                    (fields.get(2)?.to_string(), tags),
+                ))
+            })
+            .collect()
+    }
+
+    /// Waits until every running agent lists exactly `expected` (name → status).
+    fn settle(&self, expected: &BTreeMap<String, &str>, step: &str) {
+        let running: Vec<String> = self.agents.keys().cloned().collect();
+        let mut last = String::new();
+        let done = (0..300).any(|_| {
+            let agreed = running.iter().all(|name| {
+                let seen: BTreeMap<String, &str> = self
+                    .members_of(name)
+                    .into_iter()
+                    .map(|(member, (status, _))| {
+                        let status = expected
+                            .get(&member)
+                            .filter(|want| **want == status)
+                            .copied()
+                            .unwrap_or("other");
+                        (member, status)
+                    })
+                    .collect();
+                last = format!("{name} lists {:?}", self.members_of(name));
+                seen == *expected
+            });
+            if !agreed {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            agreed
+        });
+        assert!(done, "{step}: expected {expected:?} everywhere; {last}");
+    }
+
+    fn kill(&mut self, name: &str) {
+        self.agents.remove(name);
+    }
+}
+
+#[test]
+fn five_serf_and_five_phoenix_agents_share_one_cluster() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    // Each agent joins through one of the other kind: s1 ← p1 ← s2 ← p2 …
+    let mut previous: Option<String> = None;
+    let mut names = Vec::new();
+    for i in 1..=5 {
+        for (kind, prefix) in [(Kind::Serf, "s"), (Kind::Phoenix, "p")] {
+            let name = format!("{prefix}{i}");
+            cluster.start(kind, &name, previous.as_deref());
+            previous = Some(name.clone());
+            names.push(name);
+        }
+    }
+    let mut expected: BTreeMap<String, &str> = names.iter().map(|n| (n.clone(), "alive")).collect();
+    cluster.settle(&expected, "all ten joined");
+    for name in &names {
+        for (member, (_, tags)) in cluster.members_of(name) {
+            let kind = if member.starts_with('s') {
+                "Serf"
+            } else {
+                "Phoenix"
+            };
+            let mut tags: Vec<&str> = tags.split(',').collect();
+            tags.sort();
+            assert_eq!(
+                tags,
+                [format!("kind={kind}").as_str(), "role=web"],
+                "{name} lists {member}'s tags"
+            );
+        }
+    }
+
+    // User events both ways: every handler sees each exactly once, payload included.
+    cluster.cli(
+        "s3",
+        &["event", "-coalesce=false", "from-serf", "s-payload"],
+    );
+    cluster.cli(
+        "p3",
+        &["event", "-coalesce=false", "from-phoenix", "p-payload"],
+    );
+    for name in &names {
+        wait_for(
+            &format!("{name}'s handler"),
+            Duration::from_secs(20),
+            || {
+                let records = cluster.records(name);
+                records.contains(&format!("user from-serf s-payload {name}"))
+                    && records.contains(&format!("user from-phoenix p-payload {name}"))
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for name in &names {
+        let users: Vec<String> = cluster
+            .records(name)
+            .into_iter()
+            .filter(|r| r.starts_with("user "))
+            .collect();
+        assert_eq!(users.len(), 2, "{name}: {users:?}");
+    }
+
+    // A query from a Phoenix agent: acked and answered by all ten handlers.
+    let answer = cluster.cli("p4", &["query", "-timeout=5s", "who"]);
+    for name in &names {
+        assert!(answer.contains(&format!("Ack from '{name}'")), "{answer}");
+        assert!(
+            answer.contains(&format!("Response from '{name}': answer from {name}")),
+            "{answer}"
+        );
+    }
+    // One from a Serf agent, filtered to the Phoenix agents by a tag.
+    let answer = cluster.cli(
+        "s4",
+        &["query", "-timeout=5s", "-tag", "kind=Phoe.*", "who"],
+    );
+    let responders = answer.matches("Response from").count();
+    assert_eq!(responders, 5, "{answer}");
+    assert!(!answer.contains("Response from 's"), "{answer}");
+
+    // A tag change on a Phoenix agent reaches the Serf agents, and the reverse.
+    cluster.cli("p2", &["tags", "-set", "role=db"]);
+    cluster.cli("s2", &["tags", "-set", "role=cache"]);
+    wait_for("the new tags everywhere", Duration::from_secs(20), || {
+        names.iter().all(|name| {
+            let members = cluster.members_of(name);
+            members
+                .get("p2")
+                .is_some_and(|(_, t)| t.contains("role=db"))
+                && members
+                    .get("s2")
+                    .is_some_and(|(_, t)| t.contains("role=cache"))
+        })
+    });
+
+    // kill -9 one of each: everyone else lists them failed.
+    cluster.kill("s5");
+    cluster.kill("p5");
+    expected.insert("s5".into(), "failed");
+    expected.insert("p5".into(), "failed");
+    cluster.settle(&expected, "after kill -9 of s5 and p5");
+
+    // A graceful leave of one of each: left, not failed.
+    cluster.cli("p4", &["leave"]);
+    cluster.cli("s4", &["leave"]);
+    wait_for("p4 and s4 to stop", Duration::from_secs(10), || {
+        ["p4", "s4"]
+            .iter()
+            .all(|n| cluster.try_cli(n, &["members"]).is_none())
+    });
+    cluster.kill("p4");
+    cluster.kill("s4");
+    expected.insert("s4".into(), "left");
+    expected.insert("p4".into(), "left");
+    cluster.settle(&expected, "after the leaves of s4 and p4");
+
+    // Every handler that stayed saw both failures and both leaves, once.
+    std::thread::sleep(Duration::from_secs(2));
+    for name in cluster.agents.keys() {
+        let mut events: Vec<String> = cluster
+            .records(name)
+            .iter()
+            .filter(|r| r.starts_with("member-failed") || r.starts_with("member-leave"))
+            .cloned()
+            .collect();
+        events.sort();
+        for (event, member) in [
+            ("member-failed", "s5"),
+            ("member-failed", "p5"),
+            ("member-leave", "s4"),
+            ("member-leave", "p4"),
+        ] {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.starts_with(event) && e.contains(member)),
+                "{name}: no {event} of {member} in {events:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_serf_cluster_migrates_to_phoenix_one_agent_at_a_time_under_events() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    let size = 4;
+    cluster.start(Kind::Serf, "n1", None);
+    for i in 2..=size {
+        cluster.start(Kind::Serf, &format!("n{i}"), Some("n1"));
+    }
+    let everyone: BTreeMap<String, &str> = (1..=size).map(|i| (format!("n{i}"), "alive")).collect();
+    cluster.settle(&everyone, "the Serf cluster");
+
+    // Replace n1, n2, … by Phoenix agents of the same name, each joining through the next
+    // one; an event is fired before and after every step, through an agent not being
+    // replaced.
+    let mut fired = Vec::new();
+    // Since when each Phoenix agent runs, and until when each Serf agent ran (in events).
+    let mut phoenix_from: BTreeMap<String, usize> = BTreeMap::new();
+    let mut serf_until: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=size {
+        let name = format!("n{i}");
+        let other = format!("n{}", i % size + 1);
+        fire(&cluster, &mut fired, &other);
+        serf_until.insert(name.clone(), fired.len());
+        cluster.cli(&name, &["leave"]);
+        cluster.kill(&name);
+        // The records of the Serf agent it replaces are kept apart.
+        let records = cluster.records_path(&name);
+        std::fs::rename(&records, dir.path().join(format!("{name}.serf-events"))).unwrap();
+        fire(&cluster, &mut fired, &other);
+        cluster.start(Kind::Phoenix, &name, Some(&other));
+        phoenix_from.insert(name.clone(), fired.len());
+        cluster.settle(&everyone, &format!("{name} replaced"));
+        fire(&cluster, &mut fired, &other);
+    }
+    assert!(cluster.agents.values().all(|a| a.kind == Kind::Phoenix));
+    for i in 1..=size {
+        fire(&cluster, &mut fired, &format!("n{i}"));
+    }
+
+    // Every Phoenix agent saw every event fired after it started, once.
+    for (name, from) in &phoenix_from {
+        let wanted = &fired[*from..];
+        let mut got = Vec::new();
+        wait_for(&format!("{name}'s events"), Duration::from_secs(20), || {
+            got = user_events(&cluster.records(name).join("\n"));
+            wanted.iter().all(|e| got.contains(e))
+        });
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            got.len(),
+            "{name} saw an event twice: {got:?}"
+        );
+    }
+    // Every Serf agent saw every event fired while it ran (they were all up at the first).
+    for (name, until) in &serf_until {
+        let path = dir.path().join(format!("{name}.serf-events"));
+        let got = user_events(&std::fs::read_to_string(path).unwrap_or_default());
+        for event in &fired[..*until] {
+            assert!(
+                got.contains(event),
+                "the Serf agent {name} missed {event}: {got:?}"
+            );
+        }
+    }
+}
+
+/// Fires the next numbered user event through `through`.
+fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
+    let name = format!("e{:03}", fired.len());
+    cluster.cli(through, &["event", "-coalesce=false", &name]);
+    fired.push(name);
+}
+
+/// The user events' names in a handler's records.
+fn user_events(records: &str) -> Vec<String> {
+    records
+        .lines()
+        .filter_map(|r| r.strip_prefix("user "))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
