@@ -1,7 +1,7 @@
 //! Mixed clusters of Debian's `serf agent` and `phoenix agent -protocol serf`: each kind joins
 //! through the other, and members, tags, user events, queries, failures and leaves flow both
-//! ways; then a Serf cluster migrates to Phoenix one agent at a time while events are fired,
-//! and none is lost. Every agent is driven with the stock `serf` CLI.
+//! ways; then a Serf cluster sealed with a key migrates to Phoenix one agent at a time while
+//! events are fired, and none is lost. Every agent is driven with the stock `serf` CLI.
 
 mod common;
 
@@ -53,6 +53,8 @@ struct Cluster {
     serf: PathBuf,
     dir: PathBuf,
     agents: BTreeMap<String, Agent>,
+    /// Flags every agent gets (`-encrypt KEY`).
+    common: Vec<String>,
 }
 
 impl Cluster {
@@ -64,6 +66,7 @@ impl Cluster {
             serf,
             dir: dir.to_path_buf(),
             agents: BTreeMap::new(),
+            common: Vec::new(),
         }
     }
 
@@ -86,6 +89,7 @@ impl Cluster {
         if kind == Kind::Phoenix {
             command.args(["-protocol", "serf"]);
         }
+        command.args(&self.common);
         if let Some(through) = through {
             command.args(["-join", &self.agents[through].gossip]);
         }
@@ -341,6 +345,9 @@ fn a_serf_cluster_migrates_to_phoenix_one_agent_at_a_time_under_events() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::new(serf, dir.path());
+    // Sealed with a key from Serf's keyring: every packet and push-pull, both kinds.
+    let key = phoenix_gossip::Key::generate().unwrap().to_base64();
+    cluster.common = vec!["-encrypt".into(), key];
     let size = 4;
     cluster.start(Kind::Serf, "n1", None);
     for i in 2..=size {

@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use crate::agent::{Member, Status};
 use crate::memberlist::{self, Alive, Dead, NodeState, PushNodeState, Suspect};
 
-/// Memberlist's protocol versions (min, max, current) and Serf's, as Debian's agent sends them.
-pub(super) const VSN: [u8; 6] = [1, 5, 2, 2, 5, 4];
+/// Memberlist's protocol versions (min, max, current) and Serf's, as Debian's agent sends them
+/// about itself.
+pub(super) const VSN: [u8; 6] = [1, 5, 2, 2, 5, 5];
 
 /// One node as this agent knows it.
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ pub(super) struct Node {
     pub leaving: bool,
     /// Until when it is suspected (then declared dead).
     pub suspect_until: Option<Instant>,
+    /// The protocol versions it announced: passed on as they are (a node that hears others
+    /// announce different versions of it refutes them).
+    pub vsn: Vec<u8>,
 }
 
 impl Node {
@@ -60,7 +64,7 @@ impl Node {
             addr: memberlist::ip_bytes(self.addr.ip()),
             port: self.addr.port(),
             meta: self.meta.clone(),
-            vsn: VSN.to_vec(),
+            vsn: self.vsn.clone(),
         }
     }
 
@@ -72,7 +76,7 @@ impl Node {
             meta: self.meta.clone(),
             incarnation: self.incarnation,
             state: self.state,
-            vsn: VSN.to_vec(),
+            vsn: self.vsn.clone(),
         }
     }
 
@@ -134,6 +138,7 @@ impl Nodes {
             status_ltime: 0,
             leaving: false,
             suspect_until: None,
+            vsn: VSN.to_vec(),
         };
         Nodes {
             me: me.to_string(),
@@ -224,6 +229,7 @@ impl Nodes {
             status_ltime: 0,
             leaving: false,
             suspect_until: None,
+            vsn: VSN.to_vec(),
         });
         let mut moved = false;
         if node.addr != addr {
@@ -250,6 +256,9 @@ impl Nodes {
         node.addr = addr;
         node.suspect_until = None;
         node.tags = memberlist::decode_tags(&node.meta).unwrap_or_default();
+        if a.vsn.len() >= 6 {
+            node.vsn = a.vsn.clone();
+        }
         if was != NodeState::Alive {
             node.state = NodeState::Alive;
             node.since = now;
@@ -438,6 +447,13 @@ mod tests {
         assert_eq!(joined.change, Some(Change::Joined("a".into())));
         assert_eq!(joined.gossip.len(), 1);
         assert_eq!(nodes.get("a").unwrap().tags["role"], "web");
+        // Its versions are passed on as it announced them.
+        let older = Alive {
+            vsn: vec![1, 5, 2, 2, 5, 4],
+            ..alive("o", 9, 1, "web")
+        };
+        nodes.alive(&older, now);
+        assert_eq!(nodes.get("o").unwrap().push_state().vsn, older.vsn);
         let stale = nodes.alive(&alive("a", 2, 1, "db"), now);
         assert!(stale.gossip.is_empty() && stale.change.is_none());
         let updated = nodes.alive(&alive("a", 2, 2, "db"), now);
