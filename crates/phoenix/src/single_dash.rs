@@ -32,9 +32,10 @@ pub fn normalize(args: Vec<OsString>, command: &clap::Command) -> Vec<OsString> 
     else {
         return args;
     };
+    // A flag whose value needs `=` (`-rejoin`, `-replay=false`) never takes the next word.
     let takes_values: Vec<&str> = sub
         .get_arguments()
-        .filter(|arg| arg.get_action().takes_values())
+        .filter(|arg| arg.get_action().takes_values() && !arg.is_require_equals_set())
         .flat_map(|arg| arg.get_long_and_visible_aliases().unwrap_or_default())
         .collect();
     let mut out = args[..=at].to_vec();
@@ -115,6 +116,19 @@ mod tests {
                 "-x",
                 "--",
                 "-node"
+            ]
+        );
+        // A bare boolean flag leaves the next flag alone.
+        assert_eq!(
+            normalized("phoenix agent -rejoin -event-handler=x -replay -node n"),
+            [
+                "phoenix",
+                "agent",
+                "--rejoin",
+                "--event-handler=x",
+                "--replay",
+                "--node",
+                "n"
             ]
         );
         assert_eq!(

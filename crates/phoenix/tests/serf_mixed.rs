@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{free_port, phoenix_bin, serf_or_skip, wait_for};
@@ -74,18 +74,32 @@ impl Cluster {
     fn start(&mut self, kind: Kind, name: &str, through: Option<&str>) {
         let gossip = format!("127.0.0.1:{}", free_port());
         let rpc = format!("127.0.0.1:{}", free_port());
+        self.start_at(kind, name, through, (gossip, rpc), &[]);
+    }
+
+    /// Starts `name` at the given gossip and RPC addresses with `extra` flags (with
+    /// `-tags-file`, the tags come from the file only, as Serf requires).
+    fn start_at(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        through: Option<&str>,
+        (gossip, rpc): (String, String),
+        extra: &[&str],
+    ) {
         let mut command = match kind {
             Kind::Serf => Command::new(&self.serf),
             Kind::Phoenix => Command::new(phoenix_bin()),
         };
-        command
-            .args(["agent", "-node", name, "-bind", &gossip, "-rpc-addr", &rpc])
-            .args(["-tag", &format!("kind={kind:?}"), "-tag", "role=web"])
-            .arg(format!(
-                "-event-handler={} {}",
-                self.dir.join("record.sh").display(),
-                self.records_path(name).display()
-            ));
+        command.args(["agent", "-node", name, "-bind", &gossip, "-rpc-addr", &rpc]);
+        if !extra.contains(&"-tags-file") {
+            command.args(["-tag", &format!("kind={kind:?}"), "-tag", "role=web"]);
+        }
+        command.args(extra).arg(format!(
+            "-event-handler={} {}",
+            self.dir.join("record.sh").display(),
+            self.records_path(name).display()
+        ));
         if kind == Kind::Phoenix {
             command.args(["-protocol", "serf"]);
         }
@@ -95,7 +109,13 @@ impl Cluster {
         }
         let child = command
             .stdout(std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(format!("{name}.stderr")))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         self.agents.insert(
@@ -107,9 +127,13 @@ impl Cluster {
                 gossip,
             },
         );
-        wait_for(&format!("{name}'s RPC"), Duration::from_secs(30), || {
+        let stderr = self.dir.join(format!("{name}.stderr"));
+        let started = (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
             self.try_cli(name, &["members"]).is_some()
         });
+        let said = std::fs::read_to_string(stderr).unwrap_or_default();
+        assert!(started, "{name} did not start: {said}");
     }
 
     fn records_path(&self, name: &str) -> PathBuf {
@@ -410,6 +434,89 @@ fn a_serf_cluster_migrates_to_phoenix_one_agent_at_a_time_under_events() {
             );
         }
     }
+}
+
+#[test]
+fn a_phoenix_agent_on_serfs_wire_rejoins_from_its_snapshot_with_its_tags() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start(Kind::Serf, "s2", Some("s1"));
+    let snapshot = dir.path().join("p1.snapshot");
+    let tags_file = dir.path().join("p1.tags");
+    std::fs::write(&tags_file, r#"{"kind": "Phoenix"}"#).unwrap();
+    let (snapshot, tags_file) = (snapshot.to_str().unwrap(), tags_file.to_str().unwrap());
+    let addresses = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let flags = ["-snapshot", snapshot, "-tags-file", tags_file];
+    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), addresses.clone(), &flags);
+    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1"]
+        .iter()
+        .map(|n| (n.to_string(), "alive"))
+        .collect();
+    cluster.settle(&everyone, "joined");
+    cluster.cli("p1", &["tags", "-set", "color=blue"]);
+    let tags_seen = |cluster: &Cluster, by: &str| {
+        cluster
+            .members_of(by)
+            .get("p1")
+            .map(|(_, tags)| tags.clone())
+            .unwrap_or_default()
+    };
+    wait_for("s2 sees p1's new tag", Duration::from_secs(20), || {
+        tags_seen(&cluster, "s2") == "color=blue,kind=Phoenix"
+    });
+    cluster.cli("s1", &["event", "-coalesce=false", "before"]);
+    wait_for("p1 hears the event", Duration::from_secs(20), || {
+        user_events(&cluster.records("p1").join("\n")) == ["before"]
+    });
+    // The snapshot (written once a probe interval) holds the members alive and the event
+    // clock, owner-only.
+    let wanted = [
+        format!("alive: s1 {}", cluster.agents["s1"].gossip),
+        format!("alive: s2 {}", cluster.agents["s2"].gossip),
+        "event-clock: 1".to_string(),
+    ];
+    let mut text = String::new();
+    wait_for("p1's snapshot", Duration::from_secs(10), || {
+        text = std::fs::read_to_string(snapshot).unwrap_or_default();
+        wanted.iter().all(|w| text.lines().any(|l| l == w))
+    });
+    let mode = std::fs::metadata(snapshot).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Killed, then started again without -join: it rejoins through the snapshot, with the tag
+    // set before (from the tags file), and the old event is not delivered again.
+    cluster.kill("p1");
+    let mut failed = everyone.clone();
+    failed.insert("p1".into(), "failed");
+    cluster.settle(&failed, "p1 killed");
+    cluster.start_at(Kind::Phoenix, "p1", None, addresses.clone(), &flags);
+    cluster.settle(&everyone, "p1 rejoined through its snapshot");
+    assert_eq!(tags_seen(&cluster, "s1"), "color=blue,kind=Phoenix");
+    cluster.cli("s2", &["event", "-coalesce=false", "after"]);
+    wait_for("p1 hears the next event", Duration::from_secs(20), || {
+        user_events(&cluster.records("p1").join("\n")) == ["before", "after"]
+    });
+
+    // After a graceful leave the snapshot says so: only -rejoin joins again by itself.
+    cluster.cli("p1", &["leave"]);
+    cluster.kill("p1");
+    let mut left = everyone.clone();
+    left.insert("p1".into(), "left");
+    cluster.settle(&left, "p1 left");
+    let text = std::fs::read_to_string(snapshot).unwrap();
+    assert_eq!(text.lines().last(), Some("leave"), "{text}");
+    let replayed = phoenix_gossip::snapshot::Snapshot::read(Path::new(snapshot), false);
+    assert!(replayed.left && replayed.alive.is_empty(), "{text}");
+    let rejoin = [&flags[..], &["-rejoin"]].concat();
+    cluster.start_at(Kind::Phoenix, "p1", None, addresses, &rejoin);
+    cluster.settle(&everyone, "p1 rejoined after its leave with -rejoin");
 }
 
 /// Fires the next numbered user event through `through`.

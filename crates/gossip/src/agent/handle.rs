@@ -241,7 +241,7 @@ impl Agent {
 }
 
 /// Rejoins through the members of the last snapshot, one after the other, until one answers.
-async fn rejoin(agent: Agent, previous: Snapshot, me: SocketAddr) {
+pub(super) async fn rejoin(agent: Agent, previous: Snapshot, me: SocketAddr) {
     for (name, addr) in previous.alive.iter().filter(|(_, addr)| *addr != me) {
         match agent.join(*addr, Duration::from_secs(1)).await {
             Ok(true) => {

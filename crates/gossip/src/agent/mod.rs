@@ -52,7 +52,7 @@ enum Command {
     ),
     Respond(u64, Vec<u8>, oneshot::Sender<Result<(), GossipError>>),
     /// Ask the agent at this address to replay its user events (`join -replay`).
-    Replay(SocketAddr, oneshot::Sender<()>),
+    Replay(SocketAddr, oneshot::Sender<Result<(), GossipError>>),
     /// A member's network coordinate, if known.
     Coordinate(
         String,
@@ -302,7 +302,7 @@ impl Actor {
             }
             Command::Replay(addr, reply) => {
                 self.ask_replay(addr);
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             Command::Coordinate(node, reply) => {
                 let _ = reply.send(self.coordinate_of(&node));

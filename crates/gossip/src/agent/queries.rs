@@ -63,11 +63,10 @@ impl Agent {
             .await?
     }
 
-    /// Tells the cluster that a failed member has left for good (Serf's force-leave).
     /// Asks the agent at `addr` (joined through) for the user events it remembers; those not
     /// seen here are delivered as if just gossiped (`join -replay`).
     pub async fn replay_from(&self, addr: SocketAddr) -> Result<(), GossipError> {
-        self.request(|reply| Command::Replay(addr, reply)).await
+        self.request(|reply| Command::Replay(addr, reply)).await?
     }
 
     /// A member's network coordinate (this agent's own included), if known.
@@ -79,6 +78,7 @@ impl Agent {
             .await
     }
 
+    /// Tells the cluster that a failed member has left for good (Serf's force-leave).
     pub async fn force_leave(&self, node: &str, prune: bool) -> Result<(), GossipError> {
         self.request(|reply| Command::ForceLeave(node.into(), prune, reply))
             .await?

@@ -17,6 +17,7 @@ mod stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -40,6 +41,7 @@ use crate::memberlist::{
     Suspect,
 };
 use crate::query::{Outgoing, QueryEvent, QueryHandle, QueryParams, QueryReply};
+use crate::snapshot::Snapshot;
 use nodes::{Change, Nodes, Outcome};
 use queue::Queue;
 
@@ -56,6 +58,9 @@ struct Timing {
     push_pull_interval: Duration,
     /// How long a leave is gossiped before the agent stops (Serf's `LeavePropagateDelay`).
     leave_propagate: Duration,
+    /// How often a failed member is contacted again, so a healed partition merges (Serf's
+    /// `reconnect_interval`).
+    reconnect_interval: Duration,
 }
 
 impl Timing {
@@ -70,6 +75,7 @@ impl Timing {
             retransmit_mult: 4,
             push_pull_interval: Duration::from_secs(30),
             leave_propagate: Duration::from_secs(1),
+            reconnect_interval: config.reconnect_interval,
         }
     }
 
@@ -157,6 +163,11 @@ struct Wire {
     inbound: mpsc::UnboundedSender<Inbound>,
     /// A leave under way: whom to tell it is done, and when.
     leaving: Option<(oneshot::Sender<()>, Instant)>,
+    /// Where members and clocks are kept (Serf's snapshot format), and what was written last.
+    snapshot: Option<PathBuf>,
+    written: Snapshot,
+    /// Where the tags are kept after every change.
+    tags_file: Option<PathBuf>,
 }
 
 /// Binds the UDP socket and the TCP listener on the same port and starts the agent's task.
@@ -176,6 +187,11 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         Some(addr) => addr,
         None => local,
     };
+    let previous = config
+        .snapshot
+        .as_deref()
+        .map(|path| Snapshot::read(path, config.rejoin_after_leave))
+        .unwrap_or_default();
     let (commands, inbox) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(4096);
     let (inbound, inbound_rx) = mpsc::unbounded_channel();
@@ -212,20 +228,28 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         reap_left_after: config.reap_left_after,
         inbound: inbound.clone(),
         leaving: None,
+        snapshot: config.snapshot.clone(),
+        written: Snapshot::default(),
+        tags_file: config.tags_file.clone(),
     };
+    wire.restore(&previous);
     // Serf announces itself with a join intent, and lists itself first.
     let ltime = wire.member_clock.tick();
     wire.join_intent(&config.node, ltime);
     wire.publish(Event::MemberJoin(wire.nodes.me().member()));
     tokio::spawn(listen(listener, inbound, config.keyring));
     tokio::spawn(wire.run(inbox, inbound_rx));
-    Ok(Agent {
+    let agent = Agent {
         commands,
         events,
         stats,
         local,
         name: config.node,
-    })
+    };
+    if !previous.left && !previous.alive.is_empty() {
+        tokio::spawn(super::handle::rejoin(agent.clone(), previous, addr));
+    }
+    Ok(agent)
 }
 
 /// Accepts push-pulls: each is read, handed to the agent, and answered with its state.
@@ -276,6 +300,8 @@ impl Wire {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
         let mut push_pull = tokio::time::interval(self.timing.push_pull_interval);
         push_pull.tick().await;
+        let mut reconnect = tokio::time::interval(self.timing.reconnect_interval);
+        reconnect.tick().await;
         let socket = self.socket.clone();
         loop {
             tokio::select! {
@@ -290,18 +316,23 @@ impl Wire {
                     None => return,
                 },
                 Some(message) = inbound.recv() => self.on_inbound(message),
-                _ = probe.tick() => self.probe().await,
+                _ = probe.tick() => {
+                    self.probe().await;
+                    self.save_snapshot(false);
+                }
                 _ = gossip.tick() => self.gossip().await,
                 _ = housekeeping.tick() => {
                     self.housekeeping().await;
                     if self.leaving.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
                         if let Some((done, _)) = self.leaving.take() {
+                            self.save_snapshot(true);
                             let _ = done.send(());
                         }
                         return;
                     }
                 }
                 _ = push_pull.tick() => self.sync_with_someone(),
+                _ = reconnect.tick() => self.reconnect(),
             }
         }
     }
@@ -917,6 +948,56 @@ impl Wire {
         }
     }
 
+    /// Serf's reconnect: a push-pull with one failed member (not one that left), which
+    /// merges the two sides again once a partition healed.
+    fn reconnect(&mut self) {
+        let failed: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.me && n.state == memberlist::NodeState::Dead)
+            .map(|n| n.addr)
+            .collect();
+        if let Some(addr) = failed.choose(&mut self.rng) {
+            self.push_pull(*addr, None);
+        }
+    }
+
+    /// Takes the clocks of the last snapshot, so old events and queries are not taken for
+    /// new ones after a restart (Serf's `eventMinTime` from its snapshot).
+    fn restore(&mut self, previous: &Snapshot) {
+        self.member_clock.witness(previous.member_clock);
+        self.event_clock.witness(previous.event_clock);
+        self.query_clock.witness(previous.query_clock);
+        self.event_min = previous.event_clock;
+        self.written = previous.clone();
+    }
+
+    /// Writes the snapshot when members or clocks changed (`left`: after a graceful leave).
+    fn save_snapshot(&mut self, left: bool) {
+        let Some(path) = &self.snapshot else {
+            return;
+        };
+        let now = Snapshot {
+            member_clock: self.member_clock.last(),
+            event_clock: self.event_clock.last(),
+            query_clock: self.query_clock.last(),
+            alive: self
+                .nodes
+                .others_up()
+                .filter(|n| n.state == memberlist::NodeState::Alive)
+                .map(|n| (n.name.clone(), n.addr))
+                .collect(),
+            left,
+        };
+        if now == self.written {
+            return;
+        }
+        match now.write(path) {
+            Ok(()) => self.written = now,
+            Err(error) => tracing::warn!(%error, "cannot write the snapshot"),
+        }
+    }
+
     async fn on_command(&mut self, command: Command) {
         let now = Instant::now();
         match command {
@@ -928,6 +1009,12 @@ impl Wire {
                 let _ = reply.send(self.fire(name, payload, coalesce));
             }
             Command::SetTags(tags, reply) => {
+                // As Serf: the file first, so a restart never loses a change others saw.
+                if let Some(path) = &self.tags_file
+                    && let Err(error) = crate::persist::save_tags(path, &tags)
+                {
+                    tracing::error!(%error, "cannot keep the tags");
+                }
                 let outcome = self.nodes.set_my_tags(&tags);
                 self.apply(outcome);
                 let _ = reply.send(());
@@ -952,8 +1039,10 @@ impl Wire {
                 let _ = reply.send(self.respond(id, payload, now).await);
             }
             // Serf's events in a push-pull are not read yet: nothing to replay.
-            Command::Replay(_, done) => {
-                let _ = done.send(());
+            Command::Replay(_, reply) => {
+                let _ = reply.send(Err(GossipError::Unsupported(
+                    "join -replay with protocol = \"serf\"".into(),
+                )));
             }
             Command::Coordinate(_, reply) => {
                 let _ = reply.send(None);
