@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Public goss files through `phoenix verify --host`: how many Phoenix understands (exit 0 or 1:
-# loaded and run; 2: refused; anything else: a crash). The files are not copied into this
-# repository: each is read from its repository at the commit listed in SOURCES.tsv, cloned
-# from GitHub, or from PHOENIX_CORPUS_MIRROR/OWNER+NAME/repo (bare git directories) when set.
+# loaded and run; 2: refused; anything else: a crash). Files whose licence lets them be copied
+# are kept in crates/check/tests/goss-corpus (the tests load them); the others are read from
+# their repository at the commit listed in SOURCES.tsv, cloned from GitHub, or from
+# PHOENIX_CORPUS_MIRROR/OWNER+NAME/repo (bare git directories) when set.
 # Usage: bench/goss-corpus/run.sh   (prints one line per file, then the share understood)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +15,8 @@ understood=0 total=0
 while IFS=$'\t' read -r repo commit licence file vars inline; do
     [[ -z "$repo" || "$repo" == \#* ]] && continue
     dir="$work/${repo//\//+}@$commit"
+    kept="crates/check/tests/goss-corpus/${repo//\//+}"
+    [ -d "$kept" ] && dir="$PWD/$kept"
     if [ ! -d "$dir" ]; then
         mkdir -p "$dir"
         git_dir="${PHOENIX_CORPUS_MIRROR:-}/${repo//\//+}/repo"
