@@ -199,26 +199,26 @@ pub struct IndirectPing {
 impl IndirectPing {
     /// Where the answer goes, when the sender said.
     pub fn source(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.source_addr).map(|ip| SocketAddr::new(ip, self.source_port))
+        socket_address(&self.source_addr, self.source_port)
     }
 
     /// The node to probe.
     pub fn target(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.target).map(|ip| SocketAddr::new(ip, self.port))
+        socket_address(&self.target, self.port)
     }
 }
 
 impl Ping {
     /// Where the answer goes, when the sender said.
     pub fn source(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.source_addr).map(|ip| SocketAddr::new(ip, self.source_port))
+        socket_address(&self.source_addr, self.source_port)
     }
 }
 
 impl Alive {
     /// The node's gossip address.
     pub fn address(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+        socket_address(&self.addr, self.port)
     }
 }
 
@@ -281,7 +281,7 @@ pub struct PushNodeState {
 impl PushNodeState {
     /// The node's gossip address.
     pub fn address(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+        socket_address(&self.addr, self.port)
     }
 }
 
@@ -813,7 +813,7 @@ impl SerfQuery {
 
     /// Where answers go.
     pub fn reply_to(&self) -> Option<SocketAddr> {
-        ip_from_bytes(&self.addr).map(|ip| SocketAddr::new(ip, self.port))
+        socket_address(&self.addr, self.port)
     }
 
     /// An ack (`ack`) or an answer to this query from `from`.
@@ -938,6 +938,11 @@ pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
+}
+
+/// Memberlist's address fields (4 or 16 bytes) and a port, as one address.
+fn socket_address(bytes: &[u8], port: u16) -> Option<SocketAddr> {
+    ip_from_bytes(bytes).map(|ip| SocketAddr::new(ip, port))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {

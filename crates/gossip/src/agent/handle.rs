@@ -36,18 +36,7 @@ impl Agent {
         if config.protocol == super::Protocol::Serf {
             return super::serf_wire::start(config).await;
         }
-        crate::identity::check_tags(&config.tags)?;
-        let socket = UdpSocket::bind(config.bind)
-            .await
-            .map_err(|e| GossipError::Bind(config.bind, e))?;
-        let local = socket
-            .local_addr()
-            .map_err(|e| GossipError::Bind(config.bind, e))?;
-        let advertise = match config.advertise {
-            Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local.port()),
-            Some(addr) => addr,
-            None => local,
-        };
+        let (socket, local, advertise) = bind(&config).await?;
         let identity = NodeId {
             name: config.node.clone(),
             addr: advertise,
@@ -238,6 +227,26 @@ impl Agent {
             .send(command)
             .map_err(|_| GossipError::Stopped)
     }
+}
+
+/// Checks the tags and binds the gossip socket; returns it, the bound address and the one
+/// others reach it at (`advertise`, whose port 0 means the bound one; `bind` when not set).
+pub(super) async fn bind(
+    config: &AgentConfig,
+) -> Result<(UdpSocket, SocketAddr, SocketAddr), GossipError> {
+    crate::identity::check_tags(&config.tags)?;
+    let socket = UdpSocket::bind(config.bind)
+        .await
+        .map_err(|e| GossipError::Bind(config.bind, e))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| GossipError::Bind(config.bind, e))?;
+    let advertise = match config.advertise {
+        Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local.port()),
+        Some(addr) => addr,
+        None => local,
+    };
+    Ok((socket, local, advertise))
 }
 
 /// Rejoins through the members of the last snapshot, one after the other, until one answers.

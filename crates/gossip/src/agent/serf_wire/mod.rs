@@ -172,21 +172,10 @@ struct Wire {
 
 /// Binds the UDP socket and the TCP listener on the same port and starts the agent's task.
 pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
-    crate::identity::check_tags(&config.tags)?;
-    let socket = UdpSocket::bind(config.bind)
-        .await
-        .map_err(|e| GossipError::Bind(config.bind, e))?;
-    let local = socket
-        .local_addr()
-        .map_err(|e| GossipError::Bind(config.bind, e))?;
+    let (socket, local, addr) = super::handle::bind(&config).await?;
     let listener = TcpListener::bind(local)
         .await
         .map_err(|e| GossipError::Bind(local, e))?;
-    let addr = match config.advertise {
-        Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local.port()),
-        Some(addr) => addr,
-        None => local,
-    };
     let previous = config
         .snapshot
         .as_deref()
@@ -1174,24 +1163,18 @@ impl Wire {
         if let Some(me) = self.nodes.get_mut(&self.me.clone()) {
             me.status_ltime = leave.ltime;
         }
+        // Encoded once: the same two messages go to everyone, then on with the gossip.
+        let mut messages: Vec<Vec<u8>> = memberlist::encode_serf(SerfMessageType::Leave, &leave)
+            .into_iter()
+            .collect();
         self.broadcast_serf(SerfMessageType::Leave, &leave);
         let outcome = self.nodes.leave();
+        messages.extend(outcome.gossip.iter().map(|(_, dead)| dead.clone()));
         self.apply(outcome);
         self.leaving = Some((done, Instant::now() + self.timing.leave_propagate));
         let everyone: Vec<SocketAddr> = self.nodes.others_up().map(|n| n.addr).collect();
         for to in everyone {
-            let leave = memberlist::encode_serf(SerfMessageType::Leave, &leave);
-            let dead = memberlist::encode(
-                MessageType::Dead,
-                &Dead {
-                    incarnation: self.nodes.me().incarnation,
-                    node: self.me.clone(),
-                    from: self.me.clone(),
-                },
-            );
-            if let (Ok(leave), Ok(dead)) = (leave, dead) {
-                self.send(to, vec![leave, dead]).await;
-            }
+            self.send(to, messages.clone()).await;
         }
     }
 }
