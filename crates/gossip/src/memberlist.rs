@@ -881,6 +881,52 @@ pub struct SerfQueryResponse {
     pub payload: Vec<u8>,
 }
 
+/// The payload of Serf's keyring queries (`_serf_install-key`, `use-key`, `remove-key`):
+/// the raw key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfKeyRequest {
+    #[serde(rename = "Key", with = "bytes_or_nil")]
+    pub key: Vec<u8>,
+}
+
+/// A member's answer to a keyring query: whether it did it (else why), and its keys
+/// (base64, for `list-keys`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfKeyResponse {
+    #[serde(rename = "Result")]
+    pub result: bool,
+    #[serde(rename = "Message")]
+    pub message: String,
+    #[serde(rename = "Keys", deserialize_with = "nil_default")]
+    pub keys: Vec<String>,
+    #[serde(rename = "PrimaryKey")]
+    pub primary_key: String,
+}
+
+/// A query payload or answer as Serf frames them: its message type, then the msgpack body.
+pub fn encode_serf_payload<T: Serialize>(
+    kind: SerfMessageType,
+    body: &T,
+) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![kind as u8];
+    rmp_serde::encode::write_named(&mut out, body).map_err(WireError::Encode)?;
+    Ok(out)
+}
+
+/// Reads a query payload or answer of type `kind` (see [`encode_serf_payload`]).
+pub fn decode_serf_payload<T: DeserializeOwned>(
+    kind: SerfMessageType,
+    payload: &[u8],
+) -> Result<T, WireError> {
+    match payload.split_first() {
+        Some((&k, body)) if k == kind as u8 => decode(body),
+        Some((&k, _)) => Err(WireError::UnknownType(k)),
+        None => Err(WireError::Empty),
+    }
+}
+
 /// A Serf message read from a memberlist user message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SerfMessage {
@@ -1094,6 +1140,35 @@ mod tests {
             let _ = read_push_pull(&mut bytes.as_slice(), None);
             let _ = read_push_pull(&mut bytes.as_slice(), Some(&keyring));
         }
+    }
+
+    #[test]
+    fn keyring_queries_are_framed_as_serfs_key_manager_frames_them() {
+        let request = SerfKeyRequest { key: vec![1, 2, 3] };
+        let payload = encode_serf_payload(SerfMessageType::KeyRequest, &request).unwrap();
+        assert_eq!(payload, b"\x07\x81\xa3Key\xc4\x03\x01\x02\x03");
+        // Go's msgpack writes []byte as a raw string: read either way.
+        let from_go = b"\x07\x81\xa3Key\xa3\x01\x02\x03";
+        let read: SerfKeyRequest =
+            decode_serf_payload(SerfMessageType::KeyRequest, from_go).unwrap();
+        assert_eq!(read, request);
+        assert!(matches!(
+            decode_serf_payload::<SerfKeyRequest>(SerfMessageType::KeyResponse, from_go),
+            Err(WireError::UnknownType(7))
+        ));
+        // A refusal as Serf sends it (nil keys).
+        let answer = b"\x08\x84\xa6Result\xc2\xa7Message\xa2no\xa4Keys\xc0\xaaPrimaryKey\xa0";
+        let read: SerfKeyResponse =
+            decode_serf_payload(SerfMessageType::KeyResponse, answer).unwrap();
+        assert_eq!(
+            read,
+            SerfKeyResponse {
+                result: false,
+                message: "no".into(),
+                keys: Vec::new(),
+                primary_key: String::new(),
+            }
+        );
     }
 
     #[test]

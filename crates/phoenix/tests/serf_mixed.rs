@@ -525,6 +525,73 @@ fn a_phoenix_agent_on_serfs_wire_rejoins_from_its_snapshot_with_its_tags() {
     cluster.settle(&everyone, "p1 rejoined after its leave with -rejoin");
 }
 
+#[test]
+fn keys_rotate_across_serf_and_phoenix_agents_from_either_kind() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    let old = phoenix_gossip::Key::generate().unwrap().to_base64();
+    let new = phoenix_gossip::Key::generate().unwrap().to_base64();
+    let keyring_file = dir.path().join("p2.keyring");
+    std::fs::write(&keyring_file, format!("[\"{old}\"]")).unwrap();
+    std::fs::set_permissions(&keyring_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keyring_flags = ["-keyring-file", keyring_file.to_str().unwrap()];
+    let sealed = ["-encrypt", old.as_str()];
+    let fresh = || {
+        (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    };
+    cluster.start_at(Kind::Serf, "s1", None, fresh(), &sealed);
+    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh(), &sealed);
+    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), fresh(), &sealed);
+    let p2 = fresh();
+    cluster.start_at(Kind::Phoenix, "p2", Some("s2"), p2.clone(), &keyring_flags);
+    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
+        .iter()
+        .map(|n| (n.to_string(), "alive"))
+        .collect();
+    cluster.settle(&everyone, "sealed with the old key");
+
+    // Installed through a Serf agent, made primary through a Phoenix one, the old key removed
+    // through a Serf agent: each step is done on all four.
+    for (through, args) in [
+        ("s1", ["keys", "-install", new.as_str()]),
+        ("p1", ["keys", "-use", new.as_str()]),
+        ("s2", ["keys", "-remove", old.as_str()]),
+    ] {
+        let out = cluster.try_cli(through, &args);
+        assert!(out.is_some(), "serf {args:?} through {through} failed");
+    }
+    for through in ["s1", "p2"] {
+        let listing = cluster.cli(through, &["keys", "-list"]);
+        let keys: Vec<&str> = listing
+            .lines()
+            .filter(|l| l.contains("[4/4]"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(keys, [format!("{new}  [4/4]")], "{through}: {listing}");
+    }
+    // Gossip now travels under the new key only: an event reaches every handler.
+    cluster.cli("p1", &["event", "-coalesce=false", "rotated"]);
+    for name in ["s1", "s2", "p1", "p2"] {
+        wait_for(
+            &format!("{name} hears the event"),
+            Duration::from_secs(20),
+            || user_events(&cluster.records(name).join("\n")) == ["rotated"],
+        );
+    }
+    // p2 kept the rotation in its keyring file, and rejoins with it after a crash.
+    let kept = std::fs::read_to_string(&keyring_file).unwrap();
+    assert!(kept.contains(&new) && !kept.contains(&old), "{kept}");
+    cluster.kill("p2");
+    cluster.start_at(Kind::Phoenix, "p2", Some("s1"), p2, &keyring_flags);
+    cluster.settle(&everyone, "p2 back with its keyring file");
+}
+
 /// Fires the next numbered user event through `through`.
 fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
     let name = format!("e{:03}", fired.len());

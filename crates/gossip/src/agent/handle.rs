@@ -28,6 +28,8 @@ pub struct Agent {
     pub(super) stats: Arc<Stats>,
     pub(super) local: SocketAddr,
     pub(super) name: String,
+    /// What the agent speaks: keyring queries are framed differently in each protocol.
+    pub(super) protocol: super::Protocol,
 }
 
 impl Agent {
@@ -117,6 +119,7 @@ impl Agent {
             stats,
             local,
             name: config.node,
+            protocol: super::Protocol::Phoenix,
         };
         if !previous.left && !previous.alive.is_empty() {
             tokio::spawn(rejoin(agent.clone(), previous, advertise));

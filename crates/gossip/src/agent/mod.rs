@@ -315,20 +315,7 @@ impl Actor {
     }
 
     fn change_keys(&mut self, op: KeyOp) -> Result<Vec<String>, GossipError> {
-        let keyring = self.keyring.as_mut().ok_or(GossipError::NotEncrypted)?;
-        let changes = !matches!(op, KeyOp::List);
-        match op {
-            KeyOp::Install(key) => keyring.install(key),
-            KeyOp::Use(key) => keyring.use_key(&key)?,
-            KeyOp::Remove(key) => keyring.remove(&key)?,
-            KeyOp::List => {}
-        }
-        if let Some(path) = &self.keyring_file
-            && changes
-        {
-            keyring.save_file(path)?;
-        }
-        Ok(keyring.keys().iter().map(Key::to_base64).collect())
+        change_keys(self.keyring.as_mut(), op, self.keyring_file.as_deref())
     }
 
     fn fire(&mut self, name: String, payload: Vec<u8>, coalesce: bool) -> Result<u64, GossipError> {
@@ -681,4 +668,27 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Applies a keyring change (both agents): the file first, as Serf, so a restart has the keys
+/// others now use; returns the keys installed, primary first, in base64.
+fn change_keys(
+    keyring: Option<&mut Keyring>,
+    op: KeyOp,
+    file: Option<&std::path::Path>,
+) -> Result<Vec<String>, GossipError> {
+    let keyring = keyring.ok_or(GossipError::NotEncrypted)?;
+    let changes = !matches!(op, KeyOp::List);
+    match op {
+        KeyOp::Install(key) => keyring.install(key),
+        KeyOp::Use(key) => keyring.use_key(&key)?,
+        KeyOp::Remove(key) => keyring.remove(&key)?,
+        KeyOp::List => {}
+    }
+    if let Some(path) = file
+        && changes
+    {
+        keyring.save_file(path)?;
+    }
+    Ok(keyring.keys().iter().map(Key::to_base64).collect())
 }

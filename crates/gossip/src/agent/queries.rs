@@ -89,7 +89,10 @@ impl Agent {
     pub async fn change_keys_everywhere(&self, op: KeyOp) -> Result<KeyReport, GossipError> {
         let members = self.members().await?;
         let alive = members.iter().filter(|m| m.status == Status::Alive).count();
-        let (name, payload) = op.to_query();
+        let (name, payload) = match self.protocol {
+            super::Protocol::Phoenix => op.to_query(),
+            super::Protocol::Serf => super::serf_wire::key_query(&op),
+        };
         let mut handle = self
             .query(QueryParams {
                 name,
@@ -105,10 +108,15 @@ impl Agent {
             && let Some(reply) = handle.next().await
         {
             if let QueryReply::Response(from, payload) = reply {
-                let answer = postcard::from_bytes(&payload).unwrap_or_else(|_| KeyAnswer {
-                    keys: Vec::new(),
-                    error: "unreadable answer".into(),
-                });
+                let answer = match self.protocol {
+                    super::Protocol::Phoenix => {
+                        postcard::from_bytes(&payload).unwrap_or_else(|_| KeyAnswer {
+                            keys: Vec::new(),
+                            error: "unreadable answer".into(),
+                        })
+                    }
+                    super::Protocol::Serf => super::serf_wire::key_answer(&payload),
+                };
                 report.answers.insert(from, answer);
             }
         }

@@ -26,7 +26,7 @@ use rand::rngs::SmallRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{Agent, AgentConfig, Command, Event, KeyOp, Stats};
@@ -34,13 +34,13 @@ use crate::GossipError;
 use crate::broadcast::{
     LamportClock, MAX_EVENT_SIZE, MAX_QUERY_SIZE, RateLimit, UserEvent, Window,
 };
-use crate::keyring::Keyring;
+use crate::keyring::{Key, Keyring};
 use crate::memberlist::{
-    self, Ack, Dead, IndirectPing, MessageType, Nack, Ping, PushPull, SerfJoin, SerfLeave,
-    SerfMessage, SerfMessageType, SerfPushPull, SerfQuery, SerfQueryResponse, SerfUserEvent,
-    Suspect,
+    self, Ack, Dead, IndirectPing, MessageType, Nack, Ping, PushPull, SerfJoin, SerfKeyRequest,
+    SerfKeyResponse, SerfLeave, SerfMessage, SerfMessageType, SerfPushPull, SerfQuery,
+    SerfQueryResponse, SerfUserEvent, Suspect,
 };
-use crate::query::{Outgoing, QueryEvent, QueryHandle, QueryParams, QueryReply};
+use crate::query::{KeyAnswer, Outgoing, QueryEvent, QueryHandle, QueryParams, QueryReply};
 use crate::snapshot::Snapshot;
 use nodes::{Change, Nodes, Outcome};
 use queue::Queue;
@@ -168,6 +168,10 @@ struct Wire {
     written: Snapshot,
     /// Where the tags are kept after every change.
     tags_file: Option<PathBuf>,
+    /// Where the keyring is kept after every change, and the keyring the TCP listener uses
+    /// (kept up to date with `keyring`).
+    keyring_file: Option<PathBuf>,
+    listener_keyring: watch::Sender<Option<Keyring>>,
 }
 
 /// Binds the UDP socket and the TCP listener on the same port and starts the agent's task.
@@ -184,6 +188,7 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
     let (commands, inbox) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(4096);
     let (inbound, inbound_rx) = mpsc::unbounded_channel();
+    let (listener_keyring, keyring_rx) = watch::channel(config.keyring.clone());
     let stats = Arc::new(Stats::default());
     let now = Instant::now();
     let mut wire = Wire {
@@ -220,13 +225,15 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         snapshot: config.snapshot.clone(),
         written: Snapshot::default(),
         tags_file: config.tags_file.clone(),
+        keyring_file: config.keyring_file.clone(),
+        listener_keyring,
     };
     wire.restore(&previous);
     // Serf announces itself with a join intent, and lists itself first.
     let ltime = wire.member_clock.tick();
     wire.join_intent(&config.node, ltime);
     wire.publish(Event::MemberJoin(wire.nodes.me().member()));
-    tokio::spawn(listen(listener, inbound, config.keyring));
+    tokio::spawn(listen(listener, inbound, keyring_rx));
     tokio::spawn(wire.run(inbox, inbound_rx));
     let agent = Agent {
         commands,
@@ -234,6 +241,7 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         stats,
         local,
         name: config.node,
+        protocol: super::Protocol::Serf,
     };
     if !previous.left && !previous.alive.is_empty() {
         tokio::spawn(super::handle::rejoin(agent.clone(), previous, addr));
@@ -245,7 +253,7 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
 async fn listen(
     listener: TcpListener,
     inbound: mpsc::UnboundedSender<Inbound>,
-    keyring: Option<Keyring>,
+    keyring: watch::Receiver<Option<Keyring>>,
 ) {
     loop {
         let Ok((mut conn, peer)) = listener.accept().await else {
@@ -255,7 +263,7 @@ async fn listen(
             return;
         }
         let inbound = inbound.clone();
-        let keyring = keyring.clone();
+        let keyring = keyring.borrow().clone();
         tokio::spawn(async move {
             let work = async {
                 let theirs = stream::read(&mut conn, keyring.as_ref()).await?;
@@ -646,8 +654,12 @@ impl Wire {
             let ack = query.response(&self.me, true, Vec::new());
             self.send_response(reply_to, &ack).await;
         }
-        // Serf's own queries (`_serf_…`) are answered by Serf itself: not for handlers.
-        if query.name.starts_with("_serf_") {
+        // Serf's own queries (`_serf_…`) are answered by the agent: not for handlers.
+        if let Some(verb) = query.name.strip_prefix("_serf_") {
+            if let Some(answer) = self.answer_internal(verb, &query.payload) {
+                let response = query.response(&self.me, false, answer);
+                self.send_response(reply_to, &response).await;
+            }
             return;
         }
         let timeout = Duration::from_nanos(u64::try_from(query.timeout).unwrap_or(0));
@@ -670,6 +682,55 @@ impl Wire {
             payload: query.payload.clone(),
             origin: query.source_node.clone(),
         }));
+    }
+
+    /// Serf's answer to one of its internal queries: the keyring ones change or list this
+    /// agent's keys; `ping` is answered by its ack alone; others (`conflict`) get none.
+    fn answer_internal(&mut self, verb: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        let op = match verb {
+            "list-keys" => Ok(KeyOp::List),
+            "install-key" | "use-key" | "remove-key" => {
+                let request = memberlist::decode_serf_payload::<SerfKeyRequest>(
+                    SerfMessageType::KeyRequest,
+                    payload,
+                );
+                request
+                    .map_err(|e| format!("Failed to decode key request: {e}"))
+                    .and_then(|r| Key::from_bytes(r.key).map_err(|e| e.to_string()))
+                    .map(|key| match verb {
+                        "install-key" => KeyOp::Install(key),
+                        "use-key" => KeyOp::Use(key),
+                        _ => KeyOp::Remove(key),
+                    })
+            }
+            _ => return None,
+        };
+        let listing = verb == "list-keys";
+        let response = match op.and_then(|op| self.change_keys(op).map_err(serf_key_message)) {
+            // Serf lists the keys only when asked to.
+            Ok(keys) if listing => SerfKeyResponse {
+                result: true,
+                primary_key: keys.first().cloned().unwrap_or_default(),
+                keys,
+                message: String::new(),
+            },
+            Ok(_) => SerfKeyResponse {
+                result: true,
+                ..SerfKeyResponse::default()
+            },
+            Err(message) => SerfKeyResponse {
+                message,
+                ..SerfKeyResponse::default()
+            },
+        };
+        memberlist::encode_serf_payload(SerfMessageType::KeyResponse, &response).ok()
+    }
+
+    /// Changes this agent's keyring (and its file), and the TCP listener's with it.
+    fn change_keys(&mut self, op: KeyOp) -> Result<Vec<String>, GossipError> {
+        let keys = super::change_keys(self.keyring.as_mut(), op, self.keyring_file.as_deref())?;
+        self.listener_keyring.send_replace(self.keyring.clone());
+        Ok(keys)
     }
 
     async fn send_response(&mut self, to: SocketAddr, response: &SerfQueryResponse) {
@@ -1010,15 +1071,7 @@ impl Wire {
             }
             Command::Leave(done) => self.leave(done).await,
             Command::Keys(op, reply) => {
-                let _ = reply.send(match (op, &self.keyring) {
-                    (KeyOp::List, Some(keyring)) => {
-                        Ok(keyring.keys().iter().map(|k| k.to_base64()).collect())
-                    }
-                    (KeyOp::List, None) => Err(GossipError::NotEncrypted),
-                    _ => Err(GossipError::Unsupported(
-                        "keyring changes with protocol = \"serf\"".into(),
-                    )),
-                });
+                let _ = reply.send(self.change_keys(op));
             }
             Command::Query(params, reply) => {
                 let asked = self.ask(params, now).await;
@@ -1176,6 +1229,47 @@ impl Wire {
         for to in everyone {
             self.send(to, messages.clone()).await;
         }
+    }
+}
+
+/// Serf's words for a keyring change refused here.
+fn serf_key_message(error: GossipError) -> String {
+    match error {
+        GossipError::NotEncrypted => "No keyring to modify (encryption not enabled)".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The internal query that makes every member apply `op`, as Serf's key manager sends it.
+pub(super) fn key_query(op: &KeyOp) -> (String, Vec<u8>) {
+    let (verb, key) = match op {
+        KeyOp::Install(key) => ("install-key", key.as_bytes()),
+        KeyOp::Use(key) => ("use-key", key.as_bytes()),
+        KeyOp::Remove(key) => ("remove-key", key.as_bytes()),
+        KeyOp::List => ("list-keys", &[][..]),
+    };
+    let request = SerfKeyRequest { key: key.to_vec() };
+    let payload =
+        memberlist::encode_serf_payload(SerfMessageType::KeyRequest, &request).unwrap_or_default();
+    (format!("_serf_{verb}"), payload)
+}
+
+/// A member's answer to [`key_query`], read as Serf's key manager reads it.
+pub(super) fn key_answer(payload: &[u8]) -> KeyAnswer {
+    match memberlist::decode_serf_payload::<SerfKeyResponse>(SerfMessageType::KeyResponse, payload)
+    {
+        Ok(answer) if answer.result => KeyAnswer {
+            keys: answer.keys,
+            error: String::new(),
+        },
+        Ok(answer) => KeyAnswer {
+            keys: Vec::new(),
+            error: answer.message,
+        },
+        Err(e) => KeyAnswer {
+            keys: Vec::new(),
+            error: format!("Failed to decode key query response: {e}"),
+        },
     }
 }
 
