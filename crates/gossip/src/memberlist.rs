@@ -881,6 +881,50 @@ pub struct SerfQueryResponse {
     pub payload: Vec<u8>,
 }
 
+/// Serf's version byte before the coordinate in an ack's payload (its `PingVersion`).
+pub const PING_VERSION: u8 = 1;
+
+/// A network coordinate in Serf's shape, as its ping delegate puts it in acks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct SerfCoordinate {
+    #[serde(deserialize_with = "nil_default")]
+    pub vec: Vec<f64>,
+    pub error: f64,
+    pub adjustment: f64,
+    pub height: f64,
+}
+
+/// What a Serf agent puts in its acks: the version byte, then its coordinate.
+pub fn coordinate_payload(coordinate: &crate::coordinate::Coordinate) -> Vec<u8> {
+    let serf = SerfCoordinate {
+        vec: coordinate.vec.to_vec(),
+        error: coordinate.error,
+        adjustment: coordinate.adjustment,
+        height: coordinate.height,
+    };
+    let mut out = vec![PING_VERSION];
+    // Plain numbers: encoding them cannot fail.
+    let _ = rmp_serde::encode::write_named(&mut out, &serf);
+    out
+}
+
+/// The coordinate in an ack's payload; `None` when there is none or it is not Serf's shape
+/// (another version, another number of dimensions). It is not checked for sanity here.
+pub fn read_coordinate_payload(payload: &[u8]) -> Option<crate::coordinate::Coordinate> {
+    let (&version, body) = payload.split_first()?;
+    if version != PING_VERSION {
+        return None;
+    }
+    let serf: SerfCoordinate = decode(body).ok()?;
+    Some(crate::coordinate::Coordinate {
+        vec: serf.vec.try_into().ok()?,
+        error: serf.error,
+        adjustment: serf.adjustment,
+        height: serf.height,
+    })
+}
+
 /// The payload of Serf's keyring queries (`_serf_install-key`, `use-key`, `remove-key`):
 /// the raw key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -1140,6 +1184,28 @@ mod tests {
             let _ = read_push_pull(&mut bytes.as_slice(), None);
             let _ = read_push_pull(&mut bytes.as_slice(), Some(&keyring));
         }
+    }
+
+    #[test]
+    fn coordinates_in_acks_round_trip_in_serfs_shape_and_others_are_ignored() {
+        let mut coordinate = crate::coordinate::Coordinate::default();
+        coordinate.vec[2] = 0.25;
+        coordinate.height = 0.001;
+        let payload = coordinate_payload(&coordinate);
+        assert_eq!(payload[0], PING_VERSION);
+        assert!(payload.windows(3).any(|w| w == b"Vec"), "{payload:?}");
+        assert_eq!(read_coordinate_payload(&payload), Some(coordinate));
+        let mut other_version = payload.clone();
+        other_version[0] = 2;
+        assert_eq!(read_coordinate_payload(&other_version), None);
+        let three_dimensions = SerfCoordinate {
+            vec: vec![0.0; 3],
+            ..SerfCoordinate::default()
+        };
+        let mut short = vec![PING_VERSION];
+        rmp_serde::encode::write_named(&mut short, &three_dimensions).unwrap();
+        assert_eq!(read_coordinate_payload(&short), None);
+        assert_eq!(read_coordinate_payload(&[]), None);
     }
 
     #[test]

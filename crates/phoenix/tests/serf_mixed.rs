@@ -592,6 +592,42 @@ fn keys_rotate_across_serf_and_phoenix_agents_from_either_kind() {
     cluster.settle(&everyone, "p2 back with its keyring file");
 }
 
+#[test]
+fn serf_rtt_estimates_round_trips_between_both_kinds() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start(Kind::Serf, "s2", Some("s1"));
+    cluster.start(Kind::Phoenix, "p1", Some("s1"));
+    cluster.start(Kind::Phoenix, "p2", Some("s2"));
+    // Coordinates travel in the acks of probes, both ways: each agent estimates the round trip
+    // between any two members it probed or heard from, a Serf agent to a Phoenix agent included.
+    for (asked, a, b) in [
+        ("s1", "s1", "p1"),
+        ("p1", "p1", "s2"),
+        ("p2", "p2", "p1"),
+        ("s2", "p1", "p2"),
+    ] {
+        let mut said = String::new();
+        let estimated = (0..200).any(|_| {
+            said = cluster.try_cli(asked, &["rtt", a, b]).unwrap_or_default();
+            std::thread::sleep(Duration::from_millis(100));
+            said.starts_with(&format!("Estimated {a} <-> {b} rtt: "))
+        });
+        assert!(estimated, "serf rtt {a} {b} through {asked}: {said:?}");
+        // On loopback: well under a millisecond measured, so the estimate is small.
+        let ms: f64 = said
+            .split_whitespace()
+            .nth(5)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no figure in {said:?}"));
+        assert!((0.0..50.0).contains(&ms), "{said}");
+    }
+}
+
 /// Fires the next numbered user event through `through`.
 fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
     let name = format!("e{:03}", fired.len());

@@ -94,6 +94,7 @@ struct Probe {
     target: String,
     addr: SocketAddr,
     seq: u32,
+    sent: Instant,
     indirect_at: Instant,
     deadline: Instant,
     acked: bool,
@@ -172,6 +173,10 @@ struct Wire {
     /// (kept up to date with `keyring`).
     keyring_file: Option<PathBuf>,
     listener_keyring: watch::Sender<Option<Keyring>>,
+    /// This agent's Vivaldi state (`None`: coordinates disabled), and the coordinates members
+    /// sent in their acks.
+    vivaldi: Option<crate::coordinate::Client>,
+    coordinates: HashMap<String, crate::coordinate::Coordinate>,
 }
 
 /// Binds the UDP socket and the TCP listener on the same port and starts the agent's task.
@@ -227,6 +232,10 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         tags_file: config.tags_file.clone(),
         keyring_file: config.keyring_file.clone(),
         listener_keyring,
+        vivaldi: config.coordinates.then(|| {
+            crate::coordinate::Client::new(SmallRng::seed_from_u64(config.seed.wrapping_add(2)))
+        }),
+        coordinates: HashMap::new(),
     };
     wire.restore(&previous);
     // Serf announces itself with a join intent, and lists itself first.
@@ -415,9 +424,14 @@ impl Wire {
                     return Ok(());
                 }
                 let to = ping.source().unwrap_or(from);
+                // As Serf's ping delegate: the ack carries this agent's coordinate.
                 let ack = Ack {
                     seq_no: ping.seq_no,
-                    payload: Vec::new(),
+                    payload: self
+                        .vivaldi
+                        .as_ref()
+                        .map(|v| memberlist::coordinate_payload(v.coordinate()))
+                        .unwrap_or_default(),
                 };
                 self.send_one(to, MessageType::Ack, &ack).await;
             }
@@ -445,6 +459,11 @@ impl Wire {
                     Some(Waiter::Probe) => {
                         if let Some(probe) = self.probe.as_mut().filter(|p| p.seq == ack.seq_no) {
                             probe.acked = true;
+                            // Memberlist times only direct acks, in the probe's first phase.
+                            if now < probe.indirect_at {
+                                let (target, rtt) = (probe.target.clone(), now - probe.sent);
+                                self.learn_coordinate(target, &ack.payload, rtt);
+                            }
                         }
                     }
                     Some(Waiter::Relay { to, seq, .. }) => {
@@ -606,6 +625,7 @@ impl Wire {
         if leave.prune
             && let Some(gone) = self.nodes.remove(&leave.node)
         {
+            self.forget_coordinate(&gone.name);
             self.publish(Event::MemberReap(gone.member()));
         }
         true
@@ -684,6 +704,39 @@ impl Wire {
         }));
     }
 
+    /// Serf's `NotifyPingComplete`: the round trip of a direct probe and the coordinate in
+    /// its ack move this agent's coordinate; the member's is kept (checked first).
+    fn learn_coordinate(&mut self, node: String, payload: &[u8], rtt: Duration) {
+        let Some(vivaldi) = self.vivaldi.as_mut() else {
+            return;
+        };
+        let Some(theirs) = memberlist::read_coordinate_payload(payload) else {
+            return;
+        };
+        match vivaldi.update(&node, &theirs, rtt) {
+            Ok(()) => {
+                self.coordinates.insert(node, theirs);
+            }
+            Err(error) => tracing::debug!(%node, %error, "coordinate refused"),
+        }
+    }
+
+    /// A member's coordinate (this agent's own included), if known.
+    fn coordinate_of(&self, node: &str) -> Option<crate::coordinate::Coordinate> {
+        let vivaldi = self.vivaldi.as_ref()?;
+        if node == self.me {
+            return Some(vivaldi.coordinate().clone());
+        }
+        self.coordinates.get(node).cloned()
+    }
+
+    fn forget_coordinate(&mut self, node: &str) {
+        self.coordinates.remove(node);
+        if let Some(vivaldi) = self.vivaldi.as_mut() {
+            vivaldi.forget(node);
+        }
+    }
+
     /// Serf's answer to one of its internal queries: the keyring ones change or list this
     /// agent's keys; `ping` is answered by its ack alone; others (`conflict`) get none.
     fn answer_internal(&mut self, verb: &str, payload: &[u8]) -> Option<Vec<u8>> {
@@ -757,6 +810,7 @@ impl Wire {
             target: target.clone(),
             addr,
             seq,
+            sent: now,
             indirect_at: now + self.timing.probe_timeout,
             deadline: now + self.timing.probe_interval,
             acked: false,
@@ -831,6 +885,7 @@ impl Wire {
         self.outgoing.retain(|_, query| query.deadline > now);
         self.asked.retain(|_, asked| asked.deadline > now);
         for gone in self.nodes.reap(now, self.reap_after, self.reap_left_after) {
+            self.forget_coordinate(&gone.name);
             self.publish(Event::MemberReap(gone.member()));
         }
         self.stats
@@ -1086,8 +1141,8 @@ impl Wire {
                     "join -replay with protocol = \"serf\"".into(),
                 )));
             }
-            Command::Coordinate(_, reply) => {
-                let _ = reply.send(None);
+            Command::Coordinate(node, reply) => {
+                let _ = reply.send(self.coordinate_of(&node));
             }
             Command::ForceLeave(node, prune, reply) => {
                 let _ = reply.send(self.force_leave(&node, prune));
