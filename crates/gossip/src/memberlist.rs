@@ -979,8 +979,86 @@ pub enum SerfMessage {
     Leave(SerfLeave),
     Query(SerfQuery),
     QueryResponse(SerfQueryResponse),
-    /// A type this codec does not decode yet (key requests, relays, conflicts).
+    /// A message to pass on to another node (a query response sent the long way round).
+    Relay(SerfRelay),
+    /// A type this codec does not decode yet (key requests, conflicts).
     Other(u8),
+}
+
+/// Go's `net.UDPAddr`, as msgpack encodes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct SerfUdpAddr {
+    #[serde(rename = "IP", with = "bytes_or_nil")]
+    ip: Vec<u8>,
+    #[serde(rename = "Port")]
+    port: i64,
+    #[serde(rename = "Zone")]
+    zone: String,
+}
+
+/// Where a relayed message goes (Serf's `relayHeader`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct SerfRelayHeader {
+    #[serde(rename = "DestAddr")]
+    dest_addr: SerfUdpAddr,
+    #[serde(rename = "DestName")]
+    dest_name: String,
+}
+
+/// A relayed Serf message: where it goes, and the message itself (its type byte, then its
+/// body) to send there as a memberlist user message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerfRelay {
+    pub to: SocketAddr,
+    pub node: String,
+    pub message: Vec<u8>,
+}
+
+impl SerfRelay {
+    /// Wraps `message` (a Serf message as [`encode_serf`] gives it) for `to`, as Serf's
+    /// `encodeRelayMessage`: a memberlist user message for the relaying member.
+    pub fn wrap(to: SocketAddr, node: &str, message: &[u8]) -> Result<Vec<u8>, WireError> {
+        let header = SerfRelayHeader {
+            dest_addr: SerfUdpAddr {
+                ip: ip_bytes(to.ip()),
+                port: i64::from(to.port()),
+                zone: String::new(),
+            },
+            dest_name: node.to_string(),
+        };
+        let mut out = vec![MessageType::User as u8, SerfMessageType::Relay as u8];
+        rmp_serde::encode::write_named(&mut out, &header).map_err(WireError::Encode)?;
+        out.extend_from_slice(message.get(1..).unwrap_or_default());
+        Ok(out)
+    }
+
+    /// The message to send on, as a memberlist user message.
+    pub fn user_message(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.message.len() + 1);
+        out.push(MessageType::User as u8);
+        out.extend_from_slice(&self.message);
+        out
+    }
+
+    /// Reads a relay's body (after its type byte): the header, then the message.
+    fn decode(body: &[u8]) -> Result<SerfRelay, WireError> {
+        let mut cursor = std::io::Cursor::new(body);
+        let header: SerfRelayHeader =
+            Deserialize::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
+                .map_err(WireError::Decode)?;
+        let used = usize::try_from(cursor.position()).unwrap_or(body.len());
+        let port = u16::try_from(header.dest_addr.port)
+            .map_err(|_| WireError::Truncated("relay destination port"))?;
+        let to = socket_address(&header.dest_addr.ip, port)
+            .ok_or(WireError::Truncated("relay destination address"))?;
+        Ok(SerfRelay {
+            to,
+            node: header.dest_name,
+            message: body.get(used..).unwrap_or_default().to_vec(),
+        })
+    }
 }
 
 /// A Serf message as a memberlist user message, ready to go in a packet.
@@ -1000,6 +1078,7 @@ pub fn decode_serf(body: &[u8]) -> Result<SerfMessage, WireError> {
         k if k == T::QueryResponse as u8 => SerfMessage::QueryResponse(decode(rest)?),
         k if k == T::Join as u8 => SerfMessage::Join(decode(rest)?),
         k if k == T::Leave as u8 => SerfMessage::Leave(decode(rest)?),
+        k if k == T::Relay as u8 => SerfMessage::Relay(SerfRelay::decode(rest)?),
         other => SerfMessage::Other(other),
     })
 }
@@ -1032,7 +1111,8 @@ pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
 
 /// Memberlist's address fields (4 or 16 bytes) and a port, as one address.
 fn socket_address(bytes: &[u8], port: u16) -> Option<SocketAddr> {
-    ip_from_bytes(bytes).map(|ip| SocketAddr::new(ip, port))
+    // Go's 16-byte form of an IPv4 address is the IPv4 address.
+    ip_from_bytes(bytes).map(|ip| SocketAddr::new(ip.to_canonical(), port))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
@@ -1206,6 +1286,41 @@ mod tests {
         rmp_serde::encode::write_named(&mut short, &three_dimensions).unwrap();
         assert_eq!(read_coordinate_payload(&short), None);
         assert_eq!(read_coordinate_payload(&[]), None);
+    }
+
+    #[test]
+    fn relays_wrap_and_unwrap_a_response_as_serf_does() {
+        let response = SerfQueryResponse {
+            ltime: 3,
+            id: 9,
+            from: "p1".into(),
+            flags: 0,
+            payload: b"up".to_vec(),
+        };
+        let message = encode_serf(SerfMessageType::QueryResponse, &response).unwrap();
+        let to: SocketAddr = "127.0.0.1:7946".parse().unwrap();
+        let wrapped = SerfRelay::wrap(to, "s1", &message).unwrap();
+        assert_eq!(
+            wrapped[..2],
+            [MessageType::User as u8, SerfMessageType::Relay as u8]
+        );
+        let SerfMessage::Relay(relay) = decode_serf(&wrapped[1..]).unwrap() else {
+            panic!("not a relay");
+        };
+        assert_eq!((relay.to, relay.node.as_str()), (to, "s1"));
+        assert_eq!(relay.user_message(), message);
+        // Go's header: the IPv4 address in its 16-byte form, as a raw string.
+        let mut from_go = vec![SerfMessageType::Relay as u8];
+        from_go.extend_from_slice(b"\x82\xa8DestAddr\x83\xa2IP\xb0");
+        from_go.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]);
+        from_go.extend_from_slice(b"\xa4Port\xcd\x1f\x0a\xa4Zone\xa0\xa8DestName\xa2s2");
+        from_go.extend_from_slice(&message[1..]);
+        let SerfMessage::Relay(relay) = decode_serf(&from_go).unwrap() else {
+            panic!("not a relay");
+        };
+        assert_eq!(relay.to, "127.0.0.2:7946".parse::<SocketAddr>().unwrap());
+        assert_eq!(relay.message, message[1..]);
+        assert!(decode_serf(&from_go[..12]).is_err());
     }
 
     #[test]

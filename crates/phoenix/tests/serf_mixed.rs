@@ -628,6 +628,70 @@ fn serf_rtt_estimates_round_trips_between_both_kinds() {
     }
 }
 
+#[test]
+fn query_answers_are_relayed_through_both_kinds() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    let fresh = || {
+        (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    };
+    let debug = ["-log-level", "debug"];
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh(), &debug);
+    cluster.start(Kind::Phoenix, "p1", Some("s1"));
+    cluster.start_at(Kind::Phoenix, "p2", Some("s2"), fresh(), &debug);
+    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
+        .iter()
+        .map(|n| (n.to_string(), "alive"))
+        .collect();
+    cluster.settle(&everyone, "joined");
+    // With a relay factor of 3, the one answering sends its ack and answer through all three
+    // others too: the asker still counts each once.
+    for (asker, answerer, relay) in [("s1", "p1", "s2"), ("p1", "s1", "p2")] {
+        let out = cluster.cli(
+            asker,
+            &[
+                "query",
+                "-node",
+                answerer,
+                "-relay-factor",
+                "3",
+                "-timeout",
+                "2s",
+                "q",
+            ],
+        );
+        assert!(
+            out.contains(&format!(
+                "Response from '{answerer}': answer from {answerer}"
+            )) && out.contains("Total Acks: 1")
+                && out.contains("Total Responses: 1"),
+            "query through {asker}: {out}"
+        );
+        let to = &cluster.agents[asker].gossip;
+        let said = match cluster.agents[relay].kind {
+            Kind::Serf => format!("Relaying response to addr: {to}"),
+            Kind::Phoenix => format!("relaying a response to {to} ({asker})"),
+        };
+        let log = |name: &str| {
+            let stdout = std::fs::read_to_string(dir.path().join(format!("{name}.log")));
+            let stderr = std::fs::read_to_string(dir.path().join(format!("{name}.stderr")));
+            stdout.unwrap_or_default() + &stderr.unwrap_or_default()
+        };
+        wait_for(
+            &format!("{relay} relays {answerer}'s answer"),
+            Duration::from_secs(10),
+            || log(relay).contains(&said),
+        );
+    }
+}
+
 /// Fires the next numbered user event through `through`.
 fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
     let name = format!("e{:03}", fired.len());

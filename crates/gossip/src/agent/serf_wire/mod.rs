@@ -112,9 +112,18 @@ enum Waiter {
     },
 }
 
+/// Where a query's acks and answers go: the asker, and (Serf's relay factor) through how
+/// many other members each is also sent.
+#[derive(Clone)]
+struct ReplyTo {
+    addr: SocketAddr,
+    node: String,
+    relay_factor: u8,
+}
+
 /// A query delivered here, waiting for this agent's answer.
 struct Asked {
-    reply_to: SocketAddr,
+    reply_to: ReplyTo,
     ltime: u64,
     id: u32,
     deadline: Instant,
@@ -572,6 +581,13 @@ impl Wire {
                     });
                 }
             }
+            // Serf relays query responses only: nothing else is passed on.
+            SerfMessage::Relay(relay) => {
+                if relay.message.first() == Some(&(SerfMessageType::QueryResponse as u8)) {
+                    tracing::debug!("relaying a response to {} ({})", relay.to, relay.node);
+                    self.send(relay.to, vec![relay.user_message()]).await;
+                }
+            }
             SerfMessage::Other(_) => {}
         }
     }
@@ -667,18 +683,23 @@ impl Wire {
         if !query.addressed_to(&me.name, &me.tags) {
             return;
         }
-        let Some(reply_to) = query.reply_to() else {
+        let Some(addr) = query.reply_to() else {
             return;
+        };
+        let reply_to = ReplyTo {
+            addr,
+            node: query.source_node.clone(),
+            relay_factor: query.relay_factor,
         };
         if query.wants_ack() {
             let ack = query.response(&self.me, true, Vec::new());
-            self.send_response(reply_to, &ack).await;
+            self.send_response(&reply_to, &ack).await;
         }
         // Serf's own queries (`_serf_…`) are answered by the agent: not for handlers.
         if let Some(verb) = query.name.strip_prefix("_serf_") {
             if let Some(answer) = self.answer_internal(verb, &query.payload) {
                 let response = query.response(&self.me, false, answer);
-                self.send_response(reply_to, &response).await;
+                self.send_response(&reply_to, &response).await;
             }
             return;
         }
@@ -786,11 +807,33 @@ impl Wire {
         Ok(keys)
     }
 
-    async fn send_response(&mut self, to: SocketAddr, response: &SerfQueryResponse) {
-        match memberlist::encode_serf(SerfMessageType::QueryResponse, response) {
-            Ok(message) => self.send(to, vec![message]).await,
-            Err(e) => tracing::warn!("cannot encode a query response: {e}"),
+    /// Sends an ack or an answer to the asker, and the same through `relay_factor` other
+    /// members (alive, speaking Serf's protocol 5), as Serf's `relayResponse`.
+    async fn send_response(&mut self, to: &ReplyTo, response: &SerfQueryResponse) {
+        let message = match memberlist::encode_serf(SerfMessageType::QueryResponse, response) {
+            Ok(message) => message,
+            Err(e) => return tracing::warn!("cannot encode a query response: {e}"),
+        };
+        let relays: Vec<SocketAddr> = self
+            .nodes
+            .others_up()
+            .filter(|n| n.state == memberlist::NodeState::Alive)
+            .filter(|n| n.vsn.get(4).is_some_and(|&max| max >= 5))
+            .map(|n| n.addr)
+            .collect();
+        let factor = usize::from(to.relay_factor);
+        // As Serf: no relays unless there are enough members to pick from.
+        if factor > 0 && relays.len() >= factor {
+            match memberlist::SerfRelay::wrap(to.addr, &to.node, &message) {
+                Ok(relayed) => {
+                    for through in pick(&mut self.rng, relays, factor) {
+                        self.send(through, vec![relayed.clone()]).await;
+                    }
+                }
+                Err(e) => tracing::warn!("cannot wrap a relayed response: {e}"),
+            }
         }
+        self.send(to.addr, vec![message]).await;
     }
 
     /// Probes the next member: directly, then (in `housekeeping`) through others.
@@ -1193,7 +1236,7 @@ impl Wire {
             } else {
                 0
             },
-            relay_factor: 0,
+            relay_factor: params.relay_factor,
             timeout: i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX),
             name: params.name,
             payload: params.payload,
@@ -1241,8 +1284,8 @@ impl Wire {
             flags: 0,
             payload,
         };
-        let to = asked.reply_to;
-        self.send_response(to, &response).await;
+        let to = asked.reply_to.clone();
+        self.send_response(&to, &response).await;
         Ok(())
     }
 
