@@ -574,6 +574,17 @@ pub fn write_push_pull(
         rmp_serde::encode::write_named(&mut body, node).map_err(WireError::Encode)?;
     }
     body.extend_from_slice(&user_state);
+    write_stream(stream, &body, label, keyring)
+}
+
+/// Writes one message (its type byte, then its body) on a stream as memberlist does: after
+/// the label, sealed with the keyring's primary key when there is one.
+pub fn write_stream(
+    stream: &mut impl Write,
+    body: &[u8],
+    label: &str,
+    keyring: Option<&Keyring>,
+) -> Result<(), WireError> {
     let mut out = label_header(label)?;
     match keyring {
         Some(keyring) => {
@@ -584,11 +595,20 @@ pub fn write_push_pull(
             aad.extend_from_slice(&sealed_len.to_be_bytes());
             out.extend_from_slice(&aad);
             aad.extend_from_slice(label.as_bytes());
-            out.extend(encrypt(keyring, &body, &aad)?);
+            out.extend(encrypt(keyring, body, &aad)?);
         }
-        None => out.extend(body),
+        None => out.extend_from_slice(body),
     }
     stream.write_all(&out).map_err(WireError::Io)
+}
+
+/// What a peer sends on a TCP stream: a push-pull, or (memberlist's fallback probe when UDP
+/// fails) a ping and its ack.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamMessage {
+    PushPull(PushPull),
+    Ping(Ping),
+    Ack(Ack),
 }
 
 /// Reads a push-pull exchange from a stream (a reply, or a peer's join), compressed or not;
@@ -597,6 +617,25 @@ pub fn read_push_pull(
     stream: &mut impl Read,
     keyring: Option<&Keyring>,
 ) -> Result<PushPull, WireError> {
+    match read_stream(stream, keyring)? {
+        StreamMessage::PushPull(push) => Ok(push),
+        StreamMessage::Ping(_) => Err(WireError::Unexpected {
+            expected: MessageType::PushPull,
+            got: MessageType::Ping,
+        }),
+        StreamMessage::Ack(_) => Err(WireError::Unexpected {
+            expected: MessageType::PushPull,
+            got: MessageType::Ack,
+        }),
+    }
+}
+
+/// Reads one message from a stream: a push-pull, a ping or an ack, compressed or not; with a
+/// keyring, only an encrypted one.
+pub fn read_stream(
+    stream: &mut impl Read,
+    keyring: Option<&Keyring>,
+) -> Result<StreamMessage, WireError> {
     let mut first = [0u8; 1];
     stream.read_exact(&mut first).map_err(WireError::Io)?;
     let mut label = Vec::new();
@@ -628,13 +667,15 @@ pub fn read_push_pull(
         MessageType::Encrypt => return Err(WireError::NestedCompound),
         kind => (kind, rest.to_vec()),
     };
-    if kind != MessageType::PushPull {
-        return Err(WireError::Unexpected {
+    match kind {
+        MessageType::PushPull => parse_push_pull(&body).map(StreamMessage::PushPull),
+        MessageType::Ping => decode(&body).map(StreamMessage::Ping),
+        MessageType::Ack => decode(&body).map(StreamMessage::Ack),
+        got => Err(WireError::Unexpected {
             expected: MessageType::PushPull,
-            got: kind,
-        });
+            got,
+        }),
     }
-    parse_push_pull(&body)
 }
 
 /// The rest of a stream, up to memberlist's bound on what a peer may send.

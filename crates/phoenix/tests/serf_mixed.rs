@@ -692,6 +692,156 @@ fn query_answers_are_relayed_through_both_kinds() {
     }
 }
 
+#[test]
+fn tcp_fallback_pings_are_acked_by_both_kinds_sealed_or_not() {
+    use phoenix_gossip::memberlist::{self, MessageType, Ping, StreamMessage};
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    let key = phoenix_gossip::Key::generate().unwrap();
+    let keyring = phoenix_gossip::Keyring::new(key.clone());
+    let encoded = key.to_base64();
+    let fresh = || {
+        (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    };
+    let sealed = ["-encrypt", encoded.as_str()];
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start(Kind::Phoenix, "p1", None);
+    cluster.start_at(Kind::Serf, "s2", None, fresh(), &sealed);
+    cluster.start_at(Kind::Phoenix, "p2", None, fresh(), &sealed);
+    // Memberlist's fallback probe: a ping on a TCP stream gets its ack on the same stream
+    // (without a coordinate: nothing is timed over TCP); a ping meant for another node gets
+    // none.
+    for (seq, name) in [(7, "s1"), (8, "p1"), (9, "s2"), (10, "p2")] {
+        let keyring = name.ends_with('2').then_some(&keyring);
+        let ping_for = |node: &str| {
+            let mut conn = std::net::TcpStream::connect(&cluster.agents[name].gossip).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let ping = Ping {
+                seq_no: seq,
+                node: node.to_string(),
+                ..Ping::default()
+            };
+            let body = memberlist::encode(MessageType::Ping, &ping).unwrap();
+            memberlist::write_stream(&mut conn, &body, "", keyring).unwrap();
+            memberlist::read_stream(&mut conn, keyring)
+        };
+        match ping_for(name) {
+            Ok(StreamMessage::Ack(ack)) => {
+                assert_eq!((ack.seq_no, ack.payload), (seq, Vec::new()), "{name}");
+            }
+            other => panic!("{name} answered a TCP ping with {other:?}"),
+        }
+        assert!(
+            !matches!(ping_for("someone-else"), Ok(StreamMessage::Ack(_))),
+            "{name} acked a ping for another node"
+        );
+    }
+}
+
+#[test]
+fn a_member_udp_cannot_reach_stays_alive_through_tcp_probes_of_both_kinds() {
+    use phoenix_gossip::memberlist::{self, NodeState, PushNodeState, PushPull, SerfPushPull};
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start(Kind::Phoenix, "p1", Some("s1"));
+    // Two members the test plays: both ignore UDP; "deaf" answers pings on TCP, "gone" does
+    // not listen on TCP at all.
+    let deaf = deaf_member();
+    let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (name, addr) in [("deaf", deaf), ("gone", gone.local_addr().unwrap())] {
+        let push = PushPull {
+            join: true,
+            nodes: vec![PushNodeState {
+                name: name.into(),
+                addr: memberlist::ip_bytes(addr.ip()),
+                port: addr.port(),
+                meta: memberlist::encode_tags(&BTreeMap::new()).unwrap(),
+                incarnation: 1,
+                state: NodeState::Alive,
+                vsn: vec![1, 5, 2, 2, 5, 4],
+            }],
+            serf: Some(SerfPushPull {
+                ltime: 1,
+                status_ltimes: BTreeMap::from([(name.to_string(), 1)]),
+                ..SerfPushPull::default()
+            }),
+        };
+        let mut conn = std::net::TcpStream::connect(&cluster.agents["s1"].gossip).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        memberlist::write_push_pull(&mut conn, &push, "", None).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        memberlist::read_push_pull(&mut conn, None).unwrap();
+    }
+    // Both agents probe both: "gone" fails everywhere, "deaf" stays alive on the strength of
+    // its TCP acks alone.
+    let expected: BTreeMap<String, &str> = [
+        ("s1", "alive"),
+        ("p1", "alive"),
+        ("deaf", "alive"),
+        ("gone", "failed"),
+    ]
+    .iter()
+    .map(|(n, s)| (n.to_string(), *s))
+    .collect();
+    cluster.settle(&expected, "gone failed, deaf alive");
+    // Another round of probes of each, and still so.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.settle(&expected, "deaf still alive");
+    let said = std::fs::read_to_string(dir.path().join("p1.stderr")).unwrap();
+    assert!(
+        said.contains("was able to connect to deaf over TCP but UDP probes failed"),
+        "{said}"
+    );
+}
+
+/// A member that never reads UDP and acks every ping sent to it on TCP; its address.
+fn deaf_member() -> std::net::SocketAddr {
+    use phoenix_gossip::memberlist::{self, Ack, MessageType, StreamMessage};
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let udp = std::net::UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let _udp = udp;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            // A plain stream message has no length: parse what came so far after each read.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let message = loop {
+                match conn.read(&mut chunk) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break None,
+                }
+                if let Ok(message) = memberlist::read_stream(&mut buf.as_slice(), None) {
+                    break Some(message);
+                }
+            };
+            if let Some(StreamMessage::Ping(ping)) = message {
+                let ack = Ack {
+                    seq_no: ping.seq_no,
+                    payload: Vec::new(),
+                };
+                let body = memberlist::encode(MessageType::Ack, &ack).unwrap();
+                let _ = memberlist::write_stream(&mut conn, &body, "", None);
+            }
+        }
+    });
+    addr
+}
+
 /// Fires the next numbered user event through `through`.
 fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
     let name = format!("e{:03}", fired.len());

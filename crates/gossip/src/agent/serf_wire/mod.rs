@@ -134,6 +134,11 @@ struct Asked {
 enum Inbound {
     /// A peer's push-pull, to merge; our state goes back on `answer`.
     Pushed(PushPull, oneshot::Sender<PushPull>),
+    /// A peer's fallback probe: the ack goes back on `answer` (none when the ping is for
+    /// another node).
+    Pinged(Ping, oneshot::Sender<Option<Ack>>),
+    /// The ack to our own fallback probe with this sequence number.
+    TcpAcked(u32),
     /// The answer to our push-pull (`joined` waits on a join).
     Pulled(PushPull, Option<oneshot::Sender<()>>),
 }
@@ -284,13 +289,28 @@ async fn listen(
         let keyring = keyring.borrow().clone();
         tokio::spawn(async move {
             let work = async {
-                let theirs = stream::read(&mut conn, keyring.as_ref()).await?;
-                let (answer, ours) = oneshot::channel();
-                if inbound.send(Inbound::Pushed(theirs, answer)).is_err() {
-                    return Ok(());
-                }
-                if let Ok(ours) = ours.await {
-                    stream::write(&mut conn, &ours, keyring.as_ref()).await?;
+                match stream::read(&mut conn, keyring.as_ref()).await? {
+                    memberlist::StreamMessage::PushPull(theirs) => {
+                        let (answer, ours) = oneshot::channel();
+                        if inbound.send(Inbound::Pushed(theirs, answer)).is_err() {
+                            return Ok(());
+                        }
+                        if let Ok(ours) = ours.await {
+                            stream::write(&mut conn, &ours, keyring.as_ref()).await?;
+                        }
+                    }
+                    memberlist::StreamMessage::Ping(ping) => {
+                        let (answer, ack) = oneshot::channel();
+                        if inbound.send(Inbound::Pinged(ping, answer)).is_err() {
+                            return Ok(());
+                        }
+                        if let Ok(Some(ack)) = ack.await {
+                            let kind = MessageType::Ack;
+                            stream::write_message(&mut conn, kind, &ack, keyring.as_ref()).await?;
+                        }
+                    }
+                    // Nobody sends an ack unasked.
+                    memberlist::StreamMessage::Ack(_) => {}
                 }
                 Ok::<(), stream::StreamError>(())
             };
@@ -429,20 +449,10 @@ impl Wire {
         match kind {
             MessageType::Ping => {
                 let ping: Ping = memberlist::decode(body)?;
-                if !ping.node.is_empty() && ping.node != self.me {
-                    return Ok(());
+                if let Some(ack) = self.ack_for(&ping) {
+                    let to = ping.source().unwrap_or(from);
+                    self.send_one(to, MessageType::Ack, &ack).await;
                 }
-                let to = ping.source().unwrap_or(from);
-                // As Serf's ping delegate: the ack carries this agent's coordinate.
-                let ack = Ack {
-                    seq_no: ping.seq_no,
-                    payload: self
-                        .vivaldi
-                        .as_ref()
-                        .map(|v| memberlist::coordinate_payload(v.coordinate()))
-                        .unwrap_or_default(),
-                };
-                self.send_one(to, MessageType::Ack, &ack).await;
             }
             MessageType::IndirectPing => {
                 let ask: IndirectPing = memberlist::decode(body)?;
@@ -951,6 +961,8 @@ impl Wire {
             return;
         };
         if probe.acked {
+            // An ack over TCP left the UDP waiter behind.
+            self.waiters.remove(&probe.seq);
             self.probe = None;
             return;
         }
@@ -998,6 +1010,48 @@ impl Wire {
         for helper in chosen {
             self.send_one(helper, MessageType::IndirectPing, &ask).await;
         }
+        self.tcp_probe(&ask.node, addr, seq, now);
+    }
+
+    /// Memberlist's fallback: the same ping on a TCP stream, alongside the indirect ones, to
+    /// members that speak protocol 3 or later; its ack counts as the probe's.
+    fn tcp_probe(&self, target: &str, addr: SocketAddr, seq: u32, now: Instant) {
+        let speaks_tcp_pings = self
+            .nodes
+            .get(target)
+            .is_some_and(|n| n.vsn.get(1).is_some_and(|&max| max >= 3));
+        let Some(probe) = self.probe.as_ref().filter(|_| speaks_tcp_pings) else {
+            return;
+        };
+        let patience = probe.deadline.saturating_duration_since(now);
+        let ping = self.ping_to(target, seq);
+        let keyring = self.keyring.clone();
+        let inbound = self.inbound.clone();
+        tokio::spawn(async move {
+            match stream::ping(addr, &ping, keyring.as_ref(), patience).await {
+                Ok(ack) if ack.seq_no == seq => {
+                    let _ = inbound.send(Inbound::TcpAcked(seq));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%addr, "TCP fallback probe failed: {e}"),
+            }
+        });
+    }
+
+    /// The ack to a ping: this agent's coordinate in it, as Serf's ping delegate puts it;
+    /// none for a ping meant for another node.
+    fn ack_for(&self, ping: &Ping) -> Option<Ack> {
+        if !ping.node.is_empty() && ping.node != self.me {
+            return None;
+        }
+        Some(Ack {
+            seq_no: ping.seq_no,
+            payload: self
+                .vivaldi
+                .as_ref()
+                .map(|v| memberlist::coordinate_payload(v.coordinate()))
+                .unwrap_or_default(),
+        })
     }
 
     /// This agent's state for a push-pull.
@@ -1068,6 +1122,24 @@ impl Wire {
                 self.merge(theirs, our_join);
                 if let Some(joined) = joined {
                     let _ = joined.send(());
+                }
+            }
+            Inbound::Pinged(ping, answer) => {
+                // Memberlist's stream ack carries no payload: no round trip is timed over TCP.
+                let ack = self.ack_for(&ping).map(|ack| Ack {
+                    payload: Vec::new(),
+                    ..ack
+                });
+                let _ = answer.send(ack);
+            }
+            Inbound::TcpAcked(seq) => {
+                if let Some(probe) = self.probe.as_mut().filter(|p| p.seq == seq) {
+                    // As memberlist: the member is up, but UDP to it is not getting through.
+                    tracing::warn!(
+                        "was able to connect to {} over TCP but UDP probes failed, network may be misconfigured",
+                        probe.target
+                    );
+                    probe.acked = true;
                 }
             }
         }
