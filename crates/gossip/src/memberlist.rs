@@ -313,9 +313,10 @@ pub struct SerfPushPull {
     pub left_members: Vec<String>,
     #[serde(rename = "EventLTime")]
     pub event_ltime: u64,
-    /// Recent user events, kept as msgpack values (Serf's `userEvents`).
+    /// The user events the sender remembers, by Lamport time (Serf sends its whole event
+    /// buffer, empty slots as nil).
     #[serde(deserialize_with = "nil_default")]
-    pub events: Vec<opaque::Opaque>,
+    pub events: Vec<Option<SerfUserEvents>>,
     #[serde(rename = "QueryLTime")]
     pub query_ltime: u64,
 }
@@ -776,6 +777,26 @@ pub struct SerfUserEvent {
     pub cc: bool,
 }
 
+/// The user events of one Lamport time, as Serf keeps them (its `userEvents`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfUserEvents {
+    #[serde(rename = "LTime")]
+    pub ltime: u64,
+    #[serde(rename = "Events", deserialize_with = "nil_default")]
+    pub events: Vec<SerfEventItem>,
+}
+
+/// One remembered user event (Serf's `userEvent`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SerfEventItem {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Payload", with = "bytes_or_nil")]
+    pub payload: Vec<u8>,
+}
+
 /// A member's intent to join, with the Lamport time of its status.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -1192,26 +1213,6 @@ mod bytes_or_nil {
 
 fn is_zero(value: &u16) -> bool {
     *value == 0
-}
-
-/// A msgpack value read and dropped (fields kept opaque for now).
-mod opaque {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Debug, Clone, Default, PartialEq)]
-    pub struct Opaque;
-
-    impl<'de> Deserialize<'de> for Opaque {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Opaque, D::Error> {
-            serde::de::IgnoredAny::deserialize(deserializer).map(|_| Opaque)
-        }
-    }
-
-    impl Serialize for Opaque {
-        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            serializer.serialize_unit()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -842,6 +842,62 @@ fn deaf_member() -> std::net::SocketAddr {
     addr
 }
 
+#[test]
+fn join_replay_delivers_the_events_either_kind_remembers() {
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    cluster.start(Kind::Serf, "s1", None);
+    let mut fired = Vec::new();
+    for _ in 0..3 {
+        fire(&cluster, &mut fired, "s1");
+    }
+    let fresh = || {
+        (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    };
+    // A Phoenix agent joining a Serf agent with -replay gets the events it remembers; one
+    // joining without does not.
+    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), fresh(), &["-replay"]);
+    cluster.start(Kind::Phoenix, "p2", Some("s1"));
+    wait_for("p1's replayed events", Duration::from_secs(20), || {
+        user_events(&cluster.records("p1").join("\n")) == fired
+    });
+    let three: BTreeMap<String, &str> = ["s1", "p1", "p2"]
+        .iter()
+        .map(|n| (n.to_string(), "alive"))
+        .collect();
+    cluster.settle(&three, "p2 joined");
+    assert_eq!(
+        user_events(&cluster.records("p2").join("\n")),
+        Vec::<String>::new()
+    );
+    // And a Serf agent joining the Phoenix agent with -replay gets them from its buffer.
+    cluster.start_at(Kind::Serf, "s2", Some("p1"), fresh(), &["-replay"]);
+    wait_for("s2's replayed events", Duration::from_secs(20), || {
+        user_events(&cluster.records("s2").join("\n")) == fired
+    });
+    // `serf join -replay` through the RPC does the same for an agent already running.
+    cluster.cli("p2", &["join", "-replay", &cluster.agents["s1"].gossip]);
+    wait_for("p2's replayed events", Duration::from_secs(20), || {
+        user_events(&cluster.records("p2").join("\n")) == fired
+    });
+    // A new event reaches everyone once, replayed or not.
+    fire(&cluster, &mut fired, "p2");
+    for name in ["s1", "p1", "p2", "s2"] {
+        wait_for(&format!("{name}'s events"), Duration::from_secs(20), || {
+            let got = user_events(&cluster.records(name).join("\n"));
+            got.len() >= fired.len() && got.ends_with(&fired[3..])
+        });
+        let got = user_events(&cluster.records(name).join("\n"));
+        assert_eq!(got.len(), fired.len(), "{name}: {got:?}");
+    }
+}
+
 /// Fires the next numbered user event through `through`.
 fn fire(cluster: &Cluster, fired: &mut Vec<String>, through: &str) {
     let name = format!("e{:03}", fired.len());

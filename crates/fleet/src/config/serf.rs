@@ -392,13 +392,6 @@ impl SerfConfig {
                  memberlist's and Serf's protocol (what `serf agent` speaks), or \"phoenix\"",
             ));
         }
-        if self.replay_on_join && protocol(&self.protocol)? == phoenix_gossip::Protocol::Serf {
-            return Err(unsupported(
-                "replay_on_join",
-                "with protocol \"serf\", the events a Serf agent keeps are not replayed yet: \
-                 join without -replay",
-            ));
-        }
         if self.enable_syslog {
             return Err(unsupported(
                 "enable_syslog",
@@ -711,10 +704,6 @@ mod tests {
             (r#"{"discover": "cluster"}"#, "`discover`"),
             (r#"{"mdns": {"interface": "eth0"}}"#, "`mdns`"),
             (r#"{"protocol": 4}"#, "`protocol`"),
-            (
-                r#"{"protocol": "serf", "replay_on_join": true}"#,
-                "`replay_on_join`",
-            ),
             (r#"{"enable_syslog": true}"#, "`enable_syslog`"),
             (r#"{"statsd_addr": "127.0.0.1:8125"}"#, "`statsd_addr`"),
             (
@@ -732,7 +721,9 @@ mod tests {
             "enable_compression": true, "disable_name_resolution": true,
             "broadcast_timeout": "5s", "MsgpackUseNewTimeFormat": true, "node_name": "n"}"#;
         json(accepted).resolve().unwrap();
-        json(r#"{"replay_on_join": true}"#).resolve().unwrap();
+        json(r#"{"replay_on_join": true, "protocol": "serf"}"#)
+            .resolve()
+            .unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! state with a random member every 30 s, and keeps Serf's three Lamport clocks, join and leave
 //! intents, user events and queries.
 
+mod events;
 mod nodes;
 mod queue;
 mod stream;
@@ -38,7 +39,7 @@ use crate::keyring::{Key, Keyring};
 use crate::memberlist::{
     self, Ack, Dead, IndirectPing, MessageType, Nack, Ping, PushPull, SerfJoin, SerfKeyRequest,
     SerfKeyResponse, SerfLeave, SerfMessage, SerfMessageType, SerfPushPull, SerfQuery,
-    SerfQueryResponse, SerfUserEvent, Suspect,
+    SerfQueryResponse, SerfUserEvent, SerfUserEvents, Suspect,
 };
 use crate::query::{KeyAnswer, Outgoing, QueryEvent, QueryHandle, QueryParams, QueryReply};
 use crate::snapshot::Snapshot;
@@ -130,6 +131,16 @@ struct Asked {
     responded: bool,
 }
 
+/// Why this agent starts a push-pull.
+enum Pull {
+    /// The periodic anti-entropy sync, or a reconnect.
+    Sync,
+    /// A join: the cluster's past events are not delivered; `joined` hears it is done.
+    Join(oneshot::Sender<()>),
+    /// `join -replay`: the events the member remembers are delivered, unless seen here.
+    Replay(oneshot::Sender<Result<(), GossipError>>),
+}
+
 /// What the TCP tasks hand back.
 enum Inbound {
     /// A peer's push-pull, to merge; our state goes back on `answer`.
@@ -139,8 +150,8 @@ enum Inbound {
     Pinged(Ping, oneshot::Sender<Option<Ack>>),
     /// The ack to our own fallback probe with this sequence number.
     TcpAcked(u32),
-    /// The answer to our push-pull (`joined` waits on a join).
-    Pulled(PushPull, Option<oneshot::Sender<()>>),
+    /// The answer to our push-pull, and why we sent it.
+    Pulled(PushPull, Pull),
 }
 
 struct Wire {
@@ -155,6 +166,8 @@ struct Wire {
     event_clock: LamportClock,
     query_clock: LamportClock,
     events_seen: Window,
+    /// The user events of the last 512 Lamport times, for push-pulls.
+    event_buffer: events::EventBuffer,
     queries_seen: Window,
     /// User events at or before this time are not delivered (set by a join, as Serf's
     /// `eventMinTime`, so a joiner does not replay the cluster's past).
@@ -222,6 +235,7 @@ pub(super) async fn start(config: AgentConfig) -> Result<Agent, GossipError> {
         event_clock: LamportClock::default(),
         query_clock: LamportClock::default(),
         events_seen: Window::default(),
+        event_buffer: events::EventBuffer::default(),
         queries_seen: Window::default(),
         event_min: 0,
         intents: HashMap::new(),
@@ -570,7 +584,7 @@ impl Wire {
             }
             SerfMessage::UserEvent(event) => {
                 self.event_clock.witness(event.ltime);
-                if self.take_event(&event) {
+                if self.take_event(&event, false) {
                     self.broadcast_serf(SerfMessageType::UserEvent, &event);
                 }
             }
@@ -669,14 +683,23 @@ impl Wire {
     }
 
     /// A user event: delivered once, unless from before this agent joined.
-    fn take_event(&mut self, event: &SerfUserEvent) -> bool {
-        if event.ltime <= self.event_min {
+    /// Delivers a user event not seen before (`replay`: even one from before this agent
+    /// joined); false when it is not news.
+    fn take_event(&mut self, event: &SerfUserEvent, replay: bool) -> bool {
+        if event.ltime <= self.event_min && !replay {
+            return false;
+        }
+        // As Serf: older than the event buffer reaches is too old to tell.
+        let now = self.event_clock.time();
+        if now > events::EVENT_BUFFER && event.ltime < now - events::EVENT_BUFFER {
             return false;
         }
         let key = (event.ltime, event.name.clone(), event.payload.clone());
         if !self.events_seen.accept(key) {
             return false;
         }
+        self.event_buffer
+            .record(event.ltime, &event.name, &event.payload);
         self.publish(Event::User(UserEvent {
             ltime: event.ltime,
             name: event.name.clone(),
@@ -1071,7 +1094,7 @@ impl Wire {
                 .map(|n| n.name.clone())
                 .collect(),
             event_ltime: self.event_clock.time(),
-            events: Vec::new(),
+            events: self.event_buffer.recent(),
             query_ltime: self.query_clock.time(),
         };
         PushPull {
@@ -1081,8 +1104,9 @@ impl Wire {
         }
     }
 
-    /// Memberlist's and Serf's `mergeRemoteState`.
-    fn merge(&mut self, remote: PushPull, our_join: bool) {
+    /// Memberlist's and Serf's `mergeRemoteState`: nodes, intents, clocks, then the events
+    /// the member remembers (none after our own join, all for a replay).
+    fn merge(&mut self, remote: PushPull, our_join: bool, replay: bool) {
         let now = Instant::now();
         let suspicion = self.timing.suspicion(self.nodes.up_count());
         for outcome in self.nodes.merge(&remote.nodes, now, suspicion) {
@@ -1109,20 +1133,35 @@ impl Wire {
         }
         self.event_clock.witness(serf.event_ltime.saturating_sub(1));
         self.query_clock.witness(serf.query_ltime.saturating_sub(1));
+        let mut remembered: Vec<SerfUserEvents> = serf.events.into_iter().flatten().collect();
+        remembered.sort_by_key(|events| events.ltime);
+        for events in remembered {
+            for item in events.events {
+                let event = SerfUserEvent {
+                    ltime: events.ltime,
+                    name: item.name,
+                    payload: item.payload,
+                    cc: false,
+                };
+                self.take_event(&event, replay);
+            }
+        }
     }
 
     fn on_inbound(&mut self, message: Inbound) {
         match message {
             Inbound::Pushed(theirs, answer) => {
                 let _ = answer.send(self.local_state(false));
-                self.merge(theirs, false);
+                self.merge(theirs, false, false);
             }
-            Inbound::Pulled(theirs, joined) => {
-                let our_join = joined.is_some();
-                self.merge(theirs, our_join);
-                if let Some(joined) = joined {
-                    let _ = joined.send(());
-                }
+            Inbound::Pulled(theirs, Pull::Sync) => self.merge(theirs, false, false),
+            Inbound::Pulled(theirs, Pull::Join(joined)) => {
+                self.merge(theirs, true, false);
+                let _ = joined.send(());
+            }
+            Inbound::Pulled(theirs, Pull::Replay(done)) => {
+                self.merge(theirs, false, true);
+                let _ = done.send(Ok(()));
             }
             Inbound::Pinged(ping, answer) => {
                 // Memberlist's stream ack carries no payload: no round trip is timed over TCP.
@@ -1145,17 +1184,22 @@ impl Wire {
         }
     }
 
-    /// Starts a push-pull with `addr`; `joined` hears when it is done.
-    fn push_pull(&self, addr: SocketAddr, joined: Option<oneshot::Sender<()>>) {
-        let ours = self.local_state(joined.is_some());
+    /// Starts a push-pull with `addr`; the agent merges the answer as `why` says.
+    fn push_pull(&self, addr: SocketAddr, why: Pull) {
+        let ours = self.local_state(matches!(why, Pull::Join(_)));
         let keyring = self.keyring.clone();
         let inbound = self.inbound.clone();
         tokio::spawn(async move {
             match stream::exchange(addr, &ours, keyring.as_ref()).await {
                 Ok(theirs) => {
-                    let _ = inbound.send(Inbound::Pulled(theirs, joined));
+                    let _ = inbound.send(Inbound::Pulled(theirs, why));
                 }
-                Err(e) => tracing::warn!(%addr, "push-pull failed: {e}"),
+                Err(e) => {
+                    tracing::warn!(%addr, "push-pull failed: {e}");
+                    if let Pull::Replay(done) = why {
+                        let _ = done.send(Err(GossipError::NobodyAnswered(addr.to_string())));
+                    }
+                }
             }
         });
     }
@@ -1164,7 +1208,7 @@ impl Wire {
     fn sync_with_someone(&mut self) {
         let others: Vec<SocketAddr> = self.nodes.others_up().map(|n| n.addr).collect();
         if let Some(addr) = others.choose(&mut self.rng) {
-            self.push_pull(*addr, None);
+            self.push_pull(*addr, Pull::Sync);
         }
     }
 
@@ -1178,7 +1222,7 @@ impl Wire {
             .map(|n| n.addr)
             .collect();
         if let Some(addr) = failed.choose(&mut self.rng) {
-            self.push_pull(*addr, None);
+            self.push_pull(*addr, Pull::Sync);
         }
     }
 
@@ -1221,7 +1265,7 @@ impl Wire {
     async fn on_command(&mut self, command: Command) {
         let now = Instant::now();
         match command {
-            Command::Join(addr, joined) => self.push_pull(addr, Some(joined)),
+            Command::Join(addr, joined) => self.push_pull(addr, Pull::Join(joined)),
             Command::Members(reply) => {
                 let _ = reply.send(self.nodes.iter().map(|n| n.member()).collect());
             }
@@ -1250,12 +1294,7 @@ impl Wire {
             Command::Respond(id, payload, reply) => {
                 let _ = reply.send(self.respond(id, payload, now).await);
             }
-            // Serf's events in a push-pull are not read yet: nothing to replay.
-            Command::Replay(_, reply) => {
-                let _ = reply.send(Err(GossipError::Unsupported(
-                    "join -replay with protocol = \"serf\"".into(),
-                )));
-            }
+            Command::Replay(addr, reply) => self.push_pull(addr, Pull::Replay(reply)),
             Command::Coordinate(node, reply) => {
                 let _ = reply.send(self.coordinate_of(&node));
             }
@@ -1279,7 +1318,7 @@ impl Wire {
             payload,
             cc: coalesce,
         };
-        self.take_event(&event);
+        self.take_event(&event, false);
         self.broadcast_serf(SerfMessageType::UserEvent, &event);
         Ok(event.ltime)
     }
