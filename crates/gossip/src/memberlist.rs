@@ -987,6 +987,26 @@ pub fn read_coordinate_payload(payload: &[u8]) -> Option<crate::coordinate::Coor
     })
 }
 
+/// A member as Serf describes it to others (its `Member`), in answers to its name-conflict
+/// query. `Status` is Serf's number: 1 alive, 2 leaving, 3 left, 4 failed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct SerfMember {
+    pub name: String,
+    #[serde(with = "bytes_or_nil")]
+    pub addr: Vec<u8>,
+    pub port: u16,
+    #[serde(deserialize_with = "nil_default")]
+    pub tags: BTreeMap<String, String>,
+    pub status: u8,
+    pub protocol_min: u8,
+    pub protocol_max: u8,
+    pub protocol_cur: u8,
+    pub delegate_min: u8,
+    pub delegate_max: u8,
+    pub delegate_cur: u8,
+}
+
 /// The payload of Serf's keyring queries (`_serf_install-key`, `use-key`, `remove-key`):
 /// the raw key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -805,6 +805,55 @@ fn a_member_udp_cannot_reach_stays_alive_through_tcp_probes_of_both_kinds() {
     );
 }
 
+#[test]
+fn phoenix_agents_vote_in_a_serf_agents_name_conflict() {
+    use phoenix_gossip::memberlist::{self, NodeState, PushNodeState, PushPull};
+    let Some(serf) = serf_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(serf, dir.path());
+    cluster.start(Kind::Serf, "s1", None);
+    cluster.start(Kind::Serf, "s2", Some("s1"));
+    cluster.start(Kind::Phoenix, "p1", Some("s1"));
+    cluster.start(Kind::Phoenix, "p2", Some("s2"));
+    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
+        .iter()
+        .map(|n| (n.to_string(), "alive"))
+        .collect();
+    cluster.settle(&everyone, "joined");
+    // Someone else claims s1's name from another address: s1 asks the cluster where s1 is,
+    // and every other member (Phoenix agents included) answers with s1's real address.
+    let impostor = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = impostor.local_addr().unwrap();
+    let push = PushPull {
+        join: false,
+        nodes: vec![PushNodeState {
+            name: "s1".into(),
+            addr: memberlist::ip_bytes(addr.ip()),
+            port: addr.port(),
+            meta: memberlist::encode_tags(&BTreeMap::new()).unwrap(),
+            incarnation: 1000,
+            state: NodeState::Alive,
+            vsn: vec![1, 5, 2, 2, 5, 4],
+        }],
+        serf: None,
+    };
+    let mut conn = std::net::TcpStream::connect(&cluster.agents["s1"].gossip).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    memberlist::write_push_pull(&mut conn, &push, "", None).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = memberlist::read_push_pull(&mut conn, None);
+    let log = dir.path().join("s1.log");
+    wait_for("s1's vote", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("majority in name conflict resolution [3 / 3]")
+    });
+    cluster.settle(&everyone, "s1 stays");
+}
+
 /// A member that never reads UDP and acks every ping sent to it on TCP; its address.
 fn deaf_member() -> std::net::SocketAddr {
     use phoenix_gossip::memberlist::{self, Ack, MessageType, StreamMessage};

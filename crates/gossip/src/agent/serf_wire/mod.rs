@@ -792,8 +792,12 @@ impl Wire {
     }
 
     /// Serf's answer to one of its internal queries: the keyring ones change or list this
-    /// agent's keys; `ping` is answered by its ack alone; others (`conflict`) get none.
+    /// agent's keys, `conflict` says where this agent knows the node named, `ping` is
+    /// answered by its ack alone.
     fn answer_internal(&mut self, verb: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        if verb == "conflict" {
+            return self.answer_conflict(payload);
+        }
         let op = match verb {
             "list-keys" => Ok(KeyOp::List),
             "install-key" | "use-key" | "remove-key" => {
@@ -831,6 +835,38 @@ impl Wire {
             },
         };
         memberlist::encode_serf_payload(SerfMessageType::KeyResponse, &response).ok()
+    }
+
+    /// Serf's name-conflict vote: this agent's view of the node named (nil when unknown); a
+    /// question about itself gets no answer, as in Serf.
+    fn answer_conflict(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        let name = std::str::from_utf8(payload).ok()?;
+        if name == self.me {
+            return None;
+        }
+        let member = self.nodes.get(name).map(|node| {
+            let status = match node.status() {
+                _ if node.leaving && !node.dead_or_left() => 2,
+                super::Status::Alive | super::Status::Suspect => 1,
+                super::Status::Left => 3,
+                super::Status::Failed => 4,
+            };
+            let vsn = |i: usize| node.vsn.get(i).copied().unwrap_or(0);
+            memberlist::SerfMember {
+                name: node.name.clone(),
+                addr: memberlist::ip_bytes(node.addr.ip()),
+                port: node.addr.port(),
+                tags: node.tags.clone(),
+                status,
+                protocol_min: vsn(0),
+                protocol_max: vsn(1),
+                protocol_cur: vsn(2),
+                delegate_min: vsn(3),
+                delegate_max: vsn(4),
+                delegate_cur: vsn(5),
+            }
+        });
+        memberlist::encode_serf_payload(SerfMessageType::ConflictResponse, &member).ok()
     }
 
     /// Changes this agent's keyring (and its file), and the TCP listener's with it.
