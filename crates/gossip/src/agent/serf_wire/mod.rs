@@ -817,7 +817,8 @@ impl Wire {
             _ => return None,
         };
         let listing = verb == "list-keys";
-        let response = match op.and_then(|op| self.change_keys(op).map_err(serf_key_message)) {
+        let refused = |error| serf_key_message(error, listing);
+        let response = match op.and_then(|op| self.change_keys(op).map_err(refused)) {
             // Serf lists the keys only when asked to.
             Ok(keys) if listing => SerfKeyResponse {
                 result: true,
@@ -1477,9 +1478,10 @@ impl Wire {
     }
 }
 
-/// Serf's words for a keyring change refused here.
-fn serf_key_message(error: GossipError) -> String {
+/// Serf's words for a keyring query refused here (`listing`: a `list-keys`).
+fn serf_key_message(error: GossipError, listing: bool) -> String {
     match error {
+        GossipError::NotEncrypted if listing => "Keyring is empty (encryption not enabled)".into(),
         GossipError::NotEncrypted => "No keyring to modify (encryption not enabled)".into(),
         other => other.to_string(),
     }
