@@ -217,11 +217,9 @@ impl Cluster {
 
 #[test]
 fn five_serf_and_five_phoenix_agents_share_one_cluster() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((_dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     // Each agent joins through one of the other kind: s1 ← p1 ← s2 ← p2 …
     let mut previous: Option<String> = None;
     let mut names = Vec::new();
@@ -364,11 +362,9 @@ fn five_serf_and_five_phoenix_agents_share_one_cluster() {
 
 #[test]
 fn a_serf_cluster_migrates_to_phoenix_one_agent_at_a_time_under_events() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     // Sealed with a key from Serf's keyring: every packet and push-pull, both kinds.
     let key = phoenix_gossip::Key::generate().unwrap().to_base64();
     cluster.common = vec!["-encrypt".into(), key];
@@ -438,11 +434,9 @@ fn a_serf_cluster_migrates_to_phoenix_one_agent_at_a_time_under_events() {
 
 #[test]
 fn a_phoenix_agent_on_serfs_wire_rejoins_from_its_snapshot_with_its_tags() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     cluster.start(Kind::Serf, "s1", None);
     cluster.start(Kind::Serf, "s2", Some("s1"));
     let snapshot = dir.path().join("p1.snapshot");
@@ -455,10 +449,7 @@ fn a_phoenix_agent_on_serfs_wire_rejoins_from_its_snapshot_with_its_tags() {
     );
     let flags = ["-snapshot", snapshot, "-tags-file", tags_file];
     cluster.start_at(Kind::Phoenix, "p1", Some("s1"), addresses.clone(), &flags);
-    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1"]
-        .iter()
-        .map(|n| (n.to_string(), "alive"))
-        .collect();
+    let everyone = all_alive(&["s1", "s2", "p1"]);
     cluster.settle(&everyone, "joined");
     cluster.cli("p1", &["tags", "-set", "color=blue"]);
     let tags_seen = |cluster: &Cluster, by: &str| {
@@ -527,11 +518,9 @@ fn a_phoenix_agent_on_serfs_wire_rejoins_from_its_snapshot_with_its_tags() {
 
 #[test]
 fn keys_rotate_across_serf_and_phoenix_agents_from_either_kind() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     let old = phoenix_gossip::Key::generate().unwrap().to_base64();
     let new = phoenix_gossip::Key::generate().unwrap().to_base64();
     let keyring_file = dir.path().join("p2.keyring");
@@ -539,21 +528,12 @@ fn keys_rotate_across_serf_and_phoenix_agents_from_either_kind() {
     std::fs::set_permissions(&keyring_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let keyring_flags = ["-keyring-file", keyring_file.to_str().unwrap()];
     let sealed = ["-encrypt", old.as_str()];
-    let fresh = || {
-        (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        )
-    };
-    cluster.start_at(Kind::Serf, "s1", None, fresh(), &sealed);
-    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh(), &sealed);
-    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), fresh(), &sealed);
-    let p2 = fresh();
+    cluster.start_at(Kind::Serf, "s1", None, fresh_addresses(), &sealed);
+    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh_addresses(), &sealed);
+    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), fresh_addresses(), &sealed);
+    let p2 = fresh_addresses();
     cluster.start_at(Kind::Phoenix, "p2", Some("s2"), p2.clone(), &keyring_flags);
-    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
-        .iter()
-        .map(|n| (n.to_string(), "alive"))
-        .collect();
+    let everyone = all_alive(&["s1", "s2", "p1", "p2"]);
     cluster.settle(&everyone, "sealed with the old key");
 
     // Installed through a Serf agent, made primary through a Phoenix one, the old key removed
@@ -594,11 +574,9 @@ fn keys_rotate_across_serf_and_phoenix_agents_from_either_kind() {
 
 #[test]
 fn serf_rtt_estimates_round_trips_between_both_kinds() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((_dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     cluster.start(Kind::Serf, "s1", None);
     cluster.start(Kind::Serf, "s2", Some("s1"));
     cluster.start(Kind::Phoenix, "p1", Some("s1"));
@@ -630,26 +608,15 @@ fn serf_rtt_estimates_round_trips_between_both_kinds() {
 
 #[test]
 fn query_answers_are_relayed_through_both_kinds() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
-    let fresh = || {
-        (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        )
     };
     let debug = ["-log-level", "debug"];
     cluster.start(Kind::Serf, "s1", None);
-    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh(), &debug);
+    cluster.start_at(Kind::Serf, "s2", Some("s1"), fresh_addresses(), &debug);
     cluster.start(Kind::Phoenix, "p1", Some("s1"));
-    cluster.start_at(Kind::Phoenix, "p2", Some("s2"), fresh(), &debug);
-    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
-        .iter()
-        .map(|n| (n.to_string(), "alive"))
-        .collect();
+    cluster.start_at(Kind::Phoenix, "p2", Some("s2"), fresh_addresses(), &debug);
+    let everyone = all_alive(&["s1", "s2", "p1", "p2"]);
     cluster.settle(&everyone, "joined");
     // With a relay factor of 3, the one answering sends its ack and answer through all three
     // others too: the asker still counts each once.
@@ -695,25 +662,17 @@ fn query_answers_are_relayed_through_both_kinds() {
 #[test]
 fn tcp_fallback_pings_are_acked_by_both_kinds_sealed_or_not() {
     use phoenix_gossip::memberlist::{self, MessageType, Ping, StreamMessage};
-    let Some(serf) = serf_or_skip() else {
+    let Some((_dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     let key = phoenix_gossip::Key::generate().unwrap();
     let keyring = phoenix_gossip::Keyring::new(key.clone());
     let encoded = key.to_base64();
-    let fresh = || {
-        (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        )
-    };
     let sealed = ["-encrypt", encoded.as_str()];
     cluster.start(Kind::Serf, "s1", None);
     cluster.start(Kind::Phoenix, "p1", None);
-    cluster.start_at(Kind::Serf, "s2", None, fresh(), &sealed);
-    cluster.start_at(Kind::Phoenix, "p2", None, fresh(), &sealed);
+    cluster.start_at(Kind::Serf, "s2", None, fresh_addresses(), &sealed);
+    cluster.start_at(Kind::Phoenix, "p2", None, fresh_addresses(), &sealed);
     // Memberlist's fallback probe: a ping on a TCP stream gets its ack on the same stream
     // (without a coordinate: nothing is timed over TCP); a ping meant for another node gets
     // none.
@@ -746,12 +705,9 @@ fn tcp_fallback_pings_are_acked_by_both_kinds_sealed_or_not() {
 
 #[test]
 fn a_member_udp_cannot_reach_stays_alive_through_tcp_probes_of_both_kinds() {
-    use phoenix_gossip::memberlist::{self, NodeState, PushNodeState, PushPull, SerfPushPull};
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     cluster.start(Kind::Serf, "s1", None);
     cluster.start(Kind::Phoenix, "p1", Some("s1"));
     // Two members the test plays: both ignore UDP; "deaf" answers pings on TCP, "gone" does
@@ -759,29 +715,7 @@ fn a_member_udp_cannot_reach_stays_alive_through_tcp_probes_of_both_kinds() {
     let deaf = deaf_member();
     let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for (name, addr) in [("deaf", deaf), ("gone", gone.local_addr().unwrap())] {
-        let push = PushPull {
-            join: true,
-            nodes: vec![PushNodeState {
-                name: name.into(),
-                addr: memberlist::ip_bytes(addr.ip()),
-                port: addr.port(),
-                meta: memberlist::encode_tags(&BTreeMap::new()).unwrap(),
-                incarnation: 1,
-                state: NodeState::Alive,
-                vsn: vec![1, 5, 2, 2, 5, 4],
-            }],
-            serf: Some(SerfPushPull {
-                ltime: 1,
-                status_ltimes: BTreeMap::from([(name.to_string(), 1)]),
-                ..SerfPushPull::default()
-            }),
-        };
-        let mut conn = std::net::TcpStream::connect(&cluster.agents["s1"].gossip).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        memberlist::write_push_pull(&mut conn, &push, "", None).unwrap();
-        conn.shutdown(std::net::Shutdown::Write).unwrap();
-        memberlist::read_push_pull(&mut conn, None).unwrap();
+        announce(&cluster, "s1", name, addr, 1, true);
     }
     // Both agents probe both: "gone" fails everywhere, "deaf" stays alive on the strength of
     // its TCP acks alone.
@@ -807,44 +741,26 @@ fn a_member_udp_cannot_reach_stays_alive_through_tcp_probes_of_both_kinds() {
 
 #[test]
 fn phoenix_agents_vote_in_a_serf_agents_name_conflict() {
-    use phoenix_gossip::memberlist::{self, NodeState, PushNodeState, PushPull};
-    let Some(serf) = serf_or_skip() else {
+    let Some((dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     cluster.start(Kind::Serf, "s1", None);
     cluster.start(Kind::Serf, "s2", Some("s1"));
     cluster.start(Kind::Phoenix, "p1", Some("s1"));
     cluster.start(Kind::Phoenix, "p2", Some("s2"));
-    let everyone: BTreeMap<String, &str> = ["s1", "s2", "p1", "p2"]
-        .iter()
-        .map(|n| (n.to_string(), "alive"))
-        .collect();
+    let everyone = all_alive(&["s1", "s2", "p1", "p2"]);
     cluster.settle(&everyone, "joined");
     // Someone else claims s1's name from another address: s1 asks the cluster where s1 is,
     // and every other member (Phoenix agents included) answers with s1's real address.
     let impostor = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = impostor.local_addr().unwrap();
-    let push = PushPull {
-        join: false,
-        nodes: vec![PushNodeState {
-            name: "s1".into(),
-            addr: memberlist::ip_bytes(addr.ip()),
-            port: addr.port(),
-            meta: memberlist::encode_tags(&BTreeMap::new()).unwrap(),
-            incarnation: 1000,
-            state: NodeState::Alive,
-            vsn: vec![1, 5, 2, 2, 5, 4],
-        }],
-        serf: None,
-    };
-    let mut conn = std::net::TcpStream::connect(&cluster.agents["s1"].gossip).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    memberlist::write_push_pull(&mut conn, &push, "", None).unwrap();
-    conn.shutdown(std::net::Shutdown::Write).unwrap();
-    let _ = memberlist::read_push_pull(&mut conn, None);
+    announce(
+        &cluster,
+        "s1",
+        "s1",
+        impostor.local_addr().unwrap(),
+        1000,
+        false,
+    );
     let log = dir.path().join("s1.log");
     wait_for("s1's vote", Duration::from_secs(20), || {
         std::fs::read_to_string(&log)
@@ -893,40 +809,41 @@ fn deaf_member() -> std::net::SocketAddr {
 
 #[test]
 fn join_replay_delivers_the_events_either_kind_remembers() {
-    let Some(serf) = serf_or_skip() else {
+    let Some((_dir, mut cluster)) = cluster_or_skip() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(serf, dir.path());
     cluster.start(Kind::Serf, "s1", None);
     let mut fired = Vec::new();
     for _ in 0..3 {
         fire(&cluster, &mut fired, "s1");
     }
-    let fresh = || {
-        (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        )
-    };
     // A Phoenix agent joining a Serf agent with -replay gets the events it remembers; one
     // joining without does not.
-    cluster.start_at(Kind::Phoenix, "p1", Some("s1"), fresh(), &["-replay"]);
+    cluster.start_at(
+        Kind::Phoenix,
+        "p1",
+        Some("s1"),
+        fresh_addresses(),
+        &["-replay"],
+    );
     cluster.start(Kind::Phoenix, "p2", Some("s1"));
     wait_for("p1's replayed events", Duration::from_secs(20), || {
         user_events(&cluster.records("p1").join("\n")) == fired
     });
-    let three: BTreeMap<String, &str> = ["s1", "p1", "p2"]
-        .iter()
-        .map(|n| (n.to_string(), "alive"))
-        .collect();
+    let three = all_alive(&["s1", "p1", "p2"]);
     cluster.settle(&three, "p2 joined");
     assert_eq!(
         user_events(&cluster.records("p2").join("\n")),
         Vec::<String>::new()
     );
     // And a Serf agent joining the Phoenix agent with -replay gets them from its buffer.
-    cluster.start_at(Kind::Serf, "s2", Some("p1"), fresh(), &["-replay"]);
+    cluster.start_at(
+        Kind::Serf,
+        "s2",
+        Some("p1"),
+        fresh_addresses(),
+        &["-replay"],
+    );
     wait_for("s2's replayed events", Duration::from_secs(20), || {
         user_events(&cluster.records("s2").join("\n")) == fired
     });
@@ -945,6 +862,63 @@ fn join_replay_delivers_the_events_either_kind_remembers() {
         let got = user_events(&cluster.records(name).join("\n"));
         assert_eq!(got.len(), fired.len(), "{name}: {got:?}");
     }
+}
+
+/// A cluster in a fresh directory; `None` (the test is skipped) without Debian's `serf`.
+fn cluster_or_skip() -> Option<(tempfile::TempDir, Cluster)> {
+    let serf = serf_or_skip()?;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(serf, dir.path());
+    Some((dir, cluster))
+}
+
+/// A gossip and an RPC address on loopback, free now.
+fn fresh_addresses() -> (String, String) {
+    (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    )
+}
+
+/// Every one of `names`, alive.
+fn all_alive(names: &[&str]) -> BTreeMap<String, &'static str> {
+    names.iter().map(|n| (n.to_string(), "alive")).collect()
+}
+
+/// Tells `agent` by a push-pull that `node` is alive at `addr` with `incarnation`, as a
+/// member the test plays (`join`: as its join, with Serf's state).
+fn announce(
+    cluster: &Cluster,
+    agent: &str,
+    node: &str,
+    addr: std::net::SocketAddr,
+    incarnation: u32,
+    join: bool,
+) {
+    use phoenix_gossip::memberlist::{self, NodeState, PushNodeState, PushPull, SerfPushPull};
+    let push = PushPull {
+        join,
+        nodes: vec![PushNodeState {
+            name: node.into(),
+            addr: memberlist::ip_bytes(addr.ip()),
+            port: addr.port(),
+            meta: memberlist::encode_tags(&BTreeMap::new()).unwrap(),
+            incarnation,
+            state: NodeState::Alive,
+            vsn: vec![1, 5, 2, 2, 5, 4],
+        }],
+        serf: join.then(|| SerfPushPull {
+            ltime: 1,
+            status_ltimes: BTreeMap::from([(node.to_string(), 1)]),
+            ..SerfPushPull::default()
+        }),
+    };
+    let mut conn = std::net::TcpStream::connect(&cluster.agents[agent].gossip).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    memberlist::write_push_pull(&mut conn, &push, "", None).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = memberlist::read_push_pull(&mut conn, None);
 }
 
 /// Fires the next numbered user event through `through`.

@@ -273,12 +273,7 @@ impl Actor {
                 let _ = reply.send(self.fire(name, payload, coalesce));
             }
             Command::SetTags(tags, reply) => {
-                // As Serf: the file first, so a restart never loses a change others saw.
-                if let Some(path) = &self.tags_file
-                    && let Err(error) = crate::persist::save_tags(path, &tags)
-                {
-                    tracing::error!(%error, "cannot keep the tags");
-                }
+                keep_tags(self.tags_file.as_deref(), &tags);
                 let mut id = self.foca.identity().next();
                 id.tags = tags;
                 match self.foca.change_identity(id, &mut self.runtime) {
@@ -667,6 +662,16 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Writes the tags to the tags file (both agents), before others see them, as Serf: a
+/// restart never loses a change the cluster saw.
+fn keep_tags(file: Option<&std::path::Path>, tags: &BTreeMap<String, String>) {
+    if let Some(path) = file
+        && let Err(error) = crate::persist::save_tags(path, tags)
+    {
+        tracing::error!(%error, "cannot keep the tags");
     }
 }
 

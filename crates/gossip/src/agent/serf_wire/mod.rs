@@ -1310,12 +1310,7 @@ impl Wire {
                 let _ = reply.send(self.fire(name, payload, coalesce));
             }
             Command::SetTags(tags, reply) => {
-                // As Serf: the file first, so a restart never loses a change others saw.
-                if let Some(path) = &self.tags_file
-                    && let Err(error) = crate::persist::save_tags(path, &tags)
-                {
-                    tracing::error!(%error, "cannot keep the tags");
-                }
+                super::keep_tags(self.tags_file.as_deref(), &tags);
                 let outcome = self.nodes.set_my_tags(&tags);
                 self.apply(outcome);
                 let _ = reply.send(());
