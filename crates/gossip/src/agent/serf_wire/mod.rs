@@ -884,6 +884,16 @@ impl Wire {
             Ok(message) => message,
             Err(e) => return tracing::warn!("cannot encode a query response: {e}"),
         };
+        if to.relay_factor > 0 {
+            self.relay_response(to, &message).await;
+        }
+        self.send(to.addr, vec![message]).await;
+    }
+
+    /// Serf's `relayResponse`: the same message through `relay_factor` other members (alive,
+    /// speaking Serf's protocol 5), none unless there are that many to pick from.
+    async fn relay_response(&mut self, to: &ReplyTo, message: &[u8]) {
+        let factor = usize::from(to.relay_factor);
         let relays: Vec<SocketAddr> = self
             .nodes
             .others_up()
@@ -891,19 +901,17 @@ impl Wire {
             .filter(|n| n.vsn.get(4).is_some_and(|&max| max >= 5))
             .map(|n| n.addr)
             .collect();
-        let factor = usize::from(to.relay_factor);
-        // As Serf: no relays unless there are enough members to pick from.
-        if factor > 0 && relays.len() >= factor {
-            match memberlist::SerfRelay::wrap(to.addr, &to.node, &message) {
-                Ok(relayed) => {
-                    for through in pick(&mut self.rng, relays, factor) {
-                        self.send(through, vec![relayed.clone()]).await;
-                    }
-                }
-                Err(e) => tracing::warn!("cannot wrap a relayed response: {e}"),
-            }
+        if relays.len() < factor {
+            return;
         }
-        self.send(to.addr, vec![message]).await;
+        match memberlist::SerfRelay::wrap(to.addr, &to.node, message) {
+            Ok(relayed) => {
+                for through in pick(&mut self.rng, relays, factor) {
+                    self.send(through, vec![relayed.clone()]).await;
+                }
+            }
+            Err(e) => tracing::warn!("cannot wrap a relayed response: {e}"),
+        }
     }
 
     /// Probes the next member: directly, then (in `housekeeping`) through others.
