@@ -33,19 +33,22 @@ pub enum RollbackTo {
     Previous,
     /// The image of this generation of the role (it must have served).
     Generation(i64),
+    /// Digits only, as typed: the generation of that number if one of the role served, else
+    /// the image whose digest starts with them (a digest prefix can be all digits).
+    Numbered(String),
     /// An image by name, `name:tag`, digest or digest prefix.
     Image(String),
 }
 
 impl RollbackTo {
-    /// `--to` as written: a number is a generation, anything else an image.
+    /// `--to` as written: digits name a generation (or a digest prefix), anything else an image.
     pub fn parse(to: Option<&str>) -> RollbackTo {
         match to {
             None => RollbackTo::Previous,
-            Some(to) => match to.parse::<i64>() {
-                Ok(generation) => RollbackTo::Generation(generation),
-                Err(_) => RollbackTo::Image(to.to_string()),
-            },
+            Some(to) if !to.is_empty() && to.bytes().all(|b| b.is_ascii_digit()) => {
+                RollbackTo::Numbered(to.to_string())
+            }
+            Some(to) => RollbackTo::Image(to.to_string()),
         }
     }
 }
@@ -528,29 +531,40 @@ async fn rollback_image(
             (previous.image, from)
         }
         RollbackTo::Generation(id) => {
-            let id = *id;
-            let generation = inner
-                .db(move |s| s.generation(id))
-                .await?
-                .filter(|g| g.role == name && g.switched_at.is_some())
-                .ok_or_else(|| FleetError::NoSuchGeneration {
+            let generation = served_generation(inner, role, *id).await?.ok_or_else(|| {
+                FleetError::NoSuchGeneration {
                     role: role.name.clone(),
-                    generation: id,
-                })?;
+                    generation: *id,
+                }
+            })?;
             (generation.image, format!("the image of generation {id}"))
         }
-        RollbackTo::Image(reference) => {
-            let key = reference.clone();
-            let image = inner
-                .db(move |s| s.find_image(&key))
-                .await?
-                .ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
-            // An image named by hand may never have served: it passes the gate as a deploy
-            // of it would.
-            let fleet = inner.reload_fleet()?;
-            gate(inner, fleet, image.name, image.digest.clone()).await?;
-            (image.digest, format!("image {reference}"))
+        RollbackTo::Numbered(text) => {
+            let id = text.parse::<i64>().ok();
+            let served = match id {
+                Some(id) => served_generation(inner, role, id).await?,
+                None => None,
+            };
+            match (served, id) {
+                (Some(generation), Some(id)) => {
+                    (generation.image, format!("the image of generation {id}"))
+                }
+                _ => match (named_image(inner, text).await, id) {
+                    // Neither a generation nor an image: digits most likely meant a generation.
+                    (Err(FleetError::ImageNotFound(_)), Some(generation)) => {
+                        return Err(FleetError::NoSuchGeneration {
+                            role: role.name.clone(),
+                            generation,
+                        });
+                    }
+                    (found, _) => (found?, format!("image {text}")),
+                },
+            }
         }
+        RollbackTo::Image(reference) => (
+            named_image(inner, reference).await?,
+            format!("image {reference}"),
+        ),
     };
     if image == live_image {
         return Err(FleetError::AlreadyLive {
@@ -559,6 +573,32 @@ async fn rollback_image(
         });
     }
     Ok((image, from))
+}
+
+/// The generation `id` of the role, if it ever served.
+async fn served_generation(
+    inner: &Arc<Inner>,
+    role: &Role,
+    id: i64,
+) -> Result<Option<GenerationRow>, FleetError> {
+    let name = role.name.clone();
+    Ok(inner
+        .db(move |s| s.generation(id))
+        .await?
+        .filter(|g| g.role == name && g.switched_at.is_some()))
+}
+
+/// The digest of an image named by hand. It may never have served, so it passes the gate as a
+/// deploy of it would.
+async fn named_image(inner: &Arc<Inner>, reference: &str) -> Result<String, FleetError> {
+    let key = reference.to_string();
+    let image = inner
+        .db(move |s| s.find_image(&key))
+        .await?
+        .ok_or_else(|| FleetError::ImageNotFound(reference.to_string()))?;
+    let fleet = inner.reload_fleet()?;
+    gate(inner, fleet, image.name, image.digest.clone()).await?;
+    Ok(image.digest)
 }
 
 /// Picks the image to deploy: the rollback target, the given reference, or a fresh bake of the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_driver::test_util::FakeDriver;
-use phoenix_fleet::{Controller, DeployOptions, ManualClock, Options, Progress};
+use phoenix_fleet::{Controller, DeployOptions, ManualClock, Options, Progress, RollbackTo};
 
 /// A fleet file of one role `web` (`instances` of it) whose image says `version`.
 fn write_fleet(dir: &Path, version: &str, instances: u32) {
@@ -734,5 +734,72 @@ async fn webhooks_get_signed_journal_events_in_order_retried_and_resumed() {
         after.iter().all(|(id, _, _)| *id > last_before),
         "{after:?}"
     );
+    controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_digits_takes_a_generation_first_then_a_digest_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fleet(dir.path(), "v1", 1);
+    let driver = FakeDriver::default();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let controller = Controller::open(options(dir.path(), &driver, &clock))
+        .await
+        .unwrap();
+    assert!(controller.converge().await.is_empty());
+    let addr = controller.listen_addrs()["web"];
+
+    // Bake versions until one's digest starts with 6 digits, the shortest prefix the store
+    // takes: about 1 in 17 does ((10/16)^6), so 400 tries fail about once in 10^11.
+    let (digits_version, prefix) = (2..400)
+        .find_map(|n| {
+            let version = format!("v{n}");
+            write_fleet(dir.path(), &version, 1);
+            let baked = futures_block(controller.bake("app")).unwrap();
+            let hex = baked.digest["sha256:".len()..][..6].to_string();
+            hex.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then_some((version, hex))
+        })
+        .expect("a digest starting with 6 digits");
+
+    // Generation 2 serves another version.
+    write_fleet(dir.path(), "v9999", 1);
+    let report = controller
+        .deploy("web", DeployOptions::default(), &Progress::none())
+        .await
+        .unwrap();
+    assert_eq!(report.generation, 2);
+    assert_eq!(version_of(&get(addr)), "v9999");
+
+    // Digits that name no generation that served: the image whose digest starts with them.
+    let rollback = |to: &str| DeployOptions {
+        rollback: Some(RollbackTo::parse(Some(to))),
+        ..DeployOptions::default()
+    };
+    controller
+        .deploy("web", rollback(&prefix), &Progress::none())
+        .await
+        .unwrap();
+    assert_eq!(version_of(&get(addr)), digits_version, "--to {prefix}");
+
+    // Digits that name a generation that served: that generation's image.
+    controller
+        .deploy("web", rollback("1"), &Progress::none())
+        .await
+        .unwrap();
+    assert_eq!(version_of(&get(addr)), "v1");
+
+    // Neither: the error names the generation.
+    let missing = controller
+        .deploy("web", rollback("424242"), &Progress::none())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("no generation 424242 that served"),
+        "{missing}"
+    );
+    assert_eq!(version_of(&get(addr)), "v1");
     controller.shutdown().await;
 }

@@ -30,8 +30,9 @@ pub struct DeployArgs {
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     pub role: String,
-    /// A generation number (`phoenix history`) or an image (name, digest or prefix) [default:
-    /// the newest earlier generation whose image differs from the live one].
+    /// A generation number (`phoenix history`) or an image (name, digest or prefix; digits
+    /// only are a generation if one by that number served) [default: the newest earlier
+    /// generation whose image differs from the live one].
     #[arg(long, value_name = "GENERATION|IMAGE")]
     pub to: Option<String>,
     #[arg(long)]
