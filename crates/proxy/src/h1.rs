@@ -23,10 +23,10 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
+use crate::bulk;
 use crate::chunked::Chunked;
 use crate::client_stream::ClientStream;
 use crate::pool::{self, Upstream};
-use crate::splice;
 use crate::{Backend, InFlight, Parked, RoleProxy, Stop, forward, policy, stop_asked};
 
 /// Longest request or response head accepted on the fast path.
@@ -46,8 +46,6 @@ struct Client {
     /// The response as it goes to the client.
     downstream: BytesMut,
     client_ip: String,
-    /// For splicing large bodies; made on first use and dropped if a splice breaks.
-    pipe: Option<splice::Pipe>,
 }
 
 /// A request head the fast path can forward, already rewritten into `Client::upstream_head`.
@@ -133,7 +131,6 @@ pub(crate) async fn serve(
         upstream_head: BytesMut::with_capacity(1024),
         downstream: BytesMut::with_capacity(READ_RESERVE),
         client_ip: client.ip().to_string(),
-        pipe: None,
     };
     loop {
         let head = match next_request(&mut conn, &proxy, &mut stop).await {
@@ -414,6 +411,14 @@ async fn relay(
         conn.downstream.extend_from_slice(&upstream.buf[..take]);
         upstream.buf.advance(take);
         sent += take as u64;
+        if let Framing::Length(left) = framing
+            && left >= bulk::MIN_BODY
+        {
+            // The head and the body bytes read with it go out with the first read of the rest.
+            let complete = copy_body(conn, &mut upstream, left, &mut sent).await;
+            framing = Framing::Length(0);
+            break complete;
+        }
         if !conn.downstream.is_empty() {
             if conn.stream.write_all(&conn.downstream).await.is_err() {
                 break false;
@@ -422,13 +427,6 @@ async fn relay(
         }
         if body_done(framing) {
             break true;
-        }
-        if let Framing::Length(left) = framing
-            && left >= splice::MIN_BODY
-        {
-            let complete = splice_body(conn, &mut upstream, left, &mut sent).await;
-            framing = Framing::Length(0);
-            break complete;
         }
         upstream.buf.reserve(READ_RESERVE);
         match upstream.stream.read_buf(&mut upstream.buf).await {
@@ -452,50 +450,23 @@ async fn relay(
     }
 }
 
-/// Sends the rest of a body of known length (`left` bytes, none of them read yet) from the
-/// backend to the client with splice(2), or by copying when no pipe can be had.
-/// Returns whether the whole body got through.
-async fn splice_body(
-    conn: &mut Client,
-    upstream: &mut Upstream,
-    left: u64,
-    sent: &mut u64,
-) -> bool {
-    if conn.pipe.is_none() {
-        conn.pipe = splice::Pipe::new()
-            .inspect_err(|error| tracing::debug!(%error, "no pipe for splicing, copying instead"))
-            .ok();
-    }
-    let Some(pipe) = &conn.pipe else {
-        return copy_body(conn, upstream, left, sent).await;
-    };
-    let Ok(client) = conn.stream.registered() else {
-        return false;
-    };
-    let relayed = splice::relay(pipe, &upstream.stream, client, left, |moved| {
-        *sent += moved as u64
-    })
-    .await;
-    match relayed {
-        Ok(()) => true,
-        Err(broken) => {
-            tracing::debug!(error = %broken, cause = ?std::error::Error::source(&broken), "spliced body broken off");
-            conn.pipe = None;
-            false
-        }
-    }
-}
-
-/// The copying fallback of [`splice_body`].
+/// Sends what waits in `conn.downstream` (the head, perhaps some body) and the rest of a body
+/// of known length (`left` bytes, none of them read yet) from the backend to the client
+/// through a pooled 64 KiB buffer. Returns whether all of it got through.
 async fn copy_body(conn: &mut Client, upstream: &mut Upstream, left: u64, sent: &mut u64) -> bool {
-    let mut body = (&mut upstream.stream).take(left);
-    match tokio::io::copy(&mut body, &mut conn.stream).await {
-        Ok(copied) => {
-            *sent += copied;
-            copied == left
-        }
-        Err(_) => false,
+    let prefix = &conn.downstream[..];
+    let relayed = bulk::relay(
+        &mut upstream.stream,
+        &mut conn.stream,
+        prefix,
+        left,
+        |moved| *sent += moved as u64,
+    )
+    .await;
+    if let Err(broken) = &relayed {
+        tracing::debug!(error = %broken, cause = ?std::error::Error::source(broken), "body broken off");
     }
+    relayed.is_ok()
 }
 
 /// How many bytes at the start of `buf` belong to the body, advancing `framing`.

@@ -6,6 +6,7 @@
 //! an old backend: none can slip through and land on an instance that is being stopped.
 
 mod body;
+mod bulk;
 pub mod certs;
 mod chunked;
 mod client_stream;
@@ -16,7 +17,6 @@ mod metrics;
 mod policy;
 mod pool;
 mod raw;
-mod splice;
 mod tunnel;
 
 pub use body::ResponseBody;

@@ -246,7 +246,7 @@ async fn a_backend_with_a_malformed_answer_gives_502() {
     assert!(answer.contains("invalid Content-Length"), "{answer}");
 }
 
-/// A 1 MiB body of known length (spliced) and a backend that breaks off after 100 KiB.
+/// A 1 MiB body of known length (copied through the pooled buffer) and a backend that breaks off after 100 KiB.
 pub(super) static LARGE: std::sync::LazyLock<(Vec<u8>, Vec<u8>)> = std::sync::LazyLock::new(|| {
     let mut next = xorshift(7);
     let body: Vec<u8> = (0..1 << 20).map(|_| next() as u8).collect();
