@@ -31,8 +31,6 @@ pub struct DeployOptions {
 pub enum RollbackTo {
     /// The newest earlier generation that served an image other than the live one.
     Previous,
-    /// The image of this generation of the role (it must have served).
-    Generation(i64),
     /// Digits only, as typed: the generation of that number if one of the role served, else
     /// the image whose digest starts with them (a digest prefix can be all digits).
     Numbered(String),
@@ -530,26 +528,17 @@ async fn rollback_image(
             let from = format!("the image of generation {}", previous.id);
             (previous.image, from)
         }
-        RollbackTo::Generation(id) => {
-            let generation = served_generation(inner, role, *id).await?.ok_or_else(|| {
-                FleetError::NoSuchGeneration {
-                    role: role.name.clone(),
-                    generation: *id,
-                }
-            })?;
-            (generation.image, format!("the image of generation {id}"))
-        }
         RollbackTo::Numbered(text) => {
             let id = text.parse::<i64>().ok();
             let served = match id {
                 Some(id) => served_generation(inner, role, id).await?,
                 None => None,
             };
-            match (served, id) {
-                (Some(generation), Some(id)) => {
-                    (generation.image, format!("the image of generation {id}"))
-                }
-                _ => match (named_image(inner, text).await, id) {
+            if let Some(generation) = served {
+                let from = format!("the image of generation {}", generation.id);
+                (generation.image, from)
+            } else {
+                match (named_image(inner, text).await, id) {
                     // Neither a generation nor an image: digits most likely meant a generation.
                     (Err(FleetError::ImageNotFound(_)), Some(generation)) => {
                         return Err(FleetError::NoSuchGeneration {
@@ -558,7 +547,7 @@ async fn rollback_image(
                         });
                     }
                     (found, _) => (found?, format!("image {text}")),
-                },
+                }
             }
         }
         RollbackTo::Image(reference) => (
@@ -588,8 +577,8 @@ async fn served_generation(
         .filter(|g| g.role == name && g.switched_at.is_some()))
 }
 
-/// The digest of an image named by hand. It may never have served, so it passes the gate as a
-/// deploy of it would.
+/// The digest of an image named by hand (`deploy --image`, `rollback --to`). It may never have
+/// served, so it passes the gate.
 async fn named_image(inner: &Arc<Inner>, reference: &str) -> Result<String, FleetError> {
     let key = reference.to_string();
     let image = inner
@@ -617,12 +606,7 @@ pub(crate) async fn choose_image(
         return Ok((image, false, None));
     }
     if let Some(reference) = &options.image {
-        let key = reference.clone();
-        let found = inner.db(move |s| s.find_image(&key)).await?;
-        let image = found.ok_or_else(|| FleetError::ImageNotFound(reference.clone()))?;
-        let fleet = inner.reload_fleet()?;
-        gate(inner, fleet, image.name, image.digest.clone()).await?;
-        return Ok((image.digest, false, None));
+        return Ok((named_image(inner, reference).await?, false, None));
     }
     let fleet = inner.reload_fleet()?;
     let config = fleet
