@@ -127,6 +127,9 @@ impl Forwarder {
         let mut recent: VecDeque<(Instant, String, Position)> = VecDeque::new();
         let mut complaining = false;
         loop {
+            // The resend window is reckoned from the round's start: a send that fails slowly
+            // must not age out the batches confirmed just before it.
+            let round = Instant::now();
             let stopping = *stop.borrow();
             let mut sent = false;
             let mut failed = None;
@@ -158,10 +161,9 @@ impl Forwarder {
                     }
                 }
             }
-            let now = Instant::now();
             while recent
                 .front()
-                .is_some_and(|(at, _, _)| now.duration_since(*at) > RESEND_WINDOW)
+                .is_some_and(|(at, _, _)| round.saturating_duration_since(*at) > RESEND_WINDOW)
             {
                 recent.pop_front();
             }
@@ -356,7 +358,11 @@ async fn send_tcp(stream: &mut TcpStream, frames: &[u8]) -> std::io::Result<()> 
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let started = Instant::now();
+    // A reset leaves the unacknowledged bytes counted for good, so the connection's end is
+    // looked for on every round: waiting out the timeout instead would push the batches the
+    // receiver may have lost out of the resend window.
     while unacknowledged(stream)? > 0 {
+        still_open(stream)?;
         if started.elapsed() > IO_TIMEOUT {
             return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
         }
@@ -367,6 +373,9 @@ async fn send_tcp(stream: &mut TcpStream, frames: &[u8]) -> std::io::Result<()> 
 
 /// A syslog receiver never sends: anything to read is its end (or an error).
 fn still_open(stream: &TcpStream) -> std::io::Result<()> {
+    if let Some(error) = stream.take_error()? {
+        return Err(error);
+    }
     let mut byte = [0u8; 1];
     match stream.try_read(&mut byte) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
