@@ -122,7 +122,7 @@ pub enum Mode {
     /// HTTP/1.1 reverse proxy (keep-alive, retries, `X-Forwarded-*`, upgrades).
     #[default]
     Http,
-    /// Layer 4: each client connection is spliced to one backend connection.
+    /// Layer 4: each client connection is joined to one backend connection.
     Tcp,
 }
 

@@ -1,6 +1,7 @@
-//! Tunnels: bytes spliced both ways between a client and a backend, for upgraded HTTP
-//! connections (WebSocket) and for roles in TCP mode. A tunnel holds its backend's in-flight
-//! claim, so a drain waits for it, and ends when the drain's deadline passes.
+//! Tunnels: bytes copied both ways (in user space, `copy_bidirectional`) between a client and
+//! a backend, for upgraded HTTP connections (WebSocket) and for roles in TCP mode. A tunnel
+//! holds its backend's in-flight claim, so a drain waits for it, and ends when the drain's
+//! deadline passes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
