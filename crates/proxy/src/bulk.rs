@@ -1,5 +1,6 @@
-//! Large response bodies: copied from the backend to the client through a 64 KiB buffer
-//! taken from a small per-thread pool and given back when the body is through.
+//! Large response bodies: copied from the backend to the client through an 80 KiB buffer
+//! (64 KiB of body and room for the head) taken from a small per-thread pool and given back
+//! when the body is through.
 //!
 //! Measured against splice(2) (which this replaced): splice keeps the backend's socket pages
 //! alive until the client has read them, so the backend's kernel writes every response into
@@ -15,8 +16,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Bodies with at least this much left to read take the big buffer; shorter ones go through
 /// the connection's own small one.
 pub(crate) const MIN_BODY: u64 = 16 * 1024;
-/// One read's worth: a 64 KiB body in one read and one write.
-const SIZE: usize = 64 * 1024;
+/// A 64 KiB body in one read.
+const BODY: usize = 64 * 1024;
+/// Room for the head and the body bytes read with it, so that they and a 64 KiB body go to
+/// the client in one write (with the head filling part of a 64 KiB buffer, the last few
+/// hundred bytes took a read and a write of their own, and woke the client twice).
+const HEAD_ROOM: usize = 16 * 1024;
+const SIZE: usize = BODY + HEAD_ROOM;
 /// Spare buffers kept per thread, so idle connections hold none and a burst allocates once.
 const SPARES: usize = 16;
 
@@ -71,7 +77,7 @@ where
 {
     let mut buffer = Buffer::take();
     let mut held = 0;
-    if prefix.len() <= SIZE / 4 {
+    if prefix.len() <= HEAD_ROOM {
         buffer.0[..prefix.len()].copy_from_slice(prefix);
         held = prefix.len();
     } else {
@@ -134,7 +140,7 @@ mod tests {
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 200000\r\n\r\n";
         assert_eq!(&relay_after(head).await[..head.len()], head);
         // A prefix too long to share the buffer is written on its own first.
-        let long: Vec<u8> = vec![b'h'; SIZE / 2];
+        let long: Vec<u8> = vec![b'h'; HEAD_ROOM + 1];
         assert!(relay_after(&long).await.starts_with(&long));
         assert_eq!(relay_after(b"").await.len(), 200_000);
     }

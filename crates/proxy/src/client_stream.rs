@@ -56,14 +56,6 @@ impl ClientStream {
         }
     }
 
-    pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        match self {
-            ClientStream::Unregistered(plain) => plain.set_nodelay(on),
-            ClientStream::Registered(stream) => stream.set_nodelay(on),
-            ClientStream::Gone => Ok(()),
-        }
-    }
-
     /// The plain socket, deregistered (for handing it to another program).
     pub(crate) fn into_std(self) -> io::Result<std::net::TcpStream> {
         match self {
@@ -150,8 +142,11 @@ impl AsyncWrite for ClientStream {
 pub(crate) struct Listener(AsyncFd<std::net::TcpListener>);
 
 impl Listener {
+    /// Also sets TCP_NODELAY on the listening socket: Linux copies it to every socket accepted
+    /// from it, which saves a `setsockopt` per connection.
     pub(crate) fn new(listener: TcpListener) -> io::Result<Listener> {
         let plain = listener.into_std()?;
+        set_nodelay(plain.as_raw_fd())?;
         // SAFETY: the std listener owns its descriptor, and nothing replaces or closes it
         // while the AsyncFd holds it (`into_std` takes it back out).
         let registered = unsafe { AsyncFd::register_with_interest(plain, Interest::READABLE) };
@@ -171,6 +166,26 @@ impl Listener {
     pub(crate) fn into_std(self) -> std::net::TcpListener {
         self.0.into_inner()
     }
+}
+
+/// Sets TCP_NODELAY on `socket`; on a listening socket, Linux copies it to the sockets
+/// accepted from it.
+pub(crate) fn set_nodelay(socket: i32) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a c_int that outlives the call, and its size is the length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn accept4(listener: i32) -> io::Result<(std::net::TcpStream, SocketAddr)> {
@@ -239,6 +254,23 @@ mod tests {
             "the peer address accept4 gave"
         );
         (client, accepted, peer)
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_from_the_listener() {
+        let (_client, accepted, _) = pair("127.0.0.1:0").await;
+        let ClientStream::Unregistered(plain) = &accepted else {
+            panic!("registered at accept")
+        };
+        assert!(plain.nodelay().unwrap(), "TCP_NODELAY copied at accept");
+        let (_client, accepted, _) = pair("[::1]:0").await;
+        let ClientStream::Unregistered(plain) = &accepted else {
+            panic!("registered at accept")
+        };
+        assert!(
+            plain.nodelay().unwrap(),
+            "TCP_NODELAY copied at accept (IPv6)"
+        );
     }
 
     fn is_registered(stream: &ClientStream) -> bool {

@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -172,6 +173,11 @@ pub async fn serve_edge(
     mut stop: watch::Receiver<Stop>,
     grace: Duration,
 ) {
+    // Accepted sockets get TCP_NODELAY from the listener (see `client_stream::set_nodelay`).
+    if let Err(error) = crate::client_stream::set_nodelay(listener.as_raw_fd()) {
+        tracing::warn!(listener = %edge.name, %error, "cannot set TCP_NODELAY");
+    }
+    let _heartbeat = crate::timer_heartbeat();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -186,7 +192,6 @@ pub async fn serve_edge(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         let (edge, tls, stop) = (edge.clone(), tls.clone(), stop.clone());
         connections.spawn(async move {
             match tls {

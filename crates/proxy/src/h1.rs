@@ -452,7 +452,7 @@ async fn relay(
 
 /// Sends what waits in `conn.downstream` (the head, perhaps some body) and the rest of a body
 /// of known length (`left` bytes, none of them read yet) from the backend to the client
-/// through a pooled 64 KiB buffer. Returns whether all of it got through.
+/// through a pooled buffer ([`bulk::relay`]). Returns whether all of it got through.
 async fn copy_body(conn: &mut Client, upstream: &mut Upstream, left: u64, sent: &mut u64) -> bool {
     let prefix = &conn.downstream[..];
     let relayed = bulk::relay(
