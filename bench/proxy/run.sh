@@ -141,17 +141,21 @@ stop_proxy() {
 echo "proxy benchmark: $rounds rounds (median) of ${seconds}s, $connections connections unless the shape says, proxies on CPU 0 with one thread"
 echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), phoenix $("$phoenix" --version | cut -d' ' -f2)"
 : > "$work/results"
+proxies=(phoenix haproxy nginx)
 for round in $(seq "$rounds"); do
     for load in "${workloads[@]}"; do
-        [ "$load" = h2c ] || echo "$load direct $(measure "$load" $b1)" >> "$work/results"
+        [ "$load" = h2c ] || echo "$round $load direct $(measure "$load" $b1)" >> "$work/results"
     done
-    for name in phoenix haproxy nginx; do
+    # The order turns each round, so that no proxy always runs first (drift in the machine's
+    # speed over a run would otherwise favour one).
+    for i in "${!proxies[@]}"; do
+        name=${proxies[$(( (i + round - 1) % ${#proxies[@]} ))]}
         start_proxy $name
         for load in "${workloads[@]}"; do
             # Phoenix tells h2c from HTTP/1.1 by the first bytes; the others need a port for it.
             p=$port
             [ "$load" = h2c ] && [ $name != phoenix ] && p=$h2port
-            echo "$load $name $(measure "$load" $p)" >> "$work/results"
+            echo "$round $load $name $(measure "$load" $p)" >> "$work/results"
         done
         stop_proxy
     done
@@ -159,9 +163,11 @@ done
 python3 - "$work/results" "${workloads[@]}" <<'PY'
 import math, statistics, sys
 rows = {}
+by_round = {}
 for line in open(sys.argv[1]):
-    load, name, rps, p50, p99, errors = line.split()
+    round_, load, name, rps, p50, p99, errors = line.split()
     rows.setdefault((load, name), []).append((float(rps), float(p50), float(p99), int(errors)))
+    by_round[(round_, load, name)] = float(rps)
 print(f"{'':20} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs haproxy':>11} {'p99 vs haproxy':>15}")
 verdicts = []
 for load in sys.argv[2:]:
@@ -173,6 +179,11 @@ for load in sys.argv[2:]:
         rps, p50, p99, errors = med[name]
         p99_ratio = "" if math.isnan(p99) else f"{p99 / h[2]:14.2f}x"
         print(f"{load + ' ' + name:20} {rps:11.0f} {p50:8.3f} {p99:8.3f} {errors:7d} {rps / h[0]:10.2f}x {p99_ratio}")
-    verdicts.append(f"{load} {med['phoenix'][0] / h[0]:.2f}x")
-print("\nphoenix requests/s vs haproxy (target >= 1.0x): " + ", ".join(verdicts))
+    # Each round's phoenix/haproxy ratio, the two measured minutes apart, not a run apart.
+    paired = sorted(by_round[(r, l, "phoenix")] / by_round[(r, l, "haproxy")]
+                    for (r, l, n) in by_round if l == load and n == "haproxy")
+    verdicts.append(f"{load} {med['phoenix'][0] / h[0]:.2f}x "
+                    f"(rounds {statistics.median(paired):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f})")
+print("\nphoenix requests/s vs haproxy (target >= 1.0x), medians; in brackets the median and range of")
+print("each round's own ratio: " + ", ".join(verdicts))
 PY
