@@ -146,7 +146,7 @@ impl Listener {
     /// from it, which saves a `setsockopt` per connection.
     pub(crate) fn new(listener: TcpListener) -> io::Result<Listener> {
         let plain = listener.into_std()?;
-        set_nodelay(plain.as_raw_fd())?;
+        socket2::SockRef::from(&plain).set_tcp_nodelay(true)?;
         // SAFETY: the std listener owns its descriptor, and nothing replaces or closes it
         // while the AsyncFd holds it (`into_std` takes it back out).
         let registered = unsafe { AsyncFd::register_with_interest(plain, Interest::READABLE) };
@@ -166,26 +166,6 @@ impl Listener {
     pub(crate) fn into_std(self) -> std::net::TcpListener {
         self.0.into_inner()
     }
-}
-
-/// Sets TCP_NODELAY on `socket`; on a listening socket, Linux copies it to the sockets
-/// accepted from it.
-pub(crate) fn set_nodelay(socket: i32) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a c_int that outlives the call, and its size is the length given.
-    let set = unsafe {
-        libc::setsockopt(
-            socket,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn accept4(listener: i32) -> io::Result<(std::net::TcpStream, SocketAddr)> {

@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -173,8 +172,8 @@ pub async fn serve_edge(
     mut stop: watch::Receiver<Stop>,
     grace: Duration,
 ) {
-    // Accepted sockets get TCP_NODELAY from the listener (see `client_stream::set_nodelay`).
-    if let Err(error) = crate::client_stream::set_nodelay(listener.as_raw_fd()) {
+    // Linux copies TCP_NODELAY from the listening socket to each socket accepted from it.
+    if let Err(error) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
         tracing::warn!(listener = %edge.name, %error, "cannot set TCP_NODELAY");
     }
     let _heartbeat = crate::timer_heartbeat();

@@ -584,7 +584,8 @@ pub async fn serve(
     leftover
 }
 
-/// How often [`timer_heartbeat`] fires: shorter than any request, head or idle timeout.
+/// How often [`timer_heartbeat`] fires: shorter than the default request, head and idle
+/// timeouts (a timeout configured shorter still wakes the loop when it is set, as before).
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A timer due every second on this runtime for as long as the returned set is held.
