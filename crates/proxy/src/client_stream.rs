@@ -6,7 +6,7 @@
 //! deregistering it again costs two `epoll_ctl` calls that do nothing for it. HAProxy tries
 //! the read and the write first and subscribes only on "would block"; so does this.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -92,7 +92,13 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let attempted = this.attempt(|plain| {
-            let n = plain.read(buf.initialize_unfilled())?;
+            // Straight into the unfilled part, as tokio's own streams read: going through
+            // `initialize_unfilled` zeroed the whole 8 KiB first on every read (1 % of the
+            // proxy's time on a new connection per request, `perf`).
+            // SAFETY: `recv` only writes into the slice; nothing is de-initialized.
+            let n = socket2::SockRef::from(&*plain).recv(unsafe { buf.unfilled_mut() })?;
+            // SAFETY: `recv` filled the first `n` bytes of the unfilled part.
+            unsafe { buf.assume_init(n) };
             buf.advance(n);
             Ok(())
         });
@@ -289,6 +295,24 @@ mod tests {
             answer, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
             "answer, then FIN"
         );
+    }
+
+    #[tokio::test]
+    async fn reads_into_spare_capacity_append_exactly_what_arrived() {
+        let (mut client, mut accepted, _) = pair("127.0.0.1:0").await;
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        client.write_all(&sent).unwrap();
+        drop(client);
+        let mut got = bytes::BytesMut::with_capacity(16);
+        got.extend_from_slice(b"kept");
+        loop {
+            got.reserve(8192);
+            if accepted.read_buf(&mut got).await.unwrap() == 0 {
+                break;
+            }
+        }
+        assert_eq!(&got[..4], b"kept", "bytes already held stay");
+        assert!(got[4..] == sent[..], "then every byte sent, in order");
     }
 
     #[tokio::test]
