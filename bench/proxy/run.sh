@@ -112,29 +112,9 @@ CONF
 taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 wait_port $b1
 
-# cpu_times: "busy idle" jiffies of CPU 0, then of CPU 1 (from /proc/stat).
-cpu_times() { awk '/^cpu[01] /{printf "%d %d ", $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
-
 # measure WORKLOAD PORT: prints "requests/s p50_ms p99_ms errors proxy_us_per_request
-# cpu1_busy_percent" for one workload shape. The proxy's cost is CPU 0's busy time over the
-# requests (it runs there alone); CPU 1 holds the load tool and the backends, and when it is
-# full, requests/s measures them as much as the proxy.
-measure() {
-    local before after result
-    before=$(cpu_times)
-    result=$(run_load "$@")
-    after=$(cpu_times)
-    python3 - "$result" "$before" "$after" "$(getconf CLK_TCK)" <<'PY'
-import sys
-result, before, after, hz = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
-d = [int(a) - int(b) for a, b in zip(after, before)]
-rps = float(result.split()[0])
-# busy jiffies of CPU 0 over the requests, in microseconds; wall time from both CPUs' jiffies
-seconds = (d[2] + d[3]) / hz
-proxy_us = d[0] / hz * 1e6 / (rps * seconds) if rps else float("nan")
-print(f"{result} {proxy_us:.1f} {100 * d[2] / (d[2] + d[3]):.0f}")
-PY
-}
+# cpu1_busy_percent" for one workload shape (see with_cpu in bench/lib.sh).
+measure() { with_cpu run_load "$@"; }
 
 # run_load WORKLOAD PORT: prints "requests/s p50_ms p99_ms errors".
 run_load() {
@@ -168,6 +148,7 @@ echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut
 proxies=(phoenix haproxy nginx)
 for round in $(seq "$rounds"); do
     for load in "${workloads[@]}"; do
+        export BENCH_LABEL="round $round, $load, direct"
         [ "$load" = h2c ] || echo "$round $load direct $(measure "$load" $b1)" >> "$work/results"
     done
     # The order turns each round, so that no proxy always runs first (drift in the machine's
@@ -179,43 +160,10 @@ for round in $(seq "$rounds"); do
             # Phoenix tells h2c from HTTP/1.1 by the first bytes; the others need a port for it.
             p=$port
             [ "$load" = h2c ] && [ $name != phoenix ] && p=$h2port
+            export BENCH_LABEL="round $round, $load, $name"
             echo "$round $load $name $(measure "$load" $p)" >> "$work/results"
         done
         stop_proxy
     done
 done
-python3 - "$work/results" "${workloads[@]}" <<'PY'
-import math, statistics, sys
-rows = {}
-by_round = {}
-for line in open(sys.argv[1]):
-    round_, load, name, rps, p50, p99, errors, proxy_us, cpu1 = line.split()
-    rows.setdefault((load, name), []).append(
-        (float(rps), float(p50), float(p99), float(proxy_us), float(cpu1), int(errors)))
-    by_round[(round_, load, name)] = float(rps)
-print(f"{'':20} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs haproxy':>11} "
-      f"{'p99 vs haproxy':>15} {'proxy us/req':>13} {'vs haproxy':>11} {'CPU 1 busy':>11}")
-verdicts = []
-for load in sys.argv[2:]:
-    names = [n for n in ["direct", "phoenix", "haproxy", "nginx"] if (load, n) in rows]
-    med = {n: tuple(statistics.median(v[i] for v in rows[(load, n)]) for i in range(5))
-              + (sum(v[5] for v in rows[(load, n)]),) for n in names}
-    h = med["haproxy"]
-    for name in names:
-        rps, p50, p99, proxy_us, cpu1, errors = med[name]
-        p99_ratio = f"{'':15}" if math.isnan(p99) else f"{p99 / h[2]:14.2f}x"
-        cost = f"{'':13} {'':11}" if name == "direct" else f"{proxy_us:13.1f} {proxy_us / h[3]:10.2f}x"
-        print(f"{load + ' ' + name:20} {rps:11.0f} {p50:8.3f} {p99:8.3f} {errors:7d} {rps / h[0]:10.2f}x "
-              f"{p99_ratio} {cost} {cpu1:10.0f}%")
-    # Each round's phoenix/haproxy ratio, the two measured minutes apart, not a run apart.
-    paired = sorted(by_round[(r, l, "phoenix")] / by_round[(r, l, "haproxy")]
-                    for (r, l, n) in by_round if l == load and n == "haproxy")
-    bound = " load-bound" if med["phoenix"][4] >= 97 else ""
-    verdicts.append(f"{load} {med['phoenix'][0] / h[0]:.2f}x "
-                    f"(rounds {statistics.median(paired):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f}; "
-                    f"CPU a request {med['phoenix'][3] / h[3]:.2f}x{bound})")
-print("\nphoenix requests/s vs haproxy (target >= 1.0x), medians; in brackets the median and range of")
-print("each round's own ratio, and phoenix's CPU time a request against haproxy's (lower is better;")
-print("load-bound: CPU 1, the load tool's and the backends', was at least 97 % busy):")
-print("\n".join("  " + v for v in verdicts))
-PY
+python3 bench/proxy/summary.py "$work/results" "${workloads[@]}"

@@ -129,27 +129,17 @@ url="https://localhost:$port/"
 echo "TLS benchmark: wrk -c$connections for ${seconds}s, $rounds rounds (median), proxies on CPU 0 with one thread"
 echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), phoenix $("$phoenix" --version | cut -d' ' -f2)"
 : > "$work/results"
+proxies=(phoenix haproxy nginx)
 for round in $(seq "$rounds"); do
-    for name in phoenix haproxy nginx; do
+    # The order turns each round, so that no proxy always runs first.
+    for i in "${!proxies[@]}"; do
+        name=${proxies[$(( (i + round - 1) % ${#proxies[@]} ))]}
         start_proxy $name
-        echo "keep-alive $name $(wrk_measure "$url")" >> "$work/results"
-        echo "handshakes $name $(wrk_measure "$url" -H 'Connection: close')" >> "$work/results"
-        echo "h2 $name $(h2load_measure "$url")" >> "$work/results"
+        export BENCH_LABEL="round $round, $name"
+        echo "$round keep-alive $name $(with_cpu wrk_measure "$url")" >> "$work/results"
+        echo "$round handshakes $name $(with_cpu wrk_measure "$url" -H 'Connection: close')" >> "$work/results"
+        echo "$round h2 $name $(with_cpu h2load_measure "$url")" >> "$work/results"
         stop_proxy
     done
 done
-python3 - "$work/results" <<'PY'
-import statistics, sys
-rows = {}
-for line in open(sys.argv[1]):
-    load, name, rps, p50, p99, errors = line.split()
-    rows.setdefault((load, name), []).append((float(rps), float(p50), float(p99), int(errors)))
-print(f"{'':22} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs haproxy':>11} {'vs nginx':>9}")
-for load in ["keep-alive", "handshakes", "h2"]:
-    med = {n: tuple(statistics.median(v[i] for v in rows[(load, n)]) for i in range(3))
-              + (sum(v[3] for v in rows[(load, n)]),) for n in ["phoenix", "haproxy", "nginx"]}
-    for name in ["phoenix", "haproxy", "nginx"]:
-        rps, p50, p99, errors = med[name]
-        print(f"{load + ' ' + name:22} {rps:11.0f} {p50:8.3f} {p99:8.3f} {errors:7d}"
-              f" {rps / med['haproxy'][0]:10.2f}x {rps / med['nginx'][0]:8.2f}x")
-PY
+python3 bench/proxy/summary.py "$work/results" keep-alive handshakes h2
