@@ -187,6 +187,13 @@ pub struct LogArgs {
     pub level: tracing::Level,
 }
 
+/// mimalloc instead of glibc's malloc: the proxy allocates and frees small objects per request
+/// (HTTP/2 frames, header maps, tasks), and glibc's malloc took about 5 % of the proxy's time
+/// on `bench/proxy` h2c (`perf`: _int_malloc, _int_free, unlink_chunk, malloc_consolidate).
+/// Side by side, h2c went from 67,800–74,400 to 76,300–77,300 requests/s.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A container's shim, or checks run inside an instance: Phoenix's own binary started again.
     phoenix_fleet::run_helper_if_asked();
