@@ -21,7 +21,11 @@ connections=${2:-50}
 rounds=${3:-3}
 shift $(( $# < 3 ? $# : 3 ))
 workloads=("$@")
-[ ${#workloads[@]} -gt 0 ] || workloads=(small large new-conn 2000-conns h2c)
+shapes=(small large new-conn 2000-conns h2c)
+[ ${#workloads[@]} -gt 0 ] || workloads=("${shapes[@]}")
+for load in "${workloads[@]}"; do
+    [[ " ${shapes[*]} " == *" $load "* ]] || { echo "bench/proxy/run.sh: no shape \"$load\" (shapes: ${shapes[*]})" >&2; exit 2; }
+done
 ulimit -n "$(ulimit -Hn)"  # 2,000 connections need more than the usual 1,024 files
 
 source bench/lib.sh
