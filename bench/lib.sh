@@ -66,6 +66,17 @@ print(f"{float(m.group(1)):.0f} nan nan {errors}")
 PY
 }
 
+# in_turn ROUND NAME...: the names, starting with a different one each round, so that no proxy
+# always runs first (drift in the machine's speed over a run would otherwise favour one).
+in_turn() {
+    local round=$1
+    shift
+    local names=("$@") i
+    for i in "${!names[@]}"; do
+        echo "${names[$(( (i + round - 1) % ${#names[@]} ))]}"
+    done
+}
+
 # cpu_times: "busy idle" jiffies of CPU 0, then of CPU 1 (from /proc/stat).
 cpu_times() { awk '/^cpu[01] /{printf "%d %d ", $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
 

@@ -149,16 +149,12 @@ stop_proxy() {
 echo "proxy benchmark: $rounds rounds (median) of ${seconds}s, $connections connections unless the shape says, proxies on CPU 0 with one thread"
 echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), phoenix $("$phoenix" --version | cut -d' ' -f2)"
 : > "$work/results"
-proxies=(phoenix haproxy nginx)
 for round in $(seq "$rounds"); do
     for load in "${workloads[@]}"; do
         export BENCH_LABEL="round $round, $load, direct"
         [ "$load" = h2c ] || echo "$round $load direct $(measure "$load" $b1)" >> "$work/results"
     done
-    # The order turns each round, so that no proxy always runs first (drift in the machine's
-    # speed over a run would otherwise favour one).
-    for i in "${!proxies[@]}"; do
-        name=${proxies[$(( (i + round - 1) % ${#proxies[@]} ))]}
+    for name in $(in_turn "$round" phoenix haproxy nginx); do
         start_proxy $name
         for load in "${workloads[@]}"; do
             # Phoenix tells h2c from HTTP/1.1 by the first bytes; the others need a port for it.

@@ -129,15 +129,14 @@ url="https://localhost:$port/"
 echo "TLS benchmark: wrk -c$connections for ${seconds}s, $rounds rounds (median), proxies on CPU 0 with one thread"
 echo "versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), phoenix $("$phoenix" --version | cut -d' ' -f2)"
 : > "$work/results"
-proxies=(phoenix haproxy nginx)
 for round in $(seq "$rounds"); do
-    # The order turns each round, so that no proxy always runs first.
-    for i in "${!proxies[@]}"; do
-        name=${proxies[$(( (i + round - 1) % ${#proxies[@]} ))]}
+    for name in $(in_turn "$round" phoenix haproxy nginx); do
         start_proxy $name
-        export BENCH_LABEL="round $round, $name"
+        export BENCH_LABEL="round $round, keep-alive, $name"
         echo "$round keep-alive $name $(with_cpu wrk_measure "$url")" >> "$work/results"
+        export BENCH_LABEL="round $round, handshakes, $name"
         echo "$round handshakes $name $(with_cpu wrk_measure "$url" -H 'Connection: close')" >> "$work/results"
+        export BENCH_LABEL="round $round, h2, $name"
         echo "$round h2 $name $(with_cpu h2load_measure "$url")" >> "$work/results"
         stop_proxy
     done
