@@ -502,7 +502,11 @@ pub async fn serve(
         proxy.config().max_connections.max(1),
     ));
     let clients = Arc::new(ClientCounts::default());
-    let listener = match client_stream::Listener::new(listener) {
+    let first = match proxy.config().mode {
+        Mode::Http => client_stream::FirstWord::Client,
+        Mode::Tcp => client_stream::FirstWord::Either,
+    };
+    let listener = match client_stream::Listener::new(listener, first) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(role = %proxy.role, %error, "cannot watch the listening socket");

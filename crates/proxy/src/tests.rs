@@ -584,6 +584,37 @@ async fn tcp_mode_forwards_bytes_both_ways_and_skips_refusing_backends() {
 }
 
 #[tokio::test]
+async fn tcp_mode_passes_a_servers_greeting_to_a_client_that_has_sent_nothing() {
+    // Like SMTP, SSH or MySQL: the server speaks first.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greeter = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream.write_all(b"220 ready\r\n").await;
+        }
+    });
+    let config = ProxyConfig {
+        mode: Mode::Tcp,
+        ..ProxyConfig::default()
+    };
+    let proxy = RoleProxy::new("mail", config);
+    proxy.set_backends(vec![Backend::new("greeter", greeter)]);
+    let (addr, _stop) = frontend(proxy).await;
+    // Lets `serve` set its listener's options before the handshake, which the kernel completes
+    // within `connect`.
+    tokio::task::yield_now().await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 11];
+    // Well inside the second an HTTP listener's deferred accept would hold a silent client.
+    tokio::time::timeout(Duration::from_millis(500), client.read_exact(&mut greeting))
+        .await
+        .expect("the greeting, though the client sent nothing")
+        .unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+}
+
+#[tokio::test]
 async fn metrics_count_responses_latency_and_bytes_per_role_and_backend() {
     let proxy = RoleProxy::new("web", ProxyConfig::default());
     let a = Backend::new("a", backend("a").await);
