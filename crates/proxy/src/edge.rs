@@ -4,9 +4,7 @@
 //! had come to that role's own address (its backends, retries, limits and metrics).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::ResponseBody;
 use crate::client_stream::FirstWord;
+use crate::forward::{self, Forwarding};
 use crate::{RoleProxy, Stop, stop_asked};
 
 /// Which host names a route takes.
@@ -263,36 +262,40 @@ impl EdgeService {
 impl tower::Service<Request<Incoming>> for EdgeService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = Forwarding;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
+    /// Routes before the future is made (see [`forward::forward`]): the future holds only
+    /// the request on its way.
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let (edge, client_ip) = (self.edge.clone(), self.client_ip.clone());
-        Box::pin(async move {
-            let host = request_host(&request);
-            let router = edge.router();
-            let Some(route) = router.find(&host, request.uri().path()) else {
-                let text = format!(
-                    "no route for host {host:?} and path {:?} on listener {}\n",
-                    request.uri().path(),
-                    edge.name
-                );
-                return Ok(with_hsts(&edge, plain(StatusCode::NOT_FOUND, text)));
-            };
-            if edge.tls {
-                // Whatever the client claimed: it came over TLS, to this listener.
-                request.headers_mut().insert(
-                    http::HeaderName::from_static("x-forwarded-proto"),
-                    HeaderValue::from_static("https"),
-                );
-            }
-            let target = route.target.clone();
-            let response = crate::forward::forward(&target, client_ip, request).await;
-            Ok(with_hsts(&edge, response))
-        })
+        let edge = &self.edge;
+        let host = request_host(&request);
+        let router = edge.router();
+        let Some(route) = router.find(&host, request.uri().path()) else {
+            let text = format!(
+                "no route for host {host:?} and path {:?} on listener {}\n",
+                request.uri().path(),
+                edge.name
+            );
+            let response = with_hsts(edge, plain(StatusCode::NOT_FOUND, text));
+            return Box::pin(std::future::ready(Ok(response)));
+        };
+        if edge.tls {
+            // Whatever the client claimed: it came over TLS, to this listener.
+            request.headers_mut().insert(
+                http::HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static("https"),
+            );
+        }
+        let forwarding = forward::forward(route.target.clone(), self.client_ip.clone(), request);
+        if edge.hsts.is_none() {
+            return forwarding;
+        }
+        let edge = edge.clone();
+        Box::pin(async move { Ok(with_hsts(&edge, forwarding.await?)) })
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
@@ -46,16 +46,14 @@ impl ProxyService {
 impl tower::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = Forwarding;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let proxy = self.proxy.clone();
-        let client_ip = self.client_ip.clone();
-        Box::pin(async move { Ok(forward(&proxy, client_ip, request).await) })
+        forward(self.proxy.clone(), self.client_ip.clone(), request)
     }
 }
 
@@ -71,25 +69,68 @@ enum Failure {
     Sent(hyper::Error),
 }
 
-pub(crate) async fn forward(
-    proxy: &RoleProxy,
+/// A request on its way to a backend: its response, counted in the role's metrics when it comes.
+pub(crate) type Forwarding =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+/// Forwards `request`. What can be done before the first backend attempt — the policy
+/// checks, the header rewrite, the raw request head — is done here, before the future is
+/// made, so the future holds only what crosses an await. (An async fn holding the request
+/// kept it up to three times over in a 2.3 KiB future, copied into its box and from state to
+/// state: 2 % of the proxy's time on HTTP/2.)
+pub(crate) fn forward(
+    proxy: Arc<RoleProxy>,
     client_ip: HeaderValue,
     request: Request<Incoming>,
-) -> Response<ResponseBody> {
+) -> Forwarding {
     let started = Instant::now();
-    let response = forward_to_backend(proxy, client_ip, request, started).await;
+    match prepare(&proxy, client_ip, request) {
+        Prepared::Answer(response) => {
+            let response = metered(&proxy, response, started);
+            Box::pin(std::future::ready(Ok(response)))
+        }
+        Prepared::Raw { head, head_method } => Box::pin(async move {
+            let response = crate::raw::forward(&proxy, &head, head_method, started).await;
+            Ok(metered(&proxy, response, started))
+        }),
+        Prepared::Hyper {
+            parts,
+            body,
+            upgrade,
+        } => Box::pin(async move {
+            let response = forward_with_hyper(&proxy, parts, body, upgrade, started).await;
+            Ok(metered(&proxy, response, started))
+        }),
+    }
+}
+
+fn metered(
+    proxy: &RoleProxy,
+    response: Response<ResponseBody>,
+    started: Instant,
+) -> Response<ResponseBody> {
     proxy
         .metrics
         .record_response(response.status().as_u16(), started.elapsed());
     response
 }
 
-async fn forward_to_backend(
-    proxy: &RoleProxy,
-    client_ip: HeaderValue,
-    mut request: Request<Incoming>,
-    started: Instant,
-) -> Response<ResponseBody> {
+/// A request made ready for the backends.
+enum Prepared {
+    /// Refused before any backend saw it.
+    Answer(Response<ResponseBody>),
+    /// Without a body, an idempotent request can be sent again even after a backend failed
+    /// mid-way: those go over raw connections (see `raw`) as this HTTP/1.1 head.
+    Raw { head: BytesMut, head_method: bool },
+    /// The rest (a body, an upgrade) go through hyper's client.
+    Hyper {
+        parts: http::request::Parts,
+        body: Incoming,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+    },
+}
+
+fn prepare(proxy: &RoleProxy, client_ip: HeaderValue, mut request: Request<Incoming>) -> Prepared {
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     // An upgrade (WebSocket): the protocol asked for, and the client side of the future tunnel.
     let upgrade = upgrade_protocol(request.headers())
@@ -97,11 +138,11 @@ async fn forward_to_backend(
     let (mut parts, body) = request.into_parts();
     let hosts = parts.headers.get_all(header::HOST).iter().count();
     if let Some(problem) = policy::host_problem(parts.version == http::Version::HTTP_11, hosts) {
-        return error_response(proxy, StatusCode::BAD_REQUEST, problem);
+        return Prepared::Answer(error_response(proxy, StatusCode::BAD_REQUEST, problem));
     }
     let limit = proxy.config().max_body;
     if body.size_hint().lower() > limit {
-        return too_large(proxy, limit);
+        return Prepared::Answer(too_large(proxy, limit));
     }
     // Backends speak HTTP/1.1, whatever the client spoke (HTTP/2 gives the host as :authority).
     if !parts.headers.contains_key(header::HOST)
@@ -121,13 +162,17 @@ async fn forward_to_backend(
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
     let upgrade = upgrade.map(|(_, client_side)| client_side);
-    // Without a body, an idempotent request can be sent again even after a backend failed
-    // mid-way: those go over raw connections (see `raw`); the rest stay on hyper's client,
-    // boxed: its larger state would otherwise be allocated and moved for every request.
     if upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream() {
-        crate::raw::forward(proxy, &parts, started).await
+        Prepared::Raw {
+            head: crate::raw::request_head(&parts),
+            head_method: parts.method == Method::HEAD,
+        }
     } else {
-        Box::pin(forward_with_hyper(proxy, parts, body, upgrade, started)).await
+        Prepared::Hyper {
+            parts,
+            body,
+            upgrade,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 
@@ -25,15 +25,14 @@ use crate::metrics::TrafficMetrics;
 use crate::pool::{self, Upstream};
 use crate::{Backend, InFlight, RoleProxy, forward, policy};
 
-/// Forwards a request without a body that may be sent again (see [`policy::is_idempotent`]);
-/// `parts` are already prepared for the backend.
+/// Forwards a request without a body that may be sent again (see [`policy::is_idempotent`]):
+/// `head` from [`request_head`], `head_method` for a HEAD request.
 pub(crate) async fn forward(
     proxy: &RoleProxy,
-    parts: &http::request::Parts,
+    head: &[u8],
+    head_method: bool,
     started: Instant,
 ) -> Response<ResponseBody> {
-    let head = request_head(parts);
-    let head_method = parts.method == Method::HEAD;
     let mut attempts = forward::Attempts::default();
     let (status, message) = loop {
         let Some(claim) = attempts.next(proxy) else {
@@ -42,7 +41,7 @@ pub(crate) async fn forward(
         let backend = claim.backend().clone();
         let attempt = tokio::time::timeout(
             proxy.config().request_timeout,
-            send(&backend, proxy, &head, head_method),
+            send(&backend, proxy, head, head_method),
         )
         .await;
         match attempt {
@@ -58,7 +57,7 @@ pub(crate) async fn forward(
 
 /// The request head in HTTP/1.1 bytes. HTTP/2 may carry cookies in several fields; HTTP/1.1
 /// wants them in one (RFC 9113, 8.2.3).
-fn request_head(parts: &http::request::Parts) -> BytesMut {
+pub(crate) fn request_head(parts: &http::request::Parts) -> BytesMut {
     let mut out = BytesMut::with_capacity(512);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.extend_from_slice(b" ");
