@@ -159,7 +159,15 @@ pub(crate) enum FirstWord {
 /// How long the kernel holds a connection that has sent nothing before handing it over anyway.
 const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
 
+/// Connections the kernel may hold for a listener before it is ready to take them (capped by
+/// `net.core.somaxconn`, 4,096 by default). tokio, like the standard library, listens with
+/// 128, and a deferred connection waits among the half-open ones, which the backlog bounds
+/// too: 2,000 clients connecting at once (`bench/proxy` `2000-conns`) overflowed it, and wrk
+/// counted 419–742 requests timed out in each round. HAProxy's backlog is its `maxconn`.
+pub(crate) const BACKLOG: i32 = 4096;
+
 /// Sets the options every listener the proxy serves gets:
+/// - a backlog of [`BACKLOG`] (listening again only changes it);
 /// - TCP_NODELAY: Linux copies it to every socket accepted from it, which saves a
 ///   `setsockopt` per connection;
 /// - TCP_DEFER_ACCEPT where the client speaks first: the kernel completes the handshake but
@@ -171,7 +179,9 @@ const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
 ///   about a second, and until then holds no descriptor here. Not where a server may speak
 ///   first: its clients would wait that second for their greeting.
 pub(crate) fn tune_listener(listener: &impl AsFd, first: FirstWord) -> io::Result<()> {
-    socket2::SockRef::from(listener).set_tcp_nodelay(true)?;
+    let socket = socket2::SockRef::from(listener);
+    socket.listen(BACKLOG)?;
+    socket.set_tcp_nodelay(true)?;
     if first == FirstWord::Either {
         return Ok(());
     }

@@ -930,6 +930,36 @@ fn raise_descriptor_limit() {
     }
 }
 
+#[tokio::test]
+async fn a_listener_holds_far_more_waiting_connections_than_the_128_tokio_listens_with() {
+    raise_descriptor_limit();
+    let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = bound.local_addr().unwrap();
+    let listener = client_stream::Listener::new(bound, client_stream::FirstWord::Client).unwrap();
+    // 1,500 clients connect and send their first bytes before any is accepted. (With a full
+    // queue the kernel drops new handshakes, and connect waits for its retries.)
+    let clients: Vec<std::net::TcpStream> = (0..1500)
+        .map(|n| {
+            let mut client = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("client {n} could not connect: {e}"));
+            std::io::Write::write_all(&mut client, b"GET / HTTP/1.1\r\n").unwrap();
+            client
+        })
+        .collect();
+    // All wait in the kernel's queue. One that overflowed it would come back only when its
+    // bytes are sent again (200 ms at the soonest), so the queue runs dry first.
+    let mut accepted = Vec::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
+        accepted.push(next.unwrap());
+    }
+    assert_eq!(
+        accepted.len(),
+        clients.len(),
+        "connections dropped by a full accept queue (backlog {}, capped by net.core.somaxconn)",
+        client_stream::BACKLOG
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_trickling_connections_do_not_stop_normal_requests() {
     raise_descriptor_limit();
