@@ -160,6 +160,19 @@ impl Edge {
     }
 }
 
+/// Sets the backlog and the socket options of an edge listener (see
+/// [`crate::client_stream::tune_listener`]). They only make it faster and steadier under a
+/// burst of connections: a listener that refuses them still serves.
+fn tune_or_warn(listener: &TcpListener, name: &str) {
+    if let Err(error) = crate::client_stream::tune_listener(listener, FirstWord::Client) {
+        tracing::warn!(
+            listener = %name,
+            %error,
+            "cannot set the listener's backlog, TCP_NODELAY or TCP_DEFER_ACCEPT; serving without"
+        );
+    }
+}
+
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -172,10 +185,7 @@ pub async fn serve_edge(
     mut stop: watch::Receiver<Stop>,
     grace: Duration,
 ) {
-    // Only a speed-up: a listener that refuses it still serves.
-    if let Err(error) = crate::client_stream::tune_listener(&listener, FirstWord::Client) {
-        tracing::warn!(listener = %edge.name, %error, "cannot set TCP_NODELAY and TCP_DEFER_ACCEPT");
-    }
+    tune_or_warn(&listener, &edge.name);
     let _heartbeat = crate::timer_heartbeat();
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -352,6 +362,7 @@ pub async fn serve_redirect(
     https_port: u16,
     mut stop: watch::Receiver<Stop>,
 ) {
+    tune_or_warn(&listener, "HTTP to HTTPS redirect");
     loop {
         let (stream, _) = tokio::select! {
             _ = stop_asked(&mut stop) => return,
@@ -414,6 +425,61 @@ mod tests {
 
     fn role_for(router: &Router, host: &str, path: &str) -> Option<String> {
         router.find(host, path).map(|r| r.role.clone())
+    }
+
+    /// TCP_DEFER_ACCEPT on the socket behind `listener`, in seconds.
+    fn defer_accept_seconds(listener: &std::os::fd::OwnedFd) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut seconds: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a descriptor owned by the caller, and a c_int with its size to fill.
+        let got = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut seconds as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(got, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        seconds
+    }
+
+    /// Starts `serve` on a fresh loopback listener and returns the option its socket has once
+    /// `serve` has run (read through a second descriptor of the same socket).
+    async fn deferral_once_served<F>(serve: impl FnOnce(TcpListener) -> F) -> libc::c_int
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use std::os::fd::AsFd;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let same_socket = listener.as_fd().try_clone_to_owned().unwrap();
+        assert_eq!(
+            defer_accept_seconds(&same_socket),
+            0,
+            "not deferred at bind"
+        );
+        let task = tokio::spawn(serve(listener));
+        tokio::task::yield_now().await;
+        let seconds = defer_accept_seconds(&same_socket);
+        task.abort();
+        seconds
+    }
+
+    #[tokio::test]
+    async fn both_edge_listeners_defer_accepting_until_the_client_speaks() {
+        let (_stop, stopped) = watch::channel(Stop::Serve);
+        let edge = Edge::new("public", Router::new(vec![]), false, None);
+        let on_edge = stopped.clone();
+        let routed = deferral_once_served(move |listener| {
+            serve_edge(listener, edge, None, on_edge, Duration::from_secs(1))
+        })
+        .await;
+        assert_eq!(routed, 1, "the routing listener");
+        let redirecting =
+            deferral_once_served(move |listener| serve_redirect(listener, 8443, stopped)).await;
+        assert_eq!(redirecting, 1, "the HTTP to HTTPS redirect listener");
     }
 
     #[test]

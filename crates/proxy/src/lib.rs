@@ -126,6 +126,17 @@ pub enum Mode {
     Tcp,
 }
 
+impl Mode {
+    /// Who speaks first on this mode's connections, which decides whether the listener may
+    /// defer accepting them (see [`client_stream::tune_listener`]).
+    fn first_word(self) -> client_stream::FirstWord {
+        match self {
+            Mode::Http => client_stream::FirstWord::Client,
+            Mode::Tcp => client_stream::FirstWord::Either,
+        }
+    }
+}
+
 /// Settings of one frontend.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxyConfig {
@@ -502,11 +513,7 @@ pub async fn serve(
         proxy.config().max_connections.max(1),
     ));
     let clients = Arc::new(ClientCounts::default());
-    let first = match proxy.config().mode {
-        Mode::Http => client_stream::FirstWord::Client,
-        Mode::Tcp => client_stream::FirstWord::Either,
-    };
-    let listener = match client_stream::Listener::new(listener, first) {
+    let listener = match client_stream::Listener::new(listener, proxy.config().mode.first_word()) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(role = %proxy.role, %error, "cannot watch the listening socket");
