@@ -1395,6 +1395,8 @@ fn dns_with_a_server_answers_every_record_type() {
     }
     let scene = Scene::new();
     let server = format!("127.0.0.1:{port}");
+    // goss's 500 ms default is for a real resolver; a loaded CI machine can stall dnsmasq longer.
+    let timeout_ms = 5000;
     let goss = format!(
         r#"
 dns:
@@ -1402,30 +1404,39 @@ dns:
     resolvable: true
     addrs: ["10.1.2.3", "fd00::3"]
     server: {server}
+    timeout: {timeout_ms}
   A:web.test:
     addrs: {{consist-of: ["10.1.2.3"]}}
     server: {server}
+    timeout: {timeout_ms}
   CNAME:alias.test:
     addrs: ["web.test."]
     server: {server}
+    timeout: {timeout_ms}
   MX:mail.test:
     addrs: ["10 mx1.test."]
     server: {server}
+    timeout: {timeout_ms}
   SRV:_http._tcp.web.test:
     addrs: ["0 5 80 web.test."]
     server: {server}
+    timeout: {timeout_ms}
   TXT:txt.test:
     addrs: ["v=spf1 -all"]
     server: {server}
+    timeout: {timeout_ms}
   PTR:10.1.2.3:
     addrs: ["web.test."]
     server: {server}
+    timeout: {timeout_ms}
   CAA:caa.test:
     addrs: ["0 issue letsencrypt.org"]
     server: {server}
+    timeout: {timeout_ms}
   nowhere.test:
     resolvable: false
     server: {server}
+    timeout: {timeout_ms}
 "#
     );
     let report = scene.run(&goss, &Target::host());
