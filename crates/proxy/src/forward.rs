@@ -144,35 +144,28 @@ fn prepare(proxy: &RoleProxy, client_ip: HeaderValue, mut request: Request<Incom
     if body.size_hint().lower() > limit {
         return Prepared::Answer(too_large(proxy, limit));
     }
-    // Backends speak HTTP/1.1, whatever the client spoke (HTTP/2 gives the host as :authority).
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, host);
+    if upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream() {
+        return Prepared::Raw {
+            head: crate::raw::request_head(&parts, &client_ip),
+            head_method: parts.method == Method::HEAD,
+        };
     }
+    // Backends speak HTTP/1.1, whatever the client spoke.
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
+    upstream_fields(&parts, &client_ip, &mut headers);
+    parts.headers = headers;
     parts.version = http::Version::HTTP_11;
-    prepare_upstream(&mut parts.headers, &mut parts.uri, client_ip);
+    to_origin_form(&mut parts.uri);
     if let Some((protocol, _)) = &upgrade {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let upgrade = upgrade.map(|(_, client_side)| client_side);
-    if upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream() {
-        Prepared::Raw {
-            head: crate::raw::request_head(&parts),
-            head_method: parts.method == Method::HEAD,
-        }
-    } else {
-        Prepared::Hyper {
-            parts,
-            body,
-            upgrade,
-        }
+    Prepared::Hyper {
+        parts,
+        body,
+        upgrade: upgrade.map(|(_, client_side)| client_side),
     }
 }
 
@@ -416,29 +409,114 @@ fn is_idempotent(method: &Method) -> bool {
     policy::is_idempotent(method.as_str())
 }
 
-/// Rewrites the request for the backend: origin-form URI, no hop-by-hop headers, the client's
-/// address appended to `X-Forwarded-For`, `X-Forwarded-Proto` when absent, and `Via`.
-fn prepare_upstream(headers: &mut HeaderMap, uri: &mut Uri, client_ip: HeaderValue) {
+/// `http://host/path?q` as `/path?q`: backends are sent origin-form targets.
+fn to_origin_form(uri: &mut Uri) {
     if uri.scheme().is_some() || uri.authority().is_some() {
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         *uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
-    strip_hop_by_hop(headers);
-    let mut forwarded = Vec::new();
-    let earlier = headers.get(X_FORWARDED_FOR).map(|v| v.as_bytes());
-    policy::forwarded_for(earlier, client_ip.to_str().unwrap_or_default(), |piece| {
-        forwarded.extend_from_slice(piece)
+}
+
+/// Where the fields of a request go as the backend gets them: HTTP/1.1 bytes for a raw
+/// backend connection ([`crate::raw::request_head`]), or a header map for hyper's client.
+pub(crate) trait FieldSink {
+    /// A field the client sent, passed on as it is.
+    fn pass(&mut self, name: &HeaderName, value: &HeaderValue);
+    /// A field the proxy writes, its value in `pieces`.
+    fn add(&mut self, name: &HeaderName, pieces: &[&[u8]]);
+}
+
+impl FieldSink for HeaderMap {
+    fn pass(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.append(name.clone(), value.clone());
+    }
+
+    fn add(&mut self, name: &HeaderName, pieces: &[&[u8]]) {
+        // Every piece is a valid value or a separator, so the whole is one too.
+        if let Ok(value) = HeaderValue::from_bytes(&pieces.concat()) {
+            self.append(name.clone(), value);
+        }
+    }
+}
+
+impl FieldSink for BytesMut {
+    fn pass(&mut self, name: &HeaderName, value: &HeaderValue) {
+        crate::h1::push_field(self, name.as_str().as_bytes(), value.as_bytes());
+    }
+
+    fn add(&mut self, name: &HeaderName, pieces: &[&[u8]]) {
+        self.extend_from_slice(name.as_str().as_bytes());
+        self.extend_from_slice(b": ");
+        for piece in pieces {
+            self.extend_from_slice(piece);
+        }
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Gives `sink` the fields of `request` as the backend gets them, read without changing the
+/// request: hop-by-hop fields and those `Connection` names dropped; `Host` from the authority
+/// when HTTP/2 gave none; cookies in one field, as HTTP/1.1 wants them (RFC 9113, 8.2.3); the
+/// client's address appended to `X-Forwarded-For`; `X-Forwarded-Proto` when absent; `Via`.
+pub(crate) fn upstream_fields(
+    request: &http::request::Parts,
+    client_ip: &HeaderValue,
+    sink: &mut impl FieldSink,
+) {
+    let headers = &request.headers;
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = request.uri.authority()
+    {
+        sink.add(&header::HOST, &[authority.as_str().as_bytes()]);
+    }
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    match (cookies.next(), cookies.next()) {
+        (Some(only), None) => sink.pass(&header::COOKIE, only),
+        (Some(first), Some(second)) => {
+            let mut pieces = vec![first.as_bytes(), b"; ", second.as_bytes()];
+            for more in cookies {
+                pieces.extend([b"; ".as_slice(), more.as_bytes()]);
+            }
+            sink.add(&header::COOKIE, &pieces);
+        }
+        (None, _) => {}
+    }
+    let connection = headers.contains_key(header::CONNECTION);
+    let mut forwarded_proto = false;
+    for (name, value) in headers {
+        if name == header::COOKIE
+            || name == X_FORWARDED_FOR
+            || policy::is_hop_by_hop(name.as_str())
+            || (connection && named_by_connection(headers, name))
+        {
+            continue;
+        }
+        forwarded_proto |= name == X_FORWARDED_PROTO;
+        sink.pass(name, value);
+    }
+    let earlier = headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes);
+    let client_ip = client_ip.to_str().unwrap_or_default();
+    let (mut forwarded, mut len) = ([&[][..]; 3], 0);
+    policy::forwarded_for(earlier, client_ip, |piece| {
+        forwarded[len] = piece;
+        len += 1;
     });
-    if let Ok(value) = HeaderValue::from_bytes(&forwarded) {
-        headers.insert(X_FORWARDED_FOR, value);
+    sink.add(&X_FORWARDED_FOR, &forwarded[..len]);
+    if !forwarded_proto {
+        sink.add(&X_FORWARDED_PROTO, &[policy::FORWARDED_PROTO.as_bytes()]);
     }
-    if !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(policy::FORWARDED_PROTO),
-        );
-    }
-    headers.append(header::VIA, VIA);
+    sink.add(&header::VIA, &[policy::VIA.as_bytes()]);
+}
+
+/// True when a `Connection` field of `headers` lists `name`: hop-by-hop for this message.
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .to_str()
+            .unwrap_or_default()
+            .split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    })
 }
 
 /// [`policy::HOP_BY_HOP`] as header names, parsed once: removing by `&str` would parse every

@@ -38,7 +38,11 @@ pub(crate) fn is_idempotent(method: &str) -> bool {
 
 /// The `X-Forwarded-For` sent on, given piece by piece to `push` (the fast path writes it
 /// straight into the outgoing head): the client's value, then the client's address.
-pub(crate) fn forwarded_for(earlier: Option<&[u8]>, client_ip: &str, mut push: impl FnMut(&[u8])) {
+pub(crate) fn forwarded_for<'a>(
+    earlier: Option<&'a [u8]>,
+    client_ip: &'a str,
+    mut push: impl FnMut(&'a [u8]),
+) {
     if let Some(earlier) = earlier {
         push(earlier);
         push(b", ");

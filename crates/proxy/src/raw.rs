@@ -55,30 +55,15 @@ pub(crate) async fn forward(
     forward::error_response(proxy, status, &message)
 }
 
-/// The request head in HTTP/1.1 bytes. HTTP/2 may carry cookies in several fields; HTTP/1.1
-/// wants them in one (RFC 9113, 8.2.3).
-pub(crate) fn request_head(parts: &http::request::Parts) -> BytesMut {
+/// The request head in HTTP/1.1 bytes, its fields as [`forward::upstream_fields`] gives them.
+pub(crate) fn request_head(request: &http::request::Parts, client_ip: &HeaderValue) -> BytesMut {
     let mut out = BytesMut::with_capacity(512);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(request.method.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut cookies = parts.headers.get_all(header::COOKIE).iter();
-    if let Some(first) = cookies.next() {
-        out.extend_from_slice(b"cookie: ");
-        out.extend_from_slice(first.as_bytes());
-        for more in cookies {
-            out.extend_from_slice(b"; ");
-            out.extend_from_slice(more.as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    for (name, value) in parts.headers.iter() {
-        if name != header::COOKIE {
-            h1::push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
+    forward::upstream_fields(request, client_ip, &mut out);
     out.extend_from_slice(b"\r\n");
     out
 }

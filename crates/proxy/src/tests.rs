@@ -2,7 +2,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -786,6 +786,57 @@ async fn http2_clients_are_served_over_h2c_with_requests_spread_over_backends() 
     assert_eq!(from_a, 5, "round-robin over both backends: {answers:?}");
 }
 
+/// HTTP/2 splits cookies over fields and gives the host as `:authority`; an HTTP/1.1 backend
+/// gets one `Cookie` field and a `Host`, on both of hyper's paths.
+#[tokio::test]
+async fn http2_requests_reach_the_backend_with_one_cookie_field_and_a_host() {
+    let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for method in [Method::GET, Method::POST] {
+        let request = Request::builder()
+            .method(&method)
+            .uri("http://web.test/all")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-forwarded-for", "10.9.9.9")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{method}");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let lines: Vec<&str> = std::str::from_utf8(&body).unwrap().lines().collect();
+        let named = |name: &str| -> Vec<&str> {
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(name))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(named("cookie: "), ["a=1; b=2"], "{method}: {lines:?}");
+        assert_eq!(named("host: "), ["web.test"], "{method}: {lines:?}");
+        assert_eq!(
+            named("x-forwarded-for: "),
+            ["10.9.9.9, 127.0.0.1"],
+            "{method}: {lines:?}"
+        );
+        assert_eq!(named("via: "), ["1.1 phoenix"], "{method}: {lines:?}");
+        assert_eq!(
+            named("x-forwarded-proto: "),
+            ["http"],
+            "{method}: {lines:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn requests_with_no_or_two_hosts_or_a_bad_chunk_get_400() {
     let (_, addr, _stop) = serving(ProxyConfig::default(), "a", backend("a").await).await;
@@ -1002,10 +1053,12 @@ async fn both_paths_send_the_backend_the_same_headers() {
         "Host: t\r\nTE: trailers\r\nTrailer: X-T\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n",
         "Host: t\r\nAccept: */*\r\nUser-Agent: differential\r\nVia: 1.0 other\r\n",
     ];
-    for head in heads {
-        // Origin-form takes the fast path; absolute-form is handed to hyper.
-        let fast = format!("GET /all HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
-        let general = format!("GET http://t/all HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+    // Origin-form takes the fast path; absolute-form is handed to hyper, where a GET goes over
+    // a raw backend connection and a POST through hyper's client.
+    for (head, method) in heads.iter().flat_map(|h| [(h, "GET"), (h, "POST")]) {
+        let end = "Content-Length: 0\r\nConnection: close\r\n\r\n";
+        let fast = format!("{method} /all HTTP/1.1\r\n{head}{end}");
+        let general = format!("{method} http://t/all HTTP/1.1\r\n{head}{end}");
         let received = |answer: String| {
             let body = answer
                 .split_once("\r\n\r\n")
@@ -1016,7 +1069,7 @@ async fn both_paths_send_the_backend_the_same_headers() {
         };
         let fast = received(raw(addr, fast.as_bytes()).await);
         let general = received(raw(addr, general.as_bytes()).await);
-        assert_eq!(fast, general, "{head:?}");
+        assert_eq!(fast, general, "{method} {head:?}");
         for gone in [
             "x-secret",
             "keep-alive",
