@@ -17,6 +17,7 @@ mod metrics;
 mod policy;
 mod pool;
 mod raw;
+mod streams;
 mod tunnel;
 
 pub use body::ResponseBody;
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -687,7 +688,8 @@ async fn serve_hyper<I>(
     let proxy_head_timeout = proxy.config().request_head_timeout;
     let service = TowerToHyperService::new(ProxyService::new(proxy, client));
     // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let (executor, streams) = streams::per_connection();
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .writev(false)
@@ -699,14 +701,18 @@ async fn serve_hyper<I>(
         .header_read_timeout(idle_timeout.min(proxy_head_timeout));
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop_asked(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    streams
+        .beside(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop_asked(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        })
+        .await;
 }
 
 /// Nanoseconds since the first call in this process, plus one (so 0 can mean "unset").

@@ -10,10 +10,12 @@ use super::*;
 /// An HTTP/2 client connection (prior knowledge) to `addr`.
 async fn h2_client(addr: SocketAddr) -> SendRequest<http_body_util::Empty<Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(connection);
     sender
 }
