@@ -4,7 +4,8 @@
 # Three nginx backends answer on loopback. Each proxy in turn gets CPU 0 alone and one thread
 # (HAProxy nbthread 1, nginx worker_processes 1, phoenix proxy --threads 1); the load tool and
 # the backends share CPU 1. The direct row is the load tool straight to one backend. All three
-# proxies do the same work: keep-alive to the backends, round-robin, X-Forwarded-For added.
+# proxies do the same work: keep-alive to the backends, round-robin, and the headers Phoenix
+# always adds (X-Forwarded-For, X-Forwarded-Proto when absent, and Via both ways).
 #
 # Workload shapes (rows):
 #   small       a 21-byte body over $CONNECTIONS kept-alive connections
@@ -82,6 +83,11 @@ defaults
 frontend fe
     bind 127.0.0.1:$port
     bind 127.0.0.1:$h2port proto h2
+    # The headers Phoenix adds besides X-Forwarded-For (its fixed policy), so both do the
+    # same work on every request and response.
+    http-request set-header X-Forwarded-Proto http unless { req.hdr(x-forwarded-proto) -m found }
+    http-request add-header Via "1.1 haproxy"
+    http-response add-header Via "1.1 haproxy"
     default_backend be
 backend be
     balance roundrobin
@@ -113,6 +119,9 @@ http {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header Via "1.1 nginx";
+            add_header Via "1.1 nginx";
         }
     }
 }

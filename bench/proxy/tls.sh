@@ -67,6 +67,11 @@ defaults
     timeout server 30s
 frontend fe
     bind 127.0.0.1:$port ssl crt $work/haproxy.pem alpn h2,http/1.1
+    # The headers Phoenix adds besides X-Forwarded-For (its fixed policy), so both do the
+    # same work on every request and response.
+    http-request set-header X-Forwarded-Proto https unless { req.hdr(x-forwarded-proto) -m found }
+    http-request add-header Via "1.1 haproxy"
+    http-response add-header Via "1.1 haproxy"
     default_backend be
 backend be
     balance roundrobin
@@ -100,6 +105,9 @@ http {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header Via "1.1 nginx";
+            add_header Via "1.1 nginx";
         }
     }
 }
