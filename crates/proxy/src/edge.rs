@@ -14,7 +14,6 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -235,7 +234,7 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(EdgeService::new(edge, client));
+    let service = EdgeService::new(edge, client);
     let (executor, streams) = crate::streams::per_connection();
     let mut builder = auto::Builder::new(executor);
     builder
@@ -244,19 +243,7 @@ async fn serve_connection<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    streams
-        .beside(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop_asked(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        })
-        .await;
+    crate::serve_with(&builder, streams, io, service, &mut stop).await;
 }
 
 /// Routes each request to its role's proxy.

@@ -686,7 +686,7 @@ async fn serve_hyper<I>(
 {
     let idle_timeout = proxy.config().idle_timeout;
     let proxy_head_timeout = proxy.config().request_head_timeout;
-    let service = TowerToHyperService::new(ProxyService::new(proxy, client));
+    let service = ProxyService::new(proxy, client);
     // HTTP/1.1, and HTTP/2 for clients that speak it from the first byte (h2c, prior knowledge).
     let (executor, streams) = streams::per_connection();
     let mut builder = auto::Builder::new(executor);
@@ -700,13 +700,36 @@ async fn serve_hyper<I>(
         // hyper's timer runs while it waits for a head, idle or not: the shorter of the two.
         .header_read_timeout(idle_timeout.min(proxy_head_timeout));
     builder.http2().timer(TokioTimer::new());
+    serve_with(&builder, streams, io, service, &mut stop).await;
+}
+
+/// Serves one client connection with `builder`'s protocols until it ends, or until `stop` asks
+/// and it has shut down gracefully. Its HTTP/2 streams run in this task (see `streams`).
+pub(crate) async fn serve_with<I, T>(
+    builder: &auto::Builder<streams::ConnectionExecutor>,
+    streams: streams::Streams,
+    io: I,
+    service: T,
+    stop: &mut watch::Receiver<Stop>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<ResponseBody>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    T::Future: Send + 'static,
+{
+    let service = TowerToHyperService::new(service);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     streams
         .beside(async move {
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = stop_asked(&mut stop) => {
+                _ = stop_asked(stop) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
