@@ -481,13 +481,20 @@ pub(crate) fn upstream_fields(
         }
         (None, _) => {}
     }
-    let connection = headers.contains_key(header::CONNECTION);
+    // Names a `Connection` field lists: hop-by-hop for this message. Split once, not per field.
+    let listed: Vec<&str> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or_default().split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .collect();
     let mut forwarded_proto = false;
     for (name, value) in headers {
         if name == header::COOKIE
             || name == X_FORWARDED_FOR
             || policy::is_hop_by_hop(name.as_str())
-            || (connection && named_by_connection(headers, name))
+            || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
         {
             continue;
         }
@@ -506,17 +513,6 @@ pub(crate) fn upstream_fields(
         sink.add(&X_FORWARDED_PROTO, &[policy::FORWARDED_PROTO.as_bytes()]);
     }
     sink.add(&header::VIA, &[policy::VIA.as_bytes()]);
-}
-
-/// True when a `Connection` field of `headers` lists `name`: hop-by-hop for this message.
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        value
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-    })
 }
 
 /// [`policy::HOP_BY_HOP`] as header names, parsed once: removing by `&str` would parse every
