@@ -398,9 +398,7 @@ async fn send(
 /// The `Upgrade` protocol when the request asks for one (`Connection: upgrade`).
 fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection = headers.get(header::CONNECTION)?.to_str().ok()?;
-    let asks = connection
-        .split(',')
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let asks = policy::list_elements(connection).any(|token| token.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
 }
@@ -485,14 +483,17 @@ pub(crate) fn upstream_fields(
     let listed: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|value| value.to_str().unwrap_or_default().split(','))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
+        .flat_map(|value| policy::list_elements(value.to_str().unwrap_or_default()))
         .collect();
     let mut forwarded_proto = false;
+    // The first `X-Forwarded-For`, which the client's address is appended to.
+    let mut earlier = None;
     for (name, value) in headers {
+        if name == X_FORWARDED_FOR {
+            earlier.get_or_insert(value.as_bytes());
+            continue;
+        }
         if name == header::COOKIE
-            || name == X_FORWARDED_FOR
             || policy::is_hop_by_hop(name.as_str())
             || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
         {
@@ -501,7 +502,6 @@ pub(crate) fn upstream_fields(
         forwarded_proto |= name == X_FORWARDED_PROTO;
         sink.pass(name, value);
     }
-    let earlier = headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes);
     let client_ip = client_ip.to_str().unwrap_or_default();
     let (mut forwarded, mut len) = ([&[][..]; 3], 0);
     policy::forwarded_for(earlier, client_ip, |piece| {
@@ -529,11 +529,8 @@ fn hop_by_hop_names() -> &'static [HeaderName] {
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = policy::list_elements(connection.to_str().unwrap_or_default())
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);

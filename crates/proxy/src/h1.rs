@@ -540,7 +540,7 @@ impl<'a> ConnectionTokens<'a> {
                 continue;
             }
             let value = std::str::from_utf8(header.value).unwrap_or_default();
-            for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            for token in policy::list_elements(value) {
                 if token.eq_ignore_ascii_case("close") {
                     tokens.close = true;
                 } else if token.eq_ignore_ascii_case("keep-alive") {

@@ -21,6 +21,15 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// The elements of a comma-separated field value such as `Connection` (RFC 9110, 5.6.1),
+/// trimmed, empty ones skipped.
+pub(crate) fn list_elements(value: &str) -> impl Iterator<Item = &str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|element| !element.is_empty())
+}
+
 /// The `Via` value added both ways.
 pub(crate) const VIA: &str = "1.1 phoenix";
 
@@ -75,6 +84,8 @@ mod tests {
         };
         assert_eq!(value(None), b"10.0.0.1");
         assert_eq!(value(Some(b"1.2.3.4")), b"1.2.3.4, 10.0.0.1");
+        let elements: Vec<&str> = list_elements(" keep-alive, ,X-Secret ,").collect();
+        assert_eq!(elements, ["keep-alive", "X-Secret"]);
         assert!(is_idempotent("PUT") && !is_idempotent("POST") && !is_idempotent("get"));
         assert_eq!(host_problem(true, 1), None);
         assert_eq!(host_problem(false, 0), None);
