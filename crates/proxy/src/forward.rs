@@ -493,10 +493,7 @@ pub(crate) fn upstream_fields(
             earlier.get_or_insert(value.as_bytes());
             continue;
         }
-        if name == header::COOKIE
-            || policy::is_hop_by_hop(name.as_str())
-            || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
-        {
+        if name == header::COOKIE || policy::is_dropped(name.as_str(), &listed) {
             continue;
         }
         forwarded_proto |= name == X_FORWARDED_PROTO;

@@ -557,7 +557,7 @@ impl<'a> ConnectionTokens<'a> {
 
     /// True when `name` must not be forwarded.
     fn is_hop_by_hop(&self, name: &str) -> bool {
-        policy::is_hop_by_hop(name) || self.listed.iter().any(|l| l.eq_ignore_ascii_case(name))
+        policy::is_dropped(name, &self.listed)
     }
 }
 

@@ -21,6 +21,12 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// True when a field named `name` is not forwarded: it is one of [`HOP_BY_HOP`], or one of the
+/// names its message's `Connection` fields `listed`.
+pub(crate) fn is_dropped(name: &str, listed: &[&str]) -> bool {
+    is_hop_by_hop(name) || listed.iter().any(|l| l.eq_ignore_ascii_case(name))
+}
+
 /// The elements of a comma-separated field value such as `Connection` (RFC 9110, 5.6.1),
 /// trimmed, empty ones skipped.
 pub(crate) fn list_elements(value: &str) -> impl Iterator<Item = &str> {
@@ -77,6 +83,8 @@ mod tests {
     fn the_policy_in_values() {
         assert!(is_hop_by_hop("Transfer-Encoding") && is_hop_by_hop("KEEP-ALIVE"));
         assert!(!is_hop_by_hop("host") && !is_hop_by_hop("x-forwarded-for"));
+        assert!(is_dropped("X-Secret", &["x-secret"]) && is_dropped("TE", &[]));
+        assert!(!is_dropped("host", &["x-secret"]));
         let value = |earlier: Option<&[u8]>| {
             let mut value = Vec::new();
             forwarded_for(earlier, "10.0.0.1", |piece| value.extend_from_slice(piece));
